@@ -1,0 +1,1 @@
+"""lookalike: gRPC sharded similarity search on Ray and FAISS."""

@@ -1,0 +1,102 @@
+"""Configuration as frozen dataclasses, and the limits every server enforces.
+
+Only entry points (the CLI) read flags and environment variables; everything else receives these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from lookalike.errors import InvalidArgument
+
+METRICS = ("l2", "ip", "cosine", "hamming")
+# Which direction is better, per metric: True when larger distances are better (similarities).
+LARGER_IS_BETTER = {"l2": False, "ip": True, "cosine": True, "hamming": False}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Request limits, enforced at the router (and again at shards). Documented in docs/API.md."""
+
+    max_k: int = 1024
+    max_batch: int = 10_000           # queries per search, items per upsert/delete/get request
+    max_id_bytes: int = 256
+    max_payload_bytes: int = 16 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_dim: int = 65_536
+    max_buckets: int = 65_536
+
+
+LIMITS = Limits()
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionConfig:
+    """A collection's definition; see ``CollectionSpec`` in protos/common.proto for the meaning of each field."""
+
+    name: str
+    dim: int
+    metric: str = "l2"
+    index: str = "Flat"
+    buckets: int = 1024
+    replication: int = 1
+    nprobe: int = 16
+    ef_search: int = 64
+
+    @property
+    def binary(self) -> bool:
+        return self.metric == "hamming"
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per stored vector on the wire: 4*dim for float32, dim/8 for binary codes."""
+        return self.dim // 8 if self.binary else 4 * self.dim
+
+    @property
+    def larger_is_better(self) -> bool:
+        return LARGER_IS_BETTER[self.metric]
+
+    def validated(self, limits: Limits = LIMITS) -> "CollectionConfig":
+        """Returns the config with defaults normalised.
+
+        Raises:
+            InvalidArgument: a field is out of range, with a sentence naming it.
+        """
+        if not _NAME_RE.match(self.name or ""):
+            raise InvalidArgument(
+                f"collection name {self.name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . - "
+                "starting with a letter or digit")
+        if self.metric not in METRICS:
+            raise InvalidArgument(f"metric {self.metric!r} is unknown: use one of {', '.join(METRICS)}")
+        if not 1 <= self.dim <= limits.max_dim:
+            raise InvalidArgument(f"dim must be between 1 and {limits.max_dim}, got {self.dim}")
+        if self.binary and self.dim % 8:
+            raise InvalidArgument(f"a hamming collection's dim is in bits and must be a multiple of 8, got {self.dim}")
+        if not 1 <= self.buckets <= limits.max_buckets:
+            raise InvalidArgument(f"buckets must be between 1 and {limits.max_buckets}, got {self.buckets}")
+        if self.replication < 1:
+            raise InvalidArgument(f"replication must be at least 1, got {self.replication}")
+        if self.nprobe < 1 or self.ef_search < 1:
+            raise InvalidArgument("nprobe and ef_search must be at least 1")
+        index = (self.index or "").strip() or ("BFlat" if self.binary else "Flat")
+        if self.binary and not index.startswith("B"):
+            index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
+        # Imported here so the config module stays cheap; building the index is the only real check of a spec.
+        from shard.index import check_index_spec
+        check_index_spec(self.dim, self.metric, index)
+        return dataclasses.replace(self, index=index)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """What `lookalike serve` starts."""
+
+    data_dir: str = "./lookalike-data"
+    shards: int = 2
+    cluster_name: str = "lookalike"
+    namespace: str = "lookalike"
+    shard_num_cpus: float = 1.0
+    shard_host: str = "127.0.0.1"

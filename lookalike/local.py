@@ -1,0 +1,85 @@
+"""A whole cluster in this process, without Ray: controller, shards (real gRPC servers, or in-process) and a
+router. For tests and benchmarks that need no Ray; `lookalike serve` uses lookalike.ray_cluster instead."""
+
+from __future__ import annotations
+
+import pathlib
+
+from lookalike.config import CollectionConfig
+from lookalike.controller import Controller
+from lookalike.net import set_serving
+from router.core import Router
+from router.shard_client import GrpcShardClient, InProcessShardClient
+from shard.core import Shard
+from shard.server import SERVICE_NAME, create_shard_server
+
+
+class LocalPlacer:
+    """Runs each shard in this process with its own gRPC server on 127.0.0.1 (port 0)."""
+
+    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20):
+        self.data_dir = pathlib.Path(data_dir)
+        self.segment_bytes = segment_bytes
+        self.shards: dict[str, Shard] = {}
+        self.servers: dict[str, tuple] = {}
+        self.controller: Controller | None = None
+
+    def ensure_shard(self, shard_id: str) -> None:
+        if shard_id in self.shards:
+            return
+        shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes)
+        server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8)
+        self.shards[shard_id] = shard
+        self.servers[shard_id] = (server, port, servicer, health)
+        for cfg, buckets in self.controller.assignments(shard_id):
+            shard.open_collection(cfg, buckets)
+        shard.serving = True
+        set_serving(health, [SERVICE_NAME])
+        self.controller.register_shard(shard_id, f"127.0.0.1:{port}", "local")
+
+    def open_collection(self, shard_id: str, cfg: CollectionConfig, buckets: list[int]) -> None:
+        self.shards[shard_id].open_collection(cfg, buckets)
+
+    def drop_collection(self, shard_id: str, name: str) -> None:
+        self.shards[shard_id].drop_collection(name)
+
+    def stop_shard(self, shard_id: str) -> None:
+        """Stops a shard as a crash would (no flush beyond what was acknowledged)."""
+        server = self.servers.pop(shard_id)[0]
+        server.stop(None)
+        self.shards.pop(shard_id).close()
+        self.controller.unregister_shard(shard_id)
+
+    def stop(self) -> None:
+        for sid in list(self.servers):
+            self.stop_shard(sid)
+
+
+class LocalCluster:
+    """Controller + shards + router in this process.
+
+    Args:
+        data_dir: storage root.
+        shards: number of shards (when the storage holds no cluster yet).
+        transport: "grpc" (real gRPC to each shard) or "inprocess" (direct calls through the same servicers).
+    """
+
+    def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20):
+        self.placer = LocalPlacer(data_dir, segment_bytes)
+        self.controller = Controller(data_dir, shards, self.placer)
+        self.placer.controller = self.controller
+        self.controller.start()
+        if transport == "inprocess":
+            by_address = {f"127.0.0.1:{v[1]}": v[2] for v in self.placer.servers.values()}
+
+            def connect(address):
+                servicer = by_address.get(address) or next(
+                    v[2] for v in self.placer.servers.values() if f"127.0.0.1:{v[1]}" == address)
+                return InProcessShardClient(servicer)
+        else:
+            connect = GrpcShardClient
+        self.router = Router(self.controller, connect, refresh_interval=0.1)
+
+    def close(self) -> None:
+        self.router.close()
+        self.placer.stop()

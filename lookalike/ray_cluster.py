@@ -1,0 +1,199 @@
+"""Ray at the edges: thin actor wrappers around the Controller and the Shard, and the control-plane client.
+
+- ``ControllerActor``: named, detached, restarted on failure; it places one ``ShardActor`` per shard id.
+- ``ShardActor``: named, detached, ``max_restarts=-1``; runs the shard's gRPC server on its node, loads what
+  the controller says it owns, then registers its address. A restarted actor reloads from storage.
+- ``RayControlPlane``: what the router uses to reach the controller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import ray
+
+from lookalike.config import ClusterConfig, CollectionConfig
+from lookalike.controller import Controller
+
+log = logging.getLogger(__name__)
+
+
+def _controller_name(cluster: str) -> str:
+    return f"{cluster}-controller"
+
+
+def _unwrap(ref, timeout: float | None = None):
+    """ray.get that re-raises the remote exception itself (so typed errors keep their gRPC status)."""
+    try:
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
+@ray.remote
+class ShardActor:
+    def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
+                 segment_bytes: int):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        import faiss
+
+        from lookalike.net import set_serving
+        from shard.core import Shard
+        from shard.server import SERVICE_NAME, create_shard_server
+
+        faiss.omp_set_num_threads(max(1, threads))
+        self.shard_id = shard_id
+        self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes)
+        self._open_lock = threading.Lock()
+        self.server, port, _servicer, self._health = create_shard_server(self.shard, "0.0.0.0:0")
+        ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
+        self.address = f"{ip}:{port}"
+        self.node = ray.get_runtime_context().get_node_id()
+        self._controller = ray.get_actor(_controller_name(cluster), namespace=namespace)
+        self._set_serving = lambda: set_serving(self._health, [SERVICE_NAME])
+        threading.Thread(target=self._load, daemon=True, name="shard-load").start()
+
+    def _load(self) -> None:
+        try:
+            for cfg, buckets in _unwrap(self._controller.call.remote("assignments", self.shard_id)):
+                self.open_collection(cfg, buckets)
+            self.shard.serving = True
+            self._set_serving()
+            _unwrap(self._controller.call.remote("register_shard", self.shard_id, self.address, self.node))
+            log.info("%s serving at %s", self.shard_id, self.address)
+        except Exception:
+            log.exception("%s failed to load; exiting so that Ray restarts it", self.shard_id)
+            os._exit(1)
+
+    def open_collection(self, cfg: CollectionConfig, buckets: list[int]) -> int:
+        with self._open_lock:
+            return self.shard.open_collection(cfg, buckets)
+
+    def drop_collection(self, name: str) -> None:
+        with self._open_lock:
+            self.shard.drop_collection(name)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        return {"shard_id": self.shard_id, "address": self.address, "serving": self.shard.serving, "pid": os.getpid()}
+
+
+class RayPlacer:
+    """Places ShardActors with Ray resources; one named actor per shard id."""
+
+    def __init__(self, cfg: ClusterConfig, segment_bytes: int):
+        self.cfg = cfg
+        self.segment_bytes = segment_bytes
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+
+    def _handle(self, shard_id: str):
+        h = self._handles.get(shard_id)
+        if h is None:
+            cfg = self.cfg
+            h = ShardActor.options(
+                name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
+                get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
+                num_cpus=cfg.shard_num_cpus,
+            ).remote(shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
+                     max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes)
+            self._handles[shard_id] = h
+        return h
+
+    def ensure_shard(self, shard_id: str) -> None:
+        self._handle(shard_id)
+
+    def open_collection(self, shard_id: str, cfg: CollectionConfig, buckets: list[int]) -> None:
+        try:
+            _unwrap(self._handle(shard_id).open_collection.remote(cfg, buckets), timeout=600)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            # A shard that is down loads its assignments itself when it comes back.
+            log.warning("could not reach %s to open %s: %s", shard_id, cfg.name, err)
+
+    def drop_collection(self, shard_id: str, name: str) -> None:
+        try:
+            _unwrap(self._handle(shard_id).drop_collection.remote(name), timeout=120)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            log.warning("could not reach %s to drop %s: %s", shard_id, name, err)
+
+    def kill_all(self) -> None:
+        for h in self._handles.values():
+            ray.kill(h, no_restart=True)
+
+
+@ray.remote
+class ControllerActor:
+    def __init__(self, cfg: ClusterConfig, segment_bytes: int):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._placer = RayPlacer(cfg, segment_bytes)
+        self._ctl = Controller(cfg.data_dir, cfg.shards, self._placer)
+        self._ctl.start()
+
+    def call(self, method: str, *args):
+        return getattr(self._ctl, method)(*args)
+
+    def shard_pids(self) -> dict[str, int]:
+        return {sid: ray.get(h.pid.remote()) for sid, h in self._placer._handles.items()}
+
+    def shutdown(self) -> None:
+        self._placer.kill_all()
+
+
+class RayControlPlane:
+    """The router's view of the controller actor (implements router.core.ControlPlane)."""
+
+    def __init__(self, handle, timeout: float = 60.0):
+        self.handle = handle
+        self.timeout = timeout
+
+    def _call(self, method, *args, timeout=None):
+        return _unwrap(self.handle.call.remote(method, *args), timeout=timeout or self.timeout)
+
+    def create_collection(self, cfg):
+        return self._call("create_collection", cfg, timeout=600)
+
+    def drop_collection(self, name):
+        return self._call("drop_collection", name, timeout=600)
+
+    def list_collections(self):
+        return self._call("list_collections")
+
+    def shard_map(self, name):
+        return self._call("shard_map", name)
+
+    def epoch(self):
+        return self._call("epoch", timeout=5)
+
+    def shards(self):
+        return self._call("shards")
+
+
+def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeout: float = 180.0):
+    """Starts (or joins) the controller of ``cfg.cluster_name`` on the connected Ray cluster and waits until
+    every shard serves. Returns (controller handle, RayControlPlane).
+
+    Raises:
+        TimeoutError: the shards did not all come up in time.
+    """
+    cfg = ClusterConfig(**{**cfg.__dict__, "data_dir": os.path.abspath(cfg.data_dir)})
+    handle = ControllerActor.options(
+        name=_controller_name(cfg.cluster_name), namespace=cfg.namespace, lifetime="detached",
+        get_if_exists=True, max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
+    ).remote(cfg, segment_bytes)
+    if not _unwrap(handle.call.remote("wait_ready", ready_timeout), timeout=ready_timeout + 30):
+        raise TimeoutError(f"the shards of {cfg.cluster_name!r} did not all start within {ready_timeout:.0f}s")
+    return handle, RayControlPlane(handle)
+
+
+def stop_cluster(handle) -> None:
+    """Kills the shards and the controller (their storage stays)."""
+    try:
+        ray.get(handle.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(handle, no_restart=True)

@@ -1,0 +1,123 @@
+"""Conversions between numpy arrays and protobuf messages, with validation at the boundary.
+
+Kept in one place so servicers and the client never hand-roll them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lookalike.config import LIMITS, CollectionConfig
+from lookalike.errors import InvalidArgument
+from protos import common_pb2
+
+_DTYPES = {common_pb2.Vectors.FLOAT32: np.dtype("<f4"), common_pb2.Vectors.UINT8: np.dtype("u1")}
+
+
+def vectors_to_proto(x: np.ndarray) -> common_pb2.Vectors:
+    """A (n, d) float32 or uint8 array as a packed ``Vectors`` message."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.dtype == np.uint8:
+        dtype = common_pb2.Vectors.UINT8
+    else:
+        x = x.astype("<f4", copy=False)
+        dtype = common_pb2.Vectors.FLOAT32
+    x = np.ascontiguousarray(x)
+    return common_pb2.Vectors(data=x.tobytes(), rows=x.shape[0], dim=x.shape[1], dtype=dtype)
+
+
+def vectors_from_proto_raw(msg: common_pb2.Vectors) -> np.ndarray:
+    """The array in a ``Vectors`` message, shape (rows, dim), without collection checks.
+
+    Raises:
+        InvalidArgument: unknown dtype or a data length that does not match rows * dim.
+    """
+    dtype = _DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"unknown vector dtype {msg.dtype}")
+    expected = msg.rows * msg.dim * dtype.itemsize
+    if len(msg.data) != expected:
+        raise InvalidArgument(
+            f"vector data is {len(msg.data)} bytes but rows={msg.rows} x dim={msg.dim} of "
+            f"{'float32' if dtype.itemsize == 4 else 'uint8'} needs {expected}")
+    return np.frombuffer(msg.data, dtype=dtype).reshape(msg.rows, msg.dim)
+
+
+def vectors_from_proto(msg: common_pb2.Vectors, coll: CollectionConfig, what: str = "vectors",
+                       max_rows: int = LIMITS.max_batch) -> np.ndarray:
+    """The vectors of a request, checked against the collection.
+
+    Returns:
+        shape (n, dim) float32, or (n, dim/8) uint8 for hamming collections; read-only view of the message.
+
+    Raises:
+        InvalidArgument: no rows, too many rows, wrong dtype or dimension, NaN/Inf, or a zero vector for cosine.
+    """
+    if msg.rows == 0:
+        raise InvalidArgument(f"the request has no {what}: send at least one row")
+    if msg.rows > max_rows:
+        raise InvalidArgument(f"the request has {msg.rows} {what}; at most {max_rows} per request")
+    if coll.binary:
+        if msg.dtype != common_pb2.Vectors.UINT8:
+            raise InvalidArgument(
+                f"collection {coll.name!r} holds binary codes (hamming): send {what} as UINT8 bytes, not float32")
+        if msg.dim != coll.dim // 8:
+            raise InvalidArgument(
+                f"collection {coll.name!r} has {coll.dim}-bit codes ({coll.dim // 8} bytes) but the {what} have "
+                f"{msg.dim} bytes ({msg.dim * 8} bits)")
+        return vectors_from_proto_raw(msg)
+    if msg.dtype != common_pb2.Vectors.FLOAT32:
+        raise InvalidArgument(f"collection {coll.name!r} holds float32 vectors: send {what} as FLOAT32")
+    if msg.dim != coll.dim:
+        raise InvalidArgument(f"collection {coll.name!r} has dimension {coll.dim} but the {what} have dimension {msg.dim}")
+    x = vectors_from_proto_raw(msg)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        raise InvalidArgument(f"{what} row {row} contains NaN or Inf; every component must be a finite number")
+    if coll.metric == "cosine":
+        zero = ~x.any(axis=1)
+        if zero.any():
+            raise InvalidArgument(
+                f"{what} row {int(np.flatnonzero(zero)[0])} is all zeros; cosine similarity needs a non-zero vector")
+    return x
+
+
+def payloads_from_proto(payloads, n: int) -> list[bytes | None]:
+    """Serialized payloads aligned with n items (None where empty).
+
+    Raises:
+        InvalidArgument: a count that is neither 0 nor n, or a payload over the size limit.
+    """
+    if len(payloads) == 0:
+        return [None] * n
+    if len(payloads) != n:
+        raise InvalidArgument(f"the request has {n} ids but {len(payloads)} payloads: send none or one per id")
+    out: list[bytes | None] = []
+    for i, p in enumerate(payloads):
+        if not p.fields:
+            out.append(None)
+            continue
+        b = p.SerializeToString(deterministic=True)
+        if len(b) > LIMITS.max_payload_bytes:
+            raise InvalidArgument(
+                f"payload of item {i} is {len(b)} bytes; payloads are at most {LIMITS.max_payload_bytes} bytes")
+        out.append(b)
+    return out
+
+
+_EMPTY = common_pb2.Payload()
+
+
+def payload_from_bytes(b: bytes | None) -> common_pb2.Payload:
+    if not b:
+        return _EMPTY
+    return common_pb2.Payload.FromString(b)
+
+
+def check_k(k: int, max_k: int = LIMITS.max_k) -> None:
+    """Raises InvalidArgument unless 1 <= k <= max_k."""
+    if not 1 <= k <= max_k:
+        raise InvalidArgument(f"k must be between 1 and {max_k}, got {k}")

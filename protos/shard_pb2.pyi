@@ -1,0 +1,120 @@
+from protos import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ShardUpsertRequest(_message.Message):
+    __slots__ = ("collection", "ids", "vectors", "payloads", "epoch")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    vectors: _common_pb2.Vectors
+    payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
+    epoch: int
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ShardDeleteRequest(_message.Message):
+    __slots__ = ("collection", "ids", "epoch")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ShardWriteResponse(_message.Message):
+    __slots__ = ("count", "missing")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    missing: int
+    def __init__(self, count: _Optional[int] = ..., missing: _Optional[int] = ...) -> None: ...
+
+class ShardGetRequest(_message.Message):
+    __slots__ = ("collection", "ids", "include_vectors")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    include_vectors: bool
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+
+class ShardGetResponse(_message.Message):
+    __slots__ = ("ids", "vectors", "payloads")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    vectors: _common_pb2.Vectors
+    payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
+
+class ShardSearchRequest(_message.Message):
+    __slots__ = ("collection", "queries", "k", "params", "include_payloads")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    queries: _common_pb2.Vectors
+    k: int
+    params: _common_pb2.SearchParams
+    include_payloads: bool
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ...) -> None: ...
+
+class ShardSearchResponse(_message.Message):
+    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k")
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    NQ_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    distances: bytes
+    labels: bytes
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
+    nq: int
+    k: int
+    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+
+class ShardStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CollectionStats(_message.Message):
+    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    buckets: int
+    vectors: int
+    index_bytes: int
+    trained: bool
+    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ...) -> None: ...
+
+class ShardStatsResponse(_message.Message):
+    __slots__ = ("shard_id", "collections", "memory_bytes", "serving")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    shard_id: str
+    collections: _containers.RepeatedCompositeFieldContainer[CollectionStats]
+    memory_bytes: int
+    serving: bool
+    def __init__(self, shard_id: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,144 @@
+"""The Python client: numpy in, numpy out; protobuf stays inside.
+
+    from router.client import Client
+    with Client("localhost:50051") as client:
+        client.create_collection("products", dim=128, metric="l2", index="Flat")
+        client.upsert("products", ["a", "b"], xb, payloads=[{"uri": "s3://a.jpg"}, {"uri": "s3://b.jpg"}])
+        res = client.search("products", xq, k=10)   # res.ids[q], res.D[q], res.coverage
+
+Errors arrive as ``grpc.RpcError`` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from lookalike.net import create_channel
+from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
+from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
+
+_METRICS = {"l2": common_pb2.L2, "ip": common_pb2.IP, "cosine": common_pb2.COSINE, "hamming": common_pb2.HAMMING}
+
+
+@dataclasses.dataclass
+class Hits:
+    """Search results.
+
+    Attributes:
+        ids: nq lists of ids, best first (shorter than k when the collection holds fewer items).
+        D: shape (nq, k) float32 distances (NaN where no result). L2/hamming: smaller is better; ip/cosine: larger.
+        payloads: nq lists of dicts, when asked for.
+        coverage: fraction of buckets that answered.
+    """
+
+    ids: list[list[str]]
+    D: np.ndarray
+    payloads: list[list[dict]] | None
+    coverage: float
+
+
+def _payload(d: dict | None) -> common_pb2.Payload:
+    return common_pb2.Payload(fields={str(k): str(v) for k, v in (d or {}).items()})
+
+
+class Client:
+    """A connection to a lookalike router.
+
+    Args:
+        target: "host:port" of the router.
+        timeout: default deadline per call, seconds.
+    """
+
+    def __init__(self, target: str = "localhost:50051", timeout: float = 60.0):
+        self.target = target
+        self.timeout = timeout
+        self._channel = create_channel(target)
+        self.stub = lookalike_pb2_grpc.LookalikeStub(self._channel)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # --- collections ----------------------------------------------------------------------------------------
+    def create_collection(self, name: str, dim: int, metric: str = "l2", index: str = "Flat", buckets: int = 0,
+                          replication: int = 0, nprobe: int = 0, ef_search: int = 0) -> lookalike_pb2.CollectionInfo:
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
+        spec = common_pb2.CollectionSpec(name=name, dim=dim, metric=_METRICS[metric], index=index, buckets=buckets,
+                                         replication=replication, nprobe=nprobe, ef_search=ef_search)
+        return self.stub.CreateCollection(lookalike_pb2.CreateCollectionRequest(spec=spec), timeout=self.timeout)
+
+    def list_collections(self) -> list[lookalike_pb2.CollectionInfo]:
+        return list(self.stub.ListCollections(lookalike_pb2.ListCollectionsRequest(), timeout=self.timeout).collections)
+
+    def describe_collection(self, name: str) -> lookalike_pb2.CollectionInfo:
+        return self.stub.DescribeCollection(lookalike_pb2.DescribeCollectionRequest(name=name), timeout=self.timeout)
+
+    def drop_collection(self, name: str) -> None:
+        self.stub.DropCollection(lookalike_pb2.DropCollectionRequest(name=name), timeout=self.timeout)
+
+    # --- items ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _upsert_request(collection, ids, vectors, payloads) -> lookalike_pb2.UpsertRequest:
+        req = lookalike_pb2.UpsertRequest(collection=collection, ids=[str(i) for i in ids])
+        req.vectors.CopyFrom(vectors_to_proto(np.asarray(vectors)))
+        if payloads is not None:
+            req.payloads.extend(_payload(p) for p in payloads)
+        return req
+
+    def upsert(self, collection: str, ids: Iterable, vectors: np.ndarray, payloads: list[dict] | None = None) -> int:
+        """Inserts or replaces items; returns the count acknowledged. vectors: (n, d) float32 or (n, d/8) uint8."""
+        req = self._upsert_request(collection, list(ids), vectors, payloads)
+        return self.stub.Upsert(req, timeout=self.timeout).count
+
+    def upsert_stream(self, collection: str, batches: Iterable[tuple], timeout: float | None = None) -> int:
+        """Bulk load over one stream: ``batches`` yields (ids, vectors) or (ids, vectors, payloads)."""
+
+        def requests() -> Iterator[lookalike_pb2.UpsertRequest]:
+            for batch in batches:
+                ids, vectors, payloads = (*batch, None)[:3]
+                yield self._upsert_request(collection, list(ids), vectors, payloads)
+
+        return self.stub.UpsertStream(requests(), timeout=timeout).count
+
+    def delete(self, collection: str, ids: Iterable) -> tuple[int, int]:
+        """Removes items; returns (removed, missing)."""
+        resp = self.stub.Delete(lookalike_pb2.DeleteRequest(collection=collection, ids=[str(i) for i in ids]),
+                                timeout=self.timeout)
+        return resp.count, resp.missing
+
+    def get(self, collection: str, ids: Iterable, include_vectors: bool = True):
+        """(found ids, vectors shape (n, d) or None, payload dicts)."""
+        resp = self.stub.Get(lookalike_pb2.GetRequest(collection=collection, ids=[str(i) for i in ids],
+                                                      include_vectors=include_vectors), timeout=self.timeout)
+        vectors = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
+        return list(resp.ids), vectors, [dict(p.fields) for p in resp.payloads]
+
+    # --- search ---------------------------------------------------------------------------------------------
+    def search(self, collection: str, xq: np.ndarray, k: int = 10, nprobe: int = 0, ef_search: int = 0,
+               min_coverage: float | None = None, include_payloads: bool = False,
+               timeout: float | None = None) -> Hits:
+        """k-NN search for a batch of queries, shape (nq, d) float32 (or (nq, d/8) uint8 codes)."""
+        req = lookalike_pb2.SearchRequest(collection=collection, k=k, include_payloads=include_payloads)
+        req.queries.CopyFrom(vectors_to_proto(np.asarray(xq)))
+        req.params.nprobe = nprobe
+        req.params.ef_search = ef_search
+        if min_coverage is not None:
+            req.min_coverage = min_coverage
+        resp = self.stub.Search(req, timeout=timeout or self.timeout)
+        D = np.full((len(resp.results), k), np.nan, dtype=np.float32)
+        for q, nb in enumerate(resp.results):
+            D[q, :len(nb.distances)] = nb.distances
+        payloads = [[dict(p.fields) for p in nb.payloads] for nb in resp.results] if include_payloads else None
+        return Hits([list(nb.ids) for nb in resp.results], D, payloads, resp.coverage)
+
+    def status(self) -> lookalike_pb2.ClusterStatusResponse:
+        return self.stub.ClusterStatus(lookalike_pb2.ClusterStatusRequest(), timeout=self.timeout)

@@ -1,0 +1,360 @@
+"""The router's logic, independent of gRPC serving and of Ray: routing, fan-out, merge, coverage.
+
+It depends on two interfaces: a control plane (collections and the shard map; the Ray controller in
+production, an in-process Controller in tests) and a shard-client factory (gRPC or in-process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from lookalike.config import CollectionConfig
+from lookalike.errors import (DeadlineExceeded, InvalidArgument, LookalikeError, NotFound,
+                              ResourceExhausted, StaleShardMap, Unavailable)
+from lookalike.ids import buckets_of
+from lookalike.shardmap import ShardInfo, ShardMap
+from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
+from protos import shard_pb2
+from router.merge import merge_topk
+from router.shard_client import GrpcShardClient, ShardClient
+
+log = logging.getLogger(__name__)
+
+# Errors that say the request itself is wrong: retrying or asking another shard cannot help.
+_CALLER_ERRORS = (InvalidArgument, NotFound, ResourceExhausted)
+
+
+class ControlPlane(Protocol):
+    def create_collection(self, cfg: CollectionConfig) -> CollectionConfig: ...
+
+    def drop_collection(self, name: str) -> None: ...
+
+    def list_collections(self) -> list[CollectionConfig]: ...
+
+    def shard_map(self, name: str) -> ShardMap: ...
+
+    def epoch(self) -> int: ...
+
+    def shards(self) -> list[ShardInfo]: ...
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Neighbours of a batch of queries.
+
+    Attributes:
+        D: shape (nq, k) float32 distances in the collection's metric (see ``larger_is_better``); rows with fewer
+            than k results are padded with the worst float.
+        ids: nq lists of up to k ids, best first.
+        payloads: nq lists of serialized Payload (None where empty), when asked for.
+        coverage: fraction of buckets that answered (1.0: complete).
+        epoch: shard-map epoch used.
+    """
+
+    D: np.ndarray
+    ids: list[list[str]]
+    payloads: list[list] | None
+    coverage: float
+    epoch: int
+
+
+class Router:
+    """Routes writes by bucket and fans searches out to one owner of every bucket.
+
+    Args:
+        control: the control plane.
+        connect: address -> ShardClient (default: gRPC).
+        refresh_interval: seconds between checks of the control plane's epoch.
+        write_retry_s: how long a write keeps retrying a restarting shard when the caller set no deadline.
+    """
+
+    def __init__(self, control: ControlPlane, connect: Callable[[str], ShardClient] = GrpcShardClient,
+                 refresh_interval: float = 0.5, write_retry_s: float = 15.0):
+        self.control = control
+        self._connect = connect
+        self._maps: dict[str, ShardMap] = {}
+        self._clients: dict[str, ShardClient] = {}
+        self._lock = threading.Lock()
+        self._epoch = -1
+        self._write_retry_s = write_retry_s
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll_epoch, args=(refresh_interval,), daemon=True,
+                                        name="router-epoch")
+        self._poller.start()
+
+    # --- shard map cache ------------------------------------------------------------------------------------
+    def _poll_epoch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                epoch = self.control.epoch()
+            except Exception as err:  # the controller restarting: keep the cached map meanwhile
+                log.warning("cannot read the shard-map epoch: %s", err)
+                continue
+            if epoch != self._epoch:
+                with self._lock:
+                    self._maps.clear()
+                    self._epoch = epoch
+
+    def invalidate(self, name: str | None = None) -> None:
+        with self._lock:
+            if name is None:
+                self._maps.clear()
+            else:
+                self._maps.pop(name, None)
+
+    def shard_map(self, name: str, refresh: bool = False) -> ShardMap:
+        """The cached shard map of a collection. Raises NotFound for an unknown collection."""
+        smap = None if refresh else self._maps.get(name)
+        if smap is None:
+            smap = self.control.shard_map(name)
+            with self._lock:
+                self._maps[name] = smap
+        return smap
+
+    def _client(self, smap: ShardMap, shard_id: str) -> ShardClient:
+        info = smap.shards[shard_id]
+        if not info.address:
+            raise Unavailable(f"shard {shard_id} is (re)starting and has no address yet")
+        client = self._clients.get(info.address)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(info.address) or self._connect(info.address)
+                self._clients[info.address] = client
+        return client
+
+    # --- collections ----------------------------------------------------------------------------------------
+    def create_collection(self, cfg: CollectionConfig) -> CollectionConfig:
+        out = self.control.create_collection(cfg)
+        self.invalidate(cfg.name)
+        return out
+
+    def drop_collection(self, name: str) -> None:
+        self.control.drop_collection(name)
+        self.invalidate(name)
+
+    def list_collections(self) -> list[CollectionConfig]:
+        return self.control.list_collections()
+
+    def count(self, name: str, timeout: float | None = 5.0) -> int:
+        """Items stored in a collection (each bucket counted once)."""
+        smap = self.shard_map(name)
+        total = 0
+        for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
+            try:
+                resp = fut.result()
+            except LookalikeError:
+                continue
+            total += sum(c.vectors for c in resp.collections if c.name == name)
+        return total // smap.collection.replication
+
+    # --- writes ---------------------------------------------------------------------------------------------
+    def _deadline(self, timeout: float | None, default: float) -> float:
+        return time.monotonic() + (timeout if timeout is not None else default)
+
+    def _fan_out(self, smap: ShardMap, shard_ids, method: str, requests, timeout: float | None):
+        """Starts one call per shard concurrently; yields (shard_id, future). ``requests`` is one request for
+        all, or a dict shard_id -> request."""
+        calls = []
+        for sid in shard_ids:
+            req = requests[sid] if isinstance(requests, dict) else requests
+            try:
+                calls.append((sid, self._client(smap, sid).call(method, req, timeout)))
+            except LookalikeError as err:
+                failed = _Failed(err)
+                calls.append((sid, failed))
+        return calls
+
+    def _write(self, name: str, ids: list[str], build: Callable[[np.ndarray, int], object], method: str,
+               timeout: float | None) -> list:
+        """Sends a write to every owner of each id's bucket, retrying stale maps and restarting shards until the
+        deadline. Returns the responses of the replica-0 owners."""
+        deadline = self._deadline(timeout, self._write_retry_s)
+        refresh = False
+        delay = 0.05
+        while True:
+            smap = self.shard_map(name, refresh=refresh)
+            buckets = buckets_of(ids, smap.collection.buckets)
+            owners = smap.owner_matrix[buckets]            # (n, R)
+            groups: dict[str, list[np.ndarray]] = {}
+            primary: set[str] = set()
+            for r in range(owners.shape[1]):
+                col = owners[:, r]
+                for s in np.unique(col).tolist():
+                    sid = smap.shard_ids[s]
+                    groups.setdefault(sid, []).append(np.flatnonzero(col == s))
+                    if r == 0:
+                        primary.add(sid)
+            requests = {sid: build(np.unique(np.concatenate(idx)), smap.epoch) for sid, idx in groups.items()}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"write to collection {name!r} did not complete before the deadline")
+            calls = self._fan_out(smap, list(groups), method, requests, remaining)
+            responses, retry_err = [], None
+            for sid, fut in calls:
+                try:
+                    resp = fut.result()
+                    if sid in primary:
+                        responses.append(resp)
+                except (StaleShardMap, Unavailable, DeadlineExceeded) as err:
+                    retry_err = err
+            if retry_err is None:
+                return responses
+            # Some owner did not take it: the map may be stale (a move, a restarted shard's new address).
+            # Writes are idempotent, so the whole batch is sent again.
+            if time.monotonic() + delay >= deadline:
+                raise Unavailable(f"write to collection {name!r} could not reach every owner: {retry_err}")
+            log.info("retrying write to %s after: %s", name, retry_err)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            refresh = True
+
+    def upsert(self, name: str, ids: list[str], x: np.ndarray, payloads=None, timeout: float | None = None) -> int:
+        """Writes items to every owner; returns once all are durable.
+
+        Args:
+            x: shape (n, d) float32, or (n, d/8) uint8 codes, validated.
+            payloads: None, or n ``Payload`` messages (validated for size).
+        """
+        pl = payloads if payloads is not None and len(payloads) else None
+
+        def build(idx: np.ndarray, epoch: int):
+            req = shard_pb2.ShardUpsertRequest(collection=name, ids=[ids[i] for i in idx], epoch=epoch)
+            req.vectors.CopyFrom(vectors_to_proto(x[idx]))
+            if pl is not None:
+                req.payloads.extend(pl[i] for i in idx)
+            return req
+
+        self._write(name, ids, build, "Upsert", timeout)
+        return len(ids)
+
+    def delete(self, name: str, ids: list[str], timeout: float | None = None) -> tuple[int, int]:
+        """Removes items from every owner; returns (removed, missing)."""
+
+        def build(idx: np.ndarray, epoch: int):
+            return shard_pb2.ShardDeleteRequest(collection=name, ids=[ids[i] for i in idx], epoch=epoch)
+
+        responses = self._write(name, ids, build, "Delete", timeout)
+        return sum(r.count for r in responses), sum(r.missing for r in responses)
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def get(self, name: str, ids: list[str], include_vectors: bool = False, timeout: float | None = None):
+        """(found ids in request order, vectors (n, d) or None, serialized payloads)."""
+        smap = self.shard_map(name)
+        buckets = buckets_of(ids, smap.collection.buckets)
+        primary = smap.owner_matrix[buckets, 0]
+        requests = {}
+        for s in np.unique(primary).tolist():
+            sid = smap.shard_ids[s]
+            requests[sid] = shard_pb2.ShardGetRequest(
+                collection=name, ids=[ids[i] for i in np.flatnonzero(primary == s)], include_vectors=include_vectors)
+        found: dict[str, tuple] = {}
+        for sid, fut in self._fan_out(smap, list(requests), "Get", requests, timeout):
+            resp = fut.result()
+            vecs = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
+            for i, uid in enumerate(resp.ids):
+                found[uid] = (vecs[i] if vecs is not None else None, resp.payloads[i])
+        out_ids = [u for u in dict.fromkeys(ids) if u in found]
+        vectors = np.stack([found[u][0] for u in out_ids]) if include_vectors and out_ids else None
+        return out_ids, vectors, [found[u][1] for u in out_ids]
+
+    def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
+               min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
+        """k-NN over all buckets: each shard answers for the buckets it holds; one merge.
+
+        Args:
+            xq: shape (nq, d) float32 (or (nq, d/8) uint8 codes), already validated.
+            min_coverage: fraction of buckets that must answer, in (0, 1].
+
+        Returns:
+            SearchResult; ``ids`` hold protobuf Payload messages in ``payloads`` when asked.
+
+        Raises:
+            Unavailable: fewer buckets answered than min_coverage.
+        """
+        smap = self.shard_map(name)
+        req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
+        req.queries.CopyFrom(vectors_to_proto(xq))
+        req.params.nprobe = nprobe
+        req.params.ef_search = ef_search
+        primary = smap.primary_buckets()
+        calls = self._fan_out(smap, list(primary), "Search", req, timeout)
+        nq = len(xq)
+        Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, []
+        for sid, fut in calls:
+            try:
+                resp = fut.result()
+            except _CALLER_ERRORS:
+                raise
+            except LookalikeError as err:
+                failures.append(f"{sid}: {err}")
+                continue
+            Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
+            Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
+            ids.extend(resp.ids)
+            if include_payloads:
+                payloads.extend(resp.payloads)
+            covered += primary[sid]
+        coverage = covered / smap.collection.buckets
+        if failures:
+            self.invalidate(name)  # a shard may have restarted at a new address
+            log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), "; ".join(failures))
+        if coverage < min_coverage or not Ds:
+            raise Unavailable(
+                f"only {covered} of {smap.collection.buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
+                f"< min_coverage {min_coverage:g}); failed: {'; '.join(failures)}")
+        D, I = merge_topk(np.stack(Ds), np.stack(Ls), smap.collection.larger_is_better)
+        ids_arr = np.array(ids, dtype=object)
+        out_ids, out_pl = [], [] if include_payloads else None
+        for q in range(nq):
+            row = I[q][I[q] >= 0]
+            out_ids.append(ids_arr[row].tolist())
+            if include_payloads:
+                out_pl.append([payloads[i] for i in row.tolist()])
+        return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
+
+    def shard_stats(self, timeout: float = 2.0) -> list[tuple[ShardInfo, object | None]]:
+        """(info, ShardStatsResponse or None if unreachable) for every shard the controller knows."""
+        out = []
+        infos = self.control.shards()
+        for info in infos:
+            resp = None
+            if info.address:
+                try:
+                    client = self._clients.get(info.address) or self._connect(info.address)
+                    self._clients.setdefault(info.address, client)
+                    resp = client.call("Stats", shard_pb2.ShardStatsRequest(), timeout).result()
+                except LookalikeError:
+                    resp = None
+            out.append((info, resp))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in list(self._clients.values()):
+            c.close()
+
+
+class _Failed:
+    """A call that could not start (no address): behaves like a future that raises."""
+
+    def __init__(self, err: Exception):
+        self._err = err
+
+    def result(self, timeout=None):
+        raise self._err
+
+
+def check_min_coverage(value: float | None) -> float:
+    if value is None:
+        return 1.0
+    if not 0.0 < value <= 1.0:
+        raise InvalidArgument(f"min_coverage must be in (0, 1], got {value}")
+    return float(value)
+
+

@@ -1,0 +1,153 @@
+"""The public Lookalike gRPC service: a thin servicer over :class:`router.core.Router`."""
+
+from __future__ import annotations
+
+from lookalike.config import LIMITS, METRICS, CollectionConfig
+from lookalike.errors import InvalidArgument
+from lookalike.ids import check_ids
+from lookalike.net import abort_on_error, create_server
+from lookalike.wire import check_k, payloads_from_proto, vectors_from_proto, vectors_to_proto
+from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
+from router.core import Router, check_min_coverage
+
+SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
+
+_METRIC_TO_PROTO = {"l2": common_pb2.L2, "ip": common_pb2.IP, "cosine": common_pb2.COSINE,
+                    "hamming": common_pb2.HAMMING}
+_METRIC_FROM_PROTO = {v: k for k, v in _METRIC_TO_PROTO.items()}
+
+
+def spec_to_config(spec: common_pb2.CollectionSpec) -> CollectionConfig:
+    """A CollectionSpec message as a CollectionConfig (defaults for zero fields; not yet validated)."""
+    if spec.metric not in _METRIC_FROM_PROTO:
+        raise InvalidArgument(f"metric must be one of {', '.join(m.upper() for m in METRICS)}")
+    defaults = CollectionConfig(name="", dim=1)
+    return CollectionConfig(
+        name=spec.name, dim=spec.dim, metric=_METRIC_FROM_PROTO[spec.metric], index=spec.index,
+        buckets=spec.buckets or defaults.buckets, replication=spec.replication or defaults.replication,
+        nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search)
+
+
+def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
+    return common_pb2.CollectionSpec(name=cfg.name, dim=cfg.dim, metric=_METRIC_TO_PROTO[cfg.metric], index=cfg.index,
+                                     buckets=cfg.buckets, replication=cfg.replication, nprobe=cfg.nprobe,
+                                     ef_search=cfg.ef_search)
+
+
+def _timeout(context) -> float | None:
+    return context.time_remaining() if context is not None else None
+
+
+class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    def _coll(self, name: str) -> CollectionConfig:
+        if not name:
+            raise InvalidArgument("the request names no collection")
+        return self.router.shard_map(name).collection
+
+    @abort_on_error
+    def CreateCollection(self, request, context):
+        cfg = self.router.create_collection(spec_to_config(request.spec))
+        return lookalike_pb2.CollectionInfo(spec=config_to_spec(cfg), epoch=self.router.shard_map(cfg.name).epoch)
+
+    @abort_on_error
+    def ListCollections(self, request, context):
+        return lookalike_pb2.ListCollectionsResponse(
+            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c)) for c in self.router.list_collections()])
+
+    @abort_on_error
+    def DescribeCollection(self, request, context):
+        smap = self.router.shard_map(request.name)
+        return lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), epoch=smap.epoch,
+                                            count=self.router.count(request.name, _timeout(context)))
+
+    @abort_on_error
+    def DropCollection(self, request, context):
+        self.router.drop_collection(request.name)
+        return lookalike_pb2.DropCollectionResponse()
+
+    def _upsert(self, request, context) -> int:
+        coll = self._coll(request.collection)
+        ids = check_ids(request.ids)
+        x = vectors_from_proto(request.vectors, coll)
+        if len(x) != len(ids):
+            raise InvalidArgument(f"the request has {len(ids)} ids but {len(x)} vectors: send one vector per id")
+        payloads_from_proto(request.payloads, len(ids))  # validates count and size
+        return self.router.upsert(request.collection, ids, x, request.payloads, timeout=_timeout(context))
+
+    @abort_on_error
+    def Upsert(self, request, context):
+        return lookalike_pb2.WriteResponse(count=self._upsert(request, context))
+
+    @abort_on_error
+    def UpsertStream(self, request_iterator, context):
+        total = 0
+        for request in request_iterator:
+            total += self._upsert(request, context)
+        return lookalike_pb2.WriteResponse(count=total)
+
+    @abort_on_error
+    def Delete(self, request, context):
+        self._coll(request.collection)
+        removed, missing = self.router.delete(request.collection, check_ids(request.ids), timeout=_timeout(context))
+        return lookalike_pb2.WriteResponse(count=removed, missing=missing)
+
+    @abort_on_error
+    def Get(self, request, context):
+        self._coll(request.collection)
+        ids, vectors, payloads = self.router.get(request.collection, check_ids(request.ids, unique=False),
+                                                 request.include_vectors, timeout=_timeout(context))
+        resp = lookalike_pb2.GetResponse(ids=ids, payloads=payloads)
+        if vectors is not None:
+            resp.vectors.CopyFrom(vectors_to_proto(vectors))
+        return resp
+
+    @abort_on_error
+    def Search(self, request, context):
+        coll = self._coll(request.collection)
+        check_k(request.k)
+        xq = vectors_from_proto(request.queries, coll, "queries")
+        res = self.router.search(
+            request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
+            check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
+            request.include_payloads, timeout=_timeout(context))
+        results = []
+        for q, ids in enumerate(res.ids):
+            nb = lookalike_pb2.Neighbors(ids=ids, distances=res.D[q, :len(ids)].tolist())
+            if res.payloads is not None:
+                nb.payloads.extend(res.payloads[q])
+            results.append(nb)
+        return lookalike_pb2.SearchResponse(results=results, coverage=res.coverage, epoch=res.epoch)
+
+    @abort_on_error
+    def ClusterStatus(self, request, context):
+        shards = []
+        for info, st in self.router.shard_stats():
+            s = lookalike_pb2.ShardStatus(shard_id=info.shard_id, address=info.address, node=info.node,
+                                          serving=bool(st is not None and st.serving))
+            if st is not None:
+                s.memory_bytes = st.memory_bytes
+                s.buckets = sum(c.buckets for c in st.collections)
+                s.vectors = sum(c.vectors for c in st.collections)
+                s.index_bytes = sum(c.index_bytes for c in st.collections)
+            shards.append(s)
+        return lookalike_pb2.ClusterStatusResponse(
+            epoch=self.router.control.epoch(), shards=shards,
+            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c)) for c in self.router.list_collections()])
+
+
+def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 32):
+    """Starts the public gRPC server. Returns (server, port, health); health is SERVING once started."""
+    from lookalike.net import set_serving
+
+    servicer = RouterServicer(router)
+    server, port, health = create_server(
+        address, lambda s: lookalike_pb2_grpc.add_LookalikeServicer_to_server(servicer, s), [SERVICE_NAME],
+        max_workers)
+    set_serving(health, [SERVICE_NAME])
+    return server, port, health
+
+
+__all__ = ["RouterServicer", "create_router_server", "spec_to_config", "config_to_spec", "LIMITS"]

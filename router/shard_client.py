@@ -1,0 +1,92 @@
+"""One shard-client interface, two implementations: in-process (unit tests) and gRPC (the real thing).
+
+Both take the internal request protos and return a future whose ``result()`` gives the response proto or
+raises a typed :class:`lookalike.errors.LookalikeError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Protocol
+
+import grpc
+
+from lookalike.errors import LookalikeError, Unavailable, from_rpc_error
+from lookalike.net import create_channel
+from protos import shard_pb2_grpc
+
+_METHODS = ("Upsert", "Delete", "Get", "Search", "Stats")
+
+
+class ShardClient(Protocol):
+    def call(self, method: str, request, timeout: float | None) -> "concurrent.futures.Future": ...
+
+    def close(self) -> None: ...
+
+
+class _TypedFuture:
+    """Wraps a grpc future so that ``result()`` raises typed errors."""
+
+    def __init__(self, fut, address: str):
+        self._fut, self._address = fut, address
+
+    def result(self, timeout=None):
+        try:
+            return self._fut.result(timeout=timeout)
+        except grpc.RpcError as err:
+            exc = from_rpc_error(err)
+            if isinstance(exc, Unavailable):
+                exc = Unavailable(f"shard at {self._address} is unavailable: {err.details()}")
+            raise exc from None
+
+    def cancel(self):
+        return self._fut.cancel()
+
+
+class GrpcShardClient:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = create_channel(address)
+        self._stub = shard_pb2_grpc.ShardStub(self._channel)
+
+    def call(self, method: str, request, timeout: float | None):
+        return _TypedFuture(getattr(self._stub, method).future(request, timeout=timeout), self.address)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _LocalContext:
+    """The slice of grpc.ServicerContext the servicers use, raising typed errors instead of aborting an RPC."""
+
+    def abort(self, code, details):
+        exc = LookalikeError(details)
+        exc.code = code
+        from lookalike.errors import _BY_CODE
+        cls = _BY_CODE.get(code)
+        raise (cls(details) if cls else exc)
+
+    def is_active(self):
+        return True
+
+    def time_remaining(self):
+        return None
+
+
+class InProcessShardClient:
+    """Calls a ShardServicer in this process (no network), through the same servicer code as gRPC."""
+
+    def __init__(self, servicer):
+        self._servicer = servicer
+        self.address = f"inprocess:{servicer.shard.shard_id}"
+
+    def call(self, method: str, request, timeout: float | None):
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(getattr(self._servicer, method)(request, _LocalContext()))
+        except LookalikeError as err:
+            fut.set_exception(err)
+        return fut
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,81 @@
+"""The internal Shard gRPC service: a thin servicer over :class:`shard.core.Shard`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lookalike.errors import InvalidArgument, Unavailable
+from lookalike.ids import check_ids
+from lookalike.net import abort_on_error, create_server
+from lookalike.wire import check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_to_proto
+from protos import shard_pb2, shard_pb2_grpc
+from shard.core import Shard
+
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
+
+
+class ShardServicer(shard_pb2_grpc.ShardServicer):
+    """Validates and translates; the work is done by the Shard."""
+
+    def __init__(self, shard: Shard):
+        self.shard = shard
+
+    def _collection(self, name: str):
+        if not self.shard.serving:
+            raise Unavailable(f"shard {self.shard.shard_id} is still loading its data")
+        return self.shard.collection(name)
+
+    @abort_on_error
+    def Upsert(self, request, context):
+        sc = self._collection(request.collection)
+        ids = check_ids(request.ids)
+        x = vectors_from_proto(request.vectors, sc.coll)
+        if len(x) != len(ids):
+            raise InvalidArgument(f"{len(ids)} ids but {len(x)} vectors: send one vector per id")
+        payloads = payloads_from_proto(request.payloads, len(ids))
+        return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads))
+
+    @abort_on_error
+    def Delete(self, request, context):
+        sc = self._collection(request.collection)
+        removed, missing = sc.delete(check_ids(request.ids))
+        return shard_pb2.ShardWriteResponse(count=removed, missing=missing)
+
+    @abort_on_error
+    def Get(self, request, context):
+        sc = self._collection(request.collection)
+        ids, vectors, payloads = sc.get(check_ids(request.ids, unique=False), request.include_vectors)
+        resp = shard_pb2.ShardGetResponse(ids=ids, payloads=[payload_from_bytes(p) for p in payloads])
+        if vectors is not None and len(ids):
+            resp.vectors.CopyFrom(vectors_to_proto(vectors))
+        return resp
+
+    @abort_on_error
+    def Search(self, request, context):
+        sc = self._collection(request.collection)
+        check_k(request.k)
+        xq = vectors_from_proto(request.queries, sc.coll, "queries")
+        D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
+                                        request.include_payloads)
+        resp = shard_pb2.ShardSearchResponse(
+            distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
+            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k)
+        if payloads is not None:
+            resp.payloads.extend(payload_from_bytes(p) for p in payloads)
+        return resp
+
+    @abort_on_error
+    def Stats(self, request, context):
+        st = self.shard.stats()
+        return shard_pb2.ShardStatsResponse(
+            shard_id=st["shard_id"], memory_bytes=st["memory_bytes"], serving=st["serving"],
+            collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
+
+
+def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int = 16):
+    """Starts a gRPC server for a shard. Returns (server, port, servicer, health); health is NOT_SERVING until
+    the caller marks it serving (after loading)."""
+    servicer = ShardServicer(shard)
+    server, port, health = create_server(
+        address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers)
+    return server, port, servicer, health
