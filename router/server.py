@@ -35,7 +35,9 @@ def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
 
 
 def _timeout(context) -> float | None:
-    return context.time_remaining() if context is not None else None
+    """Seconds left of the caller's deadline; None when the caller set none (gRPC then reports ~2**63)."""
+    remaining = context.time_remaining() if context is not None else None
+    return None if remaining is None or remaining > 1e8 else max(0.0, remaining)
 
 
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):

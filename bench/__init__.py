@@ -1,0 +1,1 @@
+"""Benchmarks of lookalike (see docs/BENCHMARKS.md)."""

@@ -1,0 +1,302 @@
+"""`lookalike`: the command line for people. The only module (with the Ray actors) that configures logging and
+reads flags and the environment."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+import numpy as np
+
+log = logging.getLogger("lookalike")
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _client(args):
+    from router.client import Client
+
+    return Client(args.target)
+
+
+def _rpc_errors(func):
+    """Prints a gRPC error as one line and exits 1, instead of a traceback."""
+
+    def wrapper(args):
+        import grpc
+
+        try:
+            return func(args)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+# --- serve ------------------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    import ray
+
+    from lookalike.config import ClusterConfig
+    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from router.core import Router
+    from router.server import create_router_server
+
+    cfg = ClusterConfig(data_dir=args.data, shards=args.shards, cluster_name=args.cluster,
+                        shard_num_cpus=args.shard_cpus)
+    embedded = args.address is None
+    if embedded:
+        # The embedded local Ray is private to this process tree; the cluster mode keeps Ray's token auth.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
+                 num_cpus=max(os.cpu_count() or 1, int(np.ceil(args.shards * args.shard_cpus)) + 1))
+    else:
+        ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
+    log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(args.data))
+    handle, control = start_cluster(cfg)
+    router = Router(control)
+    server, port, health = create_router_server(router, f"{args.host}:{args.port}")
+    print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
+          f"{os.path.abspath(args.data)}); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: draining calls in flight")
+    from lookalike.net import set_serving
+    from router.server import SERVICE_NAME
+
+    set_serving(health, [SERVICE_NAME], False)
+    server.stop(grace=args.grace).wait()
+    router.close()
+    if embedded:
+        stop_cluster(handle)
+        ray.shutdown()
+    print("lookalike stopped", flush=True)
+    return 0
+
+
+# --- collections ------------------------------------------------------------------------------------------------
+@_rpc_errors
+def cmd_collection(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as c:
+        if args.action == "create":
+            info = c.create_collection(args.name, args.dim, args.metric, args.index, args.buckets, args.replication)
+            print(json.dumps(MessageToDict(info.spec)))
+        elif args.action == "list":
+            for info in c.list_collections():
+                s = info.spec
+                print(f"{s.name}\tdim={s.dim}\tmetric={_metric_name(s.metric)}\tindex={s.index}\tbuckets={s.buckets}")
+        elif args.action == "describe":
+            info = c.describe_collection(args.name)
+            print(json.dumps({**MessageToDict(info.spec), "count": info.count, "epoch": info.epoch}))
+        elif args.action == "drop":
+            c.drop_collection(args.name)
+            print(f"dropped {args.name}")
+    return 0
+
+
+def _metric_name(m: int) -> str:
+    from protos import common_pb2
+
+    return common_pb2.Metric.Name(m).lower()
+
+
+# --- items ------------------------------------------------------------------------------------------------------
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+@_rpc_errors
+def cmd_upsert(args) -> int:
+    from tqdm import tqdm
+
+    xb = np.load(args.vectors, mmap_mode="r")
+    if xb.ndim != 2:
+        print(f"error: {args.vectors} holds an array of shape {xb.shape}; expected (n, d)", file=sys.stderr)
+        return 2
+    n = len(xb)
+    ids = _read_lines(args.ids) if args.ids else [str(i) for i in range(n)]
+    if len(ids) != n:
+        print(f"error: {len(ids)} ids for {n} vectors", file=sys.stderr)
+        return 2
+    payloads = [json.loads(line) for line in _read_lines(args.payload)] if args.payload else None
+    if payloads is not None and len(payloads) != n:
+        print(f"error: {len(payloads)} payload lines for {n} vectors", file=sys.stderr)
+        return 2
+    bar = tqdm(total=n, unit="vec", desc=f"upsert {args.name}", disable=args.quiet)
+
+    def batches():
+        for i in range(0, n, args.batch):
+            j = min(n, i + args.batch)
+            x = np.ascontiguousarray(xb[i:j])
+            x = x if x.dtype == np.uint8 else x.astype(np.float32)
+            yield ids[i:j], x, (payloads[i:j] if payloads else None)
+            bar.update(j - i)
+
+    with _client(args) as c:
+        count = c.upsert_stream(args.name, batches())
+    bar.close()
+    print(f"upserted {count} vectors into {args.name}")
+    return 0
+
+
+@_rpc_errors
+def cmd_delete(args) -> int:
+    ids = args.ids if args.ids else []
+    if args.ids_file:
+        ids += _read_lines(args.ids_file)
+    with _client(args) as c:
+        removed, missing = c.delete(args.name, ids)
+    print(f"deleted {removed}, {missing} not found")
+    return 0
+
+
+@_rpc_errors
+def cmd_search(args) -> int:
+    xq = np.load(args.queries)
+    xq = xq[None, :] if xq.ndim == 1 else xq
+    xq = xq if xq.dtype == np.uint8 else xq.astype(np.float32)
+    with _client(args) as c:
+        res = c.search(args.name, xq, k=args.k, nprobe=args.nprobe, include_payloads=args.payloads,
+                       min_coverage=args.min_coverage)
+    if args.json:
+        out = [{"ids": ids, "distances": [float(d) for d in res.D[q, :len(ids)]],
+                **({"payloads": res.payloads[q]} if res.payloads else {})} for q, ids in enumerate(res.ids)]
+        print(json.dumps({"coverage": res.coverage, "results": out}))
+        return 0
+    for q, ids in enumerate(res.ids):
+        print(f"query {q}")
+        for rank, uid in enumerate(ids):
+            extra = f"\t{json.dumps(res.payloads[q][rank])}" if res.payloads else ""
+            print(f"  {rank + 1:>3}  {uid:<24} {res.D[q, rank]:.6g}{extra}")
+    if res.coverage < 1:
+        print(f"coverage {res.coverage:.3f}: some shards did not answer", file=sys.stderr)
+    return 0
+
+
+@_rpc_errors
+def cmd_get(args) -> int:
+    with _client(args) as c:
+        ids, vectors, payloads = c.get(args.name, args.ids, include_vectors=args.vectors)
+    for i, uid in enumerate(ids):
+        row = {"id": uid, "payload": payloads[i]}
+        if vectors is not None:
+            row["vector"] = vectors[i].tolist()
+        print(json.dumps(row))
+    return 0
+
+
+@_rpc_errors
+def cmd_status(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as c:
+        st = c.status()
+    if args.json:
+        print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
+        return 0
+    print(f"epoch {st.epoch}, {len(st.shards)} shard(s), {len(st.collections)} collection(s)")
+    print(f"{'shard':<10} {'serving':<8} {'address':<22} {'buckets':>8} {'vectors':>10} {'index MiB':>10} {'RSS MiB':>8}")
+    for s in st.shards:
+        print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.buckets:>8} {s.vectors:>10} "
+              f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f}")
+    for info in st.collections:
+        print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lookalike", description="Sharded similarity search for image catalogs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_target(sp):
+        sp.add_argument("--target", default=DEFAULT_TARGET, help=f"router host:port (default {DEFAULT_TARGET})")
+        return sp
+
+    s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
+    s.add_argument("--data", default="./lookalike-data", help="storage directory (default ./lookalike-data)")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--host", default="[::]", help="address the router binds (default all interfaces)")
+    s.add_argument("--shards", type=int, default=2, help="shards to start on new storage (default 2)")
+    s.add_argument("--shard-cpus", type=float, default=1.0, help="Ray CPUs per shard actor (default 1)")
+    s.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    s.add_argument("--cluster", default="lookalike", help="cluster name (actor names; default lookalike)")
+    s.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("collection", help="create, list, describe, drop collections")
+    csub = c.add_subparsers(dest="action", required=True)
+    cc = with_target(csub.add_parser("create"))
+    cc.add_argument("name")
+    cc.add_argument("--dim", type=int, required=True, help="components per vector (bits for hamming)")
+    cc.add_argument("--metric", choices=["l2", "ip", "cosine", "hamming"], default="l2")
+    cc.add_argument("--index", default="Flat", help="FAISS factory string (default Flat)")
+    cc.add_argument("--buckets", type=int, default=0, help="buckets (default 1024)")
+    cc.add_argument("--replication", type=int, default=0, help="copies of each bucket (default 1)")
+    with_target(csub.add_parser("list"))
+    for action in ("describe", "drop"):
+        with_target(csub.add_parser(action)).add_argument("name")
+    c.set_defaults(func=cmd_collection)
+
+    u = with_target(sub.add_parser("upsert", help="bulk-load vectors from a .npy file"))
+    u.add_argument("name")
+    u.add_argument("vectors", help=".npy of shape (n, d) float32 (or uint8 codes)")
+    u.add_argument("--ids", help="text file, one id per line (default: row numbers)")
+    u.add_argument("--payload", help="JSONL file, one object of strings per line")
+    u.add_argument("--batch", type=int, default=5000)
+    u.add_argument("--quiet", action="store_true", help="no progress bar")
+    u.set_defaults(func=cmd_upsert)
+
+    d = with_target(sub.add_parser("delete", help="delete items by id"))
+    d.add_argument("name")
+    d.add_argument("ids", nargs="*")
+    d.add_argument("--ids-file")
+    d.set_defaults(func=cmd_delete)
+
+    g = with_target(sub.add_parser("get", help="fetch items by id (JSON lines)"))
+    g.add_argument("name")
+    g.add_argument("ids", nargs="+")
+    g.add_argument("--vectors", action="store_true", help="include vectors")
+    g.set_defaults(func=cmd_get)
+
+    q = with_target(sub.add_parser("search", help="k-NN search for the queries in a .npy file"))
+    q.add_argument("name")
+    q.add_argument("queries", help=".npy of shape (nq, d) or (d,)")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--nprobe", type=int, default=0)
+    q.add_argument("--min-coverage", type=float, default=None)
+    q.add_argument("--payloads", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_search)
+
+    st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory"))
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    b = sub.add_parser("bench", help="router vs in-process FAISS benchmark (see docs/BENCHMARKS.md)")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("bench.cluster_bench", fromlist=["main"]).main(a.bench_args))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Shared fixtures: one Ray instance per test session (each ray.init costs seconds), data helpers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def make_data(metric: str, n: int, dim: int, seed: int = 0, nq: int = 20):
+    """(xb, xq) for a metric: uint8 codes (dim bits) for hamming, clustered float32 otherwise."""
+    rng = np.random.default_rng(seed)
+    if metric == "hamming":
+        return rng.integers(0, 256, (n, dim // 8), dtype=np.uint8), rng.integers(0, 256, (nq, dim // 8), dtype=np.uint8)
+    centers = rng.normal(size=(max(4, n // 100), dim)).astype(np.float32)
+    xb = centers[rng.integers(0, len(centers), n)] + 0.3 * rng.normal(size=(n, dim)).astype(np.float32)
+    xq = centers[rng.integers(0, len(centers), nq)] + 0.3 * rng.normal(size=(nq, dim)).astype(np.float32)
+    return xb.astype(np.float32), xq.astype(np.float32)
+
+
+def exact_knn(metric: str, xb, xq, k: int):
+    """Ground truth (D, I) from one exact FAISS index over all the data."""
+    import faiss
+
+    if metric == "hamming":
+        index = faiss.IndexBinaryFlat(xb.shape[1] * 8)
+    elif metric == "l2":
+        index = faiss.IndexFlatL2(xb.shape[1])
+    else:
+        index = faiss.IndexFlatIP(xb.shape[1])
+        if metric == "cosine":
+            xb, xq = xb.copy(), xq.copy()
+            faiss.normalize_L2(xb)
+            faiss.normalize_L2(xq)
+    index.add(xb)
+    return index.search(xq, k)
+
+
+def assert_same_as_exact(metric, ids, D, xb, xq, k):
+    """Sharded answers equal the exact index: same ids (float metrics), same distances (all metrics; hamming
+    ties may order equal-distance ids differently, so there each returned id must have the reported distance)."""
+    D_ref, I_ref = exact_knn(metric, xb, xq, k)
+    for q in range(len(xq)):
+        np.testing.assert_allclose(D[q, :len(ids[q])], D_ref[q], rtol=1e-4, atol=1e-4)
+        if metric == "hamming":
+            dist = np.unpackbits(np.bitwise_xor(xb[[int(i) for i in ids[q]]], xq[q]), axis=1).sum(axis=1)
+            np.testing.assert_array_equal(dist, D_ref[q])
+        else:
+            assert ids[q] == [str(i) for i in I_ref[q]], f"query {q}"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, namespace="lookalike", include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+class RayTestCluster:
+    """A lookalike cluster on the session's Ray: controller, shard actors, a router and its gRPC server."""
+
+    def __init__(self, data_dir, shards: int, name: str | None = None):
+        from lookalike.config import ClusterConfig
+        from lookalike.ray_cluster import start_cluster
+        from router.client import Client
+        from router.core import Router
+        from router.server import create_router_server
+
+        self.cfg = ClusterConfig(data_dir=str(data_dir), shards=shards,
+                                 cluster_name=name or f"t{uuid.uuid4().hex[:8]}", shard_num_cpus=0.5)
+        self.handle, self.control = start_cluster(self.cfg, segment_bytes=1 << 20)
+        self.router = Router(self.control, refresh_interval=0.2)
+        self.server, self.port, _ = create_router_server(self.router, "127.0.0.1:0")
+        self.client = Client(f"127.0.0.1:{self.port}", timeout=60)
+
+    def stop(self):
+        from lookalike.ray_cluster import stop_cluster
+
+        self.client.close()
+        self.server.stop(None)
+        self.router.close()
+        stop_cluster(self.handle)
+
+
+@pytest.fixture
+def ray_cluster_factory(ray_session, tmp_path):
+    started = []
+
+    def start(shards: int = 2, data_dir=None, name=None):
+        c = RayTestCluster(data_dir or tmp_path / f"data{len(started)}", shards, name)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        try:
+            c.stop()
+        except Exception:
+            pass

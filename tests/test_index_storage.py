@@ -1,0 +1,142 @@
+"""Plain classes, no Ray, no gRPC: the FAISS index wrapper, the id table, the merge and durable storage."""
+
+import numpy as np
+import pytest
+
+from conftest import exact_knn, make_data
+from lookalike.config import CollectionConfig
+from lookalike.errors import InvalidArgument
+from protos.common_pb2 import Payload
+from router.merge import merge_topk
+from shard.core import Shard
+from shard.index import VectorIndex
+from shard.storage import DELETE, UPSERT, CollectionStore
+
+
+def _labels(n, start=0):
+    return np.arange(start, start + n, dtype=np.int64) * 7 + 3
+
+
+@pytest.mark.parametrize("metric,spec", [("l2", "Flat"), ("ip", "Flat"), ("cosine", "Flat"), ("hamming", "BFlat")])
+def test_flat_index_is_exact(metric, spec):
+    xb, xq = make_data(metric, 2000, 64)
+    index = VectorIndex(CollectionConfig("c", 64, metric, spec).validated())
+    index.add(_labels(2000), xb)
+    D, L = index.search(xq, 10)
+    D_ref, I_ref = exact_knn(metric, xb, xq, 10)
+    np.testing.assert_allclose(D, D_ref, rtol=1e-5, atol=1e-4)
+    if metric != "hamming":
+        np.testing.assert_array_equal(L, _labels(2000)[I_ref])
+
+
+def test_untrained_ivf_answers_exactly_then_trains():
+    xb, xq = make_data("l2", 3000, 32)
+    index = VectorIndex(CollectionConfig("c", 32, "l2", "IVF16,Flat", nprobe=16).validated())
+    assert not index.trained and index.train_size == 1000
+    index.add(_labels(500), xb[:500])
+    D, L = index.search(xq, 5)
+    np.testing.assert_array_equal(L, _labels(500)[exact_knn("l2", xb[:500], xq, 5)[1]])
+    index.add(_labels(2500, 500), xb[500:])
+    assert index.trained and index.ntotal == 3000
+    _, L = index.search(xq, 5)  # nprobe == nlist: still exact
+    np.testing.assert_array_equal(L, _labels(3000)[exact_knn("l2", xb, xq, 5)[1]])
+
+
+@pytest.mark.parametrize("spec", ["HNSW16", "IVF8,Flat"])
+def test_remove_hides_vectors_and_rebuilds(spec):
+    xb, _ = make_data("l2", 3000, 16)
+    index = VectorIndex(CollectionConfig("c", 16, "l2", spec, nprobe=8, ef_search=128).validated())
+    labels = _labels(3000)
+    index.add(labels, xb)
+    gone = labels[:1500]  # past the rebuild threshold for HNSW
+    assert index.remove(gone) == 1500
+    assert index.ntotal == 1500
+    _, L = index.search(xb[:20], 1)
+    assert not np.isin(L, gone).any()
+    _, L = index.search(xb[2000:2020], 1)
+    np.testing.assert_array_equal(L[:, 0], labels[2000:2020])
+    np.testing.assert_allclose(index.reconstruct(labels[2000:2002]), xb[2000:2002], rtol=1e-6)
+
+
+def test_bad_index_spec_is_a_clear_error():
+    with pytest.raises(InvalidArgument, match="cannot be built"):
+        CollectionConfig("c", 16, "l2", "NoSuchIndex").validated()
+    with pytest.raises(InvalidArgument, match="multiple of 8"):
+        CollectionConfig("c", 12, "hamming").validated()
+
+
+def test_merge_keeps_metric_direction_and_drops_copies():
+    # shard 0 and 1 both hold label 5 (a bucket mid-move); best-first lists
+    D = np.array([[[0.1, 0.4, 0.9]], [[0.1, 0.2, 0.3]]], dtype=np.float32)
+    L = np.array([[[5, 6, 7]], [[5, 8, 9]]], dtype=np.int64)
+    Dm, Im = merge_topk(D, L, larger_is_better=False)
+    assert L.ravel()[Im[0]].tolist() == [5, 8, 9]
+    np.testing.assert_allclose(Dm[0], [0.1, 0.2, 0.3])
+    # similarities: larger first
+    S = np.array([[[0.9, 0.4, 0.1]], [[0.9, 0.3, 0.2]]], dtype=np.float32)
+    Ls = np.array([[[5, 6, 7]], [[5, 8, 9]]], dtype=np.int64)
+    Dm, Im = merge_topk(S, Ls, larger_is_better=True)
+    assert Ls.ravel()[Im[0]].tolist() == [5, 6, 8]
+    np.testing.assert_allclose(Dm[0], [0.9, 0.4, 0.3])
+
+
+def test_storage_replays_after_torn_write(tmp_path):
+    store = CollectionStore(tmp_path, n_buckets=8)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.append(UPSERT, ["a", "b", "c"], x, [None, Payload(fields={"k": "v"}).SerializeToString(), None])
+    store.append(DELETE, ["b"])
+    store.close()
+    seg = sorted(tmp_path.glob("wal-*.log"))[-1]
+    with open(seg, "ab") as f:  # a write cut short by kill -9: never acknowledged
+        f.write(b"\x10\x00\x00\x00garbage")
+    store = CollectionStore(tmp_path, n_buckets=8)
+    batches = list(store.load())
+    assert [(b.op, b.ids) for b in batches] == [(UPSERT, ["a", "b", "c"]), (DELETE, ["b"])]
+    np.testing.assert_array_equal(batches[0].vectors, x)
+    store.append(UPSERT, ["d"], x[:1], [None])  # appends after the torn tail was cut
+    assert [b.ids for b in store.load()][-1] == ["d"]
+
+
+def test_compaction_keeps_state_and_is_idempotent(tmp_path):
+    xb, _ = make_data("l2", 600, 8)
+    ids = [f"id{i}" for i in range(600)]
+    store = CollectionStore(tmp_path, n_buckets=4, segment_bytes=1 << 30)
+    for i in range(0, 600, 100):
+        store.append(UPSERT, ids[i:i + 100], xb[i:i + 100], [None] * 100)
+    store.append(UPSERT, ids[:10], xb[590:600], [None] * 10)  # replace
+    store.append(DELETE, ids[10:20])
+
+    def state():
+        items = {}
+        for b in store.load():
+            for i, uid in enumerate(b.ids):
+                if b.op == DELETE:
+                    items.pop(uid, None)
+                else:
+                    items[uid] = b.vectors[i].tobytes()
+        return items
+
+    before = state()
+    assert store.compact() == 1
+    assert not list(tmp_path.glob("wal-*.log"))[:-1]
+    assert state() == before
+    assert len(before) == 590 and before["id0"] == xb[590].tobytes()
+
+
+def test_shard_reload_restores_everything(tmp_path):
+    coll = CollectionConfig("c", 16, "l2", "Flat", buckets=8).validated()
+    xb, xq = make_data("l2", 1000, 16)
+    ids = [f"i{i}" for i in range(1000)]
+    shard = Shard("s", tmp_path, segment_bytes=20_000)  # small segments: compaction runs too
+    shard.open_collection(coll, range(8))
+    sc = shard.collection("c")
+    for i in range(0, 1000, 100):
+        sc.upsert(ids[i:i + 100], xb[i:i + 100], [Payload(fields={"n": str(i)}).SerializeToString()] * 100)
+    sc.delete(ids[:50])
+    want = sc.search(xq, 5)[2]
+    shard.close()
+    again = Shard("s", tmp_path)
+    assert again.open_collection(coll, range(8)) == 950
+    assert again.collection("c").search(xq, 5)[2] == want
+    found, _, payloads = again.collection("c").get(["i0", "i60"], False)
+    assert found == ["i60"] and Payload.FromString(payloads[0]).fields["n"] == "0"

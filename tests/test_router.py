@@ -1,0 +1,151 @@
+"""Router over real gRPC shards in this process (no Ray): sharded answers equal one exact index, writes,
+and every bad input gets its status code while the server keeps serving."""
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import assert_same_as_exact, make_data
+from lookalike.local import LocalCluster
+from lookalike.wire import vectors_to_proto
+from protos import lookalike_pb2
+from router.client import Client
+from router.server import create_router_server
+
+METRICS = ["l2", "ip", "cosine", "hamming"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    cluster = LocalCluster(tmp_path_factory.mktemp("router"), shards=3)
+    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
+    client = Client(f"127.0.0.1:{port}", timeout=30)
+    yield cluster, client
+    client.close()
+    server.stop(None)
+    cluster.close()
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "grpc"])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+@pytest.mark.parametrize("metric", METRICS)
+def test_sharded_equals_exact(tmp_path, transport, shards, metric):
+    dim = 64 if metric == "hamming" else 24
+    xb, xq = make_data(metric, 3000, dim, seed=shards)
+    cluster = LocalCluster(tmp_path, shards=shards, transport=transport)
+    try:
+        from lookalike.config import CollectionConfig
+        cluster.router.create_collection(CollectionConfig("c", dim, metric, buckets=64))
+        cluster.router.upsert("c", [str(i) for i in range(len(xb))], xb)
+        res = cluster.router.search("c", xq, 10)
+        assert res.coverage == 1.0
+        assert_same_as_exact(metric, res.ids, res.D, xb, xq, 10)
+    finally:
+        cluster.close()
+
+
+def test_upsert_replaces_delete_removes_get_returns(served):
+    _, client = served
+    client.create_collection("items", dim=8, metric="l2", buckets=16)
+    x = np.eye(8, dtype=np.float32)
+    client.upsert("items", ["a", "b", "c"], x[:3], payloads=[{"uri": "a.jpg"}, {"uri": "b.jpg"}, {}])
+    client.upsert("items", ["a"], x[5:6], payloads=[{"uri": "a2.jpg"}])  # replace vector and payload
+    ids, vecs, payloads = client.get("items", ["a", "zz", "b"])
+    assert ids == ["a", "b"]
+    np.testing.assert_array_equal(vecs, x[[5, 1]])
+    assert payloads == [{"uri": "a2.jpg"}, {"uri": "b.jpg"}]
+    hits = client.search("items", x[5:6], k=3, include_payloads=True)
+    assert hits.ids[0][0] == "a" and hits.D[0, 0] == 0 and hits.payloads[0][0] == {"uri": "a2.jpg"}
+    assert client.delete("items", ["b", "nope"]) == (1, 1)
+    hits = client.search("items", x[1:2], k=5)
+    assert "b" not in hits.ids[0] and len(hits.ids[0]) == 2  # fewer items than k: shorter answer
+    assert client.describe_collection("items").count == 2
+    client.drop_collection("items")
+    assert "items" not in [c.spec.name for c in client.list_collections()]
+
+
+def _code(fn):
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
+def test_bad_input_gets_clear_status(served):
+    _, client = served
+    client.create_collection("bad", dim=4, metric="l2", buckets=8)
+    client.create_collection("bits", dim=64, metric="hamming", buckets=8)
+    client.create_collection("cos", dim=4, metric="cosine", buckets=8)
+    client.upsert("bad", ["keep"], np.ones((1, 4), np.float32))
+    q = np.zeros((1, 4), np.float32)
+    IA, NF = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    cases = {
+        "wrong dimension": (lambda: client.upsert("bad", ["x"], np.ones((1, 5), np.float32)), IA, "dimension 4"),
+        "wrong query dimension": (lambda: client.search("bad", np.ones((1, 3), np.float32)), IA, "dimension"),
+        "NaN": (lambda: client.upsert("bad", ["x"], np.array([[1, np.nan, 0, 0]], np.float32)), IA, "NaN"),
+        "Inf query": (lambda: client.search("bad", np.array([[np.inf, 0, 0, 0]], np.float32)), IA, "Inf"),
+        "k zero": (lambda: client.search("bad", q, k=0), IA, "k must be"),
+        "k too big": (lambda: client.search("bad", q, k=5000), IA, "k must be"),
+        "empty batch": (lambda: client.upsert("bad", [], np.zeros((0, 4), np.float32)), IA, "no ids"),
+        "empty query batch": (lambda: client.search("bad", np.zeros((0, 4), np.float32)), IA, "no queries"),
+        "ids vs vectors": (lambda: client.upsert("bad", ["x", "y"], np.ones((1, 4), np.float32)), IA, "one vector"),
+        "unknown collection": (lambda: client.search("nope", q), NF, "does not exist"),
+        "duplicate collection": (lambda: client.create_collection("bad", dim=4), grpc.StatusCode.ALREADY_EXISTS,
+                                 "already exists"),
+        "bad name": (lambda: client.create_collection("no spaces", dim=4), IA, "name"),
+        "bad dim": (lambda: client.create_collection("z", dim=0), IA, "dim"),
+        "empty id": (lambda: client.upsert("bad", [""], np.ones((1, 4), np.float32)), IA, "empty"),
+        "long id": (lambda: client.upsert("bad", ["x" * 300], np.ones((1, 4), np.float32)), IA, "256 bytes"),
+        "repeated id": (lambda: client.upsert("bad", ["x", "x"], np.ones((2, 4), np.float32)), IA, "more than once"),
+        "big payload": (lambda: client.upsert("bad", ["x"], np.ones((1, 4), np.float32), [{"p": "y" * 20000}]),
+                        IA, "payload"),
+        "float into hamming": (lambda: client.upsert("bits", ["x"], np.ones((1, 8), np.float32)), IA, "UINT8"),
+        "wrong code size": (lambda: client.upsert("bits", ["x"], np.ones((1, 4), np.uint8)), IA, "bits"),
+        "zero cosine": (lambda: client.upsert("cos", ["x"], np.zeros((1, 4), np.float32)), IA, "zeros"),
+        "min coverage": (lambda: client.search("bad", q, min_coverage=1.5), IA, "min_coverage"),
+    }
+    for name, (fn, code, words) in cases.items():
+        got, details = _code(fn)
+        assert got == code, f"{name}: {got} {details}"
+        assert words in details, f"{name}: {details!r}"
+    # malformed packed bytes, straight through the stub
+    req = lookalike_pb2.SearchRequest(collection="bad", k=1)
+    req.queries.CopyFrom(vectors_to_proto(q))
+    req.queries.data = req.queries.data[:-3]
+    got, details = _code(lambda: client.stub.Search(req))
+    assert got == IA and "bytes" in details
+    # a message over the size limit (64 MiB)
+    big = np.zeros((17 * 1024 * 1024 // 4, 4), np.float32)
+    got, _ = _code(lambda: client.upsert("bad", [str(i) for i in range(len(big))], big))
+    assert got == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # still serving, nothing acknowledged lost
+    assert client.get("bad", ["keep"])[0] == ["keep"]
+    assert client.search("bad", np.ones((1, 4), np.float32), k=1).ids == [["keep"]]
+
+
+def test_dropped_collection_in_use(served):
+    cluster, client = served
+    client.create_collection("gone", dim=4, buckets=8)
+    client.upsert("gone", ["a"], np.ones((1, 4), np.float32))
+    stale_map = cluster.router.shard_map("gone")
+    client.drop_collection("gone")
+    # a router still holding the old map: the shards answer NOT_FOUND, not garbage
+    cluster.router._maps["gone"] = stale_map
+    got, details = _code(lambda: client.search("gone", np.ones((1, 4), np.float32)))
+    assert got == grpc.StatusCode.NOT_FOUND and "gone" in details
+    cluster.router.invalidate("gone")
+    got, _ = _code(lambda: client.upsert("gone", ["b"], np.ones((1, 4), np.float32)))
+    assert got == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, client = served
+    health = health_pb2_grpc.HealthStub(client._channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="lookalike.v1.Lookalike")).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(client._channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = [s.name for s in resp.list_services_response.service]
+    assert "lookalike.v1.Lookalike" in names and "grpc.health.v1.Health" in names
