@@ -149,3 +149,27 @@ def test_health_and_reflection(served):
     resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = [s.name for s in resp.list_services_response.service]
     assert "lookalike.v1.Lookalike" in names and "grpc.health.v1.Health" in names
+
+
+def test_shard_down_reports_coverage(tmp_path):
+    from lookalike.config import CollectionConfig
+    from lookalike.errors import Unavailable
+
+    cluster = LocalCluster(tmp_path, shards=2)
+    try:
+        xb, xq = make_data("l2", 1000, 8)
+        cluster.router.create_collection(CollectionConfig("cov", 8, buckets=32))
+        cluster.router.upsert("cov", [str(i) for i in range(1000)], xb)
+        cluster.placer.stop_shard("shard-1")
+        partial = cluster.router.search("cov", xq, 5, min_coverage=0.5)
+        assert partial.coverage == 0.5
+        from lookalike.ids import buckets_of
+        owners = cluster.router.shard_map("cov").owners
+        assert all(owners[b][0] == "shard-0" for ids in partial.ids for b in buckets_of(ids, 32).tolist())
+        with pytest.raises(Unavailable, match="16 of 32 buckets"):
+            cluster.router.search("cov", xq, 5)
+        cluster.placer.ensure_shard("shard-1")  # back, reloaded from storage
+        assert cluster.router.search("cov", xq, 5).coverage == 1.0
+        assert cluster.router.count("cov") == 1000
+    finally:
+        cluster.close()

@@ -1,0 +1,95 @@
+"""The real thing: controller and shard actors on Ray, gRPC everywhere. One Ray instance for the session."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_same_as_exact, exact_knn, make_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_sharded_equals_exact_every_metric(ray_cluster_factory, shards):
+    cluster = ray_cluster_factory(shards)
+    client = cluster.client
+    for metric in ["l2", "ip", "cosine", "hamming"]:
+        dim = 128 if metric == "hamming" else 32
+        xb, xq = make_data(metric, 4000, dim, seed=7)
+        client.create_collection(metric, dim=dim, metric=metric, buckets=128)
+        client.upsert_stream(metric, ((([str(i) for i in range(j, j + 1000)]), xb[j:j + 1000])
+                                      for j in range(0, len(xb), 1000)))
+        hits = client.search(metric, xq, k=10)
+        assert hits.coverage == 1.0
+        assert_same_as_exact(metric, hits.ids, hits.D, xb, xq, 10)
+    st = client.status()
+    assert len(st.shards) == shards and all(s.serving for s in st.shards)
+    assert sum(s.vectors for s in st.shards) == 4 * 4000
+
+
+@pytest.mark.parametrize("spec,params", [("IVF32,Flat", {"nprobe": 8}), ("HNSW32", {"ef_search": 64})])
+def test_approximate_recall(ray_cluster_factory, spec, params):
+    cluster = ray_cluster_factory(2)
+    xb, xq = make_data("l2", 20000, 32, seed=3, nq=200)
+    cluster.client.create_collection("a", dim=32, metric="l2", index=spec, buckets=64)
+    cluster.client.upsert_stream("a", (([str(i) for i in range(j, j + 2000)], xb[j:j + 2000])
+                                       for j in range(0, len(xb), 2000)))
+    hits = cluster.client.search("a", xq, k=10, **params)
+    _, I_ref = exact_knn("l2", xb, xq, 10)
+    recall = np.mean([len(set(hits.ids[q]) & {str(i) for i in I_ref[q]}) / 10 for q in range(len(xq))])
+    assert recall >= 0.95, f"recall@10 {recall:.3f} for {spec}"
+
+
+def _wait(pred, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_kill_9_of_a_shard_loses_nothing(ray_cluster_factory):
+    import ray
+
+    cluster = ray_cluster_factory(2)
+    client = cluster.client
+    xb, xq = make_data("l2", 3000, 16, seed=11)
+    client.create_collection("d", dim=16, metric="l2", buckets=32)
+    client.upsert("d", [str(i) for i in range(2000)], xb[:2000])
+    client.delete("d", ["0", "1"])
+    pids = ray.get(cluster.handle.shard_pids.remote())
+    os.kill(pids["shard-0"], signal.SIGKILL)
+    # writes during the restart wait for the shard to come back (the router retries until the deadline)
+    client.upsert("d", [str(i) for i in range(2000, 3000)], xb[2000:3000])
+    assert _wait(lambda: all(s.serving for s in client.status().shards))
+    assert ray.get(cluster.handle.shard_pids.remote())["shard-0"] != pids["shard-0"]
+    hits = client.search("d", xq, k=10)
+    assert hits.coverage == 1.0
+    alive = np.arange(2, 3000)
+    _, I = exact_knn("l2", xb[alive], xq, 10)
+    assert hits.ids == [[str(alive[i]) for i in row] for row in I]
+    assert client.describe_collection("d").count == 2998
+
+
+def test_full_restart_brings_everything_back(ray_cluster_factory, tmp_path):
+    data = tmp_path / "restart"
+    first = ray_cluster_factory(2, data_dir=data)
+    xb, xq = make_data("cosine", 2000, 16, seed=2)
+    first.client.create_collection("r", dim=16, metric="cosine", index="HNSW16", buckets=16)
+    first.client.upsert("r", [str(i) for i in range(2000)], xb,
+                        payloads=[{"uri": f"img/{i}.jpg"} for i in range(2000)])
+    first.client.delete("r", ["5"])
+    before = first.client.search("r", xq, k=5, ef_search=128)
+    first.stop()
+    second = ray_cluster_factory(3, data_dir=data)  # storage holds a 2-shard cluster: it is kept
+    assert [c.spec.name for c in second.client.list_collections()] == ["r"]
+    assert len(second.client.status().shards) == 2
+    after = second.client.search("r", xq, k=5, ef_search=128)
+    assert after.ids == before.ids
+    ids, _, payloads = second.client.get("r", ["5", "6"], include_vectors=False)
+    assert ids == ["6"] and payloads == [{"uri": "img/6.jpg"}]
+    assert second.client.describe_collection("r").count == 1999
