@@ -190,21 +190,20 @@ class CollectionStore:
         Args:
             buckets: keep only items of these buckets (None: all).
         """
+        # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
-            snaps = sorted(self.path.glob("b*.snap"))
-            segs = self._segments()
-        for path in snaps:
-            if buckets is not None and int(path.stem[1:]) not in buckets:
-                continue
-            batch = self._read_snapshot(path)
-            if batch is not None and batch.ids:
-                yield batch
-        for seg in segs:
-            for batch in self._read_segment(seg):
-                if buckets is not None:
-                    batch = self._filter(batch, buckets)
-                if batch.ids:
+            for path in sorted(self.path.glob("b*.snap")):
+                if buckets is not None and int(path.stem[1:]) not in buckets:
+                    continue
+                batch = self._read_snapshot(path)
+                if batch is not None and batch.ids:
                     yield batch
+            for seg in self._segments():
+                for batch in self._read_segment(seg):
+                    if buckets is not None:
+                        batch = self._filter(batch, buckets)
+                    if batch.ids:
+                        yield batch
 
     def _filter(self, batch: Batch, buckets: set[int]) -> Batch:
         keep = np.isin(buckets_of(batch.ids, self.n_buckets), np.fromiter(buckets, dtype=np.int64))
@@ -281,10 +280,13 @@ class CollectionStore:
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def close(self) -> None:
+        """Closes the log; waits for a compaction in progress, so the files are quiet afterwards."""
         with self._lock:
             if not self._closed and self._fd is not None:
                 os.close(self._fd)
             self._closed = True
+        with self._compact_lock:
+            pass
 
     def destroy(self) -> None:
         """Closes and deletes everything stored for the collection on this shard."""
