@@ -57,11 +57,16 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(err: grpc.RpcError) -> LookalikeError:
-    """The typed error for a status received from another server (so the router can pass it through)."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+def error_for_code(code: grpc.StatusCode, message: str) -> LookalikeError:
+    """The typed error for a status code (LookalikeError carrying the code for codes without a class)."""
     cls = _BY_CODE.get(code, LookalikeError)
-    exc = cls(err.details() if hasattr(err, "details") else str(err))
+    exc = cls(message)
     if cls is LookalikeError:
         exc.code = code
     return exc
+
+
+def from_rpc_error(err: grpc.RpcError) -> LookalikeError:
+    """The typed error for a status received from another server (so the router can pass it through)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    return error_for_code(code, err.details() if hasattr(err, "details") else str(err))

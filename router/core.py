@@ -166,8 +166,7 @@ class Router:
             try:
                 calls.append((sid, self._client(smap, sid).call(method, req, timeout)))
             except LookalikeError as err:
-                failed = _Failed(err)
-                calls.append((sid, failed))
+                calls.append((sid, _Failed(err)))
         return calls
 
     def _write(self, name: str, ids: list[str], build: Callable[[np.ndarray, int], object], method: str,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lookalike.config import LIMITS, METRICS, CollectionConfig
+from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, create_server
@@ -151,5 +151,3 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     set_serving(health, [SERVICE_NAME])
     return server, port, health
 
-
-__all__ = ["RouterServicer", "create_router_server", "spec_to_config", "config_to_spec", "LIMITS"]

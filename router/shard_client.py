@@ -11,12 +11,9 @@ from typing import Protocol
 
 import grpc
 
-from lookalike.errors import LookalikeError, Unavailable, from_rpc_error
+from lookalike.errors import LookalikeError, Unavailable, error_for_code, from_rpc_error
 from lookalike.net import create_channel
 from protos import shard_pb2_grpc
-
-_METHODS = ("Upsert", "Delete", "Get", "Search", "Stats")
-
 
 class ShardClient(Protocol):
     def call(self, method: str, request, timeout: float | None) -> "concurrent.futures.Future": ...
@@ -60,11 +57,7 @@ class _LocalContext:
     """The slice of grpc.ServicerContext the servicers use, raising typed errors instead of aborting an RPC."""
 
     def abort(self, code, details):
-        exc = LookalikeError(details)
-        exc.code = code
-        from lookalike.errors import _BY_CODE
-        cls = _BY_CODE.get(code)
-        raise (cls(details) if cls else exc)
+        raise error_for_code(code, details)
 
     def is_active(self):
         return True

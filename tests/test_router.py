@@ -173,3 +173,29 @@ def test_shard_down_reports_coverage(tmp_path):
         assert cluster.router.count("cov") == 1000
     finally:
         cluster.close()
+
+
+def test_shard_is_not_serving_until_loaded(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lookalike.net import create_channel, set_serving
+    from protos import shard_pb2, shard_pb2_grpc
+    from shard.core import Shard
+    from shard.server import SERVICE_NAME, create_shard_server
+
+    shard = Shard("s", tmp_path)
+    server, port, _, health = create_shard_server(shard, "127.0.0.1:0")
+    try:
+        with create_channel(f"127.0.0.1:{port}") as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check
+            assert check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                shard_pb2_grpc.ShardStub(ch).Search(shard_pb2.ShardSearchRequest(collection="c", k=1))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.value.details()
+            shard.serving = True
+            set_serving(health, [SERVICE_NAME])
+            assert check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(None)
