@@ -17,7 +17,7 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import NotFound, StaleShardMap
 from lookalike.ids import LABEL_MASK, buckets_and_labels
 from shard.index import VectorIndex
-from shard.storage import DELETE, UPSERT, CollectionStore
+from shard.storage import DELETE, UPSERT, CollectionStore, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -310,10 +310,10 @@ class Shard:
             current = self._collections.get(coll.name)
             if current is not None and current.coll == coll and current.buckets == frozenset(buckets):
                 return len(current.table)
-        store = CollectionStore(self.root / coll.name, coll.buckets, binary=coll.binary,
-                                segment_bytes=self.segment_bytes)
+        store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
         sc = ShardCollection(coll, buckets, store)
         n = sc.load()
+        release_memory()
         with self._lock:
             old = self._collections.get(coll.name)
             self._collections[coll.name] = sc
@@ -330,6 +330,10 @@ class Shard:
             with sc._write_order:
                 sc.dropped = True
                 sc.store.destroy()
+            with sc._rw.write():  # searches in flight finish first
+                sc.index = None
+                sc.table = None
+            release_memory()
         else:
             import shutil
             shutil.rmtree(self.root / name, ignore_errors=True)

@@ -1,8 +1,9 @@
 """One FAISS index over a shard's slice of one collection, addressed by int64 labels.
 
 Three shapes, chosen from the factory string:
-- removable indexes (Flat, PQ, SQ... wrapped in ``IndexIDMap2``; IVF natively with a hashtable direct map):
-  labels are FAISS ids, removal is ``remove_ids``;
+- removable indexes (Flat, PQ, SQ... wrapped in ``IndexIDMap``; IVF natively with a hashtable direct map):
+  labels are FAISS ids, removal is ``remove_ids``. ``IndexIDMap`` (8 bytes a vector) rather than ``IndexIDMap2``
+  (about 50): reconstructing by label, only needed by Get, scans the id map instead;
 - append-only graph indexes (HNSW, which FAISS cannot remove from): FAISS ids are insertion positions, a
   removed position is hidden from searches with an ``IDSelectorBitmap`` and the index is rebuilt once a third of
   it is dead;
@@ -97,7 +98,7 @@ class VectorIndex:
         return faiss.IndexFlat(self.coll.dim, _FAISS_METRIC[self.coll.metric])
 
     def _idmap(self, index):
-        return faiss.IndexBinaryIDMap2(index) if self._binary else faiss.IndexIDMap2(index)
+        return faiss.IndexBinaryIDMap(index) if self._binary else faiss.IndexIDMap(index)
 
     @staticmethod
     def _extract_ivf(index):
@@ -129,10 +130,8 @@ class VectorIndex:
         per = (self.coll.code_size if self._buffer is not None else self._code_size()) + 8
         if self._ivf is not None and self._buffer is None:
             per += 24  # hashtable direct map entry
-        elif self._graph:
-            per += 8 * getattr(getattr(self._main, "hnsw", None), "nb_neighbors", lambda _l: 32)(0)
-        else:
-            per += 40  # IDMap2 reverse map entry
+        elif self._graph and self._buffer is None:
+            per += 4 * getattr(getattr(self._main, "hnsw", None), "nb_neighbors", lambda _l: 32)(0)  # level-0 links
         return index.ntotal * per
 
     def _code_size(self) -> int:
@@ -175,7 +174,7 @@ class VectorIndex:
     def _train_from_buffer(self) -> None:
         buf = self._buffer
         n = buf.ntotal
-        labels = faiss.vector_to_array(buf.id_map).copy()
+        labels = faiss.vector_to_array(buf.id_map)
         x = buf.index.reconstruct_n(0, n)
         log.info("training %s index %r on %d vectors", self.coll.name, self.coll.index, n)
         self._main.train(x)
@@ -283,11 +282,15 @@ class VectorIndex:
     def reconstruct(self, labels: np.ndarray) -> np.ndarray:
         """Stored vectors for labels (all present); lossy for compressed indexes, normalised for cosine."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        if self._buffer is not None:
-            return self._reconstruct(self._buffer, labels)
-        if self._graph:
+        if self._graph and self._buffer is None:
             return self._reconstruct(self._main, np.array([self._label_pos[int(l)] for l in labels], dtype=np.int64))
-        return self._reconstruct(self._main, labels)
+        if self._ivf is not None and self._buffer is None:
+            return self._reconstruct(self._main, labels)  # the direct map finds labels
+        idmap = self._buffer if self._buffer is not None else self._main
+        id_map = faiss.rev_swig_ptr(idmap.id_map.data(), idmap.id_map.size())  # position -> label, no copy
+        order = np.argsort(id_map, kind="stable")
+        pos = order[np.searchsorted(id_map, labels, sorter=order)]
+        return self._reconstruct(idmap.index, pos)
 
     def _reconstruct(self, index, keys: np.ndarray) -> np.ndarray:
         if len(keys) == 0:

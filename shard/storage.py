@@ -16,6 +16,7 @@ per id), so a crash half way through only costs the work. Another shard can read
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pathlib
@@ -49,23 +50,50 @@ class Batch:
     payloads: list[bytes | None] | None = None
 
 
+_LOAD_BATCH = 16384
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    """One UPSERT batch of several (of disjoint ids)."""
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(UPSERT, [u for b in batches for u in b.ids], np.concatenate([b.vectors for b in batches]),
+                 [p for b in batches for p in b.payloads])
+
+
 def _frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data), zlib.crc32(data)) + data
 
 
-def _read_frames(path: pathlib.Path) -> tuple[list[bytes], int]:
-    """The valid frames of a file and the byte offset where they end (a torn or corrupt tail stops the scan)."""
-    frames, pos = [], 0
-    data = path.read_bytes()
-    while pos + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, pos)
-        body = data[pos + _HEADER.size: pos + _HEADER.size + length]
-        if len(body) < length or zlib.crc32(body) != crc:
-            log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
-            break
-        frames.append(body)
-        pos += _HEADER.size + length
-    return frames, pos
+def _iter_frames(path: pathlib.Path, end: list[int] | None = None) -> Iterator[bytes]:
+    """Yields the valid frames of a file one at a time; a torn or corrupt tail ends it. When ``end`` is given,
+    ``end[0]`` is set to the byte offset where the valid frames end."""
+    pos = 0
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                break
+            length, crc = _HEADER.unpack(header)
+            body = f.read(length)
+            if len(body) < length or zlib.crc32(body) != crc:
+                log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
+                break
+            pos += _HEADER.size + length
+            if end is not None:
+                end[0] = pos
+            yield body
+    if end is not None:
+        end[0] = pos
+
+
+def release_memory() -> None:
+    """Hands freed heap pages back to the OS. glibc keeps them after large transient work (loading, compaction,
+    dropping a collection), which would otherwise show as resident memory the shard does not use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -94,15 +122,14 @@ class CollectionStore:
     Args:
         path: its directory (created if missing).
         n_buckets: the collection's bucket count (to find the bucket of a logged id).
-        binary: rows are uint8 codes (hamming) rather than float32.
         segment_bytes: size at which the active WAL segment is sealed and compacted.
     """
 
-    def __init__(self, path: pathlib.Path, n_buckets: int, binary: bool = False, segment_bytes: int = 64 << 20):
+    def __init__(self, path: pathlib.Path, n_buckets: int, segment_bytes: int = 64 << 20):
         self.path = pathlib.Path(path)
         self.n_buckets = n_buckets
-        self.dtype = np.dtype(np.uint8) if binary else np.dtype("<f4")
         self.segment_bytes = segment_bytes
+        self.compact_pass_bytes = 16 << 20
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()          # appends and segment rotation
         self._compact_lock = threading.Lock()  # one compaction at a time
@@ -120,7 +147,10 @@ class CollectionStore:
         segs = self._segments()
         if segs:
             last = segs[-1]
-            _, end = _read_frames(last)
+            end = [0]
+            for _ in _iter_frames(last, end):
+                pass
+            end = end[0]
             if end != last.stat().st_size:  # drop a torn tail so new frames follow valid ones
                 with open(last, "r+b") as f:
                     f.truncate(end)
@@ -163,8 +193,7 @@ class CollectionStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read_segment(self, path: pathlib.Path) -> Iterator[Batch]:
-        frames, _ = _read_frames(path)
-        for body in frames:
+        for body in _iter_frames(path):
             rec = storage_pb2.WalRecord.FromString(body)
             ids = list(rec.ids)
             if rec.op == UPSERT:
@@ -176,11 +205,11 @@ class CollectionStore:
         return self.path / f"b{bucket:05d}.snap"
 
     def _read_snapshot(self, path: pathlib.Path) -> Batch | None:
-        frames, _ = _read_frames(path)
-        if not frames:
+        body = next(_iter_frames(path), None)
+        if body is None:
             log.error("%s: snapshot is damaged; ignoring it", path)
             return None
-        snap = storage_pb2.BucketSnapshot.FromString(frames[0])
+        snap = storage_pb2.BucketSnapshot.FromString(body)
         ids = list(snap.ids)
         return Batch(UPSERT, ids, vectors_from_proto_raw(snap.vectors), _payloads_from_proto(snap.payloads, len(ids)))
 
@@ -192,12 +221,19 @@ class CollectionStore:
         """
         # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
+            # Snapshots hold disjoint ids: coalesce them into large batches (fewer, cheaper applies).
+            pending: list[Batch] = []
             for path in sorted(self.path.glob("b*.snap")):
                 if buckets is not None and int(path.stem[1:]) not in buckets:
                     continue
                 batch = self._read_snapshot(path)
                 if batch is not None and batch.ids:
-                    yield batch
+                    pending.append(batch)
+                    if sum(len(b.ids) for b in pending) >= _LOAD_BATCH:
+                        yield _concat(pending)
+                        pending = []
+            if pending:
+                yield _concat(pending)
             for seg in self._segments():
                 for batch in self._read_segment(seg):
                     if buckets is not None:
@@ -236,30 +272,44 @@ class CollectionStore:
                 sealed = self._segments()[:-1]
             if not sealed:
                 return 0
-            # bucket -> {id: (row bytes, payload)} or None for a delete, in log order
-            changes: dict[int, dict[str, tuple[bytes, bytes | None] | None]] = {}
-            for seg in sealed:
-                for batch in self._read_segment(seg):
-                    for i, (uid, b) in enumerate(zip(batch.ids, buckets_of(batch.ids, self.n_buckets).tolist())):
-                        ch = changes.setdefault(b, {})
-                        ch.pop(uid, None)  # re-insert so the order is that of the last write
-                        ch[uid] = None if batch.op == DELETE else (batch.vectors[i].tobytes(), batch.payloads[i])
-            for bucket, ch in changes.items():
-                self._rewrite_snapshot(bucket, ch)
+            # Fold in passes over groups of buckets so that one pass holds about compact_pass_bytes of rows.
+            sealed_bytes = sum(seg.stat().st_size for seg in sealed)
+            passes = max(1, min(self.n_buckets, -(-sealed_bytes // self.compact_pass_bytes)))
+            touched = 0
+            for group in range(passes):
+                touched += self._compact_pass(sealed, passes, group)
             _fsync_dir(self.path)
             for seg in sealed:
                 seg.unlink()
             _fsync_dir(self.path)
-            log.info("compacted %d segment(s) of %s into %d bucket snapshot(s)", len(sealed), self.path, len(changes))
+            log.info("compacted %d segment(s) of %s into %d bucket snapshot(s) in %d pass(es)", len(sealed), self.path,
+                     touched, passes)
+            release_memory()
             return len(sealed)
+
+    def _compact_pass(self, sealed: list[pathlib.Path], passes: int, group: int) -> int:
+        """Folds the writes of buckets ``b % passes == group``; returns the snapshots rewritten."""
+        # bucket -> {id: (row, payload)} or None for a delete, in log order
+        changes: dict[int, dict[str, tuple[np.ndarray, bytes | None] | None]] = {}
+        for seg in sealed:
+            for batch in self._read_segment(seg):
+                buckets = buckets_of(batch.ids, self.n_buckets)
+                for i in np.flatnonzero(buckets % passes == group).tolist():
+                    ch = changes.setdefault(int(buckets[i]), {})
+                    uid = batch.ids[i]
+                    ch.pop(uid, None)  # re-insert so the order is that of the last write
+                    ch[uid] = None if batch.op == DELETE else (batch.vectors[i].copy(), batch.payloads[i])
+        for bucket, ch in changes.items():
+            self._rewrite_snapshot(bucket, ch)
+        return len(changes)
 
     def _rewrite_snapshot(self, bucket: int, changes: dict) -> None:
         path = self._snapshot_path(bucket)
-        items: dict[str, tuple[bytes, bytes | None]] = {}
+        items: dict[str, tuple[np.ndarray, bytes | None]] = {}
         old = self._read_snapshot(path) if path.exists() else None
         if old is not None:
             for i, uid in enumerate(old.ids):
-                items[uid] = (old.vectors[i].tobytes(), old.payloads[i])
+                items[uid] = (old.vectors[i], old.payloads[i])
         for uid, change in changes.items():
             items.pop(uid, None)
             if change is not None:
@@ -267,7 +317,7 @@ class CollectionStore:
         if not items:
             path.unlink(missing_ok=True)
             return
-        rows = np.frombuffer(b"".join(v[0] for v in items.values()), dtype=self.dtype).reshape(len(items), -1)
+        rows = np.stack([v[0] for v in items.values()])
         snap = storage_pb2.BucketSnapshot(bucket=bucket, ids=list(items))
         snap.vectors.CopyFrom(vectors_to_proto(rows))
         snap.payloads.extend(_payloads_to_proto([v[1] for v in items.values()]))
