@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 
 import numpy as np
 
@@ -64,10 +63,12 @@ def cmd_serve(args) -> int:
     server, port, health = create_router_server(router, f"{args.host}:{args.port}")
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(args.data)}); Ctrl-C stops", flush=True)
-    stop = threading.Event()
+    # The handler only writes to a pipe: it may run again while the first is running (Ctrl-C twice, or SIGINT
+    # from both a terminal and a supervisor), so it must take no lock (Event.set would deadlock here).
+    wake_r, wake_w = os.pipe()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda *_: os.write(wake_w, b"x"))
+    os.read(wake_r, 1)
     log.info("stopping: draining calls in flight")
     from lookalike.net import set_serving
     from router.server import SERVICE_NAME

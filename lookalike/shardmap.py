@@ -45,6 +45,7 @@ class ShardMap:
         pos = {s: i for i, s in enumerate(self.shard_ids)}
         return np.array([[pos[s] for s in own] for own in self.owners], dtype=np.int64).reshape(len(self.owners), -1)
 
+    @functools.cached_property
     def primary_buckets(self) -> dict[str, int]:
         """shard id -> number of buckets for which it is the first owner (the one searched)."""
         out: dict[str, int] = {}

@@ -281,7 +281,7 @@ class Router:
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
-        primary = smap.primary_buckets()
+        primary = smap.primary_buckets
         calls = self._fan_out(smap, list(primary), "Search", req, timeout)
         nq = len(xq)
         Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, []

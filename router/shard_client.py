@@ -7,6 +7,7 @@ raises a typed :class:`lookalike.errors.LookalikeError`.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import Protocol
 
 import grpc
@@ -21,23 +22,19 @@ class ShardClient(Protocol):
     def close(self) -> None: ...
 
 
-class _TypedFuture:
-    """Wraps a grpc future so that ``result()`` raises typed errors."""
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that make blocking shard calls. A sync channel's ``future()`` starts a new polling thread for every
+    call (about a millisecond each here); blocking calls on long-lived threads do not."""
+    global _POOL
+    if _POOL is None:
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="shard-call")
+    return _POOL
 
-    def __init__(self, fut, address: str):
-        self._fut, self._address = fut, address
 
-    def result(self, timeout=None):
-        try:
-            return self._fut.result(timeout=timeout)
-        except grpc.RpcError as err:
-            exc = from_rpc_error(err)
-            if isinstance(exc, Unavailable):
-                exc = Unavailable(f"shard at {self._address} is unavailable: {err.details()}")
-            raise exc from None
-
-    def cancel(self):
-        return self._fut.cancel()
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 class GrpcShardClient:
@@ -46,8 +43,17 @@ class GrpcShardClient:
         self._channel = create_channel(address)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
 
+    def _blocking(self, method: str, request, timeout: float | None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            exc = from_rpc_error(err)
+            if isinstance(exc, Unavailable):
+                exc = Unavailable(f"shard at {self.address} is unavailable: {err.details()}")
+            raise exc from None
+
     def call(self, method: str, request, timeout: float | None):
-        return _TypedFuture(getattr(self._stub, method).future(request, timeout=timeout), self.address)
+        return _pool().submit(self._blocking, method, request, timeout)
 
     def close(self) -> None:
         self._channel.close()
