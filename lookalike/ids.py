@@ -55,6 +55,8 @@ def check_ids(uids, max_batch: int = LIMITS.max_batch, unique: bool = True) -> l
     for u in uids:
         if not u:
             raise InvalidArgument("ids must not be empty")
+        if "\x00" in u:
+            raise InvalidArgument(f"id {u[:40]!r} contains a NUL character; ids are text without NUL")
         if len(u) > LIMITS.max_id_bytes // 4 and len(u.encode("utf-8")) > LIMITS.max_id_bytes:
             raise InvalidArgument(
                 f"id {u[:40]!r}... is {len(u.encode('utf-8'))} bytes; ids are at most {LIMITS.max_id_bytes} bytes")

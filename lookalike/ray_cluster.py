@@ -101,6 +101,8 @@ class RayPlacer:
                 name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
                 get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
                 num_cpus=cfg.shard_num_cpus,
+                # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
+                runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
             ).remote(shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
                      max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes)
             self._handles[shard_id] = h

@@ -233,7 +233,11 @@ class Router:
         return len(ids)
 
     def delete(self, name: str, ids: list[str], timeout: float | None = None) -> tuple[int, int]:
-        """Removes items from every owner; returns (removed, missing)."""
+        """Removes items from every owner; returns (removed, missing).
+
+        The counts come from the shards that are replica 0 of some of the ids; with replication > 1 such a shard
+        also counts the ids it holds as another replica, so the counts are exact only for replication 1.
+        """
 
         def build(idx: np.ndarray, epoch: int):
             return shard_pb2.ShardDeleteRequest(collection=name, ids=[ids[i] for i in idx], epoch=epoch)

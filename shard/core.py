@@ -21,6 +21,8 @@ from shard.storage import DELETE, UPSERT, CollectionStore, release_memory
 
 log = logging.getLogger(__name__)
 
+_TRIM_EVERY_BYTES = 32 << 20
+
 
 class RWLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
@@ -74,34 +76,60 @@ class RWLock:
 
 
 class IdTable:
-    """User ids <-> internal labels, plus payloads, in sorted numpy arrays (about 24 bytes an item plus the id).
+    """User ids <-> internal labels, plus payloads, in flat numpy arrays: about 24 bytes an item plus the id's
+    UTF-8 bytes (a Python str per item would cost about 50 more).
 
-    An id's label is its home label (from its hash, see lookalike.ids) or, in the astronomically rare case that
-    another id of the same bucket already holds that label, one of the next ``PROBES - 1`` labels.
+    Rows are sorted by label. The ids live in one byte arena (``blob``) cut by ``offsets``. An id's label is its
+    home label (from its hash, see lookalike.ids) or, in the astronomically rare case that another id of the same
+    bucket already holds that label, one of the next ``PROBES - 1`` labels.
     """
 
     PROBES = 4
 
     def __init__(self):
-        self.labels = np.empty(0, dtype=np.int64)     # sorted
-        self.uids = np.empty(0, dtype=object)         # aligned with labels
-        self.payloads = np.empty(0, dtype=object)     # aligned; serialized Payload or None
+        self.labels = np.empty(0, dtype=np.int64)        # sorted
+        self.offsets = np.zeros(1, dtype=np.int64)       # row i's id is blob[offsets[i]:offsets[i + 1]]
+        self.blob = np.empty(0, dtype=np.uint8)
+        self.payloads = np.empty(0, dtype=object)        # aligned; serialized Payload or None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    # --- ids as fixed-width byte strings (ids hold no NUL, so numpy's "S" type round-trips them) ----------------
+    def _gather(self, pos: np.ndarray) -> np.ndarray:
+        """Ids at row positions (any shape) as a numpy "S" array of the same shape."""
+        flat = pos.ravel()
+        starts = self.offsets[flat]
+        lengths = self.offsets[flat + 1] - starts
+        width = max(int(lengths.max()) if len(lengths) else 0, 1)
+        idx = starts[:, None] + np.arange(width)
+        chars = np.where(np.arange(width) < lengths[:, None], self.blob[np.minimum(idx, max(len(self.blob) - 1, 0))]
+                         if len(self.blob) else 0, 0).astype(np.uint8)
+        return np.ascontiguousarray(chars).view(f"S{width}").reshape(pos.shape)
+
+    def uids_at(self, pos: np.ndarray) -> list[str]:
+        return [b.decode("utf-8") for b in self._gather(pos).ravel().tolist()]
+
+    @staticmethod
+    def _encode(uids: list[str]) -> np.ndarray:
+        return np.array([u.encode("utf-8") for u in uids], dtype=bytes)
+
+    # --- lookups --------------------------------------------------------------------------------------------
     def _candidates(self, home: np.ndarray) -> np.ndarray:
         high = home & ~np.int64(LABEL_MASK)
         return high[:, None] | ((home[:, None] + np.arange(self.PROBES, dtype=np.int64)) & LABEL_MASK)
 
     def _probe(self, home: np.ndarray, uids: list[str]):
         cand = self._candidates(home)
-        pos = np.searchsorted(self.labels, cand)
-        posc = np.minimum(pos, max(len(self.labels) - 1, 0))
-        present = (self.labels[posc] == cand) if len(self.labels) else np.zeros(cand.shape, dtype=bool)
-        uid_arr = np.empty(len(uids), dtype=object)
-        uid_arr[:] = uids
-        match = present & (self.uids[posc] == uid_arr[:, None]) if len(self.labels) else present
+        if not len(self.labels):
+            none = np.zeros(cand.shape, dtype=bool)
+            return cand, none, none
+        posc = np.minimum(np.searchsorted(self.labels, cand), len(self.labels) - 1)
+        present = self.labels[posc] == cand
+        match = present.copy()
+        if present.any():
+            rows = present.any(axis=1)
+            match[rows] &= self._gather(posc[rows]) == self._encode([u for u, r in zip(uids, rows) if r])[:, None]
         return cand, present, match
 
     def find(self, home: np.ndarray, uids: list[str]) -> np.ndarray:
@@ -131,36 +159,44 @@ class IdTable:
                     raise RuntimeError("label space of a bucket exhausted by hash collisions")
         return labels, existing
 
+    def positions(self, labels: np.ndarray) -> np.ndarray:
+        """Row positions of present labels (any shape); -1 labels give position 0, mask them yourself."""
+        return np.searchsorted(self.labels, np.maximum(labels, 0))
+
+    # --- changes --------------------------------------------------------------------------------------------
     def put(self, labels: np.ndarray, uids: list[str], payloads: list[bytes | None], existing: np.ndarray) -> None:
         if existing.any():
-            pos = np.searchsorted(self.labels, labels[existing])
             pay = np.empty(int(existing.sum()), dtype=object)
             pay[:] = [payloads[i] for i in np.flatnonzero(existing)]
-            self.payloads[pos] = pay
+            self.payloads[self.positions(labels[existing])] = pay
         new = np.flatnonzero(~existing)
-        if len(new):
-            order = new[np.argsort(labels[new], kind="stable")]
-            new_labels = labels[order]
-            at = np.searchsorted(self.labels, new_labels)
-            u = np.empty(len(order), dtype=object)
-            u[:] = [uids[i] for i in order]
-            p = np.empty(len(order), dtype=object)
-            p[:] = [payloads[i] for i in order]
-            self.labels = np.insert(self.labels, at, new_labels)
-            self.uids = np.insert(self.uids, at, u)
-            self.payloads = np.insert(self.payloads, at, p)
+        if not len(new):
+            return
+        order = new[np.argsort(labels[new], kind="stable")]
+        new_labels = labels[order]
+        encoded = [uids[i].encode("utf-8") for i in order]
+        new_lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        at = np.searchsorted(self.labels, new_labels)
+        self.blob = np.insert(self.blob, np.repeat(self.offsets[at], new_lengths),
+                              np.frombuffer(b"".join(encoded), dtype=np.uint8))
+        lengths = np.insert(np.diff(self.offsets), at, new_lengths)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.labels = np.insert(self.labels, at, new_labels)
+        pay = np.empty(len(order), dtype=object)
+        pay[:] = [payloads[i] for i in order]
+        self.payloads = np.insert(self.payloads, at, pay)
 
     def remove(self, labels: np.ndarray) -> None:
+        """Removes rows by label (all present)."""
         if len(labels) == 0:
             return
-        pos = np.searchsorted(self.labels, labels)
-        self.labels = np.delete(self.labels, pos)
-        self.uids = np.delete(self.uids, pos)
-        self.payloads = np.delete(self.payloads, pos)
-
-    def positions(self, labels: np.ndarray) -> np.ndarray:
-        """Positions of present labels (any shape); -1 labels give position 0, mask them yourself."""
-        return np.searchsorted(self.labels, np.maximum(labels, 0))
+        keep = np.ones(len(self.labels), dtype=bool)
+        keep[self.positions(labels)] = False
+        lengths = np.diff(self.offsets)
+        self.blob = self.blob[np.repeat(keep, lengths)]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
+        self.labels = self.labels[keep]
+        self.payloads = self.payloads[keep]
 
 
 class ShardCollection:
@@ -182,6 +218,7 @@ class ShardCollection:
         self.table = IdTable()
         self._rw = RWLock()
         self._write_order = threading.Lock()  # log order == apply order
+        self._written_since_trim = 0
         self.dropped = False
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -216,6 +253,10 @@ class ShardCollection:
             self.store.append(UPSERT, ids, x, payloads)
             with self._rw.write():
                 self._apply_upsert(ids, home, x, payloads)
+            self._written_since_trim += x.nbytes
+            if self._written_since_trim > _TRIM_EVERY_BYTES:
+                self._written_since_trim = 0
+                release_memory()  # request buffers and old id-table arrays leave freed pages behind
         return len(ids)
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
@@ -268,11 +309,11 @@ class ShardCollection:
             self._check_live()
             D, L = self.index.search(xq, k, nprobe, ef_search)
             valid = L >= 0
-            pos = self.table.positions(L).ravel()
             if len(self.table):
-                ids = np.where(valid.ravel(), self.table.uids[np.minimum(pos, len(self.table) - 1)], "").tolist()
-                payloads = (np.where(valid.ravel(), self.table.payloads[np.minimum(pos, len(self.table) - 1)], None)
-                            .tolist() if include_payloads else None)
+                pos = np.minimum(self.table.positions(L).ravel(), len(self.table) - 1)
+                ids = [u if v else "" for u, v in zip(self.table.uids_at(pos), valid.ravel().tolist())]
+                payloads = (np.where(valid.ravel(), self.table.payloads[pos], None).tolist()
+                            if include_payloads else None)
             else:
                 ids = [""] * L.size
                 payloads = [None] * L.size if include_payloads else None

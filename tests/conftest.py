@@ -56,7 +56,8 @@ def assert_same_as_exact(metric, ids, D, xb, xq, k):
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, namespace="lookalike", include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh private instance, even if a `ray start` cluster is (or was) on this machine
+    ray.init(address="local", num_cpus=8, namespace="lookalike", include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

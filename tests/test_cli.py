@@ -61,6 +61,7 @@ def test_serve_and_cli_end_to_end(tmp_path):
         assert bad.returncode == 1 and "ALREADY_EXISTS" in bad.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGINT)  # a second signal during shutdown must not hang it
         try:
             out, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
@@ -68,3 +69,40 @@ def test_serve_and_cli_end_to_end(tmp_path):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out[-3000:]
     assert "lookalike stopped" in out
+
+
+def test_serve_joins_an_existing_ray_cluster(tmp_path):
+    """`lookalike serve --address` joins a Ray cluster started apart (as on KubeRay) instead of starting one;
+    stopping that router leaves the shards serving in the cluster."""
+    from lookalike.net import wait_for_serving
+    from protos import shard_pb2
+    from router.shard_client import GrpcShardClient
+
+    ray_port, port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=4",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
+                                 f"127.0.0.1:{ray_port}", "--data", str(tmp_path / "data"), "--port", str(port),
+                                 "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        target = f"127.0.0.1:{port}"
+        wait_for_serving(target, timeout=120)
+        assert _cli("collection", "create", "j", "--dim", "4", target=target).returncode == 0
+        st = json.loads(_cli("status", "--json", target=target).stdout)
+        assert [s["serving"] for s in st["shards"]] == [True]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-3000:]
+        shard = GrpcShardClient(st["shards"][0]["address"])
+        assert shard.call("Stats", shard_pb2.ShardStatsRequest(), 10).result().serving
+        shard.close()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

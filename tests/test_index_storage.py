@@ -140,3 +140,25 @@ def test_shard_reload_restores_everything(tmp_path):
     assert again.collection("c").search(xq, 5)[2] == want
     found, _, payloads = again.collection("c").get(["i0", "i60"], False)
     assert found == ["i60"] and Payload.FromString(payloads[0]).fields["n"] == "0"
+
+
+def test_id_table_collisions_unicode_and_removal():
+    from shard.core import IdTable
+
+    t = IdTable()
+    uids = ["a", "ü-ид-画像", "x" * 256, "b"]
+    home = np.array([100, 100, 100, 7 << 40], dtype=np.int64)  # three ids hash to one label: probing
+    labels, existing = t.assign(home, uids)
+    assert not existing.any() and len(set(labels.tolist())) == 4
+    assert labels[:3].tolist() == [100, 101, 102]
+    t.put(labels, uids, [None, b"p", None, None], existing)
+    np.testing.assert_array_equal(t.find(home, uids), labels)
+    assert t.uids_at(t.positions(labels)) == uids
+    again, existing = t.assign(home[:2], uids[:2])  # upsert of stored ids keeps their labels
+    assert existing.all() and again.tolist() == [100, 101]
+    t.remove(np.array([100]))  # the first of the chain goes: the others are still found past the hole
+    assert t.find(home, uids).tolist() == [-1, 101, 102, 7 << 40]
+    assert t.uids_at(t.positions(np.array([101, 102]))) == uids[1:3]
+    assert t.payloads[t.positions(np.array([101]))][0] == b"p"
+    relabel, existing = t.assign(home[:1], ["a"])  # a comes back into the free label
+    assert relabel.tolist() == [100] and not existing.any()
