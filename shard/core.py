@@ -231,7 +231,16 @@ class ShardCollection:
                     self._apply_upsert(batch.ids, home, batch.vectors, batch.payloads)
                 else:
                     self._apply_delete(batch.ids, home)
+            self._train_if_ready()
         return len(self.table)
+
+    def _train_if_ready(self) -> None:
+        """Trains an IVF/PQ index once its buffer is full. The caller holds ``_write_order`` (or is loading), so
+        the buffer cannot change; searches go on against the exact buffer until the switch."""
+        if self.index.needs_training:
+            built = self.index.build_trained()
+            with self._rw.write():
+                self.index.install_trained(built)
 
     # --- writes ---------------------------------------------------------------------------------------------
     def _check_owned(self, buckets: np.ndarray) -> None:
@@ -253,6 +262,7 @@ class ShardCollection:
             self.store.append(UPSERT, ids, x, payloads)
             with self._rw.write():
                 self._apply_upsert(ids, home, x, payloads)
+            self._train_if_ready()
             self._written_since_trim += x.nbytes
             if self._written_since_trim > _TRIM_EVERY_BYTES:
                 self._written_since_trim = 0

@@ -32,11 +32,13 @@ def test_flat_index_is_exact(metric, spec):
 def test_untrained_ivf_answers_exactly_then_trains():
     xb, xq = make_data("l2", 3000, 32)
     index = VectorIndex(CollectionConfig("c", 32, "l2", "IVF16,Flat", nprobe=16).validated())
-    assert not index.trained and index.train_size == 1000
+    assert not index.trained and index.train_size == 1600  # 100 points per list
     index.add(_labels(500), xb[:500])
+    assert not index.train_if_ready()
     D, L = index.search(xq, 5)
     np.testing.assert_array_equal(L, _labels(500)[exact_knn("l2", xb[:500], xq, 5)[1]])
     index.add(_labels(2500, 500), xb[500:])
+    assert index.train_if_ready()
     assert index.trained and index.ntotal == 3000
     _, L = index.search(xq, 5)  # nprobe == nlist: still exact
     np.testing.assert_array_equal(L, _labels(3000)[exact_knn("l2", xb, xq, 5)[1]])
@@ -48,6 +50,7 @@ def test_remove_hides_vectors_and_rebuilds(spec):
     index = VectorIndex(CollectionConfig("c", 16, "l2", spec, nprobe=8, ef_search=128).validated())
     labels = _labels(3000)
     index.add(labels, xb)
+    index.train_if_ready()
     gone = labels[:1500]  # past the rebuild threshold for HNSW
     assert index.remove(gone) == 1500
     assert index.ntotal == 1500
