@@ -44,8 +44,15 @@ import time
 import numpy as np
 
 MiB = 1 << 20
-# A shard's IVF index is trained once it holds this many vectors per list (shard.index._POINTS_PER_CENTROID).
-_POINTS_PER_CENTROID = 39
+
+
+def _shard_train_size(nlist: int, dim: int) -> int:
+    """Vectors a shard's IVF{nlist} index is trained on (shard.index.train_threshold)."""
+    import faiss
+
+    from shard.index import train_threshold
+
+    return train_threshold(f"IVF{nlist},Flat", faiss.index_factory(dim, f"IVF{nlist},Flat"))
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -296,9 +303,9 @@ def run(args) -> dict:
         "search": [], "load": [], "notes": [],
     }
     per_shard = args.n / args.shards
-    if per_shard < _POINTS_PER_CENTROID * args.nlist:
+    if per_shard < _shard_train_size(args.nlist, args.dim):
         out["notes"].append(
-            f"about {per_shard:.0f} vectors per shard is below the {_POINTS_PER_CENTROID * args.nlist} a shard needs "
+            f"about {per_shard:.0f} vectors per shard is below the {_shard_train_size(args.nlist, args.dim)} a shard needs "
             f"to train IVF{args.nlist}: the cluster's 'IVF' collection answers exactly from its untrained buffer")
 
     def log(msg: str) -> None:
@@ -395,7 +402,7 @@ def run(args) -> dict:
 
         nlist_p, nprobe_p = args.shards * args.nlist, args.shards * args.nprobe
         ivf = faiss.index_factory(dim, f"IVF{nlist_p},Flat", faiss.METRIC_L2)
-        ntrain = min(args.n, _POINTS_PER_CENTROID * nlist_p)
+        ntrain = min(args.n, args.shards * _shard_train_size(args.nlist, dim))  # as many points per list
         sample = xb[np.random.default_rng(args.seed + 1).choice(args.n, size=ntrain, replace=False)]
         settle("ivf load")
         t = time.perf_counter()
