@@ -7,6 +7,7 @@ import pathlib
 
 from lookalike.config import CollectionConfig
 from lookalike.controller import Controller
+from lookalike.errors import Unavailable
 from lookalike.net import set_serving
 from router.core import Router
 from router.shard_client import GrpcShardClient, InProcessShardClient
@@ -70,12 +71,11 @@ class LocalCluster:
         self.placer.controller = self.controller
         self.controller.start()
         if transport == "inprocess":
-            by_address = {f"127.0.0.1:{v[1]}": v[2] for v in self.placer.servers.values()}
-
-            def connect(address):
-                servicer = by_address.get(address) or next(
-                    v[2] for v in self.placer.servers.values() if f"127.0.0.1:{v[1]}" == address)
-                return InProcessShardClient(servicer)
+            def connect(address: str):
+                for _server, port, servicer, _health in self.placer.servers.values():
+                    if f"127.0.0.1:{port}" == address:
+                        return InProcessShardClient(servicer)
+                raise Unavailable(f"no shard listens at {address}")
         else:
             connect = GrpcShardClient
         self.router = Router(self.controller, connect, refresh_interval=0.1)
