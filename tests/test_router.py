@@ -5,7 +5,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import assert_same_as_exact, make_data
+from conftest import assert_same_as_exact, exact_knn, make_data
 from lookalike.local import LocalCluster
 from lookalike.wire import vectors_to_proto
 from protos import lookalike_pb2
@@ -199,3 +199,54 @@ def test_shard_is_not_serving_until_loaded(tmp_path):
                 health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(None)
+
+
+def test_stream_error_keeps_the_batches_before_it(served):
+    _, client = served
+    client.create_collection("stream", dim=4, buckets=8)
+    good = np.ones((10, 4), np.float32)
+    batches = [([f"a{i}" for i in range(10)], good), ([f"b{i}" for i in range(10)], good),
+               (["bad"], np.array([[np.nan, 0, 0, 0]], np.float32)), ([f"c{i}" for i in range(10)], good)]
+    got, details = _code(lambda: client.upsert_stream("stream", iter(batches)))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in details
+    ids, _, _ = client.get("stream", ["a0", "b9", "bad", "c0"], include_vectors=False)
+    assert ids == ["a0", "b9"]
+
+
+def test_searches_run_during_writes_and_training(tmp_path):
+    """Readers never see an error or a half-applied write while writers upsert, delete and the IVF trains."""
+    import threading
+
+    from lookalike.config import CollectionConfig
+
+    cluster = LocalCluster(tmp_path, shards=2, transport="inprocess")
+    try:
+        xb, xq = make_data("l2", 6000, 16, seed=4)
+        cluster.router.create_collection(CollectionConfig("live", 16, index="IVF16,Flat", nprobe=16, buckets=16))
+        errors, stop = [], threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                try:
+                    res = cluster.router.search("live", xq[:5], 5)
+                    assert all(len(set(ids)) == len(ids) for ids in res.ids)
+                except Exception as err:  # collected, the test fails below
+                    errors.append(err)
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(0, 6000, 500):  # the shards' buffers pass 1600 vectors: training happens meanwhile
+            cluster.router.upsert("live", [str(j) for j in range(i, i + 500)], xb[i:i + 500])
+            cluster.router.delete("live", [str(j) for j in range(i, i + 50)])
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert all(c.trained for _, st in cluster.router.shard_stats() for c in st.collections)
+        alive = np.array([j for j in range(6000) if j % 500 >= 50])
+        res = cluster.router.search("live", xq, 10)  # nprobe == nlist: exact
+        _, I = exact_knn("l2", xb[alive], xq, 10)
+        assert res.ids == [[str(alive[i]) for i in row] for row in I]
+    finally:
+        cluster.close()
