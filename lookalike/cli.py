@@ -42,12 +42,17 @@ def _rpc_errors(func):
 def cmd_serve(args) -> int:
     import ray
 
-    from lookalike.config import ClusterConfig
+    from lookalike.config import ClusterConfig, storage_path
     from lookalike.ray_cluster import start_cluster, stop_cluster
     from router.core import Router
     from router.server import create_router_server
 
-    cfg = ClusterConfig(data_dir=args.data, shards=args.shards, cluster_name=args.cluster,
+    try:
+        data_dir = storage_path(args.data)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus)
     embedded = args.address is None
     if embedded:
@@ -57,12 +62,12 @@ def cmd_serve(args) -> int:
                  num_cpus=max(os.cpu_count() or 1, int(np.ceil(args.shards * args.shard_cpus)) + 1))
     else:
         ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
-    log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(args.data))
+    log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
     router = Router(control)
     server, port, health = create_router_server(router, f"{args.host}:{args.port}")
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
-          f"{os.path.abspath(args.data)}); Ctrl-C stops", flush=True)
+          f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
     # works whichever thread the signal lands on (Ray and gRPC threads included) and takes no lock, so a second
     # signal during shutdown cannot deadlock it (Event.set in a handler did).
@@ -230,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
-    s.add_argument("--data", default="./lookalike-data", help="storage directory (default ./lookalike-data)")
+    s.add_argument("--data", default="./lookalike-data",
+                   help="storage URI: a directory or file://DIR, the same on every node (default ./lookalike-data)")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--host", default="[::]", help="address the router binds (default all interfaces)")
     s.add_argument("--shards", type=int, default=2, help="shards to start on new storage (default 2)")
@@ -303,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise here
     return int(args.func(args) or 0)
 
 

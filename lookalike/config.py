@@ -100,3 +100,18 @@ class ClusterConfig:
     namespace: str = "lookalike"
     shard_num_cpus: float = 1.0
     shard_host: str = "127.0.0.1"
+
+
+def storage_path(uri: str) -> str:
+    """The local directory of a storage URI: a path, or ``file://`` + path.
+
+    Raises:
+        ValueError: another scheme (object storage is used through a volume every node mounts at one path).
+    """
+    if "://" not in uri:
+        return uri
+    scheme, _, rest = uri.partition("://")
+    if scheme != "file":
+        raise ValueError(f"storage URI {uri!r}: only local directories (a path or file://PATH) are supported; "
+                         "mount shared or object storage as a volume at the same path on every node")
+    return rest

@@ -165,3 +165,20 @@ def test_id_table_collisions_unicode_and_removal():
     assert t.payloads[t.positions(np.array([101]))][0] == b"p"
     relabel, existing = t.assign(home[:1], ["a"])  # a comes back into the free label
     assert relabel.tolist() == [100] and not existing.any()
+
+
+def test_pq_trains_at_its_threshold_and_finds_neighbours():
+    xb, xq = make_data("l2", 3000, 32, seed=9)
+    index = VectorIndex(CollectionConfig("c", 32, "l2", "IVF8,PQ16x4", nprobe=8).validated())
+    assert index.train_size == 1000  # max(1000, 39 x 8 lists, 39 x 16 codebook centroids (4 bits))
+    labels = _labels(3000)
+    index.add(labels[:900], xb[:900])
+    assert not index.train_if_ready()
+    index.add(labels[900:], xb[900:])
+    assert index.train_if_ready() and index.ntotal == 3000
+    _, L = index.search(xq, 10)
+    _, I_ref = exact_knn("l2", xb, xq, 10)
+    recall = np.mean([len(set(L[q]) & set(labels[I_ref[q]])) / 10 for q in range(len(xq))])
+    assert recall >= 0.25, recall  # 8-byte codes: approximate, but far from chance (0.003)
+    approx = index.reconstruct(labels[:3])
+    assert np.linalg.norm(approx - xb[:3]) < 0.5 * np.linalg.norm(xb[:3])
