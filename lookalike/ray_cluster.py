@@ -82,7 +82,8 @@ class ShardActor:
         return os.getpid()
 
     def info(self) -> dict:
-        return {"shard_id": self.shard_id, "address": self.address, "serving": self.shard.serving, "pid": os.getpid()}
+        return {"shard_id": self.shard_id, "address": self.address, "serving": self.shard.serving, "pid": os.getpid(),
+                "node": self.node}
 
 
 class RayPlacer:
@@ -136,9 +137,24 @@ class ControllerActor:
         self._placer = RayPlacer(cfg, segment_bytes)
         self._ctl = Controller(cfg.data_dir, cfg.shards, self._placer)
         self._ctl.start()
+        # After a restart of this actor the shards are still running and will not register again: ask them.
+        threading.Thread(target=self._rediscover, daemon=True, name="rediscover").start()
+
+    def _rediscover(self) -> None:
+        for sid, handle in list(self._placer._handles.items()):
+            try:
+                info = ray.get(handle.info.remote(), timeout=60)
+            except Exception as err:  # starting or dead: it registers itself once it serves
+                log.info("shard %s not reachable yet: %s", sid, err)
+                continue
+            if info["serving"]:
+                self._ctl.register_shard(sid, info["address"], info["node"])
 
     def call(self, method: str, *args):
         return getattr(self._ctl, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def shard_pids(self) -> dict[str, int]:
         return {sid: ray.get(h.pid.remote()) for sid, h in self._placer._handles.items()}

@@ -95,3 +95,27 @@ def test_full_restart_brings_everything_back(ray_cluster_factory, tmp_path):
     ids, _, payloads = second.client.get("r", ["5", "6"], include_vectors=False)
     assert ids == ["6"] and payloads == [{"uri": "img/6.jpg"}]
     assert second.client.describe_collection("r").count == 1999
+
+
+def test_controller_restart_finds_its_shards(ray_cluster_factory):
+    import ray
+
+    cluster = ray_cluster_factory(2)
+    xb, xq = make_data("l2", 1000, 8, seed=1)
+    cluster.client.create_collection("c", dim=8, buckets=16)
+    cluster.client.upsert("c", [str(i) for i in range(1000)], xb)
+    epoch = cluster.control.epoch()
+    controller_pid = ray.get(cluster.handle.pid.remote())
+    os.kill(controller_pid, signal.SIGKILL)
+    # Ray restarts the controller; it reads cluster.json, finds the running shards and learns their addresses
+    assert _wait(lambda: _epoch_after(cluster, epoch) and all(s.address for s in cluster.control.shards()))
+    cluster.router.invalidate()
+    _, I = exact_knn("l2", xb, xq, 5)
+    assert cluster.client.search("c", xq, k=5).ids == [[str(i) for i in row] for row in I]
+
+
+def _epoch_after(cluster, epoch):
+    try:
+        return cluster.control.epoch() > epoch
+    except Exception:
+        return False
