@@ -65,7 +65,8 @@ class LocalCluster:
         transport: "grpc" (real gRPC to each shard) or "inprocess" (direct calls through the same servicers).
     """
 
-    def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20):
+    def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
+                 refresh_interval: float = 0.1):
         self.placer = LocalPlacer(data_dir, segment_bytes)
         self.controller = Controller(data_dir, shards, self.placer)
         self.placer.controller = self.controller
@@ -78,7 +79,7 @@ class LocalCluster:
                 raise Unavailable(f"no shard listens at {address}")
         else:
             connect = GrpcShardClient
-        self.router = Router(self.controller, connect, refresh_interval=0.1)
+        self.router = Router(self.controller, connect, refresh_interval=refresh_interval)
 
     def close(self) -> None:
         self.router.close()

@@ -286,31 +286,43 @@ class Router:
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
         primary = smap.primary_buckets
-        calls = self._fan_out(smap, list(primary), "Search", req, timeout)
         nq = len(xq)
-        Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, []
-        for sid, fut in calls:
-            try:
-                resp = fut.result()
-            except _CALLER_ERRORS:
-                raise
-            except LookalikeError as err:
-                failures.append(f"{sid}: {err}")
-                continue
-            Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
-            Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
-            ids.extend(resp.ids)
-            if include_payloads:
-                payloads.extend(resp.payloads)
-            covered += primary[sid]
+        Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, {}
+        pending = list(primary)
+        for attempt in range(2):
+            for sid, fut in self._fan_out(smap, pending, "Search", req, timeout):
+                try:
+                    resp = fut.result()
+                except _CALLER_ERRORS:
+                    raise
+                except LookalikeError as err:
+                    failures[sid] = err
+                    continue
+                failures.pop(sid, None)
+                Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
+                Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
+                ids.extend(resp.ids)
+                if include_payloads:
+                    payloads.extend(resp.payloads)
+                covered += primary[sid]
+            if not failures or attempt:
+                break
+            # A shard that restarted listens at a new address: ask the new one once, within the same deadline.
+            fresh = self.shard_map(name, refresh=True)
+            pending = [sid for sid in failures
+                       if fresh.shards[sid].address and fresh.shards[sid].address != smap.shards[sid].address]
+            if not pending or fresh.owners != smap.owners:
+                break
+            smap = fresh
         coverage = covered / smap.collection.buckets
+        failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
         if failures:
-            self.invalidate(name)  # a shard may have restarted at a new address
-            log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), "; ".join(failures))
+            self.invalidate(name)
+            log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), failed)
         if coverage < min_coverage or not Ds:
             raise Unavailable(
                 f"only {covered} of {smap.collection.buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
-                f"< min_coverage {min_coverage:g}); failed: {'; '.join(failures)}")
+                f"< min_coverage {min_coverage:g}); failed: {failed}")
         D, I = merge_topk(np.stack(Ds), np.stack(Ls), smap.collection.larger_is_better)
         ids_arr = np.array(ids, dtype=object)
         out_ids, out_pl = [], [] if include_payloads else None

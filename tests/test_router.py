@@ -250,3 +250,23 @@ def test_searches_run_during_writes_and_training(tmp_path):
         assert res.ids == [[str(alive[i]) for i in row] for row in I]
     finally:
         cluster.close()
+
+
+def test_search_follows_a_restarted_shard_to_its_new_address(tmp_path):
+    from lookalike.config import CollectionConfig
+
+    cluster = LocalCluster(tmp_path, shards=2, refresh_interval=3600)  # the router will not notice by itself
+    try:
+        xb, xq = make_data("l2", 500, 8)
+        cluster.router.create_collection(CollectionConfig("c", 8, buckets=16))
+        cluster.router.upsert("c", [str(i) for i in range(500)], xb)
+        stale = cluster.router.shard_map("c")
+        cluster.placer.stop_shard("shard-1")
+        cluster.placer.ensure_shard("shard-1")  # back from storage, on another port
+        assert cluster.controller.shard_map("c").shards["shard-1"].address != stale.shards["shard-1"].address
+        res = cluster.router.search("c", xq, 5)  # asks the old address, fails, re-reads the map, asks the new one
+        assert res.coverage == 1.0
+        _, I = exact_knn("l2", xb, xq, 5)
+        assert res.ids == [[str(i) for i in row] for row in I]
+    finally:
+        cluster.close()
