@@ -1,0 +1,86 @@
+"""Encoders by name. Each has a ``name``, an output ``dim`` (components, or bits for binary codes), a ``metric``
+and ``encode(images) -> vectors``.
+
+Names: ``phash`` (64 bits) and ``phash:N`` (N x N bits, N >= 8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from encoder.decode import ImageError, decode_image
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int        # float components, or bits for hamming encoders
+    metric: str     # a collection metric: l2, ip, cosine or hamming
+
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        """Decoded RGB images -> shape (n, dim) float32, or (n, dim / 8) uint8 for hamming."""
+        ...
+
+
+def encode_bytes(encoder: Encoder, images: Sequence[bytes]) -> np.ndarray:
+    """Image bytes -> vectors, rows aligned with ``images``.
+
+    Raises:
+        ImageError: naming the first image that cannot be decoded, and why.
+    """
+    decoded = []
+    for i, data in enumerate(images):
+        try:
+            decoded.append(decode_image(data))
+        except ImageError as err:
+            raise ImageError(f"image {i}: {err}") from None
+    return encoder.encode_images(decoded)
+
+
+def encode_many(encoder: Encoder, images: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    """Like encode_bytes, but skips what cannot be decoded: (vectors of the good ones, reason or None per image)."""
+    decoded, reasons = [], []
+    for data in images:
+        try:
+            decoded.append(decode_image(data))
+            reasons.append(None)
+        except ImageError as err:
+            reasons.append(str(err))
+    return encoder.encode_images(decoded), reasons
+
+
+_FACTORIES: dict[str, Callable[[str | None], Encoder]] = {}
+
+
+def register(name: str, factory: Callable[[str | None], Encoder]) -> None:
+    """Adds an encoder family; ``factory(arg)`` gets the text after ``name:`` (or None)."""
+    _FACTORIES[name] = factory
+
+
+def available() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def get_encoder(spec: str) -> Encoder:
+    """The encoder for a spec such as "phash" or "phash:16".
+
+    Raises:
+        ValueError: unknown name or bad argument, with the names known.
+    """
+    name, _, arg = spec.partition(":")
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown encoder {spec!r}; known: {', '.join(available())}")
+    return _FACTORIES[name](arg or None)
+
+
+def _phash(arg: str | None) -> Encoder:
+    from encoder.phash import PHash
+
+    if arg is not None and not arg.isdigit():
+        raise ValueError(f"phash takes a hash size, as in phash:16; got {arg!r}")
+    return PHash(int(arg) if arg else 8)
+
+
+register("phash", _phash)
