@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import pathlib
 import signal
 import sys
 
@@ -98,7 +99,8 @@ def cmd_collection(args) -> int:
 
     with _client(args) as c:
         if args.action == "create":
-            info = c.create_collection(args.name, args.dim, args.metric, args.index, args.buckets, args.replication)
+            info = c.create_collection(args.name, args.dim, args.metric, args.index, args.buckets, args.replication,
+                                       encoder=args.encoder)
             print(json.dumps(MessageToDict(info.spec)))
         elif args.action == "list":
             for info in c.list_collections():
@@ -172,21 +174,39 @@ def cmd_delete(args) -> int:
 
 @_rpc_errors
 def cmd_search(args) -> int:
-    xq = np.load(args.queries)
-    xq = xq[None, :] if xq.ndim == 1 else xq
-    xq = xq if xq.dtype == np.uint8 else xq.astype(np.float32)
+    if (args.queries is None) == (not args.image):
+        print("error: give either QUERIES.npy or --image FILE", file=sys.stderr)
+        return 2
+    include_payloads = args.payloads or bool(args.sheet)  # the sheet finds neighbour images by payload uri
     with _client(args) as c:
-        res = c.search(args.name, xq, k=args.k, nprobe=args.nprobe, include_payloads=args.payloads,
-                       min_coverage=args.min_coverage)
+        if args.image:
+            images = [pathlib.Path(path).read_bytes() for path in args.image]
+            res = c.search_by_image(args.name, images, k=args.k, nprobe=args.nprobe, include_payloads=include_payloads,
+                                    min_coverage=args.min_coverage)
+        else:
+            images = None
+            xq = np.load(args.queries)
+            xq = xq[None, :] if xq.ndim == 1 else xq
+            xq = xq if xq.dtype == np.uint8 else xq.astype(np.float32)
+            res = c.search(args.name, xq, k=args.k, nprobe=args.nprobe, include_payloads=include_payloads,
+                           min_coverage=args.min_coverage)
+    if args.sheet:
+        from lookalike.sheet import contact_sheet, read_uri
+
+        rows = [[(uid, float(res.D[q, j]), read_uri(res.payloads[q][j].get("uri"))) for j, uid in enumerate(ids)]
+                for q, ids in enumerate(res.ids)]
+        with open(args.sheet, "wb") as f:
+            f.write(contact_sheet(images or [None] * len(rows), rows))
+        print(f"contact sheet: {args.sheet}", file=sys.stderr)
     if args.json:
         out = [{"ids": ids, "distances": [float(d) for d in res.D[q, :len(ids)]],
-                **({"payloads": res.payloads[q]} if res.payloads else {})} for q, ids in enumerate(res.ids)]
+                **({"payloads": res.payloads[q]} if args.payloads else {})} for q, ids in enumerate(res.ids)]
         print(json.dumps({"coverage": res.coverage, "results": out}))
         return 0
     for q, ids in enumerate(res.ids):
-        print(f"query {q}")
+        print(f"query {q}" + (f": {args.image[q]}" if args.image else ""))
         for rank, uid in enumerate(ids):
-            extra = f"\t{json.dumps(res.payloads[q][rank])}" if res.payloads else ""
+            extra = f"\t{json.dumps(res.payloads[q][rank])}" if args.payloads else ""
             print(f"  {rank + 1:>3}  {uid:<24} {res.D[q, rank]:.6g}{extra}")
     if res.coverage < 1:
         print(f"coverage {res.coverage:.3f}: some shards did not answer", file=sys.stderr)
@@ -202,6 +222,24 @@ def cmd_get(args) -> int:
         if vectors is not None:
             row["vector"] = vectors[i].tolist()
         print(json.dumps(row))
+    return 0
+
+
+@_rpc_errors
+def cmd_ingest(args) -> int:
+    from lookalike.ingest import ingest
+
+    if not os.path.isdir(args.dir):
+        print(f"error: {args.dir} is not a folder", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        report = ingest(c, args.name, args.dir, batch=args.batch, uri_prefix=args.uri_prefix,
+                        progress=not args.quiet)
+    print(report.summary())
+    if args.report:
+        import dataclasses
+
+        pathlib.Path(args.report).write_text(json.dumps(dataclasses.asdict(report), indent=1))
     return 0
 
 
@@ -250,8 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="action", required=True)
     cc = with_target(csub.add_parser("create"))
     cc.add_argument("name")
-    cc.add_argument("--dim", type=int, required=True, help="components per vector (bits for hamming)")
-    cc.add_argument("--metric", choices=["l2", "ip", "cosine", "hamming"], default="l2")
+    cc.add_argument("--dim", type=int, default=0, help="components per vector (bits for hamming); with --encoder, "
+                    "the encoder's")
+    cc.add_argument("--metric", choices=["l2", "ip", "cosine", "hamming"], default="",
+                    help="default l2, or the encoder's")
+    cc.add_argument("--encoder", default="", help="encoder for images: phash, phash:16")
     cc.add_argument("--index", default="Flat", help="FAISS factory string (default Flat)")
     cc.add_argument("--buckets", type=int, default=0, help="buckets (default 1024)")
     cc.add_argument("--replication", type=int, default=0, help="copies of each bucket (default 1)")
@@ -283,13 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = with_target(sub.add_parser("search", help="k-NN search for the queries in a .npy file"))
     q.add_argument("name")
-    q.add_argument("queries", help=".npy of shape (nq, d) or (d,)")
+    q.add_argument("queries", nargs="?", help=".npy of shape (nq, d) or (d,)")
+    q.add_argument("--image", action="append", metavar="FILE",
+                   help="query image (repeatable); the collection's encoder turns it into a vector")
+    q.add_argument("--sheet", metavar="OUT.png", help="write a contact sheet of the queries and their neighbours")
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--nprobe", type=int, default=0)
     q.add_argument("--min-coverage", type=float, default=None)
     q.add_argument("--payloads", action="store_true")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_search)
+
+    i = with_target(sub.add_parser("ingest", help="encode and store every image under a folder (resumable)"))
+    i.add_argument("name", help="a collection with an encoder")
+    i.add_argument("dir")
+    i.add_argument("--batch", type=int, default=64, help="images per request (default 64)")
+    i.add_argument("--uri-prefix", help="payload uri = PREFIX + relative path (default: the local path)")
+    i.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    i.add_argument("--quiet", action="store_true", help="no progress bar")
+    i.set_defaults(func=cmd_ingest)
 
     st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory"))
     st.add_argument("--json", action="store_true")

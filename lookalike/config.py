@@ -39,12 +39,13 @@ class CollectionConfig:
 
     name: str
     dim: int
-    metric: str = "l2"
+    metric: str = ""  # "" means l2, or the encoder's metric
     index: str = "Flat"
     buckets: int = 1024
     replication: int = 1
     nprobe: int = 16
     ef_search: int = 64
+    encoder: str = ""  # encoder spec ("phash"); empty: vectors only
 
     @property
     def binary(self) -> bool:
@@ -65,6 +66,29 @@ class CollectionConfig:
         Raises:
             InvalidArgument: a field is out of range, with a sentence naming it.
         """
+        if self.encoder:
+            return self._with_encoder().validated_vectors(limits)
+        return self.validated_vectors(limits)
+
+    def _with_encoder(self) -> "CollectionConfig":
+        """Fills dim and metric from the encoder, or checks them against it."""
+        from encoder import get_encoder
+
+        try:
+            enc = get_encoder(self.encoder)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        dim = self.dim or enc.dim
+        metric = self.metric or enc.metric
+        if dim != enc.dim or metric != enc.metric:
+            raise InvalidArgument(
+                f"encoder {self.encoder!r} gives {enc.dim}-{'bit' if enc.metric == 'hamming' else 'd'} "
+                f"{enc.metric} vectors; the collection asks for dim {dim}, metric {metric} (leave them out)")
+        return dataclasses.replace(self, dim=dim, metric=metric, encoder=enc.name)
+
+    def validated_vectors(self, limits: Limits = LIMITS) -> "CollectionConfig":
+        if not self.metric:
+            return dataclasses.replace(self, metric="l2").validated_vectors(limits)
         if not _NAME_RE.match(self.name or ""):
             raise InvalidArgument(
                 f"collection name {self.name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . - "

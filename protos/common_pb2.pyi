@@ -52,7 +52,7 @@ class Payload(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CollectionSpec(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "buckets", "replication", "nprobe", "ef_search")
+    __slots__ = ("name", "dim", "metric", "index", "buckets", "replication", "nprobe", "ef_search", "encoder")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class CollectionSpec(_message.Message):
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: Metric
@@ -69,7 +70,8 @@ class CollectionSpec(_message.Message):
     replication: int
     nprobe: int
     ef_search: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., buckets: _Optional[int] = ..., replication: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
+    encoder: str
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., buckets: _Optional[int] = ..., replication: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., encoder: _Optional[str] = ...) -> None: ...
 
 class SearchParams(_message.Message):
     __slots__ = ("nprobe", "ef_search")

@@ -133,6 +133,58 @@ class SearchResponse(_message.Message):
     epoch: int
     def __init__(self, results: _Optional[_Iterable[_Union[Neighbors, _Mapping]]] = ..., coverage: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class Image(_message.Message):
+    __slots__ = ("id", "data", "payload")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    data: bytes
+    payload: _common_pb2.Payload
+    def __init__(self, id: _Optional[str] = ..., data: _Optional[bytes] = ..., payload: _Optional[_Union[_common_pb2.Payload, _Mapping]] = ...) -> None: ...
+
+class UpsertImagesRequest(_message.Message):
+    __slots__ = ("collection", "images", "skip_bad")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SKIP_BAD_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    skip_bad: bool
+    def __init__(self, collection: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., skip_bad: _Optional[bool] = ...) -> None: ...
+
+class ImageFailure(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class UpsertImagesResponse(_message.Message):
+    __slots__ = ("count", "failures")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    failures: _containers.RepeatedCompositeFieldContainer[ImageFailure]
+    def __init__(self, count: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ImageFailure, _Mapping]]] = ...) -> None: ...
+
+class SearchByImageRequest(_message.Message):
+    __slots__ = ("collection", "images", "k", "params", "min_coverage", "include_payloads")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MIN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    k: int
+    params: _common_pb2.SearchParams
+    min_coverage: float
+    include_payloads: bool
+    def __init__(self, collection: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., min_coverage: _Optional[float] = ..., include_payloads: _Optional[bool] = ...) -> None: ...
+
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -79,6 +79,16 @@ class LookalikeStub:
                 request_serializer=protos_dot_lookalike__pb2.SearchRequest.SerializeToString,
                 response_deserializer=protos_dot_lookalike__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.UpsertImages = channel.unary_unary(
+                '/lookalike.v1.Lookalike/UpsertImages',
+                request_serializer=protos_dot_lookalike__pb2.UpsertImagesRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.UpsertImagesResponse.FromString,
+                _registered_method=True)
+        self.SearchByImage = channel.unary_unary(
+                '/lookalike.v1.Lookalike/SearchByImage',
+                request_serializer=protos_dot_lookalike__pb2.SearchByImageRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.SearchResponse.FromString,
+                _registered_method=True)
         self.ClusterStatus = channel.unary_unary(
                 '/lookalike.v1.Lookalike/ClusterStatus',
                 request_serializer=protos_dot_lookalike__pb2.ClusterStatusRequest.SerializeToString,
@@ -152,6 +162,21 @@ class LookalikeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertImages(self, request, context):
+        """Images in: the collection's encoder turns them into vectors, then as Upsert. FAILED_PRECONDITION for a
+        collection without an encoder.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchByImage(self, request, context):
+        """Search with query images, encoded by the collection's encoder; otherwise as Search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClusterStatus(self, request, context):
         """Shards, their addresses, buckets and vectors.
         """
@@ -205,6 +230,16 @@ def add_LookalikeServicer_to_server(servicer, server):
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
                     request_deserializer=protos_dot_lookalike__pb2.SearchRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.SearchResponse.SerializeToString,
+            ),
+            'UpsertImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertImages,
+                    request_deserializer=protos_dot_lookalike__pb2.UpsertImagesRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.UpsertImagesResponse.SerializeToString,
+            ),
+            'SearchByImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchByImage,
+                    request_deserializer=protos_dot_lookalike__pb2.SearchByImageRequest.FromString,
                     response_serializer=protos_dot_lookalike__pb2.SearchResponse.SerializeToString,
             ),
             'ClusterStatus': grpc.unary_unary_rpc_method_handler(
@@ -455,6 +490,60 @@ class Lookalike:
             target,
             '/lookalike.v1.Lookalike/Search',
             protos_dot_lookalike__pb2.SearchRequest.SerializeToString,
+            protos_dot_lookalike__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/UpsertImages',
+            protos_dot_lookalike__pb2.UpsertImagesRequest.SerializeToString,
+            protos_dot_lookalike__pb2.UpsertImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchByImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/SearchByImage',
+            protos_dot_lookalike__pb2.SearchByImageRequest.SerializeToString,
             protos_dot_lookalike__pb2.SearchResponse.FromString,
             options,
             channel_credentials,

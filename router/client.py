@@ -40,6 +40,14 @@ class Hits:
     coverage: float
 
 
+def _hits(resp: lookalike_pb2.SearchResponse, k: int, include_payloads: bool) -> Hits:
+    D = np.full((len(resp.results), k), np.nan, dtype=np.float32)
+    for q, nb in enumerate(resp.results):
+        D[q, :len(nb.distances)] = nb.distances
+    payloads = [[dict(p.fields) for p in nb.payloads] for nb in resp.results] if include_payloads else None
+    return Hits([list(nb.ids) for nb in resp.results], D, payloads, resp.coverage)
+
+
 def _payload(d: dict | None) -> common_pb2.Payload:
     return common_pb2.Payload(fields={str(k): str(v) for k, v in (d or {}).items()})
 
@@ -68,12 +76,15 @@ class Client:
         self._channel.close()
 
     # --- collections ----------------------------------------------------------------------------------------
-    def create_collection(self, name: str, dim: int, metric: str = "l2", index: str = "Flat", buckets: int = 0,
-                          replication: int = 0, nprobe: int = 0, ef_search: int = 0) -> lookalike_pb2.CollectionInfo:
-        if metric not in _METRICS:
+    def create_collection(self, name: str, dim: int = 0, metric: str = "", index: str = "Flat", buckets: int = 0,
+                          replication: int = 0, nprobe: int = 0, ef_search: int = 0,
+                          encoder: str = "") -> lookalike_pb2.CollectionInfo:
+        """Creates a collection. metric "" means l2, or the encoder's; with an encoder, dim 0 means the encoder's."""
+        if metric and metric not in _METRICS:
             raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
-        spec = common_pb2.CollectionSpec(name=name, dim=dim, metric=_METRICS[metric], index=index, buckets=buckets,
-                                         replication=replication, nprobe=nprobe, ef_search=ef_search)
+        spec = common_pb2.CollectionSpec(
+            name=name, dim=dim, metric=_METRICS[metric] if metric else common_pb2.METRIC_UNSPECIFIED, index=index,
+            buckets=buckets, replication=replication, nprobe=nprobe, ef_search=ef_search, encoder=encoder)
         return self.stub.CreateCollection(lookalike_pb2.CreateCollectionRequest(spec=spec), timeout=self.timeout)
 
     def list_collections(self) -> list[lookalike_pb2.CollectionInfo]:
@@ -133,12 +144,34 @@ class Client:
         req.params.ef_search = ef_search
         if min_coverage is not None:
             req.min_coverage = min_coverage
-        resp = self.stub.Search(req, timeout=timeout or self.timeout)
-        D = np.full((len(resp.results), k), np.nan, dtype=np.float32)
-        for q, nb in enumerate(resp.results):
-            D[q, :len(nb.distances)] = nb.distances
-        payloads = [[dict(p.fields) for p in nb.payloads] for nb in resp.results] if include_payloads else None
-        return Hits([list(nb.ids) for nb in resp.results], D, payloads, resp.coverage)
+        return _hits(self.stub.Search(req, timeout=timeout or self.timeout), k, include_payloads)
+
+    # --- images ---------------------------------------------------------------------------------------------
+    def upsert_images(self, collection: str, images: Iterable[tuple], skip_bad: bool = True,
+                      timeout: float | None = None) -> tuple[int, list[tuple[str, str]]]:
+        """Stores images through the collection's encoder. ``images`` yields (id, bytes) or (id, bytes, payload).
+
+        Returns:
+            (images stored, [(id, reason) for each image that was not]).
+        """
+        req = lookalike_pb2.UpsertImagesRequest(collection=collection, skip_bad=skip_bad)
+        for item in images:
+            uid, data, payload = (*item, None)[:3]
+            req.images.add(id=str(uid), data=data, payload=_payload(payload))
+        resp = self.stub.UpsertImages(req, timeout=timeout or self.timeout)
+        return resp.count, [(f.id, f.reason) for f in resp.failures]
+
+    def search_by_image(self, collection: str, images: list[bytes], k: int = 10, nprobe: int = 0,
+                        ef_search: int = 0, min_coverage: float | None = None, include_payloads: bool = False,
+                        timeout: float | None = None) -> Hits:
+        """k-NN search with query images (encoded files), through the collection's encoder."""
+        req = lookalike_pb2.SearchByImageRequest(collection=collection, images=images, k=k,
+                                                 include_payloads=include_payloads)
+        req.params.nprobe = nprobe
+        req.params.ef_search = ef_search
+        if min_coverage is not None:
+            req.min_coverage = min_coverage
+        return _hits(self.stub.SearchByImage(req, timeout=timeout or self.timeout), k, include_payloads)
 
     def status(self) -> lookalike_pb2.ClusterStatusResponse:
         return self.stub.ClusterStatus(lookalike_pb2.ClusterStatusRequest(), timeout=self.timeout)

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from lookalike.config import CollectionConfig
-from lookalike.errors import (DeadlineExceeded, InvalidArgument, LookalikeError, NotFound,
+from lookalike.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LookalikeError, NotFound,
                               ResourceExhausted, StaleShardMap, Unavailable)
 from lookalike.ids import buckets_of
 from lookalike.shardmap import ShardInfo, ShardMap
@@ -75,9 +75,12 @@ class Router:
     """
 
     def __init__(self, control: ControlPlane, connect: Callable[[str], ShardClient] = GrpcShardClient,
-                 refresh_interval: float = 0.5, write_retry_s: float = 15.0):
+                 refresh_interval: float = 0.5, write_retry_s: float = 15.0, encoders=None):
+        from router.encoding import LocalEncoderPool
+
         self.control = control
         self._connect = connect
+        self.encoders = encoders if encoders is not None else LocalEncoderPool()
         self._maps: dict[str, ShardMap] = {}
         self._clients: dict[str, ShardClient] = {}
         self._lock = threading.Lock()
@@ -244,6 +247,19 @@ class Router:
 
         responses = self._write(name, ids, build, "Delete", timeout)
         return sum(r.count for r in responses), sum(r.missing for r in responses)
+
+    def encode(self, name: str, images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+        """Images through the collection's encoder: (vectors of those that decode, reason or None per image).
+
+        Raises:
+            FailedPrecondition: the collection has no encoder.
+        """
+        coll = self.shard_map(name).collection
+        if not coll.encoder:
+            raise FailedPrecondition(
+                f"collection {name!r} has no encoder: send vectors, or create a collection with an encoder "
+                "(for example --encoder phash)")
+        return self.encoders.encode_many(coll.encoder, images)
 
     # --- reads ----------------------------------------------------------------------------------------------
     def get(self, name: str, ids: list[str], include_vectors: bool = False, timeout: float | None = None):

@@ -11,6 +11,7 @@ from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.core import Router, check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
+_MAX_QUERY_IMAGES = 1000
 
 _METRIC_TO_PROTO = {"l2": common_pb2.L2, "ip": common_pb2.IP, "cosine": common_pb2.COSINE,
                     "hamming": common_pb2.HAMMING}
@@ -19,19 +20,19 @@ _METRIC_FROM_PROTO = {v: k for k, v in _METRIC_TO_PROTO.items()}
 
 def spec_to_config(spec: common_pb2.CollectionSpec) -> CollectionConfig:
     """A CollectionSpec message as a CollectionConfig (defaults for zero fields; not yet validated)."""
-    if spec.metric not in _METRIC_FROM_PROTO:
+    if spec.metric not in _METRIC_FROM_PROTO and spec.metric != common_pb2.METRIC_UNSPECIFIED:
         raise InvalidArgument(f"metric must be one of {', '.join(m.upper() for m in METRICS)}")
     defaults = CollectionConfig(name="", dim=1)
     return CollectionConfig(
-        name=spec.name, dim=spec.dim, metric=_METRIC_FROM_PROTO[spec.metric], index=spec.index,
+        name=spec.name, dim=spec.dim, metric=_METRIC_FROM_PROTO.get(spec.metric, ""), index=spec.index,
         buckets=spec.buckets or defaults.buckets, replication=spec.replication or defaults.replication,
-        nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search)
+        nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search, encoder=spec.encoder)
 
 
 def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
     return common_pb2.CollectionSpec(name=cfg.name, dim=cfg.dim, metric=_METRIC_TO_PROTO[cfg.metric], index=cfg.index,
                                      buckets=cfg.buckets, replication=cfg.replication, nprobe=cfg.nprobe,
-                                     ef_search=cfg.ef_search)
+                                     ef_search=cfg.ef_search, encoder=cfg.encoder)
 
 
 def _timeout(context) -> float | None:
@@ -111,6 +112,38 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         coll = self._coll(request.collection)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
+        return self._search_response(request, xq, context)
+
+    @abort_on_error
+    def UpsertImages(self, request, context):
+        self._coll(request.collection)
+        ids = check_ids([im.id for im in request.images])
+        vectors, reasons = self.router.encode(request.collection, [im.data for im in request.images])
+        failures = [lookalike_pb2.ImageFailure(id=uid, reason=r) for uid, r in zip(ids, reasons) if r is not None]
+        if failures and not request.skip_bad:
+            raise InvalidArgument(f"image {failures[0].id!r}: {failures[0].reason}")
+        good = [i for i, r in enumerate(reasons) if r is None]
+        count = 0
+        if good:
+            payloads = [request.images[i].payload for i in good]
+            payloads_from_proto(payloads, len(good))  # validates size
+            count = self.router.upsert(request.collection, [ids[i] for i in good], vectors, payloads,
+                                       timeout=_timeout(context))
+        return lookalike_pb2.UpsertImagesResponse(count=count, failures=failures)
+
+    @abort_on_error
+    def SearchByImage(self, request, context):
+        self._coll(request.collection)
+        check_k(request.k)
+        if not 1 <= len(request.images) <= _MAX_QUERY_IMAGES:
+            raise InvalidArgument(f"send 1 to {_MAX_QUERY_IMAGES} query images, got {len(request.images)}")
+        xq, reasons = self.router.encode(request.collection, list(request.images))
+        bad = next((i for i, r in enumerate(reasons) if r is not None), None)
+        if bad is not None:
+            raise InvalidArgument(f"query image {bad}: {reasons[bad]}")
+        return self._search_response(request, xq, context)
+
+    def _search_response(self, request, xq, context):
         res = self.router.search(
             request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
             check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
