@@ -1,7 +1,8 @@
 """Encoders by name. Each has a ``name``, an output ``dim`` (components, or bits for binary codes), a ``metric``
 and ``encode(images) -> vectors``.
 
-Names: ``phash`` (64 bits) and ``phash:N`` (N x N bits, N >= 8).
+Names: ``phash`` (64 bits) and ``phash:N`` (N x N bits, N >= 8); ``torchscript:PATH`` (a TorchScript model file:
+see encoder/torchscript.py for the contract; the CNN of ``lookalike train-encoder`` is one).
 """
 
 from __future__ import annotations
@@ -83,4 +84,13 @@ def _phash(arg: str | None) -> Encoder:
     return PHash(int(arg) if arg else 8)
 
 
+def _torchscript(arg: str | None) -> Encoder:
+    from encoder.torchscript import TorchScriptEncoder
+
+    if not arg:
+        raise ValueError("torchscript needs a model file: torchscript:/path/to/model.pt")
+    return TorchScriptEncoder(arg)
+
+
 register("phash", _phash)
+register("torchscript", _torchscript)

@@ -243,6 +243,22 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_train_encoder(args) -> int:
+    from encoder.train import load_folder, train_encoder
+
+    images = load_folder(args.dir)
+    print(f"training a {args.method} encoder on {len(images)} images from {args.dir}", file=sys.stderr)
+    try:
+        losses = train_encoder(images, args.out, method=args.method, epochs=args.epochs, batch_size=args.batch,
+                               dim=args.dim, seed=args.seed, progress=not args.quiet)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved {args.out} (loss {losses[0]:.4f} -> {losses[-1]:.4f}); use it with "
+          f"`lookalike collection create NAME --encoder torchscript:{os.path.abspath(args.out)}`")
+    return 0
+
+
 @_rpc_errors
 def cmd_status(args) -> int:
     from google.protobuf.json_format import MessageToDict
@@ -343,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_ingest)
+
+    t = sub.add_parser("train-encoder", help="train a small CNN encoder on a folder of images (CPU, minutes)")
+    t.add_argument("dir")
+    t.add_argument("--out", required=True, help="TorchScript file to write (plus OUT.json)")
+    t.add_argument("--method", choices=["triplet", "autoencoder"], default="triplet")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--dim", type=int, default=128, help="embedding size (default 128)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_encoder)
 
     st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory"))
     st.add_argument("--json", action="store_true")
