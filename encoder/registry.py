@@ -2,7 +2,8 @@
 and ``encode(images) -> vectors``.
 
 Names: ``phash`` (64 bits) and ``phash:N`` (N x N bits, N >= 8); ``torchscript:PATH`` (a TorchScript model file:
-see encoder/torchscript.py for the contract; the CNN of ``lookalike train-encoder`` is one).
+see encoder/torchscript.py for the contract; the CNN of ``lookalike train-encoder`` is one); ``face`` and
+``face:strict`` (dlib's 128-d face descriptor, optional extra).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def encode_bytes(encoder: Encoder, images: Sequence[bytes]) -> np.ndarray:
 
 
 def encode_many(encoder: Encoder, images: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
-    """Like encode_bytes, but skips what cannot be decoded: (vectors of the good ones, reason or None per image)."""
+    """Like encode_bytes, but skips what cannot be used: (vectors of the good ones, reason or None per image).
+
+    Encoders that can refuse a decoded image (the face encoder: no face) provide ``encode_images_lenient``.
+    """
     decoded, reasons = [], []
     for data in images:
         try:
@@ -49,7 +53,12 @@ def encode_many(encoder: Encoder, images: Sequence[bytes]) -> tuple[np.ndarray, 
             reasons.append(None)
         except ImageError as err:
             reasons.append(str(err))
-    return encoder.encode_images(decoded), reasons
+    lenient = getattr(encoder, "encode_images_lenient", None)
+    if lenient is None:
+        return encoder.encode_images(decoded), reasons
+    vectors, later = lenient(decoded)
+    it = iter(later)
+    return vectors, [r if r is not None else next(it) for r in reasons]
 
 
 _FACTORIES: dict[str, Callable[[str | None], Encoder]] = {}
@@ -92,5 +101,14 @@ def _torchscript(arg: str | None) -> Encoder:
     return TorchScriptEncoder(arg)
 
 
+def _face(arg: str | None) -> Encoder:
+    from encoder.face import FaceEncoder
+
+    if arg not in (None, "strict"):
+        raise ValueError(f"face takes no argument or 'strict', got {arg!r}")
+    return FaceEncoder(strict=arg == "strict")
+
+
+register("face", _face)
 register("phash", _phash)
 register("torchscript", _torchscript)
