@@ -67,7 +67,7 @@ def test_phash_near_duplicates_are_nearer_than_other_pictures():
 
 
 def test_unknown_encoder_is_a_clear_error():
-    with pytest.raises(ValueError, match="known: phash"):
+    with pytest.raises(ValueError, match="known: face, phash, torchscript"):
         get_encoder("clip")
     with pytest.raises(ValueError, match="at least 8"):
         get_encoder("phash:4")
