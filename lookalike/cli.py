@@ -65,7 +65,12 @@ def cmd_serve(args) -> int:
         ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
-    router = Router(control)
+    encoders = None
+    if args.encoders:
+        from lookalike.ray_cluster import RayEncoderPool
+
+        encoders = RayEncoderPool(args.encoders)
+    router = Router(control, encoders=encoders)
     server, port, health = create_router_server(router, f"{args.host}:{args.port}")
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
@@ -298,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     s.add_argument("--cluster", default="lookalike", help="cluster name (actor names; default lookalike)")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    s.add_argument("--encoders", type=int, default=0,
+                   help="encoder actors on Ray (a GPU each when the cluster has them); 0: encode in the router")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("collection", help="create, list, describe, drop collections")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -161,6 +162,48 @@ class ControllerActor:
 
     def shutdown(self) -> None:
         self._placer.kill_all()
+
+
+@ray.remote
+class EncoderActor:
+    """Runs encoders (on a GPU when Ray gave it one); models load on first use of each spec."""
+
+    def __init__(self):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from router.encoding import LocalEncoderPool
+
+        self._pool = LocalEncoderPool()
+
+    def encode_many(self, spec: str, images: list[bytes]):
+        return self._pool.encode_many(spec, images)
+
+
+class RayEncoderPool:
+    """The router's encoder pool on a cluster: ``n`` EncoderActors, called round robin (implements
+    router.encoding.EncoderPool).
+
+    Args:
+        n: actors.
+        num_gpus: GPUs per actor (None: 1 when the Ray cluster has GPUs, else 0).
+        num_cpus: CPUs per actor.
+    """
+
+    def __init__(self, n: int = 1, num_gpus: float | None = None, num_cpus: float = 1.0):
+        if n < 1:
+            raise ValueError(f"an encoder pool needs at least one actor, got {n}")
+        if num_gpus is None:
+            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
+        self._actors = [EncoderActor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
+                                             max_task_retries=3).remote() for _ in range(n)]
+        self._turn = itertools.count()
+
+    def encode_many(self, spec: str, images):
+        actor = self._actors[next(self._turn) % len(self._actors)]
+        return _unwrap(actor.encode_many.remote(spec, list(images)), timeout=600)
+
+    def close(self) -> None:
+        for actor in self._actors:
+            ray.kill(actor)
 
 
 class RayControlPlane:

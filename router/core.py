@@ -259,7 +259,10 @@ class Router:
             raise FailedPrecondition(
                 f"collection {name!r} has no encoder: send vectors, or create a collection with an encoder "
                 "(for example --encoder phash)")
-        return self.encoders.encode_many(coll.encoder, images)
+        try:
+            return self.encoders.encode_many(coll.encoder, images)
+        except ValueError as err:  # the encoder cannot be loaded here (missing extra or model file)
+            raise FailedPrecondition(f"encoder {coll.encoder!r} of collection {name!r} is not usable: {err}") from None
 
     # --- reads ----------------------------------------------------------------------------------------------
     def get(self, name: str, ids: list[str], include_vectors: bool = False, timeout: float | None = None):

@@ -119,3 +119,39 @@ def _epoch_after(cluster, epoch):
         return cluster.control.epoch() > epoch
     except Exception:
         return False
+
+
+def test_encoder_actor_pool(ray_session, tmp_path):
+    from lookalike.local import LocalCluster
+    from lookalike.ray_cluster import RayEncoderPool
+    from router.client import Client
+    from router.core import Router
+    from router.encoding import LocalEncoderPool
+    from router.server import create_router_server
+    from test_encoder import picture, to_bytes
+
+    pool = RayEncoderPool(2, num_gpus=0, num_cpus=0.5)
+    try:
+        images = [to_bytes(picture(i)) for i in range(4)] + [b"junk"]
+        vecs, reasons = pool.encode_many("phash", images)
+        want, want_reasons = LocalEncoderPool().encode_many("phash", images)
+        np.testing.assert_array_equal(vecs, want)
+        assert reasons == want_reasons and "not an image" in reasons[-1]
+        with pytest.raises(ValueError, match="unknown encoder"):
+            pool.encode_many("nope", images[:1])
+        # the router encodes through the pool
+        cluster = LocalCluster(tmp_path, shards=1)
+        router = Router(cluster.controller, encoders=pool)
+        server, port, _ = create_router_server(router, "127.0.0.1:0")
+        client = Client(f"127.0.0.1:{port}")
+        try:
+            client.create_collection("imgs", encoder="phash", buckets=8)
+            assert client.upsert_images("imgs", [(f"p{i}", images[i]) for i in range(4)]) == (4, [])
+            assert client.search_by_image("imgs", [images[2]], k=1).ids == [["p2"]]
+        finally:
+            client.close()
+            server.stop(None)
+            router.close()
+            cluster.close()
+    finally:
+        pool.close()

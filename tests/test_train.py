@@ -73,3 +73,32 @@ def test_cli_train_encoder(tmp_path, capsys):
     out = tmp_path / "model.pt"
     assert cli.main(["train-encoder", str(tmp_path), "--out", str(out), "--epochs", "2", "--quiet"]) == 0
     assert out.exists() and "torchscript:" in capsys.readouterr().out
+
+
+def test_collection_with_a_trained_cnn_and_a_lost_model_file(tmp_path, pictures):
+    import grpc
+
+    from lookalike.local import LocalCluster
+    from router.client import Client
+    from router.server import create_router_server
+    from test_encoder import to_bytes
+
+    model = tmp_path / "cnn.pt"
+    train_encoder(pictures, model, epochs=3, batch_size=16, progress=False)
+    cluster = LocalCluster(tmp_path / "data", shards=2)
+    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
+    client = Client(f"127.0.0.1:{port}")
+    try:
+        info = client.create_collection("cnn", encoder=f"torchscript:{model}", buckets=8)
+        assert (info.spec.dim, info.spec.metric) == (128, 3)  # cosine
+        assert client.upsert_images("cnn", [(f"p{i}", to_bytes(im)) for i, im in enumerate(pictures)])[0] == 16
+        assert client.search_by_image("cnn", [to_bytes(pictures[5], "JPEG", quality=60)], k=1).ids == [["p5"]]
+        model.unlink()
+        cluster.router.encoders = type(cluster.router.encoders)()  # a new router process: nothing cached
+        with pytest.raises(grpc.RpcError) as err:
+            client.search_by_image("cnn", [to_bytes(pictures[5])], k=1)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "does not exist" in err.value.details()
+    finally:
+        client.close()
+        server.stop(None)
+        cluster.close()
