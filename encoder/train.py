@@ -109,10 +109,16 @@ def load_folder(root: str | pathlib.Path, side: int = 96) -> list[Image.Image]:
     return images
 
 
-def train_encoder(images: list[Image.Image], out: str | pathlib.Path, method: str = "triplet", epochs: int = 30,
+MIN_STEPS = 400  # below this many optimiser steps the model has not settled (brightness copies still missed)
+
+
+def train_encoder(images: list[Image.Image], out: str | pathlib.Path, method: str = "triplet",
+                  epochs: int | None = None,
                   batch_size: int = 32, dim: int = 128, size: int = 64, margin: float = 0.3, seed: int = 0,
                   progress: bool = True) -> list[float]:
     """Trains an encoder on ``images`` and saves it as TorchScript at ``out`` (+ ``out.json``).
+
+    ``epochs`` None: 30, or more when that would be fewer than MIN_STEPS optimiser steps.
 
     Returns:
         The mean loss of each epoch.
@@ -134,6 +140,8 @@ def train_encoder(images: list[Image.Image], out: str | pathlib.Path, method: st
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     batch_size = min(batch_size, len(images))
     steps = max(1, len(images) // batch_size)
+    if epochs is None:  # small catalogs have few steps per epoch: train for at least MIN_STEPS steps
+        epochs = max(30, -(-MIN_STEPS // steps))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * steps)
 
     def tensor(ims):

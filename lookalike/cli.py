@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--out", required=True, help="TorchScript file to write (plus OUT.json)")
     t.add_argument("--method", choices=["triplet", "autoencoder"], default="triplet")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=int, default=None,
+                   help="passes over the images (default 30, more for small folders: at least 400 steps)")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--dim", type=int, default=128, help="embedding size (default 128)")
     t.add_argument("--seed", type=int, default=0)

@@ -29,8 +29,10 @@ class LocalEncoderPool:
     def _get(self, spec: str):
         enc = self._encoders.get(spec)
         if enc is None:
-            with self._lock:
-                enc = self._encoders.setdefault(spec, get_encoder(spec))
+            with self._lock:  # one load per spec, even when several calls ask at once
+                enc = self._encoders.get(spec)
+                if enc is None:
+                    enc = self._encoders[spec] = get_encoder(spec)
         return enc
 
     def encode_many(self, spec: str, images: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:
