@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("name", help="a collection with an encoder")
     i.add_argument("dir")
     i.add_argument("--batch", type=int, default=64, help="images per request (default 64)")
-    i.add_argument("--uri-prefix", help="payload uri = PREFIX + relative path (default: the local path)")
+    i.add_argument("--uri-prefix", help="payload uri = PREFIX + relative path (default: the file's absolute path)")
     i.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     i.add_argument("--quiet", action="store_true", help="no progress bar")
     i.set_defaults(func=cmd_ingest)

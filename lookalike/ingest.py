@@ -1,7 +1,7 @@
 """Ingest a folder tree of images into a collection with an encoder: batches, progress, resume, a report.
 
-Ids are the files' paths relative to the folder (with "/"), payload ``uri`` the path as given plus that relative
-path (or ``uri_prefix`` + relative path). Resuming is free: every batch first asks which of its ids are stored
+Ids are the files' paths relative to the folder (with "/"), payload ``uri`` the file's absolute path (or
+``uri_prefix`` + relative path). Resuming is free: every batch first asks which of its ids are stored
 and sends only the others, so a second run after an interruption encodes only what is missing.
 """
 
@@ -70,7 +70,7 @@ def ingest(client, collection: str, root: str | os.PathLike, batch: int = 64, ur
             if nbytes > MAX_IMAGE_BYTES:
                 report.failed[uid] = f"too large: {nbytes} bytes, at most {MAX_IMAGE_BYTES}"
                 continue
-            uri = (uri_prefix + uid) if uri_prefix is not None else str(path)
+            uri = (uri_prefix + uid) if uri_prefix is not None else str(path.resolve())
             items.append((uid, path.read_bytes(), {"uri": uri}))
             size += nbytes
             if size > _BATCH_BYTES:
