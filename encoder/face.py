@@ -57,13 +57,11 @@ class FaceEncoder:
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Images -> shape (n, 128) float32. Raises ImageError naming the first image without a usable face."""
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for i, im in enumerate(images):
-            try:
-                out[i] = self.describe(im)
-            except ImageError as err:
-                raise ImageError(f"image {i}: {err}") from None
-        return out
+        from encoder.registry import require_all
+
+        vectors, reasons = self.encode_images_lenient(images)
+        require_all(reasons)
+        return vectors
 
     def encode_images_lenient(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[str | None]]:
         """(vectors of the images with a usable face, reason or None per image)."""

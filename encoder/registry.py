@@ -26,19 +26,22 @@ class Encoder(Protocol):
         ...
 
 
+def require_all(reasons: list[str | None]) -> None:
+    """Raises ImageError naming the first image that has a reason not to be encoded."""
+    bad = next((i for i, r in enumerate(reasons) if r is not None), None)
+    if bad is not None:
+        raise ImageError(f"image {bad}: {reasons[bad]}")
+
+
 def encode_bytes(encoder: Encoder, images: Sequence[bytes]) -> np.ndarray:
     """Image bytes -> vectors, rows aligned with ``images``.
 
     Raises:
-        ImageError: naming the first image that cannot be decoded, and why.
+        ImageError: naming the first image that cannot be decoded or encoded, and why.
     """
-    decoded = []
-    for i, data in enumerate(images):
-        try:
-            decoded.append(decode_image(data))
-        except ImageError as err:
-            raise ImageError(f"image {i}: {err}") from None
-    return encoder.encode_images(decoded)
+    vectors, reasons = encode_many(encoder, images)
+    require_all(reasons)
+    return vectors
 
 
 def encode_many(encoder: Encoder, images: Sequence[bytes]) -> tuple[np.ndarray, list[str | None]]:

@@ -44,9 +44,10 @@ def cmd_serve(args) -> int:
     import ray
 
     from lookalike.config import ClusterConfig, storage_path
-    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from lookalike.net import set_serving
+    from lookalike.ray_cluster import RayEncoderPool, start_cluster, stop_cluster
     from router.core import Router
-    from router.server import create_router_server
+    from router.server import SERVICE_NAME, create_router_server
 
     try:
         data_dir = storage_path(args.data)
@@ -65,12 +66,7 @@ def cmd_serve(args) -> int:
         ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
-    encoders = None
-    if args.encoders:
-        from lookalike.ray_cluster import RayEncoderPool
-
-        encoders = RayEncoderPool(args.encoders)
-    router = Router(control, encoders=encoders)
+    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
     server, port, health = create_router_server(router, f"{args.host}:{args.port}")
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
@@ -84,9 +80,6 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: None)
     os.read(wake_r, 1)
     log.info("stopping: draining calls in flight")
-    from lookalike.net import set_serving
-    from router.server import SERVICE_NAME
-
     set_serving(health, [SERVICE_NAME], False)
     server.stop(grace=args.grace).wait()
     router.close()

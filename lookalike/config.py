@@ -67,8 +67,8 @@ class CollectionConfig:
             InvalidArgument: a field is out of range, with a sentence naming it.
         """
         if self.encoder:
-            return self._with_encoder().validated_vectors(limits)
-        return self.validated_vectors(limits)
+            return self._with_encoder()._validated_vectors(limits)
+        return self._validated_vectors(limits)
 
     def _with_encoder(self) -> "CollectionConfig":
         """Fills dim and metric from the encoder, or checks them against it."""
@@ -86,9 +86,9 @@ class CollectionConfig:
                 f"{enc.metric} vectors; the collection asks for dim {dim}, metric {metric} (leave them out)")
         return dataclasses.replace(self, dim=dim, metric=metric, encoder=enc.name)
 
-    def validated_vectors(self, limits: Limits = LIMITS) -> "CollectionConfig":
+    def _validated_vectors(self, limits: Limits = LIMITS) -> "CollectionConfig":
         if not self.metric:
-            return dataclasses.replace(self, metric="l2").validated_vectors(limits)
+            return dataclasses.replace(self, metric="l2")._validated_vectors(limits)
         if not _NAME_RE.match(self.name or ""):
             raise InvalidArgument(
                 f"collection name {self.name!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ . - "

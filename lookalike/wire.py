@@ -91,21 +91,21 @@ def payloads_from_proto(payloads, n: int) -> list[bytes | None]:
     Raises:
         InvalidArgument: a count that is neither 0 nor n, or a payload over the size limit.
     """
+    check_payloads(payloads, n)
     if len(payloads) == 0:
         return [None] * n
-    if len(payloads) != n:
+    return [p.SerializeToString(deterministic=True) if p.fields else None for p in payloads]
+
+
+def check_payloads(payloads, n: int) -> None:
+    """Raises InvalidArgument for a payload count that is neither 0 nor n, or a payload over the size limit."""
+    if len(payloads) not in (0, n):
         raise InvalidArgument(f"the request has {n} ids but {len(payloads)} payloads: send none or one per id")
-    out: list[bytes | None] = []
     for i, p in enumerate(payloads):
-        if not p.fields:
-            out.append(None)
-            continue
-        b = p.SerializeToString(deterministic=True)
-        if len(b) > LIMITS.max_payload_bytes:
+        size = p.ByteSize()
+        if size > LIMITS.max_payload_bytes:
             raise InvalidArgument(
-                f"payload of item {i} is {len(b)} bytes; payloads are at most {LIMITS.max_payload_bytes} bytes")
-        out.append(b)
-    return out
+                f"payload of item {i} is {size} bytes; payloads are at most {LIMITS.max_payload_bytes} bytes")
 
 
 _EMPTY = common_pb2.Payload()

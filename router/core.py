@@ -124,11 +124,15 @@ class Router:
         info = smap.shards[shard_id]
         if not info.address:
             raise Unavailable(f"shard {shard_id} is (re)starting and has no address yet")
-        client = self._clients.get(info.address)
+        return self._client_at(info.address)
+
+    def _client_at(self, address: str) -> ShardClient:
+        """One cached client per shard address."""
+        client = self._clients.get(address)
         if client is None:
             with self._lock:
-                client = self._clients.get(info.address) or self._connect(info.address)
-                self._clients[info.address] = client
+                client = self._clients.get(address) or self._connect(address)
+                self._clients[address] = client
         return client
 
     # --- collections ----------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ class Router:
             min_coverage: fraction of buckets that must answer, in (0, 1].
 
         Returns:
-            SearchResult; ``ids`` hold protobuf Payload messages in ``payloads`` when asked.
+            SearchResult; its ``payloads`` hold protobuf Payload messages when asked for.
 
         Raises:
             Unavailable: fewer buckets answered than min_coverage.
@@ -360,9 +364,7 @@ class Router:
             resp = None
             if info.address:
                 try:
-                    client = self._clients.get(info.address) or self._connect(info.address)
-                    self._clients.setdefault(info.address, client)
-                    resp = client.call("Stats", shard_pb2.ShardStatsRequest(), timeout).result()
+                    resp = self._client_at(info.address).call("Stats", shard_pb2.ShardStatsRequest(), timeout).result()
                 except LookalikeError:
                     resp = None
             out.append((info, resp))

@@ -6,7 +6,7 @@ from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, create_server
-from lookalike.wire import check_k, payloads_from_proto, vectors_from_proto, vectors_to_proto
+from lookalike.wire import check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.core import Router, check_min_coverage
 
@@ -77,7 +77,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         x = vectors_from_proto(request.vectors, coll)
         if len(x) != len(ids):
             raise InvalidArgument(f"the request has {len(ids)} ids but {len(x)} vectors: send one vector per id")
-        payloads_from_proto(request.payloads, len(ids))  # validates count and size
+        check_payloads(request.payloads, len(ids))
         return self.router.upsert(request.collection, ids, x, request.payloads, timeout=_timeout(context))
 
     @abort_on_error
@@ -126,7 +126,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         count = 0
         if good:
             payloads = [request.images[i].payload for i in good]
-            payloads_from_proto(payloads, len(good))  # validates size
+            check_payloads(payloads, len(good))
             count = self.router.upsert(request.collection, [ids[i] for i in good], vectors, payloads,
                                        timeout=_timeout(context))
         return lookalike_pb2.UpsertImagesResponse(count=count, failures=failures)

@@ -7,7 +7,6 @@ raises a typed :class:`lookalike.errors.LookalikeError`.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from typing import Protocol
 
 import grpc
@@ -16,25 +15,16 @@ from lookalike.errors import LookalikeError, Unavailable, error_for_code, from_r
 from lookalike.net import create_channel
 from protos import shard_pb2_grpc
 
+
 class ShardClient(Protocol):
     def call(self, method: str, request, timeout: float | None) -> "concurrent.futures.Future": ...
 
     def close(self) -> None: ...
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads that make blocking shard calls. A sync channel's ``future()`` starts a new polling thread for every
-    call (about a millisecond each here); blocking calls on long-lived threads do not."""
-    global _POOL
-    if _POOL is None:
-        with _POOL_LOCK:
-            if _POOL is None:
-                _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="shard-call")
-    return _POOL
-
-
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
+# Threads that make blocking shard calls (started on first use). A sync channel's ``future()`` starts a new
+# polling thread for every call (about a millisecond each here); blocking calls on long-lived threads do not.
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="shard-call")
 
 
 class GrpcShardClient:
@@ -53,7 +43,7 @@ class GrpcShardClient:
             raise exc from None
 
     def call(self, method: str, request, timeout: float | None):
-        return _pool().submit(self._blocking, method, request, timeout)
+        return _POOL.submit(self._blocking, method, request, timeout)
 
     def close(self) -> None:
         self._channel.close()

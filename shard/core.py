@@ -1,13 +1,14 @@
 """A shard: for each collection, the buckets the shard map gives it, in one FAISS index, backed by storage.
 
-Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over gRPC and ``shard.actor`` runs
-that inside a Ray actor.
+Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over gRPC and
+``lookalike.ray_cluster.ShardActor`` runs that inside a Ray actor.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import shutil
 import threading
 
 import numpy as np
@@ -225,7 +226,7 @@ class ShardCollection:
     def load(self) -> int:
         """Replays storage into memory; returns the live item count."""
         for batch in self.store.load(set(self.buckets)):
-            buckets, home = buckets_and_labels(batch.ids, self.coll.buckets)
+            _, home = buckets_and_labels(batch.ids, self.coll.buckets)
             with self._rw.write():
                 if batch.op == UPSERT:
                     self._apply_upsert(batch.ids, home, batch.vectors, batch.payloads)
@@ -386,7 +387,6 @@ class Shard:
                 sc.table = None
             release_memory()
         else:
-            import shutil
             shutil.rmtree(self.root / name, ignore_errors=True)
 
     def collection(self, name: str) -> ShardCollection:
@@ -394,9 +394,6 @@ class Shard:
         if sc is None:
             raise NotFound(f"collection {name!r} does not exist on shard {self.shard_id}")
         return sc
-
-    def collection_names(self) -> list[str]:
-        return list(self._collections)
 
     def stats(self) -> dict:
         return {"shard_id": self.shard_id, "serving": self.serving,

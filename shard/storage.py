@@ -65,9 +65,9 @@ def _frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data), zlib.crc32(data)) + data
 
 
-def _iter_frames(path: pathlib.Path, end: list[int] | None = None) -> Iterator[bytes]:
-    """Yields the valid frames of a file one at a time; a torn or corrupt tail ends it. When ``end`` is given,
-    ``end[0]`` is set to the byte offset where the valid frames end."""
+def _iter_frames(path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
+    """Yields (offset where the frame ends, frame body) for the valid frames of a file, one at a time; a torn or
+    corrupt tail ends it."""
     pos = 0
     with open(path, "rb") as f:
         while True:
@@ -80,11 +80,15 @@ def _iter_frames(path: pathlib.Path, end: list[int] | None = None) -> Iterator[b
                 log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
                 break
             pos += _HEADER.size + length
-            if end is not None:
-                end[0] = pos
-            yield body
-    if end is not None:
-        end[0] = pos
+            yield pos, body
+
+
+def _valid_end(path: pathlib.Path) -> int:
+    """Byte offset where a file's valid frames end."""
+    end = 0
+    for end, _ in _iter_frames(path):
+        pass
+    return end
 
 
 def release_memory() -> None:
@@ -147,10 +151,7 @@ class CollectionStore:
         segs = self._segments()
         if segs:
             last = segs[-1]
-            end = [0]
-            for _ in _iter_frames(last, end):
-                pass
-            end = end[0]
+            end = _valid_end(last)
             if end != last.stat().st_size:  # drop a torn tail so new frames follow valid ones
                 with open(last, "r+b") as f:
                     f.truncate(end)
@@ -193,7 +194,7 @@ class CollectionStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read_segment(self, path: pathlib.Path) -> Iterator[Batch]:
-        for body in _iter_frames(path):
+        for _, body in _iter_frames(path):
             rec = storage_pb2.WalRecord.FromString(body)
             ids = list(rec.ids)
             if rec.op == UPSERT:
@@ -205,10 +206,11 @@ class CollectionStore:
         return self.path / f"b{bucket:05d}.snap"
 
     def _read_snapshot(self, path: pathlib.Path) -> Batch | None:
-        body = next(_iter_frames(path), None)
-        if body is None:
+        first = next(_iter_frames(path), None)
+        if first is None:
             log.error("%s: snapshot is damaged; ignoring it", path)
             return None
+        body = first[1]
         snap = storage_pb2.BucketSnapshot.FromString(body)
         ids = list(snap.ids)
         return Batch(UPSERT, ids, vectors_from_proto_raw(snap.vectors), _payloads_from_proto(snap.payloads, len(ids)))
@@ -223,15 +225,17 @@ class CollectionStore:
         with self._compact_lock:
             # Snapshots hold disjoint ids: coalesce them into large batches (fewer, cheaper applies).
             pending: list[Batch] = []
+            pending_items = 0
             for path in sorted(self.path.glob("b*.snap")):
                 if buckets is not None and int(path.stem[1:]) not in buckets:
                     continue
                 batch = self._read_snapshot(path)
                 if batch is not None and batch.ids:
                     pending.append(batch)
-                    if sum(len(b.ids) for b in pending) >= _LOAD_BATCH:
+                    pending_items += len(batch.ids)
+                    if pending_items >= _LOAD_BATCH:
                         yield _concat(pending)
-                        pending = []
+                        pending, pending_items = [], 0
             if pending:
                 yield _concat(pending)
             for seg in self._segments():

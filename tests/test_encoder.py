@@ -92,6 +92,7 @@ def test_exif_orientation_is_applied():
 def test_modes_decode_to_rgb(make):
     out = decode_image(to_bytes(make(), "PNG"))
     assert out.mode == "RGB" and out.size == (256, 256)
+    assert np.asarray(out).std() > 10  # the picture survived the conversion (not a blank or saturated image)
 
 
 def test_cmyk_and_transparent_palette_and_animation():
