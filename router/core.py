@@ -303,6 +303,7 @@ class Router:
         Raises:
             Unavailable: fewer buckets answered than min_coverage.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         smap = self.shard_map(name)
         req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
         req.queries.CopyFrom(vectors_to_proto(xq))
@@ -313,7 +314,10 @@ class Router:
         Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, {}
         pending = list(primary)
         for attempt in range(2):
-            for sid, fut in self._fan_out(smap, pending, "Search", req, timeout):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            for sid, fut in self._fan_out(smap, pending, "Search", req, left):
                 try:
                     resp = fut.result()
                 except _CALLER_ERRORS:

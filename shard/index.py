@@ -248,6 +248,8 @@ class VectorIndex:
         self._dead = 0
         self._selector = None
         if x is not None:
+            if not self._main.is_trained:  # a graph over compressed codes (HNSW32_PQ16): retrain on what is live
+                self._main.train(x)
             self._add_main(labels, x)
 
     # --- reads --------------------------------------------------------------------------------------------

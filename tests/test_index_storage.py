@@ -182,3 +182,15 @@ def test_pq_trains_at_its_threshold_and_finds_neighbours():
     assert recall >= 0.25, recall  # 8-byte codes: approximate, but far from chance (0.003)
     approx = index.reconstruct(labels[:3])
     assert np.linalg.norm(approx - xb[:3]) < 0.5 * np.linalg.norm(xb[:3])
+
+
+def test_graph_over_compressed_codes_survives_its_rebuild():
+    xb, _ = make_data("l2", 3000, 16, seed=2)
+    index = VectorIndex(CollectionConfig("c", 16, "l2", "HNSW16_PQ4x4", ef_search=64).validated())
+    labels = _labels(3000)
+    index.add(labels, xb)
+    assert index.train_if_ready()
+    index.remove(labels[:1500])  # past the rebuild threshold: the new graph must be trained again
+    assert index.ntotal == 1500
+    _, L = index.search(xb[2000:2010], 1)
+    assert not np.isin(L, labels[:1500]).any() and (L >= 0).all()
