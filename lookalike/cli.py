@@ -43,7 +43,7 @@ def _rpc_errors(func):
 def cmd_serve(args) -> int:
     import ray
 
-    from lookalike.config import ClusterConfig, storage_path
+    from lookalike.config import ClusterConfig, MovePolicy, storage_path
     from lookalike.net import set_serving
     from lookalike.ray_cluster import RayEncoderPool, start_cluster, stop_cluster
     from router.core import Router
@@ -54,8 +54,11 @@ def cmd_serve(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
-                        shard_num_cpus=args.shard_cpus)
+                        shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
+                        policy=MovePolicy(max_shards=args.max_shards,
+                                          autoscale_s=args.autoscale if shard_memory else 0.0))
     embedded = args.address is None
     if embedded:
         # The embedded local Ray is private to this process tree; the cluster mode keeps Ray's token auth.
@@ -267,13 +270,66 @@ def cmd_status(args) -> int:
         print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
         return 0
     print(f"epoch {st.epoch}, {len(st.shards)} shard(s), {len(st.collections)} collection(s)")
-    print(f"{'shard':<10} {'serving':<8} {'address':<22} {'buckets':>8} {'vectors':>10} {'index MiB':>10} {'RSS MiB':>8}")
+    print(f"{'shard':<10} {'serving':<8} {'address':<22} {'buckets':>8} {'joining':>8} {'vectors':>10} "
+          f"{'index MiB':>10} {'RSS MiB':>8} {'cap MiB':>8}")
     for s in st.shards:
-        print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.buckets:>8} {s.vectors:>10} "
-              f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f}")
+        cap = f"{s.capacity_bytes / 2**20:.0f}" if s.capacity_bytes else "-"
+        print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.buckets:>8} {s.joining:>8} {s.vectors:>10} "
+              f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f} {cap:>8}")
     for info in st.collections:
-        print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}")
+        print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}, "
+              f"replication {info.spec.replication or 1}")
+    if st.moves or st.moves_done or st.moves_failed:
+        print(_move_summary(st))
+        groups: dict[tuple, list[int]] = {}
+        for m in st.moves:
+            groups.setdefault((m.collection, m.source, m.target, m.phase), []).append(m.bucket)
+        for (coll, src, dst, phase), buckets in groups.items():
+            print(f"  {coll}: {len(buckets)} bucket(s) {src} -> {dst} [{phase}]")
     return 0
+
+
+def _move_summary(st) -> str:
+    left = len(st.moves)
+    return (f"bucket moves: {st.moves_done} move(s) done, {st.moves_failed} failed and retried, "
+            f"{left} bucket(s) still to move")
+
+
+@_rpc_errors
+def cmd_rebalance(args) -> int:
+    """Queues the moves, then follows them until none is left (unless --no-wait)."""
+    import time
+
+    from tqdm import tqdm
+
+    with _client(args) as c:
+        resp = c.rebalance(args.name or "", args.add_shards)
+        print(f"{resp.moves} move(s) queued over {resp.shards} shard(s) (epoch {resp.epoch})")
+        if args.no_wait or not resp.moves:
+            return 0
+        total = len(c.status().moves)
+        with tqdm(total=total, unit="bucket", desc="moving", disable=None) as bar:
+            while True:
+                st = c.status()
+                left = len(st.moves)
+                bar.n = total - left
+                bar.refresh()
+                if not left:
+                    break
+                time.sleep(0.5)
+        print(_move_summary(c.status()))
+    return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'8Gi', '512Mi', '2G', '1000000' -> bytes (Kubernetes quantity suffixes)."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9,
+             "T": 10**12}
+    text = str(text).strip()
+    for suffix, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(suffix):
+            return int(float(text[:-len(suffix)]) * factor)
+    return int(float(text))
 
 
 # --- parser -----------------------------------------------------------------------------------------------------
@@ -296,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     s.add_argument("--cluster", default="lookalike", help="cluster name (actor names; default lookalike)")
     s.add_argument("--grace", type=float, default=5.0, help="seconds to drain calls on shutdown")
+    s.add_argument("--shard-memory", default="0",
+                   help="memory each shard may fill, e.g. 8Gi (its capacity; writes past it get RESOURCE_EXHAUSTED; "
+                        "default: no limit)")
+    s.add_argument("--max-shards", type=int, default=64, help="automatic growth stops here (default 64)")
+    s.add_argument("--autoscale", type=float, default=30.0,
+                   help="seconds between checks of shard memory against 80%% of --shard-memory; past it a shard is "
+                        "added and buckets rebalanced (0: off; needs --shard-memory)")
     s.add_argument("--encoders", type=int, default=0,
                    help="encoder actors on Ray (a GPU each when the cluster has them); 0: encode in the router")
     s.set_defaults(func=cmd_serve)
@@ -372,9 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_encoder)
 
-    st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory"))
+    st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory, bucket moves"))
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    rb = with_target(sub.add_parser("rebalance", help="add shards and move buckets until the load is even"))
+    rb.add_argument("name", nargs="?", default="", help="collection (default: every collection)")
+    rb.add_argument("--add-shards", type=int, default=0, help="shards to start first (default 0)")
+    rb.add_argument("--no-wait", action="store_true", help="return once the moves are queued")
+    rb.set_defaults(func=cmd_rebalance)
 
     sub.add_parser("bench", add_help=False,
                    help="cluster vs in-process FAISS benchmark; `lookalike bench --help` (docs/BENCHMARKS.md)")
@@ -396,3 +465,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -115,8 +115,39 @@ class CollectionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MovePolicy:
+    """How moves run and when the cluster grows by itself.
+
+    Attributes:
+        max_moves: moves copying at once (at most one onto any node).
+        move_buckets: buckets one move takes at most.
+        grace_s: seconds a move's source keeps a bucket after the target took over (longer than a router's
+            refresh interval).
+        high_water: a shard using more than this fraction of its capacity triggers growth.
+        max_shards: growth stops here.
+        autoscale_s: seconds between checks of the high-water mark (0: no automatic growth).
+        tolerance: planning stops when the most and least loaded shards differ by less than this fraction of the
+            mean load.
+    """
+
+    max_moves: int = 2
+    move_buckets: int = 16
+    grace_s: float = 2.0
+    high_water: float = 0.8
+    max_shards: int = 64
+    autoscale_s: float = 0.0
+    tolerance: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """What `lookalike serve` starts."""
+    """What `lookalike serve` starts.
+
+    Attributes:
+        shard_memory: bytes each shard may fill (its capacity; also reserved as Ray's ``memory`` resource so Ray
+            places shards where it fits). 0: no limit, no automatic growth.
+        policy: bucket moves and automatic growth.
+    """
 
     data_dir: str = "./lookalike-data"
     shards: int = 2
@@ -124,6 +155,8 @@ class ClusterConfig:
     namespace: str = "lookalike"
     shard_num_cpus: float = 1.0
     shard_host: str = "127.0.0.1"
+    shard_memory: int = 0
+    policy: MovePolicy = MovePolicy()
 
 
 def storage_path(uri: str) -> str:

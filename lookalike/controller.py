@@ -1,8 +1,23 @@
-"""The controller: owns the collections and the shard map, and places shards.
+"""The controller: owns the collections and the shard map, places shards, and moves buckets between them.
 
 A plain class (in-process in tests); ``lookalike.ray_cluster`` runs it as a named, detached Ray actor. Its state
-(collections, placement, epoch) is written atomically to ``<data_dir>/cluster.json`` on every change, so a
-restarted controller, or a whole cluster restarted on the same storage, finds it again.
+(shards, collections, placement, moves, epoch) is written atomically to ``<data_dir>/cluster.json`` on every
+change, so a restarted controller, or a whole cluster restarted on the same storage, finds it again.
+
+A move takes a few buckets from a source S to a target T (a few moves run at once, at most one onto a node):
+
+1. T *joins* the bucket: it logs a RESET for it and accepts its writes from now on.
+2. Epoch E1 is published with T *joining*: routers send the bucket's writes to S and T; searches still use S.
+3. S is *fenced* at E1: it refuses writes routed with an older map, so every write it accepted before is in its
+   log. T then *copies* the bucket from S's storage (the volume every node mounts), skipping ids written to it
+   directly since step 1 (those are newer), while S serves.
+4. Epoch E2: T owns the bucket and S is *leaving*: searches use T; writes still reach both.
+5. After a grace period (routers have seen E2), S drops the bucket (RESET in its log, items out of memory, and a
+   fence at E2 so a router still searching it for that bucket gets told its map is stale), and epoch E3 forgets S.
+
+A failure before step 4 rolls the move back (T drops what it copied; S never stopped owning the bucket); after
+step 4 it rolls forward. Either way the bucket always has an owner holding all of it. A restarted controller
+rolls back moves caught before step 4 and finishes those after it.
 """
 
 from __future__ import annotations
@@ -16,11 +31,15 @@ import threading
 import time
 from typing import Protocol
 
-from lookalike.config import CollectionConfig
-from lookalike.errors import AlreadyExists, NotFound
-from lookalike.shardmap import ShardInfo, ShardMap, assign_buckets
+import numpy as np
+
+from lookalike.config import CollectionConfig, MovePolicy
+from lookalike.errors import AlreadyExists, InvalidArgument, NotFound
+from lookalike.shardmap import ShardInfo, ShardMap, assign_buckets, order_by_node
 
 log = logging.getLogger(__name__)
+
+MOVE_ATTEMPTS = 3
 
 
 class ShardPlacer(Protocol):
@@ -32,30 +51,87 @@ class ShardPlacer(Protocol):
 
     def drop_collection(self, shard_id: str, name: str) -> None: ...
 
+    # bucket moves: these raise on failure (the controller rolls the move back)
+    def join_buckets(self, shard_id: str, cfg: CollectionConfig, buckets: list[int], epoch: int) -> None: ...
+
+    def fence(self, shard_id: str, name: str, epoch: int) -> None: ...
+
+    def copy_in(self, shard_id: str, name: str, buckets: list[int], source: str) -> int: ...
+
+    def finish_join(self, shard_id: str, name: str, buckets: list[int]) -> None: ...
+
+    def drop_buckets(self, shard_id: str, name: str, buckets: list[int], epoch: int) -> int: ...
+
+    def bucket_counts(self, shard_id: str, name: str) -> list[int]: ...
+
+    def stats(self, shard_id: str) -> dict: ...
+
+
+@dataclasses.dataclass
+class Move:
+    """Some buckets of one collection going from one shard to another."""
+
+    collection: str
+    buckets: list[int]
+    source: str
+    target: str
+    phase: str = "queued"  # queued -> copy -> leaving -> (done)
+    items: int = 0         # items copied (known once the copy is done)
+    attempts: int = 0      # failed tries so far (rolled back each time)
+    retry_at: float = 0.0  # time.monotonic() before which it is not tried again
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.collection, self.buckets[0]
+
+
+@dataclasses.dataclass
+class _Collection:
+    cfg: CollectionConfig
+    owners: list[list[str]]
+    moves: dict[int, Move] = dataclasses.field(default_factory=dict)
+
 
 class Controller:
-    """Cluster state and placement.
+    """Cluster state, placement and moves.
 
     Args:
         data_dir: the storage root; the state file is ``cluster.json`` there.
         n_shards: shards to start when the storage holds no state yet (an existing state keeps its shards).
         placer: starts shards and tells them what they own.
+        policy: moves and growth.
     """
 
-    def __init__(self, data_dir: str | pathlib.Path, n_shards: int, placer: ShardPlacer):
+    def __init__(self, data_dir: str | pathlib.Path, n_shards: int, placer: ShardPlacer,
+                 policy: MovePolicy = MovePolicy()):
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._path = self.data_dir / "cluster.json"
         self._placer = placer
+        self.policy = policy
         self._cond = threading.Condition(threading.RLock())
         self._shard_info: dict[str, ShardInfo] = {}
+        self._collections: dict[str, _Collection] = {}
+        self._cleanups: list[tuple[str, str, list[int]]] = []  # (shard, collection, buckets): rolled-back copies
+        self._running: set[tuple[str, int]] = set()
+        self.moves_done = 0
+        self.moves_failed = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
         if self._path.exists():
             state = json.loads(self._path.read_text())
             self._epoch = int(state["epoch"]) + 1  # a restart is a change: routers must re-read addresses
             self._shards = list(state["shards"])
-            self._collections = {
-                name: (CollectionConfig(**c["config"]), tuple(tuple(o) for o in c["owners"]))
-                for name, c in state["collections"].items()}
+            for name, c in state["collections"].items():
+                coll = _Collection(CollectionConfig(**c["config"]), [list(o) for o in c["owners"]])
+                for m in c.get("moves", []):
+                    move = Move(**{**m, "retry_at": 0.0})
+                    if move.phase == "copy":  # caught half way: roll back, run again later
+                        self._cleanups.append((move.target, name, move.buckets))
+                        move.phase = "queued"
+                    for b in move.buckets:
+                        coll.moves[b] = move
+                self._collections[name] = coll
             if n_shards != len(self._shards):
                 log.warning("storage holds a cluster of %d shards; keeping it (asked for %d)", len(self._shards),
                             n_shards)
@@ -64,14 +140,14 @@ class Controller:
                 raise ValueError(f"a cluster needs at least one shard, got {n_shards}")
             self._epoch = 1
             self._shards = [f"shard-{i}" for i in range(n_shards)]
-            self._collections: dict[str, tuple[CollectionConfig, tuple]] = {}
         self._save()
 
     # --- persistence ----------------------------------------------------------------------------------------
     def _save(self) -> None:
         state = {"epoch": self._epoch, "shards": self._shards,
-                 "collections": {n: {"config": dataclasses.asdict(c), "owners": [list(o) for o in owners]}
-                                 for n, (c, owners) in self._collections.items()}}
+                 "collections": {n: {"config": dataclasses.asdict(c.cfg), "owners": c.owners,
+                                     "moves": [dataclasses.asdict(m) for m in _unique(c.moves.values())]}
+                                 for n, c in self._collections.items()}}
         tmp = self._path.with_suffix(".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -79,16 +155,33 @@ class Controller:
             os.fsync(f.fileno())
         os.replace(tmp, self._path)
 
-    def _bump(self) -> None:
+    def _bump(self) -> int:
         self._epoch += 1
         self._save()
         self._cond.notify_all()
+        return self._epoch
 
     # --- shards ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Starts (or finds) every shard."""
+        """Starts (or finds) every shard, and the threads that run moves and watch for growth."""
         for sid in self._shards:
             self._placer.ensure_shard(sid)
+        self._spawn(self._mover_loop, "mover")
+        if self.policy.autoscale_s > 0:
+            self._spawn(self._autoscale_loop, "autoscale")
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, daemon=True, name=name)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stops the background threads (moves in progress are left to a restarted controller)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
 
     def register_shard(self, shard_id: str, address: str, node: str = "", serving: bool = True) -> int:
         """Called by a shard once it serves (again, after a restart); returns the new epoch."""
@@ -96,8 +189,7 @@ class Controller:
             if shard_id not in self._shards:
                 raise NotFound(f"shard {shard_id!r} is not part of this cluster")
             self._shard_info[shard_id] = ShardInfo(shard_id, address, node, serving)
-            self._bump()
-            return self._epoch
+            return self._bump()
 
     def unregister_shard(self, shard_id: str) -> None:
         """Marks a shard as gone (its address is forgotten until it registers again)."""
@@ -109,22 +201,45 @@ class Controller:
         """Blocks until every shard has registered as serving; returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while not all(self._shard_info.get(s, ShardInfo(s)).serving for s in self._shards):
+            while not all(self._info(s).serving for s in self._shards):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(left)
             return True
 
+    def _info(self, sid: str) -> ShardInfo:
+        return self._shard_info.get(sid, ShardInfo(sid))
+
     def assignments(self, shard_id: str) -> list[tuple[CollectionConfig, list[int]]]:
-        """What a (re)starting shard must load: each collection with the buckets it owns."""
+        """What a (re)starting shard must load: each collection with the buckets it owns (not those it was
+        copying in: that move is rolled back; not those it was leaving: it has given them away)."""
         with self._cond:
-            return [(cfg, [b for b, own in enumerate(owners) if shard_id in own])
-                    for cfg, owners in self._collections.values()]
+            return [(c.cfg, [b for b, own in enumerate(c.owners) if shard_id in own])
+                    for c in self._collections.values()]
 
     def shards(self) -> list[ShardInfo]:
         with self._cond:
-            return [self._shard_info.get(s, ShardInfo(s)) for s in self._shards]
+            return [self._info(s) for s in self._shards]
+
+    def add_shards(self, n: int) -> list[str]:
+        """Starts ``n`` more shards (empty; rebalancing gives them buckets). Returns their ids."""
+        if n < 0:
+            raise InvalidArgument(f"cannot add {n} shards")
+        with self._cond:
+            if len(self._shards) + n > self.policy.max_shards:
+                raise InvalidArgument(
+                    f"the cluster has {len(self._shards)} shards and may grow to {self.policy.max_shards}; "
+                    f"adding {n} would pass that")
+            top = max((int(s.rsplit("-", 1)[1]) for s in self._shards if s.rsplit("-", 1)[-1].isdigit()), default=-1)
+            new = [f"shard-{top + 1 + i}" for i in range(n)]
+            self._shards.extend(new)
+            self._bump()
+        for sid in new:
+            self._placer.ensure_shard(sid)
+        if new:
+            log.info("added shards %s", ", ".join(new))
+        return new
 
     # --- collections ----------------------------------------------------------------------------------------
     def create_collection(self, cfg: CollectionConfig) -> CollectionConfig:
@@ -137,17 +252,19 @@ class Controller:
         with self._cond:
             if cfg.name in self._collections:
                 raise AlreadyExists(f"collection {cfg.name!r} already exists")
-            owners = assign_buckets(cfg.buckets, self._shards, cfg.replication)
-            self._collections[cfg.name] = (cfg, owners)
+            ordered = order_by_node(self._shards, {s: self._info(s).node for s in self._shards})
+            owners = [list(o) for o in assign_buckets(cfg.buckets, ordered, cfg.replication)]
+            self._collections[cfg.name] = _Collection(cfg, owners)
             self._save()
+            epoch = self._epoch
         for sid in self._shards:
             buckets = [b for b, own in enumerate(owners) if sid in own]
             if buckets:
                 self._placer.open_collection(sid, cfg, buckets)
         with self._cond:
             self._bump()
-        log.info("created collection %s (%s, dim %d, %s, %d buckets)", cfg.name, cfg.metric, cfg.dim, cfg.index,
-                 cfg.buckets)
+        log.info("created collection %s (%s, dim %d, %s, %d buckets, epoch %d)", cfg.name, cfg.metric, cfg.dim,
+                 cfg.index, cfg.buckets, epoch)
         return cfg
 
     def drop_collection(self, name: str) -> None:
@@ -162,15 +279,302 @@ class Controller:
 
     def list_collections(self) -> list[CollectionConfig]:
         with self._cond:
-            return [cfg for cfg, _ in self._collections.values()]
+            return [c.cfg for c in self._collections.values()]
+
+    def _coll(self, name: str) -> _Collection:
+        c = self._collections.get(name)
+        if c is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return c
 
     def shard_map(self, name: str) -> ShardMap:
         with self._cond:
-            if name not in self._collections:
-                raise NotFound(f"collection {name!r} does not exist")
-            cfg, owners = self._collections[name]
-            return ShardMap(self._epoch, cfg, owners,
-                            {s: self._shard_info.get(s, ShardInfo(s)) for s in self._shards})
+            c = self._coll(name)
+            joining = leaving = ()
+            if c.moves:
+                joining = tuple((m.target,) if (m := c.moves.get(b)) and m.phase == "copy" else ()
+                                for b in range(len(c.owners)))
+                leaving = tuple((m.source,) if (m := c.moves.get(b)) and m.phase == "leaving" else ()
+                                for b in range(len(c.owners)))
+            return ShardMap(self._epoch, c.cfg, tuple(tuple(o) for o in c.owners),
+                            {s: self._info(s) for s in self._shards}, joining, leaving)
 
     def epoch(self) -> int:
         return self._epoch
+
+    # --- rebalancing ----------------------------------------------------------------------------------------
+    def rebalance(self, name: str | None = None, add_shards: int = 0) -> int:
+        """Adds shards (if asked), then queues the bucket moves that even out the load of one collection (or of
+        all). Returns the moves queued; they run in the background (see :meth:`moves`)."""
+        if name is not None:
+            with self._cond:
+                self._coll(name)
+        if add_shards:
+            self.add_shards(add_shards)
+        with self._cond:
+            names = [name] if name is not None else list(self._collections)
+        queued = 0
+        for n in names:
+            counts = self._bucket_sizes(n)
+            with self._cond:
+                if n not in self._collections:
+                    continue
+                c = self._collections[n]
+                for m in self._plan(c, counts):
+                    for b in m.buckets:
+                        c.moves[b] = m
+                    queued += 1
+                self._save()
+                self._cond.notify_all()
+        if queued:
+            log.info("rebalance: %d bucket move(s) queued", queued)
+        return queued
+
+    def _bucket_sizes(self, name: str) -> np.ndarray:
+        """Items per bucket, as the owners report them (the largest report of any owner)."""
+        with self._cond:
+            c = self._coll(name)
+            holders = sorted({s for own in c.owners for s in own})
+            n = c.cfg.buckets
+        sizes = np.zeros(n, dtype=np.int64)
+        for sid in holders:
+            try:
+                counts = self._placer.bucket_counts(sid, name)
+            except Exception as err:  # down: plan with what the others say
+                log.warning("no bucket counts from %s: %s", sid, err)
+                continue
+            if len(counts) == n:
+                sizes = np.maximum(sizes, np.asarray(counts, dtype=np.int64))
+        return sizes
+
+    def _plan(self, c: _Collection, sizes: np.ndarray) -> list[Move]:
+        """Greedy plan (caller holds the lock): move a bucket from the most to the least loaded shard while that
+        narrows their gap, as if the moves already queued had run. A bucket weighs its items plus one, so empty
+        collections even out their bucket counts. Never two replicas of a bucket on one shard, nor on one node
+        when another node is free."""
+        weight = sizes.astype(np.float64) + 1.0
+        owners = [list(o) for o in c.owners]
+        for b, m in c.moves.items():
+            if m.phase != "leaving":
+                owners[b] = [m.target if s == m.source else s for s in owners[b]]
+        shards = list(self._shards)
+        load = {s: 0.0 for s in shards}
+        for b, own in enumerate(owners):
+            for s in own:
+                load[s] = load.get(s, 0.0) + weight[b]
+        node = {s: self._info(s).node for s in shards}
+        busy = set(c.moves)
+        steps: list[tuple[int, str, str]] = []
+        mean = sum(load.values()) / max(len(load), 1)
+        for _ in range(len(owners) * c.cfg.replication):
+            src = max(load, key=load.get)
+            gap_best = None
+            for dst in sorted(load, key=load.get):
+                gap = load[src] - load[dst]
+                if gap <= self.policy.tolerance * mean or dst == src:
+                    break
+                best, best_score = None, None
+                for b, own in enumerate(owners):
+                    if src not in own or dst in own or b in busy or weight[b] >= gap:
+                        continue
+                    others = {node[s] for s in own if s != src}
+                    if node[dst] and node[dst] in others and any(node[t] not in others for t in shards if t not in own):
+                        continue
+                    score = abs(gap - 2 * weight[b])
+                    if best_score is None or score < best_score:
+                        best, best_score = b, score
+                if best is not None:
+                    gap_best = (best, dst)
+                    break
+            if gap_best is None:
+                break
+            b, dst = gap_best
+            owners[b] = [dst if s == src else s for s in owners[b]]
+            load[src] -= weight[b]
+            load[dst] += weight[b]
+            busy.add(b)
+            steps.append((b, src, dst))
+        # One move per (source, target) pair and group of up to move_buckets buckets.
+        by_pair: dict[tuple[str, str], list[int]] = {}
+        for b, src, dst in steps:
+            by_pair.setdefault((src, dst), []).append(b)
+        size = max(1, self.policy.move_buckets)
+        return [Move(c.cfg.name, sorted(bs[i:i + size]), src, dst)
+                for (src, dst), bs in by_pair.items() for i in range(0, len(bs), size)]
+
+    def moves(self) -> list[Move]:
+        """Moves queued or running."""
+        with self._cond:
+            return [dataclasses.replace(m, buckets=list(m.buckets))
+                    for c in self._collections.values() for m in _unique(c.moves.values())]
+
+    def move_counts(self) -> tuple[int, int]:
+        """(moves finished, moves failed) since this controller started."""
+        return self.moves_done, self.moves_failed
+
+    def wait_moves(self, timeout: float = 600.0) -> bool:
+        """Blocks until no move is queued or running; returns False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any(c.moves for c in self._collections.values()) or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+            return True
+
+    # --- running moves --------------------------------------------------------------------------------------
+    def _mover_loop(self) -> None:
+        for target, name, buckets in self._cleanups:
+            self._quiet(self._placer.drop_buckets, target, name, buckets, self._epoch)
+        self._cleanups.clear()
+        while not self._stop.is_set():
+            with self._cond:
+                move = self._next_move()
+                if move is None:
+                    self._cond.wait(0.5)
+                    continue
+                self._running.add(move.key)
+            threading.Thread(target=self._run_move, args=(move,), daemon=True,
+                             name=f"move-{move.collection}-{move.buckets[0]}").start()
+
+    def _next_move(self) -> Move | None:
+        """The next move allowed to start (caller holds the lock): at most max_moves copying, one per target
+        node, and both ends serving. Moves past their copy (leaving) finish at once: that costs nothing."""
+        copying = [m for c in self._collections.values() for m in _unique(c.moves.values())
+                   if m.key in self._running and m.phase != "leaving"]
+        busy_nodes = {self._info(m.target).node or m.target for m in copying}
+        for c in self._collections.values():
+            for m in _unique(c.moves.values()):
+                if m.key in self._running:
+                    continue
+                if m.phase == "leaving":
+                    return m
+                if len(copying) >= self.policy.max_moves or time.monotonic() < m.retry_at:
+                    continue
+                if not (self._info(m.source).serving and self._info(m.target).serving):
+                    continue
+                if (self._info(m.target).node or m.target) in busy_nodes:
+                    continue
+                return m
+        return None
+
+    def _run_move(self, m: Move) -> None:
+        try:
+            if m.phase != "leaving":
+                try:
+                    self._copy_phase(m)
+                except Exception as err:
+                    self._roll_back(m, err)
+                    return
+                with self._cond:
+                    self._cond.notify_all()  # the copy slot is free: the next move may start
+            self._leave_phase(m)
+        finally:
+            with self._cond:
+                self._running.discard(m.key)
+                self._cond.notify_all()
+
+    def _copy_phase(self, m: Move) -> None:
+        with self._cond:
+            c = self._coll(m.collection)
+            cfg, epoch = c.cfg, self._epoch
+            for b in m.buckets:
+                if m.source not in c.owners[b] or m.target in c.owners[b]:
+                    raise RuntimeError(f"bucket {b} is no longer on {m.source} without {m.target}")
+        t0 = time.monotonic()
+        self._placer.join_buckets(m.target, cfg, m.buckets, epoch)
+        with self._cond:
+            m.phase = "copy"
+            e1 = self._bump()
+        self._placer.fence(m.source, m.collection, e1)
+        m.items = self._placer.copy_in(m.target, m.collection, m.buckets, m.source)
+        self._placer.finish_join(m.target, m.collection, m.buckets)
+        with self._cond:
+            c = self._coll(m.collection)
+            for b in m.buckets:
+                c.owners[b] = [m.target if s == m.source else s for s in c.owners[b]]
+            m.phase = "leaving"
+            self._bump()
+        log.info("moved buckets %s of %s from %s to %s: %d items in %.1fs", _span(m.buckets), m.collection,
+                 m.source, m.target, m.items, time.monotonic() - t0)
+
+    def _leave_phase(self, m: Move) -> None:
+        if self._stop.wait(self.policy.grace_s):
+            return  # stopping: a restarted controller finishes it
+        with self._cond:
+            e2 = self._epoch
+        self._quiet(self._placer.drop_buckets, m.source, m.collection, m.buckets, e2)
+        with self._cond:
+            c = self._collections.get(m.collection)
+            if c is not None:
+                for b in m.buckets:
+                    c.moves.pop(b, None)
+            self.moves_done += 1
+            self._bump()
+
+    def _roll_back(self, m: Move, err: Exception) -> None:
+        """Undoes a move that failed before its target took over, and queues it again (up to MOVE_ATTEMPTS)."""
+        with self._cond:
+            m.attempts += 1
+            m.phase = "queued"
+            m.retry_at = time.monotonic() + 2.0 ** m.attempts
+            retry = m.attempts < MOVE_ATTEMPTS
+            c = self._collections.get(m.collection)
+            if c is not None and not retry:
+                for b in m.buckets:
+                    c.moves.pop(b, None)
+            self.moves_failed += 1
+            epoch = self._bump()
+        log.warning("move of buckets %s of %s from %s to %s failed (%s); rolled back, %s", _span(m.buckets),
+                    m.collection, m.source, m.target, err, "will retry" if retry else "giving up")
+        # Before the slot is released, so a retry cannot join before this drop.
+        self._quiet(self._placer.drop_buckets, m.target, m.collection, m.buckets, epoch)
+
+    @staticmethod
+    def _quiet(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # the shard is down: it loads only what it owns when it comes back
+            log.warning("%s%s failed: %s", fn.__name__, args[:2], err)
+
+    # --- automatic growth -----------------------------------------------------------------------------------
+    def _autoscale_loop(self) -> None:
+        while not self._stop.wait(self.policy.autoscale_s):
+            try:
+                self.check_growth()
+            except Exception:
+                log.exception("growth check failed")
+
+    def check_growth(self) -> int:
+        """Adds a shard and rebalances every collection when a shard is past the high-water mark of its capacity
+        (and no move is under way). Returns the moves queued."""
+        with self._cond:
+            if self._running or any(c.moves for c in self._collections.values()):
+                return 0
+            if len(self._shards) >= self.policy.max_shards:
+                return 0
+            shards = list(self._shards)
+        full = []
+        for sid in shards:
+            try:
+                st = self._placer.stats(sid)
+            except Exception:
+                continue
+            if st.get("capacity_bytes") and st["memory_bytes"] > self.policy.high_water * st["capacity_bytes"]:
+                full.append(sid)
+        if not full:
+            return 0
+        log.info("shards %s passed %.0f%% of their capacity: adding a shard", ", ".join(full),
+                 100 * self.policy.high_water)
+        self.add_shards(1)
+        return self.rebalance()
+
+
+def _unique(moves) -> list[Move]:
+    """Each move once (a move is listed under every bucket it takes)."""
+    return list({id(m): m for m in moves}.values())
+
+
+def _span(buckets: list[int]) -> str:
+    return f"{buckets[0]}" if len(buckets) == 1 else f"{buckets[0]}..{buckets[-1]} ({len(buckets)})"

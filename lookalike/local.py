@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
-from lookalike.config import CollectionConfig
+from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.controller import Controller
 from lookalike.errors import Unavailable
 from lookalike.net import set_serving
@@ -18,9 +18,10 @@ from shard.server import SERVICE_NAME, create_shard_server
 class LocalPlacer:
     """Runs each shard in this process with its own gRPC server on 127.0.0.1 (port 0)."""
 
-    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20):
+    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0):
         self.data_dir = pathlib.Path(data_dir)
         self.segment_bytes = segment_bytes
+        self.capacity_bytes = capacity_bytes
         self.shards: dict[str, Shard] = {}
         self.servers: dict[str, tuple] = {}
         self.controller: Controller | None = None
@@ -28,12 +29,13 @@ class LocalPlacer:
     def ensure_shard(self, shard_id: str) -> None:
         if shard_id in self.shards:
             return
-        shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes)
+        shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes, capacity_bytes=self.capacity_bytes)
         server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8)
         self.shards[shard_id] = shard
         self.servers[shard_id] = (server, port, servicer, health)
+        epoch = self.controller.epoch()
         for cfg, buckets in self.controller.assignments(shard_id):
-            shard.open_collection(cfg, buckets)
+            shard.open_collection(cfg, buckets, epoch)
         shard.serving = True
         set_serving(health, [SERVICE_NAME])
         self.controller.register_shard(shard_id, f"127.0.0.1:{port}", "local")
@@ -43,6 +45,33 @@ class LocalPlacer:
 
     def drop_collection(self, shard_id: str, name: str) -> None:
         self.shards[shard_id].drop_collection(name)
+
+    def _shard(self, shard_id: str) -> Shard:
+        shard = self.shards.get(shard_id)
+        if shard is None:
+            raise Unavailable(f"shard {shard_id} is not running")
+        return shard
+
+    def join_buckets(self, shard_id, cfg, buckets, epoch):
+        self._shard(shard_id).join_buckets(cfg, buckets, epoch)
+
+    def fence(self, shard_id, name, epoch):
+        self._shard(shard_id).fence(name, epoch)
+
+    def copy_in(self, shard_id, name, buckets, source):
+        return self._shard(shard_id).copy_in(name, buckets, source)
+
+    def finish_join(self, shard_id, name, buckets):
+        self._shard(shard_id).finish_join(name, buckets)
+
+    def drop_buckets(self, shard_id, name, buckets, epoch):
+        return self._shard(shard_id).drop_buckets(name, buckets, epoch)
+
+    def bucket_counts(self, shard_id, name):
+        return self._shard(shard_id).bucket_counts(name)
+
+    def stats(self, shard_id):
+        return self._shard(shard_id).stats()
 
     def stop_shard(self, shard_id: str) -> None:
         """Stops a shard as a crash would (no flush beyond what was acknowledged)."""
@@ -66,9 +95,10 @@ class LocalCluster:
     """
 
     def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
-                 refresh_interval: float = 0.1):
-        self.placer = LocalPlacer(data_dir, segment_bytes)
-        self.controller = Controller(data_dir, shards, self.placer)
+                 refresh_interval: float = 0.1, policy: MovePolicy = MovePolicy(grace_s=0.3),
+                 capacity_bytes: int = 0):
+        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes)
+        self.controller = Controller(data_dir, shards, self.placer, policy)
         self.placer.controller = self.controller
         self.controller.start()
         if transport == "inprocess":
@@ -82,5 +112,6 @@ class LocalCluster:
         self.router = Router(self.controller, connect, refresh_interval=refresh_interval)
 
     def close(self) -> None:
+        self.controller.stop()
         self.router.close()
         self.placer.stop()

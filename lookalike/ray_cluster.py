@@ -39,7 +39,7 @@ def _unwrap(ref, timeout: float | None = None):
 @ray.remote
 class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
-                 segment_bytes: int):
+                 segment_bytes: int, capacity_bytes: int = 0):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import faiss
 
@@ -49,7 +49,7 @@ class ShardActor:
 
         faiss.omp_set_num_threads(max(1, threads))
         self.shard_id = shard_id
-        self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes)
+        self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes, capacity_bytes=capacity_bytes)
         self._open_lock = threading.Lock()
         self.server, port, _servicer, self._health = create_shard_server(self.shard, "0.0.0.0:0")
         ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
@@ -61,8 +61,11 @@ class ShardActor:
 
     def _load(self) -> None:
         try:
+            # Requests routed with a map older than this load are refused as stale (a move may have ended while
+            # this shard was down).
+            epoch = _unwrap(self._controller.call.remote("epoch"))
             for cfg, buckets in _unwrap(self._controller.call.remote("assignments", self.shard_id)):
-                self.open_collection(cfg, buckets)
+                self.open_collection(cfg, buckets, epoch)
             self.shard.serving = True
             self._set_serving()
             _unwrap(self._controller.call.remote("register_shard", self.shard_id, self.address, self.node))
@@ -71,13 +74,36 @@ class ShardActor:
             log.exception("%s failed to load; exiting so that Ray restarts it", self.shard_id)
             os._exit(1)
 
-    def open_collection(self, cfg: CollectionConfig, buckets: list[int]) -> int:
+    def open_collection(self, cfg: CollectionConfig, buckets: list[int], epoch: int = 0) -> int:
         with self._open_lock:
-            return self.shard.open_collection(cfg, buckets)
+            return self.shard.open_collection(cfg, buckets, epoch)
 
     def drop_collection(self, name: str) -> None:
         with self._open_lock:
             self.shard.drop_collection(name)
+
+    # bucket moves (see lookalike.controller)
+    def join_buckets(self, cfg: CollectionConfig, buckets: list[int], epoch: int) -> None:
+        with self._open_lock:
+            self.shard.join_buckets(cfg, buckets, epoch)
+
+    def fence(self, name: str, epoch: int) -> None:
+        self.shard.fence(name, epoch)
+
+    def copy_in(self, name: str, buckets: list[int], source: str) -> int:
+        return self.shard.copy_in(name, buckets, source)
+
+    def finish_join(self, name: str, buckets: list[int]) -> None:
+        self.shard.finish_join(name, buckets)
+
+    def drop_buckets(self, name: str, buckets: list[int], epoch: int) -> int:
+        return self.shard.drop_buckets(name, buckets, epoch)
+
+    def bucket_counts(self, name: str) -> list[int]:
+        return self.shard.bucket_counts(name)
+
+    def stats(self) -> dict:
+        return self.shard.stats()
 
     def pid(self) -> int:
         return os.getpid()
@@ -102,11 +128,11 @@ class RayPlacer:
             h = ShardActor.options(
                 name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
                 get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
-                num_cpus=cfg.shard_num_cpus,
+                num_cpus=cfg.shard_num_cpus, memory=cfg.shard_memory or None,
                 # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
                 runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
             ).remote(shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
-                     max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes)
+                     max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory)
             self._handles[shard_id] = h
         return h
 
@@ -126,6 +152,28 @@ class RayPlacer:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             log.warning("could not reach %s to drop %s: %s", shard_id, name, err)
 
+    # bucket moves: errors propagate (the controller rolls the move back)
+    def join_buckets(self, shard_id, cfg, buckets, epoch):
+        _unwrap(self._handle(shard_id).join_buckets.remote(cfg, buckets, epoch), timeout=120)
+
+    def fence(self, shard_id, name, epoch):
+        _unwrap(self._handle(shard_id).fence.remote(name, epoch), timeout=120)
+
+    def copy_in(self, shard_id, name, buckets, source):
+        return _unwrap(self._handle(shard_id).copy_in.remote(name, buckets, source), timeout=3600)
+
+    def finish_join(self, shard_id, name, buckets):
+        _unwrap(self._handle(shard_id).finish_join.remote(name, buckets), timeout=120)
+
+    def drop_buckets(self, shard_id, name, buckets, epoch):
+        return _unwrap(self._handle(shard_id).drop_buckets.remote(name, buckets, epoch), timeout=300)
+
+    def bucket_counts(self, shard_id, name):
+        return _unwrap(self._handle(shard_id).bucket_counts.remote(name), timeout=60)
+
+    def stats(self, shard_id):
+        return _unwrap(self._handle(shard_id).stats.remote(), timeout=30)
+
     def kill_all(self) -> None:
         for h in self._handles.values():
             ray.kill(h, no_restart=True)
@@ -136,7 +184,7 @@ class ControllerActor:
     def __init__(self, cfg: ClusterConfig, segment_bytes: int):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._placer = RayPlacer(cfg, segment_bytes)
-        self._ctl = Controller(cfg.data_dir, cfg.shards, self._placer)
+        self._ctl = Controller(cfg.data_dir, cfg.shards, self._placer, cfg.policy)
         self._ctl.start()
         # After a restart of this actor the shards are still running and will not register again: ask them.
         threading.Thread(target=self._rediscover, daemon=True, name="rediscover").start()
@@ -161,6 +209,7 @@ class ControllerActor:
         return {sid: ray.get(h.pid.remote()) for sid, h in self._placer._handles.items()}
 
     def shutdown(self) -> None:
+        self._ctl.stop()
         self._placer.kill_all()
 
 
@@ -233,6 +282,15 @@ class RayControlPlane:
 
     def shards(self):
         return self._call("shards")
+
+    def rebalance(self, name, add_shards):
+        return self._call("rebalance", name, add_shards, timeout=600)
+
+    def moves(self):
+        return self._call("moves")
+
+    def move_counts(self):
+        return self._call("move_counts")
 
 
 def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeout: float = 180.0):

@@ -94,6 +94,11 @@ class LookalikeStub:
                 request_serializer=protos_dot_lookalike__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_lookalike__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/lookalike.v1.Lookalike/Rebalance',
+                request_serializer=protos_dot_lookalike__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class LookalikeServicer:
@@ -178,7 +183,15 @@ class LookalikeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClusterStatus(self, request, context):
-        """Shards, their addresses, buckets and vectors.
+        """Shards, their addresses, buckets and vectors, and the bucket moves in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Adds shards (optionally) and moves buckets until the collection's load is even. Returns once the moves are
+        planned; they run in the background while the cluster serves (see ClusterStatus for progress).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -246,6 +259,11 @@ def add_LookalikeServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=protos_dot_lookalike__pb2.ClusterStatusRequest.FromString,
                     response_serializer=protos_dot_lookalike__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=protos_dot_lookalike__pb2.RebalanceRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +590,33 @@ class Lookalike:
             '/lookalike.v1.Lookalike/ClusterStatus',
             protos_dot_lookalike__pb2.ClusterStatusRequest.SerializeToString,
             protos_dot_lookalike__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/Rebalance',
+            protos_dot_lookalike__pb2.RebalanceRequest.SerializeToString,
+            protos_dot_lookalike__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,7 +66,9 @@ class ShardServicer:
 
     def Upsert(self, request, context):
         """Durable (WAL fsynced) and applied before it returns. Fails with FAILED_PRECONDITION if the shard does not
-        own a bucket of one of the ids (the router's shard map is stale), NOT_FOUND for an unknown collection.
+        own a bucket of one of the ids, or the request's epoch is older than the shard's last change of buckets (the
+        router's shard map is stale), NOT_FOUND for an unknown collection, RESOURCE_EXHAUSTED when the shard would
+        pass its capacity.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

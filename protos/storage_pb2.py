@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/storage.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"\x98\x01\n\tWalRecord\x12&\n\x02op\x18\x01 \x01(\x0e\x32\x1a.lookalike.v1.WalRecord.Op\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\x10\n\x08payloads\x18\x04 \x03(\x0c\"\x1c\n\x02Op\x12\n\n\x06UPSERT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01\"g\n\x0e\x42ucketSnapshot\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\x10\n\x08payloads\x18\x04 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/storage.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"\xb4\x01\n\tWalRecord\x12&\n\x02op\x18\x01 \x01(\x0e\x32\x1a.lookalike.v1.WalRecord.Op\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\x10\n\x08payloads\x18\x04 \x03(\x0c\x12\x0f\n\x07\x62uckets\x18\x05 \x03(\r\"\'\n\x02Op\x12\n\n\x06UPSERT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01\x12\t\n\x05RESET\x10\x02\"g\n\x0e\x42ucketSnapshot\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\x10\n\x08payloads\x18\x04 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.storage_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WALRECORD']._serialized_start=60
-  _globals['_WALRECORD']._serialized_end=212
-  _globals['_WALRECORD_OP']._serialized_start=184
-  _globals['_WALRECORD_OP']._serialized_end=212
-  _globals['_BUCKETSNAPSHOT']._serialized_start=214
-  _globals['_BUCKETSNAPSHOT']._serialized_end=317
+  _globals['_WALRECORD']._serialized_end=240
+  _globals['_WALRECORD_OP']._serialized_start=201
+  _globals['_WALRECORD_OP']._serialized_end=240
+  _globals['_BUCKETSNAPSHOT']._serialized_start=242
+  _globals['_BUCKETSNAPSHOT']._serialized_end=345
 # @@protoc_insertion_point(module_scope)

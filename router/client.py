@@ -175,3 +175,8 @@ class Client:
 
     def status(self) -> lookalike_pb2.ClusterStatusResponse:
         return self.stub.ClusterStatus(lookalike_pb2.ClusterStatusRequest(), timeout=self.timeout)
+
+    def rebalance(self, name: str = "", add_shards: int = 0) -> lookalike_pb2.RebalanceResponse:
+        """Adds shards (optionally) and queues the bucket moves that even the load; they run in the background."""
+        return self.stub.Rebalance(lookalike_pb2.RebalanceRequest(name=name, add_shards=add_shards),
+                                   timeout=max(self.timeout or 0, 600))

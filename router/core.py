@@ -7,6 +7,7 @@ production, an in-process Controller in tests) and a shard-client factory (gRPC 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -43,6 +44,17 @@ class ControlPlane(Protocol):
 
     def shards(self) -> list[ShardInfo]: ...
 
+    def rebalance(self, name: str | None, add_shards: int) -> int: ...
+
+    def moves(self) -> list: ...
+
+    def move_counts(self) -> tuple[int, int]: ...
+
+
+# Rounds of a search: the first asks a cover of all buckets; later ones ask other owners of the buckets still
+# missing (failover), or the same shards with a fresh map when a shard said the map was stale (a bucket move).
+_SEARCH_ROUNDS = 6
+
 
 @dataclasses.dataclass
 class SearchResult:
@@ -65,7 +77,7 @@ class SearchResult:
 
 
 class Router:
-    """Routes writes by bucket and fans searches out to one owner of every bucket.
+    """Routes writes to every holder of a bucket and fans searches out to one owner of every bucket.
 
     Args:
         control: the control plane.
@@ -85,6 +97,7 @@ class Router:
         self._clients: dict[str, ShardClient] = {}
         self._lock = threading.Lock()
         self._epoch = -1
+        self._turn = itertools.count()
         self._write_retry_s = write_retry_s
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_epoch, args=(refresh_interval,), daemon=True,
@@ -149,16 +162,19 @@ class Router:
         return self.control.list_collections()
 
     def count(self, name: str, timeout: float | None = 5.0) -> int:
-        """Items stored in a collection (each bucket counted once)."""
+        """Items stored in a collection: per bucket, what its owners report (each bucket counted once)."""
         smap = self.shard_map(name)
-        total = 0
+        per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
         for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
             try:
                 resp = fut.result()
             except LookalikeError:
                 continue
-            total += sum(c.vectors for c in resp.collections if c.name == name)
-        return total // smap.collection.replication
+            for c in resp.collections:
+                if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
+                    counts = np.frombuffer(c.bucket_counts, dtype="<u4").astype(np.int64)
+                    per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
+        return int(per_bucket.sum())
 
     # --- writes ---------------------------------------------------------------------------------------------
     def _deadline(self, timeout: float | None, default: float) -> float:
@@ -186,21 +202,14 @@ class Router:
         while True:
             smap = self.shard_map(name, refresh=refresh)
             buckets = buckets_of(ids, smap.collection.buckets)
-            owners = smap.owner_matrix[buckets]            # (n, R)
-            groups: dict[str, list[np.ndarray]] = {}
-            primary: set[str] = set()
-            for r in range(owners.shape[1]):
-                col = owners[:, r]
-                for s in np.unique(col).tolist():
-                    sid = smap.shard_ids[s]
-                    groups.setdefault(sid, []).append(np.flatnonzero(col == s))
-                    if r == 0:
-                        primary.add(sid)
-            requests = {sid: build(np.unique(np.concatenate(idx)), smap.epoch) for sid, idx in groups.items()}
+            holders = smap.write_mask[buckets]              # (n, shards): owners, joining and leaving
+            requests = {smap.shard_ids[j]: build(np.flatnonzero(holders[:, j]), smap.epoch)
+                        for j in np.flatnonzero(holders.any(axis=0)).tolist()}
+            primary = {smap.owners[b][0] for b in np.unique(buckets).tolist()}
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(f"write to collection {name!r} did not complete before the deadline")
-            calls = self._fan_out(smap, list(groups), method, requests, remaining)
+            calls = self._fan_out(smap, list(requests), method, requests, remaining)
             responses, retry_err = [], None
             for sid, fut in calls:
                 try:
@@ -270,21 +279,51 @@ class Router:
 
     # --- reads ----------------------------------------------------------------------------------------------
     def get(self, name: str, ids: list[str], include_vectors: bool = False, timeout: float | None = None):
-        """(found ids in request order, vectors (n, d) or None, serialized payloads)."""
+        """(found ids in request order, vectors (n, d) or None, serialized payloads). Each id is asked of one
+        owner of its bucket, another owner if that one fails, and again with a fresh map if the map was stale."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         smap = self.shard_map(name)
-        buckets = buckets_of(ids, smap.collection.buckets)
-        primary = smap.owner_matrix[buckets, 0]
-        requests = {}
-        for s in np.unique(primary).tolist():
-            sid = smap.shard_ids[s]
-            requests[sid] = shard_pb2.ShardGetRequest(
-                collection=name, ids=[ids[i] for i in np.flatnonzero(primary == s)], include_vectors=include_vectors)
         found: dict[str, tuple] = {}
-        for sid, fut in self._fan_out(smap, list(requests), "Get", requests, timeout):
-            resp = fut.result()
-            vecs = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
-            for i, uid in enumerate(resp.ids):
-                found[uid] = (vecs[i] if vecs is not None else None, resp.payloads[i])
+        pending = list(range(len(ids)))
+        tried: set[str] = set()
+        last_err: LookalikeError | None = None
+        for _ in range(_SEARCH_ROUNDS):
+            buckets = buckets_of([ids[i] for i in pending], smap.collection.buckets)
+            by_shard: dict[str, list[int]] = {}
+            for i, b in zip(pending, buckets.tolist()):
+                sid = next((s for s in smap.owners[b] if s not in tried), None)
+                if sid is not None:
+                    by_shard.setdefault(sid, []).append(i)
+            if not by_shard:
+                break
+            requests = {sid: shard_pb2.ShardGetRequest(collection=name, ids=[ids[i] for i in idx],
+                                                       include_vectors=include_vectors, epoch=smap.epoch)
+                        for sid, idx in by_shard.items()}
+            left = None if deadline is None else deadline - time.monotonic()
+            pending, stale = [], False
+            for sid, fut in self._fan_out(smap, list(requests), "Get", requests, left):
+                try:
+                    resp = fut.result()
+                except _CALLER_ERRORS:
+                    raise
+                except LookalikeError as err:
+                    last_err = err
+                    pending.extend(by_shard[sid])
+                    if isinstance(err, StaleShardMap):
+                        stale = True
+                    else:
+                        tried.add(sid)
+                    continue
+                vecs = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
+                for i, uid in enumerate(resp.ids):
+                    found[uid] = (vecs[i] if vecs is not None else None, resp.payloads[i])
+            if not pending:
+                break
+            if stale:
+                time.sleep(0.02)
+                smap = self.shard_map(name, refresh=True)
+        if pending:
+            raise last_err
         out_ids = [u for u in dict.fromkeys(ids) if u in found]
         vectors = np.stack([found[u][0] for u in out_ids]) if include_vectors and out_ids else None
         return out_ids, vectors, [found[u][1] for u in out_ids]
@@ -309,15 +348,22 @@ class Router:
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
-        primary = smap.primary_buckets
         nq = len(xq)
-        Ds, Ls, ids, payloads, covered, failures = [], [], [], [], 0, {}
-        pending = list(primary)
-        for attempt in range(2):
+        n_buckets = smap.collection.buckets
+        covered = np.zeros(n_buckets, dtype=bool)
+        answered: set[str] = set()
+        Ds, Ls, ids, payloads, failures = [], [], [], [], {}
+        rotation = next(self._turn)
+        for attempt in range(_SEARCH_ROUNDS):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            for sid, fut in self._fan_out(smap, pending, "Search", req, left):
+            # Every shard answers for all it holds, so a cover of the missing buckets is enough.
+            targets = smap.cover(None if not answered else ~covered, answered | set(failures), rotation)
+            if not targets:
+                break
+            req.epoch = smap.epoch
+            for sid, fut in self._fan_out(smap, targets, "Search", req, left):
                 try:
                     resp = fut.result()
                 except _CALLER_ERRORS:
@@ -326,30 +372,36 @@ class Router:
                     failures[sid] = err
                     continue
                 failures.pop(sid, None)
+                answered.add(sid)
                 Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
                 Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
                 ids.extend(resp.ids)
                 if include_payloads:
                     payloads.extend(resp.payloads)
-                covered += primary[sid]
-            if not failures or attempt:
+                covered |= smap.served_by(sid)
+            if covered.all():
                 break
-            # A shard that restarted listens at a new address: ask the new one once, within the same deadline.
+            # Buckets are missing. A fresh map may move them (a move, or a shard that restarted at a new
+            # address); a shard that said the map was stale is asked again under the fresh one.
+            stale = any(isinstance(e, StaleShardMap) for e in failures.values())
+            if stale and attempt:
+                time.sleep(min(0.01 * 2 ** attempt, 0.2))
             fresh = self.shard_map(name, refresh=True)
-            pending = [sid for sid in failures
-                       if fresh.shards[sid].address and fresh.shards[sid].address != smap.shards[sid].address]
-            if not pending or fresh.owners != smap.owners:
-                break
+            for sid in list(failures):
+                info = fresh.shards.get(sid)
+                if isinstance(failures[sid], StaleShardMap) or (
+                        info is not None and info.address and info.address != smap.shards[sid].address):
+                    failures.pop(sid)
             smap = fresh
-        coverage = covered / smap.collection.buckets
+        coverage = float(covered.sum()) / n_buckets
         failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
         if failures:
             self.invalidate(name)
             log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), failed)
         if coverage < min_coverage or not Ds:
             raise Unavailable(
-                f"only {covered} of {smap.collection.buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
-                f"< min_coverage {min_coverage:g}); failed: {failed}")
+                f"only {int(covered.sum())} of {n_buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
+                f"< min_coverage {min_coverage:g}); failed: {failed or 'none'}")
         D, I = merge_topk(np.stack(Ds), np.stack(Ls), smap.collection.larger_is_better)
         ids_arr = np.array(ids, dtype=object)
         out_ids, out_pl = [], [] if include_payloads else None

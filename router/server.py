@@ -164,13 +164,27 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
                                           serving=bool(st is not None and st.serving))
             if st is not None:
                 s.memory_bytes = st.memory_bytes
+                s.capacity_bytes = st.capacity_bytes
                 s.buckets = sum(c.buckets for c in st.collections)
                 s.vectors = sum(c.vectors for c in st.collections)
                 s.index_bytes = sum(c.index_bytes for c in st.collections)
+                s.joining = sum(c.joining for c in st.collections)
             shards.append(s)
+        control = self.router.control
+        done, failed = control.move_counts()
+        moves = [lookalike_pb2.BucketMove(collection=m.collection, bucket=b, source=m.source, target=m.target,
+                                          phase=m.phase)
+                 for m in control.moves() for b in m.buckets]
         return lookalike_pb2.ClusterStatusResponse(
-            epoch=self.router.control.epoch(), shards=shards,
+            epoch=control.epoch(), shards=shards, moves=moves, moves_done=done, moves_failed=failed,
             collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c)) for c in self.router.list_collections()])
+
+    @abort_on_error
+    def Rebalance(self, request, context):
+        moves = self.router.control.rebalance(request.name or None, request.add_shards)
+        self.router.invalidate()
+        control = self.router.control
+        return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())
 
 
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 32):

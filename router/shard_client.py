@@ -11,7 +11,8 @@ from typing import Protocol
 
 import grpc
 
-from lookalike.errors import LookalikeError, Unavailable, error_for_code, from_rpc_error
+from lookalike.errors import (FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
+                              from_rpc_error)
 from lookalike.net import create_channel
 from protos import shard_pb2_grpc
 
@@ -27,6 +28,13 @@ class ShardClient(Protocol):
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="shard-call")
 
 
+def _shard_error(exc: LookalikeError) -> LookalikeError:
+    """A shard's FAILED_PRECONDITION always means the router's shard map is stale (see protos/shard.proto)."""
+    if type(exc) is FailedPrecondition:
+        return StaleShardMap(str(exc))
+    return exc
+
+
 class GrpcShardClient:
     def __init__(self, address: str):
         self.address = address
@@ -40,7 +48,7 @@ class GrpcShardClient:
             exc = from_rpc_error(err)
             if isinstance(exc, Unavailable):
                 exc = Unavailable(f"shard at {self.address} is unavailable: {err.details()}")
-            raise exc from None
+            raise _shard_error(exc) from None
 
     def call(self, method: str, request, timeout: float | None):
         return _POOL.submit(self._blocking, method, request, timeout)
@@ -53,7 +61,7 @@ class _LocalContext:
     """The slice of grpc.ServicerContext the servicers use, raising typed errors instead of aborting an RPC."""
 
     def abort(self, code, details):
-        raise error_for_code(code, details)
+        raise _shard_error(error_for_code(code, details))
 
     def is_active(self):
         return True

@@ -10,15 +10,16 @@ import logging
 import pathlib
 import shutil
 import threading
+from typing import Callable
 
 import numpy as np
 import psutil
 
 from lookalike.config import CollectionConfig
-from lookalike.errors import NotFound, StaleShardMap
-from lookalike.ids import LABEL_MASK, buckets_and_labels
+from lookalike.errors import FailedPrecondition, NotFound, ResourceExhausted, StaleShardMap
+from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from shard.index import VectorIndex
-from shard.storage import DELETE, UPSERT, CollectionStore, release_memory
+from shard.storage import DELETE, RESET, UPSERT, CollectionStore, read_buckets, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -203,29 +204,48 @@ class IdTable:
 class ShardCollection:
     """One collection's buckets on one shard: index, id table and storage.
 
+    The buckets change while it serves (see lookalike.controller for the whole protocol of a move):
+    :meth:`join` takes buckets on (they accept writes at once), :meth:`copy_in` loads what their previous owner
+    stored while writes keep arriving, :meth:`finish_join` ends that, and :meth:`drop_buckets` gives buckets away.
+    ``min_epoch`` fences requests routed with an older shard map than the last change of buckets.
+
     Args:
         coll: the collection.
         buckets: the buckets this shard owns.
         store: its durable storage.
+        check_room: called with the bytes a write would add; raises ResourceExhausted if they do not fit.
+        min_epoch: requests routed with an older shard-map epoch are refused as stale (0: none are).
     """
 
-    def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore):
+    def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore,
+                 check_room: Callable[[int], None] = lambda n: None, min_epoch: int = 0):
         self.coll = coll
-        self.buckets = frozenset(int(b) for b in buckets)
         self._owned = np.zeros(coll.buckets, dtype=bool)
-        self._owned[list(self.buckets)] = True
+        self._owned[[int(b) for b in buckets]] = True
+        self.joining: dict[int, set[str]] = {}  # bucket being copied in -> ids written to it since it was joined
+        self.min_epoch = min_epoch
         self.store = store
         self.index = VectorIndex(coll)
         self.table = IdTable()
+        self._check_room = check_room
         self._rw = RWLock()
         self._write_order = threading.Lock()  # log order == apply order
         self._written_since_trim = 0
         self.dropped = False
 
+    @property
+    def buckets(self) -> frozenset[int]:
+        """Buckets this shard owns (serving or joining)."""
+        return frozenset(np.flatnonzero(self._owned).tolist())
+
     # --- loading --------------------------------------------------------------------------------------------
     def load(self) -> int:
         """Replays storage into memory; returns the live item count."""
         for batch in self.store.load(set(self.buckets)):
+            if batch.op == RESET:
+                with self._rw.write():
+                    self._remove_buckets(batch.buckets)
+                continue
             _, home = buckets_and_labels(batch.ids, self.coll.buckets)
             with self._rw.write():
                 if batch.op == UPSERT:
@@ -254,21 +274,52 @@ class ShardCollection:
         if self.dropped:
             raise NotFound(f"collection {self.coll.name!r} was dropped")
 
-    def upsert(self, ids: list[str], x: np.ndarray, payloads: list[bytes | None]) -> int:
-        """Inserts or replaces items; durable and searchable when it returns. x: shape (n, d) float32 / uint8."""
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch and epoch < self.min_epoch:
+            raise StaleShardMap(
+                f"request routed with shard map epoch {epoch}, but the buckets of {self.coll.name!r} on this shard "
+                f"changed at epoch {self.min_epoch}: retry with a fresh map")
+
+    def _bytes_for(self, x: np.ndarray, ids: list[str], payloads) -> int:
+        """A generous estimate of the memory n new items take: index bytes per vector, id, payload, table row."""
+        per_vector = max(self.index.nbytes / self.index.ntotal if self.index.ntotal else 0, x.nbytes / max(len(x), 1))
+        return int(len(x) * (per_vector + 48) + sum(len(u) for u in ids)
+                   + sum(len(p) for p in payloads if p is not None))
+
+    def _note_joining(self, ids: list[str], buckets: np.ndarray) -> None:
+        if self.joining:
+            for uid, b in zip(ids, buckets.tolist()):
+                touched = self.joining.get(b)
+                if touched is not None:
+                    touched.add(uid)
+
+    def upsert(self, ids: list[str], x: np.ndarray, payloads: list[bytes | None], epoch: int = 0) -> int:
+        """Inserts or replaces items; durable and searchable when it returns. x: shape (n, d) float32 / uint8.
+
+        Raises:
+            StaleShardMap: a bucket is not this shard's, or ``epoch`` is older than its last change of buckets.
+            ResourceExhausted: the items would not fit in the shard's capacity.
+        """
         buckets, home = buckets_and_labels(ids, self.coll.buckets)
         self._check_owned(buckets)
+        self._check_room(self._bytes_for(x, ids, payloads))
         with self._write_order:
             self._check_live()
+            self._check_epoch(epoch)
+            self._check_owned(buckets)
             self.store.append(UPSERT, ids, x, payloads)
             with self._rw.write():
                 self._apply_upsert(ids, home, x, payloads)
-            self._train_if_ready()
-            self._written_since_trim += x.nbytes
-            if self._written_since_trim > _TRIM_EVERY_BYTES:
-                self._written_since_trim = 0
-                release_memory()  # request buffers and old id-table arrays leave freed pages behind
+            self._note_joining(ids, buckets)
+            self._after_write(x.nbytes)
         return len(ids)
+
+    def _after_write(self, nbytes: int) -> None:
+        self._train_if_ready()
+        self._written_since_trim += nbytes
+        if self._written_since_trim > _TRIM_EVERY_BYTES:
+            self._written_since_trim = 0
+            release_memory()  # request buffers and old id-table arrays leave freed pages behind
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
         labels, existing = self.table.assign(home, ids)
@@ -277,15 +328,18 @@ class ShardCollection:
         self.index.add(labels, x)
         self.table.put(labels, ids, payloads, existing)
 
-    def delete(self, ids: list[str]) -> tuple[int, int]:
+    def delete(self, ids: list[str], epoch: int = 0) -> tuple[int, int]:
         """Removes items; returns (removed, missing)."""
         buckets, home = buckets_and_labels(ids, self.coll.buckets)
         self._check_owned(buckets)
         with self._write_order:
             self._check_live()
+            self._check_epoch(epoch)
+            self._check_owned(buckets)
             self.store.append(DELETE, ids)
             with self._rw.write():
                 removed = self._apply_delete(ids, home)
+            self._note_joining(ids, buckets)
         return removed, len(ids) - removed
 
     def _apply_delete(self, ids, home) -> int:
@@ -295,12 +349,104 @@ class ShardCollection:
         self.table.remove(np.sort(labels))
         return len(labels)
 
+    def _remove_buckets(self, buckets) -> int:
+        """Removes every item of some buckets from memory (caller holds the write lock)."""
+        if not len(self.table) or not len(buckets):
+            return 0
+        labels = self.table.labels[np.isin(bucket_of_labels(self.table.labels), np.asarray(list(buckets)))]
+        if len(labels):
+            self.index.remove(labels)
+            self.table.remove(labels)
+        return len(labels)
+
+    # --- bucket moves ---------------------------------------------------------------------------------------
+    def join(self, buckets) -> None:
+        """Takes buckets on, empty: from now on their writes are accepted here (and logged, after a RESET that
+        forgets anything this shard stored for them before). Their previous owner's data comes with copy_in."""
+        buckets = sorted(int(b) for b in buckets)
+        with self._write_order:
+            self._check_live()
+            self.store.reset(buckets)
+            with self._rw.write():
+                self._remove_buckets(buckets)
+                self._owned[buckets] = True
+                for b in buckets:
+                    self.joining[b] = set()
+
+    def fence(self, epoch: int) -> None:
+        """Refuses requests routed with a map older than ``epoch``. Once this returns, every write accepted with
+        an older map is in the log (the fence waits for writes in progress)."""
+        with self._write_order:
+            self.min_epoch = max(self.min_epoch, int(epoch))
+
+    def copy_in(self, buckets, source: str | pathlib.Path, progress: Callable[[int], None] | None = None) -> int:
+        """Loads joining buckets from their previous owner's store (its directory for this collection), skipping
+        ids written here since the join (they are newer). Returns the items copied.
+
+        Raises:
+            FailedPrecondition: a bucket is not joining here (this shard restarted, or the move was rolled back).
+        """
+        wanted = sorted(int(b) for b in buckets)
+        copied = 0
+        for batch in read_buckets(source, self.coll.buckets, wanted):
+            with self._write_order:
+                self._check_live()
+                if any(b not in self.joining for b in wanted):
+                    raise FailedPrecondition(f"buckets {wanted} of {self.coll.name!r} are not being joined here")
+                touched = set().union(*(self.joining[b] for b in wanted))
+                keep = [i for i, uid in enumerate(batch.ids) if uid not in touched]
+                if not keep:
+                    continue
+                ids = [batch.ids[i] for i in keep]
+                x, payloads = batch.vectors[keep], [batch.payloads[i] for i in keep]
+                self._check_room(self._bytes_for(x, ids, payloads))
+                self.store.append(UPSERT, ids, x, payloads)
+                _, home = buckets_and_labels(ids, self.coll.buckets)
+                with self._rw.write():
+                    self._apply_upsert(ids, home, x, payloads)
+                self._after_write(x.nbytes)
+            copied += len(ids)
+            if progress is not None:
+                progress(copied)
+        return copied
+
+    def finish_join(self, buckets) -> None:
+        """The copy is complete: the buckets are like any other owned bucket from now on."""
+        with self._write_order:
+            missing = [int(b) for b in buckets if int(b) not in self.joining]
+            if missing:
+                raise FailedPrecondition(f"buckets {missing} of {self.coll.name!r} are not being joined here")
+            for b in buckets:
+                del self.joining[int(b)]
+
+    def drop_buckets(self, buckets, epoch: int) -> int:
+        """Gives buckets away: logs a RESET, forgets their items and refuses requests routed with a map older
+        than ``epoch``. Returns the items dropped. Buckets not owned here are ignored."""
+        buckets = sorted(int(b) for b in buckets)
+        with self._write_order:
+            self._check_live()
+            self.store.reset(buckets)
+            with self._rw.write():
+                self.min_epoch = max(self.min_epoch, int(epoch))
+                n = self._remove_buckets(buckets)
+                self._owned[buckets] = False
+                for b in buckets:
+                    self.joining.pop(b, None)
+        release_memory()
+        return n
+
+    def bucket_counts(self) -> np.ndarray:
+        """Items per bucket, shape (buckets,) int64."""
+        with self._rw.read():
+            return np.bincount(bucket_of_labels(self.table.labels), minlength=self.coll.buckets)
+
     # --- reads ----------------------------------------------------------------------------------------------
-    def get(self, ids: list[str], include_vectors: bool):
+    def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
         """(found ids, vectors or None, payloads) for the ids stored here, in request order."""
         _, home = buckets_and_labels(ids, self.coll.buckets)
         with self._rw.read():
             self._check_live()
+            self._check_epoch(epoch)
             labels = self.table.find(home, ids)
             hit = np.flatnonzero(labels >= 0)
             pos = self.table.positions(labels[hit])
@@ -309,8 +455,10 @@ class ShardCollection:
             vectors = self.index.reconstruct(labels[hit]) if include_vectors else None
         return found, vectors, payloads
 
-    def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False):
-        """Top-k over this shard's buckets.
+    def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
+               epoch: int = 0):
+        """Top-k over every item this shard holds (all its buckets, joining ones included: what they hold is
+        current, the router just does not count them as answered).
 
         Returns:
             (D, L, ids, payloads): D shape (nq, k) float32; L shape (nq, k) int64 labels (-1: none);
@@ -318,6 +466,7 @@ class ShardCollection:
         """
         with self._rw.read():
             self._check_live()
+            self._check_epoch(epoch)
             D, L = self.index.search(xq, k, nprobe, ef_search)
             valid = L >= 0
             if len(self.table):
@@ -331,9 +480,11 @@ class ShardCollection:
         return D, L, ids, payloads
 
     def stats(self) -> dict:
+        counts = self.bucket_counts().astype("<u4")
         with self._rw.read():
-            return {"name": self.coll.name, "buckets": len(self.buckets), "vectors": self.index.ntotal,
-                    "index_bytes": self.index.nbytes, "trained": self.index.trained}
+            return {"name": self.coll.name, "buckets": int(self._owned.sum()), "vectors": self.index.ntotal,
+                    "index_bytes": self.index.nbytes, "trained": self.index.trained,
+                    "bucket_counts": counts.tobytes(), "joining": len(self.joining)}
 
 
 class Shard:
@@ -343,34 +494,57 @@ class Shard:
         shard_id: stable name ("shard-0"); its storage lives under ``<storage_root>/shards/<shard_id>``.
         storage_root: the storage URI (a local directory path).
         segment_bytes: WAL segment size before compaction.
+        capacity_bytes: resident memory the shard may fill (0: no limit); writes that would pass it are refused.
     """
 
-    def __init__(self, shard_id: str, storage_root: str | pathlib.Path, segment_bytes: int = 64 << 20):
+    def __init__(self, shard_id: str, storage_root: str | pathlib.Path, segment_bytes: int = 64 << 20,
+                 capacity_bytes: int = 0):
         self.shard_id = shard_id
-        self.root = pathlib.Path(storage_root) / "shards" / shard_id
+        self.storage_root = pathlib.Path(storage_root)
+        self.root = self.storage_root / "shards" / shard_id
         self.segment_bytes = segment_bytes
+        self.capacity_bytes = int(capacity_bytes)
         self._collections: dict[str, ShardCollection] = {}
         self._lock = threading.Lock()
         self.serving = False
 
-    def open_collection(self, coll: CollectionConfig, buckets) -> int:
-        """Takes ownership of ``buckets`` of a collection and loads them from storage; returns the items loaded.
+    def memory_bytes(self) -> int:
+        return psutil.Process().memory_info().rss
 
-        Idempotent for an already open collection with the same buckets.
+    def check_room(self, nbytes: int) -> None:
+        """Raises ResourceExhausted if ``nbytes`` more would pass the capacity."""
+        if not self.capacity_bytes:
+            return
+        used = self.memory_bytes()
+        if used + nbytes > self.capacity_bytes:
+            raise ResourceExhausted(
+                f"shard {self.shard_id} is full: it uses {used / 2**20:.0f} MiB of its {self.capacity_bytes / 2**20:.0f}"
+                f" MiB and the write needs about {nbytes / 2**20:.1f} MiB more; add shards (`lookalike rebalance "
+                "NAME --add-shards N`) or give shards more memory")
+
+    def store_path(self, shard_id: str, name: str) -> pathlib.Path:
+        """Where shard ``shard_id`` stores collection ``name`` (on the storage every node mounts)."""
+        return self.storage_root / "shards" / shard_id / name
+
+    def open_collection(self, coll: CollectionConfig, buckets, epoch: int = 0) -> int:
+        """Takes ownership of ``buckets`` of a collection and loads them from storage; returns the items loaded.
+        ``epoch``: the shard-map epoch of the assignment; requests routed with an older map are refused as stale.
+
+        A collection already open stays as it is (its buckets change through join / drop_buckets).
         """
         with self._lock:
             current = self._collections.get(coll.name)
-            if current is not None and current.coll == coll and current.buckets == frozenset(buckets):
+            if current is not None:
                 return len(current.table)
         store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-        sc = ShardCollection(coll, buckets, store)
+        sc = ShardCollection(coll, buckets, store, self.check_room, epoch)
         n = sc.load()
         release_memory()
         with self._lock:
-            old = self._collections.get(coll.name)
+            if coll.name in self._collections:  # opened concurrently: keep that one
+                store.close()
+                return len(self._collections[coll.name].table)
             self._collections[coll.name] = sc
-        if old is not None:
-            old.store.close()
         log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
         return n
 
@@ -396,9 +570,32 @@ class Shard:
         return sc
 
     def stats(self) -> dict:
-        return {"shard_id": self.shard_id, "serving": self.serving,
-                "memory_bytes": psutil.Process().memory_info().rss,
+        return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.memory_bytes(),
+                "capacity_bytes": self.capacity_bytes,
                 "collections": [sc.stats() for sc in list(self._collections.values())]}
+
+    # --- bucket moves (called by the controller through the placer) ----------------------------------------
+    def join_buckets(self, cfg: CollectionConfig, buckets, epoch: int = 0) -> None:
+        """Takes buckets of a collection on (opening the collection here first if this shard had none of it)."""
+        self.open_collection(cfg, [], epoch)
+        self.collection(cfg.name).join(buckets)
+
+    def fence(self, name: str, epoch: int) -> None:
+        self.collection(name).fence(epoch)
+
+    def copy_in(self, name: str, buckets, source_shard: str) -> int:
+        return self.collection(name).copy_in(buckets, self.store_path(source_shard, name))
+
+    def finish_join(self, name: str, buckets) -> None:
+        self.collection(name).finish_join(buckets)
+
+    def drop_buckets(self, name: str, buckets, epoch: int) -> int:
+        sc = self._collections.get(name)
+        return sc.drop_buckets(buckets, epoch) if sc is not None else 0
+
+    def bucket_counts(self, name: str) -> list[int]:
+        sc = self._collections.get(name)
+        return sc.bucket_counts().tolist() if sc is not None else []
 
     def close(self) -> None:
         for sc in list(self._collections.values()):

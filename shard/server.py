@@ -33,18 +33,18 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if len(x) != len(ids):
             raise InvalidArgument(f"{len(ids)} ids but {len(x)} vectors: send one vector per id")
         payloads = payloads_from_proto(request.payloads, len(ids))
-        return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads))
+        return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads, request.epoch))
 
     @abort_on_error
     def Delete(self, request, context):
         sc = self._collection(request.collection)
-        removed, missing = sc.delete(check_ids(request.ids))
+        removed, missing = sc.delete(check_ids(request.ids), request.epoch)
         return shard_pb2.ShardWriteResponse(count=removed, missing=missing)
 
     @abort_on_error
     def Get(self, request, context):
         sc = self._collection(request.collection)
-        ids, vectors, payloads = sc.get(check_ids(request.ids, unique=False), request.include_vectors)
+        ids, vectors, payloads = sc.get(check_ids(request.ids, unique=False), request.include_vectors, request.epoch)
         resp = shard_pb2.ShardGetResponse(ids=ids, payloads=[payload_from_bytes(p) for p in payloads])
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
@@ -56,7 +56,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         check_k(request.k)
         xq = vectors_from_proto(request.queries, sc.coll, "queries")
         D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
-                                        request.include_payloads)
+                                        request.include_payloads, request.epoch)
         resp = shard_pb2.ShardSearchResponse(
             distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
             labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k)
@@ -69,6 +69,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         st = self.shard.stats()
         return shard_pb2.ShardStatsResponse(
             shard_id=st["shard_id"], memory_bytes=st["memory_bytes"], serving=st["serving"],
+            capacity_bytes=st["capacity_bytes"],
             collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
 
 

@@ -10,8 +10,11 @@ A write is appended as one frame and fsynced before it is acknowledged, so an ac
 log is per shard rather than per bucket. When the active segment passes ``segment_bytes`` it is sealed and a
 background compaction folds sealed segments into the bucket snapshots, then deletes them. Compaction is
 idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last write wins
-per id), so a crash half way through only costs the work. Another shard can read a bucket from here
-(:meth:`CollectionStore.read_bucket`): that is how a bucket moves.
+per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave them
+away, or takes them on afresh), for replay and compaction alike.
+
+Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
+is how a bucket moves (see lookalike.controller).
 """
 
 from __future__ import annotations
@@ -38,16 +41,19 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<II")
 UPSERT = storage_pb2.WalRecord.UPSERT
 DELETE = storage_pb2.WalRecord.DELETE
+RESET = storage_pb2.WalRecord.RESET
 
 
 @dataclass
 class Batch:
-    """One replayed write: ``vectors`` shape (n, cols) and ``payloads`` (serialized Payload or None) for upserts."""
+    """One replayed write: ``vectors`` shape (n, cols) and ``payloads`` (serialized Payload or None) for upserts;
+    ``buckets`` for a RESET (which has no ids)."""
 
     op: int
     ids: list[str]
     vectors: np.ndarray | None = None
     payloads: list[bytes | None] | None = None
+    buckets: list[int] | None = None
 
 
 _LOAD_BATCH = 16384
@@ -68,19 +74,33 @@ def _frame(data: bytes) -> bytes:
 def _iter_frames(path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
     """Yields (offset where the frame ends, frame body) for the valid frames of a file, one at a time; a torn or
     corrupt tail ends it."""
-    pos = 0
     with open(path, "rb") as f:
-        while True:
-            header = f.read(_HEADER.size)
-            if len(header) < _HEADER.size:
-                break
-            length, crc = _HEADER.unpack(header)
-            body = f.read(length)
-            if len(body) < length or zlib.crc32(body) != crc:
-                log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
-                break
-            pos += _HEADER.size + length
-            yield pos, body
+        yield from _iter_open_frames(f, path)
+
+
+def _iter_open_frames(f, path) -> Iterator[tuple[int, bytes]]:
+    pos = 0
+    while True:
+        header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            break
+        length, crc = _HEADER.unpack(header)
+        body = f.read(length)
+        if len(body) < length or zlib.crc32(body) != crc:
+            log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
+            break
+        pos += _HEADER.size + length
+        yield pos, body
+
+
+def _record_to_batch(body: bytes) -> Batch:
+    rec = storage_pb2.WalRecord.FromString(body)
+    ids = list(rec.ids)
+    if rec.op == UPSERT:
+        return Batch(UPSERT, ids, vectors_from_proto_raw(rec.vectors), _payloads_from_proto(rec.payloads, len(ids)))
+    if rec.op == RESET:
+        return Batch(RESET, [], buckets=list(rec.buckets))
+    return Batch(DELETE, ids)
 
 
 def _valid_end(path: pathlib.Path) -> int:
@@ -171,6 +191,13 @@ class CollectionStore:
         if op == UPSERT:
             rec.vectors.CopyFrom(vectors_to_proto(vectors))
             rec.payloads.extend(_payloads_to_proto(payloads))
+        self._append_record(rec)
+
+    def reset(self, buckets) -> None:
+        """Durably empties buckets: replay and compaction forget what was logged for them before."""
+        self._append_record(storage_pb2.WalRecord(op=RESET, buckets=sorted(int(b) for b in buckets)))
+
+    def _append_record(self, rec) -> None:
         frame = _frame(rec.SerializeToString())
         rotate = False
         with self._lock:
@@ -195,25 +222,13 @@ class CollectionStore:
     # --- reading --------------------------------------------------------------------------------------------
     def _read_segment(self, path: pathlib.Path) -> Iterator[Batch]:
         for _, body in _iter_frames(path):
-            rec = storage_pb2.WalRecord.FromString(body)
-            ids = list(rec.ids)
-            if rec.op == UPSERT:
-                yield Batch(UPSERT, ids, vectors_from_proto_raw(rec.vectors), _payloads_from_proto(rec.payloads, len(ids)))
-            else:
-                yield Batch(DELETE, ids)
+            yield _record_to_batch(body)
 
     def _snapshot_path(self, bucket: int) -> pathlib.Path:
-        return self.path / f"b{bucket:05d}.snap"
+        return _snapshot_path(self.path, bucket)
 
     def _read_snapshot(self, path: pathlib.Path) -> Batch | None:
-        first = next(_iter_frames(path), None)
-        if first is None:
-            log.error("%s: snapshot is damaged; ignoring it", path)
-            return None
-        body = first[1]
-        snap = storage_pb2.BucketSnapshot.FromString(body)
-        ids = list(snap.ids)
-        return Batch(UPSERT, ids, vectors_from_proto_raw(snap.vectors), _payloads_from_proto(snap.payloads, len(ids)))
+        return _read_snapshot(path)
 
     def load(self, buckets: set[int] | None = None) -> Iterator[Batch]:
         """Everything stored, in order, as batches to apply: snapshots first, then the log.
@@ -242,21 +257,11 @@ class CollectionStore:
                 for batch in self._read_segment(seg):
                     if buckets is not None:
                         batch = self._filter(batch, buckets)
-                    if batch.ids:
+                    if batch.ids or batch.buckets:
                         yield batch
 
     def _filter(self, batch: Batch, buckets: set[int]) -> Batch:
-        keep = np.isin(buckets_of(batch.ids, self.n_buckets), np.fromiter(buckets, dtype=np.int64))
-        if keep.all():
-            return batch
-        idx = np.flatnonzero(keep)
-        return Batch(batch.op, [batch.ids[i] for i in idx],
-                     batch.vectors[idx] if batch.vectors is not None else None,
-                     [batch.payloads[i] for i in idx] if batch.payloads is not None else None)
-
-    def read_bucket(self, bucket: int) -> Iterator[Batch]:
-        """One bucket's stored writes, in order (for moving it to another shard)."""
-        return self.load({bucket})
+        return _filter(batch, buckets, self.n_buckets)
 
     # --- compaction -----------------------------------------------------------------------------------------
     def _compact_quietly(self) -> None:
@@ -295,8 +300,15 @@ class CollectionStore:
         """Folds the writes of buckets ``b % passes == group``; returns the snapshots rewritten."""
         # bucket -> {id: (row, payload)} or None for a delete, in log order
         changes: dict[int, dict[str, tuple[np.ndarray, bytes | None] | None]] = {}
+        resets: set[int] = set()  # buckets whose snapshot is replaced rather than updated
         for seg in sealed:
             for batch in self._read_segment(seg):
+                if batch.op == RESET:
+                    for b in batch.buckets:
+                        if b % passes == group:
+                            changes[b] = {}
+                            resets.add(b)
+                    continue
                 buckets = buckets_of(batch.ids, self.n_buckets)
                 for i in np.flatnonzero(buckets % passes == group).tolist():
                     ch = changes.setdefault(int(buckets[i]), {})
@@ -304,13 +316,13 @@ class CollectionStore:
                     ch.pop(uid, None)  # re-insert so the order is that of the last write
                     ch[uid] = None if batch.op == DELETE else (batch.vectors[i].copy(), batch.payloads[i])
         for bucket, ch in changes.items():
-            self._rewrite_snapshot(bucket, ch)
+            self._rewrite_snapshot(bucket, ch, bucket in resets)
         return len(changes)
 
-    def _rewrite_snapshot(self, bucket: int, changes: dict) -> None:
+    def _rewrite_snapshot(self, bucket: int, changes: dict, reset: bool = False) -> None:
         path = self._snapshot_path(bucket)
         items: dict[str, tuple[np.ndarray, bytes | None]] = {}
-        old = self._read_snapshot(path) if path.exists() else None
+        old = self._read_snapshot(path) if path.exists() and not reset else None
         if old is not None:
             for i, uid in enumerate(old.ids):
                 items[uid] = (old.vectors[i], old.payloads[i])
@@ -347,3 +359,107 @@ class CollectionStore:
         self.close()
         with self._compact_lock:
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --- reading a store from outside its shard ---------------------------------------------------------------------
+def _snapshot_path(path: pathlib.Path, bucket: int) -> pathlib.Path:
+    return path / f"b{bucket:05d}.snap"
+
+
+def _read_snapshot(path: pathlib.Path) -> Batch | None:
+    first = next(_iter_frames(path), None)
+    if first is None:
+        log.error("%s: snapshot is damaged; ignoring it", path)
+        return None
+    snap = storage_pb2.BucketSnapshot.FromString(first[1])
+    ids = list(snap.ids)
+    return Batch(UPSERT, ids, vectors_from_proto_raw(snap.vectors), _payloads_from_proto(snap.payloads, len(ids)))
+
+
+def _filter(batch: Batch, buckets: set[int], n_buckets: int) -> Batch:
+    """The part of a batch that concerns ``buckets`` (a RESET keeps the buckets it names among them)."""
+    if batch.op == RESET:
+        return Batch(RESET, [], buckets=[b for b in batch.buckets if b in buckets])
+    keep = np.isin(buckets_of(batch.ids, n_buckets), np.fromiter(buckets, dtype=np.int64))
+    if keep.all():
+        return batch
+    idx = np.flatnonzero(keep)
+    return Batch(batch.op, [batch.ids[i] for i in idx],
+                 batch.vectors[idx] if batch.vectors is not None else None,
+                 [batch.payloads[i] for i in idx] if batch.payloads is not None else None)
+
+
+class StoreChanged(Exception):
+    """The store was compacted while being read; read again."""
+
+
+def read_buckets(path: str | pathlib.Path, n_buckets: int, buckets, batch_items: int = _LOAD_BATCH,
+                 attempts: int = 50) -> Iterator[Batch]:
+    """The live items of some buckets of another shard's store, as UPSERT batches: what its owner holds.
+
+    The owner keeps appending and compacting meanwhile. Every write the owner finished before this call is
+    included; writes it makes during the call may or may not be. A compaction that deletes segments during the
+    read is detected (a segment listed before the snapshots were read is gone, or cannot be opened) and the read
+    starts over.
+
+    Raises:
+        StoreChanged: the store kept changing under ``attempts`` reads.
+    """
+    path = pathlib.Path(path)
+    wanted = {int(b) for b in buckets}
+    for _ in range(attempts):
+        try:
+            state = _read_state(path, n_buckets, wanted)
+        except StoreChanged:
+            continue
+        rows = [(uid, item) for per_bucket in state.values() for uid, item in per_bucket.items()]
+        for start in range(0, len(rows), batch_items):
+            chunk = rows[start:start + batch_items]
+            yield Batch(UPSERT, [u for u, _ in chunk], np.stack([it[0] for _, it in chunk]),
+                        [it[1] for _, it in chunk])
+        return
+    raise StoreChanged(f"{path} kept being compacted while it was read ({attempts} attempts)")
+
+
+def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[int, dict]:
+    """bucket -> {id: (row, payload)} of the store's live items in ``wanted``."""
+    before = {p.name for p in path.glob("wal-*.log")}
+    state: dict[int, dict] = {b: {} for b in wanted}
+    for b in wanted:
+        snap = _snapshot_path(path, b)
+        try:
+            batch = _read_snapshot(snap) if snap.exists() else None
+        except FileNotFoundError:
+            raise StoreChanged() from None
+        if batch is not None:
+            state[b] = {u: (batch.vectors[i], batch.payloads[i]) for i, u in enumerate(batch.ids)}
+    segs = sorted(path.glob("wal-*.log"))
+    if not before <= {p.name for p in segs}:
+        raise StoreChanged()
+    files = []
+    try:
+        for seg in segs:
+            files.append(open(seg, "rb"))  # once open, a later unlink by compaction does not matter
+    except FileNotFoundError:
+        for f in files:
+            f.close()
+        raise StoreChanged() from None
+    try:
+        for seg, f in zip(segs, files):
+            for _, body in _iter_open_frames(f, seg):
+                batch = _filter(_record_to_batch(body), wanted, n_buckets)
+                if batch.op == RESET:
+                    for b in batch.buckets:
+                        state[b] = {}
+                    continue
+                if not batch.ids:
+                    continue
+                for i, (uid, b) in enumerate(zip(batch.ids, buckets_of(batch.ids, n_buckets).tolist())):
+                    if batch.op == DELETE:
+                        state[b].pop(uid, None)
+                    else:
+                        state[b][uid] = (batch.vectors[i], batch.payloads[i])
+    finally:
+        for f in files:
+            f.close()
+    return state
