@@ -358,8 +358,9 @@ class Router:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            # Every shard answers for all it holds, so a cover of the missing buckets is enough.
-            targets = smap.cover(None if not answered else ~covered, answered | set(failures), rotation)
+            # Every shard answers for all it holds, so a cover of the missing buckets is enough. A shard that
+            # answered already may be asked again: under a fresh map it may own buckets it was still copying in.
+            targets = smap.cover(None if not answered else ~covered, set(failures), rotation)
             if not targets:
                 break
             req.epoch = smap.epoch

@@ -569,10 +569,12 @@ class Shard:
             raise NotFound(f"collection {name!r} does not exist on shard {self.shard_id}")
         return sc
 
+    def stats_collections(self) -> list[dict]:
+        return [sc.stats() for sc in list(self._collections.values())]
+
     def stats(self) -> dict:
         return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.memory_bytes(),
-                "capacity_bytes": self.capacity_bytes,
-                "collections": [sc.stats() for sc in list(self._collections.values())]}
+                "capacity_bytes": self.capacity_bytes, "collections": self.stats_collections()}
 
     # --- bucket moves (called by the controller through the placer) ----------------------------------------
     def join_buckets(self, cfg: CollectionConfig, buckets, epoch: int = 0) -> None:

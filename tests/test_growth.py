@@ -1,0 +1,301 @@
+"""Growth without downtime: bucket moves under load, the pieces of the protocol, capacity, automatic growth."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lookalike.config import CollectionConfig, MovePolicy
+from lookalike.errors import ResourceExhausted, StaleShardMap
+from lookalike.local import LocalCluster
+from lookalike.shardmap import ShardMap, ShardInfo, order_by_node
+from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
+from lookalike.ids import buckets_of
+
+
+class MixedLoad:
+    """Upserts of new items and searches in background threads, each search checked against exact search over
+    the writes acknowledged before it started: no id twice, none missing that ranks better than the last one
+    returned, and each returned id one that was written."""
+
+    def __init__(self, router, name: str, dim: int, seed: int = 0, batch: int = 40, searchers: int = 2):
+        self.router, self.name, self.dim = router, name, dim
+        self.rng = np.random.default_rng(seed)
+        self.acked: dict[str, np.ndarray] = {}
+        self.sent: set[str] = set()
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+        self.searches = self.writes = 0
+        self.coverages: list[float] = []
+        self.stop = threading.Event()
+        self.batch = batch
+        self.threads = [threading.Thread(target=self._writer, daemon=True)]
+        self.threads += [threading.Thread(target=self._searcher, args=(i,), daemon=True) for i in range(searchers)]
+        self.next_id = 0
+
+    def preload(self, n: int) -> None:
+        for _ in range(0, n, 500):
+            self._write(500)
+
+    def _write(self, n: int) -> None:
+        with self.lock:
+            ids = [f"i{self.next_id + j}" for j in range(n)]
+            self.next_id += n
+            self.sent.update(ids)
+        x = self.rng.normal(size=(n, self.dim)).astype(np.float32)
+        self.router.upsert(self.name, ids, x, timeout=30)
+        with self.lock:
+            self.acked.update(zip(ids, x))
+            self.writes += 1
+
+    def _writer(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._write(self.batch)
+            except Exception as err:  # every failure is a test failure
+                self.errors.append(f"upsert: {err!r}")
+            time.sleep(0.005)
+
+    def _searcher(self, seed: int) -> None:
+        rng = np.random.default_rng(100 + seed)
+        k = 10
+        while not self.stop.is_set():
+            with self.lock:
+                before = dict(self.acked)
+            q = rng.normal(size=(1, self.dim)).astype(np.float32)
+            try:
+                res = self.router.search(self.name, q, k, timeout=30)
+            except Exception as err:
+                self.errors.append(f"search: {err!r}")
+                continue
+            self.searches += 1
+            self.coverages.append(res.coverage)
+            ids = res.ids[0]
+            if len(set(ids)) != len(ids):
+                self.errors.append(f"an id twice: {ids}")
+            with self.lock:
+                unknown = [u for u in ids if u not in self.sent]
+            if unknown:
+                self.errors.append(f"ids never written: {unknown}")
+            keys = list(before)
+            xb = np.stack([before[u] for u in keys])
+            d = ((xb - q) ** 2).sum(axis=1)
+            worst = float(res.D[0, len(ids) - 1]) if len(ids) == k else np.inf
+            must = {keys[i] for i in np.flatnonzero(d < worst - 1e-3)}
+            missing = must - set(ids)
+            if missing:
+                self.errors.append(f"missing {sorted(missing)[:5]} (coverage {res.coverage})")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def _exact_equal(router, name, acked, dim, seed=5):
+    """Every acknowledged item is there, and search equals one exact index over them."""
+    assert router.count(name) == len(acked)
+    got_ids, _, _ = router.get(name, list(acked))
+    assert set(got_ids) == set(acked)
+    keys = list(acked)
+    xb = np.stack([acked[u] for u in keys])
+    xq = np.random.default_rng(seed).normal(size=(10, dim)).astype(np.float32)
+    res = router.search(name, xq, 10)
+    for q in range(len(xq)):
+        d = ((xb - xq[q]) ** 2).sum(axis=1)
+        ref = [keys[i] for i in np.argsort(d, kind="stable")[:10]]
+        assert res.ids[q] == ref
+    assert res.coverage == 1.0
+
+
+def test_grow_from_1_to_4_shards_under_load(tmp_path):
+    cl = LocalCluster(tmp_path, shards=1, policy=MovePolicy(grace_s=0.3, move_buckets=8))
+    try:
+        router = cl.router
+        router.create_collection(CollectionConfig("grow", dim=16, buckets=64))
+        load = MixedLoad(router, "grow", 16)
+        load.preload(3000)
+        with load:
+            time.sleep(0.3)
+            queued = cl.controller.rebalance("grow", add_shards=3)
+            assert queued > 0
+            assert cl.controller.wait_moves(timeout=120)
+            time.sleep(0.3)
+        assert not load.errors, load.errors[:5]
+        assert load.searches > 20 and load.writes > 20
+        assert min(load.coverages) == 1.0
+        smap = cl.controller.shard_map("grow")
+        per_shard = {s: sum(s in own for own in smap.owners) for s in smap.shard_ids}
+        assert sorted(per_shard) == ["shard-0", "shard-1", "shard-2", "shard-3"]
+        # Even by items (what memory follows), not by bucket count.
+        items = {sid: sum(shard.bucket_counts("grow")) for sid, shard in cl.placer.shards.items()}
+        assert max(items.values()) <= 1.25 * min(items.values()), items
+        done, failed = cl.controller.move_counts()
+        assert done == queued and failed == 0
+        # The sources gave the buckets away: each shard holds exactly what it owns.
+        for sid, shard in cl.placer.shards.items():
+            counts = np.array(shard.bucket_counts("grow"))
+            assert not counts[~smap.served_by(sid)].any()
+        _exact_equal(router, "grow", load.acked, 16)
+    finally:
+        cl.close()
+    # Everything is still there after a restart of the whole cluster on the same storage.
+    cl = LocalCluster(tmp_path, shards=1)
+    try:
+        assert len(cl.controller.shards()) == 4
+        _exact_equal(cl.router, "grow", load.acked, 16)
+    finally:
+        cl.close()
+
+
+def test_replicas_keep_full_coverage_when_a_shard_stops(tmp_path):
+    cl = LocalCluster(tmp_path, shards=3)
+    try:
+        router = cl.router
+        router.create_collection(CollectionConfig("rep", dim=8, buckets=30, replication=2))
+        smap = cl.controller.shard_map("rep")
+        assert all(len(set(own)) == 2 for own in smap.owners)
+        load = MixedLoad(router, "rep", 8, searchers=1)
+        load.preload(1000)
+        cl.placer.stop_shard("shard-1")
+        # Writes need every owner: they fail while an owner is down (nothing is acknowledged without it)...
+        retry_ids, retry_x = [f"x{i}" for i in range(20)], np.ones((20, 8), np.float32)
+        with pytest.raises(Exception):
+            router.upsert("rep", retry_ids, retry_x, timeout=1)
+        # ...while every search still covers all buckets, from the other replica.
+        xq = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
+        for _ in range(5):
+            assert router.search("rep", xq, 5).coverage == 1.0
+        cl.placer.ensure_shard("shard-1")
+        router.upsert("rep", retry_ids, retry_x)  # the client's retry of the write that was not acknowledged
+        load.acked.update(zip(retry_ids, retry_x))
+        with load:
+            time.sleep(1.0)
+        assert not load.errors, load.errors[:5]
+        _exact_equal(router, "rep", load.acked, 8)
+    finally:
+        cl.close()
+
+
+def test_cover_asks_one_owner_per_bucket_and_fails_over():
+    cfg = CollectionConfig("c", dim=4, buckets=8, replication=2)
+    owners = tuple((f"s{b % 4}", f"s{(b + 1) % 4}") for b in range(8))
+    smap = ShardMap(1, cfg, owners, {f"s{i}": ShardInfo(f"s{i}") for i in range(4)})
+    assert sorted(smap.cover(rotation=0)) == ["s0", "s2"]
+    assert sorted(smap.cover(rotation=1)) == ["s1", "s3"]
+    # s0 down: its buckets come from the others
+    rest = smap.cover(exclude={"s0"})
+    covered = np.zeros(8, bool)
+    for s in rest:
+        covered |= smap.served_by(s)
+    assert covered.all() and "s0" not in rest
+    # a joining shard gets writes but is not searched
+    joining = tuple(("s3",) if b == 0 else () for b in range(8))
+    smap2 = ShardMap(2, cfg, owners, smap.shards, joining=joining)
+    assert smap2.write_mask[0, smap2.shard_ids.index("s3")]
+    assert not smap2.served_by("s3")[0]
+    assert order_by_node(["a", "b", "c", "d"], {"a": "n1", "b": "n1", "c": "n2", "d": "n2"}) == ["a", "c", "b", "d"]
+
+
+def test_reset_records_and_reading_another_shards_store(tmp_path):
+    store = CollectionStore(tmp_path / "s", n_buckets=4, segment_bytes=1 << 12)
+    ids = [f"id{i}" for i in range(200)]
+    x = np.arange(200 * 4, dtype=np.float32).reshape(200, 4)
+    store.append(UPSERT, ids, x, [None] * 200)
+    store.compact()
+    b = buckets_of(ids, 4)
+    store.reset([1])
+    store.append(UPSERT, ["late"], np.ones((1, 4), np.float32), [None])
+    expect = {u for u, bb in zip(ids, b) if bb != 1} | {"late"}  # "late" came after the RESET
+    # replay honours the RESET
+    live: dict[str, int] = {}
+    for batch in store.load():
+        if batch.op == RESET:
+            for u in [u for u in live if live[u] in batch.buckets]:
+                del live[u]
+        else:
+            live.update(zip(batch.ids, buckets_of(batch.ids, 4).tolist()))
+    assert set(live) == expect
+    # another shard reading it sees the same live items, also across a compaction
+    got = {u for batch in read_buckets(store.path, 4, range(4)) for u in batch.ids}
+    assert got == expect
+    store.compact()
+    got = {u for batch in read_buckets(store.path, 4, range(4)) for u in batch.ids}
+    assert got == expect
+    assert not any(u for batch in read_buckets(store.path, 4, [1]) for u in batch.ids if u != "late")
+    store.close()
+
+
+def test_read_buckets_while_the_owner_writes_and_compacts(tmp_path):
+    store = CollectionStore(tmp_path / "s", n_buckets=2, segment_bytes=1 << 14)
+    done = threading.Event()
+    written: list[str] = []
+
+    def writer():
+        i = 0
+        while not done.is_set():
+            batch = [f"w{i + j}" for j in range(20)]
+            store.append(UPSERT, batch, np.zeros((20, 8), np.float32), [None] * 20)
+            written.extend(batch)
+            i += 20
+            if i % 400 == 0:
+                store.compact()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(20):
+            before = set(written)
+            got = {u for batch in read_buckets(store.path, 2, [0, 1]) for u in batch.ids}
+            assert before <= got
+    finally:
+        done.set()
+        t.join()
+        store.close()
+
+
+def test_stale_epochs_are_refused_after_a_bucket_leaves(tmp_path):
+    cl = LocalCluster(tmp_path, shards=2)
+    try:
+        cl.router.create_collection(CollectionConfig("f", dim=4, buckets=4))
+        shard = cl.placer.shards["shard-0"]
+        sc = shard.collection("f")
+        owned = sorted(sc.buckets)
+        sc.drop_buckets(owned[:1], epoch=1000)
+        with pytest.raises(StaleShardMap):
+            sc.search(np.zeros((1, 4), np.float32), 1, epoch=999)
+        sc.search(np.zeros((1, 4), np.float32), 1, epoch=1000)
+        assert owned[0] not in sc.buckets
+    finally:
+        cl.close()
+
+
+def test_a_full_shard_refuses_writes_and_growth_adds_a_shard(tmp_path):
+    cl = LocalCluster(tmp_path, shards=1, capacity_bytes=100 << 20,
+                      policy=MovePolicy(grace_s=0.1, high_water=0.5, max_shards=3))
+    try:
+        # In this process the resident size is the test's as well: pretend the shard uses 90 MiB plus its index.
+        shard = cl.placer.shards["shard-0"]
+        shard.memory_bytes = lambda: (90 << 20) + sum(c["index_bytes"] for c in shard.stats_collections())
+        router = cl.router
+        router.create_collection(CollectionConfig("cap", dim=256, buckets=16))
+        x = np.zeros((10000, 256), np.float32)  # 10 MB of vectors: over the 10 MiB left
+        with pytest.raises(ResourceExhausted, match="is full"):
+            router.upsert("cap", [f"a{i}" for i in range(len(x))], x)
+        router.upsert("cap", ["small"], x[:1])  # the shard keeps serving and takes what fits
+        assert router.count("cap") == 1
+        # Past the high-water mark: a check adds a shard and rebalances.
+        queued = cl.controller.check_growth()
+        assert queued > 0 and len(cl.controller.shards()) == 2
+        assert cl.controller.wait_moves(timeout=60)
+        assert router.get("cap", ["small"])[0] == ["small"]
+    finally:
+        cl.close()
