@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -103,3 +105,107 @@ def ray_cluster_factory(ray_session, tmp_path):
             c.stop()
         except Exception:
             pass
+
+
+class MixedLoad:
+    """Upserts of new items and searches in background threads (l2), each search checked against exact search
+    over the writes acknowledged before it started: no id twice, none missing that ranks better than the last one
+    returned (when the answer reports full coverage), and each returned id one that was written."""
+
+    def __init__(self, router, name: str, dim: int, seed: int = 0, batch: int = 40, searchers: int = 2,
+                 min_coverage: float = 1.0):
+        self.router, self.name, self.dim = router, name, dim
+        self.min_coverage = min_coverage
+        self.rng = np.random.default_rng(seed)
+        self.acked: dict[str, np.ndarray] = {}
+        self.sent: set[str] = set()
+        self.lock = threading.Lock()
+        self.errors: list[str] = []
+        self.searches = self.writes = 0
+        self.coverages: list[float] = []
+        self.stop = threading.Event()
+        self.batch = batch
+        self.threads = [threading.Thread(target=self._writer, daemon=True)]
+        self.threads += [threading.Thread(target=self._searcher, args=(i,), daemon=True) for i in range(searchers)]
+        self.next_id = 0
+
+    def preload(self, n: int) -> None:
+        for _ in range(0, n, 500):
+            self._write(500)
+
+    def _write(self, n: int) -> None:
+        with self.lock:
+            ids = [f"i{self.next_id + j}" for j in range(n)]
+            self.next_id += n
+            self.sent.update(ids)
+        x = self.rng.normal(size=(n, self.dim)).astype(np.float32)
+        self.router.upsert(self.name, ids, x, timeout=30)
+        with self.lock:
+            self.acked.update(zip(ids, x))
+            self.writes += 1
+
+    def _writer(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._write(self.batch)
+            except Exception as err:  # every failure is a test failure
+                self.errors.append(f"upsert: {err!r}")
+            time.sleep(0.005)
+
+    def _searcher(self, seed: int) -> None:
+        rng = np.random.default_rng(100 + seed)
+        k = 10
+        while not self.stop.is_set():
+            with self.lock:
+                before = dict(self.acked)
+            q = rng.normal(size=(1, self.dim)).astype(np.float32)
+            try:
+                res = self.router.search(self.name, q, k, min_coverage=self.min_coverage, timeout=30)
+            except Exception as err:
+                self.errors.append(f"search: {err!r}")
+                continue
+            self.searches += 1
+            self.coverages.append(res.coverage)
+            ids = res.ids[0]
+            if len(set(ids)) != len(ids):
+                self.errors.append(f"an id twice: {ids}")
+            with self.lock:
+                unknown = [u for u in ids if u not in self.sent]
+            if unknown:
+                self.errors.append(f"ids never written: {unknown}")
+            if res.coverage < 1.0:
+                continue  # some buckets did not answer (and the answer says so): nothing more to check
+            keys = list(before)
+            xb = np.stack([before[u] for u in keys])
+            d = ((xb - q) ** 2).sum(axis=1)
+            worst = float(res.D[0, len(ids) - 1]) if len(ids) == k else np.inf
+            must = {keys[i] for i in np.flatnonzero(d < worst - 1e-3)}
+            missing = must - set(ids)
+            if missing:
+                self.errors.append(f"missing {sorted(missing)[:5]} (coverage {res.coverage})")
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def assert_holds_exactly(router, name, acked, dim, seed=5):
+    """Every acknowledged item is there, and search equals one exact index over them."""
+    assert router.count(name) == len(acked)
+    got_ids, _, _ = router.get(name, list(acked))
+    assert set(got_ids) == set(acked)
+    keys = list(acked)
+    xb = np.stack([acked[u] for u in keys])
+    xq = np.random.default_rng(seed).normal(size=(10, dim)).astype(np.float32)
+    res = router.search(name, xq, 10)
+    for q in range(len(xq)):
+        d = ((xb - xq[q]) ** 2).sum(axis=1)
+        ref = [keys[i] for i in np.argsort(d, kind="stable")[:10]]
+        assert res.ids[q] == ref
+    assert res.coverage == 1.0
