@@ -128,6 +128,7 @@ class RayPlacer:
             h = ShardActor.options(
                 name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
                 get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
+                scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
                 num_cpus=cfg.shard_num_cpus, memory=cfg.shard_memory or None,
                 # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
                 runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},

@@ -72,3 +72,17 @@ def test_rebalance_onto_new_shard_actors(ray_cluster_factory):
     assert all(s.buckets > 0 and s.serving for s in st.shards)
     assert min(load.coverages) == 1.0
     assert_holds_exactly(router, "r", load.acked, 8)
+
+
+def test_lost_node_shards_come_back_elsewhere(tmp_path):
+    """Runs tests/node_loss.py in its own process: it needs a multi-node Ray cluster of its own."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(root / "tests" / "node_loss.py"), str(tmp_path / "data")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if not ln.lstrip().startswith("[")]
+    assert proc.returncode == 0 and "PASS" in lines, "\n".join(lines[-20:] + proc.stderr.splitlines()[-30:])
