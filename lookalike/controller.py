@@ -79,6 +79,7 @@ class Move:
     items: int = 0         # items copied (known once the copy is done)
     attempts: int = 0      # failed tries so far (rolled back each time)
     retry_at: float = 0.0  # time.monotonic() before which it is not tried again
+    owned_epoch: int = 0   # the epoch at which the target took over (E2)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -495,15 +496,16 @@ class Controller:
             for b in m.buckets:
                 c.owners[b] = [m.target if s == m.source else s for s in c.owners[b]]
             m.phase = "leaving"
-            self._bump()
+            m.owned_epoch = self._bump()
         log.info("moved buckets %s of %s from %s to %s: %d items in %.1fs", _span(m.buckets), m.collection,
                  m.source, m.target, m.items, time.monotonic() - t0)
 
     def _leave_phase(self, m: Move) -> None:
         if self._stop.wait(self.policy.grace_s):
             return  # stopping: a restarted controller finishes it
-        with self._cond:
-            e2 = self._epoch
+        # Fence at E2, not at the current epoch: routers that refreshed since E2 (the grace period is longer than
+        # their refresh) keep searching the source for its other buckets without being told their map is stale.
+        e2 = m.owned_epoch or self._epoch
         self._quiet(self._placer.drop_buckets, m.source, m.collection, m.buckets, e2)
         with self._cond:
             c = self._collections.get(m.collection)

@@ -323,6 +323,8 @@ class Router:
                 time.sleep(0.02)
                 smap = self.shard_map(name, refresh=True)
         if pending:
+            if isinstance(last_err, StaleShardMap):  # the map kept changing under us: a moment of unavailability
+                raise Unavailable(f"get on {name!r}: the shard map kept changing ({last_err}); retry")
             raise last_err
         out_ids = [u for u in dict.fromkeys(ids) if u in found]
         vectors = np.stack([found[u][0] for u in out_ids]) if include_vectors and out_ids else None

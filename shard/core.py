@@ -7,6 +7,7 @@ Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over g
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import shutil
 import threading
@@ -24,6 +25,8 @@ from shard.storage import DELETE, RESET, UPSERT, CollectionStore, read_buckets, 
 log = logging.getLogger(__name__)
 
 _TRIM_EVERY_BYTES = 32 << 20
+_COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
+COPY_NICE = 10      # OS priority of the copy thread: searches come first
 
 
 class RWLock:
@@ -207,7 +210,9 @@ class ShardCollection:
     The buckets change while it serves (see lookalike.controller for the whole protocol of a move):
     :meth:`join` takes buckets on (they accept writes at once), :meth:`copy_in` loads what their previous owner
     stored while writes keep arriving, :meth:`finish_join` ends that, and :meth:`drop_buckets` gives buckets away.
-    ``min_epoch`` fences requests routed with an older shard map than the last change of buckets.
+    Two fences refuse requests routed with an older shard map than a change of buckets: ``min_epoch`` (every
+    request: the shard gave buckets away, or (re)loaded) and ``min_write_epoch`` (writes only: a move's source,
+    whose log must hold every write accepted under the old map before the target copies it).
 
     Args:
         coll: the collection.
@@ -224,6 +229,7 @@ class ShardCollection:
         self._owned[[int(b) for b in buckets]] = True
         self.joining: dict[int, set[str]] = {}  # bucket being copied in -> ids written to it since it was joined
         self.min_epoch = min_epoch
+        self.min_write_epoch = min_epoch
         self.store = store
         self.index = VectorIndex(coll)
         self.table = IdTable()
@@ -274,15 +280,17 @@ class ShardCollection:
         if self.dropped:
             raise NotFound(f"collection {self.coll.name!r} was dropped")
 
-    def _check_epoch(self, epoch: int) -> None:
-        if epoch and epoch < self.min_epoch:
+    def _check_epoch(self, epoch: int, write: bool = False) -> None:
+        fence = max(self.min_epoch, self.min_write_epoch) if write else self.min_epoch
+        if epoch and epoch < fence:
             raise StaleShardMap(
                 f"request routed with shard map epoch {epoch}, but the buckets of {self.coll.name!r} on this shard "
-                f"changed at epoch {self.min_epoch}: retry with a fresh map")
+                f"changed at epoch {fence}: retry with a fresh map")
 
     def _bytes_for(self, x: np.ndarray, ids: list[str], payloads) -> int:
         """A generous estimate of the memory n new items take: index bytes per vector, id, payload, table row."""
-        per_vector = max(self.index.nbytes / self.index.ntotal if self.index.ntotal else 0, x.nbytes / max(len(x), 1))
+        raw = x.nbytes / max(len(x), 1)
+        per_vector = self.index.nbytes / self.index.ntotal if self.index.trained and self.index.ntotal else raw
         return int(len(x) * (per_vector + 48) + sum(len(u) for u in ids)
                    + sum(len(p) for p in payloads if p is not None))
 
@@ -305,7 +313,7 @@ class ShardCollection:
         self._check_room(self._bytes_for(x, ids, payloads))
         with self._write_order:
             self._check_live()
-            self._check_epoch(epoch)
+            self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
             self.store.append(UPSERT, ids, x, payloads)
             with self._rw.write():
@@ -334,7 +342,7 @@ class ShardCollection:
         self._check_owned(buckets)
         with self._write_order:
             self._check_live()
-            self._check_epoch(epoch)
+            self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
             self.store.append(DELETE, ids)
             with self._rw.write():
@@ -349,11 +357,15 @@ class ShardCollection:
         self.table.remove(np.sort(labels))
         return len(labels)
 
-    def _remove_buckets(self, buckets) -> int:
-        """Removes every item of some buckets from memory (caller holds the write lock)."""
+    def _labels_of(self, buckets) -> np.ndarray:
         if not len(self.table) or not len(buckets):
-            return 0
-        labels = self.table.labels[np.isin(bucket_of_labels(self.table.labels), np.asarray(list(buckets)))]
+            return np.empty(0, dtype=np.int64)
+        return self.table.labels[np.isin(bucket_of_labels(self.table.labels), np.asarray(list(buckets)))]
+
+    def _remove_buckets(self, buckets, labels: np.ndarray | None = None) -> int:
+        """Removes every item of some buckets from memory (caller holds the write lock; ``labels``: theirs, if
+        the caller found them already)."""
+        labels = self._labels_of(buckets) if labels is None else labels
         if len(labels):
             self.index.remove(labels)
             self.table.remove(labels)
@@ -374,21 +386,43 @@ class ShardCollection:
                     self.joining[b] = set()
 
     def fence(self, epoch: int) -> None:
-        """Refuses requests routed with a map older than ``epoch``. Once this returns, every write accepted with
-        an older map is in the log (the fence waits for writes in progress)."""
+        """Refuses writes routed with a map older than ``epoch`` (searches go on). Once this returns, every write
+        accepted with an older map is in the log (the fence waits for writes in progress)."""
         with self._write_order:
-            self.min_epoch = max(self.min_epoch, int(epoch))
+            self.min_write_epoch = max(self.min_write_epoch, int(epoch))
 
-    def copy_in(self, buckets, source: str | pathlib.Path, progress: Callable[[int], None] | None = None) -> int:
+    def copy_in(self, buckets, source: str | pathlib.Path, progress: Callable[[int], None] | None = None,
+                nice: int = COPY_NICE) -> int:
         """Loads joining buckets from their previous owner's store (its directory for this collection), skipping
         ids written here since the join (they are newer). Returns the items copied.
+
+        The copy runs in a thread of its own at OS priority ``nice`` (Linux schedules threads separately), in
+        small batches: it takes the CPU that searches leave idle, and holds the write lock only briefly.
 
         Raises:
             FailedPrecondition: a bucket is not joining here (this shard restarted, or the move was rolled back).
         """
+        result: dict = {}
+
+        def run():
+            try:
+                if nice:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+                result["copied"] = self._copy_in(buckets, source, progress)
+            except BaseException as err:  # re-raised in the caller's thread
+                result["error"] = err
+
+        t = threading.Thread(target=run, name=f"copy-{self.coll.name}", daemon=True)
+        t.start()
+        t.join()
+        if "error" in result:
+            raise result["error"]
+        return result["copied"]
+
+    def _copy_in(self, buckets, source, progress) -> int:
         wanted = sorted(int(b) for b in buckets)
         copied = 0
-        for batch in read_buckets(source, self.coll.buckets, wanted):
+        for batch in read_buckets(source, self.coll.buckets, wanted, batch_items=_COPY_BATCH):
             with self._write_order:
                 self._check_live()
                 if any(b not in self.joining for b in wanted):
@@ -426,9 +460,10 @@ class ShardCollection:
         with self._write_order:
             self._check_live()
             self.store.reset(buckets)
+            labels = self._labels_of(buckets)  # no write can change them: we hold the write order
             with self._rw.write():
                 self.min_epoch = max(self.min_epoch, int(epoch))
-                n = self._remove_buckets(buckets)
+                n = self._remove_buckets(buckets, labels)
                 self._owned[buckets] = False
                 for b in buckets:
                     self.joining.pop(b, None)

@@ -412,27 +412,47 @@ def read_buckets(path: str | pathlib.Path, n_buckets: int, buckets, batch_items:
             state = _read_state(path, n_buckets, wanted)
         except StoreChanged:
             continue
-        rows = [(uid, item) for per_bucket in state.values() for uid, item in per_bucket.items()]
-        for start in range(0, len(rows), batch_items):
-            chunk = rows[start:start + batch_items]
-            yield Batch(UPSERT, [u for u, _ in chunk], np.stack([it[0] for _, it in chunk]),
-                        [it[1] for _, it in chunk])
+        pending: list[Batch] = []
+        pending_items = 0
+        for batch in _live_batches(state):
+            pending.append(batch)
+            pending_items += len(batch.ids)
+            if pending_items >= batch_items:
+                yield _concat(pending)
+                pending, pending_items = [], 0
+        if pending:
+            yield _concat(pending)
         return
     raise StoreChanged(f"{path} kept being compacted while it was read ({attempts} attempts)")
 
 
-def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[int, dict]:
-    """bucket -> {id: (row, payload)} of the store's live items in ``wanted``."""
+def _live_batches(state: dict[int, tuple]) -> Iterator[Batch]:
+    """Per bucket: its snapshot with the logged changes applied (the snapshot as it is when none touch it)."""
+    for base, changes, reset in state.values():
+        if base is not None and not reset:
+            if changes:
+                keep = [i for i, u in enumerate(base.ids) if u not in changes]
+                if keep:
+                    yield Batch(UPSERT, [base.ids[i] for i in keep], base.vectors[keep],
+                                [base.payloads[i] for i in keep])
+            elif base.ids:
+                yield base
+        live = [(u, c) for u, c in changes.items() if c is not None]
+        if live:
+            yield Batch(UPSERT, [u for u, _ in live], np.stack([c[0] for _, c in live]), [c[1] for _, c in live])
+
+
+def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[int, tuple]:
+    """bucket -> (snapshot Batch or None, {id: (row, payload) or None for a delete} logged after it, reset)."""
     before = {p.name for p in path.glob("wal-*.log")}
-    state: dict[int, dict] = {b: {} for b in wanted}
+    state: dict[int, tuple] = {}
     for b in wanted:
         snap = _snapshot_path(path, b)
         try:
-            batch = _read_snapshot(snap) if snap.exists() else None
+            base = _read_snapshot(snap) if snap.exists() else None
         except FileNotFoundError:
             raise StoreChanged() from None
-        if batch is not None:
-            state[b] = {u: (batch.vectors[i], batch.payloads[i]) for i, u in enumerate(batch.ids)}
+        state[b] = (base, {}, False)
     segs = sorted(path.glob("wal-*.log"))
     if not before <= {p.name for p in segs}:
         raise StoreChanged()
@@ -450,15 +470,14 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
                 batch = _filter(_record_to_batch(body), wanted, n_buckets)
                 if batch.op == RESET:
                     for b in batch.buckets:
-                        state[b] = {}
+                        state[b] = (None, {}, True)
                     continue
                 if not batch.ids:
                     continue
                 for i, (uid, b) in enumerate(zip(batch.ids, buckets_of(batch.ids, n_buckets).tolist())):
-                    if batch.op == DELETE:
-                        state[b].pop(uid, None)
-                    else:
-                        state[b][uid] = (batch.vectors[i], batch.payloads[i])
+                    changes = state[b][1]
+                    changes.pop(uid, None)
+                    changes[uid] = None if batch.op == DELETE else (batch.vectors[i], batch.payloads[i])
     finally:
         for f in files:
             f.close()
