@@ -129,7 +129,7 @@ def run(args) -> dict:
                 progress.append((time.perf_counter(), left))
                 if total is not None and not left:
                     break
-                time.sleep(0.5)
+                time.sleep(1.0)
             if bar is not None:
                 bar.close()
             done.set()

@@ -322,10 +322,10 @@ class ShardCollection:
             self._after_write(x.nbytes)
         return len(ids)
 
-    def _after_write(self, nbytes: int) -> None:
+    def _after_write(self, nbytes: int, trim: bool = True) -> None:
         self._train_if_ready()
         self._written_since_trim += nbytes
-        if self._written_since_trim > _TRIM_EVERY_BYTES:
+        if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
 
@@ -438,7 +438,8 @@ class ShardCollection:
                 _, home = buckets_and_labels(ids, self.coll.buckets)
                 with self._rw.write():
                     self._apply_upsert(ids, home, x, payloads)
-                self._after_write(x.nbytes)
+                # No malloc_trim while copying: it holds the allocator's locks, stalling the threads that search.
+                self._after_write(x.nbytes, trim=False)
             copied += len(ids)
             if progress is not None:
                 progress(copied)
@@ -467,7 +468,6 @@ class ShardCollection:
                 self._owned[buckets] = False
                 for b in buckets:
                     self.joining.pop(b, None)
-        release_memory()
         return n
 
     def bucket_counts(self) -> np.ndarray:

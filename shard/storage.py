@@ -57,6 +57,7 @@ class Batch:
 
 
 _LOAD_BATCH = 16384
+COMPACT_NICE = 10
 
 
 def _concat(batches: list[Batch]) -> Batch:
@@ -265,6 +266,11 @@ class CollectionStore:
 
     # --- compaction -----------------------------------------------------------------------------------------
     def _compact_quietly(self) -> None:
+        try:
+            # Background work: at a lower OS priority than the threads that serve (Linux schedules threads apart).
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPACT_NICE)
+        except (OSError, AttributeError):
+            pass
         try:
             self.compact()
         except Exception:
