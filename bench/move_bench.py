@@ -85,7 +85,8 @@ def run(args) -> dict:
              num_cpus=max(threads, args.shards + args.add_shards + 1), log_to_driver=False)
     handle = server = router = client = None
     try:
-        policy = MovePolicy(max_moves=args.max_moves, move_buckets=args.move_buckets, grace_s=args.grace)
+        policy = MovePolicy(max_moves=args.max_moves, move_buckets=args.move_buckets, grace_s=args.grace,
+                            copy_mb_s=args.copy_mb_s)
         handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name="movebench",
                                                       shard_num_cpus=args.shard_cpus, policy=policy))
         router = Router(control)
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-moves", type=int, default=2)
     p.add_argument("--move-buckets", type=int, default=16)
     p.add_argument("--grace", type=float, default=2.0)
+    p.add_argument("--copy-mb-s", type=float, default=0.0, help="rate limit of a move's copy (0: none)")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seconds", type=float, default=20.0, help="length of each steady-state measurement")

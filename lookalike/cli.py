@@ -57,7 +57,7 @@ def cmd_serve(args) -> int:
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
-                        policy=MovePolicy(max_shards=args.max_shards,
+                        policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0))
     embedded = args.address is None
     if embedded:
@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory each shard may fill, e.g. 8Gi (its capacity; writes past it get RESOURCE_EXHAUSTED; "
                         "default: no limit)")
     s.add_argument("--max-shards", type=int, default=64, help="automatic growth stops here (default 64)")
+    s.add_argument("--copy-mb-s", type=float, default=0.0,
+                   help="rate limit of a bucket move's copy in MB/s (default 0: none); lower it to leave more CPU to "
+                        "searches while the cluster grows")
     s.add_argument("--autoscale", type=float, default=30.0,
                    help="seconds between checks of shard memory against 80%% of --shard-memory; past it a shard is "
                         "added and buckets rebalanced (0: off; needs --shard-memory)")

@@ -126,6 +126,8 @@ class MovePolicy:
         high_water: a shard using more than this fraction of its capacity triggers growth.
         max_shards: growth stops here.
         autoscale_s: seconds between checks of the high-water mark (0: no automatic growth).
+        copy_mb_s: rate limit of one move's copy, MB of vectors per second (0: none): a slower move leaves more
+            CPU to searches.
         tolerance: planning stops when the most and least loaded shards differ by less than this fraction of the
             mean load.
     """
@@ -137,6 +139,7 @@ class MovePolicy:
     max_shards: int = 64
     autoscale_s: float = 0.0
     tolerance: float = 0.05
+    copy_mb_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,7 @@ class ShardPlacer(Protocol):
 
     def fence(self, shard_id: str, name: str, epoch: int) -> None: ...
 
-    def copy_in(self, shard_id: str, name: str, buckets: list[int], source: str) -> int: ...
+    def copy_in(self, shard_id: str, name: str, buckets: list[int], source: str, rate_bytes_s: float = 0) -> int: ...
 
     def finish_join(self, shard_id: str, name: str, buckets: list[int]) -> None: ...
 
@@ -489,7 +489,7 @@ class Controller:
             m.phase = "copy"
             e1 = self._bump()
         self._placer.fence(m.source, m.collection, e1)
-        m.items = self._placer.copy_in(m.target, m.collection, m.buckets, m.source)
+        m.items = self._placer.copy_in(m.target, m.collection, m.buckets, m.source, self.policy.copy_mb_s * 1e6)
         self._placer.finish_join(m.target, m.collection, m.buckets)
         with self._cond:
             c = self._coll(m.collection)

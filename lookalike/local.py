@@ -58,8 +58,8 @@ class LocalPlacer:
     def fence(self, shard_id, name, epoch):
         self._shard(shard_id).fence(name, epoch)
 
-    def copy_in(self, shard_id, name, buckets, source):
-        return self._shard(shard_id).copy_in(name, buckets, source)
+    def copy_in(self, shard_id, name, buckets, source, rate_bytes_s=0):
+        return self._shard(shard_id).copy_in(name, buckets, source, rate_bytes_s)
 
     def finish_join(self, shard_id, name, buckets):
         self._shard(shard_id).finish_join(name, buckets)

@@ -90,8 +90,8 @@ class ShardActor:
     def fence(self, name: str, epoch: int) -> None:
         self.shard.fence(name, epoch)
 
-    def copy_in(self, name: str, buckets: list[int], source: str) -> int:
-        return self.shard.copy_in(name, buckets, source)
+    def copy_in(self, name: str, buckets: list[int], source: str, rate_bytes_s: float = 0) -> int:
+        return self.shard.copy_in(name, buckets, source, rate_bytes_s)
 
     def finish_join(self, name: str, buckets: list[int]) -> None:
         self.shard.finish_join(name, buckets)
@@ -160,8 +160,8 @@ class RayPlacer:
     def fence(self, shard_id, name, epoch):
         _unwrap(self._handle(shard_id).fence.remote(name, epoch), timeout=120)
 
-    def copy_in(self, shard_id, name, buckets, source):
-        return _unwrap(self._handle(shard_id).copy_in.remote(name, buckets, source), timeout=3600)
+    def copy_in(self, shard_id, name, buckets, source, rate_bytes_s=0):
+        return _unwrap(self._handle(shard_id).copy_in.remote(name, buckets, source, rate_bytes_s), timeout=3600)
 
     def finish_join(self, shard_id, name, buckets):
         _unwrap(self._handle(shard_id).finish_join.remote(name, buckets), timeout=120)

@@ -292,10 +292,9 @@ class Router:
             by_shard: dict[str, list[int]] = {}
             for i, b in zip(pending, buckets.tolist()):
                 sid = next((s for s in smap.owners[b] if s not in tried), None)
-                if sid is not None:
-                    by_shard.setdefault(sid, []).append(i)
-            if not by_shard:
-                break
+                if sid is None:  # every owner of its bucket failed
+                    raise Unavailable(f"get on {name!r}: no owner of bucket {b} answered: {last_err}")
+                by_shard.setdefault(sid, []).append(i)
             requests = {sid: shard_pb2.ShardGetRequest(collection=name, ids=[ids[i] for i in idx],
                                                        include_vectors=include_vectors, epoch=smap.epoch)
                         for sid, idx in by_shard.items()}

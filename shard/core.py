@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -191,8 +192,27 @@ class IdTable:
         pay[:] = [payloads[i] for i in order]
         self.payloads = np.insert(self.payloads, at, pay)
 
+    def _shallow(self) -> "IdTable":
+        t = IdTable()
+        t.labels, t.offsets, t.blob, t.payloads = self.labels, self.offsets, self.blob, self.payloads
+        return t
+
+    def with_put(self, labels, uids, payloads, existing) -> "IdTable":
+        """A new table with :meth:`put` applied; this one is left as it is (searches may be reading it)."""
+        t = self._shallow()
+        if existing.any():
+            t.payloads = self.payloads.copy()  # put assigns into it
+        t.put(labels, uids, payloads, existing)
+        return t
+
+    def without(self, labels: np.ndarray) -> "IdTable":
+        """A new table with :meth:`remove` applied; this one is left as it is."""
+        t = self._shallow()
+        t.remove(labels)
+        return t
+
     def remove(self, labels: np.ndarray) -> None:
-        """Removes rows by label (all present)."""
+        """Removes rows by label (all present). Assigns new arrays (never writes into the old ones)."""
         if len(labels) == 0:
             return
         keep = np.ones(len(self.labels), dtype=bool)
@@ -253,10 +273,10 @@ class ShardCollection:
                     self._remove_buckets(batch.buckets)
                 continue
             _, home = buckets_and_labels(batch.ids, self.coll.buckets)
-            with self._rw.write():
-                if batch.op == UPSERT:
-                    self._apply_upsert(batch.ids, home, batch.vectors, batch.payloads)
-                else:
+            if batch.op == UPSERT:
+                self._apply_upsert(batch.ids, home, batch.vectors, batch.payloads)
+            else:
+                with self._rw.write():
                     self._apply_delete(batch.ids, home)
             self._train_if_ready()
         return len(self.table)
@@ -316,8 +336,7 @@ class ShardCollection:
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
             self.store.append(UPSERT, ids, x, payloads)
-            with self._rw.write():
-                self._apply_upsert(ids, home, x, payloads)
+            self._apply_upsert(ids, home, x, payloads)
             self._note_joining(ids, buckets)
             self._after_write(x.nbytes)
         return len(ids)
@@ -330,11 +349,15 @@ class ShardCollection:
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
+        """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while
+        searches go on; the write lock covers only the index update and the swap."""
         labels, existing = self.table.assign(home, ids)
-        if existing.any():
-            self.index.remove(labels[existing])
-        self.index.add(labels, x)
-        self.table.put(labels, ids, payloads, existing)
+        table = self.table.with_put(labels, ids, payloads, existing)
+        with self._rw.write():
+            if existing.any():
+                self.index.remove(labels[existing])
+            self.index.add(labels, x)
+            table, self.table = self.table, table  # the old table is freed after the lock
 
     def delete(self, ids: list[str], epoch: int = 0) -> tuple[int, int]:
         """Removes items; returns (removed, missing)."""
@@ -362,10 +385,9 @@ class ShardCollection:
             return np.empty(0, dtype=np.int64)
         return self.table.labels[np.isin(bucket_of_labels(self.table.labels), np.asarray(list(buckets)))]
 
-    def _remove_buckets(self, buckets, labels: np.ndarray | None = None) -> int:
-        """Removes every item of some buckets from memory (caller holds the write lock; ``labels``: theirs, if
-        the caller found them already)."""
-        labels = self._labels_of(buckets) if labels is None else labels
+    def _remove_buckets(self, buckets) -> int:
+        """Removes every item of some buckets from memory (caller holds the write lock)."""
+        labels = self._labels_of(buckets)
         if len(labels):
             self.index.remove(labels)
             self.table.remove(labels)
@@ -392,12 +414,13 @@ class ShardCollection:
             self.min_write_epoch = max(self.min_write_epoch, int(epoch))
 
     def copy_in(self, buckets, source: str | pathlib.Path, progress: Callable[[int], None] | None = None,
-                nice: int = COPY_NICE) -> int:
+                nice: int = COPY_NICE, rate_bytes_s: float = 0) -> int:
         """Loads joining buckets from their previous owner's store (its directory for this collection), skipping
         ids written here since the join (they are newer). Returns the items copied.
 
         The copy runs in a thread of its own at OS priority ``nice`` (Linux schedules threads separately), in
         small batches: it takes the CPU that searches leave idle, and holds the write lock only briefly.
+        ``rate_bytes_s`` (> 0) caps the vector bytes copied per second.
 
         Raises:
             FailedPrecondition: a bucket is not joining here (this shard restarted, or the move was rolled back).
@@ -408,7 +431,7 @@ class ShardCollection:
             try:
                 if nice:
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-                result["copied"] = self._copy_in(buckets, source, progress)
+                result["copied"] = self._copy_in(buckets, source, progress, rate_bytes_s)
             except BaseException as err:  # re-raised in the caller's thread
                 result["error"] = err
 
@@ -419,9 +442,10 @@ class ShardCollection:
             raise result["error"]
         return result["copied"]
 
-    def _copy_in(self, buckets, source, progress) -> int:
+    def _copy_in(self, buckets, source, progress, rate_bytes_s: float = 0) -> int:
         wanted = sorted(int(b) for b in buckets)
-        copied = 0
+        copied = copied_bytes = 0
+        t0 = time.monotonic()
         for batch in read_buckets(source, self.coll.buckets, wanted, batch_items=_COPY_BATCH):
             with self._write_order:
                 self._check_live()
@@ -436,13 +460,15 @@ class ShardCollection:
                 self._check_room(self._bytes_for(x, ids, payloads))
                 self.store.append(UPSERT, ids, x, payloads)
                 _, home = buckets_and_labels(ids, self.coll.buckets)
-                with self._rw.write():
-                    self._apply_upsert(ids, home, x, payloads)
+                self._apply_upsert(ids, home, x, payloads)
                 # No malloc_trim while copying: it holds the allocator's locks, stalling the threads that search.
                 self._after_write(x.nbytes, trim=False)
             copied += len(ids)
+            copied_bytes += x.nbytes
             if progress is not None:
                 progress(copied)
+            if rate_bytes_s > 0:
+                time.sleep(max(0.0, t0 + copied_bytes / rate_bytes_s - time.monotonic()))
         return copied
 
     def finish_join(self, buckets) -> None:
@@ -462,12 +488,29 @@ class ShardCollection:
             self._check_live()
             self.store.reset(buckets)
             labels = self._labels_of(buckets)  # no write can change them: we hold the write order
+            # Build the index and id table without them while searches go on, when there is room for the copy;
+            # the write lock then only swaps them in.
+            main = table = None
+            if len(labels):
+                try:
+                    self._check_room(self.index.nbytes)
+                    main = self.index.without(labels)
+                except ResourceExhausted:
+                    main = None
+                table = self.table.without(labels)
             with self._rw.write():
                 self.min_epoch = max(self.min_epoch, int(epoch))
-                n = self._remove_buckets(buckets, labels)
+                if main is not None:
+                    main = self.index.install(main)  # the old ones are freed below, after the lock
+                elif len(labels):
+                    self.index.remove(labels)
+                if table is not None:
+                    table, self.table = self.table, table
+                n = len(labels)
                 self._owned[buckets] = False
                 for b in buckets:
                     self.joining.pop(b, None)
+            del main, table
         return n
 
     def bucket_counts(self) -> np.ndarray:
@@ -620,8 +663,8 @@ class Shard:
     def fence(self, name: str, epoch: int) -> None:
         self.collection(name).fence(epoch)
 
-    def copy_in(self, name: str, buckets, source_shard: str) -> int:
-        return self.collection(name).copy_in(buckets, self.store_path(source_shard, name))
+    def copy_in(self, name: str, buckets, source_shard: str, rate_bytes_s: float = 0) -> int:
+        return self.collection(name).copy_in(buckets, self.store_path(source_shard, name), rate_bytes_s=rate_bytes_s)
 
     def finish_join(self, name: str, buckets) -> None:
         self.collection(name).finish_join(buckets)

@@ -237,6 +237,22 @@ class VectorIndex:
             return self._main.remove_ids(faiss.IDSelectorArray(labels))
         return self._main.remove_ids(faiss.IDSelectorBatch(labels))
 
+    def without(self, labels: np.ndarray):
+        """A copy of the main index without ``labels``, for :meth:`install`: built while the original keeps serving
+        searches, because removal from flat codes moves every vector after the first one removed. None where removal
+        in place is cheap (IVF lists, graphs) or the index is still its training buffer."""
+        if self._buffer is not None or self._graph or self._ivf is not None or not len(labels):
+            return None
+        clone = faiss.clone_index_binary(self._main) if self._binary else faiss.clone_index(self._main)
+        clone.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(labels, dtype=np.int64)))
+        return clone
+
+    def install(self, main):
+        """Swaps in an index from :meth:`without` (the caller holds the write lock). Returns the old one: let it
+        go after releasing the lock (freeing it takes time)."""
+        old, self._main = self._main, main
+        return old
+
     def _rebuild_graph(self) -> None:
         live = np.flatnonzero(self._pos_label >= 0)
         x = self._reconstruct(self._main, live) if len(live) else None

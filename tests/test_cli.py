@@ -57,6 +57,15 @@ def test_serve_and_cli_end_to_end(tmp_path):
         st = json.loads(_cli("status", "--json", target=target).stdout)
         assert sum(int(s["vectors"]) for s in st["shards"]) == 3000
         assert "cats" in _cli("collection", "list", target=target).stdout
+        # grow while serving: one more shard, buckets moved onto it, same answers
+        rb = _cli("rebalance", "cats", "--add-shards", "1", target=target)
+        assert rb.returncode == 0 and "queued over 3 shard(s)" in rb.stdout, rb.stderr
+        st = json.loads(_cli("status", "--json", target=target).stdout)
+        assert len(st["shards"]) == 3 and all(int(s["buckets"]) > 0 for s in st["shards"]) and not st["moves"]
+        assert sum(int(s["vectors"]) for s in st["shards"]) == 3000
+        assert "bucket moves:" in _cli("status", target=target).stdout
+        res = _cli("search", "cats", str(tmp_path / "xq.npy"), "-k", "4", "--json", target=target)
+        assert [r["ids"] for r in json.loads(res.stdout)["results"]] == [[f"img-{i}" for i in row] for row in I]
         bad = _cli("collection", "create", "cats", "--dim", "16", target=target)
         assert bad.returncode == 1 and "ALREADY_EXISTS" in bad.stderr
     finally:
