@@ -331,7 +331,7 @@ def run(args) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from lookalike.ray_cluster import start_cluster
     from router.client import Client
     from router.core import Router
     from router.server import create_router_server
@@ -438,21 +438,30 @@ def run(args) -> dict:
         log(f"floor: no-op gRPC hop p50 {out['floor']['grpc_noop_hop']['p50_ms']:.2f} ms; batch-1 search of a "
             f"1000-vector collection through the router p50 {out['floor']['tiny_search']['p50_ms']:.2f} ms")
     finally:
-        if client is not None:
-            client.close()
-        if server is not None:
-            server.stop(None)
-        if router is not None:
-            router.close()
-        if handle is not None:
-            stop_cluster(handle)
-        ray.shutdown()
+        teardown(client, server, router, handle)
         if own_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
 
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())
     out["summary"] = summarize(out)
     return out
+
+
+def teardown(client, server, router, handle) -> None:
+    """Stops what ``run`` started (any of them may be None) and Ray."""
+    import ray
+
+    from lookalike.ray_cluster import stop_cluster
+
+    if client is not None:
+        client.close()
+    if server is not None:
+        server.stop(None)
+    if router is not None:
+        router.close()
+    if handle is not None:
+        stop_cluster(handle)
+    ray.shutdown()
 
 
 def _total_memory_gib() -> float:

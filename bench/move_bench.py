@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from bench.cluster_bench import load, make_data, shard_memory, wait_idle
+from bench.cluster_bench import load, make_data, shard_memory, teardown, wait_idle
 
 
 def _log(msg: str) -> None:
@@ -58,7 +58,7 @@ def run(args) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lookalike.config import ClusterConfig, MovePolicy
-    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from lookalike.ray_cluster import start_cluster
     from router.client import Client
     from router.core import Router
     from router.server import create_router_server
@@ -176,15 +176,7 @@ def run(args) -> dict:
                          "move_over_inprocess_add": move_s / max(out["inprocess_add"]["seconds"], 1e-9)
                          * n_ref / max(moved, 1)}
     finally:
-        if client is not None:
-            client.close()
-        if server is not None:
-            server.stop(None)
-        if router is not None:
-            router.close()
-        if handle is not None:
-            stop_cluster(handle)
-        ray.shutdown()
+        teardown(client, server, router, handle)
     return out
 
 

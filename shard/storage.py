@@ -68,6 +68,20 @@ def _concat(batches: list[Batch]) -> Batch:
                  [p for b in batches for p in b.payloads])
 
 
+def _coalesce(batches, limit: int) -> Iterator[Batch]:
+    """UPSERT batches of disjoint ids joined into batches of about ``limit`` items (fewer, cheaper applies)."""
+    pending: list[Batch] = []
+    items = 0
+    for batch in batches:
+        pending.append(batch)
+        items += len(batch.ids)
+        if items >= limit:
+            yield _concat(pending)
+            pending, items = [], 0
+    if pending:
+        yield _concat(pending)
+
+
 def _frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data), zlib.crc32(data)) + data
 
@@ -239,21 +253,10 @@ class CollectionStore:
         """
         # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
-            # Snapshots hold disjoint ids: coalesce them into large batches (fewer, cheaper applies).
-            pending: list[Batch] = []
-            pending_items = 0
-            for path in sorted(self.path.glob("b*.snap")):
-                if buckets is not None and int(path.stem[1:]) not in buckets:
-                    continue
-                batch = self._read_snapshot(path)
-                if batch is not None and batch.ids:
-                    pending.append(batch)
-                    pending_items += len(batch.ids)
-                    if pending_items >= _LOAD_BATCH:
-                        yield _concat(pending)
-                        pending, pending_items = [], 0
-            if pending:
-                yield _concat(pending)
+            # Snapshots hold disjoint ids: coalesce them into large batches.
+            snapshots = (self._read_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
+                         if buckets is None or int(path.stem[1:]) in buckets)
+            yield from _coalesce((b for b in snapshots if b is not None and b.ids), _LOAD_BATCH)
             for seg in self._segments():
                 for batch in self._read_segment(seg):
                     if buckets is not None:
@@ -418,16 +421,7 @@ def read_buckets(path: str | pathlib.Path, n_buckets: int, buckets, batch_items:
             state = _read_state(path, n_buckets, wanted)
         except StoreChanged:
             continue
-        pending: list[Batch] = []
-        pending_items = 0
-        for batch in _live_batches(state):
-            pending.append(batch)
-            pending_items += len(batch.ids)
-            if pending_items >= batch_items:
-                yield _concat(pending)
-                pending, pending_items = [], 0
-        if pending:
-            yield _concat(pending)
+        yield from _coalesce(_live_batches(state), batch_items)
         return
     raise StoreChanged(f"{path} kept being compacted while it was read ({attempts} attempts)")
 

@@ -13,6 +13,16 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def wait_for(pred, timeout: float = 60.0) -> bool:
+    """Polls ``pred`` every 0.2 s until it is true (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def make_data(metric: str, n: int, dim: int, seed: int = 0, nq: int = 20):
     """(xb, xq) for a metric: uint8 codes (dim bits) for hamming, clustered float32 otherwise."""
     rng = np.random.default_rng(seed)

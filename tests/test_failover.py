@@ -7,19 +7,13 @@ import os
 import signal
 import time
 
-import numpy as np
 import pytest
 
-from conftest import MixedLoad, assert_holds_exactly
+from conftest import MixedLoad, assert_holds_exactly, wait_for
 
 
 def _wait(pred, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
+    return wait_for(pred, timeout)
 
 
 def _all_serving(cluster) -> bool:

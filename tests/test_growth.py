@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
+from conftest import MixedLoad
+from conftest import assert_holds_exactly as _exact_equal
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import ResourceExhausted, StaleShardMap
-from lookalike.local import LocalCluster
-from lookalike.shardmap import ShardMap, ShardInfo, order_by_node
-from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
 from lookalike.ids import buckets_of
-
-from conftest import MixedLoad, assert_holds_exactly as _exact_equal  # noqa: E402
+from lookalike.local import LocalCluster
+from lookalike.shardmap import ShardInfo, ShardMap, order_by_node
+from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
 
 
 def test_grow_from_1_to_4_shards_under_load(tmp_path):

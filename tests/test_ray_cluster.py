@@ -2,12 +2,11 @@
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 
-from conftest import assert_same_as_exact, exact_knn, make_data
+from conftest import assert_same_as_exact, exact_knn, make_data, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +44,7 @@ def test_approximate_recall(ray_cluster_factory, spec, params):
     assert recall >= 0.95, f"recall@10 {recall:.3f} for {spec}"
 
 
-def _wait(pred, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
+_wait = wait_for
 
 
 def test_kill_9_of_a_shard_loses_nothing(ray_cluster_factory):
