@@ -201,3 +201,37 @@ def test_a_full_shard_refuses_writes_and_growth_adds_a_shard(tmp_path):
         assert router.get("cap", ["small"])[0] == ["small"]
     finally:
         cl.close()
+
+
+def test_moves_run_a_few_at_a_time_and_never_two_onto_one_node(tmp_path):
+    from lookalike.controller import Controller, Move
+
+    class Placer:  # accepts everything; the moves are only scheduled here, not run
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    ctl = Controller(tmp_path, 4, Placer(), MovePolicy(max_moves=2))
+    for sid, node in zip(["shard-0", "shard-1", "shard-2", "shard-3"], ["a", "a", "b", "b"]):
+        ctl.register_shard(sid, "127.0.0.1:1", node)
+    ctl.create_collection(CollectionConfig("m", dim=4, buckets=8))
+    owners = ctl.shard_map("m").owners
+    coll = ctl._collections["m"]
+    assert [owners[b][0] for b in range(4)] == ["shard-0", "shard-2", "shard-1", "shard-3"]  # nodes a, b, a, b
+    to_b1 = Move("m", [0], "shard-0", "shard-2")
+    to_b2 = Move("m", [2], "shard-1", "shard-3")
+    to_a = Move("m", [1], "shard-2", "shard-1")
+    for m in (to_b1, to_b2, to_a):
+        coll.moves[m.buckets[0]] = m
+    with ctl._cond:
+        first = ctl._next_move()
+        ctl._running.add(first.key)
+        second = ctl._next_move()
+        ctl._running.add(second.key)
+        assert {first.target, second.target} in ({"shard-2", "shard-1"}, {"shard-3", "shard-1"})  # one per node
+        assert ctl._next_move() is None  # two copying: the third waits
+    # The map shows a copying move's target as joining (writes) but not as an owner (searches).
+    with ctl._cond:
+        first.phase = "copy"
+    smap = ctl.shard_map("m")
+    b = first.buckets[0]
+    assert first.target in smap.joining[b] and first.target not in smap.owners[b]
