@@ -113,9 +113,26 @@ class Router:
                 log.warning("cannot read the shard-map epoch: %s", err)
                 continue
             if epoch != self._epoch:
-                with self._lock:
-                    self._maps.clear()
-                    self._epoch = epoch
+                self._refresh_maps()
+                self._epoch = epoch
+
+    def _refresh_maps(self) -> None:
+        """Fetches a fresh map of every cached collection, here in the poller's thread: calls keep using the
+        cached maps meanwhile and never wait for the controller (a map that went stale under a call is caught by
+        the shards, which refuse it, and the call then refreshes it itself)."""
+        for name in list(self._maps):
+            try:
+                smap = self.control.shard_map(name)
+            except NotFound:
+                self.invalidate(name)
+                continue
+            except Exception as err:  # the controller restarting: drop it, calls fetch it when they need it
+                log.warning("cannot refresh the shard map of %s: %s", name, err)
+                self.invalidate(name)
+                continue
+            smap.write_mask, smap.cover()  # computed here rather than by the first call that uses the map
+            with self._lock:
+                self._maps[name] = smap
 
     def invalidate(self, name: str | None = None) -> None:
         with self._lock:
