@@ -235,3 +235,75 @@ def test_moves_run_a_few_at_a_time_and_never_two_onto_one_node(tmp_path):
     smap = ctl.shard_map("m")
     b = first.buckets[0]
     assert first.target in smap.joining[b] and first.target not in smap.owners[b]
+
+
+def test_a_failed_copy_rolls_back_and_is_retried(tmp_path):
+    cl = LocalCluster(tmp_path, shards=1, policy=MovePolicy(grace_s=0.1, move_buckets=4))
+    try:
+        router = cl.router
+        router.create_collection(CollectionConfig("rb", dim=8, buckets=8))
+        load = MixedLoad(router, "rb", 8, searchers=1)
+        load.preload(1000)
+        real_copy, calls = cl.placer.copy_in, []
+
+        def flaky_copy(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("target lost during the copy")
+            return real_copy(*args)
+
+        cl.placer.copy_in = flaky_copy
+        with load:
+            queued = cl.controller.rebalance("rb", add_shards=1)
+            assert cl.controller.wait_moves(timeout=60)
+        done, failed = cl.controller.move_counts()
+        assert failed == 1 and done == queued and len(calls) == queued + 1
+        assert not load.errors, load.errors[:5]
+        assert {s for own in cl.controller.shard_map("rb").owners for s in own} == {"shard-0", "shard-1"}
+        _exact_equal(router, "rb", load.acked, 8)
+    finally:
+        cl.close()
+
+
+def test_a_restarted_controller_rolls_back_copies_and_finishes_takeovers(tmp_path):
+    import json
+
+    from lookalike.controller import Controller
+
+    class Placer:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            def call(*args):
+                self.calls.append((name, *args))
+                return 0
+            return call
+
+    first = Controller(tmp_path, 2, Placer())
+    first.create_collection(CollectionConfig("r", dim=4, buckets=4))
+    # A state as a controller killed in the middle of two moves leaves it.
+    state = json.loads((tmp_path / "cluster.json").read_text())
+    owners = state["collections"]["r"]["owners"]  # [[shard-0], [shard-1], [shard-0], [shard-1]]
+    owners[1] = ["shard-0"]  # bucket 1 was taken over by shard-0 (leaving shard-1)
+    state["collections"]["r"]["moves"] = [
+        {"collection": "r", "buckets": [0], "source": "shard-0", "target": "shard-1", "phase": "copy"},
+        {"collection": "r", "buckets": [1], "source": "shard-1", "target": "shard-0", "phase": "leaving",
+         "owned_epoch": state["epoch"]}]
+    (tmp_path / "cluster.json").write_text(json.dumps(state))
+    placer = Placer()
+    ctl = Controller(tmp_path, 2, placer, MovePolicy(grace_s=0.1))
+    for sid in ("shard-0", "shard-1"):
+        ctl.register_shard(sid, "127.0.0.1:1", sid)
+    ctl.start()
+    try:
+        assert ctl.wait_moves(timeout=30)
+        names = [c[:4] for c in placer.calls if c[0] != "ensure_shard"]
+        # the half-done copy is dropped from its target before anything else, then run again from the start
+        assert names[0] == ("drop_buckets", "shard-1", "r", [0])
+        assert [n[:2] for n in names].index(("join_buckets", "shard-1")) > 0
+        # the takeover is finished: the source drops the bucket
+        assert ("drop_buckets", "shard-1", "r", [1]) in names
+        assert ctl.shard_map("r").owners == (("shard-1",), ("shard-0",), ("shard-0",), ("shard-1",))
+    finally:
+        ctl.stop()
