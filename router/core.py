@@ -178,14 +178,17 @@ class Router:
     def list_collections(self) -> list[CollectionConfig]:
         return self.control.list_collections()
 
-    def count(self, name: str, timeout: float | None = 5.0) -> int:
-        """Items stored in a collection: per bucket, what its owners report (each bucket counted once)."""
-        smap = self.shard_map(name)
+    def count(self, name: str, timeout: float | None = 5.0, _retry: bool = True) -> int:
+        """Items stored in a collection: per bucket, what its owners report (each bucket counted once). Shards
+        that do not answer count nothing, after one more try with a fresh map (one may have moved)."""
+        smap = self.shard_map(name, refresh=not _retry)
         per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
         for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
             try:
                 resp = fut.result()
             except LookalikeError:
+                if _retry:
+                    return self.count(name, timeout, _retry=False)
                 continue
             for c in resp.collections:
                 if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
