@@ -74,6 +74,17 @@ class ShardMap:
         return self._mask(self.owners)
 
     @functools.cached_property
+    def owned(self) -> np.ndarray:
+        """shape (buckets,) bool: the bucket has an owner (read only: shared by every search with this map)."""
+        owned = self.serving_mask.any(axis=1)
+        owned.flags.writeable = False
+        return owned
+
+    @functools.cached_property
+    def owned_fraction(self) -> float:
+        return float(self.owned.sum()) / len(self.owners)
+
+    @functools.cached_property
     def write_mask(self) -> np.ndarray:
         """shape (buckets, len(shard_ids)) bool: shard j receives bucket b's writes."""
         return self._mask(self._holders(b) for b in range(len(self.owners)))

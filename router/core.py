@@ -130,7 +130,7 @@ class Router:
                 log.warning("cannot refresh the shard map of %s: %s", name, err)
                 self.invalidate(name)
                 continue
-            smap.write_mask, smap.cover()  # computed here rather than by the first call that uses the map
+            smap.write_mask, smap.owned_fraction, smap.cover()  # computed here, not by the first call using the map
             with self._lock:
                 self._maps[name] = smap
 
@@ -178,22 +178,25 @@ class Router:
     def list_collections(self) -> list[CollectionConfig]:
         return self.control.list_collections()
 
-    def count(self, name: str, timeout: float | None = 5.0, _retry: bool = True) -> int:
+    def count(self, name: str, timeout: float | None = 5.0) -> int:
         """Items stored in a collection: per bucket, what its owners report (each bucket counted once). Shards
         that do not answer count nothing, after one more try with a fresh map (one may have moved)."""
-        smap = self.shard_map(name, refresh=not _retry)
-        per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
-        for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
-            try:
-                resp = fut.result()
-            except LookalikeError:
-                if _retry:
-                    return self.count(name, timeout, _retry=False)
-                continue
-            for c in resp.collections:
-                if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
-                    counts = np.frombuffer(c.bucket_counts, dtype="<u4").astype(np.int64)
-                    per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
+        for fresh in (False, True):
+            smap = self.shard_map(name, refresh=fresh)
+            per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
+            complete = True
+            for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
+                try:
+                    resp = fut.result()
+                except LookalikeError:
+                    complete = False
+                    continue
+                for c in resp.collections:
+                    if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
+                        counts = np.frombuffer(c.bucket_counts, dtype="<u4").astype(np.int64)
+                        per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
+            if complete:
+                break
         return int(per_bucket.sum())
 
     # --- writes ---------------------------------------------------------------------------------------------
@@ -381,10 +384,12 @@ class Router:
                 break
             # Every shard answers for all it holds, so a cover of the missing buckets is enough. A shard that
             # answered already may be asked again: under a fresh map it may own buckets it was still copying in.
-            targets = smap.cover(None if not answered else ~covered, set(failures), rotation)
+            first = not answered
+            targets = smap.cover(None if first else ~covered, set(failures), rotation)
             if not targets:
                 break
             req.epoch = smap.epoch
+            answered_now = []
             for sid, fut in self._fan_out(smap, targets, "Search", req, left):
                 try:
                     resp = fut.result()
@@ -395,11 +400,16 @@ class Router:
                     continue
                 failures.pop(sid, None)
                 answered.add(sid)
+                answered_now.append(sid)
                 Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
                 Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
                 ids.extend(resp.ids)
                 if include_payloads:
                     payloads.extend(resp.payloads)
+            if first and not failures:  # the usual case: the whole cover answered, every owned bucket is covered
+                covered = smap.owned
+                break
+            for sid in answered_now:
                 covered |= smap.served_by(sid)
             if covered.all():
                 break
@@ -415,7 +425,7 @@ class Router:
                         info is not None and info.address and info.address != smap.shards[sid].address):
                     failures.pop(sid)
             smap = fresh
-        coverage = float(covered.sum()) / n_buckets
+        coverage = smap.owned_fraction if covered is smap.owned else float(covered.sum()) / n_buckets
         failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
         if failures:
             self.invalidate(name)

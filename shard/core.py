@@ -413,8 +413,7 @@ class ShardCollection:
         with self._write_order:
             self.min_write_epoch = max(self.min_write_epoch, int(epoch))
 
-    def copy_in(self, buckets, source: str | pathlib.Path, progress: Callable[[int], None] | None = None,
-                nice: int = COPY_NICE, rate_bytes_s: float = 0) -> int:
+    def copy_in(self, buckets, source: str | pathlib.Path, nice: int = COPY_NICE, rate_bytes_s: float = 0) -> int:
         """Loads joining buckets from their previous owner's store (its directory for this collection), skipping
         ids written here since the join (they are newer). Returns the items copied.
 
@@ -431,7 +430,7 @@ class ShardCollection:
             try:
                 if nice:
                     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-                result["copied"] = self._copy_in(buckets, source, progress, rate_bytes_s)
+                result["copied"] = self._copy_in(buckets, source, rate_bytes_s)
             except BaseException as err:  # re-raised in the caller's thread
                 result["error"] = err
 
@@ -442,7 +441,7 @@ class ShardCollection:
             raise result["error"]
         return result["copied"]
 
-    def _copy_in(self, buckets, source, progress, rate_bytes_s: float = 0) -> int:
+    def _copy_in(self, buckets, source, rate_bytes_s: float = 0) -> int:
         wanted = sorted(int(b) for b in buckets)
         copied = copied_bytes = 0
         t0 = time.monotonic()
@@ -465,8 +464,6 @@ class ShardCollection:
                 self._after_write(x.nbytes, trim=False)
             copied += len(ids)
             copied_bytes += x.nbytes
-            if progress is not None:
-                progress(copied)
             if rate_bytes_s > 0:
                 time.sleep(max(0.0, t0 + copied_bytes / rate_bytes_s - time.monotonic()))
         return copied

@@ -239,12 +239,6 @@ class CollectionStore:
         for _, body in _iter_frames(path):
             yield _record_to_batch(body)
 
-    def _snapshot_path(self, bucket: int) -> pathlib.Path:
-        return _snapshot_path(self.path, bucket)
-
-    def _read_snapshot(self, path: pathlib.Path) -> Batch | None:
-        return _read_snapshot(path)
-
     def load(self, buckets: set[int] | None = None) -> Iterator[Batch]:
         """Everything stored, in order, as batches to apply: snapshots first, then the log.
 
@@ -254,18 +248,15 @@ class CollectionStore:
         # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
             # Snapshots hold disjoint ids: coalesce them into large batches.
-            snapshots = (self._read_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
+            snapshots = (_read_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
                          if buckets is None or int(path.stem[1:]) in buckets)
             yield from _coalesce((b for b in snapshots if b is not None and b.ids), _LOAD_BATCH)
             for seg in self._segments():
                 for batch in self._read_segment(seg):
                     if buckets is not None:
-                        batch = self._filter(batch, buckets)
+                        batch = _filter(batch, buckets, self.n_buckets)
                     if batch.ids or batch.buckets:
                         yield batch
-
-    def _filter(self, batch: Batch, buckets: set[int]) -> Batch:
-        return _filter(batch, buckets, self.n_buckets)
 
     # --- compaction -----------------------------------------------------------------------------------------
     def _compact_quietly(self) -> None:
@@ -329,9 +320,9 @@ class CollectionStore:
         return len(changes)
 
     def _rewrite_snapshot(self, bucket: int, changes: dict, reset: bool = False) -> None:
-        path = self._snapshot_path(bucket)
+        path = _snapshot_path(self.path, bucket)
         items: dict[str, tuple[np.ndarray, bytes | None]] = {}
-        old = self._read_snapshot(path) if path.exists() and not reset else None
+        old = _read_snapshot(path) if path.exists() and not reset else None
         if old is not None:
             for i, uid in enumerate(old.ids):
                 items[uid] = (old.vectors[i], old.payloads[i])
@@ -467,14 +458,15 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
     try:
         for seg, f in zip(segs, files):
             for _, body in _iter_open_frames(f, seg):
-                batch = _filter(_record_to_batch(body), wanted, n_buckets)
+                batch = _record_to_batch(body)
                 if batch.op == RESET:
                     for b in batch.buckets:
-                        state[b] = (None, {}, True)
-                    continue
-                if not batch.ids:
+                        if b in wanted:
+                            state[b] = (None, {}, True)
                     continue
                 for i, (uid, b) in enumerate(zip(batch.ids, buckets_of(batch.ids, n_buckets).tolist())):
+                    if b not in wanted:
+                        continue
                     changes = state[b][1]
                     changes.pop(uid, None)
                     changes[uid] = None if batch.op == DELETE else (batch.vectors[i], batch.payloads[i])
