@@ -69,8 +69,9 @@ def cmd_serve(args) -> int:
         ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
-    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
-    server, port, health = create_router_server(router, f"{args.host}:{args.port}")
+    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
+                    batch_wait_s=args.batch_wait_us * 1e-6)
+    server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads)
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
@@ -332,6 +333,64 @@ def parse_bytes(text: str) -> int:
     return int(float(text))
 
 
+# --- loadtest ---------------------------------------------------------------------------------------------------
+@_rpc_errors
+def cmd_loadtest(args) -> int:
+    from lookalike import loadtest
+    from router.client import Client
+    from router.server import _METRIC_FROM_PROTO
+
+    try:
+        mix = loadtest.parse_mix(args.mix)
+        mode = args.mode or ("open" if args.rate else "closed")
+        cfg = loadtest.LoadConfig(
+            target=args.target, collection=args.name, mode=mode, rate=args.rate or 0.0,
+            concurrency=args.concurrency, duration=args.duration, requests=args.requests, mix=mix, k=args.k,
+            batch=args.batch, nprobe=args.nprobe, ef_search=args.ef_search, processes=args.processes,
+            timeout=args.timeout, arrivals=args.arrivals, recall_sample=args.recall_sample,
+            keep_writes=args.keep_writes, seed=args.seed)
+        cfg.check()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with Client(args.target) as client:
+        spec = client.describe_collection(args.name).spec
+    metric = _METRIC_FROM_PROTO.get(spec.metric, "l2")
+    queries = np.load(args.queries) if args.queries else None
+    data = np.load(args.data, mmap_mode="r") if args.data else None
+    data_ids = None
+    if args.ids:
+        with open(args.ids) as f:
+            data_ids = [line.rstrip("\n") for line in f]
+    for what, x in (("queries", queries), ("data", data)):
+        if x is not None and (x.ndim != 2 or x.shape[1] != (spec.dim // 8 if metric == "hamming" else spec.dim)):
+            print(f"error: --{what} has shape {x.shape}; collection {args.name!r} holds "
+                  f"{'codes of ' + str(spec.dim) + ' bits' if metric == 'hamming' else str(spec.dim) + '-d vectors'}",
+                  file=sys.stderr)
+            return 2
+    if data is not None:
+        data = np.ascontiguousarray(data)
+    try:
+        queries, mean, std = loadtest.prepare(
+            cfg, queries, data, n_queries=args.query_count, noise=args.noise,
+            fetch=lambda n: loadtest.fetch_stored(args.target, args.name, n, args.seed))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report, rec = loadtest.run(cfg, queries, mean, std, data, data_ids, metric, show_progress=not args.quiet)
+    print(loadtest.format_report(report))
+    if args.out:
+        loadtest.save(report, args.out)
+        print(f"report: {args.out}")
+    if args.plot:
+        try:
+            loadtest.plot(report, rec, args.plot)
+            print(f"plot: {args.plot}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install 'lookalike[plot]')", file=sys.stderr)
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lookalike", description="Sharded similarity search for image catalogs.")
@@ -364,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "added and buckets rebalanced (0: off; needs --shard-memory)")
     s.add_argument("--encoders", type=int, default=0,
                    help="encoder actors on Ray (a GPU each when the cluster has them); 0: encode in the router")
+    s.add_argument("--batch-wait-us", type=float, default=300.0,
+                   help="how long concurrent searches are gathered into one batch, in microseconds, while earlier "
+                        "batches run (default 300; a lone search never waits; -1: no batching)")
+    s.add_argument("--router-threads", type=int, default=256,
+                   help="threads serving the router's gRPC calls: the most calls in progress at once (default 256)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("collection", help="create, list, describe, drop collections")
@@ -447,6 +511,41 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--add-shards", type=int, default=0, help="shards to start first (default 0)")
     rb.add_argument("--no-wait", action="store_true", help="return once the moves are queued")
     rb.set_defaults(func=cmd_rebalance)
+
+    lt = with_target(sub.add_parser("loadtest", help="load a running cluster; report rate, latency, errors, recall"))
+    lt.add_argument("name", help="collection")
+    lt.add_argument("--mode", choices=["open", "closed"], default=None,
+                    help="open: send at --rate whatever the server does; closed: --concurrency requests in flight "
+                         "(default: open when --rate is given)")
+    lt.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second, all processes together")
+    lt.add_argument("--arrivals", choices=["uniform", "poisson"], default="uniform",
+                    help="open loop: evenly spaced or Poisson send times")
+    lt.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight (default 8)")
+    lt.add_argument("--duration", type=float, default=10.0, help="seconds of load (default 10)")
+    lt.add_argument("--requests", type=int, default=0, help="stop after this many requests (default: no count)")
+    lt.add_argument("--mix", default="search=1",
+                    help="shares of search, upsert, delete (default search=1), e.g. search=0.9,upsert=0.08,delete=0.02")
+    lt.add_argument("-k", type=int, default=10)
+    lt.add_argument("--batch", type=int, default=1, help="queries (or items) per request (default 1)")
+    lt.add_argument("--nprobe", type=int, default=0)
+    lt.add_argument("--ef-search", type=int, default=0)
+    lt.add_argument("--processes", type=int, default=2, help="client processes (default 2)")
+    lt.add_argument("--timeout", type=float, default=10.0, help="deadline of each request in seconds (default 10)")
+    lt.add_argument("--queries", help=".npy of query vectors")
+    lt.add_argument("--data", help=".npy of the vectors loaded: queries are its rows plus noise, and recall@k is "
+                                    "measured against exact search over it")
+    lt.add_argument("--ids", help="with --data: its ids, one per line (default: row numbers)")
+    lt.add_argument("--noise", type=float, default=0.05,
+                    help="query noise, times the data's deviation (hamming: bit-flip probability; default 0.05)")
+    lt.add_argument("--query-count", type=int, default=10000, help="distinct queries to draw (default 10000)")
+    lt.add_argument("--recall-sample", type=int, default=100, help="queries checked against exact (default 100)")
+    lt.add_argument("--keep-writes", action="store_true", help="keep the items the test wrote (default: deleted)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--out", default="loadtest.json", help="JSON report (default loadtest.json; '' for none)")
+    lt.add_argument("--plot", default="loadtest.png", help="PNG of latency over time and its distribution "
+                                                         "(default loadtest.png; '' for none)")
+    lt.add_argument("--quiet", action="store_true", help="no progress bar")
+    lt.set_defaults(func=cmd_loadtest)
 
     sub.add_parser("bench", add_help=False,
                    help="cluster vs in-process FAISS benchmark; `lookalike bench --help` (docs/BENCHMARKS.md)")

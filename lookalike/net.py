@@ -66,6 +66,11 @@ def create_channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=_OPTIONS)
 
 
+def create_aio_channel(target: str) -> grpc.aio.Channel:
+    """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
+    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+
+
 def wait_for_serving(target: str, timeout: float = 30.0, service: str = "") -> None:
     """Blocks until the server at ``target`` reports SERVING on health, or raises TimeoutError."""
     import time

@@ -187,7 +187,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())
 
 
-def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 32):
+def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 256):
     """Starts the public gRPC server. Returns (server, port, health); health is SERVING once started."""
     from lookalike.net import set_serving
 
