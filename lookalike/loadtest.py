@@ -166,6 +166,7 @@ class _Worker:
         self._ops = np.array([OPS.index(op) for op in names])
         self._p = shares / shares.sum()
         self._written: list[str] = []
+        self._single: dict = {}
         self._serial = 0
         self._recall_left = _split(cfg.recall_sample, cfg.processes, inp.worker)
         self.rec = _Recorder()
@@ -176,15 +177,24 @@ class _Worker:
         return int(self._ops[0] if len(self._ops) == 1 else self.rng.choice(self._ops, p=self._p))
 
     def _search_request(self):
+        rows = self.rng.integers(0, len(self.inp.queries), self.cfg.batch)
+        if self.cfg.batch == 1:  # single queries: each query's request is built once (the client's CPU is the load's)
+            row = int(rows[0])
+            req = self._single.get(row)
+            if req is None:
+                req = self._single[row] = self._build_search(rows)
+            return req, row
+        return self._build_search(rows), int(rows[0])
+
+    def _build_search(self, rows):
         from lookalike.wire import vectors_to_proto
         from protos import lookalike_pb2
 
-        rows = self.rng.integers(0, len(self.inp.queries), self.cfg.batch)
         req = lookalike_pb2.SearchRequest(collection=self.cfg.collection, k=self.cfg.k)
         req.queries.CopyFrom(vectors_to_proto(self.inp.queries[rows]))
         req.params.nprobe = self.cfg.nprobe
         req.params.ef_search = self.cfg.ef_search
-        return req, int(rows[0])
+        return req
 
     def _new_ids(self, n: int) -> list[str]:
         ids = [f"{self.prefix}{self._serial + i}" for i in range(n)]
