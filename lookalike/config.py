@@ -46,6 +46,7 @@ class CollectionConfig:
     nprobe: int = 16
     ef_search: int = 64
     encoder: str = ""  # encoder spec ("phash"); empty: vectors only
+    gpu_float16: bool = False  # on GPU shards: float16 vectors (Flat) or lookup tables (IVF-PQ)
 
     @property
     def binary(self) -> bool:
@@ -110,7 +111,7 @@ class CollectionConfig:
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
         # Imported here so the config module stays cheap; building the index is the only real check of a spec.
         from shard.index import check_index_spec
-        check_index_spec(self.dim, self.metric, index)
+        check_index_spec(self.dim, self.metric, index, self.gpu_float16)
         return dataclasses.replace(self, index=index)
 
 
@@ -149,6 +150,10 @@ class ClusterConfig:
     Attributes:
         shard_memory: bytes each shard may fill (its capacity; also reserved as Ray's ``memory`` resource so Ray
             places shards where it fits). 0: no limit, no automatic growth.
+        shard_gpus: GPUs Ray reserves for each shard ("auto": one each when the Ray cluster has a GPU per shard, a
+            share of one when it has fewer, none without GPUs; 0: CPU shards). A shard with a GPU searches there
+            and its capacity is its share of the GPU's memory (or ``shard_memory`` when smaller); see
+            lookalike.gpu.shard_num_gpus.
         policy: bucket moves and automatic growth.
     """
 
@@ -159,6 +164,7 @@ class ClusterConfig:
     shard_num_cpus: float = 1.0
     shard_host: str = "127.0.0.1"
     shard_memory: int = 0
+    shard_gpus: float | str = "auto"
     policy: MovePolicy = MovePolicy()
 
 

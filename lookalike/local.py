@@ -16,12 +16,17 @@ from shard.server import SERVICE_NAME, create_shard_server
 
 
 class LocalPlacer:
-    """Runs each shard in this process with its own gRPC server on 127.0.0.1 (port 0)."""
+    """Runs each shard in this process with its own gRPC server on 127.0.0.1 (port 0).
 
-    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0):
+    Args:
+        gpu: a GPU backend (``lookalike.gpu``) every shard uses, or None: CPU shards.
+    """
+
+    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0, gpu=None):
         self.data_dir = pathlib.Path(data_dir)
         self.segment_bytes = segment_bytes
         self.capacity_bytes = capacity_bytes
+        self.gpu = gpu
         self.shards: dict[str, Shard] = {}
         self.servers: dict[str, tuple] = {}
         self.controller: Controller | None = None
@@ -29,7 +34,8 @@ class LocalPlacer:
     def ensure_shard(self, shard_id: str) -> None:
         if shard_id in self.shards:
             return
-        shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes, capacity_bytes=self.capacity_bytes)
+        shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes, capacity_bytes=self.capacity_bytes,
+                      gpu=self.gpu)
         server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8)
         self.shards[shard_id] = shard
         self.servers[shard_id] = (server, port, servicer, health)
@@ -92,12 +98,14 @@ class LocalCluster:
         data_dir: storage root.
         shards: number of shards (when the storage holds no cluster yet).
         transport: "grpc" (real gRPC to each shard) or "inprocess" (direct calls through the same servicers).
+        gpu: a GPU backend the shards share (``lookalike.gpu.GpuBackend``, or ``EmulatedGpuBackend`` in tests);
+            None: CPU shards.
     """
 
     def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
                  refresh_interval: float = 0.1, policy: MovePolicy = MovePolicy(grace_s=0.3),
-                 capacity_bytes: int = 0):
-        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes)
+                 capacity_bytes: int = 0, gpu=None):
+        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu)
         self.controller = Controller(data_dir, shards, self.placer, policy)
         self.placer.controller = self.controller
         self.controller.start()

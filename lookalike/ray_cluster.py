@@ -2,7 +2,8 @@
 
 - ``ControllerActor``: named, detached, restarted on failure; it places one ``ShardActor`` per shard id.
 - ``ShardActor``: named, detached, ``max_restarts=-1``; runs the shard's gRPC server on its node, loads what
-  the controller says it owns, then registers its address. A restarted actor reloads from storage.
+  the controller says it owns, then registers its address. A restarted actor reloads from storage. Placed with
+  ``num_gpus`` when the cluster has GPUs (``ClusterConfig.shard_gpus``): a shard given a GPU searches there.
 - ``RayControlPlane``: what the router uses to reach the controller.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 
@@ -17,6 +19,7 @@ import ray
 
 from lookalike.config import ClusterConfig, CollectionConfig
 from lookalike.controller import Controller
+from lookalike.gpu import shard_num_gpus
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +42,20 @@ def _unwrap(ref, timeout: float | None = None):
 @ray.remote
 class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
-                 segment_bytes: int, capacity_bytes: int = 0):
+                 segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import faiss
 
+        from lookalike.gpu import backend_for_shard
         from lookalike.net import set_serving
         from shard.core import Shard
         from shard.server import SERVICE_NAME, create_shard_server
 
         faiss.omp_set_num_threads(max(1, threads))
         self.shard_id = shard_id
-        self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes, capacity_bytes=capacity_bytes)
+        # Ray gave this actor `gpus` GPUs (CUDA_VISIBLE_DEVICES names them): search there when faiss can.
+        self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes, capacity_bytes=capacity_bytes,
+                           gpu=backend_for_shard(gpus))
         self._open_lock = threading.Lock()
         self.server, port, _servicer, self._health = create_shard_server(self.shard, "0.0.0.0:0")
         ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
@@ -110,30 +116,46 @@ class ShardActor:
 
     def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "serving": self.shard.serving, "pid": os.getpid(),
-                "node": self.node}
+                "node": self.node, "gpu": getattr(self.shard.gpu, "name", "")}
 
 
 class RayPlacer:
-    """Places ShardActors with Ray resources; one named actor per shard id."""
+    """Places ShardActors with Ray resources; one named actor per shard id.
 
-    def __init__(self, cfg: ClusterConfig, segment_bytes: int):
+    Args:
+        cluster_gpus: GPUs of the Ray cluster (None: ``ray.cluster_resources()``), for ``cfg.shard_gpus="auto"``.
+    """
+
+    def __init__(self, cfg: ClusterConfig, segment_bytes: int, cluster_gpus: float | None = None):
         self.cfg = cfg
         self.segment_bytes = segment_bytes
+        if cluster_gpus is None:
+            cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        self.num_gpus = shard_num_gpus(cfg.shard_gpus, cluster_gpus, cfg.shards)
+        if self.num_gpus:
+            log.info("shards placed with %g GPU each (the cluster has %g GPUs)", self.num_gpus, cluster_gpus)
         self._handles: dict[str, ray.actor.ActorHandle] = {}
+
+    def actor_options(self, shard_id: str) -> dict:
+        """Ray options of a shard's actor."""
+        cfg = self.cfg
+        return dict(
+            name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
+            get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
+            scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
+            num_cpus=cfg.shard_num_cpus, num_gpus=self.num_gpus, memory=cfg.shard_memory or None,
+            # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
+            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
+        )
 
     def _handle(self, shard_id: str):
         h = self._handles.get(shard_id)
         if h is None:
             cfg = self.cfg
-            h = ShardActor.options(
-                name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
-                get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
-                scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
-                num_cpus=cfg.shard_num_cpus, memory=cfg.shard_memory or None,
-                # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
-                runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
-            ).remote(shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
-                     max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory)
+            h = ShardActor.options(**self.actor_options(shard_id)).remote(
+                shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
+                max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
+                self.num_gpus)
             self._handles[shard_id] = h
         return h
 
@@ -234,7 +256,8 @@ class RayEncoderPool:
 
     Args:
         n: actors.
-        num_gpus: GPUs per actor (None: 1 when the Ray cluster has GPUs, else 0).
+        num_gpus: GPUs per actor (None: 1 when the Ray cluster has a free GPU per actor, else what GPU shards left
+            free shared among them, else 0: an actor asking for a GPU that GPU shards hold would never start).
         num_cpus: CPUs per actor.
     """
 
@@ -242,7 +265,8 @@ class RayEncoderPool:
         if n < 1:
             raise ValueError(f"an encoder pool needs at least one actor, got {n}")
         if num_gpus is None:
-            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= n else 0
+            free = ray.available_resources().get("GPU", 0)
+            num_gpus = 1 if free >= n else math.floor(10_000 * min(1.0, free) / n) / 10_000
         self._actors = [EncoderActor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
                                              max_task_retries=3).remote() for _ in range(n)]
         self._turn = itertools.count()

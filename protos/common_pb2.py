@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0clookalike.v1\"\x7f\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12*\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1b.lookalike.v1.Vectors.DType\"\x1f\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\"k\n\x07Payload\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.lookalike.v1.Payload.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xba\x01\n\x0e\x43ollectionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x06metric\x18\x03 \x01(\x0e\x32\x14.lookalike.v1.Metric\x12\r\n\x05index\x18\x04 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x11\n\tef_search\x18\x08 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x06\n\x02L2\x10\x01\x12\x06\n\x02IP\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x0b\n\x07HAMMING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0clookalike.v1\"\x7f\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12*\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1b.lookalike.v1.Vectors.DType\"\x1f\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\"k\n\x07Payload\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.lookalike.v1.Payload.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x01\n\x0e\x43ollectionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x06metric\x18\x03 \x01(\x0e\x32\x14.lookalike.v1.Metric\x12\r\n\x05index\x18\x04 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x11\n\tef_search\x18\x08 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\x12\x13\n\x0bgpu_float16\x18\n \x01(\x08\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x06\n\x02L2\x10\x01\x12\x06\n\x02IP\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x0b\n\x07HAMMING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PAYLOAD_FIELDSENTRY']._loaded_options = None
   _globals['_PAYLOAD_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_METRIC']._serialized_start=515
-  _globals['_METRIC']._serialized_end=588
+  _globals['_METRIC']._serialized_start=536
+  _globals['_METRIC']._serialized_end=609
   _globals['_VECTORS']._serialized_start=37
   _globals['_VECTORS']._serialized_end=164
   _globals['_VECTORS_DTYPE']._serialized_start=133
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYLOAD_FIELDSENTRY']._serialized_start=228
   _globals['_PAYLOAD_FIELDSENTRY']._serialized_end=273
   _globals['_COLLECTIONSPEC']._serialized_start=276
-  _globals['_COLLECTIONSPEC']._serialized_end=462
-  _globals['_SEARCHPARAMS']._serialized_start=464
-  _globals['_SEARCHPARAMS']._serialized_end=513
+  _globals['_COLLECTIONSPEC']._serialized_end=483
+  _globals['_SEARCHPARAMS']._serialized_start=485
+  _globals['_SEARCHPARAMS']._serialized_end=534
 # @@protoc_insertion_point(module_scope)

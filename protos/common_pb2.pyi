@@ -52,7 +52,7 @@ class Payload(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CollectionSpec(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "buckets", "replication", "nprobe", "ef_search", "encoder")
+    __slots__ = ("name", "dim", "metric", "index", "buckets", "replication", "nprobe", "ef_search", "encoder", "gpu_float16")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class CollectionSpec(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
+    GPU_FLOAT16_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: Metric
@@ -71,7 +72,8 @@ class CollectionSpec(_message.Message):
     nprobe: int
     ef_search: int
     encoder: str
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., buckets: _Optional[int] = ..., replication: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., encoder: _Optional[str] = ...) -> None: ...
+    gpu_float16: bool
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., buckets: _Optional[int] = ..., replication: _Optional[int] = ..., nprobe: _Optional[int] = ..., ef_search: _Optional[int] = ..., encoder: _Optional[str] = ..., gpu_float16: _Optional[bool] = ...) -> None: ...
 
 class SearchParams(_message.Message):
     __slots__ = ("nprobe", "ef_search")

@@ -26,13 +26,14 @@ def spec_to_config(spec: common_pb2.CollectionSpec) -> CollectionConfig:
     return CollectionConfig(
         name=spec.name, dim=spec.dim, metric=_METRIC_FROM_PROTO.get(spec.metric, ""), index=spec.index,
         buckets=spec.buckets or defaults.buckets, replication=spec.replication or defaults.replication,
-        nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search, encoder=spec.encoder)
+        nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search, encoder=spec.encoder,
+        gpu_float16=spec.gpu_float16)
 
 
 def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
     return common_pb2.CollectionSpec(name=cfg.name, dim=cfg.dim, metric=_METRIC_TO_PROTO[cfg.metric], index=cfg.index,
                                      buckets=cfg.buckets, replication=cfg.replication, nprobe=cfg.nprobe,
-                                     ef_search=cfg.ef_search, encoder=cfg.encoder)
+                                     ef_search=cfg.ef_search, encoder=cfg.encoder, gpu_float16=cfg.gpu_float16)
 
 
 def _timeout(context) -> float | None:

@@ -238,12 +238,14 @@ class ShardCollection:
         coll: the collection.
         buckets: the buckets this shard owns.
         store: its durable storage.
-        check_room: called with the bytes a write would add; raises ResourceExhausted if they do not fit.
+        check_room: called with the bytes a write would add (and the GPU bytes, on a GPU shard); raises
+            ResourceExhausted if they do not fit.
         min_epoch: requests routed with an older shard-map epoch are refused as stale (0: none are).
+        gpu: the shard's GPU backend (``lookalike.gpu``): searches then run on a GPU mirror of the index. None: CPU.
     """
 
     def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore,
-                 check_room: Callable[[int], None] = lambda n: None, min_epoch: int = 0):
+                 check_room: Callable[..., None] = lambda n, gpu_bytes=0: None, min_epoch: int = 0, gpu=None):
         self.coll = coll
         self._owned = np.zeros(coll.buckets, dtype=bool)
         self._owned[[int(b) for b in buckets]] = True
@@ -251,7 +253,7 @@ class ShardCollection:
         self.min_epoch = min_epoch
         self.min_write_epoch = min_epoch
         self.store = store
-        self.index = VectorIndex(coll)
+        self.index = VectorIndex(coll, gpu)
         self.table = IdTable()
         self._check_room = check_room
         self._rw = RWLock()
@@ -279,6 +281,7 @@ class ShardCollection:
                 with self._rw.write():
                     self._apply_delete(batch.ids, home)
             self._train_if_ready()
+        self._refresh_gpu()
         return len(self.table)
 
     def _train_if_ready(self) -> None:
@@ -288,6 +291,26 @@ class ShardCollection:
             built = self.index.build_trained()
             with self._rw.write():
                 self.index.install_trained(built)
+
+    def _refresh_gpu(self) -> None:
+        """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
+        tombstones. The caller holds ``_write_order`` (or is loading): the CPU index cannot change meanwhile, and
+        searches go on, on the old mirror when the GPU has room for both, else on the CPU index."""
+        index = self.index
+        if index is None or not index.gpu_needs_build:
+            return
+        if index.on_gpu:
+            try:
+                self._check_room(0, index.gpu_bytes_of())
+            except ResourceExhausted:
+                with self._rw.write():
+                    old = index.install_gpu(None)  # make room: the CPU index answers during the build
+                del old
+        mirror = index.build_gpu()
+        if mirror is not None:
+            with self._rw.write():
+                old = index.install_gpu(mirror)
+            del old  # freed after the lock
 
     # --- writes ---------------------------------------------------------------------------------------------
     def _check_owned(self, buckets: np.ndarray) -> None:
@@ -330,7 +353,7 @@ class ShardCollection:
         """
         buckets, home = buckets_and_labels(ids, self.coll.buckets)
         self._check_owned(buckets)
-        self._check_room(self._bytes_for(x, ids, payloads))
+        self._check_room(self._bytes_for(x, ids, payloads), self.index.gpu_bytes_for(len(x)))
         with self._write_order:
             self._check_live()
             self._check_epoch(epoch, write=True)
@@ -343,6 +366,7 @@ class ShardCollection:
 
     def _after_write(self, nbytes: int, trim: bool = True) -> None:
         self._train_if_ready()
+        self._refresh_gpu()
         self._written_since_trim += nbytes
         if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
@@ -371,6 +395,7 @@ class ShardCollection:
             with self._rw.write():
                 removed = self._apply_delete(ids, home)
             self._note_joining(ids, buckets)
+            self._refresh_gpu()
         return removed, len(ids) - removed
 
     def _apply_delete(self, ids, home) -> int:
@@ -406,6 +431,7 @@ class ShardCollection:
                 self._owned[buckets] = True
                 for b in buckets:
                     self.joining[b] = set()
+            self._refresh_gpu()
 
     def fence(self, epoch: int) -> None:
         """Refuses writes routed with a map older than ``epoch`` (searches go on). Once this returns, every write
@@ -456,7 +482,7 @@ class ShardCollection:
                     continue
                 ids = [batch.ids[i] for i in keep]
                 x, payloads = batch.vectors[keep], [batch.payloads[i] for i in keep]
-                self._check_room(self._bytes_for(x, ids, payloads))
+                self._check_room(self._bytes_for(x, ids, payloads), self.index.gpu_bytes_for(len(x)))
                 self.store.append(UPSERT, ids, x, payloads)
                 _, home = buckets_and_labels(ids, self.coll.buckets)
                 self._apply_upsert(ids, home, x, payloads)
@@ -485,20 +511,26 @@ class ShardCollection:
             self._check_live()
             self.store.reset(buckets)
             labels = self._labels_of(buckets)  # no write can change them: we hold the write order
-            # Build the index and id table without them while searches go on, when there is room for the copy;
-            # the write lock then only swaps them in.
-            main = table = None
+            # Build the index and id table without them while searches go on, when there is room for the copy
+            # (and its GPU mirror, on a GPU shard); the write lock then only swaps them in.
+            main = table = mirror = None
             if len(labels):
                 try:
                     self._check_room(self.index.nbytes)
                     main = self.index.without(labels)
                 except ResourceExhausted:
                     main = None
+                if main is not None and self.index.on_gpu:
+                    try:
+                        self._check_room(0, self.index.gpu_bytes_of(main))
+                        mirror = self.index.build_gpu(main)
+                    except ResourceExhausted:
+                        mirror = None  # rebuilt after the swap, once the old mirror is gone
                 table = self.table.without(labels)
             with self._rw.write():
                 self.min_epoch = max(self.min_epoch, int(epoch))
                 if main is not None:
-                    main = self.index.install(main)  # the old ones are freed below, after the lock
+                    main = self.index.install(main, labels, mirror)  # the old ones are freed below, after the lock
                 elif len(labels):
                     self.index.remove(labels)
                 if table is not None:
@@ -507,7 +539,8 @@ class ShardCollection:
                 self._owned[buckets] = False
                 for b in buckets:
                     self.joining.pop(b, None)
-            del main, table
+            del main, table, mirror
+            self._refresh_gpu()
         return n
 
     def bucket_counts(self) -> np.ndarray:
@@ -570,32 +603,64 @@ class Shard:
         storage_root: the storage URI (a local directory path).
         segment_bytes: WAL segment size before compaction.
         capacity_bytes: resident memory the shard may fill (0: no limit); writes that would pass it are refused.
+        gpu: a GPU backend (``lookalike.gpu``) when the shard has a GPU: its collections search GPU mirrors of their
+            indexes, and its capacity is the GPU's memory (or ``capacity_bytes`` when smaller); writes that would
+            pass it are refused too. None: a CPU shard.
     """
 
     def __init__(self, shard_id: str, storage_root: str | pathlib.Path, segment_bytes: int = 64 << 20,
-                 capacity_bytes: int = 0):
+                 capacity_bytes: int = 0, gpu=None):
         self.shard_id = shard_id
         self.storage_root = pathlib.Path(storage_root)
         self.root = self.storage_root / "shards" / shard_id
         self.segment_bytes = segment_bytes
-        self.capacity_bytes = int(capacity_bytes)
+        self.gpu = gpu
+        self.memory_capacity_bytes = int(capacity_bytes)  # resident memory
+        caps = [b for b in ((gpu.total_bytes() or 0) if gpu is not None else 0, int(capacity_bytes)) if b]
+        self.gpu_capacity_bytes = min(caps) if gpu is not None and caps else 0
+        # What the shard reports as its capacity (and the controller grows against).
+        self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)
         self._collections: dict[str, ShardCollection] = {}
         self._lock = threading.Lock()
         self.serving = False
 
     def memory_bytes(self) -> int:
+        """Resident memory of this process."""
         return psutil.Process().memory_info().rss
 
-    def check_room(self, nbytes: int) -> None:
-        """Raises ResourceExhausted if ``nbytes`` more would pass the capacity."""
-        if not self.capacity_bytes:
-            return
-        used = self.memory_bytes()
-        if used + nbytes > self.capacity_bytes:
-            raise ResourceExhausted(
-                f"shard {self.shard_id} is full: it uses {used / 2**20:.0f} MiB of its {self.capacity_bytes / 2**20:.0f}"
-                f" MiB and the write needs about {nbytes / 2**20:.1f} MiB more; add shards (`lookalike rebalance "
-                "NAME --add-shards N`) or give shards more memory")
+    def gpu_memory_bytes(self) -> int:
+        """GPU memory in use: what the device reports (a whole GPU), else the bytes of this shard's mirrors."""
+        used = self.gpu.used_bytes() if self.gpu is not None else None
+        if used is not None:
+            return int(used)
+        return sum(sc.index.gpu_nbytes for sc in list(self._collections.values()) if sc.index is not None)
+
+    def used_bytes(self) -> int:
+        """How full the shard is, against ``capacity_bytes``: resident memory on a CPU shard; on a GPU shard its
+        GPU memory, or resident memory when that is larger and a memory capacity was set."""
+        if self.gpu is None:
+            return self.memory_bytes()
+        used = self.gpu_memory_bytes()
+        return max(used, self.memory_bytes()) if self.memory_capacity_bytes else used
+
+    def check_room(self, nbytes: int, gpu_bytes: int = 0) -> None:
+        """Raises ResourceExhausted if ``nbytes`` more resident memory, or ``gpu_bytes`` more GPU memory on a GPU
+        shard, would pass the capacity (each is checked when > 0)."""
+        if nbytes > 0 and self.memory_capacity_bytes:
+            used = self.memory_bytes()
+            if used + nbytes > self.memory_capacity_bytes:
+                raise ResourceExhausted(
+                    f"shard {self.shard_id} is full: it uses {used / 2**20:.0f} MiB of its "
+                    f"{self.memory_capacity_bytes / 2**20:.0f} MiB and the write needs about {nbytes / 2**20:.1f} MiB "
+                    "more; add shards (`lookalike rebalance NAME --add-shards N`) or give shards more memory")
+        if gpu_bytes > 0 and self.gpu is not None and self.gpu_capacity_bytes:
+            used = self.gpu_memory_bytes()
+            if used + gpu_bytes > self.gpu_capacity_bytes:
+                raise ResourceExhausted(
+                    f"shard {self.shard_id} is full: its GPU holds {used / 2**20:.0f} MiB of its "
+                    f"{self.gpu_capacity_bytes / 2**20:.0f} MiB and the write needs about {gpu_bytes / 2**20:.1f} MiB "
+                    "more; add shards (`lookalike rebalance NAME --add-shards N`), or store less per vector on the GPU "
+                    "(gpu_float16, IVF-PQ)")
 
     def store_path(self, shard_id: str, name: str) -> pathlib.Path:
         """Where shard ``shard_id`` stores collection ``name`` (on the storage every node mounts)."""
@@ -612,7 +677,7 @@ class Shard:
             if current is not None:
                 return len(current.table)
         store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-        sc = ShardCollection(coll, buckets, store, self.check_room, epoch)
+        sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu)
         n = sc.load()
         release_memory()
         with self._lock:
@@ -648,7 +713,7 @@ class Shard:
         return [sc.stats() for sc in list(self._collections.values())]
 
     def stats(self) -> dict:
-        return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.memory_bytes(),
+        return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.used_bytes(),
                 "capacity_bytes": self.capacity_bytes, "collections": self.stats_collections()}
 
     # --- bucket moves (called by the controller through the placer) ----------------------------------------

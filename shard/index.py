@@ -10,6 +10,13 @@ Three shapes, chosen from the factory string:
 - indexes that need training (IVF, PQ) answer exactly from a flat buffer until enough vectors have arrived, then
   train on the buffer and switch over.
 
+On a GPU shard (a backend from ``lookalike.gpu``) the CPU index stays the source of truth (writes, removal,
+reconstruction, training, what storage replays) and searches run on a GPU mirror of it: Flat, IVF-Flat, IVF-PQ and
+IVF-SQ with a flat coarse quantizer (:class:`_IdMirror`), and ``CAGRA`` specs (:class:`_CagraMirror`). GPU indexes
+cannot remove, so removed or replaced vectors stay on the GPU as tombstones that searches over-fetch by and filter
+out, until the mirror is rebuilt from the CPU index (:meth:`VectorIndex.build_gpu`). Binary, graph (HNSW) and
+other indexes, and the untrained buffer, search on the CPU.
+
 Not thread-safe: ``shard.core`` guards writes against searches with a read-write lock.
 """
 
@@ -17,10 +24,12 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import faiss
 import numpy as np
 
+from lookalike import gpu as gpu_mod
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 
@@ -37,20 +46,84 @@ _MIN_TRAIN = 1000
 # Rebuild an append-only index once this fraction of its positions is dead.
 _REBUILD_DEAD_FRACTION = 0.33
 
+# "CAGRA" / "CAGRA<graph degree>": a GPU graph (cuVS); its CPU source of truth is a flat index.
+_CAGRA_RE = re.compile(r"^CAGRA(\d*)$")
+_CAGRA_DEGREE = 64
+_CAGRA_MIN = 10_000  # fewer vectors: the GPU mirror is an exact flat index (CAGRA's build needs a few thousand)
+# GPU mirrors: FAISS ids are labels (56 bits, see lookalike.ids) tagged with a generation in bits 56-62, so that a
+# replaced vector's old copy (a tombstone) and its new copy differ.
+_TAG_SHIFT = 56
+_TAG_MASK = (1 << _TAG_SHIFT) - 1
+_MAX_TAG = 127
+# A Flat/IVF mirror is rebuilt once its tombstones pass 5% of its vectors (at least 1024): they cost GPU memory and a
+# little over-fetch, not correctness. A CAGRA mirror is rebuilt once tombstones plus vectors added since its build
+# pass 1% (at least 256, at most 1024: its searches over-fetch by every tombstone, within the GPU's k limit).
+_MIN_REBUILD = 1024
+_REBUILD_FRACTION = 0.05
+_CAGRA_MIN_REBUILD = 256
+_CAGRA_REBUILD_FRACTION = 0.01
+_CAGRA_MAX_PENDING = 1024
+# A flat mirror is cut into segments of this many bytes (at least _MIN_SEGMENT vectors): a GPU flat index
+# reallocates all of its storage on every add, so an add needs at most one segment of spare GPU memory.
+_SEGMENT_BYTES = 1 << 30
+_MIN_SEGMENT = 4096
+_GPU_RETRY_S = 60.0  # after a failed GPU build, search on the CPU this long before trying again
+_FLAT_TYPES = (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
+_IVF_GPU_TYPES = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
+
+
+def _cagra_degree(spec: str) -> int | None:
+    m = _CAGRA_RE.match(spec)
+    return (int(m.group(1)) if m.group(1) else _CAGRA_DEGREE) if m else None
+
 
 def _factory(dim: int, metric: str, spec: str):
     if metric == "hamming":
         return faiss.index_binary_factory(dim, spec)
+    if _cagra_degree(spec) is not None:
+        return faiss.IndexFlat(dim, _FAISS_METRIC[metric])  # exact on CPU; the graph lives on the GPU
     return faiss.index_factory(dim, spec, _FAISS_METRIC[metric])
 
 
-def check_index_spec(dim: int, metric: str, spec: str) -> None:
-    """Raises InvalidArgument, with FAISS's reason, when the factory string does not build for dim and metric."""
+def gpu_kind(spec: str, metric: str, index) -> str | None:
+    """How an index runs on a GPU shard: "flat", "ivf" or "cagra" (a GPU mirror), or None (on the CPU)."""
+    if metric == "hamming":
+        return None
+    if _cagra_degree(spec) is not None:
+        return "cagra"
+    if isinstance(index, faiss.IndexIDMap):
+        index = faiss.downcast_index(index.index)
+    if type(index) in _FLAT_TYPES:
+        return "flat"
+    if type(index) in _IVF_GPU_TYPES and type(faiss.downcast_index(index.quantizer)) in _FLAT_TYPES:
+        return "ivf"
+    return None
+
+
+def check_index_spec(dim: int, metric: str, spec: str, gpu_float16: bool = False) -> None:
+    """Raises InvalidArgument, with FAISS's reason, when the factory string does not build for dim and metric
+    (or asks for CAGRA from a faiss build without cuVS, or gpu_float16 where it means nothing)."""
+    if metric == "hamming" and _cagra_degree(spec.removeprefix("B")) is not None:
+        raise InvalidArgument("index 'CAGRA' takes float vectors; hamming collections use BFlat, BIVF or BHNSW")
+    degree = _cagra_degree(spec)
+    if degree is not None:
+        if not 8 <= degree <= 1024:
+            raise InvalidArgument(f"index {spec!r}: the CAGRA graph degree must be between 8 and 1024")
+        if not gpu_mod.has_cuvs():
+            raise InvalidArgument(
+                f"index {spec!r} needs FAISS built with cuVS (GPU CAGRA), and this faiss build has none "
+                f"({gpu_mod.faiss_build()}): use 'HNSW32' for a graph index, or install a faiss-gpu build with cuVS")
     try:
-        _factory(dim, metric, spec)
+        index = _factory(dim, metric, spec)
     except Exception as err:  # FAISS raises RuntimeError with its C++ message
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise InvalidArgument(f"index {spec!r} cannot be built for dim={dim}, metric={metric}: {reason}") from None
+    if gpu_float16:
+        kind = gpu_kind(spec, metric, index)
+        if not (kind == "flat" or (kind == "ivf" and type(index) is faiss.IndexIVFPQ)):
+            raise InvalidArgument(
+                f"gpu_float16 applies to 'Flat' (float16 vectors on the GPU) and 'IVF...,PQ...' (float16 lookup "
+                f"tables), not to {spec!r}" + (" (use 'IVF...,SQfp16' for float16 IVF lists)" if kind == "ivf" else ""))
 
 
 def _is_graph(index) -> bool:
@@ -75,9 +148,11 @@ class VectorIndex:
 
     Args:
         coll: the collection (dim, metric, index factory string, search defaults).
+        gpu: a GPU backend (``lookalike.gpu``) when the shard runs on a GPU: searches then use a GPU mirror of the
+            index once :meth:`build_gpu` made one (see the module's docstring). None: CPU only.
     """
 
-    def __init__(self, coll: CollectionConfig):
+    def __init__(self, coll: CollectionConfig, gpu=None):
         self.coll = coll
         self._binary = coll.binary
         self._main = _factory(coll.dim, coll.metric, coll.index)
@@ -94,6 +169,11 @@ class VectorIndex:
         self._label_pos: dict[int, int] = {}
         self._dead = 0
         self._selector = None  # cached IDSelectorBitmap over live positions, with its backing array
+        # GPU: the mirror searches use (None: search on the CPU), and when a failed build may be tried again.
+        self._gpu = gpu if gpu_kind(coll.index, coll.metric, self._main) else None
+        self._mirror: _IdMirror | _CagraMirror | None = None
+        self._gpu_retry_at = 0.0
+        self._gpu_error = ""  # the last build failure, logged once
 
     # --- construction helpers -------------------------------------------------------------------------------
     def _flat(self):
@@ -145,6 +225,53 @@ class VectorIndex:
         except Exception:
             return self.coll.code_size
 
+    @property
+    def on_gpu(self) -> bool:
+        """True when searches run on a GPU mirror."""
+        return self._mirror is not None
+
+    @property
+    def gpu_nbytes(self) -> int:
+        """Approximate GPU bytes of the mirror (tombstones included)."""
+        return self._mirror.nbytes if self._mirror is not None else 0
+
+    def _gpu_per_vector(self, main) -> tuple[int, int]:
+        """(GPU bytes per vector, fixed GPU bytes) of a mirror of ``main``."""
+        kind = gpu_kind(self.coll.index, self.coll.metric, main)
+        dim = self.coll.dim
+        if kind == "flat":
+            return dim * (2 if self.coll.gpu_float16 else 4), 0
+        if kind == "cagra":
+            return 4 * dim + 4 * _cagra_degree(self.coll.index), 0
+        if kind == "ivf":
+            ivf = self._extract_ivf(main)
+            return int(ivf.code_size) + 8, 4 * dim * int(ivf.nlist)  # codes + 64-bit ids; coarse centroids
+        return 0, 0
+
+    def gpu_bytes_for(self, n: int) -> int:
+        """GPU bytes that ``n`` more vectors take on a GPU shard (0 on the CPU), with the copy of the last flat
+        segment that an add to it makes."""
+        if self._gpu is None:
+            return 0
+        per = self._gpu_per_vector(self._main)[0]
+        m = self._mirror
+        last = int(m.parts[-1].ntotal) if isinstance(m, _IdMirror) and not m.ivf and m.parts else 0
+        return (n + last) * per
+
+    def gpu_bytes_of(self, main=None) -> int:
+        """GPU bytes a mirror of ``main`` (default: the main index) would take."""
+        if self._gpu is None:
+            return 0
+        main = self._main if main is None else main
+        per, fixed = self._gpu_per_vector(main)
+        return main.ntotal * per + fixed
+
+    @property
+    def gpu_needs_build(self) -> bool:
+        """True on a GPU shard whose trained index has no mirror, or one with too many tombstones."""
+        return (self._gpu is not None and self._buffer is None and time.monotonic() >= self._gpu_retry_at
+                and (self._mirror is None or self._mirror.needs_rebuild))
+
     # --- writes -------------------------------------------------------------------------------------------
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self._binary:
@@ -167,6 +294,7 @@ class VectorIndex:
     def _add_main(self, labels: np.ndarray, x: np.ndarray) -> None:
         if not self._graph:
             self._main.add_with_ids(x, labels)
+            self._mirror_apply("add", labels, x)
             return
         start = self._main.ntotal
         self._main.add(x)
@@ -204,6 +332,7 @@ class VectorIndex:
         self._ivf = self._extract_ivf(main)
         self._buffer = None
         self.trained = True
+        self._mirror = None  # built next (build_gpu), from the trained index
         if labels is not None:
             self._add_main(labels, x)
 
@@ -234,8 +363,12 @@ class VectorIndex:
                 self._rebuild_graph()
             return removed
         if self._ivf is not None:
-            return self._main.remove_ids(faiss.IDSelectorArray(labels))
-        return self._main.remove_ids(faiss.IDSelectorBatch(labels))
+            removed = self._main.remove_ids(faiss.IDSelectorArray(labels))
+        else:
+            removed = self._main.remove_ids(faiss.IDSelectorBatch(labels))
+        if removed:
+            self._mirror_apply("remove", labels)
+        return removed
 
     def without(self, labels: np.ndarray):
         """A copy of the main index without ``labels``, for :meth:`install`: built while the original keeps serving
@@ -247,11 +380,109 @@ class VectorIndex:
         clone.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(labels, dtype=np.int64)))
         return clone
 
-    def install(self, main):
-        """Swaps in an index from :meth:`without` (the caller holds the write lock). Returns the old one: let it
-        go after releasing the lock (freeing it takes time)."""
+    def install(self, main, labels: np.ndarray | None = None, mirror=None):
+        """Swaps in an index from :meth:`without` (the caller holds the write lock), with ``mirror``, a GPU mirror
+        :meth:`build_gpu` made of it, if any (else the old mirror takes the removed ``labels`` as tombstones, or is
+        dropped). Returns what it replaced: let it go after releasing the lock (freeing it takes time)."""
         old, self._main = self._main, main
+        old_mirror = self._mirror
+        if mirror is not None:
+            self._mirror = mirror
+        elif old_mirror is not None and labels is not None and len(labels):
+            self._mirror_apply("remove", np.ascontiguousarray(labels, dtype=np.int64))
+        elif labels is None:
+            self._mirror = None
+        return old, (old_mirror if self._mirror is not old_mirror else None)
+
+    # --- GPU mirror ---------------------------------------------------------------------------------------------
+    def _mirror_apply(self, op: str, labels: np.ndarray, x: np.ndarray | None = None) -> None:
+        """Applies a write to the mirror; a mirror that cannot take it is dropped (rebuilt by the next build)."""
+        m = self._mirror
+        if m is None:
+            return
+        try:
+            if op == "add":
+                m.add(labels, x)
+            else:
+                m.remove(labels)
+        except Exception as err:
+            log.warning("%s: GPU mirror dropped after a failed %s (%s); searching on the CPU until rebuilt",
+                        self.coll.name, op, err)
+            m.valid = False
+        if not m.valid:
+            self._mirror = None
+
+    def build_gpu(self, main=None):
+        """A GPU mirror of ``main`` (default: the main index) for :meth:`install_gpu` or :meth:`install`.
+
+        Only reads the CPU index, so searches may run meanwhile; the caller keeps writes out until it is installed.
+        None without a GPU, while the index is still its training buffer, or when the build failed (logged:
+        searches stay on the CPU, and the build is tried again after a minute).
+        """
+        if self._gpu is None or self._buffer is not None:
+            return None
+        main = self._main if main is None else main
+        try:
+            return self._build_mirror(main)
+        except Exception as err:  # no room on the GPU, or a shape the GPU cannot hold (e.g. some PQ sizes)
+            self._gpu_retry_at = time.monotonic() + _GPU_RETRY_S
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            (log.warning if reason != self._gpu_error else log.debug)(
+                "%s: index %r cannot go on the GPU (%s); searching on the CPU, trying again in %.0fs",
+                self.coll.name, self.coll.index, reason, _GPU_RETRY_S)
+            self._gpu_error = reason
+            return None
+
+    def _build_mirror(self, main):
+        coll, backend = self.coll, self._gpu
+        kind = gpu_kind(coll.index, coll.metric, main)
+        per, fixed = self._gpu_per_vector(main)
+        t0 = time.monotonic()
+        if kind == "ivf":
+            index = backend.to_gpu(main, coll.gpu_float16)
+            mirror = _IdMirror(backend, [index], int(main.nlist), coll.larger_is_better, per, fixed)
+        else:
+            flat = faiss.downcast_index(main.index)
+            n, labels = flat.ntotal, faiss.vector_to_array(main.id_map)
+            xb = (faiss.rev_swig_ptr(flat.get_xb(), n * coll.dim).reshape(n, coll.dim) if n
+                  else np.empty((0, coll.dim), np.float32))
+            if kind == "flat":
+                mirror = _IdMirror(backend, [], 0, coll.larger_is_better, per, fixed,
+                                   new_segment=lambda: faiss.IndexIDMap(backend.to_gpu(self._flat(), coll.gpu_float16)),
+                                   segment=max(_MIN_SEGMENT, _SEGMENT_BYTES // per))
+                for i in range(0, n, mirror.segment):
+                    with backend.lock:
+                        mirror.parts.append(mirror._new_segment())
+                        mirror.parts[-1].add_with_ids(xb[i:i + mirror.segment], labels[i:i + mirror.segment])
+                mirror.ntotal = n
+            else:  # cagra
+                graph = n >= _CAGRA_MIN
+                if graph:
+                    base = backend.cagra(xb, coll.metric, _cagra_degree(coll.index))
+                else:  # small: exact on the GPU
+                    flat = self._flat()
+                    flat.add(xb)
+                    base = backend.to_gpu(flat, False)
+                mirror = _CagraMirror(backend, base, labels, graph, coll.dim, coll.metric, coll.larger_is_better,
+                                      per, coll.ef_search)
+        log.info("%s: GPU mirror (%s, %d vectors, %.1f MiB) built in %.2fs on %s", coll.name, kind, main.ntotal,
+                 mirror.nbytes / 2**20, time.monotonic() - t0, getattr(backend, "name", "gpu"))
+        return mirror
+
+    def install_gpu(self, mirror):
+        """Swaps in a mirror from :meth:`build_gpu` (None: search on the CPU). The caller holds the write lock and
+        made no write since the build. Returns the old mirror: let it go after releasing the lock."""
+        old, self._mirror = self._mirror, mirror
         return old
+
+    def sync_gpu(self) -> bool:
+        """Builds and installs a mirror when one is needed, in one step (for callers without concurrency)."""
+        if not self.gpu_needs_build:
+            return False
+        mirror = self.build_gpu()
+        if mirror is not None:
+            self.install_gpu(mirror)
+        return mirror is not None
 
     def _rebuild_graph(self) -> None:
         live = np.flatnonzero(self._pos_label >= 0)
@@ -282,6 +513,19 @@ class VectorIndex:
             (nq, k) int64 labels, -1 where fewer than k vectors exist.
         """
         xq = self._prepare(xq)
+        mirror = self._mirror
+        if self._buffer is None and mirror is not None and mirror.usable(k, nprobe or self.coll.nprobe):
+            try:
+                D, L, rest = mirror.search(xq, k, nprobe or self.coll.nprobe, ef_search or self.coll.ef_search)
+            except Exception as err:  # e.g. no GPU scratch memory left: the CPU index still answers
+                log.warning("%s: GPU search failed (%s); answering from the CPU index", self.coll.name, err)
+            else:
+                if len(rest):  # queries whose top k the GPU could not tell past its tombstones
+                    D[rest], L[rest] = self._search_cpu(xq[rest], k, nprobe, ef_search)
+                return D, L
+        return self._search_cpu(xq, k, nprobe, ef_search)
+
+    def _search_cpu(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int):
         if self._buffer is not None:
             D, L = self._buffer.search(xq, k)
         elif self._graph:
@@ -343,3 +587,242 @@ class VectorIndex:
             cols = self.coll.dim // 8 if self._binary else self.coll.dim
             return np.empty((0, cols), dtype=np.uint8 if self._binary else np.float32)
         return np.stack([index.reconstruct(int(key)) for key in keys])
+
+
+# --- GPU mirrors ----------------------------------------------------------------------------------------------------
+def _cagra_rebuild_at(live: int) -> int:
+    """Tombstones plus vectors not yet in the graph a CAGRA mirror takes before it is rebuilt."""
+    return min(_CAGRA_MAX_PENDING, max(_CAGRA_MIN_REBUILD, int(live * _CAGRA_REBUILD_FRACTION)))
+
+
+def _worst(larger_is_better: bool) -> np.float32:
+    """FAISS's padding distance (the worst float in the metric's direction)."""
+    big = np.finfo(np.float32).max
+    return np.float32(-big if larger_is_better else big)
+
+
+def _pad(D: np.ndarray, L: np.ndarray, k: int, worst) -> tuple[np.ndarray, np.ndarray]:
+    if D.shape[1] >= k:
+        return D, L
+    nq, extra = len(D), k - D.shape[1]
+    return (np.hstack([D, np.full((nq, extra), worst, dtype=np.float32)]),
+            np.hstack([L, np.full((nq, extra), -1, dtype=np.int64)]))
+
+
+def _first_live(D, ids, live, k, worst):
+    """The first k live columns of each row (rows sorted best first), padded with (worst, -1)."""
+    D, ids = _pad(D, ids, k, worst)
+    if live.shape[1] < D.shape[1]:
+        live = np.hstack([live, np.zeros((len(live), D.shape[1] - live.shape[1]), dtype=bool)])
+    order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+    live = np.take_along_axis(live, order, axis=1)
+    return (np.where(live, np.take_along_axis(D, order, axis=1), worst),
+            np.where(live, np.take_along_axis(ids, order, axis=1), -1))
+
+
+class _IdMirror:
+    """A GPU copy of a Flat or IVF main index.
+
+    Its FAISS ids are labels tagged with a generation (bits 56-62): a label's first copy has tag 0, the copy added
+    after it was removed or replaced tag 1, and so on. Removed copies stay on the GPU as tombstones (``dead``,
+    tagged ids) that searches filter out: a query's first k live results among the top k' are exactly the CPU
+    index's top k. k' is k plus a margin; a query with fewer than k live results among them is searched again with
+    k' at the GPU's limit (2048), and if that is still short, on the CPU (``search`` returns which). Adds are
+    applied to the mirror as to the CPU index.
+
+    A flat mirror is a list of segments (``IndexIDMap`` over a GPU flat index, up to ``segment`` vectors each): a
+    GPU flat index reallocates its whole storage on every add, so adds go to the last segment only and cost at most
+    one segment of spare GPU memory. An IVF mirror is one GPU IVF index (its lists grow one by one).
+    """
+
+    def __init__(self, backend, parts: list, nlist: int, larger_is_better: bool, per_vector: int, fixed: int,
+                 new_segment=None, segment: int = 0):
+        self.backend = backend
+        self.parts = parts
+        self.ntotal = sum(int(p.ntotal) for p in parts)  # copies on the GPU, tombstones included
+        self.ivf = nlist > 0
+        self.nlist = nlist
+        self.larger_is_better = larger_is_better
+        self.worst = _worst(larger_is_better)
+        self.per_vector = per_vector
+        self.fixed = fixed
+        self._new_segment = new_segment
+        self.segment = segment
+        self.gen: dict[int, int] = {}  # label -> tag of its latest copy, where not 0
+        self.dead = np.empty(0, dtype=np.int64)  # tombstones: tagged ids, sorted
+        self.valid = True
+
+    @property
+    def nbytes(self) -> int:
+        return self.ntotal * self.per_vector + self.fixed
+
+    def _is_dead(self, ids: np.ndarray) -> np.ndarray:
+        if not len(self.dead):
+            return np.zeros(ids.shape, dtype=bool)
+        return self.dead[np.minimum(np.searchsorted(self.dead, ids), len(self.dead) - 1)] == ids
+
+    @property
+    def needs_rebuild(self) -> bool:
+        live = self.ntotal - len(self.dead)
+        return not self.valid or len(self.dead) > max(_MIN_REBUILD, _REBUILD_FRACTION * live)
+
+    def usable(self, k: int, nprobe: int) -> bool:
+        return (self.valid and k <= gpu_mod.GPU_MAX_K
+                and (not self.ivf or min(nprobe, self.nlist) <= gpu_mod.GPU_MAX_K))
+
+    def _tags(self, labels: np.ndarray) -> np.ndarray:
+        if not self.gen:
+            return np.zeros(len(labels), dtype=np.int64)
+        return np.fromiter((self.gen.get(lab, 0) for lab in labels.tolist()), dtype=np.int64, count=len(labels))
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        tags = self._tags(labels)
+        if len(self.dead):  # labels whose latest copy is a tombstone get the next tag
+            tags += self._is_dead(labels | (tags << _TAG_SHIFT))
+        if len(tags) and tags.max() > _MAX_TAG:
+            self.valid = False  # a label replaced 128 times between rebuilds: rebuild
+            return
+        for lab, tag in zip(labels[tags > 0].tolist(), tags[tags > 0].tolist()):
+            self.gen[lab] = tag
+        ids = labels | (tags << _TAG_SHIFT)
+        with self.backend.lock:
+            if self.ivf:
+                self.parts[0].add_with_ids(x, ids)
+            else:
+                i = 0
+                while i < len(ids):
+                    if not self.parts or self.parts[-1].ntotal >= self.segment:
+                        self.parts.append(self._new_segment())
+                    j = i + min(self.segment - int(self.parts[-1].ntotal), len(ids) - i)
+                    self.parts[-1].add_with_ids(x[i:j], ids[i:j])
+                    i = j
+        self.ntotal += len(labels)
+
+    def remove(self, labels: np.ndarray) -> None:
+        ids = np.unique(labels | (self._tags(labels) << _TAG_SHIFT))
+        ids = ids[~self._is_dead(ids)]
+        self.dead = np.insert(self.dead, np.searchsorted(self.dead, ids), ids)
+
+    def _search_parts(self, xq: np.ndarray, kk: int, nprobe: int):
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist)) if self.ivf else None
+        results = []
+        with self.backend.lock:
+            for part in self.parts:
+                n = min(kk, int(part.ntotal))
+                if n:
+                    D, ids = part.search(xq, n, params=params) if params is not None else part.search(xq, n)
+                    results.append(_pad(D, ids, kk, self.worst))
+        if len(results) == 1:
+            return results[0]
+        return faiss.merge_knn_results(np.stack([r[0] for r in results]), np.stack([r[1] for r in results]),
+                                       keep_max=self.larger_is_better)
+
+    def _search_live(self, xq: np.ndarray, k: int, kk: int, nprobe: int):
+        """Top kk, then the first k live: (D, tagged ids, rows that may miss live results beyond kk)."""
+        D, ids = self._search_parts(xq, kk, nprobe)
+        live = ids >= 0
+        if len(self.dead):
+            live &= ~self._is_dead(ids)
+        # short: fewer than k live, and the search was cut at kk (not out of candidates: IVF probes a few lists)
+        short = (np.flatnonzero((live.sum(axis=1) < k) & (ids[:, -1] >= 0)) if kk < self.ntotal
+                 else np.empty(0, dtype=np.int64))
+        if kk != k or not live.all():
+            D, ids = _first_live(D, ids, live, k, self.worst)
+        return D, ids, short
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int):
+        """(D, L, rows to search on the CPU) for queries xq (prepared)."""
+        nq, n_dead = len(xq), len(self.dead)
+        kk = min(k + min(n_dead, k + 32), self.ntotal, gpu_mod.GPU_MAX_K)
+        if kk <= 0 or nq == 0:
+            D, L = _pad(np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), k, self.worst)
+            return D, L, np.empty(0, dtype=np.int64)
+        D, ids, short = self._search_live(xq, k, kk, nprobe)
+        wide = min(self.ntotal, gpu_mod.GPU_MAX_K)
+        if len(short) and wide > kk:  # some queries met many tombstones: look further
+            D2, ids2, short2 = self._search_live(xq[short], k, wide, nprobe)
+            D[short], ids[short] = D2, ids2
+            short = short[short2]
+        return D, np.where(ids >= 0, ids & _TAG_MASK, -1), short
+
+
+class _CagraMirror:
+    """A GPU graph (CAGRA; an exact GPU flat index while the collection is small) over the vectors of a flat main
+    index, FAISS ids = positions. CAGRA takes no cheap adds: vectors added since the build sit in a small exact CPU
+    index (``delta``) searched alongside; removed positions are tombstones over-fetched by and filtered. Rebuilt
+    once tombstones + delta pass the threshold."""
+
+    def __init__(self, backend, base, labels: np.ndarray, graph: bool, dim: int, metric: str,
+                 larger_is_better: bool, per_vector: int, ef_search: int):
+        self.backend = backend
+        self.base = base
+        self.graph = graph
+        self.pos_label = labels
+        self.alive = np.ones(len(labels), dtype=bool)
+        self._order = np.argsort(labels, kind="stable")
+        self._sorted = labels[self._order]
+        self.n_dead = 0
+        self.delta = faiss.IndexIDMap(faiss.IndexFlat(dim, _FAISS_METRIC[metric]))
+        self.delta_labels: set[int] = set()
+        self.larger_is_better = larger_is_better
+        self.worst = _worst(larger_is_better)
+        self.per_vector = per_vector
+        self.valid = True
+
+    @property
+    def ntotal(self) -> int:
+        return len(self.pos_label) + self.delta.ntotal
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pos_label) * self.per_vector  # the delta is on the CPU
+
+    @property
+    def needs_rebuild(self) -> bool:
+        live = len(self.pos_label) - self.n_dead + self.delta.ntotal
+        return not self.valid or self.n_dead + self.delta.ntotal > _cagra_rebuild_at(live)
+
+    def usable(self, k: int, nprobe: int) -> bool:
+        return self.valid and k + self.n_dead <= gpu_mod.GPU_MAX_K
+
+    def add(self, labels: np.ndarray, x: np.ndarray) -> None:
+        self.delta.add_with_ids(x, labels)
+        self.delta_labels.update(labels.tolist())
+
+    def remove(self, labels: np.ndarray) -> None:
+        in_delta = np.fromiter((lab in self.delta_labels for lab in labels.tolist()), dtype=bool, count=len(labels))
+        if in_delta.any():
+            gone = labels[in_delta]
+            self.delta.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(gone)))
+            self.delta_labels.difference_update(gone.tolist())
+        rest = labels[~in_delta]
+        if len(rest) and len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, rest), len(self._sorted) - 1)
+            pos = self._order[at[self._sorted[at] == rest]]
+            self.n_dead += int(self.alive[pos].sum())
+            self.alive[pos] = False
+        if self.n_dead > gpu_mod.GPU_MAX_K:
+            self.valid = False
+
+    def search(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int):
+        nq = len(xq)
+        parts_D, parts_L = [], []
+        kk = min(k + self.n_dead, len(self.pos_label))
+        if kk > 0 and nq:
+            params = self.backend.cagra_params(max(ef_search, kk)) if self.graph else None
+            with self.backend.lock:
+                D, pos = self.base.search(xq, kk, params=params) if params is not None else self.base.search(xq, kk)
+            live = (pos >= 0) & self.alive[np.maximum(pos, 0)]
+            parts_D.append(np.where(live, D, self.worst))
+            parts_L.append(np.where(live, self.pos_label[np.maximum(pos, 0)], -1))
+        if self.delta.ntotal and nq:
+            D, L = self.delta.search(xq, min(k, self.delta.ntotal))
+            parts_D.append(D)
+            parts_L.append(L)
+        none = np.empty(0, dtype=np.int64)
+        if not parts_D:
+            return (*_pad(np.empty((nq, 0), np.float32), np.empty((nq, 0), np.int64), k, self.worst), none)
+        D, L = np.hstack(parts_D), np.hstack(parts_L)
+        order = np.argsort(-D if self.larger_is_better else D, axis=1, kind="stable")[:, :k]
+        return (*_pad(np.take_along_axis(D, order, axis=1), np.take_along_axis(L, order, axis=1), k, self.worst),
+                none)
