@@ -57,6 +57,7 @@ def cmd_serve(args) -> int:
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
+                        shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0))
     embedded = args.address is None
@@ -102,7 +103,7 @@ def cmd_collection(args) -> int:
     with _client(args) as c:
         if args.action == "create":
             info = c.create_collection(args.name, args.dim, args.metric, args.index, args.buckets, args.replication,
-                                       encoder=args.encoder)
+                                       encoder=args.encoder, gpu_float16=args.gpu_float16)
             print(json.dumps(MessageToDict(info.spec)))
         elif args.action == "list":
             for info in c.list_collections():
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-memory", default="0",
                    help="memory each shard may fill, e.g. 8Gi (its capacity; writes past it get RESOURCE_EXHAUSTED; "
                         "default: no limit)")
+    s.add_argument("--shard-gpus", default="auto",
+                   help="GPUs per shard actor: auto (one each, or a share, when the Ray cluster has GPUs; else none), "
+                        "0 for CPU shards, or a number")
     s.add_argument("--max-shards", type=int, default=64, help="automatic growth stops here (default 64)")
     s.add_argument("--copy-mb-s", type=float, default=0.0,
                    help="rate limit of a bucket move's copy in MB/s (default 0: none); lower it to leave more CPU to "
@@ -442,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--index", default="Flat", help="FAISS factory string (default Flat)")
     cc.add_argument("--buckets", type=int, default=0, help="buckets (default 1024)")
     cc.add_argument("--replication", type=int, default=0, help="copies of each bucket (default 1)")
+    cc.add_argument("--gpu-float16", action="store_true",
+                    help="on GPU shards: float16 vectors (Flat) or lookup tables (IVF-PQ)")
     with_target(csub.add_parser("list"))
     for action in ("describe", "drop"):
         with_target(csub.add_parser(action)).add_argument("name")

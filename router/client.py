@@ -78,13 +78,14 @@ class Client:
     # --- collections ----------------------------------------------------------------------------------------
     def create_collection(self, name: str, dim: int = 0, metric: str = "", index: str = "Flat", buckets: int = 0,
                           replication: int = 0, nprobe: int = 0, ef_search: int = 0,
-                          encoder: str = "") -> lookalike_pb2.CollectionInfo:
+                          encoder: str = "", gpu_float16: bool = False) -> lookalike_pb2.CollectionInfo:
         """Creates a collection. metric "" means l2, or the encoder's; with an encoder, dim 0 means the encoder's."""
         if metric and metric not in _METRICS:
             raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
         spec = common_pb2.CollectionSpec(
             name=name, dim=dim, metric=_METRICS[metric] if metric else common_pb2.METRIC_UNSPECIFIED, index=index,
-            buckets=buckets, replication=replication, nprobe=nprobe, ef_search=ef_search, encoder=encoder)
+            buckets=buckets, replication=replication, nprobe=nprobe, ef_search=ef_search, encoder=encoder,
+            gpu_float16=gpu_float16)
         return self.stub.CreateCollection(lookalike_pb2.CreateCollectionRequest(spec=spec), timeout=self.timeout)
 
     def list_collections(self) -> list[lookalike_pb2.CollectionInfo]:

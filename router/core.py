@@ -184,10 +184,11 @@ class Router:
         return self.control.list_collections()
 
     def count(self, name: str, timeout: float | None = 5.0) -> int:
-        """Items stored in a collection: per bucket, what its owners report (each bucket counted once). Shards
-        that do not answer count nothing, after one more try with a fresh map (one may have moved)."""
-        for fresh in (False, True):
-            smap = self.shard_map(name, refresh=fresh)
+        """Items stored in a collection: per bucket, what its owners report (each bucket counted once), under the
+        control plane's current map (a cached one may predate a move: its owners have dropped the bucket). Shards
+        that do not answer count nothing, after one more try (one may have moved)."""
+        for _attempt in range(2):
+            smap = self.shard_map(name, refresh=True)
             per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
             complete = True
             for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
