@@ -88,8 +88,8 @@ class Router:
 
     def __init__(self, control: ControlPlane, connect: Callable[[str], ShardClient] = GrpcShardClient,
                  refresh_interval: float = 0.5, write_retry_s: float = 15.0, encoders=None,
-                 batch_wait_s: float | None = None):
-        from router.batcher import MAX_WAIT_S, SearchBatcher
+                 batch_wait_s: float | None = None, batch_inflight: int | None = None):
+        from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
         from router.encoding import LocalEncoderPool
 
         self.control = control
@@ -104,7 +104,8 @@ class Router:
         self._stop = threading.Event()
         # Concurrent searches are batched (router/batcher.py) unless batch_wait_s < 0.
         wait = MAX_WAIT_S if batch_wait_s is None else batch_wait_s
-        self.batcher = SearchBatcher(self.search_now, max_wait_s=wait) if wait >= 0 else None
+        self.batcher = SearchBatcher(self.search_now, max_wait_s=wait,
+                                     max_inflight=batch_inflight or MAX_INFLIGHT) if wait >= 0 else None
         self._poller = threading.Thread(target=self._poll_epoch, args=(refresh_interval,), daemon=True,
                                         name="router-epoch")
         self._poller.start()
