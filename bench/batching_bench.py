@@ -107,6 +107,7 @@ def run(args) -> dict:
     from lookalike.config import ClusterConfig
     from lookalike.ray_cluster import start_cluster
     from router.client import Client
+    from router.batcher import MAX_INFLIGHT
     from router.core import Router
     from router.server import create_router_server
 
@@ -118,9 +119,10 @@ def run(args) -> dict:
     try:
         handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name="batching"))
         router = Router(control)
-        server, port, _ = create_router_server(router, "127.0.0.1:0")
-        router_nb = Router(control, batch_wait_s=-1)
-        server_nb, port_nb, _ = create_router_server(router_nb, "127.0.0.1:0")
+        server, port, _ = create_router_server(router, "127.0.0.1:0", batch_inflight=args.inflight or MAX_INFLIGHT)
+        router_nb = Router(control)
+        server_nb, port_nb, _ = create_router_server(router_nb, "127.0.0.1:0", batch_wait_s=-1)
+        batcher = server.servicer.batcher
         client = Client(f"127.0.0.1:{port}", timeout=600)
         client.create_collection("bench", dim=args.dim, metric="l2", index=args.index, nprobe=args.nprobe)
         t = time.perf_counter()
@@ -136,14 +138,14 @@ def run(args) -> dict:
         plots.mkdir(parents=True, exist_ok=True)
         for i, (label, p, batch, conc) in enumerate(runs):
             png = str(plots / f"run{i}.png")
-            b0 = router.batcher.batches
+            b0 = batcher.batches
             r = _loadtest(f"127.0.0.1:{p}", "bench", xb, xq, batch=batch, concurrency=conc, seconds=args.seconds,
                           processes=args.processes, nprobe=args.nprobe, out_png=png)
             r.pop("timeline", None)
             r["label"] = label
             r["plot"] = png
             if p == port:
-                sent = router.batcher.batches - b0
+                sent = batcher.batches - b0
                 r["router_batches"] = sent
                 r["queries_per_batch"] = r["ok"] * batch / sent if sent else None
             out["runs"].append(r)
@@ -205,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--processes", type=int, default=2, help="load-test client processes")
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--inflight", type=int, default=0,
+                   help="batches of one kind running at once in the batching router (default: router/batcher.py's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process FAISS rows")
     p.add_argument("--out", default="bench/out/batching.json")

@@ -70,9 +70,9 @@ def cmd_serve(args) -> int:
         ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
-    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
-                    batch_wait_s=args.batch_wait_us * 1e-6)
-    server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads)
+    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
+    server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads,
+                                                batch_wait_s=args.batch_wait_us * 1e-6)
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-us", type=float, default=300.0,
                    help="how long concurrent searches are gathered into one batch, in microseconds, while earlier "
                         "batches run (default 300; a lone search never waits; -1: no batching)")
-    s.add_argument("--router-threads", type=int, default=256,
-                   help="threads serving the router's gRPC calls: the most calls in progress at once (default 256)")
+    s.add_argument("--router-threads", type=int, default=64,
+                   help="threads serving the router's calls other than searches (default 64)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("collection", help="create, list, describe, drop collections")

@@ -6,8 +6,10 @@ Every server gets grpc.health.v1 and server reflection; servicer methods wrap th
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -42,17 +44,107 @@ def create_server(address: str, register, service_names: list[str], max_workers:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=_OPTIONS)
     register(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ["", *service_names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    health_servicer = _add_health_and_reflection(server, service_names)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {address}")
     server.start()
     return server, port, health_servicer
+
+
+def _add_health_and_reflection(server, service_names: list[str], health_servicer=None):
+    if health_servicer is None:
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(getattr(health_servicer, "servicer", health_servicer), server)
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+class _AioHealth:
+    """The asyncio health servicer (its Watch streams hold no thread), with the sync ``set`` of the other one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.servicer = health.aio.HealthServicer()
+        self._loop = loop
+
+    def set(self, service: str, status) -> None:
+        coro = self.servicer.set(service, status)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:  # on the server's loop (while it starts): schedule it
+            self._loop.create_task(coro)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+
+class AioServer:
+    """A ``grpc.aio`` server on its own event-loop thread, started and stopped from ordinary threads like a sync
+    server. Its coroutine handlers run on ``loop``; its plain (sync) handlers on a thread pool."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, pool: futures.Executor):
+        self.loop = loop
+        self._thread = thread
+        self.server: grpc.aio.Server | None = None
+        self.executors: list[futures.Executor] = [pool]  # shut down once stopped
+        self._stopped: threading.Event | None = None
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stops serving (calls in flight get ``grace`` seconds); returns an Event set once stopped."""
+        if self._stopped is not None:
+            return self._stopped
+        self._stopped = done = threading.Event()
+
+        stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+
+        def finish() -> None:  # not on the loop's thread: it joins that thread
+            try:
+                stopping.result()
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(timeout=10)
+                for ex in self.executors:
+                    ex.shutdown(wait=False)
+                done.set()
+
+        threading.Thread(target=finish, name="grpc-aio-stop", daemon=True).start()
+        return done
+
+    def run(self, coro, timeout: float | None = None):
+        """Runs a coroutine on the server's loop from another thread and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32):
+    """Like :func:`create_server`, for a server whose hot handlers are coroutines (``async def``): it runs on an
+    asyncio event loop in a thread of its own; plain handlers (and health) run on ``max_workers`` threads.
+    ``register(server)`` is called on that loop. Returns (AioServer, port, health_servicer)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
+    thread.start()
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
+    handle = AioServer(loop, thread, pool)
+
+    async def start():
+        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS)
+        register(server)
+        health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind gRPC server to {address}")
+        await server.start()
+        return server, port, health_servicer
+
+    try:
+        handle.server, port, health_servicer = handle.run(start(), timeout=30)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    return handle, port, health_servicer
 
 
 def set_serving(health_servicer, service_names: list[str], serving: bool = True) -> None:
@@ -92,6 +184,24 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "") -> N
                     raise
                 if err.code() == grpc.StatusCode.UNAVAILABLE:
                     time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+
+def abort_on_error_async(method):
+    """:func:`abort_on_error` for coroutine handlers (``grpc.aio``)."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except LookalikeError as err:
+            await context.abort(err.code, str(err))
+        except (grpc.RpcError, asyncio.CancelledError):
+            raise
+        except Exception as err:  # a bug: report it, keep serving
+            log.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+    return wrapper
 
 
 def abort_on_error(method):

@@ -5,23 +5,27 @@ small amount per query. When many callers search at once, the batcher gathers th
 earlier batches are still running and sends them as one request, so the shards make one FAISS call for all of
 them and the fixed cost is paid once.
 
+It lives in the router's asyncio gRPC server (router/server.py): callers are coroutines on the server's event
+loop, so gathering them takes no lock and no thread per waiting caller; a batch runs the (blocking) unbatched
+search on a thread of ``executor``.
+
 Rules, per compatible group (same collection, k, search parameters, min_coverage and payload flag):
 
-- a search that finds nothing running goes at once: a lone caller never waits;
-- otherwise it joins the group's pending batch; the first search of a batch (its leader) waits up to
-  ``max_wait_s`` for more queries, sends when the batch holds ``max_batch`` queries, and in any case waits until
-  fewer than ``max_inflight`` batches of the group are running;
+- a search that finds nothing of its group running goes at once: a lone caller never waits;
+- otherwise it joins the group's pending batch, which is sent ``max_wait_s`` after its first query arrived, or at
+  once when it holds ``max_batch`` queries, but never while ``max_inflight`` batches of the group are running:
+  then it goes when one of them ends, with every query that arrived meanwhile;
 - each caller gets its own rows of the merged answer, so a batched search returns what the same search alone
-  returns (the coverage and epoch of the batch it went with).
+  returns (with the coverage and epoch of the batch it went with).
 
 The batch's timeout is the latest of its callers' deadlines (none when one has none); each caller waits no
-longer than its own.
+longer than its own; a failed batch fails each of its callers with its error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import threading
 import time
 
 import numpy as np
@@ -38,108 +42,108 @@ MAX_INFLIGHT = 2
 class _Call:
     xq: np.ndarray
     deadline: float | None
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    result: object = None
-    error: BaseException | None = None
+    future: asyncio.Future
 
 
 class _Group:
     def __init__(self):
         self.pending: list[_Call] = []
         self.queued = 0  # queries in pending
-        self.leader = False  # a caller is gathering the pending batch
         self.inflight = 0
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class SearchBatcher:
-    """Wraps ``search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)``.
+    """Batches ``search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)`` calls made
+    from coroutines on one event loop.
 
     Args:
-        search: the unbatched search (``Router.search_now``); returns a ``SearchResult``.
-        max_wait_s: how long a batch's leader gathers while other batches are running.
-        max_batch: queries in a batch that send it at once.
+        search: the unbatched, blocking search (``Router.search``); returns a ``SearchResult``.
+        executor: where batches run (a ``concurrent.futures`` executor).
+        max_wait_s: how long a batch gathers while another of its group runs.
+        max_batch: queries that send a batch at once.
         max_inflight: batches of one group running at once.
     """
 
-    def __init__(self, search, max_wait_s: float = MAX_WAIT_S, max_batch: int = MAX_BATCH,
+    def __init__(self, search, executor, max_wait_s: float = MAX_WAIT_S, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT):
         self._search = search
+        self._executor = executor
         self.max_wait_s = max_wait_s
         self.max_batch = max_batch
         self.max_inflight = max(1, max_inflight)
-        self._cond = threading.Condition()
         self._groups: dict[tuple, _Group] = {}
-        self.batches = 0  # batches sent (for tests and stats)
+        self.batches = 0  # batches sent (for tests and benchmarks)
         self.queries = 0
 
-    def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
-               min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
+    async def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
+                     min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
+        loop = asyncio.get_running_loop()
         if len(xq) >= self.max_batch:  # already a big batch: nothing to gain by waiting
-            return self._search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+            return await loop.run_in_executor(self._executor, self._search, name, xq, k, nprobe, ef_search,
+                                              min_coverage, include_payloads, timeout)
         key = (name, k, nprobe, ef_search, min_coverage, include_payloads, xq.dtype.str, xq.shape[1])
-        call = _Call(xq, None if timeout is None else time.monotonic() + timeout)
-        with self._cond:
-            group = self._groups.get(key)
-            if group is None:
-                group = self._groups[key] = _Group()
-            group.pending.append(call)
-            group.queued += len(xq)
-            if group.leader:  # someone gathers this batch; it sends ours too
-                self._cond.notify_all()
-                lead = False
-            else:
-                group.leader = lead = True
-                batch = self._gather(group)
-        if not lead:
-            if not call.done.wait(None if call.deadline is None else max(0.0, call.deadline - time.monotonic())):
-                raise DeadlineExceeded("the search's deadline passed while it waited in a batch")
-            if call.error is not None:
-                raise call.error
-            return call.result
-        self._run(key, group, batch, (nprobe, ef_search, min_coverage, include_payloads))
-        if call.error is not None:
-            raise call.error
-        return call.result
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+        call = _Call(xq, None if timeout is None else time.monotonic() + timeout, loop.create_future())
+        group.pending.append(call)
+        group.queued += len(xq)
+        self._schedule(key, group)
+        try:
+            return await asyncio.wait_for(call.future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the search's deadline passed while it waited in a batch") from None
 
-    def _gather(self, group: _Group) -> list[_Call]:
-        """Called by the leader under the lock: waits for companions and a free slot, then takes the batch."""
-        until = time.monotonic() + self.max_wait_s
-        while True:
-            now = time.monotonic()
-            busy = group.inflight >= self.max_inflight
-            gathering = group.inflight > 0 and now < until and group.queued < self.max_batch
-            if not busy and not gathering:
-                break
-            self._cond.wait(None if busy else until - now)
-        batch, group.pending, group.queued, group.leader = group.pending, [], 0, False
+    def _schedule(self, key: tuple, group: _Group) -> None:
+        """Sends the pending batch now, or arms its timer, or leaves it for the end of a running batch."""
+        if not group.pending or group.inflight >= self.max_inflight:
+            return
+        if group.inflight == 0 or group.queued >= self.max_batch or self.max_wait_s <= 0:
+            self._send(key, group)
+        elif group.timer is None:
+            group.timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._on_timer, key, group)
+
+    def _on_timer(self, key: tuple, group: _Group) -> None:
+        group.timer = None
+        self._schedule_now(key, group)
+
+    def _schedule_now(self, key: tuple, group: _Group) -> None:
+        if group.pending and group.inflight < self.max_inflight:
+            self._send(key, group)
+
+    def _send(self, key: tuple, group: _Group) -> None:
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
+        batch, group.pending, group.queued = group.pending, [], 0
         group.inflight += 1
-        return batch
-
-    def _run(self, key: tuple, group: _Group, batch: list[_Call], params: tuple) -> None:
-        name, k = key[0], key[1]
-        nprobe, ef_search, min_coverage, include_payloads = params
+        name, k, nprobe, ef_search, min_coverage, include_payloads = key[:6]
         deadlines = [c.deadline for c in batch]
         timeout = None if None in deadlines else max(0.0, max(deadlines) - time.monotonic())
-        try:
-            xq = batch[0].xq if len(batch) == 1 else np.concatenate([c.xq for c in batch])
-            res = self._search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
-            start = 0
-            for c in batch:
-                end = start + len(c.xq)
-                c.result = dataclasses.replace(
-                    res, D=res.D[start:end], ids=res.ids[start:end],
-                    payloads=None if res.payloads is None else res.payloads[start:end])
-                start = end
-        except BaseException as err:  # every caller of the batch gets the batch's error
-            for c in batch:
-                c.error = err
-        finally:
-            with self._cond:
-                group.inflight -= 1
-                self.batches += 1
-                self.queries += sum(len(c.xq) for c in batch)
-                if not group.inflight and not group.pending and not group.leader:
-                    self._groups.pop(key, None)
-                self._cond.notify_all()
-            for c in batch:
-                c.done.set()
+        xq = batch[0].xq if len(batch) == 1 else np.concatenate([c.xq for c in batch])
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._search, name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        fut.add_done_callback(lambda f: self._done(key, group, batch, f))
+
+    def _done(self, key: tuple, group: _Group, batch: list[_Call], fut: asyncio.Future) -> None:
+        group.inflight -= 1
+        self.batches += 1
+        self.queries += sum(len(c.xq) for c in batch)
+        err = fut.exception()
+        res = None if err is not None else fut.result()
+        start = 0
+        for c in batch:
+            end = start + len(c.xq)
+            if not c.future.done():  # its caller may have given up (deadline, cancelled call)
+                if err is not None:
+                    c.future.set_exception(err)
+                else:
+                    c.future.set_result(dataclasses.replace(
+                        res, D=res.D[start:end], ids=res.ids[start:end],
+                        payloads=None if res.payloads is None else res.payloads[start:end]))
+            start = end
+        if group.pending:
+            self._schedule_now(key, group)  # what gathered while this batch ran goes now
+        elif not group.inflight and group.timer is None:
+            self._groups.pop(key, None)

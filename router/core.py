@@ -87,9 +87,7 @@ class Router:
     """
 
     def __init__(self, control: ControlPlane, connect: Callable[[str], ShardClient] = GrpcShardClient,
-                 refresh_interval: float = 0.5, write_retry_s: float = 15.0, encoders=None,
-                 batch_wait_s: float | None = None, batch_inflight: int | None = None):
-        from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
+                 refresh_interval: float = 0.5, write_retry_s: float = 15.0, encoders=None):
         from router.encoding import LocalEncoderPool
 
         self.control = control
@@ -102,10 +100,6 @@ class Router:
         self._turn = itertools.count()
         self._write_retry_s = write_retry_s
         self._stop = threading.Event()
-        # Concurrent searches are batched (router/batcher.py) unless batch_wait_s < 0.
-        wait = MAX_WAIT_S if batch_wait_s is None else batch_wait_s
-        self.batcher = SearchBatcher(self.search_now, max_wait_s=wait,
-                                     max_inflight=batch_inflight or MAX_INFLIGHT) if wait >= 0 else None
         self._poller = threading.Thread(target=self._poll_epoch, args=(refresh_interval,), daemon=True,
                                         name="router-epoch")
         self._poller.start()
@@ -361,13 +355,6 @@ class Router:
 
     def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
                min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
-        """:meth:`search_now`, batched with concurrent searches of the same kind (router/batcher.py)."""
-        if self.batcher is None:
-            return self.search_now(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
-        return self.batcher.search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
-
-    def search_now(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
-                   min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
         """k-NN over all buckets: each shard answers for the buckets it holds; one merge.
 
         Args:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+
 from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.ids import check_ids
-from lookalike.net import abort_on_error, create_server
+from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
+from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
 from router.core import Router, check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
@@ -36,6 +40,16 @@ def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
                                      ef_search=cfg.ef_search, encoder=cfg.encoder, gpu_float16=cfg.gpu_float16)
 
 
+def _search_response(res) -> lookalike_pb2.SearchResponse:
+    results = []
+    for q, ids in enumerate(res.ids):
+        nb = lookalike_pb2.Neighbors(ids=ids, distances=res.D[q, :len(ids)].tolist())
+        if res.payloads is not None:
+            nb.payloads.extend(res.payloads[q])
+        results.append(nb)
+    return lookalike_pb2.SearchResponse(results=results, coverage=res.coverage, epoch=res.epoch)
+
+
 def _timeout(context) -> float | None:
     """Seconds left of the caller's deadline; None when the caller set none (gRPC then reports ~2**63)."""
     remaining = context.time_remaining() if context is not None else None
@@ -43,8 +57,13 @@ def _timeout(context) -> float | None:
 
 
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
-    def __init__(self, router: Router):
+    """The public service. ``Search`` is a coroutine on the server's event loop, batched with concurrent searches
+    (router/batcher.py) unless ``batcher`` is None; the other methods are plain and run on the server's threads."""
+
+    def __init__(self, router: Router, batcher: SearchBatcher | None = None, executor=None):
         self.router = router
+        self.batcher = batcher
+        self._executor = executor
 
     def _coll(self, name: str) -> CollectionConfig:
         if not name:
@@ -108,12 +127,19 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
         return resp
 
-    @abort_on_error
-    def Search(self, request, context):
+    @abort_on_error_async
+    async def Search(self, request, context):
         coll = self._coll(request.collection)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
-        return self._search_response(request, xq, context)
+        args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
+                check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
+                request.include_payloads, _timeout(context))
+        if self.batcher is not None:
+            res = await self.batcher.search(*args)
+        else:
+            res = await asyncio.get_running_loop().run_in_executor(self._executor, self.router.search, *args)
+        return _search_response(res)
 
     @abort_on_error
     def UpsertImages(self, request, context):
@@ -142,20 +168,10 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         bad = next((i for i, r in enumerate(reasons) if r is not None), None)
         if bad is not None:
             raise InvalidArgument(f"query image {bad}: {reasons[bad]}")
-        return self._search_response(request, xq, context)
-
-    def _search_response(self, request, xq, context):
-        res = self.router.search(
+        return _search_response(self.router.search(
             request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
             check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
-            request.include_payloads, timeout=_timeout(context))
-        results = []
-        for q, ids in enumerate(res.ids):
-            nb = lookalike_pb2.Neighbors(ids=ids, distances=res.D[q, :len(ids)].tolist())
-            if res.payloads is not None:
-                nb.payloads.extend(res.payloads[q])
-            results.append(nb)
-        return lookalike_pb2.SearchResponse(results=results, coverage=res.coverage, epoch=res.epoch)
+            request.include_payloads, timeout=_timeout(context)))
 
     @abort_on_error
     def ClusterStatus(self, request, context):
@@ -188,14 +204,28 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())
 
 
-def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 256):
-    """Starts the public gRPC server. Returns (server, port, health); health is SERVING once started."""
+def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,
+                         batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT):
+    """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
+    batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
+
+    Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
+    """
     from lookalike.net import set_serving
 
-    servicer = RouterServicer(router)
-    server, port, health = create_server(
-        address, lambda s: lookalike_pb2_grpc.add_LookalikeServicer_to_server(servicer, s), [SERVICE_NAME],
-        max_workers)
+    # Searches (batches) run on threads of their own, so that slow admin or write calls cannot hold them up.
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * batch_inflight),
+                                                     thread_name_prefix="router-search")
+    holder = {}
+
+    def register(server):
+        batcher = (SearchBatcher(router.search, executor, max_wait_s=batch_wait_s, max_inflight=batch_inflight)
+                   if batch_wait_s >= 0 else None)
+        holder["servicer"] = RouterServicer(router, batcher, executor)
+        lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
+
+    server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers)
+    server.servicer = holder["servicer"]
+    server.executors.append(executor)
     set_serving(health, [SERVICE_NAME])
     return server, port, health
-
