@@ -72,7 +72,8 @@ def cmd_serve(args) -> int:
     handle, control = start_cluster(cfg)
     router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
     server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads,
-                                                batch_wait_s=args.batch_wait_us * 1e-6)
+                                                batch_wait_s=args.batch_wait_us * 1e-6,
+                                                batch_inflight=args.batch_inflight)
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
@@ -427,9 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "added and buckets rebalanced (0: off; needs --shard-memory)")
     s.add_argument("--encoders", type=int, default=0,
                    help="encoder actors on Ray (a GPU each when the cluster has them); 0: encode in the router")
+    s.add_argument("--batch-inflight", type=int, default=1,
+                   help="batches of one kind of search running at once; searches arriving meanwhile gather into the "
+                        "next batch (default 1; a lone search never waits)")
     s.add_argument("--batch-wait-us", type=float, default=300.0,
-                   help="how long concurrent searches are gathered into one batch, in microseconds, while earlier "
-                        "batches run (default 300; a lone search never waits; -1: no batching)")
+                   help="with --batch-inflight > 1: how long a batch gathers while another runs, in microseconds "
+                        "(default 300); -1: no batching")
     s.add_argument("--router-threads", type=int, default=64,
                    help="threads serving the router's calls other than searches (default 64)")
     s.set_defaults(func=cmd_serve)
