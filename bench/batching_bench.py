@@ -171,20 +171,22 @@ def markdown(out: dict) -> str:
     a = out["args"]
     lines = [f"N={a['n']:,}, D={a['dim']}, {a['shards']} shards, index {a['index']} (nprobe {a['nprobe']}), k=10, "
              f"closed loop, {a['seconds']:g} s a run, {a['processes']} client processes.", "",
-             "| run | queries/s | p50 ms | p99 ms | requests | errors | recall@10 | queries per router batch |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]
+             "| run | queries/s | p50 ms | p99 ms | requests | errors | recall@10 | queries per router batch | "
+             "load generator CPU (cores) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in out["runs"]:
         lat = r["latency_ms"]["all"]
         rc = (r.get("recall") or {}).get("recall_at_k")
         qpb = r.get("queries_per_batch")
         lines.append(f"| {r['label']} | {r['queries_per_s']:.0f} | {lat.get('p50', float('nan')):.2f} | "
                      f"{lat.get('p99', float('nan')):.2f} | {r['requests']} | {r['errors'] or 'none'} | "
-                     f"{'-' if rc is None else f'{rc:.3f}'} | {'-' if qpb is None else f'{qpb:.1f}'} |")
+                     f"{'-' if rc is None else f'{rc:.3f}'} | {'-' if qpb is None else f'{qpb:.1f}'} | "
+                     f"{r.get('client_cpu_cores', float('nan')):.2f} |")
     ip = out.get("inprocess")
     if ip:
         for b in (100, 1):
             lines.append(f"| in-process {ip['spec']}, batch {b} | {ip[f'batch{b}']['qps']:.0f} | "
-                         f"{ip[f'batch{b}']['p50_ms']:.2f} | {ip[f'batch{b}']['p99_ms']:.2f} | - | - | - | - |")
+                         f"{ip[f'batch{b}']['p50_ms']:.2f} | {ip[f'batch{b}']['p99_ms']:.2f} | - | - | - | - | - |")
     q = {r["label"]: r["queries_per_s"] for r in out["runs"]}
     b100, nb, bt = (out["runs"][0]["queries_per_s"], out["runs"][2]["queries_per_s"], out["runs"][3]["queries_per_s"])
     lines += ["", f"- {a['concurrency']} single-query clients with batching / one client at batch 100: "

@@ -140,6 +140,7 @@ class _Recorder:
     def __init__(self):
         self.op, self.scheduled, self.sent, self.done, self.code = [], [], [], [], []
         self.recall: dict[int, list[str]] = {}
+        self.cpu_s = 0.0  # CPU seconds this worker's process spent while loading
 
     def add(self, op: int, scheduled: float, sent: float, done: float, code: int) -> None:
         self.op.append(op)
@@ -151,7 +152,7 @@ class _Recorder:
     def arrays(self) -> dict:
         return {"op": np.array(self.op, np.int8), "scheduled": np.array(self.scheduled, np.float64),
                 "sent": np.array(self.sent, np.float64), "done": np.array(self.done, np.float64),
-                "code": np.array(self.code, np.int16), "recall": self.recall}
+                "code": np.array(self.code, np.int16), "recall": self.recall, "cpu_s": self.cpu_s}
 
 
 class _Worker:
@@ -257,11 +258,13 @@ class _Worker:
             await asyncio.wait_for(channel.channel_ready(), timeout=max(cfg.timeout, 10.0))
             stub = lookalike_pb2_grpc.LookalikeStub(channel)
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+            cpu0 = time.process_time()
             if cfg.mode == "open":
                 await self._open(stub, open_schedule(cfg.rate, cfg.duration, cfg.requests, cfg.processes, w,
                                                      cfg.arrivals, cfg.seed))
             else:
                 await self._closed(stub)
+            self.rec.cpu_s = time.process_time() - cpu0
             if self._written and not cfg.keep_writes:
                 await self._clean_up(stub)
         return self.rec.arrays()
@@ -428,6 +431,7 @@ def merge_records(records: list[dict]) -> dict:
     out = {k: np.concatenate([r[k] for r in records]) if records else np.empty(0) for k in keys}
     order = np.argsort(out["scheduled"], kind="stable")
     out = {k: v[order] for k, v in out.items()}
+    out["cpu_s"] = float(sum(r.get("cpu_s", 0.0) for r in records))
     out["recall"] = {}
     for r in records:
         for q, ids in r["recall"].items():
@@ -458,6 +462,8 @@ def summarize(rec: dict, cfg: LoadConfig, recall: dict | None = None) -> dict:
         "queries_per_s": float((ok & (op == 0)).sum() * cfg.batch / span) if span > 0 else 0.0,
         "latency_ms": {"all": _latency_stats(lat[ok])},
         "send_lag_ms": _latency_stats(np.maximum(sent - sched, 0.0)),
+        # CPU the load generator itself used (its processes; with one process, the whole calling process)
+        "client_cpu_cores": float(rec.get("cpu_s", 0.0) / span) if span > 0 else 0.0,
         "errors": {},
     }
     for i, name in enumerate(OPS):
@@ -586,6 +592,9 @@ def format_report(report: dict) -> str:
     if cfg["mode"] == "open" and lag["count"]:
         lines.append(f"  send lag ms: p50 {lag['p50']:.2f}, p99 {lag['p99']:.2f}, max {lag['max']:.2f}"
                      + ("  (the load generator fell behind: add --processes)" if lag["p99"] > 50 else ""))
+    lines.append(f"  load generator CPU: {report['client_cpu_cores']:.2f} cores"
+                 + (" (close to its processes' count: it may be the bottleneck, add --processes)"
+                    if report["client_cpu_cores"] > 0.8 * cfg["processes"] else ""))
     errors = ", ".join(f"{k} {v}" for k, v in report["errors"].items()) or "none"
     lines.append(f"  errors: {errors}")
     rc = report.get("recall")
