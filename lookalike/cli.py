@@ -57,6 +57,8 @@ def cmd_serve(args) -> int:
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
+                        # in a Ray cluster the router may run on another node: shards listen on their node's address
+                        shard_host="127.0.0.1" if args.address is None else "auto",
                         shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0))
@@ -393,6 +395,28 @@ def cmd_loadtest(args) -> int:
     return 0
 
 
+# --- size -------------------------------------------------------------------------------------------------------
+def cmd_size(args) -> int:
+    from lookalike import sizing
+
+    try:
+        p = sizing.plan(args.vectors, args.dim, args.index, args.metric, args.replicas, parse_bytes(args.node_memory),
+                        args.shards_per_node, args.headroom, parse_bytes(args.reserve), args.id_bytes,
+                        args.payload_bytes, parse_bytes(args.gpu_memory) if args.gpu_memory else 0, args.gpu_float16)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(sizing.report(p, args.dim, args.index))
+    if args.kustomize:
+        try:
+            files = sizing.write_kustomize(p, args.kustomize, args.overlay)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"overlay: {', '.join(files)} (kubectl apply -k {args.kustomize})")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lookalike", description="Sharded similarity search for image catalogs.")
@@ -556,6 +580,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default loadtest.png; '' for none)")
     lt.add_argument("--quiet", action="store_true", help="no progress bar")
     lt.set_defaults(func=cmd_loadtest)
+
+    sz = sub.add_parser("size", help="memory per vector, shards, nodes and memory requests for a catalog")
+    sz.add_argument("--vectors", type=int, required=True)
+    sz.add_argument("--dim", type=int, required=True, help="components (bits for hamming)")
+    sz.add_argument("--index", default="Flat", help="FAISS factory string (default Flat)")
+    sz.add_argument("--metric", choices=["l2", "ip", "cosine", "hamming"], default="l2")
+    sz.add_argument("--replicas", type=int, default=1, help="copies of each item (default 1)")
+    sz.add_argument("--node-memory", default="64Gi", help="memory of each shard node (pod) (default 64Gi)")
+    sz.add_argument("--shards-per-node", type=int, default=1, help="shards on each node (default 1)")
+    sz.add_argument("--reserve", default="2Gi", help="memory of a node kept for Ray itself (default 2Gi)")
+    sz.add_argument("--headroom", type=float, default=0.3, help="room left for growth (default 0.3)")
+    sz.add_argument("--id-bytes", type=int, default=16, help="mean id length in bytes (default 16)")
+    sz.add_argument("--payload-bytes", type=int, default=0, help="mean serialized payload bytes (default 0)")
+    sz.add_argument("--gpu-memory", default="", help="memory of each GPU, for GPU shards (e.g. 80Gi)")
+    sz.add_argument("--gpu-float16", action="store_true", help="float16 vectors on the GPU (Flat)")
+    sz.add_argument("--kustomize", metavar="DIR", help="write a kustomize overlay with these sizes to DIR")
+    sz.add_argument("--overlay", choices=["cpu", "gpu"], default="cpu", help="the overlay it builds on")
+    sz.set_defaults(func=cmd_size)
 
     sub.add_parser("bench", add_help=False,
                    help="cluster vs in-process FAISS benchmark; `lookalike bench --help` (docs/BENCHMARKS.md)")

@@ -1,0 +1,253 @@
+"""``lookalike size``: memory per vector for an index, and the shards, nodes and memory requests a catalog needs.
+
+The estimate of a shard's resident memory is what a shard holds per item (shard/index.py, shard/core.py's
+``IdTable``) times a measured allocator factor, plus the fixed cost of a shard process:
+
+- the index's code for the vector: FAISS's ``sa_code_size()`` of the factory string (Flat: 4 x dim bytes, PQm: m,
+  SQ8: dim...);
+- the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF);
+  for IVF, about 50 bytes of hashtable direct map (reconstruct and remove by label) and list slack, measured on
+  bare FAISS, and about 65 more measured on a shard (the lists grow batch by batch and fragment the heap); for
+  HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an item), 8 bytes of position map and
+  about 110 bytes of label -> position dict;
+- the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
+- the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
+- x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
+- plus ``COLLECTION_OVERHEAD`` (16 MiB) per collection on a shard (storage buffers, training workspace) and
+  ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
+  shard measured 128-138 MiB).
+
+``measure_shard`` loads a known number of vectors into a real shard; tests/test_sizing.py checks the estimate
+against it for Flat and IVF-PQ (within 15%).
+
+Then: a shard is sized to stay under the controller's growth threshold (80% of ``--shard-memory``, see
+``MovePolicy.high_water``) with ``--headroom`` left for growth; each node holds ``--shards-per-node`` shards and
+keeps ``--reserve`` for Ray's own processes and the object store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+GiB = 1 << 30
+MiB = 1 << 20
+ALLOCATOR_FACTOR = 1.05
+SHARD_OVERHEAD = 150 * MiB
+COLLECTION_OVERHEAD = 16 * MiB
+_IVF_EXTRA = 50 + 65
+_IDTABLE = 24
+_BYTES_OBJECT = 33
+
+
+@dataclasses.dataclass
+class PerVector:
+    """Bytes a shard holds for one item, by part."""
+
+    code: int
+    index: float
+    ids: int
+    payload: int
+
+    @property
+    def raw(self) -> float:
+        return self.code + self.index + self.ids + self.payload
+
+    @property
+    def resident(self) -> float:
+        """With the allocator's slack: what the shard's resident memory grows by per item."""
+        return self.raw * ALLOCATOR_FACTOR
+
+
+def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, payload_bytes: int = 0) -> PerVector:
+    """Bytes per item on a shard for a FAISS factory string (see the module docstring)."""
+    import faiss
+
+    from shard.index import _factory
+
+    spec = index
+    if metric == "hamming" and not spec.startswith("B"):
+        spec = "B" + spec
+    built = _factory(dim, metric, spec)
+    if isinstance(built, faiss.IndexBinary):
+        code = built.code_size
+    else:
+        try:
+            code = int(built.sa_code_size())
+        except RuntimeError:  # HNSW and others without a standalone codec: the storage's codes
+            storage = getattr(built, "storage", None)
+            code = int(storage.sa_code_size()) if storage is not None else 4 * dim
+    idx: float = 8.0  # the id in IndexIDMap, or in an inverted list
+    if re.search(r"(^|,)B?IVF\d+", spec):
+        idx += _IVF_EXTRA
+    m = re.search(r"HNSW(\d+)", spec)
+    if m:
+        links = int(m.group(1))
+        # level-0 links, upper levels (about 1/M of the items with M links), position -> label (8) and the
+        # label -> position dict (a Python dict of ints: about 110 bytes an item)
+        idx = 2 * links * 4 + 4 + 8 + 110
+    payload = payload_bytes + _BYTES_OBJECT if payload_bytes else 0
+    return PerVector(code=code, index=idx, ids=_IDTABLE + id_bytes, payload=payload)
+
+
+@dataclasses.dataclass
+class Plan:
+    vectors: int
+    replicas: int
+    per_vector: PerVector
+    data_bytes: float  # resident bytes of all copies, without process overhead
+    shard_memory: int  # --shard-memory to give each shard
+    shards: int
+    shards_per_node: int
+    nodes: int
+    node_memory_request: int  # memory request of each shard node (pod)
+    gpu: dict | None
+
+
+def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int = 1, node_memory: int = 64 * GiB,
+         shards_per_node: int = 1, headroom: float = 0.3, reserve: int = 2 * GiB, id_bytes: int = 16,
+         payload_bytes: int = 0, gpu_memory: int = 0, gpu_float16: bool = False, high_water: float = 0.8) -> Plan:
+    """Shards and nodes for ``vectors`` items of ``dim`` in ``index``, ``replicas`` copies each.
+
+    A node's memory, less ``reserve``, is split between ``shards_per_node`` shards: that is each shard's capacity
+    (``--shard-memory``). A shard is filled to ``high_water`` x capacity x (1 - headroom) at most, so that the data
+    can grow by ``headroom`` before the controller's automatic growth (at ``high_water``) adds shards.
+    """
+    if vectors < 0 or dim <= 0 or replicas < 1 or shards_per_node < 1 or not 0 <= headroom < 1:
+        raise ValueError("vectors >= 0, dim > 0, replicas >= 1, shards per node >= 1, 0 <= headroom < 1")
+    pv = per_vector(dim, index, metric, id_bytes, payload_bytes)
+    data = vectors * replicas * pv.resident
+    shard_memory = int((node_memory - reserve) / shards_per_node)
+    fill = shard_memory * high_water * (1 - headroom) - SHARD_OVERHEAD - COLLECTION_OVERHEAD
+    if fill <= 0:
+        raise ValueError(f"a node of {node_memory / GiB:.1f} GiB leaves no room for data after {reserve / GiB:.1f} GiB "
+                         f"reserved and {shards_per_node} shard process(es): give --node-memory more")
+    shards = max(replicas, math.ceil(data / fill))
+    gpu = None
+    if gpu_memory:
+        # On GPU shards the GPU holds a mirror of the index (the vectors' codes, float16 when asked, and its ids).
+        code = pv.code / 2 if gpu_float16 and re.fullmatch(r"Flat", index) else pv.code
+        gpu_pv = code + 8
+        gpu_fill = gpu_memory * high_water * (1 - headroom)
+        gpu_shards = max(replicas, math.ceil(vectors * replicas * gpu_pv / gpu_fill))
+        shards = max(shards, gpu_shards)
+        gpu = {"bytes_per_vector": gpu_pv, "gpu_memory": gpu_memory, "shards_for_gpu_memory": gpu_shards}
+    nodes = math.ceil(shards / shards_per_node)
+    return Plan(vectors, replicas, pv, data, shard_memory, shards, shards_per_node, nodes, node_memory, gpu)
+
+
+def shard_resident_estimate(vectors: int, dim: int, index: str, metric: str = "l2", id_bytes: int = 16,
+                            payload_bytes: int = 0) -> float:
+    """Resident memory a collection of ``vectors`` items adds to a shard (bytes)."""
+    return COLLECTION_OVERHEAD + vectors * per_vector(dim, index, metric, id_bytes, payload_bytes).resident
+
+
+def format_bytes(n: float) -> str:
+    for unit, f in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def k8s_quantity(n: float) -> str:
+    """Bytes as a Kubernetes quantity, rounded up to a MiB (or a GiB above 16 GiB)."""
+    if n >= 16 * GiB:
+        return f"{math.ceil(n / GiB)}Gi"
+    return f"{math.ceil(n / MiB)}Mi"
+
+
+def report(p: Plan, dim: int, index: str) -> str:
+    pv = p.per_vector
+    lines = [
+        f"{p.vectors:,} vectors of dim {dim} in {index!r}, {p.replicas} cop{'y' if p.replicas == 1 else 'ies'} each",
+        f"  bytes per vector: {pv.code} code + {pv.index:g} index + {pv.ids} id table"
+        + (f" + {pv.payload} payload" if pv.payload else "")
+        + f" = {pv.raw:g}; resident with allocator slack (x{ALLOCATOR_FACTOR}): {pv.resident:.0f}",
+        f"  data in memory, all copies: {format_bytes(p.data_bytes)}",
+        f"  shards: {p.shards} ({p.shards_per_node} per node), each with --shard-memory {k8s_quantity(p.shard_memory)}"
+        f" (filled to about {format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD)} now)",
+        f"  nodes: {p.nodes} shard node(s) with memory request {k8s_quantity(p.node_memory_request)} each",
+    ]
+    if p.gpu:
+        lines.append(f"  GPU: {p.gpu['bytes_per_vector']:g} bytes per vector on the GPU; "
+                     f"{p.gpu['shards_for_gpu_memory']} shard(s) for {format_bytes(p.gpu['gpu_memory'])} GPUs")
+    lines.append(f"  serve with: lookalike serve --shards {p.shards} --shard-memory {k8s_quantity(p.shard_memory)}")
+    return "\n".join(lines)
+
+
+def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: int = 0, batch: int = 20000) -> dict:
+    """Loads ``vectors`` random items (ids ``str(i)``) into a real shard in this process and returns its resident
+    memory before and after (bytes). Meant for a fresh process (tests run it in a subprocess)."""
+    import tempfile
+
+    import numpy as np
+
+    from lookalike.config import CollectionConfig
+    from shard.core import Shard
+    from shard.storage import release_memory
+
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Shard("size-0", tmp)
+        cfg = CollectionConfig("sized", dim, metric, index=index, buckets=16).validated()
+        shard.open_collection(cfg, range(16))
+        sc = shard.collection("sized")
+        # one warm-up write, and BLAS's and OpenMP's per-thread buffers (k-means, large searches), so that what
+        # every shard pays once is not counted as data
+        sc.upsert(["warm"], rng.standard_normal((1, dim)).astype(np.float32), [None])
+        sc.delete(["warm"])
+        import faiss
+        faiss.Kmeans(dim, 16, niter=2).train(rng.standard_normal((4096, dim)).astype(np.float32))
+        release_memory()
+        before = shard.memory_bytes()
+        for i in range(0, vectors, batch):
+            n = min(batch, vectors - i)
+            x = rng.standard_normal((n, dim)).astype(np.float32)
+            sc.upsert([str(j) for j in range(i, i + n)], x, [None] * n)
+        sc.store.compact()  # what a background compaction would do (waits for one that is running)
+        release_memory()
+        after = shard.memory_bytes()
+        out = {"vectors": vectors, "before": before, "after": after, "grew": after - before,
+               "index_bytes": sc.index.nbytes, "trained": sc.index.trained}
+        shard.close()
+    return out
+
+
+def write_kustomize(p: Plan, out_dir: str, overlay: str = "cpu", repo_root: str | None = None) -> list[str]:
+    """Writes an overlay over ``k8s/overlays/<overlay>`` that sizes the shard worker group and the settings for
+    plan ``p``: worker pods (replicas = min = the nodes, max = twice that), each pod's memory request and limit,
+    and the ConfigMap's shard count, shard memory and growth bound. Returns the files written."""
+    import os
+    import pathlib
+
+    root = pathlib.Path(repo_root or pathlib.Path(__file__).resolve().parent.parent)
+    base = root / "k8s" / "overlays" / overlay
+    if not base.is_dir():
+        raise ValueError(f"no overlay {overlay!r} under {root / 'k8s' / 'overlays'}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    memory = k8s_quantity(p.node_memory_request)
+    max_nodes = max(2 * p.nodes, p.nodes + 1)
+    ops = [("replicas", p.nodes), ("minReplicas", p.nodes), ("maxReplicas", max_nodes)]
+    lines = [f"# written by `lookalike size`: {p.vectors:,} vectors x {p.replicas} copies, {p.shards} shards on "
+             f"{p.nodes} node(s)"]
+    for field, value in ops:
+        lines += [f"- op: replace", f"  path: /spec/workerGroupSpecs/0/{field}", f"  value: {value}"]
+    for kind in ("requests", "limits"):
+        lines += ["- op: replace", f"  path: /spec/workerGroupSpecs/0/template/spec/containers/0/resources/{kind}/memory",
+                  f"  value: {memory}"]
+    (out / "raycluster-size.yaml").write_text("\n".join(lines) + "\n")
+    (out / "config-size.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lookalike-config\ndata:\n"
+        f'  LOOKALIKE_SHARDS: "{p.shards}"\n  LOOKALIKE_SHARD_MEMORY: {k8s_quantity(p.shard_memory)}\n'
+        f'  LOOKALIKE_MAX_SHARDS: "{max_nodes * p.shards_per_node}"\n')
+    rel = os.path.relpath(base, out)
+    (out / "kustomization.yaml").write_text(
+        "# written by `lookalike size --kustomize`: apply with `kubectl apply -k` on this folder\n"
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {rel}\n"
+        "patches:\n  - path: raycluster-size.yaml\n"
+        "    target: {group: ray.io, version: v1, kind: RayCluster, name: lookalike}\n"
+        "  - path: config-size.yaml\n")
+    return [str(out / f) for f in ("kustomization.yaml", "raycluster-size.yaml", "config-size.yaml")]
