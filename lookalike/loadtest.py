@@ -492,27 +492,31 @@ def _timeline(sched: np.ndarray, lat: np.ndarray, ok: np.ndarray) -> list[dict]:
     return out
 
 
+def exact_knn(metric: str, xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (D, I) from one FAISS flat index over ``xb`` in the metric (row numbers as ids)."""
+    import faiss
+
+    if metric == "hamming":
+        index = faiss.IndexBinaryFlat(xb.shape[1] * 8)
+    elif metric == "l2":
+        index = faiss.IndexFlatL2(xb.shape[1])
+    else:
+        index = faiss.IndexFlatIP(xb.shape[1])
+        if metric == "cosine":
+            xb, xq = xb.copy(), xq.copy()
+            faiss.normalize_L2(xb)
+            faiss.normalize_L2(xq)
+    index.add(np.ascontiguousarray(xb))
+    return index.search(np.ascontiguousarray(xq), k)
+
+
 def compute_recall(found: dict, data: np.ndarray, data_ids: list[str] | None, queries: np.ndarray, metric: str,
                    k: int, own_prefix: str) -> dict:
     """Recall@k of the recorded answers (query row -> returned ids) against exact search over ``data``."""
-    import faiss
-
     if not found:
         return {"k": k, "queries": 0, "recall_at_k": None}
     rows = np.array(sorted(found), dtype=np.int64)
-    xq = queries[rows]
-    if metric == "hamming":
-        index = faiss.IndexBinaryFlat(data.shape[1] * 8)
-    elif metric == "l2":
-        index = faiss.IndexFlatL2(data.shape[1])
-    else:
-        index = faiss.IndexFlatIP(data.shape[1])
-        if metric == "cosine":
-            data, xq = data.copy(), xq.copy()
-            faiss.normalize_L2(data)
-            faiss.normalize_L2(xq)
-    index.add(np.ascontiguousarray(data))
-    _, I = index.search(np.ascontiguousarray(xq), k)
+    _, I = exact_knn(metric, data, queries[rows], k)
     hits = 0
     for row, truth in zip(rows.tolist(), I):
         want = {data_ids[i] if data_ids is not None else str(i) for i in truth.tolist() if i >= 0}

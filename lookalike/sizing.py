@@ -233,10 +233,10 @@ def write_kustomize(p: Plan, out_dir: str, overlay: str = "cpu", repo_root: str 
     lines = [f"# written by `lookalike size`: {p.vectors:,} vectors x {p.replicas} copies, {p.shards} shards on "
              f"{p.nodes} node(s)"]
     for field, value in ops:
-        lines += [f"- op: replace", f"  path: /spec/workerGroupSpecs/0/{field}", f"  value: {value}"]
+        lines += ["- op: replace", f"  path: /spec/workerGroupSpecs/0/{field}", f"  value: {value}"]
     for kind in ("requests", "limits"):
-        lines += ["- op: replace", f"  path: /spec/workerGroupSpecs/0/template/spec/containers/0/resources/{kind}/memory",
-                  f"  value: {memory}"]
+        path = f"/spec/workerGroupSpecs/0/template/spec/containers/0/resources/{kind}/memory"
+        lines += ["- op: replace", f"  path: {path}", f"  value: {memory}"]
     (out / "raycluster-size.yaml").write_text("\n".join(lines) + "\n")
     (out / "config-size.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lookalike-config\ndata:\n"
