@@ -568,8 +568,9 @@ def plot(report: dict, rec: dict, path: str, title: str = "") -> None:
     b.legend(loc="lower right", fontsize=8)
     cfg = report["config"]
     load = f"rate {cfg['rate']:g}/s" if cfg["mode"] == "open" else f"concurrency {cfg['concurrency']}"
+    p99 = allv.get("p99", float("nan"))
     fig.suptitle(title or f"lookalike loadtest: {cfg['collection']}, {cfg['mode']} loop, {load}, batch "
-                 f"{cfg['batch']}; achieved {report['achieved_rate']:.0f} req/s, p99 {allv.get('p99', float('nan')):.1f} ms")
+                 f"{cfg['batch']}; achieved {report['achieved_rate']:.0f} req/s, p99 {p99:.1f} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
