@@ -245,7 +245,7 @@ class _Worker:
                 self.rec.recall[qrow] = list(resp.results[0].ids)
                 self._recall_left -= 1
         if self.progress is not None:
-            self.progress.add(1)
+            self.progress.value += 1
 
     async def run(self, t0: float) -> dict:
         """Runs this worker's share, starting at the monotonic time ``t0``; returns its records."""
@@ -303,20 +303,11 @@ class _Worker:
         self._written = []
 
 
-class _Counter:
-    """Completed requests, shared by the workers and the progress bar."""
-
-    def __init__(self, value):
-        self.value = value  # anything with a .value: a shared multiprocessing.Value across processes
-
-    def add(self, n: int) -> None:
-        self.value.value += n
-
-
-def _worker_main(inp: WorkerInput, barrier, start, counter_value, results) -> None:
-    """A worker process: connects, waits for the others, runs, sends its records back."""
+def _worker_main(inp: WorkerInput, barrier, start, counter, results) -> None:
+    """A worker process: connects, waits for the others, runs, sends its records back. ``counter``: completed
+    requests, a ``multiprocessing.Value`` shared with the progress bar."""
     try:
-        worker = _Worker(inp, _Counter(counter_value))
+        worker = _Worker(inp, counter)
         barrier.wait()
         barrier.wait()  # the parent has set the start time
         results.put((inp.worker, asyncio.run(worker.run(start.value)), None))
@@ -325,42 +316,35 @@ def _worker_main(inp: WorkerInput, barrier, start, counter_value, results) -> No
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
-def run_workers(inputs: list[WorkerInput], show_progress: bool = True) -> tuple[list[dict], float]:
-    """Runs the workers (in this process when there is one, else one process each); returns (records, t0)."""
+def run_workers(inputs: list[WorkerInput], show_progress: bool = True) -> list[dict]:
+    """Runs the workers (in this process when there is one, else one process each); returns their records."""
     cfg = inputs[0].cfg
     expected = (int(cfg.rate * cfg.duration) if cfg.mode == "open" and cfg.duration > 0 else 0) or cfg.requests
     if cfg.mode == "open" and cfg.requests > 0:
         expected = min(expected, cfg.requests)
     bar = _progress_bar(expected, cfg, show_progress)
-    if len(inputs) == 1:
-        counter = _Counter(_Box())
-        t0 = time.monotonic() + 0.05
-        stop = threading.Event()
-        ticker = threading.Thread(target=_tick, args=(bar, counter.value, stop), daemon=True)
-        ticker.start()
-        try:
-            records = [asyncio.run(_Worker(inputs[0], counter).run(t0))]
-        finally:
-            stop.set()
-            ticker.join()
-            bar.close()
-        return records, t0
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(inputs) + 1)
-    start = ctx.Value("d", 0.0)
-    counter = ctx.Value("q", 0, lock=False)
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker_main, args=(inp, barrier, start, counter, results), daemon=True)
-             for inp in inputs]
-    for p in procs:
-        p.start()
+    stop = threading.Event()
+    procs, tickers = [], []
     try:
+        if len(inputs) == 1:
+            counter = _Box()
+            tickers.append(threading.Thread(target=_tick, args=(bar, counter, stop), daemon=True))
+            tickers[0].start()
+            return [asyncio.run(_Worker(inputs[0], counter).run(time.monotonic() + 0.05))]
+        ctx = multiprocessing.get_context("spawn")
+        barrier = ctx.Barrier(len(inputs) + 1)
+        start = ctx.Value("d", 0.0)
+        counter = ctx.Value("q", 0, lock=False)
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_worker_main, args=(inp, barrier, start, counter, results), daemon=True)
+                 for inp in inputs]
+        for p in procs:
+            p.start()
         barrier.wait(timeout=120)
-        start.value = t0 = time.monotonic() + 0.2
+        start.value = time.monotonic() + 0.2
         barrier.wait(timeout=30)
-        stop = threading.Event()
-        ticker = threading.Thread(target=_tick, args=(bar, counter, stop), daemon=True)
-        ticker.start()
+        tickers.append(threading.Thread(target=_tick, args=(bar, counter, stop), daemon=True))
+        tickers[0].start()
         out: dict[int, dict] = {}
         limit = (cfg.duration if cfg.duration > 0 else 3600) + 2 * cfg.timeout + 120
         for _ in inputs:
@@ -368,18 +352,21 @@ def run_workers(inputs: list[WorkerInput], show_progress: bool = True) -> tuple[
             if err is not None:
                 raise RuntimeError(f"load worker {worker} failed: {err}")
             out[worker] = rec
-        stop.set()
-        ticker.join()
+        return [out[i] for i in sorted(out)]
     finally:
+        stop.set()
+        for t in tickers:
+            t.join()
         bar.close()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return [out[i] for i in sorted(out)], t0
 
 
 class _Box:
+    """The completed-request count of a worker in this process (what ``multiprocessing.Value`` is across them)."""
+
     value = 0
 
 
@@ -665,7 +652,7 @@ def run(cfg: LoadConfig, queries: np.ndarray, write_mean: np.ndarray, write_std:
     if not cfg.run_id:
         cfg.run_id = uuid.uuid4().hex[:8]
     inputs = [WorkerInput(cfg, w, queries, write_mean, write_std) for w in range(cfg.processes)]
-    records, _t0 = run_workers(inputs, show_progress)
+    records = run_workers(inputs, show_progress)
     rec = merge_records(records)
     recall = None
     if cfg.mix.get("search", 0) > 0 and cfg.recall_sample > 0:
