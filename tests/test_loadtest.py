@@ -106,7 +106,8 @@ def test_open_loop_keeps_its_rate_when_the_server_slows_down():
     assert report["requests"] == 400 and report["ok"] == 400 and not report["errors"]
     # the sends kept to the schedule: the server's slowdown did not lower the rate
     assert report["send_rate"] == pytest.approx(200, rel=0.1)
-    assert report["send_lag_ms"]["p99"] < 50
+    # (a loose bound: a shared 2-core machine can stall the sender briefly; the queue below grows far more)
+    assert report["send_lag_ms"]["p99"] < 200
     # while the latency, counted from the scheduled time, grew with the queue (133/s served, 200/s sent)
     lat = rec["done"] - rec["scheduled"]
     early, late = lat[rec["scheduled"] < 0.4], lat[rec["scheduled"] > 1.6]
