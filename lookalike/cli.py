@@ -45,7 +45,7 @@ def cmd_serve(args) -> int:
 
     from lookalike.config import ClusterConfig, MovePolicy, storage_path
     from lookalike.net import set_serving
-    from lookalike.ray_cluster import RayEncoderPool, start_cluster, stop_cluster
+    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, stop_cluster
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
 
@@ -69,7 +69,11 @@ def cmd_serve(args) -> int:
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
                  num_cpus=max(os.cpu_count() or 1, int(np.ceil(args.shards * args.shard_cpus)) + 1))
     else:
-        ray.init(address=args.address, namespace=cfg.namespace, log_to_driver=args.verbose)
+        try:
+            join_ray(args.address, cfg.namespace, log_to_driver=args.verbose)
+        except (ConnectionError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
     router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
@@ -614,7 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise here
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `lookalike search ... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

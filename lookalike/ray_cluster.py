@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import threading
+import time
 
 import ray
 
@@ -316,6 +317,44 @@ class RayControlPlane:
 
     def move_counts(self):
         return self._call("move_counts")
+
+
+@ray.remote(num_cpus=0)
+def _lookalike_location() -> str:
+    import lookalike
+
+    return os.path.dirname(lookalike.__file__)
+
+
+def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout: float = 120.0) -> None:
+    """Connects this process to the Ray cluster at ``address`` (``host:port`` of the GCS, or ``ray://host:port``
+    for Ray Client), retrying until ``timeout``: in Kubernetes the router pod often starts before the head, and
+    Ray Client's per-client server can fail its first start while the head is still coming up.
+
+    Then checks that the cluster's nodes can import lookalike (the image must have it installed): without it a
+    Ray Client router would fail later with a confusing signature error.
+
+    Raises:
+        ConnectionError: the cluster did not answer within ``timeout``.
+        RuntimeError: lookalike is not installed on the cluster's nodes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver)
+            break
+        except (ConnectionError, RuntimeError) as err:
+            ray.shutdown()
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"could not join the Ray cluster at {address}: {err}") from err
+            log.warning("Ray cluster at %s not ready (%s); retrying", address, str(err).splitlines()[0][:200])
+            time.sleep(3)
+    try:
+        where = ray.get(_lookalike_location.remote(), timeout=timeout)
+    except ray.exceptions.RayTaskError as err:
+        raise RuntimeError(f"the Ray cluster at {address} cannot import lookalike: install it on every node "
+                           f"(the images in docker/ have it) ({str(err.cause)[:200]})") from None
+    log.info("joined Ray cluster at %s (lookalike on its nodes at %s)", address, where)
 
 
 def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeout: float = 180.0):

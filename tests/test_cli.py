@@ -82,18 +82,23 @@ def test_serve_and_cli_end_to_end(tmp_path):
 
 def test_serve_joins_an_existing_ray_cluster(tmp_path):
     """`lookalike serve --address` joins a Ray cluster started apart (as on KubeRay) instead of starting one;
-    stopping that router leaves the shards serving in the cluster."""
+    stopping that router leaves the shards serving in the cluster. A second router joins as a Ray Client
+    (`ray://`, as the router pods in k8s/ do) and serves the same collections from the same shards."""
     from lookalike.net import wait_for_serving
     from protos import shard_pb2
     from router.shard_client import GrpcShardClient
 
-    ray_port, port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_port, client_port, port, port2 = _free_port(), _free_port(), _free_port(), _free_port()
+    # the nodes can import lookalike, as from the images (a Ray Client job does not carry the driver's directory)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=4",
-                             "--include-dashboard=false", "--disable-usage-stats"],
+                             f"--ray-client-server-port={client_port}", "--include-dashboard=false",
+                             "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    proc = None
+    proc = proc2 = None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
                                  f"127.0.0.1:{ray_port}", "--data", str(tmp_path / "data"), "--port", str(port),
@@ -110,9 +115,34 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
         shard = GrpcShardClient(st["shards"][0]["address"])
         assert shard.call("Stats", shard_pb2.ShardStatsRequest(), 10).result().serving
         shard.close()
+
+        proc2 = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
+                                  f"ray://127.0.0.1:{client_port}", "--data", str(tmp_path / "data"), "--port",
+                                  str(port2), "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        target = f"127.0.0.1:{port2}"
+        try:
+            wait_for_serving(target, timeout=120)
+        except TimeoutError:
+            proc2.kill()
+            raise AssertionError(proc2.communicate()[0][-3000:]) from None
+        st2 = json.loads(_cli("status", "--json", target=target).stdout)
+        assert [s["address"] for s in st2["shards"]] == [st["shards"][0]["address"]]  # the same shard
+        assert "j" in _cli("collection", "list", target=target).stdout
+        xb = np.random.default_rng(3).standard_normal((200, 4)).astype("float32")
+        np.save(tmp_path / "j.npy", xb)
+        up = _cli("upsert", "j", str(tmp_path / "j.npy"), target=target)
+        assert up.returncode == 0 and "upserted 200" in up.stdout, up.stderr
+        res = _cli("search", "j", str(tmp_path / "j.npy"), "-k", "3", "--json", target=target)
+        _, I = exact_knn("l2", xb, xb, 3)
+        assert [r["ids"] for r in json.loads(res.stdout)["results"]] == [[str(i) for i in row] for row in I]
+        proc2.send_signal(signal.SIGTERM)
+        out, _ = proc2.communicate(timeout=60)
+        assert proc2.returncode == 0 and "lookalike stopped" in out, out[-3000:]
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
+        for p in (proc, proc2):
+            if p is not None and p.poll() is None:
+                p.kill()
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=5)
