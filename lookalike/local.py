@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
+from lookalike.catalog import JobManager
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.controller import Controller
 from lookalike.errors import Unavailable
@@ -118,8 +119,10 @@ class LocalCluster:
         else:
             connect = GrpcShardClient
         self.router = Router(self.controller, connect, refresh_interval=refresh_interval)
+        self.jobs = JobManager(self.router, data_dir)
 
     def close(self) -> None:
+        self.jobs.close()
         self.controller.stop()
         self.router.close()
         self.placer.stop()

@@ -1,11 +1,136 @@
 from protos import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SampleRequest(_message.Message):
+    __slots__ = ("collection", "size", "seed", "include_vectors")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    size: int
+    seed: int
+    include_vectors: bool
+    def __init__(self, collection: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+
+class DedupSpec(_message.Message):
+    __slots__ = ("collection", "threshold", "k", "params", "batch")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    threshold: float
+    k: int
+    params: _common_pb2.SearchParams
+    batch: int
+    def __init__(self, collection: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., batch: _Optional[int] = ...) -> None: ...
+
+class ClusterSpec(_message.Message):
+    __slots__ = ("collection", "k", "sample", "field", "niter", "seed")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    NITER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    k: int
+    sample: int
+    field: str
+    niter: int
+    seed: int
+    def __init__(self, collection: _Optional[str] = ..., k: _Optional[int] = ..., sample: _Optional[int] = ..., field: _Optional[str] = ..., niter: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class StartJobRequest(_message.Message):
+    __slots__ = ("job_id", "dedup", "cluster")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    dedup: DedupSpec
+    cluster: ClusterSpec
+    def __init__(self, job_id: _Optional[str] = ..., dedup: _Optional[_Union[DedupSpec, _Mapping]] = ..., cluster: _Optional[_Union[ClusterSpec, _Mapping]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "kind", "collection", "state", "done", "total", "message", "started_unix", "elapsed_s", "summary_json")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        SUCCEEDED: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    RUNNING: Job.State
+    SUCCEEDED: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    collection: str
+    state: Job.State
+    done: int
+    total: int
+    message: str
+    started_unix: float
+    elapsed_s: float
+    summary_json: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., collection: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ..., started_unix: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., summary_json: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class DedupGroupsRequest(_message.Message):
+    __slots__ = ("job_id", "offset", "limit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    offset: int
+    limit: int
+    def __init__(self, job_id: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class DedupGroup(_message.Message):
+    __slots__ = ("group", "ids", "distances")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    group: int
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    distances: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, group: _Optional[int] = ..., ids: _Optional[_Iterable[str]] = ..., distances: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("spec",)

@@ -99,6 +99,36 @@ class LookalikeStub:
                 request_serializer=protos_dot_lookalike__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=protos_dot_lookalike__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/lookalike.v1.Lookalike/Sample',
+                request_serializer=protos_dot_lookalike__pb2.SampleRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.GetResponse.FromString,
+                _registered_method=True)
+        self.StartJob = channel.unary_unary(
+                '/lookalike.v1.Lookalike/StartJob',
+                request_serializer=protos_dot_lookalike__pb2.StartJobRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/lookalike.v1.Lookalike/GetJob',
+                request_serializer=protos_dot_lookalike__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/lookalike.v1.Lookalike/ListJobs',
+                request_serializer=protos_dot_lookalike__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/lookalike.v1.Lookalike/CancelJob',
+                request_serializer=protos_dot_lookalike__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.Job.FromString,
+                _registered_method=True)
+        self.DedupGroups = channel.unary_stream(
+                '/lookalike.v1.Lookalike/DedupGroups',
+                request_serializer=protos_dot_lookalike__pb2.DedupGroupsRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.DedupGroup.FromString,
+                _registered_method=True)
 
 
 class LookalikeServicer:
@@ -197,6 +227,49 @@ class LookalikeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sample(self, request, context):
+        """A random sample of a collection's items (whole buckets, drawn by a seeded shuffle), up to `size` items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartJob(self, request, context):
+        """Catalog jobs: long-running work over a whole collection (duplicates, clusters). StartJob returns at once;
+        GetJob reports progress. A job checkpoints to storage: starting a job with the id of one that was
+        interrupted (its process died, the cluster restarted, it was cancelled) resumes it where it stopped;
+        starting one with the id of a running or finished job returns that job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a running job at its next checkpoint; it can be resumed with StartJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DedupGroups(self, request, context):
+        """The groups a finished dedup job found, largest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookalikeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -264,6 +337,36 @@ def add_LookalikeServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=protos_dot_lookalike__pb2.RebalanceRequest.FromString,
                     response_serializer=protos_dot_lookalike__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=protos_dot_lookalike__pb2.SampleRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.GetResponse.SerializeToString,
+            ),
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=protos_dot_lookalike__pb2.StartJobRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=protos_dot_lookalike__pb2.GetJobRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=protos_dot_lookalike__pb2.ListJobsRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=protos_dot_lookalike__pb2.GetJobRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.Job.SerializeToString,
+            ),
+            'DedupGroups': grpc.unary_stream_rpc_method_handler(
+                    servicer.DedupGroups,
+                    request_deserializer=protos_dot_lookalike__pb2.DedupGroupsRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.DedupGroup.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -617,6 +720,168 @@ class Lookalike:
             '/lookalike.v1.Lookalike/Rebalance',
             protos_dot_lookalike__pb2.RebalanceRequest.SerializeToString,
             protos_dot_lookalike__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/Sample',
+            protos_dot_lookalike__pb2.SampleRequest.SerializeToString,
+            protos_dot_lookalike__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/StartJob',
+            protos_dot_lookalike__pb2.StartJobRequest.SerializeToString,
+            protos_dot_lookalike__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/GetJob',
+            protos_dot_lookalike__pb2.GetJobRequest.SerializeToString,
+            protos_dot_lookalike__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/ListJobs',
+            protos_dot_lookalike__pb2.ListJobsRequest.SerializeToString,
+            protos_dot_lookalike__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/CancelJob',
+            protos_dot_lookalike__pb2.GetJobRequest.SerializeToString,
+            protos_dot_lookalike__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DedupGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/DedupGroups',
+            protos_dot_lookalike__pb2.DedupGroupsRequest.SerializeToString,
+            protos_dot_lookalike__pb2.DedupGroup.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ShardScanRequest(_message.Message):
+    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    include_vectors: bool
+    include_payloads: bool
+    epoch: int
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ShardScanResponse(_message.Message):
+    __slots__ = ("ids", "vectors", "payloads")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    vectors: _common_pb2.Vectors
+    payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
+
+class ShardAssignRequest(_message.Message):
+    __slots__ = ("collection", "centroids", "field", "count_buckets", "epoch", "buckets")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    centroids: _common_pb2.Vectors
+    field: str
+    count_buckets: _containers.RepeatedScalarFieldContainer[int]
+    epoch: int
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, collection: _Optional[str] = ..., centroids: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., field: _Optional[str] = ..., count_buckets: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShardAssignResponse(_message.Message):
+    __slots__ = ("sizes", "labelled")
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    labelled: int
+    def __init__(self, sizes: _Optional[_Iterable[int]] = ..., labelled: _Optional[int] = ...) -> None: ...
+
 class ShardUpsertRequest(_message.Message):
     __slots__ = ("collection", "ids", "vectors", "payloads", "epoch")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

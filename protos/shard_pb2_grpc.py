@@ -59,6 +59,16 @@ class ShardStub:
                 request_serializer=protos_dot_shard__pb2.ShardStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_shard__pb2.ShardStatsResponse.FromString,
                 _registered_method=True)
+        self.Scan = channel.unary_unary(
+                '/lookalike.v1.Shard/Scan',
+                request_serializer=protos_dot_shard__pb2.ShardScanRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.ShardScanResponse.FromString,
+                _registered_method=True)
+        self.AssignClusters = channel.unary_unary(
+                '/lookalike.v1.Shard/AssignClusters',
+                request_serializer=protos_dot_shard__pb2.ShardAssignRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.ShardAssignResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -99,6 +109,22 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scan(self, request, context):
+        """The items of some buckets the shard holds (catalog jobs read a collection page by page with it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AssignClusters(self, request, context):
+        """Labels every item of some buckets with its nearest centroid, in payload field `field`: the shard reads its
+        stored vectors (the originals, not an index's reconstruction) and rewrites the items' payloads, a group of
+        buckets at a time, between other writes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +152,16 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=protos_dot_shard__pb2.ShardStatsRequest.FromString,
                     response_serializer=protos_dot_shard__pb2.ShardStatsResponse.SerializeToString,
+            ),
+            'Scan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scan,
+                    request_deserializer=protos_dot_shard__pb2.ShardScanRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.ShardScanResponse.SerializeToString,
+            ),
+            'AssignClusters': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignClusters,
+                    request_deserializer=protos_dot_shard__pb2.ShardAssignRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.ShardAssignResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +299,60 @@ class Shard:
             '/lookalike.v1.Shard/Stats',
             protos_dot_shard__pb2.ShardStatsRequest.SerializeToString,
             protos_dot_shard__pb2.ShardStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Shard/Scan',
+            protos_dot_shard__pb2.ShardScanRequest.SerializeToString,
+            protos_dot_shard__pb2.ShardScanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignClusters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Shard/AssignClusters',
+            protos_dot_shard__pb2.ShardAssignRequest.SerializeToString,
+            protos_dot_shard__pb2.ShardAssignResponse.FromString,
             options,
             channel_credentials,
             insecure,

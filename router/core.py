@@ -184,6 +184,10 @@ class Router:
         """Items stored in a collection: per bucket, what its owners report (each bucket counted once), under the
         control plane's current map (a cached one may predate a move: its owners have dropped the bucket). Shards
         that do not answer count nothing, after one more try (one may have moved)."""
+        return int(self.bucket_counts(name, timeout).sum())
+
+    def bucket_counts(self, name: str, timeout: float | None = 5.0) -> np.ndarray:
+        """Items per bucket of a collection, shape (buckets,) int64 (see :meth:`count`)."""
         for _attempt in range(2):
             smap = self.shard_map(name, refresh=True)
             per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
@@ -200,7 +204,7 @@ class Router:
                         per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
             if complete:
                 break
-        return int(per_bucket.sum())
+        return per_bucket
 
     # --- writes ---------------------------------------------------------------------------------------------
     def _deadline(self, timeout: float | None, default: float) -> float:
@@ -446,6 +450,123 @@ class Router:
             if include_payloads:
                 out_pl.append([payloads[i] for i in row.tolist()])
         return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
+
+    # --- catalog jobs -----------------------------------------------------------------------------------------
+    def _per_owner(self, name: str, buckets, method: str, build: Callable[[str, list[int], int], object],
+                   timeout: float | None) -> list[tuple[str, list[int], object]]:
+        """Sends ``build(shard_id, buckets, epoch)`` to one owner of each bucket, trying another owner or a fresh
+        map when one fails. Returns (shard_id, its buckets, response) per call that worked."""
+        deadline = self._deadline(timeout, self._write_retry_s)
+        pending = sorted({int(b) for b in buckets})
+        smap = self.shard_map(name)
+        n = smap.collection.buckets
+        if any(b < 0 or b >= n for b in pending):
+            raise InvalidArgument(f"bucket numbers of {name!r} run from 0 to {n - 1}")
+        out, tried, last_err, delay = [], set(), None, 0.05
+        while pending:
+            by_shard: dict[str, list[int]] = {}
+            for b in pending:
+                sid = next((s for s in smap.owners[b] if s not in tried), None)
+                if sid is None:
+                    raise Unavailable(f"{method} on {name!r}: no owner of bucket {b} answered: {last_err}")
+                by_shard.setdefault(sid, []).append(b)
+            requests = {sid: build(sid, bs, smap.epoch) for sid, bs in by_shard.items()}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{method} on {name!r} did not complete before the deadline")
+            failed: set[int] = set()
+            for sid, fut in self._fan_out(smap, list(requests), method, requests, left):
+                try:
+                    out.append((sid, by_shard[sid], fut.result()))
+                except _CALLER_ERRORS:
+                    raise
+                except LookalikeError as err:
+                    last_err = err
+                    failed.update(by_shard[sid])
+                    if not isinstance(err, StaleShardMap):
+                        tried.add(sid)
+            pending = sorted(failed)
+            if pending:
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                smap = self.shard_map(name, refresh=True)
+        return out
+
+    def scan(self, name: str, buckets, include_vectors: bool = False, include_payloads: bool = False,
+             timeout: float | None = None):
+        """The items of some buckets, each read from one owner: (ids, vectors (n, d) or None, payloads or None)."""
+        coll = self.shard_map(name).collection
+
+        def build(sid, bs, epoch):
+            return shard_pb2.ShardScanRequest(collection=name, buckets=bs, include_vectors=include_vectors,
+                                              include_payloads=include_payloads, epoch=epoch)
+
+        ids, vectors, payloads = [], [], []
+        for _sid, _bs, resp in self._per_owner(name, buckets, "Scan", build, timeout):
+            ids.extend(resp.ids)
+            if include_vectors and resp.ids:
+                vectors.append(vectors_from_proto_raw(resp.vectors))
+            if include_payloads:
+                payloads.extend(resp.payloads)
+        if include_vectors:
+            dtype, cols = (np.uint8, coll.dim // 8) if coll.metric == "hamming" else (np.float32, coll.dim)
+            vecs = np.concatenate(vectors) if vectors else np.empty((0, cols), dtype=dtype)
+        return ids, (vecs if include_vectors else None), (payloads if include_payloads else None)
+
+    def sample(self, name: str, size: int, seed: int = 0, include_vectors: bool = False,
+               timeout: float | None = None):
+        """About ``size`` items from whole buckets drawn in a seeded random order (an id's bucket is a hash of it,
+        so this is a uniform sample of items); as :meth:`scan`, cut to ``size``."""
+        counts = self.bucket_counts(name, timeout)
+        order = np.random.default_rng(seed).permutation(len(counts))
+        upto = int(np.searchsorted(np.cumsum(counts[order]), size)) + 1
+        ids, x, payloads = self.scan(name, order[:upto].tolist(), include_vectors, True, timeout)
+        keep = min(size, len(ids))
+        return ids[:keep], (x[:keep] if x is not None else None), payloads[:keep]
+
+    def assign_clusters(self, name: str, centroids: np.ndarray, field: str, buckets,
+                        timeout: float | None = None) -> np.ndarray:
+        """Every holder of each bucket in ``buckets`` labels that bucket's items with their nearest centroid
+        (payload ``field``); a shard that fails is asked again, with a fresh map, until the deadline. Returns items
+        per centroid (each bucket counted once, by its first owner)."""
+        deadline = self._deadline(timeout, self._write_retry_s)
+        todo = {int(b) for b in buckets}
+        sizes = np.zeros(len(centroids), dtype=np.int64)
+        delay, last_err = 0.05, None
+        cent = vectors_to_proto(np.ascontiguousarray(centroids, dtype=np.float32))
+        done: set[tuple[str, int]] = set()   # (shard, bucket) labelled
+        counted: set[int] = set()
+        while todo:
+            smap = self.shard_map(name, refresh=last_err is not None)
+            holders = smap.write_mask                          # owners, joining and leaving
+            requests, sent = {}, {}
+            for j, sid in enumerate(smap.shard_ids):
+                bs = sorted(b for b in todo if holders[b, j] and (sid, b) not in done)
+                if bs:
+                    req = shard_pb2.ShardAssignRequest(
+                        collection=name, field=field, buckets=bs, epoch=smap.epoch,
+                        count_buckets=[b for b in bs if b not in counted and smap.owners[b][:1] == (sid,)])
+                    req.centroids.CopyFrom(cent)
+                    requests[sid], sent[sid] = req, req
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Unavailable(f"labelling {name!r}: {len(todo)} bucket(s) not done before the deadline: {last_err}")
+            for sid, fut in self._fan_out(smap, list(requests), "AssignClusters", requests, left):
+                try:
+                    sizes += np.asarray(fut.result().sizes, dtype=np.int64)
+                except _CALLER_ERRORS:
+                    raise
+                except LookalikeError as err:
+                    last_err = err
+                    continue
+                done.update((sid, b) for b in sent[sid].buckets)
+                counted.update(sent[sid].count_buckets)
+            # a bucket is done once every holder (under the latest map) labelled it
+            todo = {b for b in todo if any((s, b) not in done for s in smap._holders(b))}
+            if todo:
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+        return sizes
 
     def shard_stats(self, timeout: float = 2.0) -> list[tuple[ShardInfo, object | None]]:
         """(info, ShardStatsResponse or None if unreachable) for every shard the controller knows."""

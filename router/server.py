@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 
 from lookalike.config import METRICS, CollectionConfig
-from lookalike.errors import InvalidArgument
+from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
-from lookalike.wire import check_k, check_payloads, vectors_from_proto, vectors_to_proto
+from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
 from router.core import Router, check_min_coverage
@@ -56,14 +57,45 @@ def _timeout(context) -> float | None:
     return None if remaining is None or remaining > 1e8 else max(0.0, remaining)
 
 
+def job_to_proto(st) -> lookalike_pb2.Job:
+    """A :class:`lookalike.catalog.JobStatus` as the API's Job."""
+    return lookalike_pb2.Job(id=st.id, kind=st.kind, collection=st.collection,
+                             state=lookalike_pb2.Job.State.Value(st.state), done=st.done, total=st.total,
+                             message=st.message, started_unix=st.started, elapsed_s=st.elapsed,
+                             summary_json=json.dumps(st.summary))
+
+
+def job_spec(request: lookalike_pb2.StartJobRequest) -> tuple[str, dict]:
+    """(kind, spec dict) of a StartJob request."""
+    which = request.WhichOneof("spec")
+    if which == "dedup":
+        d = request.dedup
+        return "dedup", {"collection": d.collection, "threshold": d.threshold, "k": d.k,
+                         "nprobe": d.params.nprobe, "ef_search": d.params.ef_search, "batch": d.batch}
+    if which == "cluster":
+        c = request.cluster
+        return "cluster", {"collection": c.collection, "k": c.k, "sample": c.sample, "field": c.field,
+                           "niter": c.niter, "seed": c.seed}
+    raise InvalidArgument("StartJob needs a spec: dedup or cluster")
+
+
+_GROUPS_PER_READ = 2000
+
+
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     """The public service. ``Search`` is a coroutine on the server's event loop, batched with concurrent searches
     (router/batcher.py) unless ``batcher`` is None; the other methods are plain and run on the server's threads."""
 
-    def __init__(self, router: Router, batcher: SearchBatcher | None = None, executor=None):
+    def __init__(self, router: Router, batcher: SearchBatcher | None = None, executor=None, jobs=None):
         self.router = router
         self.batcher = batcher
         self._executor = executor
+        self.jobs = jobs
+
+    def _jobs(self):
+        if self.jobs is None:
+            raise FailedPrecondition("this server runs no catalog jobs (it was started without job storage)")
+        return self.jobs
 
     def _coll(self, name: str) -> CollectionConfig:
         if not name:
@@ -204,10 +236,66 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())
 
 
+    @abort_on_error
+    def Sample(self, request, context):
+        self._coll(request.collection)
+        if not 1 <= request.size <= LIMITS.max_batch:
+            raise InvalidArgument(f"sample size must be between 1 and {LIMITS.max_batch}, got {request.size}")
+        ids, vectors, payloads = self.router.sample(request.collection, request.size, request.seed,
+                                                    request.include_vectors, timeout=_timeout(context))
+        resp = lookalike_pb2.GetResponse(ids=ids, payloads=payloads)
+        if vectors is not None and len(ids):
+            resp.vectors.CopyFrom(vectors_to_proto(vectors))
+        return resp
+
+    @abort_on_error
+    def StartJob(self, request, context):
+        kind, spec = job_spec(request)
+        if not spec["collection"]:
+            raise InvalidArgument("the job names no collection")
+        return job_to_proto(self._jobs().start(kind, spec, request.job_id))
+
+    @abort_on_error
+    def GetJob(self, request, context):
+        return job_to_proto(self._jobs().get(request.job_id))
+
+    @abort_on_error
+    def ListJobs(self, request, context):
+        return lookalike_pb2.ListJobsResponse(jobs=[job_to_proto(j) for j in self._jobs().list()])
+
+    @abort_on_error
+    def CancelJob(self, request, context):
+        return job_to_proto(self._jobs().cancel(request.job_id))
+
+    @abort_on_error
+    def DedupGroups(self, request, context):
+        jobs = self._jobs()
+        per = min(request.limit, _GROUPS_PER_READ) if request.limit else _GROUPS_PER_READ
+        first = jobs.groups(request.job_id, request.offset, per)  # errors here, before the stream starts
+
+        def stream():
+            page, offset, sent = first, request.offset, 0
+            while page:
+                for g in page:
+                    if request.limit and sent >= request.limit:
+                        return
+                    yield lookalike_pb2.DedupGroup(group=g["group"], ids=g["ids"], distances=g["distances"])
+                    sent += 1
+                offset += len(page)
+                if len(page) < per:
+                    return
+                page = jobs.groups(request.job_id, offset, per)
+
+        return stream()
+
+
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,
-                         batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT):
+                         batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT, jobs=None):
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
+
+    ``jobs``: the catalog jobs (a :class:`lookalike.catalog.JobManager`, or ``lookalike.ray_cluster.RayJobs``);
+    None: the job calls answer FAILED_PRECONDITION.
 
     Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
     """
@@ -221,7 +309,7 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     def register(server):
         batcher = (SearchBatcher(router.search, executor, max_wait_s=batch_wait_s, max_inflight=batch_inflight)
                    if batch_wait_s >= 0 else None)
-        holder["servicer"] = RouterServicer(router, batcher, executor)
+        holder["servicer"] = RouterServicer(router, batcher, executor, jobs)
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
 
     server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers)

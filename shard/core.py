@@ -14,11 +14,12 @@ import threading
 import time
 from typing import Callable
 
+import faiss
 import numpy as np
 import psutil
 
 from lookalike.config import CollectionConfig
-from lookalike.errors import FailedPrecondition, NotFound, ResourceExhausted, StaleShardMap
+from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, StaleShardMap
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from shard.index import VectorIndex
 from shard.storage import DELETE, RESET, UPSERT, CollectionStore, read_buckets, release_memory
@@ -586,6 +587,72 @@ class ShardCollection:
                 ids = [""] * L.size
                 payloads = [None] * L.size if include_payloads else None
         return D, L, ids, payloads
+
+    # --- catalog jobs ---------------------------------------------------------------------------------------
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
+        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order."""
+        buckets = np.asarray(sorted({int(b) for b in buckets}), dtype=np.int64)
+        if len(buckets) and (buckets.min() < 0 or buckets.max() >= self.coll.buckets):
+            raise InvalidArgument(f"bucket numbers of {self.coll.name!r} run from 0 to {self.coll.buckets - 1}")
+        with self._rw.read():
+            self._check_live()
+            self._check_epoch(epoch)
+            self._check_owned(buckets)
+            labels = self._labels_of(buckets.tolist())
+            pos = self.table.positions(labels)
+            ids = self.table.uids_at(pos) if len(pos) else []
+            vectors = self.index.reconstruct(labels) if include_vectors else None
+            payloads = list(self.table.payloads[pos]) if include_payloads else None
+        return ids, vectors, payloads
+
+    def assign_clusters(self, centroids: np.ndarray, field: str, buckets, count_buckets=(), epoch: int = 0,
+                        group: int = 32) -> tuple[np.ndarray, int]:
+        """Stores the nearest centroid (its number, as a string) of each item of ``buckets`` in payload field
+        ``field``.
+
+        The vectors come from storage (the originals: an IVF-PQ index only holds approximations), a group of
+        buckets at a time under the write order, so a write that lands meanwhile is either before (and labelled)
+        or after (and keeps its own payload). Only payloads change in memory; the log records the items as
+        upserts of the same vectors, so a replay or a bucket move carries the labels.
+
+        Returns:
+            (items per centroid among ``count_buckets``, items labelled).
+        """
+        from lookalike.catalog import cluster_space, set_payload_field
+
+        quantizer = faiss.IndexFlatL2(centroids.shape[1])
+        quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        counted = np.zeros(self.coll.buckets, dtype=bool)
+        counted[[int(b) for b in count_buckets]] = True
+        sizes = np.zeros(len(centroids), dtype=np.int64)
+        labelled = 0
+        held = sorted({int(b) for b in buckets})
+        if held and (held[0] < 0 or held[-1] >= self.coll.buckets):
+            raise InvalidArgument(f"bucket numbers of {self.coll.name!r} run from 0 to {self.coll.buckets - 1}")
+        for start in range(0, len(held), group):
+            with self._write_order:
+                self._check_live()
+                self._check_epoch(epoch, write=True)
+                chunk = held[start:start + group]
+                self._check_owned(np.asarray(chunk, dtype=np.int64))
+                for batch in read_buckets(self.store.path, self.coll.buckets, chunk):
+                    ids, x = batch.ids, batch.vectors
+                    _, assign = quantizer.search(cluster_space(x, self.coll.metric), 1)
+                    assign = assign[:, 0]
+                    payloads = [set_payload_field(p, field, str(a)) for p, a in zip(batch.payloads, assign.tolist())]
+                    buckets, home = buckets_and_labels(ids, self.coll.buckets)
+                    self.store.append(UPSERT, ids, x, payloads)
+                    labels = self.table.find(home, ids)
+                    ok = labels >= 0  # all of them: memory and storage hold the same items under the write order
+                    with self._rw.write():
+                        # the vectors are those already indexed: only the payloads change
+                        pay = np.empty(int(ok.sum()), dtype=object)
+                        pay[:] = [p for p, o in zip(payloads, ok.tolist()) if o]
+                        self.table.payloads[self.table.positions(labels[ok])] = pay
+                    self._note_joining(ids, buckets)
+                    sizes += np.bincount(assign[counted[buckets]], minlength=len(centroids))
+                    labelled += len(ids)
+        return sizes, labelled
 
     def stats(self) -> dict:
         counts = self.bucket_counts().astype("<u4")

@@ -7,7 +7,8 @@ import numpy as np
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, create_server
-from lookalike.wire import check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_to_proto
+from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
+                            vectors_to_proto)
 from protos import shard_pb2, shard_pb2_grpc
 from shard.core import Shard
 
@@ -63,6 +64,30 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if payloads is not None:
             resp.payloads.extend(payload_from_bytes(p) for p in payloads)
         return resp
+
+    @abort_on_error
+    def Scan(self, request, context):
+        sc = self._collection(request.collection)
+        ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
+                                         request.epoch)
+        resp = shard_pb2.ShardScanResponse(ids=ids)
+        if vectors is not None and len(ids):
+            resp.vectors.CopyFrom(vectors_to_proto(vectors))
+        if payloads is not None:
+            resp.payloads.extend(payload_from_bytes(p) for p in payloads)
+        return resp
+
+    @abort_on_error
+    def AssignClusters(self, request, context):
+        from lookalike.catalog import check_centroids
+
+        sc = self._collection(request.collection)
+        centroids = check_centroids(vectors_from_proto_raw(request.centroids), sc.coll)
+        if not request.field:
+            raise InvalidArgument("name the payload field that takes the cluster number")
+        sizes, labelled = sc.assign_clusters(centroids, request.field, request.buckets, request.count_buckets,
+                                               request.epoch)
+        return shard_pb2.ShardAssignResponse(sizes=sizes.tolist(), labelled=labelled)
 
     @abort_on_error
     def Stats(self, request, context):
