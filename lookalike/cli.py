@@ -45,7 +45,7 @@ def cmd_serve(args) -> int:
 
     from lookalike.config import ClusterConfig, MovePolicy, storage_path
     from lookalike.net import set_serving
-    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, stop_cluster
+    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, start_jobs, stop_cluster, stop_jobs
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
 
@@ -76,10 +76,11 @@ def cmd_serve(args) -> int:
             return 1
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
+    jobs = start_jobs(cfg)
     router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
     server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads,
                                                 batch_wait_s=args.batch_wait_us * 1e-6,
-                                                batch_inflight=args.batch_inflight)
+                                                batch_inflight=args.batch_inflight, jobs=jobs)
     print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
           f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
@@ -96,6 +97,7 @@ def cmd_serve(args) -> int:
     server.stop(grace=args.grace).wait()
     router.close()
     if embedded:
+        stop_jobs(jobs)
         stop_cluster(handle)
         ray.shutdown()
     print("lookalike stopped", flush=True)
@@ -330,6 +332,139 @@ def cmd_rebalance(args) -> int:
     return 0
 
 
+# --- catalog jobs -----------------------------------------------------------------------------------------------
+def _follow_job(c, job, quiet: bool = False):
+    """A progress bar over a job until it ends. Ctrl-C leaves the job running in the cluster."""
+    from tqdm import tqdm
+
+    from protos import lookalike_pb2
+
+    desc = f"{job.kind} {job.collection}"
+    with tqdm(total=job.total or None, unit="item", desc=desc, disable=True if quiet else None) as bar:
+        def show(j):
+            bar.total = j.total or bar.total
+            bar.n = j.done
+            note = json.loads(j.summary_json or "{}")
+            bar.set_postfix_str(j.message or ", ".join(f"{k} {v}" for k, v in note.items() if k != "sizes"),
+                                refresh=False)
+            bar.refresh()
+
+        try:
+            job = c.wait_job(job.id, on_progress=show)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\nleft job {job.id} running in the cluster: run the same command again to follow it, "
+                  f"`lookalike job cancel {job.id}` to stop it", file=sys.stderr)
+            raise SystemExit(130) from None
+    if job.state != lookalike_pb2.Job.SUCCEEDED:
+        state = lookalike_pb2.Job.State.Name(job.state)
+        print(f"error: job {job.id} {state.lower()}: {job.message}", file=sys.stderr)
+    return job
+
+
+@_rpc_errors
+def cmd_dedup(args) -> int:
+    from lookalike.catalog_report import groups_sheet, write_groups
+    from protos import lookalike_pb2
+
+    with _client(args) as c:
+        job = c.start_dedup(args.name, args.threshold, k=args.k, nprobe=args.nprobe, batch=args.batch,
+                            job_id=args.job or "")
+        print(f"job {job.id}", file=sys.stderr)
+        if args.no_wait:
+            return 0
+        job = _follow_job(c, job, args.quiet)
+        if job.state != lookalike_pb2.Job.SUCCEEDED:
+            return 1
+        groups = list(c.dedup_groups(job.id))
+        out = args.out or f"dedup-{args.name}"
+        csv_path, jsonl_path = write_groups(groups, out)
+        summary = json.loads(job.summary_json)
+        print(f"{summary['groups']} group(s) of near-duplicates, {summary['grouped_items']} items, from "
+              f"{summary['pairs']} pair(s) within {args.threshold:g}; {job.total} items in {job.elapsed_s:.1f}s "
+              f"({job.total / max(job.elapsed_s, 1e-9):,.0f} items/s)")
+        print(f"groups: {csv_path}, {jsonl_path}")
+        if groups and args.sheet != "none":
+            sheet = args.sheet or f"{out}.png"
+
+            def payloads_of(ids):
+                found, _, payloads = c.get(args.name, ids, include_vectors=False)
+                by_id = dict(zip(found, payloads))
+                return [by_id.get(i, {}) for i in ids]
+
+            with open(sheet, "wb") as f:
+                f.write(groups_sheet([(g.ids, g.distances) for g in groups], payloads_of, args.sheet_groups))
+            print(f"contact sheet of the {min(len(groups), args.sheet_groups)} largest groups: {sheet}")
+        for g in groups[:args.show]:
+            print(f"  group {g.group} ({len(g.ids)}): {' '.join(g.ids[:10])}{' ...' if len(g.ids) > 10 else ''}")
+    return 0
+
+
+@_rpc_errors
+def cmd_cluster(args) -> int:
+    from protos import lookalike_pb2
+
+    with _client(args) as c:
+        job = c.start_cluster(args.name, args.k, sample=args.sample, field=args.field, niter=args.niter,
+                              seed=args.seed, job_id=args.job or "")
+        print(f"job {job.id}", file=sys.stderr)
+        if args.no_wait:
+            return 0
+        job = _follow_job(c, job, args.quiet)
+        if job.state != lookalike_pb2.Job.SUCCEEDED:
+            return 1
+    summary = json.loads(job.summary_json)
+    sizes = summary["sizes"]
+    if args.json:
+        print(json.dumps({"job": job.id, "field": summary["field"], "sizes": sizes}))
+        return 0
+    print(f"{len(sizes)} clusters of {sum(sizes)} items in payload field {summary['field']!r} ({job.elapsed_s:.1f}s)")
+    print(f"{'cluster':>8} {'items':>10} {'share':>7}")
+    for n, size in sorted(enumerate(sizes), key=lambda t: -t[1]):
+        print(f"{n:>8} {size:>10} {size / max(sum(sizes), 1):>7.1%}")
+    return 0
+
+
+@_rpc_errors
+def cmd_job(args) -> int:
+    from protos import lookalike_pb2
+
+    with _client(args) as c:
+        if args.action == "list":
+            jobs = c.list_jobs()
+        elif args.action == "cancel":
+            jobs = [c.cancel_job(args.id)]
+        else:
+            jobs = [c.get_job(args.id)]
+    for j in jobs:
+        print(f"{j.id:<40} {j.kind:<8} {j.collection:<16} {lookalike_pb2.Job.State.Name(j.state):<10} "
+              f"{j.done:>10}/{j.total:<10} {j.elapsed_s:>8.1f}s {j.message or j.summary_json}")
+    return 0
+
+
+@_rpc_errors
+def cmd_map(args) -> int:
+    from lookalike.catalog import cluster_space
+    from lookalike.catalog_report import draw_map, project
+    from lookalike.sheet import read_uri
+
+    with _client(args) as c:
+        coll = c.describe_collection(args.name).spec
+        ids, x, payloads = c.sample(args.name, args.sample, seed=args.seed)
+    if not ids:
+        print(f"error: collection {args.name} is empty", file=sys.stderr)
+        return 1
+    metric = _metric_name(coll.metric)
+    coords, method = project(cluster_space(x, metric), args.method, seed=args.seed)
+    labels = [p.get(args.field) for p in payloads]
+    thumbs = [read_uri(p.get("uri")) for p in payloads] if args.thumbnails else None
+    draw_map(coords, labels, args.out, args.width, args.height, thumbs=thumbs,
+             title=f"{args.name}: {len(ids)} items, {method.upper()}"
+                   + (f", coloured by {args.field}" if any(v is not None for v in labels) else ""))
+    print(f"map of {len(ids)} items ({method}): {args.out}")
+    return 0
+
+
 def parse_bytes(text: str) -> int:
     """'8Gi', '512Mi', '2G', '1000000' -> bytes (Kubernetes quantity suffixes)."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "K": 10**3, "M": 10**6, "G": 10**9,
@@ -539,6 +674,53 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_encoder)
+
+    dd = with_target(sub.add_parser("dedup", help="near-duplicate groups over a whole collection (a cluster job)"))
+    dd.add_argument("name")
+    dd.add_argument("--threshold", type=float, required=True,
+                    help="l2: squared distance at most T; hamming: bits at most T; ip/cosine: similarity at least T")
+    dd.add_argument("-k", "--k", type=int, default=10, help="neighbours looked at per item (default 10)")
+    dd.add_argument("--nprobe", type=int, default=0)
+    dd.add_argument("--batch", type=int, default=0, help="items per search batch (default 4096)")
+    dd.add_argument("--out", help="write OUT.csv, OUT.jsonl and OUT.png (default dedup-NAME)")
+    dd.add_argument("--sheet", help="contact sheet PNG path (default OUT.png; 'none': no sheet)")
+    dd.add_argument("--sheet-groups", type=int, default=12, help="largest groups on the sheet (default 12)")
+    dd.add_argument("--show", type=int, default=10, help="groups to print (default 10)")
+    dd.add_argument("--job", help="job id (default: derived from the arguments, so the same command resumes)")
+    dd.add_argument("--no-wait", action="store_true", help="start the job and return")
+    dd.add_argument("--quiet", action="store_true", help="no progress bar")
+    dd.set_defaults(func=cmd_dedup)
+
+    cl = with_target(sub.add_parser("cluster", help="k-means over a collection; each item's cluster in its payload"))
+    cl.add_argument("name")
+    cl.add_argument("-k", "--k", type=int, required=True, help="number of clusters")
+    cl.add_argument("--sample", type=int, default=0, help="training sample (default min(count, 256 k))")
+    cl.add_argument("--field", default="", help="payload field (default cluster)")
+    cl.add_argument("--niter", type=int, default=0, help="k-means iterations (default 20)")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--job", help="job id (default: derived from the arguments)")
+    cl.add_argument("--no-wait", action="store_true", help="start the job and return")
+    cl.add_argument("--json", action="store_true")
+    cl.add_argument("--quiet", action="store_true", help="no progress bar")
+    cl.set_defaults(func=cmd_cluster)
+
+    jb = with_target(sub.add_parser("job", help="catalog jobs: list, status ID, cancel ID"))
+    jb.add_argument("action", choices=["list", "status", "cancel"])
+    jb.add_argument("id", nargs="?", default="")
+    jb.set_defaults(func=cmd_job)
+
+    mp = with_target(sub.add_parser("map", help="a 2-D map of a sample of the collection as a PNG"))
+    mp.add_argument("name")
+    mp.add_argument("--out", required=True, help="PNG to write")
+    mp.add_argument("--sample", type=int, default=2000, help="items to draw (default 2000, at most 10000)")
+    mp.add_argument("--method", choices=["auto", "tsne", "pca"], default="auto",
+                    help="auto: t-SNE up to 3000 items, PCA above")
+    mp.add_argument("--field", default="cluster", help="payload field to colour by (default cluster)")
+    mp.add_argument("--thumbnails", action="store_true", help="draw images (payload uri) at their points")
+    mp.add_argument("--width", type=int, default=1200, help="pixels (default 1200)")
+    mp.add_argument("--height", type=int, default=900, help="pixels (default 900)")
+    mp.add_argument("--seed", type=int, default=0)
+    mp.set_defaults(func=cmd_map)
 
     st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory, bucket moves"))
     st.add_argument("--json", action="store_true")

@@ -374,6 +374,79 @@ def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeo
     return handle, RayControlPlane(handle)
 
 
+@ray.remote
+class JobsActor:
+    """The cluster's catalog jobs (lookalike.catalog.JobManager) in one detached actor, so that every router sees
+    the same jobs and a job outlives the router that started it. Restarted by Ray, it resumes the jobs that were
+    running from their checkpoints."""
+
+    def __init__(self, cluster_name: str, namespace: str, data_dir: str):
+        from lookalike.catalog import JobManager
+        from router.core import Router
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        controller = ray.get_actor(_controller_name(cluster_name), namespace=namespace)
+        self._router = Router(RayControlPlane(controller))
+        self._jobs = JobManager(self._router, data_dir, resume=True)
+
+    def call(self, method: str, *args):
+        return getattr(self._jobs, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def close(self) -> None:
+        self._jobs.close()
+        self._router.close()
+
+
+class RayJobs:
+    """The router's view of the jobs actor (the interface of lookalike.catalog.JobManager)."""
+
+    def __init__(self, handle, timeout: float = 60.0):
+        self.handle = handle
+        self.timeout = timeout
+
+    def _call(self, method, *args):
+        return _unwrap(self.handle.call.remote(method, *args), timeout=self.timeout)
+
+    def start(self, kind: str, spec: dict, job_id: str = ""):
+        return self._call("start", kind, spec, job_id)
+
+    def get(self, job_id: str):
+        return self._call("get", job_id)
+
+    def list(self):
+        return self._call("list")
+
+    def cancel(self, job_id: str):
+        return self._call("cancel", job_id)
+
+    def groups(self, job_id: str, offset: int = 0, limit: int = 0):
+        return self._call("groups", job_id, offset, limit)
+
+
+def _jobs_name(cluster: str) -> str:
+    return f"{cluster}-jobs"
+
+
+def start_jobs(cfg: ClusterConfig) -> RayJobs:
+    """Gets (or creates) the cluster's jobs actor; call after :func:`start_cluster`."""
+    handle = JobsActor.options(
+        name=_jobs_name(cfg.cluster_name), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=16, num_cpus=0,
+    ).remote(cfg.cluster_name, cfg.namespace, os.path.abspath(cfg.data_dir))
+    return RayJobs(handle)
+
+
+def stop_jobs(jobs: RayJobs) -> None:
+    """Stops the jobs actor (running jobs stop at a checkpoint and resume when it starts again)."""
+    try:
+        ray.get(jobs.handle.close.remote(), timeout=60)
+    finally:
+        ray.kill(jobs.handle, no_restart=True)
+
+
 def stop_cluster(handle) -> None:
     """Kills the shards and the controller (their storage stays)."""
     try:

@@ -41,8 +41,10 @@ def read_uri(uri: str | None) -> bytes | None:
         return None
 
 
-def contact_sheet(queries: list[bytes | None], neighbours: list[list[tuple[str, float, bytes | None]]]) -> bytes:
-    """A PNG: per query, its image then each neighbour's (id, distance, image bytes or None).
+def contact_sheet(queries: list[bytes | None], neighbours: list[list[tuple[str, float, bytes | None]]],
+                  labels: list[str] | None = None) -> bytes:
+    """A PNG: per query, its image then each neighbour's (id, distance, image bytes or None). ``labels``: the
+    caption of each row's first image (default "query N").
 
     Returns:
         The PNG file's bytes.
@@ -56,7 +58,9 @@ def contact_sheet(queries: list[bytes | None], neighbours: list[list[tuple[str, 
         y = PAD + q * cell_h
         sheet.paste(_thumb(query), (PAD, y))
         draw.rectangle([PAD - 2, y - 2, PAD + THUMB + 1, y + THUMB + 1], outline=(30, 90, 200), width=2)
-        draw.text((PAD, y + THUMB + 4), f"query {q}", fill=(30, 90, 200), font=font)
+        head = labels[q] if labels else f"query {q}"
+        draw.text((PAD, y + THUMB + 4), head if len(head) <= 26 else "..." + head[-23:], fill=(30, 90, 200),
+                  font=font)
         for j, (uid, dist, data) in enumerate(row):
             x = PAD + (j + 1) * cell_w
             sheet.paste(_thumb(data), (x, y))

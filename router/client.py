@@ -181,3 +181,61 @@ class Client:
         """Adds shards (optionally) and queues the bucket moves that even the load; they run in the background."""
         return self.stub.Rebalance(lookalike_pb2.RebalanceRequest(name=name, add_shards=add_shards),
                                    timeout=max(self.timeout or 0, 600))
+
+    # --- catalog jobs ---------------------------------------------------------------------------------------
+    def sample(self, collection: str, size: int, seed: int = 0, include_vectors: bool = True):
+        """A random sample of up to ``size`` (<= 10000) items: (ids, vectors or None, payload dicts)."""
+        resp = self.stub.Sample(lookalike_pb2.SampleRequest(collection=collection, size=size, seed=seed,
+                                                            include_vectors=include_vectors),
+                                timeout=max(self.timeout or 0, 300))
+        vectors = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
+        return list(resp.ids), vectors, [dict(p.fields) for p in resp.payloads]
+
+    def start_dedup(self, collection: str, threshold: float, k: int = 10, nprobe: int = 0, ef_search: int = 0,
+                    batch: int = 0, job_id: str = "") -> lookalike_pb2.Job:
+        """Starts (or resumes, or returns) a near-duplicate job; see :meth:`wait_job` and :meth:`dedup_groups`."""
+        spec = lookalike_pb2.DedupSpec(collection=collection, threshold=threshold, k=k, batch=batch)
+        spec.params.nprobe = nprobe
+        spec.params.ef_search = ef_search
+        return self.stub.StartJob(lookalike_pb2.StartJobRequest(job_id=job_id, dedup=spec), timeout=self.timeout)
+
+    def start_cluster(self, collection: str, k: int, sample: int = 0, field: str = "", niter: int = 0,
+                      seed: int = 0, job_id: str = "") -> lookalike_pb2.Job:
+        """Starts (or resumes, or returns) a k-means job that stores each item's cluster in its payload."""
+        spec = lookalike_pb2.ClusterSpec(collection=collection, k=k, sample=sample, field=field, niter=niter,
+                                         seed=seed)
+        return self.stub.StartJob(lookalike_pb2.StartJobRequest(job_id=job_id, cluster=spec), timeout=self.timeout)
+
+    def get_job(self, job_id: str) -> lookalike_pb2.Job:
+        return self.stub.GetJob(lookalike_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
+    def list_jobs(self) -> list[lookalike_pb2.Job]:
+        return list(self.stub.ListJobs(lookalike_pb2.ListJobsRequest(), timeout=self.timeout).jobs)
+
+    def cancel_job(self, job_id: str) -> lookalike_pb2.Job:
+        return self.stub.CancelJob(lookalike_pb2.GetJobRequest(job_id=job_id), timeout=max(self.timeout or 0, 60))
+
+    def wait_job(self, job_id: str, poll_s: float = 0.5, on_progress=None,
+                 timeout: float | None = None) -> lookalike_pb2.Job:
+        """Polls a job until it ends; ``on_progress(job)`` is called after each poll. Returns the last Job.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+        """
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.state != lookalike_pb2.Job.RUNNING:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
+            time.sleep(poll_s)
+
+    def dedup_groups(self, job_id: str, offset: int = 0, limit: int = 0) -> Iterator[lookalike_pb2.DedupGroup]:
+        """The groups of a finished dedup job, largest first (streamed)."""
+        return self.stub.DedupGroups(lookalike_pb2.DedupGroupsRequest(job_id=job_id, offset=offset, limit=limit),
+                                     timeout=max(self.timeout or 0, 600))
