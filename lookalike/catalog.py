@@ -210,7 +210,7 @@ class DedupJob(CatalogJob):
         sp = self.spec
         name = sp["collection"]
         coll = router.shard_map(name).collection
-        pages = self._plan(router, max(sp["batch"] * 4, 16384))
+        pages = self._plan(router, sp["batch"] * 4)
         status.total = int(router.bucket_counts(name, timeout=60).sum())
         k = sp["k"] + 1  # the item itself comes back too
         pairs = 0

@@ -66,9 +66,9 @@ def ray_session():
 class RayTestCluster:
     """A lookalike cluster on the session's Ray: controller, shard actors, a router and its gRPC server."""
 
-    def __init__(self, data_dir, shards: int, name: str | None = None):
+    def __init__(self, data_dir, shards: int, name: str | None = None, jobs: bool = False):
         from lookalike.config import ClusterConfig
-        from lookalike.ray_cluster import start_cluster
+        from lookalike.ray_cluster import start_cluster, start_jobs
         from router.client import Client
         from router.core import Router
         from router.server import create_router_server
@@ -77,15 +77,18 @@ class RayTestCluster:
                                  cluster_name=name or f"t{uuid.uuid4().hex[:8]}", shard_num_cpus=0.5)
         self.handle, self.control = start_cluster(self.cfg, segment_bytes=1 << 20)
         self.router = Router(self.control, refresh_interval=0.2)
-        self.server, self.port, _ = create_router_server(self.router, "127.0.0.1:0")
+        self.jobs = start_jobs(self.cfg) if jobs else None
+        self.server, self.port, _ = create_router_server(self.router, "127.0.0.1:0", jobs=self.jobs)
         self.client = Client(f"127.0.0.1:{self.port}", timeout=60)
 
     def stop(self):
-        from lookalike.ray_cluster import stop_cluster
+        from lookalike.ray_cluster import stop_cluster, stop_jobs
 
         self.client.close()
         self.server.stop(None)
         self.router.close()
+        if self.jobs is not None:
+            stop_jobs(self.jobs)
         stop_cluster(self.handle)
 
 
@@ -93,8 +96,8 @@ class RayTestCluster:
 def ray_cluster_factory(ray_session, tmp_path):
     started = []
 
-    def start(shards: int = 2, data_dir=None, name=None):
-        c = RayTestCluster(data_dir or tmp_path / f"data{len(started)}", shards, name)
+    def start(shards: int = 2, data_dir=None, name=None, jobs: bool = False):
+        c = RayTestCluster(data_dir or tmp_path / f"data{len(started)}", shards, name, jobs)
         started.append(c)
         return c
 
