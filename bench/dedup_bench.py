@@ -1,7 +1,8 @@
 """Dedup of a whole collection through the cluster vs FAISS self-joins in this process, on the same data.
 
     python -m bench.dedup_bench [--n 1000000] [--dim 128] [--shards 2] [--nlist 1024] [--nprobe 16]
-                                [--sample 20000] [--out bench/out/dedup.json]
+                                [--sample 20000] [--out bench/out/dedup.json] [--project 40000000]
+    python -m bench.dedup_bench --report bench/out/dedup.json
 
 1. Generates ``n`` clustered float32 vectors (bench.cluster_bench.make_data) in which ``--dup-fraction`` of the
    rows are near-copies of other rows, in planted groups of 2-5 (Gaussian noise of ``--dup-noise``), seeded.
@@ -16,7 +17,9 @@
 4. Checks: the groups found equal the planted groups; on the sample, the pairs within the threshold that the
    exact join finds and the cluster's job also found (pair recall).
 
-A Markdown report goes to stdout and every number to ``--out`` (JSON).
+A Markdown report goes to stdout and every number to ``--out`` (JSON); it ends with the times projected for
+``--project`` vectors (40M by default): on this machine from the measured rates, and on one H100 from the card's
+ceilings (lower bounds; ``--report JSON`` prints the report of an earlier run again).
 """
 
 from __future__ import annotations
@@ -192,7 +195,42 @@ def run(args) -> dict:
     return out
 
 
-def report(out: dict) -> str:
+# One H100 SXM, from NVIDIA's data sheet: the ceilings a GPU projection is bounded by (not a measurement).
+H100_FP32_FLOPS = 67e12
+H100_BYTES_PER_S = 3.35e12
+
+
+def project(out: dict, n_target: int) -> list[str]:
+    """Projected dedup times for ``n_target`` vectors, from this run's measured rates (CPU) and from an H100's
+    ceilings (GPU: lower bounds, not measured). The IVF join's cost per query is the vectors it scans: with lists
+    of the same length (nlist growing with n) and the same nprobe it stays the same, so its time grows with n; the
+    exact join's grows with n squared."""
+    a, c, e = out["args"], out["cluster"], out["faiss_exact"]
+    n, d, scale = a["n"], a["dim"], n_target / a["n"]
+    scanned = a["shards"] * a["nprobe"] * (n / a["shards"]) / a["nlist"]  # vectors one query scans
+    ivf_flop, ivf_bytes = n_target * scanned * 2 * d, n_target * scanned * 4 * d
+    gpu_ivf = max(ivf_flop / H100_FP32_FLOPS, ivf_bytes / H100_BYTES_PER_S)
+    gpu_exact = 2.0 * n_target * n_target * d / H100_FP32_FLOPS
+    hours = lambda s: f"{s / 3600:,.1f} h" if s >= 3600 else f"{s / 60:,.1f} min"  # noqa: E731
+    return [
+        f"Projected for {n_target:,} vectors ({n_target * d * 4 / 2**30:.0f} GiB of float32: fits one 80 GB GPU):",
+        "",
+        "| where | how | projected time |",
+        "|---|---|---|",
+        f"| this machine, lookalike dedup job | measured {c['seconds']:.0f} s x {scale:.0f} (lists of the same length, "
+        f"{scanned:,.0f} vectors scanned per query) | {hours(c['seconds'] * scale)} |",
+        f"| this machine, FAISS brute force | measured {e['projected_seconds_full']:.0f} s x {scale:.0f}^2 "
+        f"| {hours(e['projected_seconds_full'] * scale ** 2)} |",
+        f"| one H100, IVF-Flat join (estimate: lower bound) | max({ivf_flop:.1e} flop / 67 TFLOPS, "
+        f"{ivf_bytes:.1e} B / 3.35 TB/s) | >= {hours(gpu_ivf)} |",
+        f"| one H100, brute force (estimate: lower bound) | {gpu_exact * H100_FP32_FLOPS:.1e} flop / 67 TFLOPS FP32 "
+        f"| >= {hours(gpu_exact)} |",
+        "",
+        "The GPU rows are the card's ceilings, not a measured rate: no GPU was lent to this run.",
+    ]
+
+
+def report(out: dict, n_target: int = 40_000_000) -> str:
     c, f, e, r = out["cluster"], out["faiss_ivf"], out["faiss_exact"], out["ratios"]
     n = out["args"]["n"]
     lines = [
@@ -213,6 +251,8 @@ def report(out: dict) -> str:
         "",
         f"Pair recall of the cluster's job against the exact join on the {e['sample_queries']:,} sampled rows: "
         f"{e['cluster_pair_recall']:.4f} ({e['pairs_in_sample']} pairs).",
+        "",
+        *project(out, n_target),
     ]
     return "\n".join(lines)
 
@@ -232,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=20000, help="query rows of the exact join (default 20000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/out/dedup.json")
+    p.add_argument("--project", type=int, default=40_000_000, help="catalog size to project to (default 40M)")
+    p.add_argument("--report", metavar="JSON", help="print the report of an earlier run's --out file; run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        print(report(json.loads(pathlib.Path(args.report).read_text()), args.project))
+        return 0
     out = run(args)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(out, indent=2))
-    print(report(out))
+    print(report(out, args.project))
     return 0
 
 

@@ -30,13 +30,14 @@ import time
 
 import numpy as np
 
-from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound
+from lookalike.errors import FailedPrecondition, InvalidArgument, LookalikeError, NotFound
 from protos import common_pb2
 
 log = logging.getLogger(__name__)
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_KMEANS_REDO = 3  # k-means starts; the one with the lowest objective wins
 MAX_CLUSTERS = 65536
 
 
@@ -280,6 +281,8 @@ class ClusterJob(CatalogJob):
         return spec
 
     def _centroids(self, router, coll) -> np.ndarray:
+        """k-means on a seeded sample, best of a few starts (one start can merge two true clusters and split a
+        third); saved so a resumed job labels with the same centroids."""
         import faiss
 
         path = self.workdir / "centroids.npy"
@@ -293,6 +296,7 @@ class ClusterJob(CatalogJob):
         _, x, _ = router.sample(sp["collection"], size, seed=sp["seed"], include_vectors=True, timeout=600)
         x = cluster_space(x, coll.metric)
         km = faiss.Kmeans(x.shape[1], sp["k"], niter=sp["niter"], seed=sp["seed"], spherical=coll.metric == "cosine",
+                          nredo=_KMEANS_REDO,
                           max_points_per_centroid=max(256, -(-len(x) // sp["k"])))
         km.train(x)
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
@@ -418,8 +422,12 @@ class JobManager:
         except JobCancelled:
             result = {"state": CANCELLED, "message": "cancelled; start it again to resume"}
         except Exception as err:  # a job's failure is its own: reported in its status, the server goes on
-            log.exception("job %s failed", status.id)
-            result = {"state": FAILED, "message": f"{type(err).__name__}: {err}; start it again to resume"}
+            if isinstance(err, LookalikeError):  # the input's fault (a dropped collection, too few items)
+                log.warning("job %s failed: %s", status.id, err)
+                result = {"state": FAILED, "message": f"{type(err).__name__}: {err}"}
+            else:
+                log.exception("job %s failed", status.id)
+                result = {"state": FAILED, "message": f"{type(err).__name__}: {err}; start it again to resume"}
         result["elapsed"] = time.monotonic() - t0
         if result["state"] == SUCCEEDED:
             _write_atomic(job.workdir / "result.json", json.dumps(result).encode())
