@@ -18,10 +18,45 @@ log = logging.getLogger("lookalike")
 DEFAULT_TARGET = "localhost:50051"
 
 
+def _tls(args, server: bool = False):
+    """The TLS files of the flags, else of LOOKALIKE_TLS_* (lookalike.security.TLSConfig); None: plaintext."""
+    from lookalike.security import TLSConfig
+
+    env = TLSConfig.from_env()
+    cert = args.tls_cert or (env.cert if env else "")
+    key = args.tls_key or (env.key if env else "")
+    ca = args.tls_ca or (env.ca if env else "")
+    if not (cert or key or ca):
+        return None
+    client_auth = bool(getattr(args, "tls_client_auth", False) or (env and env.client_auth)) if server else False
+    return TLSConfig(cert, key, ca, client_auth, args.tls_server_name or (env.server_name if env else ""))
+
+
+class _ConnError(Exception):
+    """Connection flags that cannot work (an unreadable certificate or token file, a token in plaintext)."""
+
+
+def _conn(args) -> dict:
+    """Client keyword arguments of the connection flags: tls and the bearer token (a file or the environment)."""
+    from lookalike.errors import InvalidArgument
+    from lookalike.net import _plain_token_ok
+    from lookalike.security import read_token
+
+    try:
+        conn = {"tls": _tls(args), "token": read_token(args.token_file)}
+        if conn["tls"] is None:
+            _plain_token_ok(args.target, conn["token"])
+        else:
+            conn["tls"].channel_credentials()  # the files are readable PEM
+        return conn
+    except (InvalidArgument, ValueError) as err:
+        raise _ConnError(str(err)) from None
+
+
 def _client(args):
     from router.client import Client
 
-    return Client(args.target)
+    return Client(args.target, **_conn(args))
 
 
 def _rpc_errors(func):
@@ -35,25 +70,68 @@ def _rpc_errors(func):
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
+        except _ConnError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     return wrapper
 
 
 # --- serve ------------------------------------------------------------------------------------------------------
+def _serve_security(args):
+    """(tls, auth interceptor or None, host to bind) of serve's flags and environment.
+
+    Plaintext only when asked for: without TLS files the router binds loopback (the embedded default on a
+    laptop); beyond loopback, or in a Ray cluster, it takes --insecure.
+
+    Raises:
+        ValueError: flags that do not fit together, unreadable files (the message says which).
+    """
+    from lookalike.security import AuthInterceptor, TokenTable, is_loopback
+
+    tls = _tls(args, server=True)
+    if tls is not None:
+        tls.server_credentials()  # readable, and a key with the certificate
+        tls.internal()            # the shards' mutual TLS needs the CA too
+    elif args.tls_client_auth:
+        raise ValueError("--tls-client-auth needs TLS: give --tls-cert, --tls-key and --tls-ca")
+    host = args.host or ("[::]" if tls or args.insecure else "127.0.0.1")
+    if tls is None and not args.insecure:
+        if args.address is not None:
+            raise ValueError("in a Ray cluster the router and shards talk across the network: give --tls-cert, "
+                             "--tls-key and --tls-ca (or LOOKALIKE_TLS_*), or --insecure to run them in plaintext")
+        if not is_loopback(host):
+            raise ValueError(f"refusing to serve plaintext on {host}: give --tls-cert and --tls-key (or "
+                             "LOOKALIKE_TLS_*), or --insecure")
+    tokens_file = args.tokens or os.environ.get("LOOKALIKE_TOKENS_FILE")
+    tokens = TokenTable(tokens_file) if tokens_file else None
+    if tokens is not None and tls is None and not is_loopback(host):
+        log.warning("bearer tokens over plaintext: anyone on the network can read them; use TLS")
+    if args.rate_limit < 0 or args.rate_burst < 0:
+        raise ValueError("--rate-limit and --rate-burst must be >= 0")
+    auth = AuthInterceptor(tokens, args.rate_limit, args.rate_burst) if tokens or args.rate_limit else None
+    return tls, auth, host
+
+
 def cmd_serve(args) -> int:
+    import functools
+
     import ray
 
     from lookalike.config import ClusterConfig, MovePolicy, storage_path
-    from lookalike.net import set_serving
+    from lookalike.net import create_health_server, set_serving
     from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, start_jobs, stop_cluster, stop_jobs
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
+    from router.shard_client import GrpcShardClient
 
     try:
         data_dir = storage_path(args.data)
-    except ValueError as err:
+        security = _serve_security(args)
+    except ValueError as err:  # lookalike.errors.InvalidArgument is one
         print(f"error: {err}", file=sys.stderr)
         return 2
+    tls, auth, host = security
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
@@ -61,7 +139,8 @@ def cmd_serve(args) -> int:
                         shard_host="127.0.0.1" if args.address is None else "auto",
                         shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
-                                          autoscale_s=args.autoscale if shard_memory else 0.0))
+                                          autoscale_s=args.autoscale if shard_memory else 0.0),
+                        tls=tls.internal() if tls else None)
     embedded = args.address is None
     if embedded:
         # The embedded local Ray is private to this process tree; the cluster mode keeps Ray's token auth.
@@ -77,12 +156,20 @@ def cmd_serve(args) -> int:
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
     jobs = start_jobs(cfg)
-    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None)
-    server, port, health = create_router_server(router, f"{args.host}:{args.port}", args.router_threads,
+    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
+                    connect=functools.partial(GrpcShardClient, tls=cfg.tls))
+    server, port, health = create_router_server(router, f"{host}:{args.port}", args.router_threads,
                                                 batch_wait_s=args.batch_wait_us * 1e-6,
-                                                batch_inflight=args.batch_inflight, jobs=jobs)
-    print(f"lookalike serving on {args.host}:{port} ({len(control.shards())} shards, storage "
-          f"{os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
+                                                batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth)
+    healths = [health]
+    if args.health_port:  # plaintext health alone, for probes that cannot speak TLS
+        probe_server, probe_port, probe_health = create_health_server(f"{host}:{args.health_port}")
+        set_serving(probe_health, [SERVICE_NAME])
+        healths.append(probe_health)
+        log.info("plaintext health (grpc.health.v1 only) on %s:%d", host, probe_port)
+    how = ("mutual TLS" if tls.client_auth else "TLS") if tls else "plaintext"
+    print(f"lookalike serving on {host}:{port} ({how}{', bearer tokens' if auth and auth.tokens else ''}; "
+          f"{len(control.shards())} shards, storage {os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
     # works whichever thread the signal lands on (Ray and gRPC threads included) and takes no lock, so a second
     # signal during shutdown cannot deadlock it (Event.set in a handler did).
@@ -93,14 +180,74 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: None)
     os.read(wake_r, 1)
     log.info("stopping: draining calls in flight")
-    set_serving(health, [SERVICE_NAME], False)
+    for h in healths:
+        set_serving(h, [SERVICE_NAME], False)
     server.stop(grace=args.grace).wait()
+    if args.health_port:
+        probe_server.stop(None)
     router.close()
     if embedded:
         stop_jobs(jobs)
         stop_cluster(handle)
         ray.shutdown()
     print("lookalike stopped", flush=True)
+    return 0
+
+
+# --- tokens -----------------------------------------------------------------------------------------------------
+def _write_private(path: pathlib.Path, text: str) -> None:
+    """Writes a file only its owner can read, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_token(args) -> int:
+    from lookalike.errors import InvalidArgument
+    from lookalike.security import SCOPES, new_token, parse_tokens, token_hash
+
+    path = pathlib.Path(args.tokens)
+    try:
+        doc = json.loads(path.read_text()) if path.exists() else {"tokens": []}
+        parse_tokens(json.dumps(doc), f"tokens file {str(path)!r}")
+    except (ValueError, InvalidArgument) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    entries = doc["tokens"]
+    if args.action == "list":
+        for e in entries:
+            extra = f"\trate={e['rate']}/s" if e.get("rate") else ""
+            print(f"{e['name']}\t{','.join(e['scopes'])}{extra}")
+        return 0
+    if args.action == "revoke":
+        kept = [e for e in entries if e["name"] != args.name]
+        if len(kept) == len(entries):
+            print(f"error: no token named {args.name!r} in {path}", file=sys.stderr)
+            return 1
+        _write_private(path, json.dumps({"tokens": kept}, indent=1) + "\n")
+        print(f"revoked {args.name} (a router re-reads {path} within seconds)")
+        return 0
+    scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
+    if not scopes or any(s not in SCOPES for s in scopes):
+        print(f"error: --scopes takes {', '.join(SCOPES)}, got {args.scopes!r}", file=sys.stderr)
+        return 2
+    if any(e["name"] == args.name for e in entries):
+        print(f"error: a token named {args.name!r} exists; revoke it first", file=sys.stderr)
+        return 1
+    token = new_token()
+    entry = {"name": args.name, "scopes": scopes, "sha256": token_hash(token).removeprefix("sha256:")}
+    if args.rate:
+        entry["rate"] = args.rate
+    if args.burst:
+        entry["burst"] = args.burst
+    _write_private(path, json.dumps({"tokens": [*entries, entry]}, indent=1) + "\n")
+    if args.out:
+        _write_private(pathlib.Path(args.out), token + "\n")
+        print(f"token {args.name} ({','.join(scopes)}) written to {args.out}; its hash added to {path}")
+    else:
+        print(token)
     return 0
 
 
@@ -491,12 +638,13 @@ def cmd_loadtest(args) -> int:
             concurrency=args.concurrency, duration=args.duration, requests=args.requests, mix=mix, k=args.k,
             batch=args.batch, nprobe=args.nprobe, ef_search=args.ef_search, processes=args.processes,
             timeout=args.timeout, arrivals=args.arrivals, recall_sample=args.recall_sample,
-            keep_writes=args.keep_writes, seed=args.seed)
+            keep_writes=args.keep_writes, seed=args.seed, **_conn(args))
         cfg.check()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with Client(args.target) as client:
+    conn = _conn(args)
+    with Client(args.target, **conn) as client:
         spec = client.describe_collection(args.name).spec
     metric = _METRIC_FROM_PROTO.get(spec.metric, "l2")
     queries = np.load(args.queries) if args.queries else None
@@ -516,7 +664,7 @@ def cmd_loadtest(args) -> int:
     try:
         queries, mean, std = loadtest.prepare(
             cfg, queries, data, n_queries=args.query_count, noise=args.noise,
-            fetch=lambda n: loadtest.fetch_stored(args.target, args.name, n, args.seed))
+            fetch=lambda n: loadtest.fetch_stored(args.target, args.name, n, args.seed, conn))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -562,15 +710,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def tls_flags(sp, server: bool):
+        who = "the router's (and the shards')" if server else "this client's, for mutual TLS"
+        sp.add_argument("--tls-cert", default="", help=f"PEM certificate chain: {who} (env LOOKALIKE_TLS_CERT)")
+        sp.add_argument("--tls-key", default="", help="PEM private key of --tls-cert (env LOOKALIKE_TLS_KEY)")
+        sp.add_argument("--tls-ca", default="", help="PEM CA bundle that signs the other end's certificate "
+                        + ("(clients' with --tls-client-auth; the shards' and routers' inside the cluster)" if server
+                           else "(the router's; default: the system's roots)") + " (env LOOKALIKE_TLS_CA)")
+        sp.add_argument("--tls-server-name", default="",
+                        help="check the peer's certificate for this name instead of its address"
+                        + (" (inside the cluster: the name on the shards' certificate)" if server else "")
+                        + " (env LOOKALIKE_TLS_SERVER_NAME)")
+
     def with_target(sp):
         sp.add_argument("--target", default=DEFAULT_TARGET, help=f"router host:port (default {DEFAULT_TARGET})")
+        tls_flags(sp, server=False)
+        sp.add_argument("--token-file", default=None,
+                        help="file holding the bearer token (env LOOKALIKE_TOKEN_FILE, or the token in LOOKALIKE_TOKEN)")
         return sp
 
     s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
     s.add_argument("--data", default="./lookalike-data",
                    help="storage URI: a directory or file://DIR, the same on every node (default ./lookalike-data)")
     s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--host", default="[::]", help="address the router binds (default all interfaces)")
+    s.add_argument("--host", default=None, help="address the router binds (default: all interfaces with TLS or "
+                   "--insecure, else 127.0.0.1)")
+    tls_flags(s, server=True)
+    s.add_argument("--tls-client-auth", action="store_true",
+                   help="mutual TLS for clients too: they need a certificate --tls-ca signed (env "
+                        "LOOKALIKE_TLS_CLIENT_AUTH=1)")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve plaintext beyond loopback (no TLS on any hop): only inside a network you trust")
+    s.add_argument("--tokens", default=None,
+                   help="JSON file of accepted bearer tokens and their scopes (env LOOKALIKE_TOKENS_FILE; see "
+                        "`lookalike token create`); without it the API needs no token")
+    s.add_argument("--rate-limit", type=float, default=0.0,
+                   help="requests per second per token (or for all callers, without tokens) unless a token sets "
+                        "its own; 0: no limit (default)")
+    s.add_argument("--rate-burst", type=int, default=0, help="requests at once above --rate-limit (default: 1 s)")
+    s.add_argument("--health-port", type=int, default=0,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port: for probes that cannot speak "
+                        "TLS, e.g. Kubernetes' (default 0: none)")
     s.add_argument("--shards", type=int, default=2, help="shards to start on new storage (default 2)")
     s.add_argument("--shard-cpus", type=float, default=1.0, help="Ray CPUs per shard actor (default 1)")
     s.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -600,6 +780,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--router-threads", type=int, default=64,
                    help="threads serving the router's calls other than searches (default 64)")
     s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("token", help="bearer tokens of a router's tokens file: create, list, revoke")
+    tsub = t.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", help="a new random token: its SHA-256 goes into the tokens file, the token to "
+                         "--out (or stdout)")
+    tc.add_argument("name", help="who holds it (shown in logs and errors, never the token)")
+    tc.add_argument("--scopes", required=True, help="comma-separated: read (search, get, status), write (upsert, "
+                    "delete), admin (collections, rebalance, jobs; grants every scope)")
+    tc.add_argument("--rate", type=float, default=0.0, help="requests per second for this token (0: the server's)")
+    tc.add_argument("--burst", type=int, default=0, help="requests at once above --rate (0: the server's)")
+    tc.add_argument("--out", default=None, help="write the token to this file (mode 600) instead of stdout")
+    for action in ("list", "revoke"):
+        tp = tsub.add_parser(action)
+        if action == "revoke":
+            tp.add_argument("name")
+    for tp in tsub.choices.values():
+        tp.add_argument("--tokens", default=os.environ.get("LOOKALIKE_TOKENS_FILE", "lookalike-tokens.json"),
+                        help="the tokens file (env LOOKALIKE_TOKENS_FILE; default lookalike-tokens.json)")
+    t.set_defaults(func=cmd_token)
 
     c = sub.add_parser("collection", help="create, list, describe, drop collections")
     csub = c.add_subparsers(dest="action", required=True)

@@ -155,6 +155,8 @@ class ClusterConfig:
             and its capacity is its share of the GPU's memory (or ``shard_memory`` when smaller); see
             lookalike.gpu.shard_num_gpus.
         policy: bucket moves and automatic growth.
+        tls: the internal hop's mutual TLS (lookalike.security.TLSConfig: shards serve with it, routers and the
+            jobs actor connect with it); None: plaintext shards.
     """
 
     data_dir: str = "./lookalike-data"
@@ -166,6 +168,7 @@ class ClusterConfig:
     shard_memory: int = 0
     shard_gpus: float | str = "auto"
     policy: MovePolicy = MovePolicy()
+    tls: object = None
 
 
 def storage_path(uri: str) -> str:

@@ -72,6 +72,8 @@ class LoadConfig:
     keep_writes: bool = False
     seed: int = 0
     run_id: str = ""
+    tls: object = None  # lookalike.security.TLSConfig
+    token: str | None = dataclasses.field(default=None, repr=False)  # bearer token; never printed
 
     def check(self) -> None:
         if self.mode not in ("open", "closed"):
@@ -254,7 +256,7 @@ class _Worker:
 
         self.t0 = t0
         cfg, w = self.cfg, self.inp.worker
-        async with create_aio_channel(cfg.target) as channel:
+        async with create_aio_channel(cfg.target, cfg.tls, cfg.token) as channel:
             await asyncio.wait_for(channel.channel_ready(), timeout=max(cfg.timeout, 10.0))
             stub = lookalike_pb2_grpc.LookalikeStub(channel)
             await asyncio.sleep(max(0.0, t0 - time.monotonic()))
@@ -440,7 +442,7 @@ def summarize(rec: dict, cfg: LoadConfig, recall: dict | None = None) -> dict:
     send_span = float(sent.max()) if len(sent) else 0.0
     lat = done - sched
     report = {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "token"},  # no secret in reports
         "requests": int(len(op)),
         "ok": int(ok.sum()),
         "duration_s": span,
@@ -623,11 +625,12 @@ def prepare(cfg: LoadConfig, queries: np.ndarray | None = None, data: np.ndarray
     return np.ascontiguousarray(queries), sample.mean(axis=0), sample.std(axis=0) + 1e-6
 
 
-def fetch_stored(target: str, collection: str, n: int, seed: int) -> np.ndarray:
-    """n stored vectors of a collection loaded with row-number ids (``lookalike upsert`` without --ids)."""
+def fetch_stored(target: str, collection: str, n: int, seed: int, conn: dict | None = None) -> np.ndarray:
+    """n stored vectors of a collection loaded with row-number ids (``lookalike upsert`` without --ids); ``conn``:
+    the Client's tls and token."""
     from router.client import Client
 
-    with Client(target) as client:
+    with Client(target, **(conn or {})) as client:
         count = client.describe_collection(collection).count
         if not count:
             raise ValueError(f"collection {collection!r} is empty: load it first, or give --queries")

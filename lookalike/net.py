@@ -28,7 +28,15 @@ _OPTIONS = [
 ]
 
 
-def create_server(address: str, register, service_names: list[str], max_workers: int = 16):
+def _bind(server, address: str, tls) -> int:
+    """Adds the listening port: TLS with ``tls`` (a lookalike.security.TLSConfig), plaintext when None."""
+    port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind gRPC server to {address}")
+    return port
+
+
+def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None):
     """Builds and starts a gRPC server with health and reflection.
 
     Args:
@@ -36,6 +44,7 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         register: callable(server) that adds the application servicers.
         service_names: full names of the services added (for health and reflection).
         max_workers: threads serving calls.
+        tls: lookalike.security.TLSConfig to serve TLS (mutual when its ``client_auth``); None: plaintext.
 
     Returns:
         (server, port, health_servicer): the started server, the bound port, and the health servicer whose
@@ -45,9 +54,20 @@ def create_server(address: str, register, service_names: list[str], max_workers:
                          options=_OPTIONS)
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind gRPC server to {address}")
+    port = _bind(server, address, tls)
+    server.start()
+    return server, port, health_servicer
+
+
+def create_health_server(address: str):
+    """A plaintext server of grpc.health.v1 alone, for probes that cannot speak TLS (Kubernetes' gRPC probes):
+    it tells whether the process serves, and nothing else. Returns (server, port, health_servicer)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-health"),
+                         options=_OPTIONS)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = _bind(server, address, None)
     server.start()
     return server, port, health_servicer
 
@@ -119,10 +139,12 @@ class AioServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32):
+def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32, tls=None,
+                      interceptors=()):
     """Like :func:`create_server`, for a server whose hot handlers are coroutines (``async def``): it runs on an
     asyncio event loop in a thread of its own; plain handlers (and health) run on ``max_workers`` threads.
-    ``register(server)`` is called on that loop. Returns (AioServer, port, health_servicer)."""
+    ``register(server)`` is called on that loop; ``interceptors`` are grpc.aio server interceptors (the
+    public server's lookalike.security.AuthInterceptor). Returns (AioServer, port, health_servicer)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
     thread.start()
@@ -130,12 +152,10 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS)
+        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=list(interceptors))
         register(server)
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
-        port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind gRPC server to {address}")
+        port = _bind(server, address, tls)
         await server.start()
         return server, port, health_servicer
 
@@ -153,22 +173,53 @@ def set_serving(health_servicer, service_names: list[str], serving: bool = True)
         health_servicer.set(name, status)
 
 
-def create_channel(target: str) -> grpc.Channel:
-    """A channel to a lookalike server (router or shard) with the project's message limits."""
-    return grpc.insecure_channel(target, options=_OPTIONS)
+def _plain_token_ok(target: str, token) -> None:
+    from lookalike.security import is_loopback
+
+    if token and not is_loopback(target.rsplit(":", 1)[0]):
+        raise ValueError(f"refusing to send a bearer token in plaintext to {target}: use TLS (--tls-ca)")
 
 
-def create_aio_channel(target: str) -> grpc.aio.Channel:
+def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Channel:
+    """A channel to a lookalike server (router or shard) with the project's message limits.
+
+    Args:
+        tls: lookalike.security.TLSConfig (its ``ca`` verifies the server; its cert and key are this client's in
+            mutual TLS); None: plaintext.
+        token: a bearer token sent with every call (in plaintext only to a loopback address).
+    """
+    from lookalike import security
+
+    if tls is None:
+        _plain_token_ok(target, token)
+        channel = grpc.insecure_channel(target, options=_OPTIONS)
+        return grpc.intercept_channel(channel, security._TokenMetadata(token)) if token else channel
+    creds = tls.channel_credentials()
+    if token:
+        creds = grpc.composite_channel_credentials(creds, security.call_credentials(token))
+    return grpc.secure_channel(target, creds, options=_OPTIONS + tls.channel_options())
+
+
+def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
-    return grpc.aio.insecure_channel(target, options=_OPTIONS)
+    from lookalike import security
+
+    if tls is None:
+        _plain_token_ok(target, token)
+        icpt = [security._AioTokenMetadata(token)] if token else None
+        return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=icpt)
+    creds = tls.channel_credentials()
+    if token:
+        creds = grpc.composite_channel_credentials(creds, security.call_credentials(token))
+    return grpc.aio.secure_channel(target, creds, options=_OPTIONS + tls.channel_options())
 
 
-def wait_for_serving(target: str, timeout: float = 30.0, service: str = "") -> None:
+def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=None) -> None:
     """Blocks until the server at ``target`` reports SERVING on health, or raises TimeoutError."""
     import time
 
     deadline = time.monotonic() + timeout
-    with create_channel(target) as ch:
+    with create_channel(target, tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             remaining = deadline - time.monotonic()

@@ -43,12 +43,13 @@ def _unwrap(ref, timeout: float | None = None):
 @ray.remote
 class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
-                 segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0):
+                 segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0, tls=None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import faiss
 
         from lookalike.gpu import backend_for_shard
         from lookalike.net import set_serving
+        from lookalike.security import is_loopback
         from shard.core import Shard
         from shard.server import SERVICE_NAME, create_shard_server
 
@@ -58,7 +59,10 @@ class ShardActor:
         self.shard = Shard(shard_id, data_dir, segment_bytes=segment_bytes, capacity_bytes=capacity_bytes,
                            gpu=backend_for_shard(gpus))
         self._open_lock = threading.Lock()
-        self.server, port, _servicer, self._health = create_shard_server(self.shard, "0.0.0.0:0")
+        # A loopback shard (the embedded cluster) listens on loopback only; in a Ray cluster, on its node, with
+        # mutual TLS when the cluster has certificates (tls: lookalike.security.TLSConfig).
+        bind = f"{host}:0" if is_loopback(host) else "0.0.0.0:0"
+        self.server, port, _servicer, self._health = create_shard_server(self.shard, bind, tls=tls)
         ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
         self.address = f"{ip}:{port}"
         self.node = ray.get_runtime_context().get_node_id()
@@ -156,7 +160,7 @@ class RayPlacer:
             h = ShardActor.options(**self.actor_options(shard_id)).remote(
                 shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
                 max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
-                self.num_gpus)
+                self.num_gpus, cfg.tls)
             self._handles[shard_id] = h
         return h
 
@@ -380,13 +384,16 @@ class JobsActor:
     the same jobs and a job outlives the router that started it. Restarted by Ray, it resumes the jobs that were
     running from their checkpoints."""
 
-    def __init__(self, cluster_name: str, namespace: str, data_dir: str):
+    def __init__(self, cluster_name: str, namespace: str, data_dir: str, tls=None):
+        import functools
+
         from lookalike.catalog import JobManager
         from router.core import Router
+        from router.shard_client import GrpcShardClient
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         controller = ray.get_actor(_controller_name(cluster_name), namespace=namespace)
-        self._router = Router(RayControlPlane(controller))
+        self._router = Router(RayControlPlane(controller), connect=functools.partial(GrpcShardClient, tls=tls))
         self._jobs = JobManager(self._router, data_dir, resume=True)
 
     def call(self, method: str, *args):
@@ -435,7 +442,7 @@ def start_jobs(cfg: ClusterConfig) -> RayJobs:
     handle = JobsActor.options(
         name=_jobs_name(cfg.cluster_name), namespace=cfg.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, max_concurrency=16, num_cpus=0,
-    ).remote(cfg.cluster_name, cfg.namespace, os.path.abspath(cfg.data_dir))
+    ).remote(cfg.cluster_name, cfg.namespace, os.path.abspath(cfg.data_dir), cfg.tls)
     return RayJobs(handle)
 
 

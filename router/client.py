@@ -58,12 +58,16 @@ class Client:
     Args:
         target: "host:port" of the router.
         timeout: default deadline per call, seconds.
+        tls: lookalike.security.TLSConfig: ``ca`` verifies the router, ``cert``/``key`` are this client's for
+            mutual TLS; None: plaintext.
+        token: the bearer token sent with every call (a router with a tokens file needs one; see
+            lookalike.security.read_token).
     """
 
-    def __init__(self, target: str = "localhost:50051", timeout: float = 60.0):
+    def __init__(self, target: str = "localhost:50051", timeout: float = 60.0, tls=None, token: str | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = create_channel(target)
+        self._channel = create_channel(target, tls, token)
         self.stub = lookalike_pb2_grpc.LookalikeStub(self._channel)
 
     def __enter__(self):

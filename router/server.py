@@ -296,12 +296,14 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 
 
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,
-                         batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT, jobs=None):
+                         batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT, jobs=None,
+                         tls=None, auth=None):
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
 
     ``jobs``: the catalog jobs (a :class:`lookalike.catalog.JobManager`, or ``lookalike.ray_cluster.RayJobs``);
-    None: the job calls answer FAILED_PRECONDITION.
+    None: the job calls answer FAILED_PRECONDITION. ``tls``: lookalike.security.TLSConfig (None: plaintext);
+    ``auth``: lookalike.security.AuthInterceptor (bearer tokens, scopes, request rates; None: open).
 
     Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
     """
@@ -318,7 +320,8 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
         holder["servicer"] = RouterServicer(router, batcher, executor, jobs)
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
 
-    server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers)
+    server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers, tls=tls,
+                                             interceptors=[auth] if auth is not None else ())
     server.servicer = holder["servicer"]
     server.executors.append(executor)
     set_serving(health, [SERVICE_NAME])

@@ -36,9 +36,9 @@ def _shard_error(exc: LookalikeError) -> LookalikeError:
 
 
 class GrpcShardClient:
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls=None):
         self.address = address
-        self._channel = create_channel(address)
+        self._channel = create_channel(address, tls)  # tls: the cluster's mutual TLS (lookalike.security)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
 
     def _blocking(self, method: str, request, timeout: float | None):

@@ -98,10 +98,12 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
 
 
-def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int = 16):
+def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int = 16, tls=None):
     """Starts a gRPC server for a shard. Returns (server, port, servicer, health); health is NOT_SERVING until
-    the caller marks it serving (after loading)."""
+    the caller marks it serving (after loading). ``tls``: lookalike.security.TLSConfig (the cluster's mutual
+    TLS: only peers with a certificate its CA signed get in); None: plaintext."""
     servicer = ShardServicer(shard)
     server, port, health = create_server(
-        address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers)
+        address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers,
+        tls=tls)
     return server, port, servicer, health

@@ -102,7 +102,7 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
     try:
         proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
                                  f"127.0.0.1:{ray_port}", "--data", str(tmp_path / "data"), "--port", str(port),
-                                 "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined"],
+                                 "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined", "--insecure"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         target = f"127.0.0.1:{port}"
         wait_for_serving(target, timeout=120)
@@ -118,7 +118,7 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
 
         proc2 = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
                                   f"ray://127.0.0.1:{client_port}", "--data", str(tmp_path / "data"), "--port",
-                                  str(port2), "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined"],
+                                  str(port2), "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined", "--insecure"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         target = f"127.0.0.1:{port2}"
         try:

@@ -171,14 +171,20 @@ def test_kuberay_resources_match_the_crd_schemas(docs):
 
 # --- the router ---------------------------------------------------------------------------------------------------
 def test_probes_and_service_use_the_port_the_router_listens_on(docs):
-    port = _serve_args(docs).port  # the --port in the args, else serve's default
+    args = _serve_args(docs)
+    port = args.port  # the --port in the args, else serve's default
+    # the kubelet's gRPC probes speak plaintext: with TLS they need serve's plaintext --health-port
+    tls = "LOOKALIKE_TLS_CERT" in _env(docs, _router(docs)[1]) or args.tls_cert
+    probe_port = args.health_port if tls else port
+    assert probe_port, "the router serves TLS but has no --health-port for the kubelet's (plaintext) probes"
     dep, container = _router(docs)
     probes = {k: container.get(k) for k in ("startupProbe", "readinessProbe", "livenessProbe")}
     for kind in ("readinessProbe", "livenessProbe"):
         assert probes[kind], f"the router has no {kind}"
     for kind, probe in probes.items():
         if probe:
-            assert probe.get("grpc", {}).get("port") == port, f"{kind} is not a gRPC probe of port {port}: {probe}"
+            assert probe.get("grpc", {}).get("port") == probe_port, \
+                f"{kind} is not a gRPC probe of port {probe_port}: {probe}"
             assert probe["grpc"].get("service", "") == "", "the router's health answers the service '' (overall)"
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert named.get("grpc") == port, f"container port 'grpc' is {named.get('grpc')}, the router listens on {port}"
@@ -192,6 +198,38 @@ def test_probes_and_service_use_the_port_the_router_listens_on(docs):
         target = svc_port.get("targetPort", svc_port["port"])
         assert (named.get(target) if isinstance(target, str) else target) == port
         assert svc_port["port"] == port, "clients use the same port through the Service as the router's default"
+
+
+def _mounted_file(pod_spec, container, path):
+    """The (Secret name, key) a container sees at ``path``, or None."""
+    for m in container.get("volumeMounts", []):
+        prefix = m["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            (vol,) = [v for v in pod_spec.get("volumes", []) if v["name"] == m["name"]]
+            return vol.get("secret", {}).get("secretName"), path[len(prefix):]
+    return None
+
+
+def test_tls_and_tokens_files_are_mounted_where_router_and_shards_read_them(docs):
+    """The router's LOOKALIKE_TLS_* and tokens file are files of Secrets it mounts; the shards (Ray pods) read the
+    same TLS paths on their nodes (the cluster config carries paths), so every Ray pod mounts the same Secret
+    there; plaintext is not asked for."""
+    dep, container = _router(docs)
+    env = _env(docs, container)
+    args = _serve_args(docs)
+    assert not args.insecure, "the router serves plaintext (--insecure)"
+    paths = {k: env[k] for k in ("LOOKALIKE_TLS_CERT", "LOOKALIKE_TLS_KEY", "LOOKALIKE_TLS_CA",
+                                 "LOOKALIKE_TOKENS_FILE")}
+    pod = dep["spec"]["template"]["spec"]
+    for k, path in paths.items():
+        assert _mounted_file(pod, container, path), f"{k}={path} is not in a Secret the router mounts"
+    assert pod["securityContext"].get("fsGroup"), "the router's user cannot read Secret files of mode 0440"
+    assert env.get("LOOKALIKE_TLS_SERVER_NAME"), "shards listen on pod addresses: name their certificate"
+    for where, template in _ray_templates(docs):
+        for c in template["spec"]["containers"]:
+            for k in ("LOOKALIKE_TLS_CERT", "LOOKALIKE_TLS_KEY", "LOOKALIKE_TLS_CA"):
+                assert _mounted_file(template["spec"], c, paths[k]) == _mounted_file(pod, container, paths[k]), \
+                    f"{where}: {paths[k]} is not the router's Secret file"
 
 
 def test_router_scaling_and_disruption_target_the_router(docs):
