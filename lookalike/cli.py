@@ -434,6 +434,8 @@ def cmd_status(args) -> int:
         cap = f"{s.capacity_bytes / 2**20:.0f}" if s.capacity_bytes else "-"
         print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.buckets:>8} {s.joining:>8} {s.vectors:>10} "
               f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f} {cap:>8}")
+        for d in s.damaged:  # storage files kept aside (docs/ARCHITECTURE.md, Storage)
+            print(f"  DAMAGED {d}")
     for info in st.collections:
         print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}, "
               f"replication {info.spec.replication or 1}")

@@ -315,7 +315,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining")
+    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -326,6 +326,7 @@ class ShardStatus(_message.Message):
     INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     JOINING_FIELD_NUMBER: _ClassVar[int]
+    DAMAGED_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     address: str
     serving: bool
@@ -336,7 +337,8 @@ class ShardStatus(_message.Message):
     index_bytes: int
     capacity_bytes: int
     joining: int
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ...) -> None: ...
+    damaged: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BucketMove(_message.Message):
     __slots__ = ("collection", "bucket", "source", "target", "phase")

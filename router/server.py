@@ -222,6 +222,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
                 s.vectors = sum(c.vectors for c in st.collections)
                 s.index_bytes = sum(c.index_bytes for c in st.collections)
                 s.joining = sum(c.joining for c in st.collections)
+                s.damaged.extend(f"{c.name}: {d}" for c in st.collections for d in c.damaged)
             shards.append(s)
         control = self.router.control
         done, failed = control.move_counts()

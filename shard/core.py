@@ -656,10 +656,11 @@ class ShardCollection:
 
     def stats(self) -> dict:
         counts = self.bucket_counts().astype("<u4")
+        damaged = self.store.damaged()  # files of its storage found damaged and kept aside (shard.proto)
         with self._rw.read():
             return {"name": self.coll.name, "buckets": int(self._owned.sum()), "vectors": self.index.ntotal,
                     "index_bytes": self.index.nbytes, "trained": self.index.trained,
-                    "bucket_counts": counts.tobytes(), "joining": len(self.joining)}
+                    "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged}
 
 
 class Shard:

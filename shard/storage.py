@@ -15,11 +15,22 @@ away, or takes them on afresh), for replay and compaction alike.
 
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
 is how a bucket moves (see lookalike.controller).
+
+Every frame carries a CRC-32 and every record is parsed and checked when it is read. A frame cut short at the very
+end of the active segment is a write a crash interrupted, never acknowledged: it is dropped silently. Anything else
+that does not check out is damage: the file (a copy of it, for a log segment) is kept aside in
+``<collection>/damaged/<name>.<UTC time>`` with a ``.json`` note, never deleted or loaded as it is, and
+:attr:`CollectionStore.damage` reports it. A damaged snapshot is moved aside, so its bucket is served from what the
+log still holds. A damaged log segment keeps its valid frames: those before the damage and those after it, found
+again by scanning for the next frame whose length, checksum and record all check out; the segment is rewritten
+with them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
+import json
 import logging
 import os
 import pathlib
@@ -27,11 +38,13 @@ import shutil
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from lookalike.errors import InvalidArgument
 from lookalike.ids import buckets_of
 from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
 from protos import storage_pb2
@@ -86,44 +99,240 @@ def _frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data), zlib.crc32(data)) + data
 
 
-def _iter_frames(path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
-    """Yields (offset where the frame ends, frame body) for the valid frames of a file, one at a time; a torn or
-    corrupt tail ends it."""
-    with open(path, "rb") as f:
-        yield from _iter_open_frames(f, path)
+# --- checking what is read ------------------------------------------------------------------------------------
+DAMAGED_DIR = "damaged"
+# The first byte of a serialized WalRecord or BucketSnapshot: the tag of one of their fields 1-5 (a frame is never
+# empty). Lets the scan for the next frame after damage skip almost every offset without computing a checksum.
+_FIELD_TAGS = np.zeros(256, dtype=bool)
+_FIELD_TAGS[[0x08, 0x12, 0x1A, 0x22, 0x2A]] = True
+_SCAN_CHUNK = 1 << 20
 
 
-def _iter_open_frames(f, path) -> Iterator[tuple[int, bytes]]:
-    pos = 0
-    while True:
-        header = f.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            break
-        length, crc = _HEADER.unpack(header)
-        body = f.read(length)
-        if len(body) < length or zlib.crc32(body) != crc:
-            log.warning("%s: torn or corrupt frame at byte %d; the log ends there", path, pos)
-            break
-        pos += _HEADER.size + length
-        yield pos, body
+class _Corrupt(Exception):
+    """The bytes at an offset are not a whole frame with a matching checksum."""
 
 
-def _record_to_batch(body: bytes) -> Batch:
-    rec = storage_pb2.WalRecord.FromString(body)
+class _Invalid(Exception):
+    """A frame whose checksum matches but whose record does not parse or is inconsistent. ``end``: where the
+    frame ends (its length is trustworthy, so reading goes on there)."""
+
+    end = 0
+
+
+@dataclass
+class _Gap:
+    """Bytes of a file that hold no valid frame: from ``start`` to ``end`` (None: to the end of the file)."""
+
+    start: int
+    end: int | None
+    reason: str
+    torn: bool = False  # the end of the active segment, cut by a crash mid-append: not damage
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A storage file found damaged.
+
+    Attributes:
+        file: its name in the collection's directory.
+        kind: "snapshot" or "wal".
+        offset: byte offset where the damage starts.
+        message: what is wrong and what was done about the data (says the offset).
+        kept: where the damaged file (a copy of it, for a log segment) was kept aside.
+        detected: when (UTC, ISO 8601).
+    """
+
+    file: str
+    kind: str
+    offset: int
+    message: str
+    kept: str
+    detected: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}; kept in {self.kept}"
+
+
+def _vectors(msg, n: int) -> np.ndarray:
+    try:
+        x = vectors_from_proto_raw(msg)
+    except InvalidArgument as err:
+        raise _Invalid(f"bad vectors ({err})") from None
+    if len(x) != n:
+        raise _Invalid(f"{n} ids but {len(x)} vectors")
+    return x
+
+
+def _payloads(msgs, n: int) -> list[bytes | None]:
+    if len(msgs) not in (0, n):
+        raise _Invalid(f"{n} ids but {len(msgs)} payloads")
+    return _payloads_from_proto(msgs, n)
+
+
+def _parse_record(body: bytes) -> Batch:
+    """A WAL frame's body as a Batch; raises _Invalid if it does not parse or does not hold together."""
+    try:
+        rec = storage_pb2.WalRecord.FromString(body)
+    except DecodeError as err:
+        raise _Invalid(f"record does not parse ({err})") from None
     ids = list(rec.ids)
     if rec.op == UPSERT:
-        return Batch(UPSERT, ids, vectors_from_proto_raw(rec.vectors), _payloads_from_proto(rec.payloads, len(ids)))
+        return Batch(UPSERT, ids, _vectors(rec.vectors, len(ids)), _payloads(rec.payloads, len(ids)))
     if rec.op == RESET:
         return Batch(RESET, [], buckets=list(rec.buckets))
-    return Batch(DELETE, ids)
+    if rec.op == DELETE:
+        return Batch(DELETE, ids)
+    raise _Invalid(f"unknown operation {rec.op}")
 
 
-def _valid_end(path: pathlib.Path) -> int:
-    """Byte offset where a file's valid frames end."""
-    end = 0
-    for end, _ in _iter_frames(path):
-        pass
-    return end
+def _parse_snapshot(body: bytes) -> tuple[int, Batch]:
+    """(bucket, items) of a snapshot frame's body; raises _Invalid if it does not parse or hold together."""
+    try:
+        snap = storage_pb2.BucketSnapshot.FromString(body)
+    except DecodeError as err:
+        raise _Invalid(f"snapshot does not parse ({err})") from None
+    ids = list(snap.ids)
+    return snap.bucket, Batch(UPSERT, ids, _vectors(snap.vectors, len(ids)), _payloads(snap.payloads, len(ids)))
+
+
+def _frame_at(f, pos: int, size: int, parse: Callable[[bytes], object]) -> tuple[int, object]:
+    """(offset where it ends, parsed body) of the frame at ``pos`` of a file of ``size`` bytes.
+
+    Raises:
+        _Corrupt: no whole frame with a matching checksum there.
+        _Invalid: the checksum matches but the body is not a valid record.
+    """
+    f.seek(pos)
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise _Corrupt("incomplete frame header")
+    length, crc = _HEADER.unpack(header)
+    if length == 0:  # never written (every record has a field): zeros where a frame should be
+        raise _Corrupt("empty frame")
+    end = pos + _HEADER.size + length
+    if end > size:
+        raise _Corrupt(f"frame of {length} bytes runs past the end of the file")
+    body = f.read(length)
+    if len(body) < length:
+        raise _Corrupt("frame cut short")
+    if zlib.crc32(body) != crc:
+        raise _Corrupt("checksum mismatch")
+    try:
+        return end, parse(body)
+    except _Invalid as err:
+        err.end = end
+        raise
+
+
+def _scan_frames(f, size: int, parse: Callable[[bytes], object], gaps: list[_Gap],
+                 active: bool = False) -> Iterator[tuple[int, int, object]]:
+    """Yields (start, end, parsed body) for the valid frames of a file of ``size`` bytes, in order, and appends what
+    lies between them to ``gaps``. After a bad frame it goes on at the next offset where a valid frame starts
+    (:func:`_resync`). ``active``: the file is the segment being appended to, whose tail a crash may have cut."""
+    pos = 0
+    while pos < size:
+        try:
+            end, value = _frame_at(f, pos, size, parse)
+        except _Invalid as bad:  # the checksum holds, so the frame's length does: the next frame follows it
+            gaps.append(_Gap(pos, bad.end, str(bad)))
+            pos = bad.end
+            continue
+        except _Corrupt as bad:
+            nxt = _resync(f, pos + 1, size, parse)
+            gaps.append(_Gap(pos, nxt, str(bad), torn=nxt is None and active and _torn_tail(f, pos, size)))
+            if nxt is None:
+                return
+            pos = nxt
+            continue
+        yield pos, end, value
+        pos = end
+
+
+def _torn_tail(f, pos: int, size: int) -> bool:
+    """Whether what follows ``pos`` (where no valid frame follows) can be one append a crash cut: a frame that
+    reaches the end of the file, then at most zeros (a filesystem may extend a file before writing its data)."""
+    f.seek(pos)
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return True
+    length, crc = _HEADER.unpack(header)
+    if length != size - pos - _HEADER.size and zlib.crc32(f.read()) == crc:
+        return False  # the whole frame is there, its length field is what is damaged
+    end = pos + _HEADER.size + length
+    if end >= size:
+        return True
+    f.seek(end)
+    while chunk := f.read(_SCAN_CHUNK):
+        if chunk.count(0) != len(chunk):
+            return False
+    return True
+
+
+def _resync(f, start: int, size: int, parse: Callable[[bytes], object]) -> int | None:
+    """The first offset at or after ``start`` where a valid frame starts that is followed by the end of the file
+    or by what looks like another frame's header; None if there is none.
+
+    A frame hidden in the middle of another one's data (an upsert's vectors or payloads) would need its length,
+    its CRC-32, a record that parses and checks, and the header after it to line up by chance."""
+    f.seek(start)
+    buf = f.read(size - start)
+    n = len(buf)
+    a = np.frombuffer(buf, dtype=np.uint8)
+    view = memoryview(buf)
+    zeros_from = None  # where the zeros that end the buffer start
+    for q in _candidates(a):
+        length, crc = _HEADER.unpack_from(buf, q)
+        end = q + _HEADER.size + length
+        if end < n and not _looks_like_header(a, end):
+            if zeros_from is None:
+                zeros_from = len(buf.rstrip(b"\0"))
+            if end < zeros_from:
+                continue
+        if zlib.crc32(view[q + _HEADER.size:end]) != crc:
+            continue
+        try:
+            parse(bytes(view[q + _HEADER.size:end]))
+        except _Invalid:
+            continue
+        return start + q
+    return None
+
+
+def _candidates(a: np.ndarray) -> Iterator[int]:
+    """Offsets in ``a`` where a frame could start: a length that is not zero and fits, then a field tag."""
+    n = len(a)
+    hdr = _HEADER.size
+    for lo in range(0, max(0, n - hdr), _SCAN_CHUNK):
+        hi = min(n - hdr, lo + _SCAN_CHUNK)  # offsets lo..hi-1: their body's first byte is in the buffer
+        w = a[lo:hi + 3].astype(np.int64)
+        m = hi - lo
+        length = w[:m] | (w[1:m + 1] << 8) | (w[2:m + 2] << 16) | (w[3:m + 3] << 24)
+        ok = (length > 0) & (length <= n - hdr - np.arange(lo, hi)) & _FIELD_TAGS[a[lo + hdr:hi + hdr]]
+        yield from (lo + np.flatnonzero(ok)).tolist()
+
+
+def _looks_like_header(a: np.ndarray, pos: int) -> bool:
+    """Whether the bytes at ``pos`` could start a frame, possibly one a crash cut (the end of the file). (Zeros to
+    the end of the file, a filesystem's fill after a crash, are checked by the caller.)"""
+    n = len(a)
+    if n - pos < _HEADER.size:
+        return True
+    length = int(a[pos]) | int(a[pos + 1]) << 8 | int(a[pos + 2]) << 16 | int(a[pos + 3]) << 24
+    return length > 0 and (n - pos == _HEADER.size or bool(_FIELD_TAGS[a[pos + _HEADER.size]]))
+
+
+def _damage_summary(gaps: list[_Gap], size: int) -> tuple[int, str]:
+    """(offset, message) describing the damaged ranges of a log segment."""
+    first = gaps[0]
+    lost = sum((g.end if g.end is not None else size) - g.start for g in gaps)
+    msg = f"{first.reason} at byte {first.start}"
+    if len(gaps) > 1:
+        msg += f" and {len(gaps) - 1} more damaged range(s)"
+    if gaps[-1].end is None:
+        msg += f"; {lost} bytes lost; the frames before it were loaded, nothing after it could be read"
+    else:
+        msg += f"; {lost} bytes lost; the frames before and after were loaded"
+    return first.start, msg
 
 
 def release_memory() -> None:
@@ -162,6 +371,10 @@ class CollectionStore:
         path: its directory (created if missing).
         n_buckets: the collection's bucket count (to find the bucket of a logged id).
         segment_bytes: size at which the active WAL segment is sealed and compacted.
+
+    Attributes:
+        damage: the damaged files found in this directory (see the module's docstring), those set aside by earlier
+            runs included (their notes in ``damaged/``), oldest first.
     """
 
     def __init__(self, path: pathlib.Path, n_buckets: int, segment_bytes: int = 64 << 20):
@@ -176,24 +389,55 @@ class CollectionStore:
         self._seq = 0
         self._size = 0
         self._closed = False
+        self.damage: list[Damage] = self._earlier_damage()
+        if self.damage:
+            log.warning("storage %s: %d damaged file(s) set aside earlier, in %s: %s", self.path, len(self.damage),
+                        self.path / DAMAGED_DIR, "; ".join(map(str, self.damage)))
+        self._reported: set[tuple[str, int]] = set()  # (file, offset) already reported by this run
+        self._check_segments()
         self._open_active()
 
     # --- segments -------------------------------------------------------------------------------------------
     def _segments(self) -> list[pathlib.Path]:
         return sorted(self.path.glob("wal-*.log"))
 
+    def _check_segments(self) -> None:
+        """Reads the whole log before it is used. A torn tail of the last (active) segment is cut off so that new
+        frames follow valid ones; a damaged segment is copied aside, then rewritten with its valid frames, so that
+        replay, compaction and other shards reading it all see the same frames."""
+        segs = self._segments()
+        for i, seg in enumerate(segs):
+            gaps: list[_Gap] = []
+            with open(seg, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                kept = [(start, end) for start, end, _ in _scan_frames(f, size, _parse_record, gaps,
+                                                                      active=i == len(segs) - 1)]
+            damaged = [g for g in gaps if not g.torn]
+            if damaged:
+                self._report_segment(seg, damaged, size)
+                self._rewrite_segment(seg, kept)
+            elif gaps:  # a write a crash cut short: it was never acknowledged
+                log.warning("%s: torn frame at byte %d (a write cut short by a crash, never acknowledged); "
+                            "cutting it off", seg, gaps[0].start)
+                with open(seg, "r+b") as f:
+                    f.truncate(gaps[0].start)
+                    os.fsync(f.fileno())
+
+    def _rewrite_segment(self, seg: pathlib.Path, kept: list[tuple[int, int]]) -> None:
+        """Replaces a segment with the byte ranges ``kept`` of it (its valid frames), atomically."""
+        tmp = seg.with_suffix(".tmp")
+        with open(seg, "rb") as src, open(tmp, "wb") as dst:
+            for start, end in kept:
+                src.seek(start)
+                dst.write(src.read(end - start))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, seg)
+        _fsync_dir(self.path)
+
     def _open_active(self) -> None:
         segs = self._segments()
-        if segs:
-            last = segs[-1]
-            end = _valid_end(last)
-            if end != last.stat().st_size:  # drop a torn tail so new frames follow valid ones
-                with open(last, "r+b") as f:
-                    f.truncate(end)
-                    os.fsync(f.fileno())
-            self._seq = int(last.stem.split("-")[1])
-        else:
-            self._seq = 1
+        self._seq = int(segs[-1].stem.split("-")[1]) if segs else 1
         active = self.path / f"wal-{self._seq:010d}.log"
         self._fd = os.open(active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size
@@ -218,7 +462,17 @@ class CollectionStore:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"storage {self.path} is closed")
-            os.write(self._fd, frame)
+            try:
+                view = memoryview(frame)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except BaseException:
+                # Cut off the part written (a full disk): frames acknowledged later must not follow a torn one.
+                try:
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass
+                raise
             os.fsync(self._fd)
             self._size += len(frame)
             if self._size >= self.segment_bytes:
@@ -235,9 +489,78 @@ class CollectionStore:
         _fsync_dir(self.path)
 
     # --- reading --------------------------------------------------------------------------------------------
-    def _read_segment(self, path: pathlib.Path) -> Iterator[Batch]:
-        for _, body in _iter_frames(path):
-            yield _record_to_batch(body)
+    def _read_segment(self, path: pathlib.Path, active: bool = False) -> Iterator[Batch]:
+        """The records of a segment. Damage (found after the store was opened) is reported, the segment copied
+        aside, and reading goes on after it (see :func:`_scan_frames`)."""
+        gaps: list[_Gap] = []
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for _, _, batch in _scan_frames(f, size, _parse_record, gaps, active):
+                yield batch
+        damaged = [g for g in gaps if not g.torn]
+        if damaged:
+            self._report_segment(path, damaged, size)
+
+    def _load_snapshot(self, path: pathlib.Path) -> Batch | None:
+        """A bucket snapshot's items; None, after moving it aside and reporting it, if it is damaged."""
+        try:
+            return _read_snapshot(path, int(path.stem[1:]))
+        except _Damaged as err:
+            self._set_aside(path, "snapshot", err.offset, f"{err.reason} at byte {err.offset}; its bucket is "
+                            "served from what the log holds, the items only in this snapshot are missing", move=True)
+            return None
+
+    # --- damage ---------------------------------------------------------------------------------------------
+    def damaged(self) -> list[str]:
+        """The damaged files, one line each, for stats."""
+        return [str(d) for d in list(self.damage)]
+
+    def _report_segment(self, seg: pathlib.Path, gaps: list[_Gap], size: int) -> None:
+        offset, message = _damage_summary(gaps, size)
+        self._set_aside(seg, "wal", offset, message, move=False)
+
+    def _set_aside(self, path: pathlib.Path, kind: str, offset: int, message: str, move: bool) -> None:
+        """Moves a damaged file (or copies it, ``move`` False) into ``damaged/`` with a note, and reports it. A
+        segment is copied once per damage found: compaction may read it several times before deleting it."""
+        if not move:
+            key = (path.name, offset)
+            if key in self._reported:
+                return
+            self._reported.add(key)
+        now = datetime.datetime.now(datetime.UTC)
+        folder = self.path / DAMAGED_DIR
+        folder.mkdir(exist_ok=True)
+        dest = folder / f"{path.name}.{now:%Y%m%dT%H%M%SZ}"
+        n = 1
+        while dest.exists():
+            dest = folder / f"{path.name}.{now:%Y%m%dT%H%M%SZ}.{n}"
+            n += 1
+        if move:
+            os.replace(path, dest)
+        else:
+            with open(path, "rb") as src, open(dest, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        damage = Damage(path.name, kind, offset, message, str(dest), now.isoformat(timespec="seconds"))
+        with open(dest.with_name(dest.name + ".json"), "w") as note:
+            note.write(json.dumps(asdict(damage), indent=1) + "\n")
+            note.flush()
+            os.fsync(note.fileno())
+        _fsync_dir(folder)
+        _fsync_dir(self.path)
+        self.damage.append(damage)
+        log.error("storage %s: damaged file %s", self.path, damage)
+
+    def _earlier_damage(self) -> list[Damage]:
+        """What earlier runs set aside, from their notes (until an operator removes them)."""
+        out = []
+        for note in sorted((self.path / DAMAGED_DIR).glob("*.json")):
+            try:
+                out.append(Damage(**json.loads(note.read_text())))
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("%s: unreadable note (%s)", note, err)
+        return sorted(out, key=lambda d: d.detected)
 
     def load(self, buckets: set[int] | None = None) -> Iterator[Batch]:
         """Everything stored, in order, as batches to apply: snapshots first, then the log.
@@ -248,11 +571,12 @@ class CollectionStore:
         # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
             # Snapshots hold disjoint ids: coalesce them into large batches.
-            snapshots = (_read_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
+            snapshots = (self._load_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
                          if buckets is None or int(path.stem[1:]) in buckets)
             yield from _coalesce((b for b in snapshots if b is not None and b.ids), _LOAD_BATCH)
-            for seg in self._segments():
-                for batch in self._read_segment(seg):
+            segs = self._segments()
+            for i, seg in enumerate(segs):
+                for batch in self._read_segment(seg, active=i == len(segs) - 1):
                     if buckets is not None:
                         batch = _filter(batch, buckets, self.n_buckets)
                     if batch.ids or batch.buckets:
@@ -322,7 +646,7 @@ class CollectionStore:
     def _rewrite_snapshot(self, bucket: int, changes: dict, reset: bool = False) -> None:
         path = _snapshot_path(self.path, bucket)
         items: dict[str, tuple[np.ndarray, bytes | None]] = {}
-        old = _read_snapshot(path) if path.exists() and not reset else None
+        old = self._load_snapshot(path) if path.exists() and not reset else None
         if old is not None:
             for i, uid in enumerate(old.ids):
                 items[uid] = (old.vectors[i], old.payloads[i])
@@ -366,14 +690,33 @@ def _snapshot_path(path: pathlib.Path, bucket: int) -> pathlib.Path:
     return path / f"b{bucket:05d}.snap"
 
 
-def _read_snapshot(path: pathlib.Path) -> Batch | None:
-    first = next(_iter_frames(path), None)
-    if first is None:
-        log.error("%s: snapshot is damaged; ignoring it", path)
-        return None
-    snap = storage_pb2.BucketSnapshot.FromString(first[1])
-    ids = list(snap.ids)
-    return Batch(UPSERT, ids, vectors_from_proto_raw(snap.vectors), _payloads_from_proto(snap.payloads, len(ids)))
+class _Damaged(Exception):
+    """A damaged snapshot: ``reason`` at byte ``offset``."""
+
+    def __init__(self, offset: int, reason: str):
+        super().__init__(f"{reason} at byte {offset}")
+        self.offset = offset
+        self.reason = reason
+
+
+def _read_snapshot(path: pathlib.Path, bucket: int) -> Batch:
+    """The items of a bucket's snapshot.
+
+    Raises:
+        _Damaged: the file is not exactly one valid snapshot frame of ``bucket``.
+        FileNotFoundError: no such file (compaction may just have deleted it).
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            end, (got, batch) = _frame_at(f, 0, size, _parse_snapshot)
+        except (_Corrupt, _Invalid) as err:
+            raise _Damaged(0, str(err)) from None
+    if end != size:
+        raise _Damaged(end, f"{size - end} bytes after the snapshot's frame")
+    if got != bucket:
+        raise _Damaged(0, f"the snapshot is of bucket {got}, not {bucket}")
+    return batch
 
 
 def _filter(batch: Batch, buckets: set[int], n_buckets: int) -> Batch:
@@ -400,7 +743,8 @@ def read_buckets(path: str | pathlib.Path, n_buckets: int, buckets, batch_items:
     The owner keeps appending and compacting meanwhile. Every write the owner finished before this call is
     included; writes it makes during the call may or may not be. A compaction that deletes segments during the
     read is detected (a segment listed before the snapshots were read is gone, or cannot be opened) and the read
-    starts over.
+    starts over. Damaged parts (a snapshot, or frames of a segment) are logged and skipped: the files stay as they
+    are, for their owner to report and set aside.
 
     Raises:
         StoreChanged: the store kept changing under ``attempts`` reads.
@@ -440,9 +784,12 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
     for b in wanted:
         snap = _snapshot_path(path, b)
         try:
-            base = _read_snapshot(snap) if snap.exists() else None
+            base = _read_snapshot(snap, b) if snap.exists() else None
         except FileNotFoundError:
             raise StoreChanged() from None
+        except _Damaged as err:  # its owner reports it and sets it aside when it reads it; a reader only skips it
+            log.error("%s: damaged snapshot (%s); its items are not copied", snap, err)
+            base = None
         state[b] = (base, {}, False)
     segs = sorted(path.glob("wal-*.log"))
     if not before <= {p.name for p in segs}:
@@ -456,9 +803,10 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
             f.close()
         raise StoreChanged() from None
     try:
-        for seg, f in zip(segs, files):
-            for _, body in _iter_open_frames(f, seg):
-                batch = _record_to_batch(body)
+        for k, (seg, f) in enumerate(zip(segs, files)):
+            gaps: list[_Gap] = []
+            size = os.fstat(f.fileno()).st_size
+            for _, _, batch in _scan_frames(f, size, _parse_record, gaps, active=k == len(segs) - 1):
                 if batch.op == RESET:
                     for b in batch.buckets:
                         if b in wanted:
@@ -470,6 +818,10 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
                     changes = state[b][1]
                     changes.pop(uid, None)
                     changes[uid] = None if batch.op == DELETE else (batch.vectors[i], batch.payloads[i])
+            damaged = [g for g in gaps if not g.torn]
+            if damaged:  # its owner reports it and sets a copy aside when it reads it; a reader only skips it
+                log.error("%s: damaged log segment (%s); the valid frames around it are copied",
+                          seg, _damage_summary(damaged, size)[1])
     finally:
         for f in files:
             f.close()

@@ -1,0 +1,395 @@
+"""Damaged storage files: a checksum or record that does not check out is reported and the file kept aside in
+``damaged/``, never silently loaded or deleted, and everything else is served; a write a crash cut short at the
+end of the active segment is still dropped silently."""
+
+import logging
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import make_data
+from lookalike.config import CollectionConfig
+from lookalike.ids import buckets_of
+from lookalike.local import LocalCluster
+from lookalike.wire import vectors_to_proto
+from protos import common_pb2, storage_pb2
+from shard.storage import DAMAGED_DIR, DELETE, UPSERT, CollectionStore, _frame, read_buckets
+
+N_BUCKETS = 4
+
+
+def _state(batches) -> dict[str, bytes]:
+    """id -> vector bytes after applying batches in order."""
+    items: dict[str, bytes] = {}
+    for b in batches:
+        if b.op == UPSERT:
+            for i, uid in enumerate(b.ids):
+                items[uid] = b.vectors[i].tobytes()
+        elif b.op == DELETE:
+            for uid in b.ids:
+                items.pop(uid, None)
+        else:
+            raise AssertionError("no RESET in these tests")
+    return items
+
+
+def _data(n: int, seed: int = 0):
+    xb, _ = make_data("l2", n, 8, seed=seed)
+    return [f"id{i}" for i in range(n)], xb
+
+
+def _write(store, ids, xb, start: int, stop: int, step: int) -> list[int]:
+    """Appends items start..stop in batches of ``step``; returns the active segment's size before each batch."""
+    seg = max(store.path.glob("wal-*.log"))
+    starts = []
+    for i in range(start, stop, step):
+        starts.append(seg.stat().st_size)
+        store.append(UPSERT, ids[i:i + step], xb[i:i + step], [None] * len(ids[i:i + step]))
+    return starts
+
+
+def _kept_files(path, name: str):
+    """The copies of ``name`` kept aside (not their notes)."""
+    return sorted(p for p in (path / DAMAGED_DIR).glob(f"{name}.*") if p.suffix != ".json")
+
+
+def _flip(path, offset: int, n: int = 4) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _error_lines(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and name in r.getMessage()]
+
+
+# --- snapshots ------------------------------------------------------------------------------------------------
+def test_damaged_snapshot_is_set_aside_and_the_rest_loads(tmp_path, caplog):
+    ids, xb = _data(800)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    _write(store, ids, xb, 0, 600, 100)
+    assert store.compact() == 1
+    _write(store, ids, xb, 600, 800, 100)  # in the log only
+    store.close()
+    snaps = sorted(tmp_path.glob("b*.snap"))
+    assert len(snaps) == N_BUCKETS
+    bad = snaps[1]
+    bucket = int(bad.stem[1:])
+    _flip(bad, bad.stat().st_size // 2)
+    damaged_bytes = bad.read_bytes()
+
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    got = _state(store.load())
+    home = buckets_of(ids, N_BUCKETS)
+    lost = {ids[i] for i in range(600) if home[i] == bucket}
+    want = {uid: xb[i].tobytes() for i, uid in enumerate(ids) if uid not in lost}
+    assert lost and got == want  # every item of the other buckets, and the bucket's items still in the log
+
+    assert not bad.exists()
+    [kept] = _kept_files(tmp_path, bad.name)
+    assert kept.read_bytes() == damaged_bytes
+    [d] = store.damage
+    assert (d.file, d.kind, d.offset, d.kept) == (bad.name, "snapshot", 0, str(kept))
+    assert "checksum mismatch at byte 0" in d.message
+    assert store.damaged() == [f"{bad.name}: {d.message}; kept in {kept}"]
+    assert any(str(kept) in line for line in _error_lines(caplog, bad.name))
+
+    # Compaction rebuilds the bucket's snapshot from the log alone; the copy stays aside, still reported.
+    _write(store, ids, xb, 0, 10, 10)
+    store.compact()
+    store.close()
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    want.update({uid: xb[i].tobytes() for i, uid in enumerate(ids[:10])})
+    assert _state(store.load()) == want
+    assert store.damaged() == [str(d)]  # from its note in damaged/
+    assert _kept_files(tmp_path, bad.name) == [kept]
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["truncated", "trailing bytes", "undecodable"])
+def test_other_snapshot_damage(tmp_path, how):
+    ids, xb = _data(200)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    _write(store, ids, xb, 0, 200, 50)
+    store.compact()
+    store.close()
+    bad = min(tmp_path.glob("b*.snap"))
+    if how == "truncated":
+        os.truncate(bad, bad.stat().st_size - 3)
+    elif how == "trailing bytes":
+        with open(bad, "ab") as f:
+            f.write(b"\x01\x02")
+    else:  # the checksum matches, the bytes are no snapshot
+        bad.write_bytes(_frame(b"\x12\xff\xff\xff\xff\x0f"))
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    got = _state(store.load())
+    assert set(got) == {u for u, b in zip(ids, buckets_of(ids, N_BUCKETS).tolist()) if b != int(bad.stem[1:])}
+    assert [d.file for d in store.damage] == [bad.name] and not bad.exists()
+    assert len(_kept_files(tmp_path, bad.name)) == 1
+    store.close()
+
+
+# --- log segments ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["body", "length"])
+def test_damaged_segment_keeps_the_frames_around_the_damage(tmp_path, caplog, where):
+    ids, xb = _data(50)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    starts = _write(store, ids, xb, 0, 50, 10)  # five frames
+    store.close()
+    [seg] = tmp_path.glob("wal-*.log")
+    # the third frame: a sector of its vectors, or its length field
+    _flip(seg, starts[2] + 40 if where == "body" else starts[2])
+    original = seg.read_bytes()
+
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert _state(store.load()) == {uid: xb[i].tobytes() for i, uid in enumerate(ids) if not 20 <= i < 30}
+    [d] = store.damage
+    assert (d.file, d.kind, d.offset) == (seg.name, "wal", starts[2])
+    assert f"at byte {starts[2]}" in d.message and "before and after were loaded" in d.message
+    [kept] = _kept_files(tmp_path, seg.name)
+    assert kept.read_bytes() == original and d.kept == str(kept)
+    assert any(str(kept) in line for line in _error_lines(caplog, seg.name))
+
+    # The segment now holds its valid frames only: new writes follow them, and nothing is reported twice.
+    store.append(UPSERT, ["new"], xb[:1], [None])
+    store.close()
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    got = _state(store.load())
+    assert len(got) == 41 and got["new"] == xb[0].tobytes()
+    assert store.damaged() == [str(d)]
+    assert len(_kept_files(tmp_path, seg.name)) == 1
+    store.close()
+
+
+def test_damage_at_the_end_of_a_sealed_segment_is_reported(tmp_path):
+    """Only the active segment can end in a torn write: a sealed one was complete when the next one began."""
+    ids, xb = _data(40)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    _write(store, ids, xb, 0, 20, 10)
+    with store._lock:
+        store._rotate_locked()  # seal it (without compacting it)
+    _write(store, ids, xb, 20, 40, 10)
+    store.close()
+    sealed, active = sorted(tmp_path.glob("wal-*.log"))
+    os.truncate(sealed, sealed.stat().st_size - 7)  # its last frame cut short
+
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert set(_state(store.load())) == set(ids[:10] + ids[20:40])
+    [d] = store.damage
+    assert d.file == sealed.name and "nothing after it could be read" in d.message
+    assert len(_kept_files(tmp_path, sealed.name)) == 1
+    assert not _kept_files(tmp_path, active.name)
+    store.close()
+
+
+def test_damage_found_by_compaction_is_kept_aside(tmp_path):
+    """A segment that goes bad after the store opened: compaction reports it, keeps a copy and folds the rest."""
+    ids, xb = _data(50)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    starts = _write(store, ids, xb, 0, 50, 10)
+    [seg] = tmp_path.glob("wal-*.log")
+    _flip(seg, starts[1] + 30)
+    store.compact_pass_bytes = 1 << 10  # several passes over the segment: still one report, one copy
+    assert store.compact() == 1
+    assert not seg.exists()
+    [d] = store.damage
+    assert d.file == seg.name and d.offset == starts[1]
+    assert len(_kept_files(tmp_path, seg.name)) == 1
+    store.close()
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert set(_state(store.load())) == set(ids[:10] + ids[20:])
+    store.close()
+
+
+@pytest.mark.parametrize("how", ["cut mid-frame", "cut mid-header", "zero-filled"])
+def test_torn_tail_of_active_segment_is_not_damage(tmp_path, caplog, how):
+    ids, xb = _data(30)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    starts = _write(store, ids, xb, 0, 30, 10)
+    store.close()
+    [seg] = tmp_path.glob("wal-*.log")
+    size = seg.stat().st_size
+    if how == "cut mid-frame":
+        os.truncate(seg, size - 5)
+    elif how == "cut mid-header":
+        os.truncate(seg, starts[2] + 3)
+    else:  # the size reached the disk, the data did not: zeros (and a filesystem may add more)
+        with open(seg, "r+b") as f:
+            f.seek(starts[2] + 8)
+            f.write(bytes(size - starts[2] - 8 + 4096))
+
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert _state(store.load()) == {uid: xb[i].tobytes() for i, uid in enumerate(ids[:20])}
+    assert store.damage == [] and store.damaged() == []
+    assert not (tmp_path / DAMAGED_DIR).exists()
+    assert seg.stat().st_size == starts[2]  # cut off: new frames follow the valid ones
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    store.append(UPSERT, ids[20:30], xb[20:30], [None] * 10)
+    store.close()
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert len(_state(store.load())) == 30 and store.damage == []
+    store.close()
+
+
+def _raw_record(ids, x) -> bytes:
+    rec = storage_pb2.WalRecord(op=UPSERT, ids=ids)
+    rec.vectors.CopyFrom(vectors_to_proto(x))
+    return _frame(rec.SerializeToString())
+
+
+@pytest.mark.parametrize("garbage", ["undecodable", "wrong vector size", "vectors for fewer ids"])
+@pytest.mark.parametrize("last", [False, True])
+def test_checksummed_garbage_is_damage(tmp_path, garbage, last):
+    ids, xb = _data(30)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    _write(store, ids, xb, 0, 20, 10)
+    store.close()
+    [seg] = tmp_path.glob("wal-*.log")
+    offset = seg.stat().st_size
+    if garbage == "undecodable":
+        body = b"\x12\xff\xff\xff\xff\x0f"
+    elif garbage == "wrong vector size":
+        body = storage_pb2.WalRecord(op=UPSERT, ids=["z"], vectors=common_pb2.Vectors(
+            data=b"123", rows=1, dim=8)).SerializeToString()
+    else:
+        rec = storage_pb2.WalRecord(op=UPSERT, ids=["y", "z"])
+        rec.vectors.CopyFrom(vectors_to_proto(xb[:1]))
+        body = rec.SerializeToString()
+    with open(seg, "ab") as f:
+        f.write(_frame(body))
+        if not last:
+            f.write(_raw_record(ids[20:30], xb[20:30]))
+
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    got = _state(store.load())
+    assert set(got) == set(ids[:20] if last else ids)
+    [d] = store.damage
+    assert d.file == seg.name and d.offset == offset
+    assert len(_kept_files(tmp_path, seg.name)) == 1
+    store.close()
+
+
+def test_read_buckets_skips_damage_and_moves_nothing(tmp_path, caplog):
+    """Another shard reading this store copies what checks out, logs the rest and leaves the files alone."""
+    ids, xb = _data(400)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    _write(store, ids, xb, 0, 300, 100)
+    store.compact()
+    starts = _write(store, ids, xb, 300, 400, 20)
+    seg = max(tmp_path.glob("wal-*.log"))
+    bad = sorted(tmp_path.glob("b*.snap"))[2]
+    _flip(bad, 100)
+    _flip(seg, starts[1] + 50)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+
+    got = _state(read_buckets(tmp_path, N_BUCKETS, range(N_BUCKETS)))
+    home = buckets_of(ids, N_BUCKETS)
+    assert set(got) == {u for i, u in enumerate(ids)
+                        if not (i < 300 and home[i] == int(bad.stem[1:])) and not 320 <= i < 340}
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not (tmp_path / DAMAGED_DIR).exists() and store.damage == []
+    assert _error_lines(caplog, bad.name) and _error_lines(caplog, seg.name)
+    store.close()
+
+
+def test_resync_ignores_a_frame_hidden_in_damaged_data(tmp_path):
+    """Scanning on after damage does not stop at a valid-looking frame alone: the header after it must fit too."""
+    ids, xb = _data(20)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    _write(store, ids, xb, 0, 20, 10)
+    store.close()
+    [seg] = tmp_path.glob("wal-*.log")
+    hidden = _raw_record(["ghost"], xb[:1])
+    with open(seg, "ab") as f:  # a damaged frame whose data holds a whole frame followed by junk
+        body = b"\x12\x03abc" + hidden + b"\xff" * 32
+        f.write(struct.pack("<II", len(body), 0) + body)
+        f.write(_raw_record(ids[:1], xb[5:6]))
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    got = _state(store.load())
+    assert "ghost" not in got and got[ids[0]] == xb[5].tobytes()
+    assert len(store.damage) == 1
+    store.close()
+
+
+# --- through a shard ------------------------------------------------------------------------------------------
+def test_shard_reports_a_damaged_file_and_serves_the_rest(tmp_path, caplog):
+    n = 600
+    ids, xb = _data(n, seed=3)
+    cluster = LocalCluster(tmp_path, shards=2, transport="grpc")
+    try:
+        cluster.router.create_collection(CollectionConfig("c", 8, "l2", "Flat", buckets=16))
+        cluster.router.upsert("c", ids[:500], xb[:500])
+        shard = cluster.placer.shards["shard-1"]
+        shard.collection("c").store.compact()  # the first 500 go into bucket snapshots
+        cluster.router.upsert("c", ids[500:], xb[500:])  # these stay in the log
+        cluster.placer.stop_shard("shard-1")
+
+        root = tmp_path / "shards" / "shard-1" / "c"
+        bad = min(root.glob("b*.snap"))
+        bucket = int(bad.stem[1:])
+        _flip(bad, bad.stat().st_size // 2, 16)
+        cluster.placer.ensure_shard("shard-1")  # restarts and reloads from storage
+        cluster.router.invalidate()  # it listens on a new port
+
+        home = buckets_of(ids, 16)
+        lost = [u for i, u in enumerate(ids) if i < 500 and home[i] == bucket]
+        served = [u for u in ids if u not in set(lost)]
+        assert lost and len(served) > n // 2
+        found, vectors, _ = cluster.router.get("c", ids, include_vectors=True)
+        assert found == served
+        np.testing.assert_array_equal(vectors, xb[[ids.index(u) for u in served]])
+        res = cluster.router.search("c", xb, 1)
+        assert res.coverage == 1.0
+        assert [r[0] for r, u in zip(res.ids, ids) if u in set(served)] == served  # each finds itself
+
+        assert not bad.exists()
+        [kept] = _kept_files(root, bad.name)
+        stats = {info.shard_id: st for info, st in cluster.router.shard_stats()}
+        [coll] = [c for c in stats["shard-1"].collections if c.name == "c"]
+        assert len(coll.damaged) == 1
+        assert coll.damaged[0].startswith(f"{bad.name}: checksum mismatch at byte 0") and str(kept) in coll.damaged[0]
+        assert all(not c.damaged for c in stats["shard-0"].collections)
+        assert any(str(kept) in line for line in _error_lines(caplog, bad.name))
+    finally:
+        cluster.close()
+
+
+def test_damaged_length_of_the_last_frame_is_not_a_torn_tail(tmp_path):
+    """A complete last frame whose length field is damaged looks cut short, but its checksum says it is whole."""
+    ids, xb = _data(30)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    starts = _write(store, ids, xb, 0, 30, 10)
+    store.close()
+    [seg] = tmp_path.glob("wal-*.log")
+    _flip(seg, starts[2] + 2, 1)
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    assert set(_state(store.load())) == set(ids[:20])
+    [d] = store.damage
+    assert d.offset == starts[2] and "nothing after it could be read" in d.message
+    assert len(_kept_files(tmp_path, seg.name)) == 1
+    store.close()
+
+
+def test_snapshot_damaged_under_a_running_store_is_set_aside_by_compaction(tmp_path):
+    ids, xb = _data(200)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    _write(store, ids, xb, 0, 100, 50)
+    store.compact()
+    bad = min(tmp_path.glob("b*.snap"))
+    _flip(bad, 20)
+    damaged_bytes = bad.read_bytes()
+    _write(store, ids, xb, 100, 200, 50)
+    store.compact()  # folds the new writes into a fresh snapshot rather than over the damaged one
+    [d] = store.damage
+    [kept] = _kept_files(tmp_path, bad.name)
+    assert d.file == bad.name and kept.read_bytes() == damaged_bytes
+    store.close()
+    store = CollectionStore(tmp_path, N_BUCKETS)
+    home = buckets_of(ids, N_BUCKETS)
+    assert set(_state(store.load())) == {u for i, u in enumerate(ids) if i >= 100 or home[i] != int(bad.stem[1:])}
+    assert store.damaged() == [str(d)]
+    store.close()
