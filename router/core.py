@@ -329,7 +329,7 @@ class Router:
                                                        include_vectors=include_vectors, epoch=smap.epoch)
                         for sid, idx in by_shard.items()}
             left = None if deadline is None else deadline - time.monotonic()
-            pending, stale = [], False
+            pending, stale, failed = [], False, []
             for sid, fut in self._fan_out(smap, list(requests), "Get", requests, left):
                 try:
                     resp = fut.result()
@@ -341,16 +341,22 @@ class Router:
                     if isinstance(err, StaleShardMap):
                         stale = True
                     else:
-                        tried.add(sid)
+                        failed.append(sid)
                     continue
                 vecs = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
                 for i, uid in enumerate(resp.ids):
                     found[uid] = (vecs[i] if vecs is not None else None, resp.payloads[i])
             if not pending:
                 break
-            if stale:
-                time.sleep(0.02)
-                smap = self.shard_map(name, refresh=True)
+            if stale or failed:
+                if stale:
+                    time.sleep(0.02)
+                fresh = self.shard_map(name, refresh=True)
+                for sid in failed:  # a shard that restarted at a new address is asked again there
+                    info = fresh.shards.get(sid)
+                    if info is None or not info.address or info.address == smap.shards[sid].address:
+                        tried.add(sid)
+                smap = fresh
         if pending:
             if isinstance(last_err, StaleShardMap):  # the map kept changing under us: a moment of unavailability
                 raise Unavailable(f"get on {name!r}: the shard map kept changing ({last_err}); retry")
