@@ -14,10 +14,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument
 
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 megapixels: a 8192 x 8192 photo decodes; a bomb does not
+MAX_IMAGE_BYTES = LIMITS.max_image_bytes
+MAX_IMAGE_PIXELS = LIMITS.max_image_pixels
 
 
 class ImageError(InvalidArgument):

@@ -28,6 +28,9 @@ class Limits:
     max_message_bytes: int = 64 * 1024 * 1024
     max_dim: int = 65_536
     max_buckets: int = 65_536
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 64 * 1024 * 1024  # 64 megapixels: a 8192 x 8192 photo decodes; a bomb does not
+    max_query_images: int = 1000              # per SearchByImage
 
 
 LIMITS = Limits()

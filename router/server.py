@@ -19,7 +19,7 @@ from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
 from router.core import Router, check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
-_MAX_QUERY_IMAGES = 1000
+_MAX_QUERY_IMAGES = LIMITS.max_query_images
 log = logging.getLogger(__name__)
 
 _METRIC_TO_PROTO = {"l2": common_pb2.L2, "ip": common_pb2.IP, "cosine": common_pb2.COSINE,
