@@ -57,6 +57,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int
                          f"{err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"the image is truncated or corrupt: {err}") from None
+    except Exception as err:  # noqa: BLE001 - Pillow's plugins raise others on corrupt input (a TIFF without
+        # dimensions: TypeError); whatever the bytes make it raise is the bytes' fault
+        raise ImageError(f"the image is truncated or corrupt: {type(err).__name__}: {err}") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

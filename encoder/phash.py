@@ -14,6 +14,9 @@ import numpy as np
 from PIL import Image
 
 _HIGHFREQ_FACTOR = 4
+# hash_size ** 2 bits must fit a collection (lookalike.config.Limits.max_dim = 65536); the DCT matrix is
+# (4 * hash_size) ** 2 floats, so an unchecked size from a request would be a memory bomb.
+MAX_HASH_SIZE = 256
 
 
 def _dct_matrix(n: int) -> np.ndarray:
@@ -33,8 +36,9 @@ class PHash:
     metric = "hamming"
 
     def __init__(self, hash_size: int = 8):
-        if hash_size < 8:
-            raise ValueError(f"phash needs a hash size of at least 8 (64 bits), got {hash_size}")
+        if not 8 <= hash_size <= MAX_HASH_SIZE:
+            raise ValueError(f"phash takes a hash size from 8 (64 bits) to {MAX_HASH_SIZE} "
+                             f"({MAX_HASH_SIZE ** 2} bits, the largest collection dimension), got {hash_size}")
         self.hash_size = hash_size
         self.name = "phash" if hash_size == 8 else f"phash:{hash_size}"
         self.dim = hash_size * hash_size

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from encoder.decode import ImageError, decode_image
+from encoder.decode import MAX_IMAGE_PIXELS, ImageError, decode_image
 
 
 class Encoder(Protocol):
@@ -49,19 +49,34 @@ def encode_many(encoder: Encoder, images: Sequence[bytes]) -> tuple[np.ndarray, 
 
     Encoders that can refuse a decoded image (the face encoder: no face) provide ``encode_images_lenient``.
     """
-    decoded, reasons = [], []
+    # Decoded images are encoded a chunk at a time, a chunk holding at most MAX_IMAGE_PIXELS pixels (or one image):
+    # a request of many small files that decode to large images must not hold them all decoded at once.
+    chunks, reasons, decoded, pixels = [], [], [], 0
     for data in images:
         try:
-            decoded.append(decode_image(data))
-            reasons.append(None)
+            im = decode_image(data)
         except ImageError as err:
             reasons.append(str(err))
+            continue
+        if decoded and pixels + im.width * im.height > MAX_IMAGE_PIXELS:
+            chunks.append(_encode_chunk(encoder, decoded))
+            decoded, pixels = [], 0
+        decoded.append(im)
+        pixels += im.width * im.height
+        reasons.append(None)
+    if decoded or not chunks:
+        chunks.append(_encode_chunk(encoder, decoded))
+    vectors = chunks[0][0] if len(chunks) == 1 else np.concatenate([v for v, _ in chunks])
+    later = iter([r for _, rs in chunks for r in rs])
+    return vectors, [r if r is not None else next(later) for r in reasons]
+
+
+def _encode_chunk(encoder: Encoder, decoded: list) -> tuple[np.ndarray, list[str | None]]:
+    """(vectors of the images the encoder takes, reason or None per decoded image)."""
     lenient = getattr(encoder, "encode_images_lenient", None)
     if lenient is None:
-        return encoder.encode_images(decoded), reasons
-    vectors, later = lenient(decoded)
-    it = iter(later)
-    return vectors, [r if r is not None else next(it) for r in reasons]
+        return encoder.encode_images(decoded), [None] * len(decoded)
+    return lenient(decoded)
 
 
 _FACTORIES: dict[str, Callable[[str | None], Encoder]] = {}

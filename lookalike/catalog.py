@@ -36,7 +36,8 @@ from protos import common_pb2
 log = logging.getLogger(__name__)
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Not "." or "..": a job id names a folder under <data_dir>/jobs (those two would be that folder and its parent).
+_JOB_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9_.-]{1,64}$")
 _KMEANS_REDO = 3  # k-means starts; the one with the lowest objective wins
 MAX_CLUSTERS = 65536
 
@@ -295,7 +296,9 @@ class ClusterJob(CatalogJob):
             raise FailedPrecondition(f"collection {coll.name!r} holds {total} items: too few for {sp['k']} clusters")
         _, x, _ = router.sample(sp["collection"], size, seed=sp["seed"], include_vectors=True, timeout=600)
         x = cluster_space(x, coll.metric)
-        km = faiss.Kmeans(x.shape[1], sp["k"], niter=sp["niter"], seed=sp["seed"], spherical=coll.metric == "cosine",
+        # The API's seed is a uint64; FAISS takes a C int (a larger one raised OverflowError and failed the job).
+        km = faiss.Kmeans(x.shape[1], sp["k"], niter=sp["niter"], seed=sp["seed"] % 2**31,
+                          spherical=coll.metric == "cosine",
                           nredo=_KMEANS_REDO,
                           max_points_per_centroid=max(256, -(-len(x) // sp["k"])))
         km.train(x)
@@ -369,6 +372,8 @@ class JobManager:
                     self._launch(d.name, meta)
 
     def _meta(self, job_id: str) -> dict | None:
+        if not _JOB_ID.match(job_id):  # never a path outside the jobs folder ("../x", "/etc", "")
+            return None
         try:
             return json.loads((self.root / job_id / "job.json").read_text())
         except (OSError, ValueError):

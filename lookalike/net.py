@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lookalike.config import LIMITS
-from lookalike.errors import LookalikeError
+from lookalike.errors import InvalidArgument, LookalikeError
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,81 @@ class AioServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
+class _Undecodable:
+    """What a request deserializer returns for bytes that are not the request message (see _DecodeInterceptor)."""
+
+    def __init__(self, err: Exception):
+        self.message = f"the request is not a valid protobuf message of this method: {err}"
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as err:  # DecodeError, and invalid UTF-8 in a string field (also a DecodeError)
+            return _Undecodable(err)
+
+    return deserialize
+
+
+class _DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Requests that do not parse get INVALID_ARGUMENT with a sentence, where grpc.aio would answer UNKNOWN
+    ("Unexpected DecodeError") or the handler meet the error mid-stream (INTERNAL). Applies to the application's
+    services (``prefixes``): unary requests (sync or coroutine handlers, unary or async-generator answers) and
+    sync request streams."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        self.prefixes = prefixes
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefixes) or handler.request_deserializer is None:
+            return handler
+        kw = {"request_deserializer": _tolerant(handler.request_deserializer),
+              "response_serializer": handler.response_serializer}
+        if not handler.request_streaming:
+            behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+            if handler.response_streaming:
+                if not inspect.isasyncgenfunction(behavior):
+                    return handler
+
+                async def stream(request, context):
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    async for item in behavior(request, context):
+                        yield item
+
+                return grpc.unary_stream_rpc_method_handler(stream, **kw)
+            if inspect.iscoroutinefunction(behavior):
+                async def unary_async(request, context):
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    return await behavior(request, context)
+
+                return grpc.unary_unary_rpc_method_handler(unary_async, **kw)
+
+            def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.response_streaming or inspect.iscoroutinefunction(handler.stream_unary):
+            return handler
+        behavior = handler.stream_unary
+
+        def checked(requests):
+            for request in requests:
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(request.message)
+                yield request
+
+        def stream_unary(requests, context):
+            return behavior(checked(requests), context)  # abort_on_error turns InvalidArgument into the status
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+
+
 def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32, tls=None,
                       interceptors=()):
     """Like :func:`create_server`, for a server whose hot handlers are coroutines (``async def``): it runs on an
@@ -152,7 +229,9 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=list(interceptors))
+        decode = _DecodeInterceptor(tuple(f"/{name}/" for name in service_names))
+        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS,
+                                 interceptors=[*interceptors, decode])
         register(server)
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
         port = _bind(server, address, tls)
@@ -246,6 +325,8 @@ def abort_on_error_async(method):
             return await method(self, request, context)
         except LookalikeError as err:
             await context.abort(err.code, str(err))
+        except DecodeError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
         except (grpc.RpcError, asyncio.CancelledError):
             raise
         except Exception as err:  # a bug: report it, keep serving
@@ -264,6 +345,8 @@ def abort_on_error(method):
             return method(self, request, context)
         except LookalikeError as err:
             context.abort(err.code, str(err))
+        except DecodeError as err:  # bytes inside a request that should hold a message (a payload)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
         except grpc.RpcError:
             raise
         except Exception as err:  # a bug: report it, keep serving

@@ -34,7 +34,9 @@ import time
 
 import numpy as np
 
-from lookalike.errors import DeadlineExceeded
+from lookalike.config import LIMITS
+from lookalike.errors import DeadlineExceeded, ResourceExhausted
+from router.core import max_search_rows
 
 # Defaults: one batch of a group running at once (measured on 2 cores with 64 single-query clients: larger
 # batches and fewer requests gave 5-15% more queries per second and a lower p50 than two at once; see
@@ -131,7 +133,22 @@ class SearchBatcher:
         if group.timer is not None:
             group.timer.cancel()
             group.timer = None
-        batch, group.pending, group.queued = group.pending, [], 0
+        k, include_payloads = key[1], key[5]
+        # As many pending calls as one search can carry (the shards' answer and the request to them each fit in a
+        # message; see also _done), at least one; the rest go next.
+        rows = min(max_search_rows(k, include_payloads),
+                   LIMITS.max_message_bytes // 2 // max(1, np.dtype(key[6]).itemsize * key[7]))
+        take, n = 0, 0
+        while take < len(group.pending) and (not take or n + len(group.pending[take].xq) <= rows):
+            n += len(group.pending[take].xq)
+            take += 1
+        batch, group.pending = group.pending[:take], group.pending[take:]
+        group.queued -= n
+        self._run(key, group, batch)
+        if group.pending:  # what did not fit: now if another batch may run, else when one ends
+            self._schedule(key, group)
+
+    def _run(self, key: tuple, group: _Group, batch: list[_Call]) -> None:
         group.inflight += 1
         name, k, nprobe, ef_search, min_coverage, include_payloads = key[:6]
         deadlines = [c.deadline for c in batch]
@@ -143,9 +160,16 @@ class SearchBatcher:
 
     def _done(self, key: tuple, group: _Group, batch: list[_Call], fut: asyncio.Future) -> None:
         group.inflight -= 1
+        err = fut.exception()
+        if isinstance(err, ResourceExhausted) and len(batch) > 1:
+            # The batch's answer passed the message limit (it grows with the ids' lengths, which the cap in _send
+            # cannot know): its calls go again in halves, down to one each, which gets what it would have alone.
+            half = len(batch) // 2
+            self._run(key, group, batch[:half])
+            self._run(key, group, batch[half:])
+            return
         self.batches += 1
         self.queries += sum(len(c.xq) for c in batch)
-        err = fut.exception()
         res = None if err is not None else fut.result()
         start = 0
         for c in batch:

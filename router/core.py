@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from lookalike.config import CollectionConfig
+from lookalike.config import LIMITS, CollectionConfig
 from lookalike.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LookalikeError, NotFound,
                               ResourceExhausted, StaleShardMap, Unavailable)
 from lookalike.ids import buckets_of
@@ -379,6 +379,10 @@ class Router:
         Raises:
             Unavailable: fewer buckets answered than min_coverage.
         """
+        if len(xq) > max_search_rows(k, include_payloads):  # refused before every shard runs the whole search
+            raise ResourceExhausted(
+                f"{len(xq)} queries x k={k} would make an answer over the {LIMITS.max_message_bytes >> 20} MiB message "
+                f"limit: send at most {max_search_rows(k, include_payloads)} queries per request at this k")
         deadline = None if timeout is None else time.monotonic() + timeout
         smap = self.shard_map(name)
         req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
@@ -602,6 +606,12 @@ class _Failed:
 
     def result(self, timeout=None):
         raise self._err
+
+
+def max_search_rows(k: int, include_payloads: bool = False) -> int:
+    """Most queries one search can carry: a shard answers nq * k result slots of at least 14 bytes each (distance,
+    label, and an id: 2 bytes when empty; 2 more with payloads), and that answer must fit in a message."""
+    return LIMITS.max_message_bytes // ((16 if include_payloads else 14) * max(k, 1))
 
 
 def check_min_coverage(value: float | None) -> float:

@@ -115,7 +115,13 @@ class IdTable:
         return np.ascontiguousarray(chars).view(f"S{width}").reshape(pos.shape)
 
     def uids_at(self, pos: np.ndarray) -> list[str]:
-        return [b.decode("utf-8") for b in self._gather(pos).ravel().tolist()]
+        # In slices: _gather's scratch arrays are (rows x longest id), 8 bytes per cell for the indexes.
+        flat = np.asarray(pos).ravel()
+        if not len(flat):
+            return []
+        width = max(int((self.offsets[flat + 1] - self.offsets[flat]).max()), 1)
+        step = max(1, (1 << 22) // width)
+        return [b.decode("utf-8") for s in range(0, len(flat), step) for b in self._gather(flat[s:s + step]).tolist()]
 
     @staticmethod
     def _encode(uids: list[str]) -> np.ndarray:
@@ -577,16 +583,20 @@ class ShardCollection:
             self._check_live()
             self._check_epoch(epoch)
             D, L = self.index.search(xq, k, nprobe, ef_search)
-            valid = L >= 0
-            if len(self.table):
-                pos = np.minimum(self.table.positions(L).ravel(), len(self.table) - 1)
-                ids = [u if v else "" for u, v in zip(self.table.uids_at(pos), valid.ravel().tolist())]
-                payloads = (np.where(valid.ravel(), self.table.payloads[pos], None).tolist()
-                            if include_payloads else None)
-            else:
-                ids = [""] * L.size
-                payloads = [None] * L.size if include_payloads else None
-        return D, L, ids, payloads
+            # Ids are read once per distinct item found, not per result slot: nq * k slots of mostly padding (or of
+            # the same few items) must not cost nq * k id reads.
+            hit = np.flatnonzero(L.ravel() >= 0)
+            ids = np.full(L.size, "", dtype=object)
+            payloads = np.full(L.size, None, dtype=object) if include_payloads else None
+            if len(hit) and len(self.table):
+                pos = np.minimum(self.table.positions(L.ravel()[hit]), len(self.table) - 1)
+                uniq, inv = np.unique(pos, return_inverse=True)
+                names = np.empty(len(uniq), dtype=object)
+                names[:] = self.table.uids_at(uniq)
+                ids[hit] = names[inv]
+                if include_payloads:
+                    payloads[hit] = self.table.payloads[uniq][inv]
+        return D, L, ids.tolist(), (payloads.tolist() if include_payloads else None)
 
     # --- catalog jobs ---------------------------------------------------------------------------------------
     def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):

@@ -69,8 +69,10 @@ def test_phash_near_duplicates_are_nearer_than_other_pictures():
 def test_unknown_encoder_is_a_clear_error():
     with pytest.raises(ValueError, match="known: face, phash, torchscript"):
         get_encoder("clip")
-    with pytest.raises(ValueError, match="at least 8"):
+    with pytest.raises(ValueError, match="from 8 .* to 256"):
         get_encoder("phash:4")
+    with pytest.raises(ValueError, match="from 8 .* to 256"):
+        get_encoder("phash:100000")  # its DCT matrix would be a memory bomb
 
 
 # --- decoding ------------------------------------------------------------------------------------------------
