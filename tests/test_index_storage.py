@@ -194,3 +194,14 @@ def test_graph_over_compressed_codes_survives_its_rebuild():
     assert index.ntotal == 1500
     _, L = index.search(xb[2000:2010], 1)
     assert not np.isin(L, labels[:1500]).any() and (L >= 0).all()
+
+
+@pytest.mark.parametrize("spec,msg", [("IVF10000000,Flat", "IVF lists"), ("IVF16,PQ8x24", "PQ codes of 24 bits"),
+                                      ("HNSW1000", "M=1000"), ("Flat" + "," * 300, "characters")])
+def test_index_specs_that_would_allocate_too_much_are_refused_before_building(spec, msg):
+    from lookalike.errors import InvalidArgument
+    from shard.index import check_index_spec
+
+    with pytest.raises(InvalidArgument, match=msg):
+        check_index_spec(128, "l2", spec)
+    check_index_spec(128, "l2", "IVF1024,PQ16x8")  # ordinary ones still build
