@@ -166,11 +166,19 @@ class _DecodeInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, prefixes: tuple[str, ...]):
         self.prefixes = prefixes
+        self._wrapped: dict[str, object] = {}  # method -> its handler, wrapped once (the services are fixed)
 
     async def intercept_service(self, continuation, details):
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefixes) or handler.request_deserializer is None:
             return handler
+        self._wrapped[details.method] = wrapped = self._wrap(handler)
+        return wrapped
+
+    def _wrap(self, handler):
         kw = {"request_deserializer": _tolerant(handler.request_deserializer),
               "response_serializer": handler.response_serializer}
         if not handler.request_streaming:
