@@ -355,21 +355,9 @@ def read_token(path: str | None = None, env=None) -> str | None:
     return env.get(f"{ENV_PREFIX}TOKEN") or None
 
 
-class _BearerAuth(grpc.AuthMetadataPlugin):
-    def __init__(self, token: str):
-        self._md = (("authorization", f"Bearer {token}"),)
-
-    def __call__(self, context, callback):
-        callback(self._md, None)
-
-
-def call_credentials(token: str) -> grpc.CallCredentials:
-    return grpc.metadata_call_credentials(_BearerAuth(token), name="lookalike-bearer")
-
-
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the bearer token on a plaintext channel (where gRPC refuses call credentials): loopback only."""
+    """Adds the bearer token to every call's metadata (TLS channels, and plaintext ones to loopback only)."""
 
     def __init__(self, token: str):
         self._md = ("authorization", f"Bearer {token}")

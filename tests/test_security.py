@@ -1,8 +1,6 @@
 """TLS on both hops (client -> router, router -> shard), mutual TLS, bearer tokens with scopes, request rates,
 and the secrets' files: who gets in, who does not, and with which status."""
 
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -18,51 +16,15 @@ from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.local import LocalCluster
 from lookalike.security import AuthInterceptor, TLSConfig, TokenTable, new_token, token_hash
 
-x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-
-
-# --- a throwaway PKI --------------------------------------------------------------------------------------------
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject, key, issuer_name, issuer_key, ca: bool, sans=()):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name).public_key(key.public_key())
-         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-         .not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                            critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write_pki(d, prefix):
-    """A CA and one certificate it signs (for localhost, 127.0.0.1 and lookalike-internal: server and client use)."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _cert(f"{prefix} CA", ca_key, _name(f"{prefix} CA"), ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.DNSName("lookalike-internal"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = _cert(f"{prefix} node", key, ca.subject, ca_key, ca=False, sans=sans)
-    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
-    (d / f"{prefix}-ca.pem").write_bytes(pem(ca))
-    (d / f"{prefix}.pem").write_bytes(pem(cert))
-    (d / f"{prefix}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                        serialization.PrivateFormat.PKCS8,
-                                                        serialization.NoEncryption()))
-    return TLSConfig(str(d / f"{prefix}.pem"), str(d / f"{prefix}.key"), str(d / f"{prefix}-ca.pem"))
+pytest.importorskip("cryptography", reason="cryptography makes the test certificates (pip install -e '.[dev]')")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
+    from lookalike.devcerts import write_pki
+
     d = tmp_path_factory.mktemp("pki")
-    return {"good": _write_pki(d, "good"), "rogue": _write_pki(d, "rogue")}
+    return {"good": write_pki(d, "good-"), "rogue": write_pki(d, "rogue-")}
 
 
 def _serve(tmp_path, **kw):
