@@ -69,6 +69,8 @@ def _rpc_errors(func):
             return func(args)
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            if err.code() == grpc.StatusCode.UNAVAILABLE and hasattr(args, "tls_ca") and _tls(args) is None:
+                print("hint: if the router serves TLS, give --tls-ca (or LOOKALIKE_TLS_CA)", file=sys.stderr)
             return 1
         except _ConnError as err:
             print(f"error: {err}", file=sys.stderr)
