@@ -22,14 +22,12 @@ def _tls(args, server: bool = False):
     """The TLS files of the flags, else of LOOKALIKE_TLS_* (lookalike.security.TLSConfig); None: plaintext."""
     from lookalike.security import TLSConfig
 
-    env = TLSConfig.from_env()
-    cert = args.tls_cert or (env.cert if env else "")
-    key = args.tls_key or (env.key if env else "")
-    ca = args.tls_ca or (env.ca if env else "")
+    env = TLSConfig.from_env() or TLSConfig()
+    cert, key, ca = args.tls_cert or env.cert, args.tls_key or env.key, args.tls_ca or env.ca
     if not (cert or key or ca):
         return None
-    client_auth = bool(getattr(args, "tls_client_auth", False) or (env and env.client_auth)) if server else False
-    return TLSConfig(cert, key, ca, client_auth, args.tls_server_name or (env.server_name if env else ""))
+    client_auth = server and (args.tls_client_auth or env.client_auth)
+    return TLSConfig(cert, key, ca, client_auth, args.tls_server_name or env.server_name)
 
 
 class _ConnError(Exception):
@@ -39,24 +37,22 @@ class _ConnError(Exception):
 def _conn(args) -> dict:
     """Client keyword arguments of the connection flags: tls and the bearer token (a file or the environment)."""
     from lookalike.errors import InvalidArgument
-    from lookalike.net import _plain_token_ok
     from lookalike.security import read_token
 
     try:
-        conn = {"tls": _tls(args), "token": read_token(args.token_file)}
-        if conn["tls"] is None:
-            _plain_token_ok(args.target, conn["token"])
-        else:
-            conn["tls"].channel_credentials()  # the files are readable PEM
-        return conn
-    except (InvalidArgument, ValueError) as err:
+        return {"tls": _tls(args), "token": read_token(args.token_file)}
+    except InvalidArgument as err:
         raise _ConnError(str(err)) from None
 
 
-def _client(args):
+def _client(args, conn: dict | None = None):
+    from lookalike.errors import InvalidArgument
     from router.client import Client
 
-    return Client(args.target, **_conn(args))
+    try:  # the channel reads the TLS files, and refuses a token in plaintext beyond loopback
+        return Client(args.target, **(conn if conn is not None else _conn(args)))
+    except (InvalidArgument, ValueError) as err:
+        raise _ConnError(str(err)) from None
 
 
 def _rpc_errors(func):
@@ -129,11 +125,10 @@ def cmd_serve(args) -> int:
 
     try:
         data_dir = storage_path(args.data)
-        security = _serve_security(args)
+        tls, auth, host = _serve_security(args)
     except ValueError as err:  # lookalike.errors.InvalidArgument is one
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tls, auth, host = security
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
@@ -212,12 +207,12 @@ def cmd_token(args) -> int:
 
     path = pathlib.Path(args.tokens)
     try:
-        doc = json.loads(path.read_text()) if path.exists() else {"tokens": []}
-        parse_tokens(json.dumps(doc), f"tokens file {str(path)!r}")
-    except (ValueError, InvalidArgument) as err:
+        text = path.read_text() if path.exists() else '{"tokens": []}'
+        parse_tokens(text, f"tokens file {str(path)!r}")  # checks every entry
+    except (OSError, InvalidArgument) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    entries = doc["tokens"]
+    entries = json.loads(text)["tokens"]
     if args.action == "list":
         for e in entries:
             extra = f"\trate={e['rate']}/s" if e.get("rate") else ""
@@ -631,9 +626,9 @@ def parse_bytes(text: str) -> int:
 @_rpc_errors
 def cmd_loadtest(args) -> int:
     from lookalike import loadtest
-    from router.client import Client
     from router.server import _METRIC_FROM_PROTO
 
+    conn = _conn(args)
     try:
         mix = loadtest.parse_mix(args.mix)
         mode = args.mode or ("open" if args.rate else "closed")
@@ -642,13 +637,12 @@ def cmd_loadtest(args) -> int:
             concurrency=args.concurrency, duration=args.duration, requests=args.requests, mix=mix, k=args.k,
             batch=args.batch, nprobe=args.nprobe, ef_search=args.ef_search, processes=args.processes,
             timeout=args.timeout, arrivals=args.arrivals, recall_sample=args.recall_sample,
-            keep_writes=args.keep_writes, seed=args.seed, **_conn(args))
+            keep_writes=args.keep_writes, seed=args.seed, **conn)
         cfg.check()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    conn = _conn(args)
-    with Client(args.target, **conn) as client:
+    with _client(args, conn) as client:
         spec = client.describe_collection(args.name).spec
     metric = _METRIC_FROM_PROTO.get(spec.metric, "l2")
     queries = np.load(args.queries) if args.queries else None

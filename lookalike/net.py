@@ -284,14 +284,14 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
         channel = grpc.insecure_channel(target, options=_OPTIONS)
     else:
         channel = grpc.secure_channel(target, tls.channel_credentials(), options=_OPTIONS + tls.channel_options())
-    return grpc.intercept_channel(channel, security._TokenMetadata(token)) if token else channel
+    return grpc.intercept_channel(channel, security.TokenMetadata(token)) if token else channel
 
 
 def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
     from lookalike import security
 
-    icpt = [security._AioTokenMetadata(token)] if token else None
+    icpt = [security.AioTokenMetadata(token)] if token else None
     if tls is None:
         _plain_token_ok(target, token)
         return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=icpt)
@@ -322,22 +322,38 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=
                     time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+async def _abort_async(context, method, err: Exception) -> None:
+    """Ends a grpc.aio call the way :func:`abort_on_error` does; re-raises what is not an error to report."""
+    if isinstance(err, LookalikeError):
+        await context.abort(err.code, str(err))
+    if isinstance(err, DecodeError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
+    if isinstance(err, (grpc.RpcError, asyncio.CancelledError)):
+        raise err
+    log.exception("internal error in %s", method.__name__, exc_info=err)  # a bug: report it, keep serving
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
 def abort_on_error_async(method):
-    """:func:`abort_on_error` for coroutine handlers (``grpc.aio``)."""
+    """:func:`abort_on_error` for grpc.aio handlers: coroutines, and async generators (server streams; a sync
+    stream handler that aborts hangs grpc.aio's stream)."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except Exception as err:
+                await _abort_async(context, method, err)
+
+        return stream
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except LookalikeError as err:
-            await context.abort(err.code, str(err))
-        except DecodeError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
-        except (grpc.RpcError, asyncio.CancelledError):
-            raise
-        except Exception as err:  # a bug: report it, keep serving
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+        except Exception as err:
+            await _abort_async(context, method, err)
 
     return wrapper
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -138,7 +137,6 @@ class Token:
 
     name: str
     scopes: frozenset
-    digest: str
     rate: float = 0.0
     burst: int = 0
 
@@ -177,7 +175,7 @@ def parse_tokens(text: str, source: str = "tokens file") -> dict[str, Token]:
         rate, burst = e.get("rate", 0), e.get("burst", 0)
         if not isinstance(rate, (int, float)) or rate < 0 or not isinstance(burst, int) or burst < 0:
             raise InvalidArgument(f"{where} ({e['name']}): rate and burst must be numbers >= 0")
-        out["sha256:" + digest] = Token(e["name"], frozenset(scopes), "sha256:" + digest, float(rate), burst)
+        out["sha256:" + digest] = Token(e["name"], frozenset(scopes), float(rate), burst)
     return out
 
 
@@ -218,14 +216,9 @@ class TokenTable:
                 log.error("tokens file %s not reloaded, the previous tokens stay: %s", self.path, err)
 
     def lookup(self, token: str) -> Token | None:
+        """The entry of a presented token (found by its hash: the table holds no token), or None."""
         self._maybe_reload()
-        digest = token_hash(token)
-        found = self._tokens.get(digest)
-        # compare in constant time all the same (the dict lookup already used the digest, not the token)
-        return found if found is not None and hmac.compare_digest(found.digest, digest) else None
-
-    def __len__(self) -> int:
-        return len(self._tokens)
+        return self._tokens.get(token_hash(token))
 
 
 class RateLimiter:
@@ -271,7 +264,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     reflection pass without a token.
 
     Args:
-        tokens: the token table; None: no authentication (only the rate limit, per peer address, if set).
+        tokens: the token table; None: no authentication (only the rate limit, if set, for all callers together).
         rate, burst: the default request rate of a token without its own (0: unlimited).
     """
 
@@ -355,7 +348,7 @@ def read_token(path: str | None = None, env=None) -> str | None:
     return env.get(f"{ENV_PREFIX}TOKEN") or None
 
 
-class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+class TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Adds the bearer token to every call's metadata (TLS channels, and plaintext ones to loopback only)."""
 
@@ -378,8 +371,10 @@ class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInt
         return cont(self._details(d), it)
 
 
-class _AioTokenMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+class AioTokenMetadata(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
                         grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """:class:`TokenMetadata` for asyncio channels."""
+
     def __init__(self, token: str):
         self._md = ("authorization", f"Bearer {token}")
 

@@ -59,7 +59,8 @@ def _expire(future: asyncio.Future) -> None:
 
 
 class _Group:
-    def __init__(self):
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows  # queries one batch may carry (see SearchBatcher._send)
         self.pending: list[_Call] = []
         self.queued = 0  # queries in pending
         self.inflight = 0
@@ -98,7 +99,11 @@ class SearchBatcher:
         key = (name, k, nprobe, ef_search, min_coverage, include_payloads, xq.dtype.str, xq.shape[1])
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group()
+            # As many queries as one search can carry: the shards' answer and the request to them each fit in a
+            # message (see also _done).
+            rows = min(max_search_rows(k, include_payloads),
+                       LIMITS.max_message_bytes // 2 // max(1, xq.dtype.itemsize * xq.shape[1]))
+            group = self._groups[key] = _Group(rows)
         call = _Call(xq, None if timeout is None else time.monotonic() + timeout, loop.create_future())
         group.pending.append(call)
         group.queued += len(xq)
@@ -133,13 +138,9 @@ class SearchBatcher:
         if group.timer is not None:
             group.timer.cancel()
             group.timer = None
-        k, include_payloads = key[1], key[5]
-        # As many pending calls as one search can carry (the shards' answer and the request to them each fit in a
-        # message; see also _done), at least one; the rest go next.
-        rows = min(max_search_rows(k, include_payloads),
-                   LIMITS.max_message_bytes // 2 // max(1, np.dtype(key[6]).itemsize * key[7]))
+        # As many pending calls as the group's max_rows allows, at least one; the rest go next.
         take, n = 0, 0
-        while take < len(group.pending) and (not take or n + len(group.pending[take].xq) <= rows):
+        while take < len(group.pending) and (not take or n + len(group.pending[take].xq) <= group.max_rows):
             n += len(group.pending[take].xq)
             take += 1
         batch, group.pending = group.pending[:take], group.pending[take:]

@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import logging
-
-import grpc
 
 from lookalike.config import METRICS, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument, LookalikeError
+from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
@@ -20,7 +17,6 @@ from router.core import Router, check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
 _MAX_QUERY_IMAGES = LIMITS.max_query_images
-log = logging.getLogger(__name__)
 
 _METRIC_TO_PROTO = {"l2": common_pb2.L2, "ip": common_pb2.IP, "cosine": common_pb2.COSINE,
                     "hamming": common_pb2.HAMMING}
@@ -272,20 +268,13 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     def CancelJob(self, request, context):
         return job_to_proto(self._jobs().cancel(request.job_id))
 
+    @abort_on_error_async
     async def DedupGroups(self, request, context):
-        # An async generator: a sync unary-stream handler that aborts hangs the grpc.aio server's stream.
         loop = asyncio.get_running_loop()
         per = min(request.limit, _GROUPS_PER_READ) if request.limit else _GROUPS_PER_READ
         offset, sent = request.offset, 0
         while True:
-            try:
-                page = await loop.run_in_executor(self._executor, lambda o=offset: self._jobs().groups(
-                    request.job_id, o, per))
-            except LookalikeError as err:
-                await context.abort(err.code, str(err))
-            except Exception as err:  # a bug: report it, keep serving
-                log.exception("internal error in DedupGroups")
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+            page = await loop.run_in_executor(self._executor, self._jobs().groups, request.job_id, offset, per)
             for g in page:
                 if request.limit and sent >= request.limit:
                     return

@@ -47,6 +47,7 @@ from lookalike.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2, shard_pb2_grpc
 from router.client import Client
 from router.server import create_router_server
+from test_encoder import picture, to_bytes
 
 SERVICE = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"]
 METHODS = {m.name: m for m in SERVICE.methods}
@@ -103,25 +104,6 @@ def _payloads(n: int, tag: str) -> list[dict]:
     return out
 
 
-def picture(seed: int, size: int = 64) -> Image.Image:
-    """A small picture with smooth structure (phash sees it), different per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.zeros((size, size, 3))
-    for c in range(3):
-        img[..., c] = rng.uniform(0, 0.5) + rng.uniform(-0.3, 0.3) * x + rng.uniform(-0.3, 0.3) * y
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.25)
-        img += np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None] * rng.uniform(-0.6, 0.6, 3)
-    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
-
-
-def to_bytes(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 class Fuzz:
     def __init__(self, root):
         self.cl = LocalCluster(root, shards=2)
@@ -155,7 +137,7 @@ class Fuzz:
         for name in (KNOWN_NAMES["img"], SCRATCH_NAMES["img"]):
             self.client.create_collection(name, encoder="phash", buckets=16)
         ids = [f"keep-img-{i}" for i in range(8)]
-        self.images = {u: to_bytes(picture(i), "PNG" if i % 2 else "JPEG") for i, u in enumerate(ids)}
+        self.images = {u: to_bytes(picture(i, 64), "PNG" if i % 2 else "JPEG") for i, u in enumerate(ids)}
         count, failures = self.client.upsert_images(KNOWN_NAMES["img"], [(u, self.images[u], {"uri": u}) for u in ids],
                                                     skip_bad=False)
         assert (count, failures) == (8, [])
@@ -167,7 +149,7 @@ class Fuzz:
             x = (rng.integers(0, 256, (20, dim // 8), dtype=np.uint8) if metric == "hamming"
                  else rng.normal(size=(20, dim)).astype(np.float32))
             self.client.upsert(SCRATCH_NAMES[metric], [f"s{i}" for i in range(20)], x)
-        self.client.upsert_images(SCRATCH_NAMES["img"], [(f"s{i}", to_bytes(picture(100 + i))) for i in range(4)])
+        self.client.upsert_images(SCRATCH_NAMES["img"], [(f"s{i}", to_bytes(picture(100 + i, 64))) for i in range(4)])
         self.shard_addresses = [f"127.0.0.1:{srv[1]}" for srv in self.cl.placer.servers.values()]
 
     def close(self):
@@ -1009,10 +991,10 @@ def test_encode_many_bounds_decoded_pixels():
             return enc.encode_images(images)
 
     big = to_bytes(Image.new("L", (2048, 2048), 7))  # 4 Mpixel each
-    vectors, reasons = encode_many(Recording(), [big] * 20 + [b"junk"] + [to_bytes(picture(1))])
+    vectors, reasons = encode_many(Recording(), [big] * 20 + [b"junk"] + [to_bytes(picture(1, 64))])
     assert reasons[:20] == [None] * 20 and reasons[20] is not None and reasons[21] is None
     assert vectors.shape == (21, 8) and len(batches) >= 2
-    np.testing.assert_array_equal(vectors[-1], enc.encode_images([picture(1)])[0])
+    np.testing.assert_array_equal(vectors[-1], enc.encode_images([picture(1, 64)])[0])
     assert max(batches) <= MAX_IMAGE_PIXELS, batches
 
 
