@@ -724,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--target", default=DEFAULT_TARGET, help=f"router host:port (default {DEFAULT_TARGET})")
         tls_flags(sp, server=False)
         sp.add_argument("--token-file", default=None,
-                        help="file holding the bearer token (env LOOKALIKE_TOKEN_FILE, or the token in LOOKALIKE_TOKEN)")
+                        help="file holding the bearer token (env LOOKALIKE_TOKEN_FILE, or the token itself in "
+                             "LOOKALIKE_TOKEN)")
         return sp
 
     s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
