@@ -260,15 +260,19 @@ def test_client_refuses_to_send_a_token_in_plaintext_beyond_loopback():
         Client("10.1.2.3:50051", token="lk_x")
 
 
-def test_serve_refuses_plaintext_beyond_loopback_and_bad_tls_flags(tmp_path, pki):
+def test_serve_refuses_plaintext_beyond_loopback_and_bad_tls_flags(tmp_path, pki, capsys):
     from lookalike.cli import main
 
     data = str(tmp_path / "d")
-    assert main(["serve", "--data", data, "--host", "0.0.0.0"]) == 2
-    assert main(["serve", "--data", data, "--address", "ray://10.0.0.1:10001"]) == 2
-    assert main(["serve", "--data", data, "--tls-client-auth"]) == 2
-    # TLS needs the CA too: the shards' hop is mutual TLS
-    assert main(["serve", "--data", data, "--tls-cert", pki["good"].cert, "--tls-key", pki["good"].key]) == 2
+    refusals = [(["--host", "0.0.0.0"], "refusing to serve plaintext on 0.0.0.0"),
+                (["--address", "ray://10.0.0.1:10001"], "in a Ray cluster"),
+                (["--tls-client-auth"], "--tls-client-auth needs TLS"),
+                # TLS needs the CA too: the shards' hop is mutual TLS
+                (["--tls-cert", pki["good"].cert, "--tls-key", pki["good"].key], "needs a certificate, its key and the CA")]
+    for flags, message in refusals:
+        assert main(["serve", "--data", data, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "d").exists()  # refused before anything started
 
 
 # --- the whole thing: serve with TLS everywhere and tokens, driven by the CLI ----------------------------------
