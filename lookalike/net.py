@@ -142,7 +142,7 @@ class AioServer:
 
 
 class _Undecodable:
-    """What a request deserializer returns for bytes that are not the request message (see _DecodeInterceptor)."""
+    """What a request deserializer returns for bytes that are not the request message (see _decoding)."""
 
     def __init__(self, err: Exception):
         self.message = f"the request is not a valid protobuf message of this method: {err}"
@@ -158,70 +158,87 @@ def _tolerant(deserializer):
     return deserialize
 
 
-class _DecodeInterceptor(grpc.aio.ServerInterceptor):
-    """Requests that do not parse get INVALID_ARGUMENT with a sentence, where grpc.aio would answer UNKNOWN
-    ("Unexpected DecodeError") or the handler meet the error mid-stream (INTERNAL). Applies to the application's
-    services (``prefixes``): unary requests (sync or coroutine handlers, unary or async-generator answers) and
-    sync request streams."""
+def _decoding(handler):
+    """``handler`` with a tolerant deserializer: requests that do not parse get INVALID_ARGUMENT with a sentence,
+    where grpc.aio would answer UNKNOWN ("Unexpected DecodeError") or the handler meet the error mid-stream
+    (INTERNAL). For unary requests (sync or coroutine handlers, unary or async-generator answers) and sync request
+    streams; other handlers are returned as they are."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    kw = {"request_deserializer": _tolerant(handler.request_deserializer),
+          "response_serializer": handler.response_serializer}
+    if not handler.request_streaming:
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if handler.response_streaming:
+            if not inspect.isasyncgenfunction(behavior):
+                return handler
 
-    def __init__(self, prefixes: tuple[str, ...]):
-        self.prefixes = prefixes
-        self._wrapped: dict[str, object] = {}  # method -> its handler, wrapped once (the services are fixed)
-
-    async def intercept_service(self, continuation, details):
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(self.prefixes) or handler.request_deserializer is None:
-            return handler
-        self._wrapped[details.method] = wrapped = self._wrap(handler)
-        return wrapped
-
-    def _wrap(self, handler):
-        kw = {"request_deserializer": _tolerant(handler.request_deserializer),
-              "response_serializer": handler.response_serializer}
-        if not handler.request_streaming:
-            behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-            if handler.response_streaming:
-                if not inspect.isasyncgenfunction(behavior):
-                    return handler
-
-                async def stream(request, context):
-                    if isinstance(request, _Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                    async for item in behavior(request, context):
-                        yield item
-
-                return grpc.unary_stream_rpc_method_handler(stream, **kw)
-            if inspect.iscoroutinefunction(behavior):
-                async def unary_async(request, context):
-                    if isinstance(request, _Undecodable):
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                    return await behavior(request, context)
-
-                return grpc.unary_unary_rpc_method_handler(unary_async, **kw)
-
-            def unary(request, context):
+            async def stream(request, context):
                 if isinstance(request, _Undecodable):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                return behavior(request, context)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for item in behavior(request, context):
+                    yield item
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kw)
-        if handler.response_streaming or inspect.iscoroutinefunction(handler.stream_unary):
-            return handler
-        behavior = handler.stream_unary
-
-        def checked(requests):
-            for request in requests:
+            return grpc.unary_stream_rpc_method_handler(stream, **kw)
+        if inspect.iscoroutinefunction(behavior):
+            async def unary_async(request, context):
                 if isinstance(request, _Undecodable):
-                    raise InvalidArgument(request.message)
-                yield request
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return await behavior(request, context)
 
-        def stream_unary(requests, context):
-            return behavior(checked(requests), context)  # abort_on_error turns InvalidArgument into the status
+            return grpc.unary_unary_rpc_method_handler(unary_async, **kw)
 
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+        def unary(request, context):
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming or inspect.iscoroutinefunction(handler.stream_unary):
+        return handler
+    behavior = handler.stream_unary
+
+    def checked(requests):
+        for request in requests:
+            if isinstance(request, _Undecodable):
+                raise InvalidArgument(request.message)
+            yield request
+
+    def stream_unary(requests, context):
+        return behavior(checked(requests), context)  # abort_on_error turns InvalidArgument into the status
+
+    return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+
+
+class _DecodingGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner):
+        self._inner = inner
+        self._cache: dict[str, object] = {}
+
+    def service(self, details):
+        handler = self._cache.get(details.method)
+        if handler is None:
+            handler = _decoding(self._inner.service(details))
+            if handler is not None:
+                self._cache[details.method] = handler
+        return handler
+
+
+class _Registering:
+    """The server as an application's ``register`` sees it: the method handlers it adds are wrapped once, here, by
+    :func:`_decoding` (no per-call interceptor). Health and reflection are added to the server itself."""
+
+    def __init__(self, server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers):
+        self._server.add_generic_rpc_handlers(tuple(_DecodingGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service, handlers):
+        self._server.add_registered_method_handlers(service, {n: _decoding(h) for n, h in handlers.items()})
+
+    def __getattr__(self, name):
+        return getattr(self._server, name)
 
 
 def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32, tls=None,
@@ -237,10 +254,8 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        decode = _DecodeInterceptor(tuple(f"/{name}/" for name in service_names))
-        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS,
-                                 interceptors=[*interceptors, decode])
-        register(server)
+        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=list(interceptors) or None)
+        register(_Registering(server))
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
         port = _bind(server, address, tls)
         await server.start()
