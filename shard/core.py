@@ -82,6 +82,13 @@ class RWLock:
         return self._Ctx(self.acquire_write, self.release_write)
 
 
+def _spread(values, mask: np.ndarray, empty) -> list:
+    """``values`` at the True places of ``mask``, ``empty`` elsewhere."""
+    out = np.full(len(mask), empty, dtype=object)
+    out[np.flatnonzero(mask)] = values
+    return out.tolist()
+
+
 class IdTable:
     """User ids <-> internal labels, plus payloads, in flat numpy arrays: about 24 bytes an item plus the id's
     UTF-8 bytes (a Python str per item would cost about 50 more).
@@ -583,15 +590,17 @@ class ShardCollection:
             self._check_live()
             self._check_epoch(epoch)
             D, L = self.index.search(xq, k, nprobe, ef_search)
-            valid = L >= 0
-            if len(self.table):
-                pos = np.minimum(self.table.positions(L).ravel(), len(self.table) - 1)
-                ids = [u if v else "" for u, v in zip(self.table.uids_at(pos), valid.ravel().tolist())]
-                payloads = (np.where(valid.ravel(), self.table.payloads[pos], None).tolist()
-                            if include_payloads else None)
-            else:
-                ids = [""] * L.size
-                payloads = [None] * L.size if include_payloads else None
+            valid = L.ravel() >= 0
+            if not len(self.table) or not valid.any():
+                return D, L, [""] * L.size, [None] * L.size if include_payloads else None
+            # Ids of the results only: k past the collection's size leaves most slots empty (-1).
+            full = bool(valid.all())
+            pos = np.minimum(self.table.positions(L.ravel() if full else L.ravel()[valid]), len(self.table) - 1)
+            ids = self.table.uids_at(pos)
+            payloads = self.table.payloads[pos].tolist() if include_payloads else None
+            if not full:
+                ids = _spread(ids, valid, "")
+                payloads = _spread(payloads, valid, None) if include_payloads else None
         return D, L, ids, payloads
 
     # --- catalog jobs ---------------------------------------------------------------------------------------
