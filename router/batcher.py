@@ -6,8 +6,8 @@ earlier batches are still running and sends them as one request, so the shards m
 them and the fixed cost is paid once.
 
 It lives in the router's asyncio gRPC server (router/server.py): callers are coroutines on the server's event
-loop, so gathering them takes no lock and no thread per waiting caller; a batch runs the (blocking) unbatched
-search on a thread of ``executor``.
+loop, so gathering them takes no lock and no thread per waiting caller; a batch runs the unbatched search, a
+coroutine on the same loop (``Router.search_async``), or a blocking function on a thread of ``executor``.
 
 Rules, per compatible group (same collection, k, search parameters, min_coverage and payload flag):
 
@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import inspect
 import time
 
 import numpy as np
 
 from lookalike.config import LIMITS
-from lookalike.errors import DeadlineExceeded, ResourceExhausted
+from lookalike.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from router.core import max_search_rows
 
 # Defaults: one batch of a group running at once (measured on 2 cores with 64 single-query clients: larger
@@ -72,8 +74,9 @@ class SearchBatcher:
     from coroutines on one event loop.
 
     Args:
-        search: the unbatched, blocking search (``Router.search``); returns a ``SearchResult``.
-        executor: where batches run (a ``concurrent.futures`` executor).
+        search: the unbatched search (``Router.search_async``, or the blocking ``Router.search``); returns a
+            ``SearchResult``.
+        executor: where batches of a blocking ``search`` run (a ``concurrent.futures`` executor).
         max_wait_s: how long a batch gathers while another of its group runs.
         max_batch: queries that send a batch at once.
         max_inflight: batches of one group running at once.
@@ -83,6 +86,7 @@ class SearchBatcher:
                  max_inflight: int = MAX_INFLIGHT):
         self._search = search
         self._executor = executor
+        self._is_async = inspect.iscoroutinefunction(search.func if isinstance(search, functools.partial) else search)
         self.max_wait_s = max_wait_s
         self.max_batch = max_batch
         self.max_inflight = max(1, max_inflight)
@@ -94,8 +98,7 @@ class SearchBatcher:
                      min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
         loop = asyncio.get_running_loop()
         if len(xq) >= self.max_batch:  # already a big batch: nothing to gain by waiting
-            return await loop.run_in_executor(self._executor, self._search, name, xq, k, nprobe, ef_search,
-                                              min_coverage, include_payloads, timeout)
+            return await self._start(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
         key = (name, k, nprobe, ef_search, min_coverage, include_payloads, xq.dtype.str, xq.shape[1])
         group = self._groups.get(key)
         if group is None:
@@ -155,13 +158,18 @@ class SearchBatcher:
         deadlines = [c.deadline for c in batch]
         timeout = None if None in deadlines else max(0.0, max(deadlines) - time.monotonic())
         xq = batch[0].xq if len(batch) == 1 else np.concatenate([c.xq for c in batch])
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._search, name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        fut = self._start(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
         fut.add_done_callback(lambda f: self._done(key, group, batch, f))
+
+    def _start(self, *args) -> asyncio.Future:
+        """One unbatched search, running: a task on this loop, or a blocking call on a thread of the executor."""
+        if self._is_async:
+            return asyncio.ensure_future(self._search(*args))
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._search, *args)
 
     def _done(self, key: tuple, group: _Group, batch: list[_Call], fut: asyncio.Future) -> None:
         group.inflight -= 1
-        err = fut.exception()
+        err = Unavailable("the search was cancelled: the router is stopping") if fut.cancelled() else fut.exception()
         if isinstance(err, ResourceExhausted) and len(batch) > 1:
             # The batch's answer passed the message limit (it grows with the ids' lengths, which the cap in _send
             # cannot know): its calls go again in halves, down to one each, which gets what it would have alone.

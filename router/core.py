@@ -6,6 +6,7 @@ production, an in-process Controller in tests) and a shard-client factory (gRPC 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -379,12 +380,84 @@ class Router:
         Raises:
             Unavailable: fewer buckets answered than min_coverage.
         """
+        steps = self._search_steps(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        try:
+            op = next(steps)
+            while True:
+                kind = op[0]
+                if kind == "map":
+                    got = self.shard_map(op[1], refresh=op[2])
+                elif kind == "call":
+                    _, smap, targets, req, left = op
+                    got = [(sid, _outcome(fut)) for sid, fut in self._fan_out(smap, targets, "Search", req, left)]
+                elif kind == "sleep":
+                    time.sleep(op[1])
+                    got = None
+                else:  # "finish"
+                    got = op[1]()
+                op = steps.send(got)
+        except StopIteration as stop:
+            return stop.value
+
+    async def search_async(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
+                           min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
+                           executor=None):
+        """:meth:`search` as a coroutine, for the router's asyncio server: the shard calls are made on the running
+        loop (``ShardClient.acall``), so a search waits on no thread. What can block (fetching a shard map from
+        the control plane, merging a big answer) runs on ``executor`` (None: the loop's default)."""
+        loop = asyncio.get_running_loop()
+        steps = self._search_steps(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        try:
+            op = next(steps)
+            while True:
+                kind = op[0]
+                if kind == "map":
+                    got = None if op[2] else self._maps.get(op[1])
+                    if got is None:
+                        got = await loop.run_in_executor(executor, self.shard_map, op[1], op[2])
+                elif kind == "call":
+                    _, smap, targets, req, left = op
+                    got = await self._fan_out_async(smap, targets, "Search", req, left)
+                elif kind == "sleep":
+                    await asyncio.sleep(op[1])
+                    got = None
+                elif op[2] <= _MERGE_ON_LOOP:  # "finish", small: cheaper here than a thread hop
+                    got = op[1]()
+                else:
+                    got = await loop.run_in_executor(executor, op[1])
+                op = steps.send(got)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _fan_out_async(self, smap: ShardMap, shard_ids, method: str, request, timeout: float | None):
+        """:meth:`_fan_out` on the running loop; returns [(shard_id, response or LookalikeError)]."""
+        async def one(sid):
+            try:
+                return await self._client(smap, sid).acall(method, request, timeout)
+            except LookalikeError as err:
+                return err
+        outcomes = await asyncio.gather(*(one(sid) for sid in shard_ids))
+        return list(zip(shard_ids, outcomes))
+
+    def _search_steps(self, name: str, xq: np.ndarray, k: int, nprobe: int, ef_search: int, min_coverage: float,
+                      include_payloads: bool, timeout: float | None):
+        """The search's logic as a generator, shared by :meth:`search` (threads) and :meth:`search_async`
+        (asyncio): it yields what it needs done and is sent the outcome:
+
+        - ``("map", name, refresh)``: the collection's shard map (:meth:`shard_map`);
+        - ``("call", smap, shard_ids, request, timeout)``: a Search to each shard, concurrently; the outcome is
+          [(shard_id, response or LookalikeError)];
+        - ``("sleep", seconds)``;
+        - ``("finish", fn, size)``: ``fn()`` (the merge, about ``size`` result slots), whose value is sent back.
+
+        It returns the SearchResult.
+        """
         if len(xq) > max_search_rows(k, include_payloads):  # refused before every shard runs the whole search
             raise ResourceExhausted(
                 f"{len(xq)} queries x k={k} would make an answer over the {LIMITS.max_message_bytes >> 20} MiB message "
                 f"limit: send at most {max_search_rows(k, include_payloads)} queries per request at this k")
         deadline = None if timeout is None else time.monotonic() + timeout
-        smap = self.shard_map(name)
+        smap = yield ("map", name, False)
         req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
@@ -393,7 +466,7 @@ class Router:
         n_buckets = smap.collection.buckets
         covered = np.zeros(n_buckets, dtype=bool)
         answered: set[str] = set()
-        Ds, Ls, ids, payloads, failures = [], [], [], [], {}
+        responses, failures = [], {}
         rotation = next(self._turn)
         for attempt in range(_SEARCH_ROUNDS):
             left = None if deadline is None else deadline - time.monotonic()
@@ -407,22 +480,16 @@ class Router:
                 break
             req.epoch = smap.epoch
             answered_now = []
-            for sid, fut in self._fan_out(smap, targets, "Search", req, left):
-                try:
-                    resp = fut.result()
-                except _CALLER_ERRORS:
-                    raise
-                except LookalikeError as err:
-                    failures[sid] = err
+            for sid, resp in (yield ("call", smap, targets, req, left)):
+                if isinstance(resp, _CALLER_ERRORS):
+                    raise resp
+                if isinstance(resp, LookalikeError):
+                    failures[sid] = resp
                     continue
                 failures.pop(sid, None)
                 answered.add(sid)
                 answered_now.append(sid)
-                Ds.append(np.frombuffer(resp.distances, dtype="<f4").reshape(nq, k))
-                Ls.append(np.frombuffer(resp.labels, dtype="<i8").reshape(nq, k))
-                ids.extend(resp.ids)
-                if include_payloads:
-                    payloads.extend(resp.payloads)
+                responses.append(resp)
             if first and not failures:  # the usual case: the whole cover answered, every owned bucket is covered
                 covered = smap.owned
                 break
@@ -434,8 +501,8 @@ class Router:
             # address); a shard that said the map was stale is asked again under the fresh one.
             stale = any(isinstance(e, StaleShardMap) for e in failures.values())
             if stale and attempt:
-                time.sleep(min(0.01 * 2 ** attempt, 0.2))
-            fresh = self.shard_map(name, refresh=True)
+                yield ("sleep", min(0.01 * 2 ** attempt, 0.2))
+            fresh = yield ("map", name, True)
             for sid in list(failures):
                 info = fresh.shards.get(sid)
                 if isinstance(failures[sid], StaleShardMap) or (
@@ -447,19 +514,16 @@ class Router:
         if failures:
             self.invalidate(name)
             log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), failed)
-        if coverage < min_coverage or not Ds:
+        if coverage < min_coverage or not responses:
             raise Unavailable(
                 f"only {int(covered.sum())} of {n_buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
                 f"< min_coverage {min_coverage:g}); failed: {failed or 'none'}")
-        D, I = merge_topk(np.stack(Ds), np.stack(Ls), smap.collection.larger_is_better)
-        ids_arr = np.array(ids, dtype=object)
-        out_ids, out_pl = [], [] if include_payloads else None
-        for q in range(nq):
-            row = I[q][I[q] >= 0]
-            out_ids.append(ids_arr[row].tolist())
-            if include_payloads:
-                out_pl.append([payloads[i] for i in row.tolist()])
-        return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
+        larger_is_better = smap.collection.larger_is_better
+
+        def finish():
+            D, out_ids, out_pl = _merge_responses(responses, nq, k, larger_is_better, include_payloads)
+            return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
+        return (yield ("finish", finish, nq * k * len(responses)))
 
     # --- catalog jobs -----------------------------------------------------------------------------------------
     def _per_owner(self, name: str, buckets, method: str, build: Callable[[str, list[int], int], object],
@@ -606,6 +670,39 @@ class _Failed:
 
     def result(self, timeout=None):
         raise self._err
+
+
+def _outcome(fut):
+    """A shard call's response, or the LookalikeError it raised."""
+    try:
+        return fut.result()
+    except LookalikeError as err:
+        return err
+
+
+# Result slots (queries x k x answering shards) up to which search_async merges on the event loop: about 0.1 ms of
+# work, less than handing it to a thread and back.
+_MERGE_ON_LOOP = 20_000
+
+
+def _merge_responses(responses, nq: int, k: int, larger_is_better: bool, include_payloads: bool):
+    """One top-k from the shards' answers: (D (nq, k), nq lists of ids, nq lists of payloads or None)."""
+    Ds = [np.frombuffer(r.distances, dtype="<f4").reshape(nq, k) for r in responses]
+    Ls = [np.frombuffer(r.labels, dtype="<i8").reshape(nq, k) for r in responses]
+    ids, payloads = [], []
+    for r in responses:
+        ids.extend(r.ids)
+        if include_payloads:
+            payloads.extend(r.payloads)
+    D, I = merge_topk(np.stack(Ds), np.stack(Ls), larger_is_better)
+    ids_arr = np.array(ids, dtype=object)
+    out_ids, out_pl = [], [] if include_payloads else None
+    for q in range(nq):
+        row = I[q][I[q] >= 0]
+        out_ids.append(ids_arr[row].tolist())
+        if include_payloads:
+            out_pl.append([payloads[i] for i in row.tolist()])
+    return D, out_ids, out_pl
 
 
 def max_search_rows(k: int, include_payloads: bool = False) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import concurrent.futures
 import json
 
@@ -170,7 +171,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         if self.batcher is not None:
             res = await self.batcher.search(*args)
         else:
-            res = await asyncio.get_running_loop().run_in_executor(self._executor, self.router.search, *args)
+            res = await self.router.search_async(*args, executor=self._executor)
         return _search_response(res)
 
     @abort_on_error
@@ -305,7 +306,8 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     holder = {}
 
     def register(server):
-        batcher = (SearchBatcher(router.search, executor, max_wait_s=batch_wait_s, max_inflight=batch_inflight)
+        batcher = (SearchBatcher(functools.partial(router.search_async, executor=executor), executor,
+                                 max_wait_s=batch_wait_s, max_inflight=batch_inflight)
                    if batch_wait_s >= 0 else None)
         holder["servicer"] = RouterServicer(router, batcher, executor, jobs)
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)

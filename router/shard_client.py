@@ -1,11 +1,13 @@
 """One shard-client interface, two implementations: in-process (unit tests) and gRPC (the real thing).
 
-Both take the internal request protos and return a future whose ``result()`` gives the response proto or
-raises a typed :class:`lookalike.errors.LookalikeError`.
+Both take the internal request protos. ``call`` returns a future whose ``result()`` gives the response proto or
+raises a typed :class:`lookalike.errors.LookalikeError`; ``acall`` is the same call as a coroutine, for the
+router's asyncio server (searches), which then waits on no thread at all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from typing import Protocol
 
@@ -13,12 +15,14 @@ import grpc
 
 from lookalike.errors import (FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
                               from_rpc_error)
-from lookalike.net import create_channel
+from lookalike.net import create_aio_channel, create_channel
 from protos import shard_pb2_grpc
 
 
 class ShardClient(Protocol):
     def call(self, method: str, request, timeout: float | None) -> "concurrent.futures.Future": ...
+
+    async def acall(self, method: str, request, timeout: float | None): ...
 
     def close(self) -> None: ...
 
@@ -38,23 +42,54 @@ def _shard_error(exc: LookalikeError) -> LookalikeError:
 class GrpcShardClient:
     def __init__(self, address: str, tls=None):
         self.address = address
-        self._channel = create_channel(address, tls)  # tls: the cluster's mutual TLS (lookalike.security)
+        self._tls = tls  # the cluster's mutual TLS (lookalike.security)
+        self._channel = create_channel(address, tls)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
+        self._aio: tuple[asyncio.AbstractEventLoop, grpc.aio.Channel, shard_pb2_grpc.ShardStub] | None = None
+
+    def _error(self, err: grpc.RpcError) -> LookalikeError:
+        exc = from_rpc_error(err)
+        if isinstance(exc, Unavailable):
+            exc = Unavailable(f"shard at {self.address} is unavailable: {err.details()}")
+        return _shard_error(exc)
 
     def _blocking(self, method: str, request, timeout: float | None):
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as err:
-            exc = from_rpc_error(err)
-            if isinstance(exc, Unavailable):
-                exc = Unavailable(f"shard at {self.address} is unavailable: {err.details()}")
-            raise _shard_error(exc) from None
+            raise self._error(err) from None
 
     def call(self, method: str, request, timeout: float | None):
         return _POOL.submit(self._blocking, method, request, timeout)
 
+    def _aio_stub(self) -> shard_pb2_grpc.ShardStub:
+        """The asyncio channel of the running loop (made on first use: an aio channel belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._aio is None or self._aio[0] is not loop:
+            channel = create_aio_channel(self.address, self._tls)
+            self._aio = (loop, channel, shard_pb2_grpc.ShardStub(channel))
+        return self._aio[2]
+
+    async def acall(self, method: str, request, timeout: float | None):
+        try:
+            return await getattr(self._aio_stub(), method)(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+
     def close(self) -> None:
         self._channel.close()
+        if self._aio is not None:
+            loop, channel, _ = self._aio
+            self._aio = None
+            if not loop.is_closed() and loop.is_running():
+                try:
+                    on_loop = asyncio.get_running_loop() is loop
+                except RuntimeError:
+                    on_loop = False
+                if on_loop:
+                    loop.create_task(channel.close())
+                else:
+                    asyncio.run_coroutine_threadsafe(channel.close(), loop)
 
 
 class _LocalContext:
@@ -84,6 +119,11 @@ class InProcessShardClient:
         except LookalikeError as err:
             fut.set_exception(err)
         return fut
+
+    async def acall(self, method: str, request, timeout: float | None):
+        # On a thread, as a real call would be: the shard's work must not hold up the caller's event loop.
+        fut = await asyncio.wrap_future(_POOL.submit(self.call, method, request, timeout))
+        return fut.result()
 
     def close(self) -> None:
         pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -112,7 +113,9 @@ def ray_cluster_factory(ray_session, tmp_path):
 class MixedLoad:
     """Upserts of new items and searches in background threads (l2), each search checked against exact search
     over the writes acknowledged before it started: no id twice, none missing that ranks better than the last one
-    returned (when the answer reports full coverage), and each returned id one that was written."""
+    returned (when the answer reports full coverage), and each returned id one that was written. Searchers take
+    turns between the two drivers of the router's search: the first (and every second one) runs ``Router.search_async`` (what
+    the router's gRPC server runs) on an event loop of its own, the others ``Router.search``."""
 
     def __init__(self, router, name: str, dim: int, seed: int = 0, batch: int = 40, searchers: int = 2,
                  min_coverage: float = 1.0):
@@ -155,6 +158,15 @@ class MixedLoad:
             time.sleep(0.005)
 
     def _searcher(self, seed: int) -> None:
+        if seed % 2 == 1 or not hasattr(self.router, "search_async"):
+            return self._search_loop(seed, self.router.search)
+        loop = asyncio.new_event_loop()
+        try:
+            self._search_loop(seed, lambda *a, **kw: loop.run_until_complete(self.router.search_async(*a, **kw)))
+        finally:
+            loop.close()
+
+    def _search_loop(self, seed: int, search) -> None:
         rng = np.random.default_rng(100 + seed)
         k = 10
         while not self.stop.is_set():
@@ -162,7 +174,7 @@ class MixedLoad:
                 before = dict(self.acked)
             q = rng.normal(size=(1, self.dim)).astype(np.float32)
             try:
-                res = self.router.search(self.name, q, k, min_coverage=self.min_coverage, timeout=30)
+                res = search(self.name, q, k, min_coverage=self.min_coverage, timeout=30)
             except Exception as err:
                 self.errors.append(f"search: {err!r}")
                 continue
