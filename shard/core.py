@@ -27,6 +27,7 @@ from shard.storage import DELETE, RESET, UPSERT, CollectionStore, read_buckets, 
 log = logging.getLogger(__name__)
 
 _TRIM_EVERY_BYTES = 32 << 20
+_TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what its last writes freed
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
 
@@ -273,6 +274,8 @@ class ShardCollection:
         self._rw = RWLock()
         self._write_order = threading.Lock()  # log order == apply order
         self._written_since_trim = 0
+        self._last_write = 0.0
+        self._idle_trim: threading.Thread | None = None
         self.dropped = False
 
     @property
@@ -379,12 +382,42 @@ class ShardCollection:
         return len(ids)
 
     def _after_write(self, nbytes: int, trim: bool = True) -> None:
+        """Called under the write order after each applied write."""
         self._train_if_ready()
         self._refresh_gpu()
         self._written_since_trim += nbytes
+        self._last_write = time.monotonic()
         if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
+        elif trim and self._idle_trim is None:
+            # What the last writes of a burst freed (up to _TRIM_EVERY_BYTES of request buffers: a quarter of a
+            # 250k x 128 shard's vectors) is handed back once the writes stop.
+            self._idle_trim = threading.Thread(target=self._trim_when_idle, name=f"trim-{self.coll.name}",
+                                               daemon=True)
+            self._idle_trim.start()
+
+    def _trim_when_idle(self) -> None:
+        """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once. Not while buckets are
+        copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
+        wait = _TRIM_IDLE_S
+        while True:
+            time.sleep(max(0.05, wait))
+            with self._write_order:
+                if self.dropped:
+                    self._idle_trim = None
+                    return
+                wait = self._last_write + _TRIM_IDLE_S - time.monotonic()
+                if self.joining:
+                    wait = _TRIM_IDLE_S
+                if wait > 0:
+                    continue
+                self._idle_trim = None
+                if not self._written_since_trim:
+                    return
+                self._written_since_trim = 0
+            release_memory()
+            return
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
         """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while

@@ -205,3 +205,43 @@ def test_index_specs_that_would_allocate_too_much_are_refused_before_building(sp
     with pytest.raises(InvalidArgument, match=msg):
         check_index_spec(128, "l2", spec)
     check_index_spec(128, "l2", "IVF1024,PQ16x8")  # ordinary ones still build
+
+
+def test_freed_memory_is_handed_back_once_writes_stop(tmp_path, monkeypatch):
+    """A burst of writes smaller than the every-32-MiB trim still ends with one trim once the writes stop, and
+    none while buckets are being copied in (a move must not stall searches)."""
+    import time
+
+    from shard import core
+
+    trims = []
+    monkeypatch.setattr(core, "release_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(core, "_TRIM_IDLE_S", 0.2)
+    coll = CollectionConfig("c", 8, "l2", "Flat", buckets=4).validated()
+    shard = Shard("s", tmp_path)
+    shard.open_collection(coll, range(4))
+    sc = shard.collection("c")
+    x = np.ones((10, 8), np.float32)
+    trims.clear()  # opening trims once
+    last = 0.0
+    for i in range(5):  # writes 0.05 s apart: one burst
+        sc.upsert([f"a{i}-{j}" for j in range(10)], x, [None] * 10)
+        last = time.monotonic()
+        time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while not trims and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(trims) == 1 and trims[0] >= last + 0.2  # once, after the burst
+    time.sleep(0.5)
+    assert len(trims) == 1  # nothing more without writes
+
+    sc.joining[0] = set()  # a copy in progress
+    sc.upsert(["b"], x[:1], [None])
+    time.sleep(0.6)
+    assert len(trims) == 1
+    sc.finish_join([0])
+    deadline = time.monotonic() + 5
+    while len(trims) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(trims) == 2
+    shard.close()
