@@ -103,17 +103,19 @@ def test_open_loop_keeps_its_rate_when_the_server_slows_down():
         report, rec = loadtest.run(cfg, queries, np.zeros(8), np.ones(8), show_progress=False)
     finally:
         server.stop(None)
-    assert report["requests"] == 400 and report["ok"] == 400 and not report["errors"]
+    assert report["requests"] == 400 and report["ok"] == 400 and not report["errors"], report
     # the sends kept to the schedule: the server's slowdown did not lower the rate
-    assert report["send_rate"] == pytest.approx(200, rel=0.1)
+    assert report["send_rate"] == pytest.approx(200, rel=0.1), report
     # (a loose bound: a shared 2-core machine can stall the sender briefly; the queue below grows far more)
-    assert report["send_lag_ms"]["p99"] < 200
-    # while the latency, counted from the scheduled time, grew with the queue (133/s served, 200/s sent)
+    assert report["send_lag_ms"]["p99"] < 200, report
+    # while the latency, counted from the scheduled time, grew with the queue (133/s served, 200/s sent). The
+    # bound on the early latency is loose too (once 30 ms, which a stall of the shared machine passed in a full
+    # run): what matters is that the late latency is many times larger.
     lat = rec["done"] - rec["scheduled"]
     early, late = lat[rec["scheduled"] < 0.4], lat[rec["scheduled"] > 1.6]
-    assert np.median(early) < 0.03
-    assert np.median(late) > 0.3
-    assert report["achieved_rate"] < 170  # what the server managed, measured to the last answer
+    assert np.median(early) < 0.1, (np.median(early), np.median(late))
+    assert np.median(late) > 0.3 and np.median(late) > 5 * np.median(early), (np.median(early), np.median(late))
+    assert report["achieved_rate"] < 170, report  # what the server managed, measured to the last answer
 
 
 def test_loadtest_cli_against_a_cluster(tmp_path):
