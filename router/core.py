@@ -381,23 +381,13 @@ class Router:
             Unavailable: fewer buckets answered than min_coverage.
         """
         steps = self._search_steps(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
-        try:
-            op = next(steps)
-            while True:
-                kind = op[0]
-                if kind == "map":
-                    got = self.shard_map(op[1], refresh=op[2])
-                elif kind == "call":
-                    _, smap, targets, req, left = op
-                    got = [(sid, _outcome(fut)) for sid, fut in self._fan_out(smap, targets, "Search", req, left)]
-                elif kind == "sleep":
-                    time.sleep(op[1])
-                    got = None
-                else:  # "finish"
-                    got = op[1]()
+        got = None
+        while True:
+            try:
                 op = steps.send(got)
-        except StopIteration as stop:
-            return stop.value
+            except StopIteration as stop:
+                return stop.value
+            got = self._search_step(op)
 
     async def search_async(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
                            min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
@@ -405,29 +395,42 @@ class Router:
         """:meth:`search` as a coroutine, for the router's asyncio server: the shard calls are made on the running
         loop (``ShardClient.acall``), so a search waits on no thread. What can block (fetching a shard map from
         the control plane, merging a big answer) runs on ``executor`` (None: the loop's default)."""
-        loop = asyncio.get_running_loop()
         steps = self._search_steps(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
-        try:
-            op = next(steps)
-            while True:
-                kind = op[0]
-                if kind == "map":
-                    got = None if op[2] else self._maps.get(op[1])
-                    if got is None:
-                        got = await loop.run_in_executor(executor, self.shard_map, op[1], op[2])
-                elif kind == "call":
-                    _, smap, targets, req, left = op
-                    got = await self._fan_out_async(smap, targets, "Search", req, left)
-                elif kind == "sleep":
-                    await asyncio.sleep(op[1])
-                    got = None
-                elif op[2] <= _MERGE_ON_LOOP:  # "finish", small: cheaper here than a thread hop
-                    got = op[1]()
-                else:
-                    got = await loop.run_in_executor(executor, op[1])
+        got = None
+        while True:
+            try:
                 op = steps.send(got)
-        except StopIteration as stop:
-            return stop.value
+            except StopIteration as stop:
+                return stop.value
+            got = await self._search_step_async(op, executor)
+
+    def _search_step(self, op):
+        """Does one thing a search asks for (see :meth:`_search_steps`), blocking this thread."""
+        if op[0] == "map":
+            return self.shard_map(op[1], refresh=op[2])
+        if op[0] == "call":
+            _, smap, targets, req, left = op
+            return [(sid, _outcome(fut)) for sid, fut in self._fan_out(smap, targets, "Search", req, left)]
+        if op[0] == "sleep":
+            return time.sleep(op[1])
+        return op[1]()  # "finish"
+
+    async def _search_step_async(self, op, executor):
+        """The same on the running loop; what can block goes to ``executor``."""
+        loop = asyncio.get_running_loop()
+        if op[0] == "map":
+            smap = None if op[2] else self._maps.get(op[1])
+            if smap is not None:  # the cached map: no thread needed
+                return smap
+            return await loop.run_in_executor(executor, self.shard_map, op[1], op[2])
+        if op[0] == "call":
+            _, smap, targets, req, left = op
+            return await self._fan_out_async(smap, targets, "Search", req, left)
+        if op[0] == "sleep":
+            return await asyncio.sleep(op[1])
+        if op[2] <= _MERGE_ON_LOOP:  # "finish", small: cheaper here than a thread hop
+            return op[1]()
+        return await loop.run_in_executor(executor, op[1])
 
     async def _fan_out_async(self, smap: ShardMap, shard_ids, method: str, request, timeout: float | None):
         """:meth:`_fan_out` on the running loop; returns [(shard_id, response or LookalikeError)]."""
