@@ -45,7 +45,8 @@ class GrpcShardClient:
         self._tls = tls  # the cluster's mutual TLS (lookalike.security)
         self._channel = create_channel(address, tls)
         self._stub = shard_pb2_grpc.ShardStub(self._channel)
-        self._aio: tuple[asyncio.AbstractEventLoop, grpc.aio.Channel, shard_pb2_grpc.ShardStub] | None = None
+        # event loop -> its asyncio channel and stub (an aio channel belongs to one loop; the router's server has one)
+        self._aio: dict[asyncio.AbstractEventLoop, tuple[grpc.aio.Channel, shard_pb2_grpc.ShardStub]] = {}
 
     def _error(self, err: grpc.RpcError) -> LookalikeError:
         exc = from_rpc_error(err)
@@ -63,12 +64,15 @@ class GrpcShardClient:
         return _POOL.submit(self._blocking, method, request, timeout)
 
     def _aio_stub(self) -> shard_pb2_grpc.ShardStub:
-        """The asyncio channel of the running loop (made on first use: an aio channel belongs to one loop)."""
+        """The stub on the running loop's asyncio channel, made on first use."""
         loop = asyncio.get_running_loop()
-        if self._aio is None or self._aio[0] is not loop:
+        entry = self._aio.get(loop)
+        if entry is None:
+            for old in [lp for lp in list(self._aio) if lp.is_closed()]:
+                self._aio.pop(old, None)
             channel = create_aio_channel(self.address, self._tls)
-            self._aio = (loop, channel, shard_pb2_grpc.ShardStub(channel))
-        return self._aio[2]
+            entry = self._aio[loop] = (channel, shard_pb2_grpc.ShardStub(channel))
+        return entry[1]
 
     async def acall(self, method: str, request, timeout: float | None):
         try:
@@ -78,18 +82,16 @@ class GrpcShardClient:
 
     def close(self) -> None:
         self._channel.close()
-        if self._aio is not None:
-            loop, channel, _ = self._aio
-            self._aio = None
-            if not loop.is_closed() and loop.is_running():
-                try:
-                    on_loop = asyncio.get_running_loop() is loop
-                except RuntimeError:
-                    on_loop = False
-                if on_loop:
-                    loop.create_task(channel.close())
-                else:
-                    asyncio.run_coroutine_threadsafe(channel.close(), loop)
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, (channel, _) in list(self._aio.items()):
+            if loop is current:
+                loop.create_task(channel.close())
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(channel.close(), loop)
+        self._aio.clear()
 
 
 class _LocalContext:

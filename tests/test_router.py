@@ -1,6 +1,9 @@
 """Router over real gRPC shards in this process (no Ray): sharded answers equal one exact index, writes,
 and every bad input gets its status code while the server keeps serving."""
 
+import asyncio
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -40,6 +43,10 @@ def test_sharded_equals_exact(tmp_path, transport, shards, metric):
         res = cluster.router.search("c", xq, 10)
         assert res.coverage == 1.0
         assert_same_as_exact(metric, res.ids, res.D, xb, xq, 10)
+        # the event-loop driver (what the public server runs) gives the same answer
+        res_async = asyncio.run(cluster.router.search_async("c", xq, 10))
+        assert res_async.coverage == 1.0 and np.array_equal(res_async.D, res.D)
+        assert_same_as_exact(metric, res_async.ids, res_async.D, xb, xq, 10)  # ties (hamming) in any order
     finally:
         cluster.close()
 
@@ -168,6 +175,10 @@ def test_shard_down_reports_coverage(tmp_path):
         assert all(owners[b][0] == "shard-0" for ids in partial.ids for b in buckets_of(ids, 32).tolist())
         with pytest.raises(Unavailable, match="16 of 32 buckets"):
             cluster.router.search("cov", xq, 5)
+        # the same through the event-loop driver, whose calls go over grpc.aio channels
+        assert asyncio.run(cluster.router.search_async("cov", xq, 5, min_coverage=0.5)).ids == partial.ids
+        with pytest.raises(Unavailable, match="16 of 32 buckets"):
+            asyncio.run(cluster.router.search_async("cov", xq, 5))
         cluster.placer.ensure_shard("shard-1")  # back, reloaded from storage
         assert cluster.router.search("cov", xq, 5).coverage == 1.0
         assert cluster.router.count("cov") == 1000
@@ -268,5 +279,37 @@ def test_search_follows_a_restarted_shard_to_its_new_address(tmp_path):
         assert res.coverage == 1.0
         _, I = exact_knn("l2", xb, xq, 5)
         assert res.ids == [[str(i) for i in row] for row in I]
+    finally:
+        cluster.close()
+
+
+def test_async_searches_from_two_event_loops_at_once(tmp_path):
+    """Each event loop gets its own asyncio channel to a shard (an aio channel belongs to one loop): two loops
+    searching concurrently both get exact answers, and closing the router closes their channels."""
+    from lookalike.config import CollectionConfig
+
+    cluster = LocalCluster(tmp_path, shards=2)
+    try:
+        xb, xq = make_data("l2", 2000, 16, seed=5)
+        cluster.router.create_collection(CollectionConfig("two", 16, buckets=32))
+        cluster.router.upsert("two", [str(i) for i in range(len(xb))], xb)
+        want = cluster.router.search("two", xq, 10)
+        got, errors = {}, []
+
+        def worker(n: int) -> None:
+            async def many():
+                return [await cluster.router.search_async("two", xq, 10) for _ in range(20)]
+            try:
+                got[n] = asyncio.run(many())
+            except Exception as err:  # reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert all(r.ids == want.ids for n in range(2) for r in got[n])
     finally:
         cluster.close()
