@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import inspect
 import time
 
@@ -86,7 +85,7 @@ class SearchBatcher:
                  max_inflight: int = MAX_INFLIGHT):
         self._search = search
         self._executor = executor
-        self._is_async = inspect.iscoroutinefunction(search.func if isinstance(search, functools.partial) else search)
+        self._is_async = inspect.iscoroutinefunction(search)  # partials of coroutine functions count too
         self.max_wait_s = max_wait_s
         self.max_batch = max_batch
         self.max_inflight = max(1, max_inflight)

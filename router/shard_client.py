@@ -124,8 +124,8 @@ class InProcessShardClient:
 
     async def acall(self, method: str, request, timeout: float | None):
         # On a thread, as a real call would be: the shard's work must not hold up the caller's event loop.
-        fut = await asyncio.wrap_future(_POOL.submit(self.call, method, request, timeout))
-        return fut.result()
+        done = await asyncio.wrap_future(_POOL.submit(self.call, method, request, timeout))
+        return done.result()  # self.call returns a finished future: its response, or it raises the typed error
 
     def close(self) -> None:
         pass

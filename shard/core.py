@@ -275,7 +275,7 @@ class ShardCollection:
         self._write_order = threading.Lock()  # log order == apply order
         self._written_since_trim = 0
         self._last_write = 0.0
-        self._idle_trim: threading.Thread | None = None
+        self._trim_pending = False  # a thread waits for the writes to stop, then trims
         self.dropped = False
 
     @property
@@ -390,12 +390,11 @@ class ShardCollection:
         if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
-        elif trim and self._idle_trim is None:
+        elif trim and not self._trim_pending:
             # What the last writes of a burst freed (up to _TRIM_EVERY_BYTES of request buffers: a quarter of a
             # 250k x 128 shard's vectors) is handed back once the writes stop.
-            self._idle_trim = threading.Thread(target=self._trim_when_idle, name=f"trim-{self.coll.name}",
-                                               daemon=True)
-            self._idle_trim.start()
+            self._trim_pending = True
+            threading.Thread(target=self._trim_when_idle, name=f"trim-{self.coll.name}", daemon=True).start()
 
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once. Not while buckets are
@@ -405,14 +404,14 @@ class ShardCollection:
             time.sleep(max(0.05, wait))
             with self._write_order:
                 if self.dropped:
-                    self._idle_trim = None
+                    self._trim_pending = False
                     return
                 wait = self._last_write + _TRIM_IDLE_S - time.monotonic()
                 if self.joining:
                     wait = _TRIM_IDLE_S
                 if wait > 0:
                     continue
-                self._idle_trim = None
+                self._trim_pending = False
                 if not self._written_since_trim:
                     return
                 self._written_since_trim = 0

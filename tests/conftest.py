@@ -114,8 +114,9 @@ class MixedLoad:
     """Upserts of new items and searches in background threads (l2), each search checked against exact search
     over the writes acknowledged before it started: no id twice, none missing that ranks better than the last one
     returned (when the answer reports full coverage), and each returned id one that was written. Searchers take
-    turns between the two drivers of the router's search: the first (and every second one) runs ``Router.search_async`` (what
-    the router's gRPC server runs) on an event loop of its own, the others ``Router.search``."""
+    turns between the two drivers of the router's search: the first (and every second one) runs
+    ``Router.search_async`` (what the router's gRPC server runs) on an event loop of its own, the others
+    ``Router.search``."""
 
     def __init__(self, router, name: str, dim: int, seed: int = 0, batch: int = 40, searchers: int = 2,
                  min_coverage: float = 1.0):
