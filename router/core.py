@@ -418,10 +418,7 @@ class Router:
     async def _search_step_async(self, op, executor):
         """The same on the running loop; what can block goes to ``executor``."""
         loop = asyncio.get_running_loop()
-        if op[0] == "map":
-            smap = None if op[2] else self._maps.get(op[1])
-            if smap is not None:  # the cached map: no thread needed
-                return smap
+        if op[0] == "map":  # a call to the control plane
             return await loop.run_in_executor(executor, self.shard_map, op[1], op[2])
         if op[0] == "call":
             _, smap, targets, req, left = op
@@ -447,7 +444,8 @@ class Router:
         """The search's logic as a generator, shared by :meth:`search` (threads) and :meth:`search_async`
         (asyncio): it yields what it needs done and is sent the outcome:
 
-        - ``("map", name, refresh)``: the collection's shard map (:meth:`shard_map`);
+        - ``("map", name, refresh)``: the collection's shard map from the control plane (:meth:`shard_map`;
+          a cached map is read here, without a step);
         - ``("call", smap, shard_ids, request, timeout)``: a Search to each shard, concurrently; the outcome is
           [(shard_id, response or LookalikeError)];
         - ``("sleep", seconds)``;
@@ -460,7 +458,9 @@ class Router:
                 f"{len(xq)} queries x k={k} would make an answer over the {LIMITS.max_message_bytes >> 20} MiB message "
                 f"limit: send at most {max_search_rows(k, include_payloads)} queries per request at this k")
         deadline = None if timeout is None else time.monotonic() + timeout
-        smap = yield ("map", name, False)
+        smap = self._maps.get(name)
+        if smap is None:  # not cached: the driver fetches it from the control plane
+            smap = yield ("map", name, False)
         req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe

@@ -285,7 +285,8 @@ def test_search_follows_a_restarted_shard_to_its_new_address(tmp_path):
 
 def test_async_searches_from_two_event_loops_at_once(tmp_path):
     """Each event loop gets its own asyncio channel to a shard (an aio channel belongs to one loop): two loops
-    searching concurrently both get exact answers, and closing the router closes their channels."""
+    searching concurrently both get exact answers, each shard client holds a channel per loop, and closing the
+    router lets go of them."""
     from lookalike.config import CollectionConfig
 
     cluster = LocalCluster(tmp_path, shards=2)
@@ -295,10 +296,14 @@ def test_async_searches_from_two_event_loops_at_once(tmp_path):
         cluster.router.upsert("two", [str(i) for i in range(len(xb))], xb)
         want = cluster.router.search("two", xq, 10)
         got, errors = {}, []
+        both_searching = threading.Barrier(2, timeout=30)
 
         def worker(n: int) -> None:
             async def many():
-                return [await cluster.router.search_async("two", xq, 10) for _ in range(20)]
+                first = await cluster.router.search_async("two", xq, 10)
+                # both loops hold their channels before either finishes
+                await asyncio.get_running_loop().run_in_executor(None, both_searching.wait)
+                return [first] + [await cluster.router.search_async("two", xq, 10) for _ in range(19)]
             try:
                 got[n] = asyncio.run(many())
             except Exception as err:  # reported below
@@ -311,5 +316,8 @@ def test_async_searches_from_two_event_loops_at_once(tmp_path):
             t.join(60)
         assert not errors, errors
         assert all(r.ids == want.ids for n in range(2) for r in got[n])
+        clients = list(cluster.router._clients.values())
+        assert len(clients) == 2 and all(len(c._aio) == 2 for c in clients)  # a channel per shard and loop
     finally:
         cluster.close()
+    assert all(not c._aio for c in clients)
