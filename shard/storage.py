@@ -4,6 +4,8 @@ Layout under the storage root (a local directory, or a volume every node mounts 
 
     shards/<shard_id>/<collection>/wal-<seq>.log      append-only frames of WalRecord (protos/storage.proto)
     shards/<shard_id>/<collection>/b<bucket>.snap     one BucketSnapshot frame: the bucket's live items
+    shards/<shard_id>/<collection>/manifest.json      what every sealed segment and snapshot holds (see below)
+    shards/<shard_id>/<collection>/active.mark        what the active segment holds, as acknowledged so far
 
 A write is appended as one frame and fsynced before it is acknowledged, so an acknowledged write survives
 ``kill -9`` of the process or a power cut. One fsync covers a whole batch (every bucket in it), which is why the
@@ -16,14 +18,27 @@ away, or takes them on afresh), for replay and compaction alike.
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
 is how a bucket moves (see lookalike.controller).
 
-Every frame carries a CRC-32 and every record is parsed and checked when it is read. A frame cut short at the very
-end of the active segment is a write a crash interrupted, never acknowledged: it is dropped silently. Anything else
-that does not check out is damage: the file (a copy of it, for a log segment) is kept aside in
+Every frame carries a CRC-32 and every record is parsed and checked when it is read. Anything that does not
+check out is damage: the file (a copy of it, for a log segment) is kept aside in
 ``<collection>/damaged/<name>.<UTC time>`` with a ``.json`` note, never deleted or loaded as it is, and
 :attr:`CollectionStore.damage` reports it. A damaged snapshot is moved aside, so its bucket is served from what the
 log still holds. A damaged log segment keeps its valid frames: those before the damage and those after it, found
 again by scanning for the next frame whose length, checksum and record all check out; the segment is rewritten
 with them.
+
+Every file is accounted for, so that one that goes missing or loses its end is damage too, reported with what it
+held. ``manifest.json`` (replaced atomically: temporary file, fsync, rename, fsync of the directory) records for
+each sealed segment its records, ids, bytes and a CRC-32 chained over its frames' headers (a :class:`_Tally`), and
+for each snapshot its items, bytes and frame CRC; it is rewritten when a segment is sealed and by compaction, never
+per write. The active segment's tally is in ``active.mark``: 36 bytes and their CRC, overwritten in place after
+each append's fsync, without an fsync of its own (a second fsync per write would halve the write rate). It never
+counts a write the log does not hold durably: it is written after the log's fsync. A crash of the process keeps it
+(the page cache survives); a power cut may lose its last updates, which only makes it count fewer writes. So on
+open, the active segment must hold at least the frames the mark counts: a frame cut short at its very end, past
+what the mark counts, is a write a crash interrupted, never acknowledged, and is dropped silently; anything
+shorter is damage. Sealed segments and snapshots must match the manifest exactly. Crashes between the steps of
+sealing and compaction leave states the manifest allows (see :meth:`CollectionStore.compact`); a store written
+before manifests existed is adopted as it is found.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -55,6 +70,10 @@ _HEADER = struct.Struct("<II")
 UPSERT = storage_pb2.WalRecord.UPSERT
 DELETE = storage_pb2.WalRecord.DELETE
 RESET = storage_pb2.WalRecord.RESET
+MANIFEST = "manifest.json"
+MARK = "active.mark"
+_MARK = struct.Struct("<QQQQI")  # active segment's number, then its _Tally: records, ids, bytes, crc
+_CRC = struct.Struct("<I")
 
 
 @dataclass
@@ -135,10 +154,12 @@ class Damage:
 
     Attributes:
         file: its name in the collection's directory.
-        kind: "snapshot" or "wal".
-        offset: byte offset where the damage starts.
-        message: what is wrong and what was done about the data (says the offset).
-        kept: where the damaged file (a copy of it, for a log segment) was kept aside.
+        kind: "snapshot", "wal" or "manifest".
+        offset: byte offset where the damage starts (0 for a missing file).
+        message: what is wrong, what was lost as far as known (records, ids, items, bytes) and what was done about
+            the data (says the offset).
+        kept: where the damaged file (a copy of it, for a log segment) was kept aside; "" if the file is missing
+            (its note in ``damaged/`` is all there is).
         detected: when (UTC, ISO 8601).
     """
 
@@ -150,7 +171,96 @@ class Damage:
     detected: str = ""
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.message}; kept in {self.kept}"
+        return f"{self.file}: {self.message}" + (f"; kept in {self.kept}" if self.kept else "")
+
+
+@dataclass
+class _Tally:
+    """What a log segment holds: its records (frames), the ids they upsert or delete, its bytes, and a CRC-32
+    chained over its frames' headers (each holds its record's length and CRC-32, so the chain covers every byte).
+    Counted as frames are appended, and again as they are read back."""
+
+    records: int = 0
+    items: int = 0
+    bytes: int = 0
+    crc: int = 0
+
+    def add(self, header: bytes, items: int) -> None:
+        self.records += 1
+        self.items += items
+        self.bytes += _HEADER.size + _HEADER.unpack(header)[0]
+        self.crc = zlib.crc32(header, self.crc)
+
+    def lost(self, found: _Tally) -> str:
+        """What of this (what was written) is not in ``found`` (the part of it read back), in words."""
+        return (f"{self.records - found.records} of the {self.records} records written to it lost "
+                f"({self.items - found.items} upserted or deleted ids in {self.bytes - found.bytes} bytes)")
+
+
+@dataclass
+class _Seal:
+    """What a snapshot file holds: ``items`` (None: not known, a snapshot adopted from before manifests), its
+    ``bytes`` and the CRC-32 in its frame header."""
+
+    items: int | None
+    bytes: int
+    crc: int
+
+    def same_file(self, other: _Seal) -> bool:
+        return (self.bytes, self.crc) == (other.bytes, other.crc)
+
+    def held(self) -> str:
+        return "an unknown number of items" if self.items is None else f"{self.items} items"
+
+
+def _seal_of(path: pathlib.Path) -> _Seal:
+    """The size and frame CRC of a snapshot file (its items are not read)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header = f.read(_HEADER.size)
+    return _Seal(None, size, _HEADER.unpack(header)[1] if len(header) == _HEADER.size else 0)
+
+
+@dataclass
+class _Manifest:
+    """The contents of ``manifest.json``.
+
+    Attributes:
+        active: the segment appended to (its tally is in ``active.mark``).
+        segments: sealed segment name -> what it holds.
+        snapshots: snapshot name -> what it holds.
+        replacing: snapshot name -> what a compaction in progress replaces it with (None: deletes it); until the
+            compaction records the result, the file may be either.
+    """
+
+    active: str = ""
+    segments: dict[str, _Tally] = field(default_factory=dict)
+    snapshots: dict[str, _Seal] = field(default_factory=dict)
+    replacing: dict[str, _Seal | None] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 1, "active": self.active,
+                           "segments": {n: asdict(t) for n, t in sorted(self.segments.items())},
+                           "snapshots": {n: asdict(s) for n, s in sorted(self.snapshots.items())},
+                           "replacing": {n: s and asdict(s) for n, s in sorted(self.replacing.items())}})
+
+    @classmethod
+    def from_json(cls, text: str) -> _Manifest:
+        """Raises ValueError (or KeyError, TypeError) if ``text`` is no manifest."""
+        m = json.loads(text)
+        if m.get("format") != 1:
+            raise ValueError(f"unknown format {m.get('format')!r}")
+        return cls(str(m["active"]), {n: _Tally(**t) for n, t in m["segments"].items()},
+                   {n: _Seal(**t) for n, t in m["snapshots"].items()},
+                   {n: t and _Seal(**t) for n, t in m["replacing"].items()})
+
+
+def _seq_of(segment: str) -> int:
+    return int(segment[len("wal-"):-len(".log")])
+
+
+def _segment_name(seq: int) -> str:
+    return f"wal-{seq:010d}.log"
 
 
 def _vectors(msg, n: int) -> np.ndarray:
@@ -195,8 +305,8 @@ def _parse_snapshot(body: bytes) -> tuple[int, Batch]:
     return snap.bucket, Batch(UPSERT, ids, _vectors(snap.vectors, len(ids)), _payloads(snap.payloads, len(ids)))
 
 
-def _frame_at(f, pos: int, size: int, parse: Callable[[bytes], object]) -> tuple[int, object]:
-    """(offset where it ends, parsed body) of the frame at ``pos`` of a file of ``size`` bytes.
+def _frame_at(f, pos: int, size: int, parse: Callable[[bytes], object]) -> tuple[int, object, bytes]:
+    """(offset where it ends, parsed body, header) of the frame at ``pos`` of a file of ``size`` bytes.
 
     Raises:
         _Corrupt: no whole frame with a matching checksum there.
@@ -218,21 +328,22 @@ def _frame_at(f, pos: int, size: int, parse: Callable[[bytes], object]) -> tuple
     if zlib.crc32(body) != crc:
         raise _Corrupt("checksum mismatch")
     try:
-        return end, parse(body)
+        return end, parse(body), header
     except _Invalid as err:
         err.end = end
         raise
 
 
 def _scan_frames(f, size: int, parse: Callable[[bytes], object], gaps: list[_Gap],
-                 active: bool = False) -> Iterator[tuple[int, int, object]]:
-    """Yields (start, end, parsed body) for the valid frames of a file of ``size`` bytes, in order, and appends what
-    lies between them to ``gaps``. After a bad frame it goes on at the next offset where a valid frame starts
-    (:func:`_resync`). ``active``: the file is the segment being appended to, whose tail a crash may have cut."""
+                 active: bool = False) -> Iterator[tuple[int, int, object, bytes]]:
+    """Yields (start, end, parsed body, header) for the valid frames of a file of ``size`` bytes, in order, and
+    appends what lies between them to ``gaps``. After a bad frame it goes on at the next offset where a valid frame
+    starts (:func:`_resync`). ``active``: the file is the segment being appended to, whose tail a crash may have cut
+    (whether it did is for :func:`_assess` to say)."""
     pos = 0
     while pos < size:
         try:
-            end, value = _frame_at(f, pos, size, parse)
+            end, value, header = _frame_at(f, pos, size, parse)
         except _Invalid as bad:  # the checksum holds, so the frame's length does: the next frame follows it
             gaps.append(_Gap(pos, bad.end, str(bad)))
             pos = bad.end
@@ -244,7 +355,7 @@ def _scan_frames(f, size: int, parse: Callable[[bytes], object], gaps: list[_Gap
                 return
             pos = nxt
             continue
-        yield pos, end, value
+        yield pos, end, value, header
         pos = end
 
 
@@ -335,6 +446,39 @@ def _damage_summary(gaps: list[_Gap], size: int) -> tuple[int, str]:
     return first.start, msg
 
 
+def _assess(gaps: list[_Gap], size: int, expected: _Tally | None, ack: _Tally) -> tuple[int, str] | None:
+    """(offset, message) describing the damage of a log segment of ``size`` bytes; None if it has none.
+
+    Args:
+        gaps: its ranges that hold no valid frame. A torn tail among them (see :func:`_scan_frames`) is damage after
+            all if it starts within ``expected``: a crash cannot cut a write that was acknowledged.
+        expected: what was written to it and acknowledged; None if not known (a segment adopted from a store
+            written before manifests, or an active segment whose mark is gone).
+        ack: what its valid frames within the first ``expected.bytes`` bytes hold.
+    """
+    cut = False  # a torn-looking tail that cuts acknowledged writes
+    if expected is not None:
+        for g in gaps:
+            if g.torn and g.start < expected.bytes:
+                g.torn, cut = False, True
+    damaged = [g for g in gaps if not g.torn]
+    short = expected is not None and ack.records < expected.records
+    if damaged:
+        offset, message = _damage_summary(damaged, size)
+        if short:
+            message += f"; {expected.lost(ack)}"
+        if cut:
+            message += f"; not a write cut short by a crash: {expected.bytes} bytes had been acknowledged"
+        return offset, message
+    if short:
+        return ack.bytes, (f"cut short at byte {ack.bytes}, where {expected.bytes} bytes had been written; "
+                           f"{expected.lost(ack)}")
+    if expected is not None and (ack.bytes, ack.crc) != (expected.bytes, expected.crc):
+        return 0, (f"its {ack.records} records are not those written to it (CRC-32 of their headers {ack.crc:08x}, "
+                   f"{expected.crc:08x} when written); they were loaded as they are")
+    return None
+
+
 def release_memory() -> None:
     """Hands freed heap pages back to the OS. glibc keeps them after large transient work (loading, compaction,
     dropping a collection), which would otherwise show as resident memory the shard does not use."""
@@ -383,45 +527,184 @@ class CollectionStore:
         self.segment_bytes = segment_bytes
         self.compact_pass_bytes = 16 << 20
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()          # appends and segment rotation
-        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._lock = threading.Lock()           # appends and segment rotation
+        self._compact_lock = threading.Lock()   # one compaction at a time
+        self._manifest_lock = threading.Lock()  # self._manifest and its file; taken last, held briefly
         self._fd: int | None = None
+        self._mark_fd: int | None = None
         self._seq = 0
-        self._size = 0
+        self._tally = _Tally()  # what the active segment holds
         self._closed = False
         self.damage: list[Damage] = self._earlier_damage()
         if self.damage:
             log.warning("storage %s: %d damaged file(s) set aside earlier, in %s: %s", self.path, len(self.damage),
                         self.path / DAMAGED_DIR, "; ".join(map(str, self.damage)))
-        self._reported: set[tuple[str, int]] = set()  # (file, offset) already reported by this run
-        self._check_segments()
-        self._open_active()
+        self._reported: set[tuple[str, int, str]] = set()  # (file, offset, how) already reported by this run
+        manifest = self._read_manifest()
+        self._manifest = manifest or _Manifest()
+        self._manifest_dirty = False  # learnt the items of snapshots adopted from before manifests
+        self._check_snapshots(known=manifest is not None)
+        self._check_segments(known=manifest is not None)
 
-    # --- segments -------------------------------------------------------------------------------------------
+    # --- accounting -----------------------------------------------------------------------------------------
+    def _read_manifest(self) -> _Manifest | None:
+        """The manifest; None if there is none (a new store, or one written before manifests) or it is damaged (set
+        aside and reported). Without one, the files found are adopted as they are."""
+        path = self.path / MANIFEST
+        try:
+            return _Manifest.from_json(path.read_text())
+        except FileNotFoundError:
+            if any(self.path.glob("wal-*.log")) or any(self.path.glob("b*.snap")):
+                log.info("storage %s: no %s (written before manifests): adopting its files as they are", self.path,
+                         MANIFEST)
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            self._set_aside(path, "manifest", 0, f"unreadable ({err}); the log segments and snapshots found were "
+                            "adopted as they are: whether any went missing or lost their end cannot be told", "move")
+            return None
+
+    def _save_manifest(self) -> None:
+        """Replaces manifest.json with ``self._manifest``, atomically and durably. The caller holds _manifest_lock."""
+        tmp = self.path / (MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(self._manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        _fsync_dir(self.path)
+
+    def _read_mark(self, active: str) -> _Tally | None:
+        """The tally of segment ``active`` from the mark; None if the mark is missing, unreadable (both warned
+        about: the end of the active segment cannot be checked) or of another segment (a crash between sealing a
+        segment and moving the mark to the next one)."""
+        try:
+            data = (self.path / MARK).read_bytes()
+        except FileNotFoundError:
+            data = b""
+        if len(data) != _MARK.size + _CRC.size or _CRC.unpack_from(data, _MARK.size)[0] != zlib.crc32(
+                data[:_MARK.size]):
+            log.warning("storage %s: %s is missing or unreadable: whether the end of the active log segment holds "
+                        "every acknowledged write cannot be checked this time", self.path, MARK)
+            return None
+        seq, *tally = _MARK.unpack_from(data)
+        return _Tally(*tally) if active and seq == _seq_of(active) else None
+
+    def _write_mark(self, sync: bool = False) -> None:
+        t = self._tally
+        data = _MARK.pack(self._seq, t.records, t.items, t.bytes, t.crc)
+        os.pwrite(self._mark_fd, data + _CRC.pack(zlib.crc32(data)), 0)
+        if sync:
+            os.fsync(self._mark_fd)
+
+    # --- checking what is there on open ---------------------------------------------------------------------
+    def _check_snapshots(self, known: bool) -> None:
+        """Checks the snapshots against the manifest (``known``: there is one): one missing, or not the one written
+        last (its size or checksum differ), is damage; the latter is set aside. Only their headers are read here;
+        loading them checks the rest. Snapshots the manifest does not know are adopted."""
+        m = self._manifest
+        if known:
+            for name in sorted(set(m.snapshots) | set(m.replacing)):
+                written = m.snapshots.pop(name, None)
+                allowed = [written] + ([m.replacing[name]] if name in m.replacing else [])  # None: no file
+                path = self.path / name
+                if not path.exists():
+                    if None not in allowed:
+                        self._snapshot_gone(path, written)
+                    continue
+                found = _seal_of(path)
+                match = next((s for s in allowed if s is not None and s.same_file(found)), None)
+                if match is not None:
+                    m.snapshots[name] = match
+                elif any(s is not None for s in allowed):
+                    self._reject_snapshot(path, next(s for s in allowed if s is not None), found)
+            m.replacing = {}
+        for path in sorted(self.path.glob("b*.snap")):
+            if path.name not in m.snapshots:
+                if known:
+                    log.info("storage %s: adopting %s, which the manifest does not know", self.path, path.name)
+                m.snapshots[path.name] = _seal_of(path)
+
+    def _snapshot_gone(self, path: pathlib.Path, written: _Seal) -> None:
+        self._set_aside(path, "snapshot", 0, "snapshot missing; its bucket is served from what the log holds, the "
+                        f"items only in this snapshot are missing (it held {written.held()}, {written.bytes} bytes)",
+                        "gone")
+
+    def _reject_snapshot(self, path: pathlib.Path, written: _Seal, found: _Seal) -> None:
+        """Sets aside a snapshot that is not the one written (reported as damaged if it is, as a stranger if not)."""
+        try:
+            _read_snapshot(path, int(path.stem[1:]))
+            offset, reason = 0, (f"not the snapshot written last ({found.bytes} bytes, CRC-32 {found.crc:08x}; "
+                                 f"written: {written.bytes} bytes, {written.crc:08x})")
+        except _Damaged as err:
+            offset, reason = err.offset, f"{err.reason} at byte {err.offset}"
+        self._set_aside(path, "snapshot", offset, f"{reason}; its bucket is served from what the log holds, the "
+                        f"items only in this snapshot are missing (it held {written.held()})", "move")
+
     def _segments(self) -> list[pathlib.Path]:
         return sorted(self.path.glob("wal-*.log"))
 
-    def _check_segments(self) -> None:
-        """Reads the whole log before it is used. A torn tail of the last (active) segment is cut off so that new
-        frames follow valid ones; a damaged segment is copied aside, then rewritten with its valid frames, so that
-        replay, compaction and other shards reading it all see the same frames."""
-        segs = self._segments()
-        for i, seg in enumerate(segs):
-            gaps: list[_Gap] = []
-            with open(seg, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                kept = [(start, end) for start, end, _ in _scan_frames(f, size, _parse_record, gaps,
-                                                                      active=i == len(segs) - 1)]
-            damaged = [g for g in gaps if not g.torn]
-            if damaged:
-                self._report_segment(seg, damaged, size)
-                self._rewrite_segment(seg, kept)
-            elif gaps:  # a write a crash cut short: it was never acknowledged
-                log.warning("%s: torn frame at byte %d (a write cut short by a crash, never acknowledged); "
-                            "cutting it off", seg, gaps[0].start)
-                with open(seg, "r+b") as f:
-                    f.truncate(gaps[0].start)
-                    os.fsync(f.fileno())
+    def _check_segments(self, known: bool) -> None:
+        """Reads the whole log before it is used, checks every segment against what was written to it (the
+        manifest's tally for a sealed segment, the mark's for the active one; ``known``: there is a manifest) and
+        opens the active segment. A missing segment is reported with what it held. A torn tail of the active
+        segment, past what the mark counts, is cut off so that new frames follow valid ones; a damaged segment is
+        copied aside, then rewritten with its valid frames, so that replay, compaction and other shards reading it
+        all see the same frames."""
+        m = self._manifest
+        on_disk = [p.name for p in self._segments()]
+        mark = self._read_mark(m.active) if known else None
+        active = max([_seq_of(n) for n in on_disk] + ([_seq_of(m.active)] if m.active else []), default=1)
+        if known:
+            for name in sorted(set(m.segments) - set(on_disk)):
+                lost = m.segments.pop(name).lost(_Tally())
+                self._set_aside(self.path / name, "wal", 0, f"log segment missing: {lost}", "gone")
+            if m.active and m.active not in on_disk:  # created before the manifest named it: never a crash's doing
+                if mark is None:
+                    self._set_aside(self.path / m.active, "wal", 0, "the active log segment is missing; what it held "
+                                    f"is not known ({MARK} is gone or of another segment)", "gone")
+                elif mark.records:
+                    self._set_aside(self.path / m.active, "wal", 0,
+                                    f"the active log segment is missing: {mark.lost(_Tally())}", "gone")
+        tally = _Tally()
+        for name in on_disk:
+            if known and name in m.segments:
+                expected = m.segments[name]
+            elif known and name == m.active:
+                expected = mark
+            else:  # written before manifests, or left by a crash between two steps (see _rotate_locked, compact)
+                expected = None
+            tally = self._check_segment(self.path / name, expected, active=_seq_of(name) == active)
+            if _seq_of(name) != active:
+                m.segments[name] = tally
+        m.segments.pop(_segment_name(active), None)
+        self._open_active(active, tally if _segment_name(active) in on_disk else _Tally())
+
+    def _check_segment(self, seg: pathlib.Path, expected: _Tally | None, active: bool) -> _Tally:
+        """Checks a segment against what was written to it (see :func:`_assess`); reports damage (keeping a copy),
+        then rewrites the segment with its valid frames if some are damaged, or cuts off its torn tail. Returns what
+        it holds afterwards."""
+        gaps: list[_Gap] = []
+        kept: list[tuple[int, int]] = []
+        found, ack = _Tally(), _Tally()
+        with open(seg, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for start, end, batch, header in _scan_frames(f, size, _parse_record, gaps, active=active):
+                kept.append((start, end))
+                found.add(header, len(batch.ids))
+                if expected is not None and end <= expected.bytes:
+                    ack.add(header, len(batch.ids))
+        problem = _assess(gaps, size, expected, ack)
+        if problem is not None:
+            self._set_aside(seg, "wal", *problem, "copy")
+        if any(not g.torn for g in gaps):
+            self._rewrite_segment(seg, kept)
+        elif gaps:  # a write a crash cut short: it was never acknowledged
+            log.warning("%s: torn frame at byte %d (a write cut short by a crash, never acknowledged); "
+                        "cutting it off", seg, gaps[0].start)
+            with open(seg, "r+b") as f:
+                f.truncate(gaps[0].start)
+                os.fsync(f.fileno())
+        return found
 
     def _rewrite_segment(self, seg: pathlib.Path, kept: list[tuple[int, int]]) -> None:
         """Replaces a segment with the byte ranges ``kept`` of it (its valid frames), atomically."""
@@ -435,14 +718,23 @@ class CollectionStore:
         os.replace(tmp, seg)
         _fsync_dir(self.path)
 
-    def _open_active(self) -> None:
-        segs = self._segments()
-        self._seq = int(segs[-1].stem.split("-")[1]) if segs else 1
-        active = self.path / f"wal-{self._seq:010d}.log"
-        self._fd = os.open(active, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = os.fstat(self._fd).st_size
+    def _open_active(self, seq: int, tally: _Tally) -> None:
+        """Opens (creates) active segment ``seq`` holding ``tally``, then its mark, then names them in the manifest:
+        in that order, so that the manifest never names a segment that was not created (a crash in between leaves
+        one it does not know, adopted on the next open)."""
+        self._seq = seq
+        name = _segment_name(seq)
+        self._fd = os.open(self.path / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        assert os.fstat(self._fd).st_size == tally.bytes, f"{name} changed while it was checked"
+        self._tally = tally
+        self._mark_fd = os.open(self.path / MARK, os.O_RDWR | os.O_CREAT, 0o644)
+        self._write_mark(sync=True)
         _fsync_dir(self.path)
+        with self._manifest_lock:
+            self._manifest.active = name
+            self._save_manifest()
 
+    # --- writing --------------------------------------------------------------------------------------------
     def append(self, op: int, ids: list[str], vectors: np.ndarray | None = None,
                payloads: list[bytes | None] | None = None) -> None:
         """Appends one batch and fsyncs it. Returns only once it is durable."""
@@ -466,64 +758,112 @@ class CollectionStore:
                 view = memoryview(frame)
                 while view:
                     view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
             except BaseException:
-                # Cut off the part written (a full disk): frames acknowledged later must not follow a torn one.
+                # Cut off what was written (a full disk, a failed fsync): it is not acknowledged, and frames
+                # acknowledged later must not follow a torn one (nor lie past what the mark counts).
                 try:
-                    os.ftruncate(self._fd, self._size)
+                    os.ftruncate(self._fd, self._tally.bytes)
                 except OSError:
                     pass
                 raise
-            os.fsync(self._fd)
-            self._size += len(frame)
-            if self._size >= self.segment_bytes:
-                self._rotate_locked()
-                rotate = True
+            self._tally.add(frame[:_HEADER.size], len(rec.ids))
+            # After the fsync: the mark never counts a write the log does not hold durably. No fsync of its own
+            # (see the module's docstring).
+            self._move_mark()
+            if self._tally.bytes >= self.segment_bytes:
+                try:
+                    self._rotate_locked()
+                    rotate = True
+                except OSError:  # the write is durable all the same: keep appending here, seal at the next one
+                    log.exception("storage %s: sealing segment %d failed", self.path, self._seq)
         if rotate:
             threading.Thread(target=self._compact_quietly, name=f"compact-{self.path.name}", daemon=True).start()
 
     def _rotate_locked(self) -> None:
+        """Seals the active segment and starts the next one. The next file is created (and the directory fsynced)
+        before the manifest records the seal, and the mark moves to it after: a crash in between leaves a segment
+        the manifest does not know (adopted: it is empty) or a mark of the sealed segment (ignored)."""
+        seq = self._seq + 1
+        path = self.path / _segment_name(seq)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            _fsync_dir(self.path)
+            with self._manifest_lock:
+                sealed, active = _segment_name(self._seq), self._manifest.active
+                self._manifest.segments[sealed] = self._tally
+                self._manifest.active = path.name
+                try:
+                    self._save_manifest()
+                except Exception:
+                    del self._manifest.segments[sealed]
+                    self._manifest.active = active
+                    raise
+        except Exception:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         os.close(self._fd)
-        self._seq += 1
-        self._fd = os.open(self.path / f"wal-{self._seq:010d}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = 0
-        _fsync_dir(self.path)
+        self._fd, self._seq, self._tally = fd, seq, _Tally()
+        self._move_mark()
+
+    def _move_mark(self) -> None:
+        try:
+            self._write_mark()
+        except OSError:  # the writes are durable all the same; a mark that counts less is never wrong
+            log.exception("storage %s: updating %s failed", self.path, MARK)
 
     # --- reading --------------------------------------------------------------------------------------------
-    def _read_segment(self, path: pathlib.Path, active: bool = False) -> Iterator[Batch]:
+    def _read_segment(self, path: pathlib.Path, active: bool = False,
+                      expected: _Tally | None = None) -> Iterator[Batch]:
         """The records of a segment. Damage (found after the store was opened) is reported, the segment copied
-        aside, and reading goes on after it (see :func:`_scan_frames`)."""
+        aside, and reading goes on after it (see :func:`_scan_frames`); so is a segment that holds fewer records
+        than ``expected`` (see :func:`_assess`)."""
         gaps: list[_Gap] = []
+        ack = _Tally()
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            for _, _, batch in _scan_frames(f, size, _parse_record, gaps, active):
+            for _, end, batch, header in _scan_frames(f, size, _parse_record, gaps, active):
+                if expected is not None and end <= expected.bytes:
+                    ack.add(header, len(batch.ids))
                 yield batch
-        damaged = [g for g in gaps if not g.torn]
-        if damaged:
-            self._report_segment(path, damaged, size)
+        problem = _assess(gaps, size, expected, ack)
+        if problem is not None:
+            self._set_aside(path, "wal", *problem, "copy")
 
     def _load_snapshot(self, path: pathlib.Path) -> Batch | None:
         """A bucket snapshot's items; None, after moving it aside and reporting it, if it is damaged."""
         try:
-            return _read_snapshot(path, int(path.stem[1:]))
+            batch = _read_snapshot(path, int(path.stem[1:]))
         except _Damaged as err:
+            with self._manifest_lock:
+                written = self._manifest.snapshots.get(path.name)
+            held = f" (it held {written.held()})" if written is not None else ""
             self._set_aside(path, "snapshot", err.offset, f"{err.reason} at byte {err.offset}; its bucket is "
-                            "served from what the log holds, the items only in this snapshot are missing", move=True)
+                            f"served from what the log holds, the items only in this snapshot are missing{held}",
+                            "move")
+            with self._manifest_lock:
+                self._manifest.snapshots.pop(path.name, None)
+                self._save_manifest()
             return None
+        with self._manifest_lock:
+            written = self._manifest.snapshots.get(path.name)
+            if written is not None and written.items is None:
+                written.items = len(batch.ids)
+                self._manifest_dirty = True
+        return batch
 
     # --- damage ---------------------------------------------------------------------------------------------
     def damaged(self) -> list[str]:
         """The damaged files, one line each, for stats."""
         return [str(d) for d in list(self.damage)]
 
-    def _report_segment(self, seg: pathlib.Path, gaps: list[_Gap], size: int) -> None:
-        offset, message = _damage_summary(gaps, size)
-        self._set_aside(seg, "wal", offset, message, move=False)
-
-    def _set_aside(self, path: pathlib.Path, kind: str, offset: int, message: str, move: bool) -> None:
-        """Moves a damaged file (or copies it, ``move`` False) into ``damaged/`` with a note, and reports it. A
-        segment is copied once per damage found: compaction may read it several times before deleting it."""
-        if not move:
-            key = (path.name, offset)
+    def _set_aside(self, path: pathlib.Path, kind: str, offset: int, message: str, how: str) -> None:
+        """Reports a damaged file and keeps it aside in ``damaged/`` with a note. ``how``: "move" it there, "copy"
+        it (a log segment: compaction may read it several times before deleting it; it is copied once per damage
+        found), or "gone": it is missing, there is only the note."""
+        if how != "move":
+            key = (path.name, offset, how)
             if key in self._reported:
                 return
             self._reported.add(key)
@@ -532,17 +872,18 @@ class CollectionStore:
         folder.mkdir(exist_ok=True)
         dest = folder / f"{path.name}.{now:%Y%m%dT%H%M%SZ}"
         n = 1
-        while dest.exists():
+        while dest.exists() or dest.with_name(dest.name + ".json").exists():
             dest = folder / f"{path.name}.{now:%Y%m%dT%H%M%SZ}.{n}"
             n += 1
-        if move:
+        if how == "move":
             os.replace(path, dest)
-        else:
+        elif how == "copy":
             with open(path, "rb") as src, open(dest, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()
                 os.fsync(dst.fileno())
-        damage = Damage(path.name, kind, offset, message, str(dest), now.isoformat(timespec="seconds"))
+        damage = Damage(path.name, kind, offset, message, "" if how == "gone" else str(dest),
+                        now.isoformat(timespec="seconds"))
         with open(dest.with_name(dest.name + ".json"), "w") as note:
             note.write(json.dumps(asdict(damage), indent=1) + "\n")
             note.flush()
@@ -581,6 +922,10 @@ class CollectionStore:
                         batch = _filter(batch, buckets, self.n_buckets)
                     if batch.ids or batch.buckets:
                         yield batch
+            with self._manifest_lock:
+                if self._manifest_dirty:
+                    self._save_manifest()
+                    self._manifest_dirty = False
 
     # --- compaction -----------------------------------------------------------------------------------------
     def _compact_quietly(self) -> None:
@@ -595,24 +940,49 @@ class CollectionStore:
             log.exception("compaction of %s failed; the log is kept and replayed instead", self.path)
 
     def compact(self) -> int:
-        """Folds every sealed segment into bucket snapshots and deletes the segments. Returns segments folded."""
+        """Folds every sealed segment into bucket snapshots and deletes the segments. Returns segments folded.
+
+        The steps, each one durable before the next starts; a crash after any of them leaves a state the next open
+        accepts without reporting damage:
+
+        1. seal the active segment (:meth:`_rotate_locked`);
+        2. per pass over a group of buckets: write the group's new snapshots to temporary files (ignored on
+           open); record in the manifest that they replace the current ones (either is then accepted); rename them
+           over the current ones (or delete those left empty); fsync the directory; record them as the current ones;
+        3. drop the segments from the manifest, then delete them (segments the manifest does not know are adopted;
+           folding them again changes nothing).
+
+        A sealed segment or snapshot that is missing, or that does not hold what the manifest records, is reported
+        as damage on the way.
+        """
         with self._compact_lock:
             with self._lock:
                 if self._closed:
                     return 0
-                if self._size > 0:
+                if self._tally.bytes > 0:
                     self._rotate_locked()
-                sealed = self._segments()[:-1]
-            if not sealed:
+            with self._manifest_lock:
+                recorded = dict(self._manifest.segments)
+            if not recorded:
                 return 0
+            sealed = []
+            for name, tally in sorted(recorded.items()):
+                if (self.path / name).exists():
+                    sealed.append((self.path / name, tally))
+                else:
+                    self._set_aside(self.path / name, "wal", 0, f"log segment missing: {tally.lost(_Tally())}",
+                                    "gone")
             # Fold in passes over groups of buckets so that one pass holds about compact_pass_bytes of rows.
-            sealed_bytes = sum(seg.stat().st_size for seg in sealed)
+            sealed_bytes = sum(seg.stat().st_size for seg, _ in sealed)
             passes = max(1, min(self.n_buckets, -(-sealed_bytes // self.compact_pass_bytes)))
             touched = 0
             for group in range(passes):
                 touched += self._compact_pass(sealed, passes, group)
-            _fsync_dir(self.path)
-            for seg in sealed:
+            with self._manifest_lock:
+                for name in recorded:
+                    self._manifest.segments.pop(name, None)
+                self._save_manifest()
+            for seg, _ in sealed:
                 seg.unlink()
             _fsync_dir(self.path)
             log.info("compacted %d segment(s) of %s into %d bucket snapshot(s) in %d pass(es)", len(sealed), self.path,
@@ -620,13 +990,13 @@ class CollectionStore:
             release_memory()
             return len(sealed)
 
-    def _compact_pass(self, sealed: list[pathlib.Path], passes: int, group: int) -> int:
+    def _compact_pass(self, sealed: list[tuple[pathlib.Path, _Tally]], passes: int, group: int) -> int:
         """Folds the writes of buckets ``b % passes == group``; returns the snapshots rewritten."""
         # bucket -> {id: (row, payload)} or None for a delete, in log order
         changes: dict[int, dict[str, tuple[np.ndarray, bytes | None] | None]] = {}
         resets: set[int] = set()  # buckets whose snapshot is replaced rather than updated
-        for seg in sealed:
-            for batch in self._read_segment(seg):
+        for seg, tally in sealed:
+            for batch in self._read_segment(seg, expected=tally):
                 if batch.op == RESET:
                     for b in batch.buckets:
                         if b % passes == group:
@@ -639,14 +1009,37 @@ class CollectionStore:
                     uid = batch.ids[i]
                     ch.pop(uid, None)  # re-insert so the order is that of the last write
                     ch[uid] = None if batch.op == DELETE else (batch.vectors[i].copy(), batch.payloads[i])
+        if not changes:
+            return 0
+        new = {}  # snapshot name -> (its temporary file, what it holds); (None, None): to delete
         for bucket, ch in changes.items():
-            self._rewrite_snapshot(bucket, ch, bucket in resets)
-        return len(changes)
+            new[_snapshot_path(self.path, bucket).name] = self._write_snapshot(bucket, ch, bucket in resets)
+        with self._manifest_lock:
+            self._manifest.replacing = {name: seal for name, (_, seal) in new.items()}
+            self._save_manifest()
+        for name, (tmp, _) in new.items():
+            if tmp is None:
+                (self.path / name).unlink(missing_ok=True)
+            else:
+                os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+        with self._manifest_lock:
+            for name, (_, seal) in new.items():
+                if seal is None:
+                    self._manifest.snapshots.pop(name, None)
+                else:
+                    self._manifest.snapshots[name] = seal
+            self._manifest.replacing = {}
+            self._save_manifest()
+        return len(new)
 
-    def _rewrite_snapshot(self, bucket: int, changes: dict, reset: bool = False) -> None:
+    def _write_snapshot(self, bucket: int, changes: dict,
+                        reset: bool = False) -> tuple[pathlib.Path | None, _Seal | None]:
+        """Writes a bucket's snapshot with ``changes`` applied (to an empty one if ``reset``) to a temporary file:
+        (that file, what it holds), or (None, None) if the bucket is left empty (its snapshot is to be deleted)."""
         path = _snapshot_path(self.path, bucket)
         items: dict[str, tuple[np.ndarray, bytes | None]] = {}
-        old = self._load_snapshot(path) if path.exists() and not reset else None
+        old = None if reset else self._current_snapshot(path)
         if old is not None:
             for i, uid in enumerate(old.ids):
                 items[uid] = (old.vectors[i], old.payloads[i])
@@ -655,26 +1048,51 @@ class CollectionStore:
             if change is not None:
                 items[uid] = change
         if not items:
-            path.unlink(missing_ok=True)
-            return
+            return None, None
         rows = np.stack([v[0] for v in items.values()])
         snap = storage_pb2.BucketSnapshot(bucket=bucket, ids=list(items))
         snap.vectors.CopyFrom(vectors_to_proto(rows))
         snap.payloads.extend(_payloads_to_proto([v[1] for v in items.values()]))
+        data = _frame(snap.SerializeToString())
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(_frame(snap.SerializeToString()))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return tmp, _Seal(len(items), len(data), _HEADER.unpack_from(data)[1])
+
+    def _current_snapshot(self, path: pathlib.Path) -> Batch | None:
+        """The items of the snapshot compaction folds changes into; None if there is none, or if it is not what the
+        manifest records (reported: missing, or set aside)."""
+        with self._manifest_lock:
+            written = self._manifest.snapshots.get(path.name)
+        if not path.exists():
+            if written is not None:
+                self._snapshot_gone(path, written)
+                with self._manifest_lock:
+                    self._manifest.snapshots.pop(path.name, None)
+            return None
+        found = _seal_of(path)
+        if written is not None and not written.same_file(found):
+            self._reject_snapshot(path, written, found)
+            with self._manifest_lock:
+                self._manifest.snapshots.pop(path.name, None)
+            return None
+        return self._load_snapshot(path)
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Closes the log; waits for a compaction in progress, so the files are quiet afterwards."""
         with self._lock:
-            if not self._closed and self._fd is not None:
-                os.close(self._fd)
-            self._closed = True
+            if not self._closed:
+                self._closed = True
+                if self._fd is not None:
+                    os.close(self._fd)
+                if self._mark_fd is not None:
+                    try:
+                        os.fsync(self._mark_fd)  # a clean close: the next open holds the log to every write
+                    finally:
+                        os.close(self._mark_fd)
         with self._compact_lock:
             pass
 
@@ -682,6 +1100,8 @@ class CollectionStore:
         """Closes and deletes everything stored for the collection on this shard."""
         self.close()
         with self._compact_lock:
+            # The manifest first: a crash half way through leaves files to adopt, not missing ones to report.
+            (self.path / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -709,7 +1129,7 @@ def _read_snapshot(path: pathlib.Path, bucket: int) -> Batch:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
-            end, (got, batch) = _frame_at(f, 0, size, _parse_snapshot)
+            end, (got, batch), _ = _frame_at(f, 0, size, _parse_snapshot)
         except (_Corrupt, _Invalid) as err:
             raise _Damaged(0, str(err)) from None
     if end != size:
@@ -806,7 +1226,7 @@ def _read_state(path: pathlib.Path, n_buckets: int, wanted: set[int]) -> dict[in
         for k, (seg, f) in enumerate(zip(segs, files)):
             gaps: list[_Gap] = []
             size = os.fstat(f.fileno()).st_size
-            for _, _, batch in _scan_frames(f, size, _parse_record, gaps, active=k == len(segs) - 1):
+            for _, _, batch, _ in _scan_frames(f, size, _parse_record, gaps, active=k == len(segs) - 1):
                 if batch.op == RESET:
                     for b in batch.buckets:
                         if b in wanted:
