@@ -9,6 +9,7 @@ import dataclasses
 import re
 
 from lookalike.errors import InvalidArgument
+from lookalike.indexspec import check_spec
 
 METRICS = ("l2", "ip", "cosine", "hamming")
 # Which direction is better, per metric: True when larger distances are better (similarities).
@@ -112,6 +113,7 @@ class CollectionConfig:
         index = (self.index or "").strip() or ("BFlat" if self.binary else "Flat")
         if self.binary and not index.startswith("B"):
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
+        check_spec(index, self.dim, self.binary)  # the grammar: before FAISS sees it (it aborts on some specs)
         # Imported here so the config module stays cheap; building the index is the only real check of a spec.
         from shard.index import check_index_spec
         check_index_spec(self.dim, self.metric, index, self.gpu_float16)

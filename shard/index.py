@@ -32,6 +32,7 @@ import numpy as np
 from lookalike import gpu as gpu_mod
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
+from lookalike.indexspec import check_spec
 
 log = logging.getLogger(__name__)
 
@@ -100,39 +101,12 @@ def gpu_kind(spec: str, metric: str, index) -> str | None:
     return None
 
 
-# Bounds of the sizes in a factory string, checked before FAISS builds it (building allocates: an admin's typo such
-# as IVF10000000 must not take the router's memory). Far above what a shard uses (IVF lists grow with sqrt(n)).
-MAX_SPEC_CHARS = 256
-MAX_IVF_LISTS = 1 << 20
-MAX_PQ_BITS = 16
-MAX_HNSW_M = 512
-
-
-def _check_spec_sizes(spec: str) -> None:
-    if len(spec) > MAX_SPEC_CHARS:
-        raise InvalidArgument(f"index spec of {len(spec)} characters; at most {MAX_SPEC_CHARS}")
-    for m in re.finditer(r"IVF(\d+)", spec):
-        if int(m.group(1)) > MAX_IVF_LISTS:
-            raise InvalidArgument(f"index {spec!r}: {m.group(1)} IVF lists; at most {MAX_IVF_LISTS}")
-    for m in re.finditer(r"PQ\d+x(\d+)", spec):
-        if int(m.group(1)) > MAX_PQ_BITS:
-            raise InvalidArgument(f"index {spec!r}: PQ codes of {m.group(1)} bits; at most {MAX_PQ_BITS}")
-    for m in re.finditer(r"HNSW(\d+)", spec):
-        if int(m.group(1)) > MAX_HNSW_M:
-            raise InvalidArgument(f"index {spec!r}: HNSW with M={m.group(1)}; at most {MAX_HNSW_M}")
-
-
 def check_index_spec(dim: int, metric: str, spec: str, gpu_float16: bool = False) -> None:
     """Raises InvalidArgument, with FAISS's reason, when the factory string does not build for dim and metric
-    (or asks for CAGRA from a faiss build without cuVS, or gpu_float16 where it means nothing, or sizes past the
-    bounds above)."""
-    _check_spec_sizes(spec)
-    if metric == "hamming" and _cagra_degree(spec.removeprefix("B")) is not None:
-        raise InvalidArgument("index 'CAGRA' takes float vectors; hamming collections use BFlat, BIVF or BHNSW")
-    degree = _cagra_degree(spec)
-    if degree is not None:
-        if not 8 <= degree <= 1024:
-            raise InvalidArgument(f"index {spec!r}: the CAGRA graph degree must be between 8 and 1024")
+    (or is not in the grammar of lookalike.indexspec, or asks for CAGRA from a faiss build without cuVS, or
+    gpu_float16 where it means nothing)."""
+    check_spec(spec, dim, metric == "hamming")
+    if _cagra_degree(spec) is not None:
         if not gpu_mod.has_cuvs():
             raise InvalidArgument(
                 f"index {spec!r} needs FAISS built with cuVS (GPU CAGRA), and this faiss build has none "

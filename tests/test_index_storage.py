@@ -62,7 +62,7 @@ def test_remove_hides_vectors_and_rebuilds(spec):
 
 
 def test_bad_index_spec_is_a_clear_error():
-    with pytest.raises(InvalidArgument, match="cannot be built"):
+    with pytest.raises(InvalidArgument, match="not a supported index"):
         CollectionConfig("c", 16, "l2", "NoSuchIndex").validated()
     with pytest.raises(InvalidArgument, match="multiple of 8"):
         CollectionConfig("c", 12, "hamming").validated()

@@ -1,0 +1,83 @@
+"""Index specs: only the grammar of lookalike.indexspec is accepted, and everything it accepts works.
+
+The fuzzing builds specs from FAISS factory tokens with hostile numbers (0, 1, huge), wrappers lookalike does not
+support (IDMap, Refine, RFlat, NSG, LSH...), NUL and other characters; each is validated and then exercised the way
+a shard uses an index (train, add, search, remove, re-add, reconstruct) in a forked child of a separate process
+(tests/spec_trial.py): a spec is either refused with INVALID_ARGUMENT or works, and never kills the process.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lookalike.errors import InvalidArgument
+from lookalike.indexspec import check_spec
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Specs that FAISS builds but aborts (or crashes) on, or whose writes always fail: found on a real cluster.
+KNOWN_BAD = ["HNSW0", "HNSW1", "PQ4x0", "IVF4,PQ4x0", "IDMap,Flat", "IDMap2,Flat", "Flat\x00", "HNSW\x0016",
+             "IVF4_HNSW0,Flat", "PCA8,HNSW4", "RFlat", "NSG32", "IVF4,Flat,RFlat", "Flat,", "ＨNSW8"]
+
+
+def _trial(cases: list[tuple[str, int, str]]) -> list[str]:
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "spec_trial.py")], input=json.dumps(cases),
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", KNOWN_BAD)
+def test_specs_faiss_aborts_on_are_refused_from_their_text(spec):
+    with pytest.raises(InvalidArgument):
+        check_spec(spec, 16, False)
+
+
+_NUMS = st.sampled_from(["0", "1", "2", "3", "4", "8", "16", "17", "007", "99999999999", ""])
+_ENC = st.one_of(st.just("Flat"), st.builds(lambda m, b, np_: f"PQ{m}" + (f"x{b}" if b else "") + np_, _NUMS,
+                                            st.sampled_from(["", "0", "1", "4", "8", "17"]), st.sampled_from(["", "np"])),
+                 st.sampled_from(["SQ4", "SQ6", "SQ8", "SQfp16", "SQbf16", "SQ7", "SQ"]))
+_MAIN = st.one_of(
+    st.just("Flat"), _ENC,
+    st.builds(lambda n, q, e: f"IVF{n}{q},{e}", _NUMS, st.sampled_from(["", "_HNSW0", "_HNSW2", "_HNSW8"]), _ENC),
+    st.builds(lambda m, tail: f"HNSW{m}{tail}", _NUMS, st.sampled_from(["", ",Flat", "_PQ4x4", "_SQ8", "_Flat"])),
+    st.builds(lambda d: f"CAGRA{d}", _NUMS),
+    st.sampled_from(["IDMap,Flat", "IDMap2,Flat", "RFlat", "Flat,RFlat", "IVF4,PQ4,Refine(Flat)", "NSG32", "LSH",
+                     "ITQ,LSHt", "IMI2x2,Flat", "L2norm,Flat", "RR16,Flat", "HNSW2x32,Flat", "IVF4,PQ4x4fs", ""]),
+)
+_SPEC = st.one_of(
+    _MAIN,
+    st.builds(lambda t, m: f"{t},{m}", st.builds(lambda k, n: f"{k}{n}", st.sampled_from(["PCA", "OPQ"]), _NUMS), _MAIN),
+    st.builds(lambda m, junk: m + junk, _MAIN, st.sampled_from(["\x00", " ", ",", ",,Flat", "\n", "é"])),
+)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(_SPEC, st.sampled_from([(16, "l2"), (16, "cosine"), (16, "ip"), (8, "l2")])),
+                min_size=150, max_size=150))
+def _collect(cases):
+    _collect.cases = cases
+
+
+def test_every_spec_is_refused_or_works_and_none_kills_the_process():
+    _collect()
+    cases = [(spec, dim, metric) for spec, (dim, metric) in _collect.cases]
+    cases += [(spec, 16, "l2") for spec in KNOWN_BAD + ["HNSW2", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8"]]
+    # binary codes: the grammar's B-specs, and float specs a hamming collection turns into B-specs
+    cases += [(s, 64, "hamming") for s in ("BFlat", "BIVF4", "BIVF4,Flat", "BIVF4_HNSW2", "BHNSW2", "BHNSW0",
+                                            "BHNSW1", "HNSW8", "IVF4", "BHash8", "BFlat,Flat", "BCAGRA", "PQ4")]
+    outcomes = _trial(cases)
+    bad = [(spec, metric, out) for (spec, _, metric), out in zip(cases, outcomes) if out not in ("ok", "refused")]
+    assert not bad, f"specs accepted that then failed or killed the process: {bad}"
+    accepted = {spec for (spec, *_), out in zip(cases, outcomes) if out == "ok"}
+    assert {"HNSW2", "BHNSW2", "BIVF4", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8"} <= accepted
+    assert not accepted & set(KNOWN_BAD)
+    # the fuzzing reached both sides: some specs work, some are refused
+    assert len(accepted) >= 10 and outcomes.count("refused") >= 10, outcomes
