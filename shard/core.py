@@ -6,6 +6,8 @@ Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over g
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import pathlib
@@ -19,10 +21,12 @@ import numpy as np
 import psutil
 
 from lookalike.config import LIMITS, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, StaleShardMap
+from lookalike.errors import (FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, StaleShardMap,
+                              Unavailable)
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
+from lookalike.indexspec import check_spec
 from shard.index import VectorIndex
-from shard.storage import DELETE, RESET, UPSERT, CollectionStore, read_buckets, release_memory
+from shard.storage import DELETE, RESET, UPSERT, CollectionStore, _fsync_dir, read_buckets, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +261,12 @@ class ShardCollection:
             ResourceExhausted if they do not fit.
         min_epoch: requests routed with an older shard-map epoch are refused as stale (0: none are).
         gpu: the shard's GPU backend (``lookalike.gpu``): searches then run on a GPU mirror of the index. None: CPU.
+        on_broken: called with the collection's name when a logged write failed to apply: the owner reloads it.
     """
 
     def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore,
-                 check_room: Callable[..., None] = lambda n, gpu_bytes=0: None, min_epoch: int = 0, gpu=None):
+                 check_room: Callable[..., None] = lambda n, gpu_bytes=0: None, min_epoch: int = 0, gpu=None,
+                 on_broken: Callable[[str], None] | None = None):
         self.coll = coll
         self._owned = np.zeros(coll.buckets, dtype=bool)
         self._owned[[int(b) for b in buckets]] = True
@@ -277,6 +283,8 @@ class ShardCollection:
         self._last_write = 0.0
         self._trim_pending = False  # a thread waits for the writes to stop, then trims
         self.dropped = False
+        self.broken = ""  # why requests are refused until the shard reloads the collection (see _apply_failed)
+        self._on_broken = on_broken
 
     @property
     def buckets(self) -> frozenset[int]:
@@ -305,7 +313,11 @@ class ShardCollection:
         """Trains an IVF/PQ index once its buffer is full. The caller holds ``_write_order`` (or is loading), so
         the buffer cannot change; searches go on against the exact buffer until the switch."""
         if self.index.needs_training:
-            built = self.index.build_trained()
+            try:
+                built = self.index.build_trained()
+            except Exception as err:  # noqa: BLE001: FAISS refusing the training data must not fail the write
+                self.index.train_failed(err)
+                return
             with self._rw.write():
                 self.index.install_trained(built)
 
@@ -339,6 +351,8 @@ class ShardCollection:
     def _check_live(self) -> None:
         if self.dropped:
             raise NotFound(f"collection {self.coll.name!r} was dropped")
+        if self.broken:
+            raise Unavailable(f"collection {self.coll.name!r}: {self.broken}; retry in a moment")
 
     def _check_epoch(self, epoch: int, write: bool = False) -> None:
         fence = max(self.min_epoch, self.min_write_epoch) if write else self.min_epoch
@@ -376,10 +390,28 @@ class ShardCollection:
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
             self.store.append(UPSERT, ids, x, payloads)
-            self._apply_upsert(ids, home, x, payloads)
+            try:
+                self._apply_upsert(ids, home, x, payloads)
+            except Exception as err:  # noqa: BLE001: see _apply_failed
+                self._apply_failed("upsert", err)
             self._note_joining(ids, buckets)
             self._after_write(x.nbytes)
         return len(ids)
+
+    def _apply_failed(self, what: str, err: Exception):
+        """A logged write failed to apply to memory (FAISS refused it): it is taken back out of the log, so it is
+        never replayed, and the collection is reloaded from storage (memory may hold part of the write). Raises
+        FailedPrecondition for the caller: the write was not stored."""
+        retracted = self.store.retract()
+        self.broken = f"a failed {what} is being undone: the collection reloads from storage"
+        log.error("%s: %s could not be applied (%s: %s); %s; reloading it", self.coll.name, what,
+                  type(err).__name__, err, "taken back out of the log" if retracted
+                  else "it is in a sealed log segment: the reload will fail on it and quarantine the collection")
+        if self._on_broken is not None:
+            self._on_broken(self.coll.name)
+        raise FailedPrecondition(
+            f"the {what} could not be applied to collection {self.coll.name!r} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); nothing of it was stored") from None
 
     def _after_write(self, nbytes: int, trim: bool = True) -> None:
         """Called under the write order after each applied write."""
@@ -438,8 +470,11 @@ class ShardCollection:
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
             self.store.append(DELETE, ids)
-            with self._rw.write():
-                removed = self._apply_delete(ids, home)
+            try:
+                with self._rw.write():
+                    removed = self._apply_delete(ids, home)
+            except Exception as err:  # noqa: BLE001: see _apply_failed
+                self._apply_failed("delete", err)
             self._note_joining(ids, buckets)
             self._refresh_gpu()
         return removed, len(ids) - removed
@@ -710,6 +745,74 @@ class ShardCollection:
                     "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged}
 
 
+class ReplayGuard:
+    """Keeps a collection whose replay kills the process (a FAISS abort, a segfault, memory) from taking its shard
+    down again and again, and with it every other collection of the shard.
+
+    Before a replay, ``<collection dir>/REPLAYING`` is written with the number of replays started; a finished
+    replay removes it. Finding it at the next start means the process died during the replay. After
+    ``max_attempts`` such deaths in a row the collection is quarantined: ``QUARANTINED`` (a JSON note: why and
+    when) is written and the collection is not loaded again until an operator drops it or removes the note.
+    """
+
+    REPLAYING = "REPLAYING"
+    QUARANTINED = "QUARANTINED"
+
+    def __init__(self, path: pathlib.Path, max_attempts: int = 2):
+        self.path = pathlib.Path(path)
+        self.max_attempts = max_attempts
+        self._attempts = 0
+
+    def _read(self, name: str) -> dict | None:
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: treated as present
+
+    def _write(self, name: str, note: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / (name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(note) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+
+    def quarantine_reason(self) -> str | None:
+        """Why the collection must not be loaded (a note of an earlier quarantine, or too many replays that did not
+        finish), or None."""
+        note = self._read(self.QUARANTINED)
+        if note is not None:
+            return f"{note.get('reason', 'quarantined')} (since {note.get('since', '?')}; {self._how_to()})"
+        replaying = self._read(self.REPLAYING)
+        self._attempts = int((replaying or {}).get("attempts", 1 if replaying is not None else 0))
+        if self._attempts >= self.max_attempts:
+            return self.quarantine(f"the shard process died {self._attempts} times in a row while replaying it "
+                                   "(a crash in FAISS, or memory)")
+        return None
+
+    def quarantine(self, reason: str) -> str:
+        """Records the quarantine; returns the sentence that reports it."""
+        since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self._write(self.QUARANTINED, {"reason": reason, "since": since})
+        (self.path / self.REPLAYING).unlink(missing_ok=True)
+        return f"{reason} (since {since}; {self._how_to()})"
+
+    def _how_to(self) -> str:
+        return (f"drop the collection, or remove {self.path / self.QUARANTINED} and restart the shard to try "
+                "again")
+
+    def start(self) -> None:
+        self._write(self.REPLAYING, {"attempts": self._attempts + 1})
+
+    def done(self) -> None:
+        (self.path / self.REPLAYING).unlink(missing_ok=True)
+        _fsync_dir(self.path)
+
+
 class Shard:
     """All collections of one shard.
 
@@ -736,6 +839,8 @@ class Shard:
         # What the shard reports as its capacity (and the controller grows against).
         self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)
         self._collections: dict[str, ShardCollection] = {}
+        self.quarantined: dict[str, str] = {}  # collection -> why it is not loaded (see open_collection)
+        self._reloading: set[str] = set()
         self._lock = threading.Lock()
         self.serving = False
 
@@ -785,15 +890,38 @@ class Shard:
         """Takes ownership of ``buckets`` of a collection and loads them from storage; returns the items loaded.
         ``epoch``: the shard-map epoch of the assignment; requests routed with an older map are refused as stale.
 
-        A collection already open stays as it is (its buckets change through join / drop_buckets).
+        A collection already open (or quarantined) stays as it is (its buckets change through join /
+        drop_buckets). A collection whose replay fails, or kept killing the process (see :class:`ReplayGuard`), is
+        quarantined instead of loaded: reported in stats, refused with FAILED_PRECONDITION, while the shard serves
+        its other collections.
         """
         with self._lock:
             current = self._collections.get(coll.name)
             if current is not None:
                 return len(current.table)
-        store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-        sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu)
-        n = sc.load()
+            if coll.name in self.quarantined:
+                return 0
+        guard = ReplayGuard(self.root / coll.name)
+        reason = guard.quarantine_reason()
+        if reason is None:
+            try:
+                check_spec(coll.index, coll.dim, coll.binary)
+            except InvalidArgument as err:
+                reason = guard.quarantine(f"its index spec is not supported ({err})")
+        if reason is not None:
+            return self._quarantine(coll.name, reason)
+        guard.start()  # a process killed during the replay leaves this behind for the next start to count
+        store = None
+        try:
+            store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
+            sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload)
+            n = sc.load()
+        except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
+            log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
+            if store is not None:
+                store.close()
+            return self._quarantine(coll.name, guard.quarantine(f"its replay failed: {type(err).__name__}: {err}"))
+        guard.done()
         release_memory()
         with self._lock:
             if coll.name in self._collections:  # opened concurrently: keep that one
@@ -803,10 +931,40 @@ class Shard:
         log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
         return n
 
+    def _reload(self, name: str) -> None:
+        """Reloads a collection from storage in the background (a write failed to apply: memory may hold part of
+        it). Meanwhile the old one refuses requests with UNAVAILABLE."""
+        def run():
+            with self._lock:
+                sc = self._collections.get(name)
+            if sc is None:
+                return
+            with sc._write_order:
+                sc.store.close()
+            with self._lock:
+                if self._collections.get(name) is not sc:
+                    return
+                del self._collections[name]
+                self._reloading.add(name)
+            try:
+                self.open_collection(sc.coll, sc.buckets, max(sc.min_epoch, sc.min_write_epoch))
+            finally:
+                with self._lock:
+                    self._reloading.discard(name)
+
+        threading.Thread(target=run, name=f"reload-{name}", daemon=True).start()
+
+    def _quarantine(self, name: str, reason: str) -> int:
+        with self._lock:
+            self.quarantined[name] = reason
+        log.error("%s: collection %s is QUARANTINED, not served by this shard: %s", self.shard_id, name, reason)
+        return 0
+
     def drop_collection(self, name: str) -> None:
         """Forgets a collection and deletes its storage on this shard (no error if absent)."""
         with self._lock:
             sc = self._collections.pop(name, None)
+            self.quarantined.pop(name, None)
         if sc is not None:
             with sc._write_order:
                 sc.dropped = True
@@ -820,12 +978,20 @@ class Shard:
 
     def collection(self, name: str) -> ShardCollection:
         sc = self._collections.get(name)
+        if sc is None and name in self._reloading:
+            raise Unavailable(f"collection {name!r} is reloading on shard {self.shard_id}; retry in a moment")
+        if sc is None and name in self.quarantined:
+            raise FailedPrecondition(
+                f"collection {name!r} is quarantined on shard {self.shard_id}: {self.quarantined[name]}")
         if sc is None:
             raise NotFound(f"collection {name!r} does not exist on shard {self.shard_id}")
         return sc
 
     def stats_collections(self) -> list[dict]:
-        return [sc.stats() for sc in list(self._collections.values())]
+        out = [sc.stats() for sc in list(self._collections.values())]
+        for name, reason in list(self.quarantined.items()):
+            out.append({"name": name, "damaged": [f"QUARANTINED: {reason}"]})
+        return out
 
     def stats(self) -> dict:
         return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.used_bytes(),

@@ -158,6 +158,7 @@ class VectorIndex:
         self._ivf = self._extract_ivf(self._main)
         self.trained = self._main.is_trained
         self.train_size = 0 if self.trained else train_threshold(coll.index, self._main)
+        self.train_error = ""  # why training failed, if it did (see train_failed)
         # Until trained: an exact flat buffer keyed by label.
         self._buffer = None if self.trained else self._idmap(self._flat())
         if self.trained:
@@ -302,8 +303,15 @@ class VectorIndex:
 
     @property
     def needs_training(self) -> bool:
-        """True once the flat buffer holds enough vectors to train the real index."""
-        return self._buffer is not None and self._buffer.ntotal >= self.train_size
+        """True once the flat buffer holds enough vectors to train the real index (and training has not failed)."""
+        return self._buffer is not None and self._buffer.ntotal >= self.train_size and not self.train_error
+
+    def train_failed(self, err: Exception) -> None:
+        """Records that training failed: the index stays an exact flat buffer (searches stay right, only slower)
+        and training is not tried again until the shard restarts."""
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        self.train_error = f"training {self.coll.index!r} on {self._buffer.ntotal} vectors failed: {reason}"
+        log.error("%s: %s; searching the exact buffer instead", self.coll.name, self.train_error)
 
     def build_trained(self):
         """Trains a new main index on the buffer's vectors and fills it with them.

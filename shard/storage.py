@@ -54,7 +54,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -535,6 +535,7 @@ class CollectionStore:
         self._seq = 0
         self._tally = _Tally()  # what the active segment holds
         self._closed = False
+        self._undo: tuple | None = None  # (segment, tally before the last record): what retract restores
         self.damage: list[Damage] = self._earlier_damage()
         if self.damage:
             log.warning("storage %s: %d damaged file(s) set aside earlier, in %s: %s", self.path, len(self.damage),
@@ -767,6 +768,7 @@ class CollectionStore:
                 except OSError:
                     pass
                 raise
+            self._undo = (self._seq, replace(self._tally))  # see retract
             self._tally.add(frame[:_HEADER.size], len(rec.ids))
             # After the fsync: the mark never counts a write the log does not hold durably. No fsync of its own
             # (see the module's docstring).
@@ -805,7 +807,23 @@ class CollectionStore:
             raise
         os.close(self._fd)
         self._fd, self._seq, self._tally = fd, seq, _Tally()
+        self._undo = None  # the last record is sealed in: it cannot be taken back
         self._move_mark()
+
+    def retract(self) -> bool:
+        """Takes the last appended record back out of the log: its write could not be applied, so it must never be
+        replayed. The caller holds the write order (no append since). Returns False when that is no longer
+        possible (the record's segment was sealed since; replaying it then fails again, and the shard quarantines
+        the collection)."""
+        with self._lock:
+            undo, self._undo = self._undo, None
+            if undo is None or undo[0] != self._seq or self._closed:
+                return False
+            os.ftruncate(self._fd, undo[1].bytes)
+            os.fsync(self._fd)
+            self._tally = undo[1]
+            self._write_mark(sync=True)  # a mark counting the record would report the cut as damage
+            return True
 
     def _move_mark(self) -> None:
         try:

@@ -1,0 +1,151 @@
+"""A collection can take down no more than itself: writes that fail to apply are never logged for replay, and a
+collection whose replay fails or kills the process is quarantined while the shard serves the others."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from lookalike.config import CollectionConfig
+from lookalike.errors import FailedPrecondition, Unavailable
+from shard.core import Shard
+from shard.index import VectorIndex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(name: str, index: str = "Flat", validate: bool = True) -> CollectionConfig:
+    cfg = CollectionConfig(name, 8, "l2", index, buckets=4)
+    return cfg.validated() if validate else cfg
+
+
+def _xb(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+
+
+def _wait_serving(shard: Shard, name: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sc = shard.collection(name)
+            sc._check_live()
+            return sc
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_write_that_fails_to_apply_is_taken_out_of_the_log_and_the_collection_reloads(tmp_path, monkeypatch):
+    shard = Shard("shard-0", tmp_path)
+    shard.open_collection(_cfg("a"), range(4))
+    sc = shard.collection("a")
+    sc.upsert([f"v{i}" for i in range(5)], _xb(5), [None] * 5)
+    real_add = VectorIndex.add
+
+    def failing_add(self, labels, x):
+        raise RuntimeError("add does not make sense with this index")
+
+    monkeypatch.setattr(VectorIndex, "add", failing_add)
+    with pytest.raises(FailedPrecondition, match="nothing of it was stored"):
+        sc.upsert(["bad-1", "bad-2"], _xb(2, 1), [None] * 2)
+    monkeypatch.setattr(VectorIndex, "add", real_add)
+    sc = _wait_serving(shard, "a")
+    assert len(sc.table) == 5
+    sc.upsert(["w"], _xb(1, 2), [None])  # writes go on, after the retracted one
+    shard.close()
+    again = Shard("shard-0", tmp_path)
+    assert again.open_collection(_cfg("a"), range(4)) == 6  # the failed write is not replayed
+    assert not again.quarantined and not again.collection("a").store.damage
+    found, _, _ = again.collection("a").get(["bad-1", "bad-2", "v0", "w"], False)
+    assert found == ["v0", "w"]
+    again.close()
+
+
+def test_a_training_failure_keeps_the_exact_buffer_and_does_not_poison_replay(tmp_path, monkeypatch):
+    def failing_train(self):
+        raise RuntimeError("Error in Clustering::train: not enough points")
+
+    monkeypatch.setattr(VectorIndex, "build_trained", failing_train)
+    shard = Shard("shard-0", tmp_path)
+    shard.open_collection(_cfg("ivf", "IVF4,Flat"), range(4))
+    sc = shard.collection("ivf")
+    n = sc.index.train_size + 10
+    xb = _xb(n)
+    sc.upsert([f"v{i}" for i in range(n)], xb, [None] * n)  # acknowledged although training failed
+    assert not sc.index.trained and "training" in sc.index.train_error
+    _, L, ids, _ = sc.search(xb[:3], 1)
+    assert ids[:3] == ["v0", "v1", "v2"]  # exact
+    shard.close()
+    again = Shard("shard-0", tmp_path)
+    assert again.open_collection(_cfg("ivf", "IVF4,Flat"), range(4)) == n
+    again.close()
+
+
+def test_a_stored_spec_the_grammar_refuses_is_quarantined_not_loaded(tmp_path):
+    shard = Shard("shard-0", tmp_path)
+    shard.open_collection(_cfg("good"), range(4))
+    shard.collection("good").upsert(["g"], _xb(1), [None])
+    assert shard.open_collection(_cfg("bad", "HNSW0", validate=False), range(4)) == 0
+    assert "not supported" in shard.quarantined["bad"]
+    with pytest.raises(FailedPrecondition, match="quarantined"):
+        shard.collection("bad")
+    stats = {c["name"]: c for c in shard.stats()["collections"]}
+    assert stats["bad"]["damaged"][0].startswith("QUARANTINED")
+    assert stats["good"]["vectors"] == 1
+    shard.drop_collection("bad")  # the operator's way out: dropping it removes the quarantine
+    assert "bad" not in shard.quarantined and not (tmp_path / "shards" / "shard-0" / "bad").exists()
+    shard.close()
+
+
+_REPLAY = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from lookalike.config import CollectionConfig
+    from shard.core import Shard
+    from shard.index import VectorIndex
+
+    root, mode = sys.argv[1], sys.argv[2]
+    cfgs = [CollectionConfig(n, 8, "l2", "Flat", buckets=4).validated() for n in ("good", "bad")]
+    shard = Shard("shard-0", root)
+    if mode == "write":
+        for cfg in cfgs:
+            shard.open_collection(cfg, range(4))
+            x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+            shard.collection(cfg.name).upsert([f"{cfg.name}{i}" for i in range(50)], x, [None] * 50)
+        shard.close()
+        sys.exit(0)
+    real_add = VectorIndex.add
+    def add(self, labels, x):  # what a FAISS assertion does to the process
+        if self.coll.name == "bad":
+            os.abort()
+        return real_add(self, labels, x)
+    VectorIndex.add = add
+    for cfg in cfgs:
+        shard.open_collection(cfg, range(4))
+    print("good", len(shard.collection("good").table), "quarantined", sorted(shard.quarantined), flush=True)
+    print(shard.quarantined.get("bad", ""), flush=True)
+""")
+
+
+def test_a_collection_whose_replay_kills_the_process_is_quarantined_while_the_others_serve(tmp_path):
+    def run(mode):
+        return subprocess.run([sys.executable, "-c", _REPLAY, str(tmp_path), mode], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+
+    assert run("write").returncode == 0
+    first, second = run("replay"), run("replay")  # each start dies replaying "bad", as a crash-looping shard would
+    assert first.returncode < 0 and second.returncode < 0, (first.stderr[-500:], second.stderr[-500:])
+    third = run("replay")
+    assert third.returncode == 0, third.stderr[-2000:]
+    lines = third.stdout.splitlines()
+    assert lines[0] == "good 50 quarantined ['bad']"
+    assert "died 2 times in a row while replaying it" in lines[1] and "drop the collection" in lines[1]
+    fourth = run("replay")  # stays quarantined, without trying the replay again
+    assert fourth.returncode == 0 and fourth.stdout.splitlines()[0] == "good 50 quarantined ['bad']"
