@@ -26,7 +26,8 @@ from lookalike.errors import (FailedPrecondition, InvalidArgument, NotFound, Res
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from lookalike.indexspec import check_spec
 from shard.index import VectorIndex
-from shard.storage import DELETE, RESET, UPSERT, CollectionStore, _fsync_dir, read_buckets, release_memory
+from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, _fsync_dir, _snapshot_path, read_buckets,
+                           release_memory)
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +623,8 @@ class ShardCollection:
                     self.joining.pop(b, None)
             del main, table, mirror
             self._refresh_gpu()
+        if n or any(_snapshot_path(self.store.path, b).exists() for b in buckets):
+            self.store.compact_soon()  # folds the RESET in: their snapshots are deleted, not kept forever
         return n
 
     def bucket_counts(self) -> np.ndarray:

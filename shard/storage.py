@@ -780,7 +780,7 @@ class CollectionStore:
                 except OSError:  # the write is durable all the same: keep appending here, seal at the next one
                     log.exception("storage %s: sealing segment %d failed", self.path, self._seq)
         if rotate:
-            threading.Thread(target=self._compact_quietly, name=f"compact-{self.path.name}", daemon=True).start()
+            self.compact_soon()
 
     def _rotate_locked(self) -> None:
         """Seals the active segment and starts the next one. The next file is created (and the directory fsynced)
@@ -956,6 +956,11 @@ class CollectionStore:
             self.compact()
         except Exception:
             log.exception("compaction of %s failed; the log is kept and replayed instead", self.path)
+
+    def compact_soon(self) -> None:
+        """Starts a compaction in the background (e.g. after a RESET, so that the snapshots of buckets given away
+        are deleted now rather than once the log fills a segment)."""
+        threading.Thread(target=self._compact_quietly, name=f"compact-{self.path.name}", daemon=True).start()
 
     def compact(self) -> int:
         """Folds every sealed segment into bucket snapshots and deletes the segments. Returns segments folded.

@@ -791,3 +791,34 @@ def test_damaged_manifest_is_set_aside_and_the_files_adopted(tmp_path):
     store = CollectionStore(tmp_path, N_BUCKETS)  # a new manifest was written: nothing more to report
     assert store.damaged() == [str(d)]
     store.close()
+
+
+def test_snapshots_of_buckets_given_away_are_deleted_once_the_drop_is_final(tmp_path):
+    """A move's source drops the buckets it gave away: their snapshots (tens of MB each) go with them, not when the
+    log next fills a segment; the buckets it keeps and a reopen are untouched (no damage reported)."""
+    import time
+
+    from lookalike.config import CollectionConfig
+    from lookalike.ids import buckets_of
+    from shard.core import Shard
+
+    cfg = CollectionConfig("m", 8, "l2", "Flat", buckets=4).validated()
+    shard = Shard("shard-0", tmp_path)
+    shard.open_collection(cfg, range(4))
+    sc = shard.collection("m")
+    ids = [f"v{i}" for i in range(400)]
+    sc.upsert(ids, np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32), [None] * 400)
+    sc.store.compact()
+    snaps = sorted(p.name for p in sc.store.path.glob("b*.snap"))
+    assert len(snaps) == 4
+    assert sc.drop_buckets([0, 1], epoch=5) == int(np.isin(buckets_of(ids, 4), [0, 1]).sum())
+    deadline = time.monotonic() + 30
+    while sorted(p.name for p in sc.store.path.glob("b*.snap")) != snaps[2:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(p.name for p in sc.store.path.glob("b*.snap")) == snaps[2:]
+    kept = len(sc.table)
+    shard.close()
+    again = Shard("shard-0", tmp_path)
+    assert again.open_collection(cfg, [2, 3]) == kept
+    assert not again.collection("m").store.damage
+    again.close()
