@@ -111,6 +111,22 @@ def _serve_security(args):
     return tls, auth, host
 
 
+def _embedded_num_cpus(args, data_dir) -> int:
+    """CPUs the embedded Ray offers: room for every shard the cluster may run (those in storage, --shards, and
+    growth up to --max-shards) and the encoders, else a shard added later is never placed and the moves onto it
+    wait forever.
+
+    Ray's CPUs are a scheduling count, not threads (a shard runs ``int(--shard-cpus)`` FAISS threads whatever
+    Ray offers), and an idle logical CPU costs nothing: Ray starts no worker per CPU (measured: the same processes
+    and RSS with 3 and 65 CPUs). So shards keep whole CPUs, which Ray's placement on a real cluster needs, rather
+    than fractions of the machine's count.
+    """
+    from lookalike.controller import stored_shards
+
+    shards = max(args.shards, args.max_shards, stored_shards(data_dir))
+    return max(os.cpu_count() or 1, int(np.ceil(shards * args.shard_cpus)) + max(1, args.encoders))
+
+
 def cmd_serve(args) -> int:
     import functools
 
@@ -143,7 +159,7 @@ def cmd_serve(args) -> int:
         # The embedded local Ray is private to this process tree; the cluster mode keeps Ray's token auth.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
-                 num_cpus=max(os.cpu_count() or 1, int(np.ceil(args.shards * args.shard_cpus)) + 1))
+                 num_cpus=_embedded_num_cpus(args, data_dir))
     else:
         try:
             join_ray(args.address, cfg.namespace, log_to_driver=args.verbose)
@@ -433,6 +449,8 @@ def cmd_status(args) -> int:
               f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f} {cap:>8}")
         for d in s.damaged:  # storage files kept aside (docs/ARCHITECTURE.md, Storage)
             print(f"  DAMAGED {d}")
+        if s.problem:  # e.g. Ray cannot place it: the moves onto it wait
+            print(f"  {s.shard_id} {s.problem}")
     for info in st.collections:
         print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}, "
               f"replication {info.spec.replication or 1}")
@@ -454,28 +472,63 @@ def _move_summary(st) -> str:
 
 @_rpc_errors
 def cmd_rebalance(args) -> int:
-    """Queues the moves, then follows them until none is left (unless --no-wait)."""
+    """Queues the moves (after starting --add-shards shards), then follows them (unless --no-wait) until none is
+    left and the shards serve. Exits 1 instead when a shard cannot start (Ray cannot place it: the moves onto it
+    would wait for it) or after --timeout; Ctrl-C stops following. The moves go on in the cluster either way."""
+    st = None
+    try:
+        with _client(args) as c:
+            resp = c.rebalance(args.name or "", args.add_shards)
+            print(f"{resp.moves} move(s) queued over {resp.shards} shard(s) (epoch {resp.epoch})")
+            if args.no_wait:
+                return 0
+            for st in _follow_moves(c, args.timeout, args.add_shards > 0):
+                pass
+    except KeyboardInterrupt:
+        left = f"{len(st.moves)} bucket(s) still to move; " if st is not None else ""
+        print(f"\nstopped following the rebalance: {left}the moves go on in the cluster (`lookalike status` shows "
+              "them)", file=sys.stderr)
+        return 130
+    stuck = [s for s in st.shards if s.problem]
+    starting = ", ".join(s.shard_id for s in st.shards if not s.serving)
+    if not st.moves and not stuck and not (args.add_shards and starting):
+        print(_move_summary(st))
+        return 0
+    for s in stuck:
+        waiting = sum(m.target == s.shard_id or m.source == s.shard_id for m in st.moves)
+        print(f"error: shard {s.shard_id} {s.problem}; {waiting} bucket(s) wait for it and move once it starts "
+              "(free or add Ray resources: a restart of `lookalike serve` sizes its embedded Ray for the shards in "
+              "storage)", file=sys.stderr)
+    if not stuck:
+        print(f"error: stopped waiting after {args.timeout:g}s: {len(st.moves)} bucket(s) still to move"
+              f"{f' and shard(s) {starting} not serving yet' if starting else ''}; the moves go on in the cluster "
+              "(`lookalike status` shows them)", file=sys.stderr)
+    print(_move_summary(st), file=sys.stderr)
+    return 1
+
+
+def _follow_moves(c, timeout: float, shards_added: bool):
+    """Yields the cluster status about twice a second, with a progress bar, until no bucket is left to move (and,
+    with ``shards_added``, every shard serves), a shard cannot start, or ``timeout`` seconds have passed."""
     import time
 
     from tqdm import tqdm
 
-    with _client(args) as c:
-        resp = c.rebalance(args.name or "", args.add_shards)
-        print(f"{resp.moves} move(s) queued over {resp.shards} shard(s) (epoch {resp.epoch})")
-        if args.no_wait or not resp.moves:
-            return 0
-        total = len(c.status().moves)
-        with tqdm(total=total, unit="bucket", desc="moving", disable=None) as bar:
-            while True:
-                st = c.status()
-                left = len(st.moves)
-                bar.n = total - left
-                bar.refresh()
-                if not left:
-                    break
-                time.sleep(0.5)
-        print(_move_summary(c.status()))
-    return 0
+    deadline = time.monotonic() + timeout
+    st = c.status()
+    total = len(st.moves)
+    with tqdm(total=total, unit="bucket", desc="moving", disable=None) as bar:
+        while True:
+            yield st
+            starting = [s.shard_id for s in st.shards if not s.serving]
+            bar.n = max(0, total - len(st.moves))
+            bar.set_postfix_str(f"{', '.join(starting)} starting" if starting else "", refresh=False)
+            bar.refresh()
+            if (not st.moves and not (shards_added and starting) or any(s.problem for s in st.shards)
+                    or time.monotonic() >= deadline):
+                return
+            time.sleep(0.5)
+            st = c.status()
 
 
 # --- catalog jobs -----------------------------------------------------------------------------------------------
@@ -928,6 +981,9 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("name", nargs="?", default="", help="collection (default: every collection)")
     rb.add_argument("--add-shards", type=int, default=0, help="shards to start first (default 0)")
     rb.add_argument("--no-wait", action="store_true", help="return once the moves are queued")
+    rb.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds to follow the moves before giving up with exit status 1 (default 3600); a shard "
+                         "that cannot start ends it at once")
     rb.set_defaults(func=cmd_rebalance)
 
     lt = with_target(sub.add_parser("loadtest", help="load a running cluster; report rate, latency, errors, recall"))

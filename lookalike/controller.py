@@ -40,6 +40,15 @@ from lookalike.shardmap import ShardInfo, ShardMap, assign_buckets, order_by_nod
 log = logging.getLogger(__name__)
 
 MOVE_ATTEMPTS = 3
+PLACEMENT_CHECK_S = 1.0  # how often shards that do not serve are checked for a placement problem
+
+
+def stored_shards(data_dir: str | pathlib.Path) -> int:
+    """The number of shards of the cluster state kept in ``data_dir`` (0: none there yet)."""
+    try:
+        return len(json.loads((pathlib.Path(data_dir) / "cluster.json").read_text())["shards"])
+    except FileNotFoundError:
+        return 0
 
 
 class ShardPlacer(Protocol):
@@ -65,6 +74,11 @@ class ShardPlacer(Protocol):
     def bucket_counts(self, shard_id: str, name: str) -> list[int]: ...
 
     def stats(self, shard_id: str) -> dict: ...
+
+    # optional (the controller asks only placers that have it):
+    # def placement_problem(self, shard_id: str) -> str
+    #     why a shard that does not serve cannot start, e.g. "cannot be placed: it needs 1 CPU and 0.0 of 2.0 CPUs
+    #     are free"; "" when it is starting or the placer does not know.
 
 
 @dataclasses.dataclass
@@ -115,6 +129,7 @@ class Controller:
         self._collections: dict[str, _Collection] = {}
         self._cleanups: list[tuple[str, str, list[int]]] = []  # (shard, collection, buckets): rolled-back copies
         self._running: set[tuple[str, int]] = set()
+        self._problems: dict[str, str] = {}  # shard id -> why it cannot start (see ShardInfo.problem)
         self.moves_done = 0
         self.moves_failed = 0
         self._stop = threading.Event()
@@ -168,6 +183,8 @@ class Controller:
         for sid in self._shards:
             self._placer.ensure_shard(sid)
         self._spawn(self._mover_loop, "mover")
+        if hasattr(self._placer, "placement_problem"):
+            self._spawn(self._placement_loop, "placement")
         if self.policy.autoscale_s > 0:
             self._spawn(self._autoscale_loop, "autoscale")
 
@@ -220,8 +237,37 @@ class Controller:
                     for c in self._collections.values()]
 
     def shards(self) -> list[ShardInfo]:
+        """Every shard, with ``problem`` set for one that cannot start."""
         with self._cond:
-            return [self._info(s) for s in self._shards]
+            return [dataclasses.replace(self._info(s), problem=self._problems[s]) if s in self._problems
+                    else self._info(s) for s in self._shards]
+
+    def _placement_loop(self) -> None:
+        """Asks the placer, every PLACEMENT_CHECK_S, why the shards that do not serve are not up, so that status and
+        ``rebalance`` can tell (a shard Ray cannot place would otherwise just never register, and the moves onto it
+        wait forever)."""
+        while not self._stop.wait(PLACEMENT_CHECK_S):
+            with self._cond:
+                down = [s for s in self._shards if not self._info(s).serving]
+            found = {}
+            for sid in down:
+                try:
+                    problem = self._placer.placement_problem(sid)
+                except Exception as err:  # the check itself failed: say nothing rather than something wrong
+                    log.debug("placement check of %s failed: %s", sid, err)
+                    continue
+                if problem:
+                    found[sid] = problem
+            with self._cond:
+                for sid, problem in found.items():
+                    if self._problems.get(sid) != problem:
+                        log.warning("shard %s %s", sid, problem)
+                for sid in set(self._problems) - set(found):
+                    log.info("shard %s %s", sid, "serves" if self._info(sid).serving else "was placed")
+                changed = found != self._problems
+                self._problems = found
+                if changed:
+                    self._cond.notify_all()
 
     def add_shards(self, n: int) -> list[str]:
         """Starts ``n`` more shards (empty; rebalancing gives them buckets). Returns their ids."""
@@ -555,6 +601,8 @@ class Controller:
             if self._running or any(c.moves for c in self._collections.values()):
                 return 0
             if len(self._shards) >= self.policy.max_shards:
+                return 0
+            if self._problems:  # another shard would not start either
                 return 0
             shards = list(self._shards)
         full = []

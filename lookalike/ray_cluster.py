@@ -24,6 +24,11 @@ from lookalike.gpu import shard_num_gpus
 
 log = logging.getLogger(__name__)
 
+# A shard actor Ray has not placed for this long, while no node has the resources it needs free, is reported as
+# one that cannot be placed. Longer than a worker process takes to start on a busy node (while it starts, the
+# actor holds its resources but has no worker yet).
+PLACEMENT_GRACE_S = 5.0
+
 
 def _controller_name(cluster: str) -> str:
     return f"{cluster}-controller"
@@ -140,6 +145,8 @@ class RayPlacer:
         if self.num_gpus:
             log.info("shards placed with %g GPU each (the cluster has %g GPUs)", self.num_gpus, cluster_gpus)
         self._handles: dict[str, ray.actor.ActorHandle] = {}
+        self._ready: dict[str, ray.ObjectRef] = {}       # shard id -> its actor's __ray_ready__
+        self._waiting_since: dict[str, float] = {}       # shard id -> when it was first seen waiting for resources
 
     def actor_options(self, shard_id: str) -> dict:
         """Ray options of a shard's actor."""
@@ -162,6 +169,7 @@ class RayPlacer:
                 max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
                 self.num_gpus, cfg.tls)
             self._handles[shard_id] = h
+            self._ready[shard_id] = h.__ray_ready__.remote()
         return h
 
     def ensure_shard(self, shard_id: str) -> None:
@@ -202,9 +210,94 @@ class RayPlacer:
     def stats(self, shard_id):
         return _unwrap(self._handle(shard_id).stats.remote(), timeout=30)
 
+    def needs(self) -> dict[str, float]:
+        """Ray resources one shard actor takes (those it asks for), e.g. {"CPU": 1.0}."""
+        opts = self.actor_options("")
+        return {r: float(opts[k]) for r, k in (("CPU", "num_cpus"), ("GPU", "num_gpus"), ("memory", "memory"))
+                if opts[k]}
+
+    def placement_problem(self, shard_id: str) -> str:
+        """Why Ray does not place the shard's actor ("cannot be placed: it needs 1 CPU and 0.0 of 2.0 CPUs are
+        free"), or "" when it is placed, starting, or this cannot tell.
+
+        A shard counts as waiting for resources when its actor is pending creation (or restarting) with no worker
+        yet and no alive node has what it needs free; it is reported once that has lasted PLACEMENT_GRACE_S, or at
+        once when no node could ever hold it.
+        """
+        h = self._handles.get(shard_id)
+        if h is None:
+            return ""
+        waiting = _waiting_for_worker(h)
+        if waiting is None:  # no actor table: fall back on the actor not having started
+            ready = self._ready.get(shard_id)
+            waiting = ready is not None and not ray.wait([ready], timeout=0)[0]
+        shortfall, never = _shortfall(self.needs()) if waiting else ("", False)
+        if not shortfall:
+            self._waiting_since.pop(shard_id, None)
+            return ""
+        since = self._waiting_since.setdefault(shard_id, time.monotonic())
+        if never or time.monotonic() - since >= PLACEMENT_GRACE_S:
+            return f"cannot be placed: {shortfall}"
+        return ""
+
     def kill_all(self) -> None:
         for h in self._handles.values():
             ray.kill(h, no_restart=True)
+
+
+def _waiting_for_worker(handle) -> bool | None:
+    """Whether an actor waits for a worker (pending creation or restarting, and no worker leased to it: in Ray's
+    actor table its address has no port until a node grants it one). None: the table cannot be read (it is
+    Ray's internal API, read without the dashboard that ``ray.util.state`` needs)."""
+    try:
+        from ray._private import state
+
+        row = state.actors(actor_id=handle._actor_id.hex())
+        pending = row["State"] in ("PENDING_CREATION", "RESTARTING")
+        return pending and not int((row.get("Address") or {}).get("Port") or 0)
+    except Exception as err:
+        log.debug("no actor table: %s", err)
+        return None
+
+
+def _amount(resource: str, x: float) -> str:
+    if resource == "memory":
+        return f"{x / 2**30:.1f} GiB of memory"
+    return f"{x:g} {resource}{'' if x == 1 else 's'}"
+
+
+def _shortfall(needs: dict[str, float]) -> tuple[str, bool]:
+    """("it needs 1 CPU and 0.0 of 2.0 CPUs are free", never) when no alive Ray node has ``needs`` free, ("",
+    False) when one has; ``never``: no node has that much at all (adding nodes like these would not help)."""
+    nodes = {n["NodeID"]: n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")}
+    try:
+        from ray._private import state
+
+        free = state.available_resources_per_node()
+    except Exception:  # internal API gone: the whole cluster as one node (can only miss fragmentation)
+        free = {"all": ray.available_resources()}
+        nodes = {"all": ray.cluster_resources()}
+    if any(all(f.get(r, 0.0) >= x for r, x in needs.items()) for nid, f in free.items() if nid in nodes):
+        return "", False
+    totals = {r: sum(t.get(r, 0.0) for t in nodes.values()) for r in needs}
+    frees = {r: sum(free.get(nid, {}).get(r, 0.0) for nid in nodes) for r in needs}
+    need = " and ".join(_amount(r, x) for r, x in needs.items())
+    if not any(all(t.get(r, 0.0) >= x for r, x in needs.items()) for t in nodes.values()):
+        most = ", ".join(_amount(r, max((t.get(r, 0.0) for t in nodes.values()), default=0.0)) for r in needs)
+        return f"it needs {need} and no Ray node has that much (the largest has {most})", True
+    short = [r for r in needs if frees[r] < needs[r]] or list(needs)
+    have = "; ".join(f"{_free(r, frees[r])} of {_free(r, totals[r])} {_unit(r)} are free" for r in short)
+    if not [r for r in needs if frees[r] < needs[r]]:
+        have += f", but not on one node of {len(nodes)}"
+    return f"it needs {need} and {have}", False
+
+
+def _free(resource: str, x: float) -> str:
+    return f"{x / 2**30:.1f}" if resource == "memory" else f"{x:.1f}"
+
+
+def _unit(resource: str) -> str:
+    return "GiB of memory" if resource == "memory" else f"{resource}s"
 
 
 @ray.remote
@@ -373,8 +466,19 @@ def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeo
         name=_controller_name(cfg.cluster_name), namespace=cfg.namespace, lifetime="detached",
         get_if_exists=True, max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
     ).remote(cfg, segment_bytes)
-    if not _unwrap(handle.call.remote("wait_ready", ready_timeout), timeout=ready_timeout + 30):
-        raise TimeoutError(f"the shards of {cfg.cluster_name!r} did not all start within {ready_timeout:.0f}s")
+    deadline, told = time.monotonic() + ready_timeout, set()
+    while not _unwrap(handle.call.remote("wait_ready", min(2.0, max(0.0, deadline - time.monotonic()))),
+                      timeout=ready_timeout + 30):
+        # Keep waiting while a shard cannot be placed (an autoscaler may add a node), but say why.
+        problems = [f"shard {s.shard_id} {s.problem}" for s in _unwrap(handle.call.remote("shards"), timeout=60)
+                    if s.problem]
+        for p in set(problems) - told:
+            log.warning("waiting for the shards to start: %s", p)
+        told.update(problems)
+        if time.monotonic() >= deadline:
+            why = f": {'; '.join(problems)}" if problems else ""
+            raise TimeoutError(f"the shards of {cfg.cluster_name!r} did not all start within {ready_timeout:.0f}s"
+                               f"{why}")
     return handle, RayControlPlane(handle)
 
 

@@ -27,6 +27,7 @@ class ShardInfo:
     address: str = ""      # host:port of its gRPC server; "" while (re)starting
     node: str = ""         # Ray node id or host
     serving: bool = False
+    problem: str = ""      # why it does not start, when known ("cannot be placed: it needs 1 CPU and ...")
 
 
 @dataclasses.dataclass(frozen=True)

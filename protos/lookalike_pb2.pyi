@@ -315,7 +315,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged")
+    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged", "problem")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +327,7 @@ class ShardStatus(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     JOINING_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     address: str
     serving: bool
@@ -338,7 +339,8 @@ class ShardStatus(_message.Message):
     capacity_bytes: int
     joining: int
     damaged: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ...) -> None: ...
+    problem: str
+    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class BucketMove(_message.Message):
     __slots__ = ("collection", "bucket", "source", "target", "phase")

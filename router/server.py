@@ -211,7 +211,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         shards = []
         for info, st in self.router.shard_stats():
             s = lookalike_pb2.ShardStatus(shard_id=info.shard_id, address=info.address, node=info.node,
-                                          serving=bool(st is not None and st.serving))
+                                          serving=bool(st is not None and st.serving), problem=info.problem)
             if st is not None:
                 s.memory_bytes = st.memory_bytes
                 s.capacity_bytes = st.capacity_bytes
