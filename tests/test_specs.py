@@ -81,3 +81,29 @@ def test_every_spec_is_refused_or_works_and_none_kills_the_process():
     assert not accepted & set(KNOWN_BAD)
     # the fuzzing reached both sides: some specs work, some are refused
     assert len(accepted) >= 10 and outcomes.count("refused") >= 10, outcomes
+
+
+def test_hostile_specs_through_the_api_never_take_down_another_collection_across_a_restart(ray_cluster_factory,
+                                                                                        tmp_path):
+    """On a real cluster: each hostile spec is INVALID_ARGUMENT and leaves nothing stored; the collection beside it
+    serves exactly before and after a restart of the whole cluster on the same storage."""
+    import grpc
+    import numpy as np
+
+    data = tmp_path / "hostile"
+    cl = ray_cluster_factory(shards=2, data_dir=data)
+    xb = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    cl.client.create_collection("keep", dim=16, index="Flat", buckets=16)
+    cl.client.upsert("keep", [f"k{i}" for i in range(len(xb))], xb)
+    for i, spec in enumerate(KNOWN_BAD + ["HNSW0,Flat", "IVF99999999999,Flat", "PQ16x0", "HNSW-1", "Flat" * 100]):
+        with pytest.raises(grpc.RpcError) as err:
+            cl.client.create_collection(f"bad{i}", dim=16, index=spec, buckets=16)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (spec, err.value)
+    assert [c.spec.name for c in cl.client.list_collections()] == ["keep"]
+    hits = cl.client.search("keep", xb[:5], k=1)
+    assert [row[0] for row in hits.ids] == [f"k{i}" for i in range(5)] and hits.coverage == 1.0
+    cl.stop()
+    again = ray_cluster_factory(shards=2, data_dir=data)
+    hits = again.client.search("keep", xb[:5], k=1)
+    assert [row[0] for row in hits.ids] == [f"k{i}" for i in range(5)] and hits.coverage == 1.0
+    assert again.client.describe_collection("keep").count == len(xb)
