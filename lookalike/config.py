@@ -32,9 +32,49 @@ class Limits:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 64 * 1024 * 1024  # 64 megapixels: a 8192 x 8192 photo decodes; a bomb does not
     max_query_images: int = 1000              # per SearchByImage
+    max_nprobe: int = 1 << 20                 # IVF lists probed per query (= lookalike.indexspec.MAX_IVF_LISTS)
+    max_ef_search: int = 1 << 16              # HNSW candidate list per query; beyond this it buys nothing
 
 
 LIMITS = Limits()
+
+
+def check_search_params(nprobe: int, ef_search: int, limits: Limits = LIMITS, default_allowed: bool = True) -> None:
+    """Raises InvalidArgument for an nprobe or ef_search outside its bounds (0 keeps the collection default where
+    ``default_allowed``; a collection's own defaults must be at least 1)."""
+    low = 0 if default_allowed else 1
+    zero = " (0 keeps the collection's default)" if default_allowed else ""
+    if not low <= nprobe <= limits.max_nprobe:
+        raise InvalidArgument(f"nprobe must be between {low} and {limits.max_nprobe}{zero}, got {nprobe}")
+    if not low <= ef_search <= limits.max_ef_search:
+        raise InvalidArgument(f"ef_search must be between {low} and {limits.max_ef_search}{zero}, got {ef_search}")
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (int(n).bit_length() + 6) // 7)
+
+
+def search_slot_bytes(include_payloads: bool, limits: Limits = LIMITS) -> int:
+    """The most bytes one result slot (one neighbour of one query) can take in a search answer: its distance
+    (float32) and label (int64) in the shard's packed bytes fields, its id (a string field: tag, length, up to
+    max_id_bytes) and, when asked for, its payload (a Payload message field: tag, length, up to
+    max_payload_bytes serialized). See ShardSearchResponse in protos/shard.proto and Neighbors in
+    protos/lookalike.proto; the router's Neighbors carry the same id and payload, a float distance and no label."""
+    slot = 4 + 8 + 1 + _varint_len(limits.max_id_bytes) + limits.max_id_bytes
+    if include_payloads:
+        slot += 1 + _varint_len(limits.max_payload_bytes) + limits.max_payload_bytes
+    return slot
+
+
+def max_search_rows(k: int, include_payloads: bool = False, limits: Limits = LIMITS) -> int:
+    """Most queries one search can carry so that its answers fit in a message whatever the ids and payloads: a
+    shard answers nq * k slots (:func:`search_slot_bytes`) plus its fixed fields (two bytes fields' tags and
+    lengths, nq, k: under 64 bytes); the router answers nq Neighbors, each k slots less their labels plus the
+    message's own tag and length and its packed distances' tag and length (12 bytes), plus coverage and epoch."""
+    k = max(int(k), 1)
+    slot = search_slot_bytes(include_payloads, limits)
+    room = limits.max_message_bytes - 64
+    return max(0, min(room // (k * slot), room // (k * (slot - 8) + 12)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +148,7 @@ class CollectionConfig:
             raise InvalidArgument(f"buckets must be between 1 and {limits.max_buckets}, got {self.buckets}")
         if self.replication < 1:
             raise InvalidArgument(f"replication must be at least 1, got {self.replication}")
-        if self.nprobe < 1 or self.ef_search < 1:
-            raise InvalidArgument("nprobe and ef_search must be at least 1")
+        check_search_params(self.nprobe, self.ef_search, limits, default_allowed=False)
         index = (self.index or "").strip() or ("BFlat" if self.binary else "Flat")
         if self.binary and not index.startswith("B"):
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from lookalike.config import LIMITS, CollectionConfig
+from lookalike.config import LIMITS, CollectionConfig, check_search_params, max_search_rows
 from lookalike.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LookalikeError, NotFound,
                               ResourceExhausted, StaleShardMap, Unavailable)
 from lookalike.ids import buckets_of
@@ -453,10 +453,14 @@ class Router:
 
         It returns the SearchResult.
         """
-        if len(xq) > max_search_rows(k, include_payloads):  # refused before every shard runs the whole search
+        check_search_params(nprobe, ef_search)
+        rows = max_search_rows(k, include_payloads)
+        if len(xq) > rows:  # refused before every shard runs the whole search
             raise ResourceExhausted(
-                f"{len(xq)} queries x k={k} would make an answer over the {LIMITS.max_message_bytes >> 20} MiB message "
-                f"limit: send at most {max_search_rows(k, include_payloads)} queries per request at this k")
+                f"{len(xq)} queries x k={k} could make an answer over the {LIMITS.max_message_bytes >> 20} MiB "
+                f"message limit (ids of up to {LIMITS.max_id_bytes} bytes"
+                f"{f', payloads of up to {LIMITS.max_payload_bytes} bytes' if include_payloads else ''}): send at most "
+                f"{rows} queries per request at this k{' with payloads' if include_payloads else ''}")
         deadline = None if timeout is None else time.monotonic() + timeout
         smap = self._maps.get(name)
         if smap is None:  # not cached: the driver fetches it from the control plane
@@ -516,7 +520,9 @@ class Router:
         failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
         if failures:
             self.invalidate(name)
-            log.warning("search on %s: %d shard(s) failed: %s", name, len(failures), failed)
+            _search_warnings.warning(
+                (name, tuple(sorted((sid, type(err).__name__) for sid, err in failures.items()))),
+                "search on %s: %d shard(s) failed: %s", name, len(failures), failed)
         if coverage < min_coverage or not responses:
             raise Unavailable(
                 f"only {int(covered.sum())} of {n_buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
@@ -710,10 +716,38 @@ def _merge_responses(responses, nq: int, k: int, larger_is_better: bool, include
     return D, out_ids, out_pl
 
 
-def max_search_rows(k: int, include_payloads: bool = False) -> int:
-    """Most queries one search can carry: a shard answers nq * k result slots of at least 14 bytes each (distance,
-    label, and an id: 2 bytes when empty; 2 more with payloads), and that answer must fit in a message."""
-    return LIMITS.max_message_bytes // ((16 if include_payloads else 14) * max(k, 1))
+class RateLimitedLog:
+    """Logs at most one line per key every ``interval_s`` seconds; the next line that gets out says how many
+    like it were left out since. For warnings that every request can repeat (a shard down fails each search)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0, max_keys: int = 1024):
+        self.logger = logger
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._seen: dict[object, list] = {}  # key -> [time of the last line logged, lines left out since]
+
+    def warning(self, key, msg: str, *args) -> bool:
+        """Logs ``msg % args`` unless a line of ``key`` went out less than interval_s ago. Returns whether it
+        logged."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.interval_s:
+                seen[1] += 1
+                return False
+            left_out = 0 if seen is None else seen[1]
+            if seen is None and len(self._seen) >= self.max_keys:  # forget keys that went quiet
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+            self._seen[key] = [now, 0]
+        if left_out:
+            msg += " (and %d more like it since the last such line, not logged)"
+            args = args + (left_out,)
+        self.logger.warning(msg, *args)
+        return True
+
+
+_search_warnings = RateLimitedLog(log)
 
 
 def check_min_coverage(value: float | None) -> float:

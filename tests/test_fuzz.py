@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lookalike.config import LIMITS
+from lookalike.config import LIMITS, max_search_rows
 from lookalike.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2, shard_pb2_grpc
 from router.client import Client
@@ -622,7 +622,11 @@ def test_hostile_search(fz, data):
     if data.draw(st.booleans()):
         req.min_coverage = data.draw(st.one_of(st.floats(width=32), st.sampled_from([0.0, 1e-9, 1.0, 1.0000001])))
     valid = valid and 1 <= k <= LIMITS.max_k and (not req.HasField("min_coverage") or 0 < req.min_coverage <= 1)
-    send(fz, "structured", "Search", req, expected=expect(where, valid))
+    valid = valid and req.params.nprobe <= LIMITS.max_nprobe and req.params.ef_search <= LIMITS.max_ef_search
+    expected = expect(where, valid)
+    if expected == {OK} and v["rows"] > max_search_rows(k, req.include_payloads):
+        expected = {EXHAUSTED}  # its answer could pass the message limit: refused up front
+    send(fz, "structured", "Search", req, expected=expected)
 
 
 @fuzz(400)
@@ -1085,11 +1089,12 @@ def test_message_size_limits(fz):
         send(fz, "size", "Search", L.SearchRequest(collection="keep-l2", k=LIMITS.max_k, queries=common_pb2.Vectors(
             data=q.tobytes(), rows=len(q), dim=8)), expected={EXHAUSTED}, channel=unlimited)
         assert time.monotonic() - t0 < 5.0, "the oversized search should be refused before it runs"
-        # just under the limits: answered
-        q = q[:2000]
+        # just under the limits (answers bounded for 256-byte ids): answered
+        rows = max_search_rows(1000)
+        q = q[:rows]
         code, _, resp = send(fz, "size", "Search", L.SearchRequest(collection="keep-l2", k=1000, queries=common_pb2.Vectors(
             data=q.tobytes(), rows=len(q), dim=8)), expected={OK}, channel=unlimited)
-        assert len(L.SearchResponse.FromString(resp).results) == 2000
+        assert len(L.SearchResponse.FromString(resp).results) == rows
     finally:
         unlimited.close()
     assert fz.client.list_collections()
@@ -1100,7 +1105,8 @@ def test_concurrent_searches_are_not_batched_past_the_message_limit():
     runs, and sent them all as one (40 calls of 255 queries at k=1024: one batch of 9945 queries, whose answer
     passed 64 MiB, and all 39 callers got RESOURCE_EXHAUSTED). Now a batch holds at most what one search can
     answer, and one whose answer is still too large (long ids) is split until each call goes alone. Here the
-    search is a stand-in whose answer is "too large" past 3000 queries (the real one takes seconds at this k)."""
+    search is a stand-in whose answer is "too large" past 1000 queries (the real one takes seconds at this k); at
+    k=100 the cap is 2476 queries (answers bounded with 256-byte ids)."""
     import asyncio
     import concurrent.futures
 
@@ -1113,20 +1119,20 @@ def test_concurrent_searches_are_not_batched_past_the_message_limit():
     def search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout):
         sizes.append(len(xq))
         time.sleep(0.01)
-        if len(xq) > 3000:
+        if len(xq) > 1000:
             raise ResourceExhausted("SERVER: Sent message larger than max")
         return SearchResult(np.repeat(xq[:, :1], k, axis=1), [[f"q{v:.0f}"] for v in xq[:, 0]], None, 1.0, 1)
 
     async def main():
         batcher = SearchBatcher(search, concurrent.futures.ThreadPoolExecutor(4))
-        calls = [batcher.search("c", np.full((255, 8), i, dtype=np.float32), LIMITS.max_k, timeout=30)
+        calls = [batcher.search("c", np.full((255, 8), i, dtype=np.float32), 100, timeout=30)
                  for i in range(40)]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     results = asyncio.run(main())
     assert not [r for r in results if isinstance(r, Exception)], results
     assert [r.ids[0] for r in results] == [[f"q{i}"] for i in range(40)]  # each caller its own rows
-    assert max(sizes) <= max_search_rows(LIMITS.max_k) and max(sizes) > 3000  # capped, then split
+    assert max(sizes) <= max_search_rows(100) and max(sizes) > 1000  # capped, then split
 
 
 # --- the reported gap: requests that cannot be parsed ---------------------------------------------------------------
