@@ -90,6 +90,7 @@ def _serve_security(args):
     tls = _tls(args, server=True)
     if tls is not None:
         tls.server_credentials()  # readable, and a key with the certificate
+        _check_key_pair(tls.cert, tls.key)
         tls.internal()            # the shards' mutual TLS needs the CA too
     elif args.tls_client_auth:
         raise ValueError("--tls-client-auth needs TLS: give --tls-cert, --tls-key and --tls-ca")
@@ -101,6 +102,14 @@ def _serve_security(args):
         if not is_loopback(host):
             raise ValueError(f"refusing to serve plaintext on {host}: give --tls-cert and --tls-key (or "
                              "LOOKALIKE_TLS_*), or --insecure")
+    if args.address is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # The embedded cluster turns it on itself; a cluster started apart must have it, and this router its token.
+        if not args.insecure:
+            raise ValueError("in a Ray cluster, Ray's token authentication must be on: set RAY_AUTH_MODE=token and "
+                             "the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), as on every Ray node, or "
+                             "--insecure to join a cluster without it")
+        log.warning("joining a Ray cluster without Ray's token authentication (RAY_AUTH_MODE=%s): anyone who "
+                    "reaches its ports can run code in it", os.environ.get("RAY_AUTH_MODE", "unset"))
     tokens_file = args.tokens or os.environ.get("LOOKALIKE_TOKENS_FILE")
     tokens = TokenTable(tokens_file) if tokens_file else None
     if tokens is not None and tls is None and not is_loopback(host):
@@ -127,24 +136,60 @@ def _embedded_num_cpus(args, data_dir) -> int:
     return max(os.cpu_count() or 1, int(np.ceil(shards * args.shard_cpus)) + max(1, args.encoders))
 
 
+def _check_key_pair(cert: str, key: str) -> None:
+    """The key file holds the private key of the certificate (gRPC itself only finds out when a server binds: the
+    shards would crash-loop on "Failed to bind").
+
+    Raises:
+        ValueError: naming the file at fault.
+    """
+    import ssl
+
+    def no_password():
+        raise ValueError(f"the TLS key {key!r} is encrypted: give it unencrypted (mode 600)")
+
+    key_pem = pathlib.Path(key).read_bytes()
+    if b"PRIVATE KEY-----" not in key_pem:
+        holds = " (it holds a certificate: give the key file)" if b"BEGIN CERTIFICATE" in key_pem else ""
+        raise ValueError(f"the TLS key {key!r} holds no PEM private key{holds}")
+    if b"BEGIN CERTIFICATE" not in pathlib.Path(cert).read_bytes():
+        raise ValueError(f"the TLS certificate {cert!r} holds no PEM certificate")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"the TLS key {key!r} is not the key of the certificate {cert!r}") from None
+        raise ValueError(f"the TLS certificate {cert!r} and key {key!r} do not load: {err}") from None
+
+
 def cmd_serve(args) -> int:
     import functools
 
+    from lookalike.config import ClusterConfig, MovePolicy, storage_path
+    from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
+
+    embedded = args.address is None
+    try:
+        data_dir = storage_path(args.data)
+        tls, auth, host = _serve_security(args)
+        # One storage, one server: the embedded cluster's shards write this directory. (Routers joining a Ray
+        # cluster share its storage with the cluster's other routers: the cluster's controller owns it there.)
+        lock = DataDirLock(data_dir).acquire() if embedded else None
+        ray_env = embedded_ray_env(data_dir) if embedded else {}
+    except (ValueError, DataDirInUse) as err:  # lookalike.errors.InvalidArgument is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Before Ray is imported: Ray reads RAY_AUTH_MODE once, and every process it starts inherits this environment.
+    _set_environ(ray_env)
+
     import ray
 
-    from lookalike.config import ClusterConfig, MovePolicy, storage_path
     from lookalike.net import create_health_server, set_serving
-    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, start_jobs, stop_cluster, stop_jobs
+    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, start_jobs
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
     from router.shard_client import GrpcShardClient
 
-    try:
-        data_dir = storage_path(args.data)
-        tls, auth, host = _serve_security(args)
-    except ValueError as err:  # lookalike.errors.InvalidArgument is one
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     shard_memory = parse_bytes(args.shard_memory)
     cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
                         shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
@@ -154,10 +199,10 @@ def cmd_serve(args) -> int:
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0),
                         tls=tls.internal() if tls else None)
-    embedded = args.address is None
     if embedded:
-        # The embedded local Ray is private to this process tree; the cluster mode keeps Ray's token auth.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's token authentication on, whatever the environment said: the GCS, the raylet and every worker listen
+        # on all interfaces (docs/SECURITY.md, "What listens where"), and the token is what keeps others out.
+        _refresh_ray_auth_mode()
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
                  num_cpus=_embedded_num_cpus(args, data_dir))
     else:
@@ -166,6 +211,7 @@ def cmd_serve(args) -> int:
         except (ConnectionError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+    embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
     handle, control = start_cluster(cfg)
     jobs = start_jobs(cfg)
@@ -200,11 +246,97 @@ def cmd_serve(args) -> int:
         probe_server.stop(None)
     router.close()
     if embedded:
-        stop_jobs(jobs)
-        stop_cluster(handle)
-        ray.shutdown()
+        from lookalike.ray_cluster import stop_cluster, stop_jobs
+
+        # Bounded, and abandoned as soon as Ray's GCS or raylet is gone: a stop signal to the whole process group
+        # (a terminal's job control) or cgroup (systemd) stops them too, and then every Ray call, ray.shutdown()
+        # and Ray's exit handler included, waits a minute for a GCS that will not come back.
+        if not (_within(lambda: (stop_jobs(jobs), stop_cluster(handle)), 30.0, alive=embedded_ray.alive)
+                and _within(ray.shutdown, 15.0)):
+            log.info("Ray's GCS is gone (or Ray did not stop in time): exiting without Ray's shutdown; what is "
+                     "left of the embedded Ray ends with this process (Ray ties its processes to it)")
+            print("lookalike stopped", flush=True)
+            sys.stderr.flush()
+            os._exit(0)
+        lock.release()
     print("lookalike stopped", flush=True)
     return 0
+
+
+def _set_environ(env: dict[str, str | None]) -> None:
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _refresh_ray_auth_mode() -> None:
+    """Makes Ray read RAY_AUTH_MODE again if it was imported before it was set (a caller that imported Ray first):
+    Ray caches its config when imported, and refreshes it this way itself when ray.init turns token auth on."""
+    try:
+        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+    except ImportError:  # a Ray without token auth (before 2.52): nothing to refresh
+        return
+    if os.environ.get("RAY_AUTH_MODE") == "token" and get_authentication_mode() != AuthenticationMode.TOKEN:
+        Config.initialize("")
+
+
+class _EmbeddedRay:
+    """Whether the embedded Ray still lives: its GCS and raylet processes (children of this process) run and the GCS
+    takes connections. On SIGTERM the GCS closes its port at once but its process lingers for seconds."""
+
+    def __init__(self, gcs_address: str):
+        import psutil
+
+        self.gcs_address = gcs_address
+        self.daemons = [p for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")]
+
+    def alive(self) -> bool:
+        import socket
+
+        import psutil
+
+        try:
+            if not all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self.daemons):
+                return False
+        except psutil.Error:
+            return False
+        host, _, port = self.gcs_address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+        except OSError:
+            return False
+        return True
+
+
+def _within(func, timeout: float, alive=lambda: True) -> bool:
+    """Runs ``func`` in a thread and waits for it at most ``timeout`` seconds, and only while ``alive()``.
+    True: it returned (an exception is logged) and ``alive()`` still holds."""
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def run():
+        try:
+            func()
+        except Exception as err:  # logged: serve stops anyway
+            log.warning("stopping: %s", err)
+        finally:
+            done.set()
+
+    if not alive():
+        return False
+    threading.Thread(target=run, daemon=True, name="serve-stop").start()
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.1):
+        if not alive():
+            return False
+        if time.monotonic() > deadline:
+            log.warning("stopping: %s did not return within %.0f s", getattr(func, "__name__", func), timeout)
+            return False
+    return alive()
 
 
 # --- tokens -----------------------------------------------------------------------------------------------------
