@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from lookalike.config import max_search_rows
 from lookalike.errors import FailedPrecondition, InvalidArgument, LookalikeError, NotFound
 from protos import common_pb2
 
@@ -215,6 +216,7 @@ class DedupJob(CatalogJob):
         pages = self._plan(router, sp["batch"] * 4)
         status.total = int(router.bucket_counts(name, timeout=60).sum())
         k = sp["k"] + 1  # the item itself comes back too
+        batch = min(sp["batch"], max_search_rows(k))  # an answer must fit in one gRPC message
         pairs = 0
         for i, buckets in enumerate(pages):
             path = self._page(i)
@@ -225,11 +227,11 @@ class DedupJob(CatalogJob):
                 continue
             ids, x, _ = router.scan(name, buckets, include_vectors=True, timeout=600)
             qa, qb, qd = [], [], []
-            for s in range(0, len(ids), sp["batch"]):
+            for s in range(0, len(ids), batch):
                 if stop.is_set():
                     raise JobCancelled()
-                q_ids = np.array(ids[s:s + sp["batch"]], dtype=object)
-                res = router.search(name, x[s:s + sp["batch"]], k, sp["nprobe"], sp["ef_search"], timeout=600)
+                q_ids = np.array(ids[s:s + batch], dtype=object)
+                res = router.search(name, x[s:s + batch], k, sp["nprobe"], sp["ef_search"], timeout=600)
                 nbr = np.array([row + [""] * (k - len(row)) for row in res.ids], dtype=object)
                 hit = within(res.D, coll.larger_is_better, sp["threshold"]) & (nbr != "") & (nbr != q_ids[:, None])
                 rows, cols = np.nonzero(hit)

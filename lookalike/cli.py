@@ -213,7 +213,13 @@ def cmd_serve(args) -> int:
             return 1
     embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
     log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
-    handle, control = start_cluster(cfg)
+    try:
+        handle, control = start_cluster(cfg)
+    except TimeoutError as err:  # its message names the shards that cannot be placed, and why
+        print(f"error: {err}", file=sys.stderr)
+        if embedded:
+            _within(ray.shutdown, 15.0)
+        return 1
     jobs = start_jobs(cfg)
     router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
                     connect=functools.partial(GrpcShardClient, tls=cfg.tls))
