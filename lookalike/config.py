@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from lookalike.errors import InvalidArgument
+from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.indexspec import check_spec
 
 METRICS = ("l2", "ip", "cosine", "hamming")
@@ -75,6 +75,21 @@ def max_search_rows(k: int, include_payloads: bool = False, limits: Limits = LIM
     slot = search_slot_bytes(include_payloads, limits)
     room = limits.max_message_bytes - 64
     return max(0, min(room // (k * slot), room // (k * (slot - 8) + 12)))
+
+
+def check_answer_size(nq: int, k: int, include_payloads: bool, limits: Limits = LIMITS) -> None:
+    """Refuses, before any search runs, a search of ``nq`` queries whose answer could pass the message limit.
+
+    Raises:
+        ResourceExhausted: with how many queries fit at this k.
+    """
+    rows = max_search_rows(k, include_payloads, limits)
+    if nq > rows:
+        raise ResourceExhausted(
+            f"{nq} queries x k={k} could make an answer over the {limits.max_message_bytes >> 20} MiB message limit "
+            f"(ids of up to {limits.max_id_bytes} bytes"
+            f"{f', payloads of up to {limits.max_payload_bytes} bytes' if include_payloads else ''}): send at most "
+            f"{rows} queries per request at this k{' with payloads' if include_payloads else ''}")
 
 
 @dataclasses.dataclass(frozen=True)

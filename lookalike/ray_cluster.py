@@ -286,18 +286,17 @@ def _shortfall(needs: dict[str, float]) -> tuple[str, bool]:
         most = ", ".join(_amount(r, max((t.get(r, 0.0) for t in nodes.values()), default=0.0)) for r in needs)
         return f"it needs {need} and no Ray node has that much (the largest has {most})", True
     short = [r for r in needs if frees[r] < needs[r]] or list(needs)
-    have = "; ".join(f"{_free(r, frees[r])} of {_free(r, totals[r])} {_unit(r)} are free" for r in short)
+    have = "; ".join(f"{_of(r, frees[r], totals[r])} are free" for r in short)
     if not [r for r in needs if frees[r] < needs[r]]:
         have += f", but not on one node of {len(nodes)}"
     return f"it needs {need} and {have}", False
 
 
-def _free(resource: str, x: float) -> str:
-    return f"{x / 2**30:.1f}" if resource == "memory" else f"{x:.1f}"
-
-
-def _unit(resource: str) -> str:
-    return "GiB of memory" if resource == "memory" else f"{resource}s"
+def _of(resource: str, free: float, total: float) -> str:
+    """ "0.0 of 2.0 CPUs", "1.5 of 8.0 GiB of memory"."""
+    if resource == "memory":
+        return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB of memory"
+    return f"{free:.1f} of {total:.1f} {resource}s"
 
 
 @ray.remote

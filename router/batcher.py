@@ -37,7 +37,7 @@ import numpy as np
 
 from lookalike.config import LIMITS
 from lookalike.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from router.core import max_search_rows
+from lookalike.config import max_search_rows
 
 # Defaults: one batch of a group running at once (measured on 2 cores with 64 single-query clients: larger
 # batches and fewer requests gave 5-15% more queries per second and a lower p50 than two at once; see

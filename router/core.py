@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from lookalike.config import LIMITS, CollectionConfig, check_search_params, max_search_rows
+from lookalike.config import CollectionConfig, check_answer_size, check_search_params
 from lookalike.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, LookalikeError, NotFound,
                               ResourceExhausted, StaleShardMap, Unavailable)
 from lookalike.ids import buckets_of
@@ -454,13 +454,7 @@ class Router:
         It returns the SearchResult.
         """
         check_search_params(nprobe, ef_search)
-        rows = max_search_rows(k, include_payloads)
-        if len(xq) > rows:  # refused before every shard runs the whole search
-            raise ResourceExhausted(
-                f"{len(xq)} queries x k={k} could make an answer over the {LIMITS.max_message_bytes >> 20} MiB "
-                f"message limit (ids of up to {LIMITS.max_id_bytes} bytes"
-                f"{f', payloads of up to {LIMITS.max_payload_bytes} bytes' if include_payloads else ''}): send at most "
-                f"{rows} queries per request at this k{' with payloads' if include_payloads else ''}")
+        check_answer_size(len(xq), k, include_payloads)  # refused before every shard runs the whole search
         deadline = None if timeout is None else time.monotonic() + timeout
         smap = self._maps.get(name)
         if smap is None:  # not cached: the driver fetches it from the control plane

@@ -6,9 +6,7 @@ Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over g
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import errno
 import json
 import logging
 import os
@@ -37,23 +35,6 @@ _TRIM_EVERY_BYTES = 32 << 20
 _TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what its last writes freed
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
-
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-
-
-@contextlib.contextmanager
-def _storage_full_refused(path):
-    """A write to storage that fails for want of space (ENOSPC, EDQUOT) is a ResourceExhausted with a sentence, not
-    an internal error: the store has cut off what it half wrote, so the write was not stored."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in _FULL_ERRNOS:
-            raise
-        raise ResourceExhausted(
-            f"the shard's storage at {path} is full ({os.strerror(err.errno)}): free space or give it a larger "
-            "volume; the write was not stored") from err
-
 
 class RWLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
@@ -408,8 +389,7 @@ class ShardCollection:
             self._check_live()
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
-            with _storage_full_refused(self.store.path):
-                self.store.append(UPSERT, ids, x, payloads)
+            self.store.append(UPSERT, ids, x, payloads)
             try:
                 self._apply_upsert(ids, home, x, payloads)
             except Exception as err:  # noqa: BLE001: see _apply_failed
@@ -489,8 +469,7 @@ class ShardCollection:
             self._check_live()
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
-            with _storage_full_refused(self.store.path):
-                self.store.append(DELETE, ids)
+            self.store.append(DELETE, ids)
             try:
                 with self._rw.write():
                     removed = self._apply_delete(ids, home)
@@ -527,8 +506,7 @@ class ShardCollection:
         buckets = sorted(int(b) for b in buckets)
         with self._write_order:
             self._check_live()
-            with _storage_full_refused(self.store.path):
-                self.store.reset(buckets)
+            self.store.reset(buckets)
             with self._rw.write():
                 self._remove_buckets(buckets)
                 self._owned[buckets] = True
@@ -586,8 +564,7 @@ class ShardCollection:
                 ids = [batch.ids[i] for i in keep]
                 x, payloads = batch.vectors[keep], [batch.payloads[i] for i in keep]
                 self._check_room(self._bytes_for(x, ids, payloads), self.index.gpu_bytes_for(len(x)))
-                with _storage_full_refused(self.store.path):
-                    self.store.append(UPSERT, ids, x, payloads)
+                self.store.append(UPSERT, ids, x, payloads)
                 _, home = buckets_and_labels(ids, self.coll.buckets)
                 self._apply_upsert(ids, home, x, payloads)
                 # No malloc_trim while copying: it holds the allocator's locks, stalling the threads that search.
@@ -613,8 +590,7 @@ class ShardCollection:
         buckets = sorted(int(b) for b in buckets)
         with self._write_order:
             self._check_live()
-            with _storage_full_refused(self.store.path):
-                self.store.reset(buckets)
+            self.store.reset(buckets)
             labels = self._labels_of(buckets)  # no write can change them: we hold the write order
             # Build the index and id table without them while searches go on, when there is room for the copy
             # (and its GPU mirror, on a GPU shard); the write lock then only swaps them in.
@@ -749,8 +725,7 @@ class ShardCollection:
                     assign = assign[:, 0]
                     payloads = [set_payload_field(p, field, str(a)) for p, a in zip(batch.payloads, assign.tolist())]
                     buckets, home = buckets_and_labels(ids, self.coll.buckets)
-                    with _storage_full_refused(self.store.path):
-                        self.store.append(UPSERT, ids, x, payloads)
+                    self.store.append(UPSERT, ids, x, payloads)
                     labels = self.table.find(home, ids)
                     ok = labels >= 0  # all of them: memory and storage hold the same items under the write order
                     with self._rw.write():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lookalike.config import LIMITS, check_search_params, max_search_rows
-from lookalike.errors import InvalidArgument, ResourceExhausted, Unavailable
+from lookalike.config import check_answer_size, check_search_params
+from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, create_server
 from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
@@ -58,11 +58,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         check_k(request.k)
         check_search_params(request.params.nprobe, request.params.ef_search)
         xq = vectors_from_proto(request.queries, sc.coll, "queries")
-        rows = max_search_rows(request.k, request.include_payloads)
-        if len(xq) > rows:  # its answer could pass the message limit: refused before searching
-            raise ResourceExhausted(
-                f"{len(xq)} queries x k={request.k} could make an answer over the "
-                f"{LIMITS.max_message_bytes >> 20} MiB message limit: send at most {rows} queries per search")
+        check_answer_size(len(xq), request.k, request.include_payloads)  # before searching
         D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
                                         request.include_payloads, request.epoch)
         resp = shard_pb2.ShardSearchResponse(

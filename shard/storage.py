@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import errno
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from lookalike.errors import InvalidArgument
+from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.ids import buckets_of
 from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
 from protos import storage_pb2
@@ -74,6 +75,7 @@ MANIFEST = "manifest.json"
 MARK = "active.mark"
 _MARK = struct.Struct("<QQQQI")  # active segment's number, then its _Tally: records, ids, bytes, crc
 _CRC = struct.Struct("<I")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a write refused for want of space: ResourceExhausted, not INTERNAL
 
 
 @dataclass
@@ -760,13 +762,17 @@ class CollectionStore:
                 while view:
                     view = view[os.write(self._fd, view):]
                 os.fsync(self._fd)
-            except BaseException:
+            except BaseException as err:
                 # Cut off what was written (a full disk, a failed fsync): it is not acknowledged, and frames
                 # acknowledged later must not follow a torn one (nor lie past what the mark counts).
                 try:
                     os.ftruncate(self._fd, self._tally.bytes)
                 except OSError:
                     pass
+                if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+                    raise ResourceExhausted(
+                        f"the shard's storage at {self.path} is full ({os.strerror(err.errno)}): free space or give "
+                        "it a larger volume; the write was not stored") from err
                 raise
             self._undo = (self._seq, replace(self._tally))  # see retract
             self._tally.add(frame[:_HEADER.size], len(rec.ids))

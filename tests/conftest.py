@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -53,6 +57,51 @@ def assert_same_as_exact(metric, ids, D, xb, xq, k):
             np.testing.assert_array_equal(dist, D_ref[q])
         else:
             assert ids[q] == [str(i) for i in I_ref[q]], f"query {q}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server that cannot be told to bind port 0 (a `lookalike serve`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, target: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs ``lookalike ARGS --target TARGET`` in a process of its own; its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "lookalike.cli", *args, "--target", target],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def stop_serve(proc: subprocess.Popen, *signals: int, timeout: float = 90) -> str:
+    """Sends ``signals`` (default SIGINT) to a `lookalike serve` process and waits for it to end (killing it after
+    ``timeout`` seconds); returns its output. The caller checks ``proc.returncode``."""
+    import signal
+
+    for sig in signals or (signal.SIGINT,):
+        proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
+@contextlib.contextmanager
+def served_local_cluster(data_dir, shards: int, timeout: float = 30):
+    """(LocalCluster, Client) of an in-process cluster (no Ray) behind a router gRPC server on 127.0.0.1."""
+    from lookalike.local import LocalCluster
+    from router.client import Client
+    from router.server import create_router_server
+
+    cluster = LocalCluster(data_dir, shards=shards)
+    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
+    client = Client(f"127.0.0.1:{port}", timeout=timeout)
+    try:
+        yield cluster, client
+    finally:
+        client.close()
+        server.stop(None)
+        cluster.close()
 
 
 @pytest.fixture(scope="session")

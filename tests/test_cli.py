@@ -3,34 +3,21 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import exact_knn, make_data
+from conftest import exact_knn, free_port, make_data, run_cli, stop_serve
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args, target):
-    out = subprocess.run([sys.executable, "-m", "lookalike.cli", *args, "--target", target],
-                         capture_output=True, text=True, timeout=120)
-    return out
 
 
 def test_serve_and_cli_end_to_end(tmp_path):
     from lookalike.net import wait_for_serving
 
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
@@ -43,39 +30,34 @@ def test_serve_and_cli_end_to_end(tmp_path):
         np.save(tmp_path / "xq.npy", xq[:3])
         (tmp_path / "ids.txt").write_text("\n".join(f"img-{i}" for i in range(3000)) + "\n")
         (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"uri": f"/img/{i}.jpg"}) for i in range(3000)))
-        assert _cli("collection", "create", "cats", "--dim", "16", "--metric", "l2", "--index", "Flat",
+        assert run_cli("collection", "create", "cats", "--dim", "16", "--metric", "l2", "--index", "Flat",
                     target=target).returncode == 0
-        up = _cli("upsert", "cats", str(tmp_path / "xb.npy"), "--ids", str(tmp_path / "ids.txt"), "--payload",
+        up = run_cli("upsert", "cats", str(tmp_path / "xb.npy"), "--ids", str(tmp_path / "ids.txt"), "--payload",
                   str(tmp_path / "p.jsonl"), target=target)
         assert up.returncode == 0 and "upserted 3000" in up.stdout, up.stderr
-        res = _cli("search", "cats", str(tmp_path / "xq.npy"), "-k", "4", "--json", "--payloads", target=target)
+        res = run_cli("search", "cats", str(tmp_path / "xq.npy"), "-k", "4", "--json", "--payloads", target=target)
         assert res.returncode == 0, res.stderr
         out = json.loads(res.stdout)
         _, I = exact_knn("l2", xb, xq[:3], 4)
         assert [r["ids"] for r in out["results"]] == [[f"img-{i}" for i in row] for row in I]
         assert out["results"][0]["payloads"][0] == {"uri": f"/img/{I[0][0]}.jpg"}
-        st = json.loads(_cli("status", "--json", target=target).stdout)
+        st = json.loads(run_cli("status", "--json", target=target).stdout)
         assert sum(int(s["vectors"]) for s in st["shards"]) == 3000
-        assert "cats" in _cli("collection", "list", target=target).stdout
+        assert "cats" in run_cli("collection", "list", target=target).stdout
         # grow while serving: one more shard, buckets moved onto it, same answers
-        rb = _cli("rebalance", "cats", "--add-shards", "1", target=target)
+        rb = run_cli("rebalance", "cats", "--add-shards", "1", target=target)
         assert rb.returncode == 0 and "queued over 3 shard(s)" in rb.stdout, rb.stderr
-        st = json.loads(_cli("status", "--json", target=target).stdout)
+        st = json.loads(run_cli("status", "--json", target=target).stdout)
         assert len(st["shards"]) == 3 and all(int(s["buckets"]) > 0 for s in st["shards"]) and not st["moves"]
         assert sum(int(s["vectors"]) for s in st["shards"]) == 3000
-        assert "bucket moves:" in _cli("status", target=target).stdout
-        res = _cli("search", "cats", str(tmp_path / "xq.npy"), "-k", "4", "--json", target=target)
+        assert "bucket moves:" in run_cli("status", target=target).stdout
+        res = run_cli("search", "cats", str(tmp_path / "xq.npy"), "-k", "4", "--json", target=target)
         assert [r["ids"] for r in json.loads(res.stdout)["results"]] == [[f"img-{i}" for i in row] for row in I]
-        bad = _cli("collection", "create", "cats", "--dim", "16", target=target)
+        bad = run_cli("collection", "create", "cats", "--dim", "16", target=target)
         assert bad.returncode == 1 and "ALREADY_EXISTS" in bad.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGINT)  # a second signal during shutdown must not hang it
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        # a second signal during shutdown must not hang it
+        out = stop_serve(proc, signal.SIGTERM, signal.SIGINT)
     assert proc.returncode == 0, out[-3000:]
     assert "lookalike stopped" in out
 
@@ -88,7 +70,7 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
     from protos import shard_pb2
     from router.shard_client import GrpcShardClient
 
-    ray_port, client_port, port, port2 = _free_port(), _free_port(), _free_port(), _free_port()
+    ray_port, client_port, port, port2 = free_port(), free_port(), free_port(), free_port()
     # the nodes can import lookalike, as from the images (a Ray Client job does not carry the driver's directory)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
@@ -106,8 +88,8 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         target = f"127.0.0.1:{port}"
         wait_for_serving(target, timeout=120)
-        assert _cli("collection", "create", "j", "--dim", "4", target=target).returncode == 0
-        st = json.loads(_cli("status", "--json", target=target).stdout)
+        assert run_cli("collection", "create", "j", "--dim", "4", target=target).returncode == 0
+        st = json.loads(run_cli("status", "--json", target=target).stdout)
         assert [s["serving"] for s in st["shards"]] == [True]
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -126,14 +108,14 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
         except TimeoutError:
             proc2.kill()
             raise AssertionError(proc2.communicate()[0][-3000:]) from None
-        st2 = json.loads(_cli("status", "--json", target=target).stdout)
+        st2 = json.loads(run_cli("status", "--json", target=target).stdout)
         assert [s["address"] for s in st2["shards"]] == [st["shards"][0]["address"]]  # the same shard
-        assert "j" in _cli("collection", "list", target=target).stdout
+        assert "j" in run_cli("collection", "list", target=target).stdout
         xb = np.random.default_rng(3).standard_normal((200, 4)).astype("float32")
         np.save(tmp_path / "j.npy", xb)
-        up = _cli("upsert", "j", str(tmp_path / "j.npy"), target=target)
+        up = run_cli("upsert", "j", str(tmp_path / "j.npy"), target=target)
         assert up.returncode == 0 and "upserted 200" in up.stdout, up.stderr
-        res = _cli("search", "j", str(tmp_path / "j.npy"), "-k", "3", "--json", target=target)
+        res = run_cli("search", "j", str(tmp_path / "j.npy"), "-k", "3", "--json", target=target)
         _, I = exact_knn("l2", xb, xb, 3)
         assert [r["ids"] for r in json.loads(res.stdout)["results"]] == [[str(i) for i in row] for row in I]
         proc2.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import exact_knn, make_data
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args, target, timeout=120):
-    return subprocess.run([sys.executable, "-m", "lookalike.cli", *args, "--target", target],
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import exact_knn, free_port, make_data, run_cli, stop_serve
 
 
 # --- without Ray: the controller's placement check, status and the CLI's rebalance ---------------------------------
@@ -79,23 +67,23 @@ def stuck_cluster(tmp_path):
 def test_a_shard_that_cannot_start_is_reported_and_ends_rebalance(stuck_cluster):
     ctl, target = stuck_cluster("cannot be placed: it needs 1 CPU and 0.0 of 2.0 CPUs are free")
     t0 = time.monotonic()
-    rb = _cli("rebalance", "c", "--add-shards", "1", target=target, timeout=60)
+    rb = run_cli("rebalance", "c", "--add-shards", "1", target=target, timeout=60)
     assert rb.returncode == 1, rb.stdout + rb.stderr
     assert time.monotonic() - t0 < 30
     assert ("error: shard shard-1 cannot be placed: it needs 1 CPU and 0.0 of 2.0 CPUs are free; 8 bucket(s) wait "
             "for it") in rb.stderr, rb.stderr
     assert "Traceback" not in rb.stderr
     assert [s.problem for s in ctl.shards()] == ["", "cannot be placed: it needs 1 CPU and 0.0 of 2.0 CPUs are free"]
-    st = _cli("status", target=target)
+    st = run_cli("status", target=target)
     assert "  shard-1 cannot be placed: it needs 1 CPU" in st.stdout, st.stdout
-    js = json.loads(_cli("status", "--json", target=target).stdout)
+    js = json.loads(run_cli("status", "--json", target=target).stdout)
     assert js["shards"][1]["problem"].startswith("cannot be placed") and not js["shards"][0]["problem"]
     assert ctl.check_growth() == 0  # no second shard while one cannot start
 
 
 def test_rebalance_wait_is_bounded_and_ctrl_c_says_so(stuck_cluster):
     ctl, target = stuck_cluster("")  # shard-1 just never comes up, and nothing says why
-    rb = _cli("rebalance", "c", "--add-shards", "1", "--timeout", "2", target=target, timeout=60)
+    rb = run_cli("rebalance", "c", "--add-shards", "1", "--timeout", "2", target=target, timeout=60)
     assert rb.returncode == 1, rb.stdout + rb.stderr
     assert "error: stopped waiting after 2s: 8 bucket(s) still to move and shard(s) shard-1 not serving yet" \
         in rb.stderr, rb.stderr
@@ -134,9 +122,9 @@ def test_ray_reports_a_shard_it_cannot_place(ray_session, tmp_path):
     server, port, _ = create_router_server(router, "127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     try:
-        assert _cli("collection", "create", "c", "--dim", "4", "--buckets", "16", target=target).returncode == 0
+        assert run_cli("collection", "create", "c", "--dim", "4", "--buckets", "16", target=target).returncode == 0
         t0 = time.monotonic()
-        rb = _cli("rebalance", "c", "--add-shards", "1", target=target, timeout=90)
+        rb = run_cli("rebalance", "c", "--add-shards", "1", target=target, timeout=90)
         assert rb.returncode == 1, rb.stdout + rb.stderr
         assert time.monotonic() - t0 < 30
         left = free - cpus
@@ -144,7 +132,7 @@ def test_ray_reports_a_shard_it_cannot_place(ray_session, tmp_path):
         assert "Traceback" not in rb.stderr
         problems = [s.problem for s in control.shards()]
         assert not problems[0] and problems[1].startswith(f"cannot be placed: it needs {cpus} CPUs")
-        assert "shard-1 cannot be placed" in _cli("status", target=target).stdout
+        assert "shard-1 cannot be placed" in run_cli("status", target=target).stdout
     finally:
         server.stop(None)
         router.close()
@@ -162,7 +150,7 @@ def test_serve_grows_past_its_first_cpus_and_restarts_on_more_shards(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
     def serve(*flags):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
                                  "--port", str(port), "--host", "127.0.0.1", "--shard-cpus", cpus, *flags],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -174,12 +162,7 @@ def test_serve_grows_past_its_first_cpus_and_restarts_on_more_shards(tmp_path):
         return proc, f"127.0.0.1:{port}"
 
     def stop(proc):
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = stop_serve(proc)
         assert proc.returncode == 0, out[-3000:]
 
     xb, xq = make_data("l2", 2000, 8, seed=4)
@@ -189,19 +172,19 @@ def test_serve_grows_past_its_first_cpus_and_restarts_on_more_shards(tmp_path):
     expected = [[str(i) for i in row] for row in I]
 
     def check(target, shards):
-        st = json.loads(_cli("status", "--json", target=target).stdout)
+        st = json.loads(run_cli("status", "--json", target=target).stdout)
         assert len(st["shards"]) == shards and all(s["serving"] for s in st["shards"]) and not st["moves"], st
         assert all(int(s["buckets"]) > 0 for s in st["shards"])
         assert sum(int(s["vectors"]) for s in st["shards"]) == len(xb)
-        res = _cli("search", "g", str(tmp_path / "xq.npy"), "-k", "5", "--json", target=target)
+        res = run_cli("search", "g", str(tmp_path / "xq.npy"), "-k", "5", "--json", target=target)
         assert [r["ids"] for r in json.loads(res.stdout)["results"]] == expected
 
     proc, target = serve("--shards", "1", "--max-shards", "4")
     try:
-        assert _cli("collection", "create", "g", "--dim", "8", "--buckets", "32", target=target).returncode == 0
-        assert _cli("upsert", "g", str(tmp_path / "xb.npy"), target=target).returncode == 0
+        assert run_cli("collection", "create", "g", "--dim", "8", "--buckets", "32", target=target).returncode == 0
+        assert run_cli("upsert", "g", str(tmp_path / "xb.npy"), target=target).returncode == 0
         for add in ("1", "2"):
-            rb = _cli("rebalance", "g", "--add-shards", add, "--timeout", "60", target=target, timeout=90)
+            rb = run_cli("rebalance", "g", "--add-shards", add, "--timeout", "60", target=target, timeout=90)
             assert rb.returncode == 0, rb.stdout + rb.stderr
         check(target, 4)
     finally:

@@ -8,25 +8,18 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import assert_same_as_exact, exact_knn, make_data
+from conftest import assert_same_as_exact, exact_knn, make_data, served_local_cluster
 from lookalike.local import LocalCluster
 from lookalike.wire import vectors_to_proto
 from protos import lookalike_pb2
-from router.client import Client
-from router.server import create_router_server
 
 METRICS = ["l2", "ip", "cosine", "hamming"]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    cluster = LocalCluster(tmp_path_factory.mktemp("router"), shards=3)
-    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
-    client = Client(f"127.0.0.1:{port}", timeout=30)
-    yield cluster, client
-    client.close()
-    server.stop(None)
-    cluster.close()
+    with served_local_cluster(tmp_path_factory.mktemp("router"), shards=3, timeout=30) as served:
+        yield served
 
 
 @pytest.mark.parametrize("transport", ["inprocess", "grpc"])

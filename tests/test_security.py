@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import free_port
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.local import LocalCluster
 from lookalike.security import AuthInterceptor, TLSConfig, TokenTable, new_token, token_hash
@@ -276,14 +277,6 @@ def test_serve_refuses_plaintext_beyond_loopback_and_bad_tls_flags(tmp_path, pki
 
 
 # --- the whole thing: serve with TLS everywhere and tokens, driven by the CLI ----------------------------------
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_with_tls_on_every_hop_and_tokens(tmp_path, pki):
     """`lookalike serve` with TLS (clients) and mutual TLS (its shards, Ray actors), a tokens file; the CLI with a
@@ -297,7 +290,7 @@ def test_serve_with_tls_on_every_hop_and_tokens(tmp_path, pki):
     run = lambda *a, e=env: subprocess.run([sys.executable, "-m", "lookalike.cli", *a], capture_output=True,  # noqa
                                            text=True, timeout=120, env=e)
     assert run("token", "create", "ops", "--scopes", "admin", "--out", str(tmp_path / "ops.token")).returncode == 0
-    port = _free_port()
+    port = free_port()
     target = f"localhost:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
                              "--port", str(port), "--shards", "2"],

@@ -5,7 +5,6 @@ process group ends serve in seconds, and TLS files that do not pair are named at
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ import urllib.request
 
 import pytest
 
+from conftest import free_port
+
 # Calls an outsider would make on Ray's ports: list the actors (and their PIDs), read Ray's KV store, the raylet's
 # node stats, a worker's tasks, the object manager. Empty requests: the token is checked before the request is read.
 RAY_CALLS = ["/ray.rpc.ActorInfoGcsService/GetAllActorInfo", "/ray.rpc.InternalKVGcsService/InternalKVGet",
              "/ray.rpc.NodeManagerService/GetNodeStats", "/ray.rpc.CoreWorkerService/NumPendingTasks",
              "/ray.rpc.ObjectManagerService/Pull"]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(data, port, env):
@@ -112,7 +107,7 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
     data = tmp_path / "data"
     # the test session's Ray runs without auth (conftest) and this is inherited: serve turns it on regardless
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    port = _free_port()
+    port = free_port()
     first = second = third = None
     started = []  # what the serve processes started, for the cleanup
     try:
@@ -148,7 +143,7 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
         # one storage, one server: a second one is refused before it starts anything
         t = time.monotonic()
         second = subprocess.run([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(data), "--port",
-                                 str(_free_port()), "--shards", "1"], capture_output=True, text=True, env=env,
+                                 str(free_port()), "--shards", "1"], capture_output=True, text=True, env=env,
                                 timeout=60)
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"in use by pid {first.pid}" in second.stderr and "serving since" in second.stderr, second.stderr
@@ -160,7 +155,7 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
         started += psutil.Process(first.pid).children(recursive=True)
         os.kill(first.pid, signal.SIGKILL)
         first.communicate(timeout=30)
-        port = _free_port()
+        port = free_port()
         third = _serve(data, port, env)
         try:
             wait_for_serving(f"127.0.0.1:{port}", timeout=120)

@@ -12,13 +12,11 @@ import grpc
 import numpy as np
 import pytest
 
-from lookalike.config import LIMITS, CollectionConfig
-from router.core import max_search_rows
+from conftest import served_local_cluster
+from lookalike.config import LIMITS, CollectionConfig, max_search_rows
 from lookalike.errors import InvalidArgument, LookalikeError, ResourceExhausted
 from lookalike.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2
-from router.client import Client
-from router.server import create_router_server
 from shard import storage as shard_storage
 from shard.server import ShardServicer
 
@@ -44,13 +42,8 @@ def _code(fn):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    cluster = LocalCluster(tmp_path_factory.mktemp("statuses"), shards=1)
-    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
-    client = Client(f"127.0.0.1:{port}", timeout=60)
-    yield cluster, client
-    client.close()
-    server.stop(None)
-    cluster.close()
+    with served_local_cluster(tmp_path_factory.mktemp("statuses"), shards=1, timeout=60) as served:
+        yield served
 
 
 # --- search parameters -------------------------------------------------------------------------------------------
