@@ -32,6 +32,7 @@ import numpy as np
 
 from lookalike.config import max_search_rows
 from lookalike.errors import FailedPrecondition, InvalidArgument, LookalikeError, NotFound
+from lookalike.wire import squared_norms_in_range
 from protos import common_pb2
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,11 @@ class ClusterJob(CatalogJob):
             raise FailedPrecondition(f"collection {coll.name!r} holds {total} items: too few for {sp['k']} clusters")
         _, x, _ = router.sample(sp["collection"], size, seed=sp["seed"], include_vectors=True, timeout=600)
         x = cluster_space(x, coll.metric)
+        # Vectors too long for finite distances (stored before the API refused them) would make k-means abort.
+        x = x[squared_norms_in_range(x)]
+        if len(x) < sp["k"]:
+            raise FailedPrecondition(f"collection {coll.name!r}: {len(x)} items sampled with finite distances; too "
+                                     f"few for {sp['k']} clusters")
         # The API's seed is a uint64; FAISS takes a C int (a larger one raised OverflowError and failed the job).
         km = faiss.Kmeans(x.shape[1], sp["k"], niter=sp["niter"], seed=sp["seed"] % 2**31,
                           spherical=coll.metric == "cosine",

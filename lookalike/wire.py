@@ -45,6 +45,19 @@ def vectors_from_proto_raw(msg: common_pb2.Vectors) -> np.ndarray:
     return np.frombuffer(msg.data, dtype=dtype).reshape(msg.rows, msg.dim)
 
 
+# ||a - b||^2 <= 4 max(||a||^2, ||b||^2) and |a . b| <= ||a|| ||b||: with every squared length at most FLT_MAX / 4 no
+# distance between two vectors overflows float32. Past it, distances are inf, and FAISS's k-means (IVF training,
+# `lookalike cluster`) aborts the whole process on the assignments that gives.
+MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4
+
+
+def squared_norms_in_range(x: np.ndarray) -> np.ndarray:
+    """Rows of float vectors x (shape (n, d)) whose squared length is at most MAX_SQUARED_NORM (False for a row
+    with NaN or Inf), shape (n,) bool."""
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    return sq <= MAX_SQUARED_NORM
+
+
 def vectors_from_proto(msg: common_pb2.Vectors, coll: CollectionConfig, what: str = "vectors",
                        max_rows: int = LIMITS.max_batch) -> np.ndarray:
     """The vectors of a request, checked against the collection.
@@ -53,7 +66,8 @@ def vectors_from_proto(msg: common_pb2.Vectors, coll: CollectionConfig, what: st
         shape (n, dim) float32, or (n, dim/8) uint8 for hamming collections; read-only view of the message.
 
     Raises:
-        InvalidArgument: no rows, too many rows, wrong dtype or dimension, NaN/Inf, or a zero vector for cosine.
+        InvalidArgument: no rows, too many rows, wrong dtype or dimension, NaN/Inf, a row so long that distances
+            to it overflow (see MAX_SQUARED_NORM), or a zero vector for cosine.
     """
     if msg.rows == 0:
         raise InvalidArgument(f"the request has no {what}: send at least one row")
@@ -73,10 +87,14 @@ def vectors_from_proto(msg: common_pb2.Vectors, coll: CollectionConfig, what: st
     if msg.dim != coll.dim:
         raise InvalidArgument(f"collection {coll.name!r} has dimension {coll.dim} but the {what} have dimension {msg.dim}")
     x = vectors_from_proto_raw(msg)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite)[0])
-        raise InvalidArgument(f"{what} row {row} contains NaN or Inf; every component must be a finite number")
+    ok = squared_norms_in_range(x)  # also false for a row holding NaN or Inf
+    if not ok.all():
+        row = int(np.flatnonzero(~ok)[0])
+        if not np.isfinite(x[row]).all():
+            raise InvalidArgument(f"{what} row {row} contains NaN or Inf; every component must be a finite number")
+        raise InvalidArgument(
+            f"{what} row {row} is too long: its squared length passes {MAX_SQUARED_NORM:.3g}, past which distances "
+            "overflow float32; scale the vectors down (a length of at most 9.2e18)")
     if coll.metric == "cosine":
         zero = ~x.any(axis=1)
         if zero.any():

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from lookalike.config import max_search_rows
 from lookalike.net import create_channel
 from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
@@ -142,9 +143,24 @@ class Client:
     def search(self, collection: str, xq: np.ndarray, k: int = 10, nprobe: int = 0, ef_search: int = 0,
                min_coverage: float | None = None, include_payloads: bool = False,
                timeout: float | None = None) -> Hits:
-        """k-NN search for a batch of queries, shape (nq, d) float32 (or (nq, d/8) uint8 codes)."""
+        """k-NN search for a batch of queries, shape (nq, d) float32 (or (nq, d/8) uint8 codes).
+
+        A batch whose answer could pass the message limit (``lookalike.config.max_search_rows``: e.g. more than
+        2,476 queries at k=100, or 402 at k=10 with payloads) is sent as several requests, one after the other;
+        ``coverage`` is then the lowest of theirs."""
+        xq = np.asarray(xq)
+        step = max(1, max_search_rows(k, include_payloads))
+        parts = [self._search(collection, xq[s:s + step], k, nprobe, ef_search, min_coverage, include_payloads,
+                              timeout) for s in range(0, max(len(xq), 1), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return Hits([row for h in parts for row in h.ids], np.concatenate([h.D for h in parts]),
+                    [row for h in parts for row in h.payloads] if include_payloads else None,
+                    min(h.coverage for h in parts))
+
+    def _search(self, collection, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout) -> Hits:
         req = lookalike_pb2.SearchRequest(collection=collection, k=k, include_payloads=include_payloads)
-        req.queries.CopyFrom(vectors_to_proto(np.asarray(xq)))
+        req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
         if min_coverage is not None:

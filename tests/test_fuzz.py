@@ -512,7 +512,7 @@ def vectors(draw, metric: str, dim: int) -> tuple[dict, bool]:
     v = {"data": x.tobytes(), "rows": rows, "dim": cols, "dtype": dtype}
     kind = draw(st.sampled_from(["valid", "valid", "valid", "huge", "nan", "inf", "zero", "dim", "length", "dtype",
                                  "rows0", "rows_over", "rows_lie", "random"]))
-    if kind == "huge" and not binary:  # finite, but squares overflow float32
+    if kind == "huge" and not binary:  # finite, but squares overflow float32: refused (distances would overflow)
         v["data"] = np.full(rows * cols, draw(st.sampled_from([3e38, -3e38, 1e30])), dtype="<f4").tobytes()
     elif kind in ("nan", "inf") and not binary:
         y = x.copy()
@@ -549,8 +549,10 @@ def vectors_valid(v: dict, metric: str, dim: int) -> bool:
         return v["dtype"] == 1 and v["dim"] == dim // 8 and len(v["data"]) == v["rows"] * v["dim"]
     if v["dtype"] != 0 or v["dim"] != dim or len(v["data"]) != v["rows"] * dim * 4:
         return False
-    x = np.frombuffer(v["data"], dtype="<f4").reshape(v["rows"], dim)
-    return bool(np.isfinite(x).all()) and (metric != "cosine" or bool(x.any(axis=1).all()))
+    x = np.frombuffer(v["data"], dtype="<f4").reshape(v["rows"], dim).astype(np.float64)
+    # every component finite, and every squared length at most FLT_MAX / 4, so that no distance overflows
+    return (bool(np.isfinite(x).all()) and bool(((x * x).sum(axis=1) <= np.finfo(np.float32).max / 4).all())
+            and (metric != "cosine" or bool(x.any(axis=1).all())))
 
 
 BAD_IDS = ["", "x" * 10_000, "a\x00b", "\x00", "y" * 257, "é" * 129, "🙂" * 65]

@@ -114,8 +114,10 @@ def test_a_search_too_large_for_a_message_is_refused_before_any_work(served):
     client.upsert("longids", ids, x)
     rows = max_search_rows(LIMITS.max_k)
     xq = np.random.default_rng(2).normal(size=(rows + 50, 8)).astype(np.float32)
+    req = lookalike_pb2.SearchRequest(collection="longids", k=LIMITS.max_k,
+                                      queries=common_pb2.Vectors(data=xq.tobytes(), rows=len(xq), dim=8))
     t0 = time.monotonic()
-    code, details = _code(lambda: client.search("longids", xq, k=LIMITS.max_k))
+    code, details = _code(lambda: client.stub.Search(req, timeout=60))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert f"send at most {rows} queries" in details, details
     assert time.monotonic() - t0 < 3.0, "refused before the shards searched"
@@ -130,6 +132,10 @@ def test_a_search_too_large_for_a_message_is_refused_before_any_work(served):
     res = client.search("longids", xq[:rows], k=LIMITS.max_k)
     assert len(res.ids) == rows and all(len(r) == LIMITS.max_k for r in res.ids)
     assert len(res.ids[0][0]) == LIMITS.max_id_bytes
+    # the Python client sends a larger batch as several requests, each within the bound: the same answers
+    whole = client.search("longids", xq, k=LIMITS.max_k)
+    assert len(whole.ids) == len(xq) and whole.ids[:rows] == res.ids and whole.D.shape == (len(xq), LIMITS.max_k)
+    assert whole.ids[rows:] == client.search("longids", xq[rows:], k=LIMITS.max_k).ids and whole.coverage == 1.0
 
 
 # --- a full disk -------------------------------------------------------------------------------------------------
@@ -219,3 +225,29 @@ def test_repeated_search_failures_log_one_line_then_a_count(tmp_path, caplog):
         assert limited.warning("a", "failed %s", 1)
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs == ["failed 1", "other 2", "failed 1 (and 9 more like it since the last such line, not logged)"]
+
+
+# --- vectors too long for finite distances -----------------------------------------------------------------------
+def test_vectors_whose_distances_would_overflow_are_refused(served):
+    """Finite components whose squares overflow float32 (3e38, 1e30) gave inf distances, and FAISS's k-means (IVF
+    training, `lookalike cluster`) aborted the whole process on them: such rows are INVALID_ARGUMENT, on writes and
+    searches; the longest allowed vectors still give finite distances."""
+    from lookalike.wire import MAX_SQUARED_NORM
+
+    _, client = served
+    client.create_collection("long", dim=8, buckets=4)
+    ok = np.random.default_rng(3).normal(size=(20, 8)).astype(np.float32)
+    client.upsert("long", [f"o{i}" for i in range(20)], ok)
+    for value in (3e38, -3e38, 1e30, 1e19):
+        bad = ok[:3].copy()
+        bad[1, 2] = value
+        code, details = _code(lambda: client.upsert("long", ["b0", "b1", "b2"], bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "row 1 is too long" in details, (value, details)
+        code, details = _code(lambda: client.search("long", bad, k=3))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "row 1 is too long" in details, (value, details)
+    assert client.get("long", ["b0", "b1", "b2"])[0] == []  # nothing of a refused write was stored
+    edge = np.zeros((2, 8), dtype=np.float32)
+    edge[0, 0], edge[1, 0] = np.sqrt(MAX_SQUARED_NORM) * 0.999, -np.sqrt(MAX_SQUARED_NORM) * 0.999
+    client.upsert("long", ["e0", "e1"], edge)
+    hits = client.search("long", edge[:1], k=2)
+    assert hits.ids[0][0] == "e0" and np.isfinite(hits.D[0]).all(), hits
