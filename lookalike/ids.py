@@ -69,3 +69,17 @@ def check_ids(uids, max_batch: int = LIMITS.max_batch, unique: bool = True) -> l
             seen.add(u)
         raise InvalidArgument(f"id {dup!r} appears more than once in the request")
     return uids
+
+
+_NO_LABEL = np.iinfo(np.int64).max
+
+
+def order_by_distance_then_label(D: np.ndarray, L: np.ndarray, larger_is_better: bool) -> np.ndarray:
+    """Per row, the column order best first, equal distances by increasing label, padding (label -1) last.
+
+    Args:
+        D: shape (nq, n) distances; L: shape (nq, n) int64 labels, -1 for padding.
+    """
+    pad = L < 0
+    key = np.where(pad, np.inf, -D.astype(np.float64) if larger_is_better else D.astype(np.float64))
+    return np.lexsort((np.where(pad, _NO_LABEL, L), key), axis=1)

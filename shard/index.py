@@ -32,6 +32,7 @@ import numpy as np
 from lookalike import gpu as gpu_mod
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
+from lookalike.ids import order_by_distance_then_label
 from lookalike.indexspec import check_spec
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ _CAGRA_MAX_PENDING = 1024
 # reallocates all of its storage on every add, so an add needs at most one segment of spare GPU memory.
 _SEGMENT_BYTES = 1 << 30
 _MIN_SEGMENT = 4096
+# A group of equal distances (pHash duplicates) crossing the k-th place is searched up to this many results deep
+# to find its smallest labels; past that, the cut follows FAISS's order.
+_MAX_TIE_FETCH = 4096
 _GPU_RETRY_S = 60.0  # after a failed GPU build, search on the CPU this long before trying again
 _FLAT_TYPES = (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
 _IVF_GPU_TYPES = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
@@ -516,9 +520,44 @@ class VectorIndex:
 
         Returns:
             (D, L): shape (nq, k) float32 distances in the metric's direction (see CollectionConfig), and shape
-            (nq, k) int64 labels, -1 where fewer than k vectors exist.
+            (nq, k) int64 labels, -1 where fewer than k vectors exist. Equal distances come in increasing label
+            order, and a group of equal distances cut at the k-th place keeps its smallest labels (up to
+            ``_MAX_TIE_FETCH`` results are looked at for that), so every shard or replica holding the same
+            vectors answers the same.
         """
         xq = self._prepare(xq)
+        n = self.ntotal
+        if k >= n:  # every live vector fits: nothing is cut at the k-th place
+            D, L = self._search_any(xq, k, nprobe, ef_search)
+            return self._tie_order(D, L)
+        # One more than asked shows whether a group of equal distances crosses the cut; such rows look further.
+        D, L = self._search_any(xq, k + 1, nprobe, ef_search)
+        rows = np.flatnonzero((L[:, k] >= 0) & (D[:, k] == D[:, k - 1]))
+        D, L = self._tie_order(D[:, :k], L[:, :k])
+        kk = k + 1
+        while len(rows) and kk < min(n, _MAX_TIE_FETCH):
+            kk = min(n, _MAX_TIE_FETCH, max(4 * kk, 64))
+            D2, L2 = self._search_any(xq[rows], kk, nprobe, ef_search)
+            D2o, L2o = self._tie_order(D2, L2)
+            D[rows], L[rows] = D2o[:, :k], L2o[:, :k]
+            rows = rows[(L2[:, -1] >= 0) & (D2[:, -1] == D2[:, k - 1])]
+        return D, L
+
+    def _tie_order(self, D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows re-ordered so that equal distances come in increasing label order (FAISS keeps them in the order
+        it met them, which depends on where a vector sits in this shard's index)."""
+        if D.shape[1] < 2:
+            return D, L
+        tied = np.flatnonzero(((D[:, 1:] == D[:, :-1]) & (L[:, 1:] >= 0)).any(axis=1))
+        if len(tied):
+            D, L = D.copy(), L.copy()
+            order = order_by_distance_then_label(D[tied], L[tied], self.coll.larger_is_better)
+            D[tied] = np.take_along_axis(D[tied], order, axis=1)
+            L[tied] = np.take_along_axis(L[tied], order, axis=1)
+        return D, L
+
+    def _search_any(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top k from the GPU mirror when it can answer, else from the CPU index (xq prepared)."""
         mirror = self._mirror
         if self._buffer is None and mirror is not None and mirror.usable(k, nprobe or self.coll.nprobe):
             try:
