@@ -418,7 +418,8 @@ def cmd_collection(args) -> int:
                 print(f"{s.name}\tdim={s.dim}\tmetric={_metric_name(s.metric)}\tindex={s.index}\tbuckets={s.buckets}")
         elif args.action == "describe":
             info = c.describe_collection(args.name)
-            print(json.dumps({**MessageToDict(info.spec), "count": info.count, "epoch": info.epoch}))
+            print(json.dumps({**MessageToDict(info.spec), "count": info.count, "epoch": info.epoch,
+                              "training": MessageToDict(info.training)}))
         elif args.action == "drop":
             c.drop_collection(args.name)
             print(f"dropped {args.name}")
@@ -592,6 +593,8 @@ def cmd_status(args) -> int:
     for info in st.collections:
         print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}, "
               f"replication {info.spec.replication or 1}")
+        if info.training.state not in (0, info.training.NOT_NEEDED):  # IVF/PQ/SQ: where its training stands
+            print(f"  index: {info.training.message}")
     if st.moves or st.moves_done or st.moves_failed:
         print(_move_summary(st))
         groups: dict[tuple, list[int]] = {}
@@ -606,6 +609,38 @@ def _move_summary(st) -> str:
     left = len(st.moves)
     return (f"bucket moves: {st.moves_done} move(s) done, {st.moves_failed} failed and retried, "
             f"{left} bucket(s) still to move")
+
+
+@_rpc_errors
+def cmd_train(args) -> int:
+    """Asks for a new trained version of the collection's index, then (unless --no-wait) follows it until every
+    shard uses it. Exits 1 after --timeout; Ctrl-C stops following (the training goes on in the cluster)."""
+    import time
+
+    with _client(args) as c:
+        info = c.train(args.name)
+        version = info.training.version + 1
+        print(f"training {args.name} ({info.spec.index}) as version {version}: {info.training.message}")
+        if args.no_wait:
+            return 0
+        deadline = time.monotonic() + args.timeout
+        last = ""
+        try:
+            while time.monotonic() < deadline:
+                t = c.describe_collection(args.name).training
+                if t.message != last:
+                    print(f"  {t.message}")
+                    last = t.message
+                if t.version >= version and t.shards_ready == t.shards:
+                    return 0
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print(f"\nstopped following: the training of {args.name} goes on in the cluster (`lookalike collection "
+                  f"describe {args.name}` shows it)", file=sys.stderr)
+            return 130
+    print(f"error: version {version} of {args.name} not in use on every shard after {args.timeout:g}s: {last}",
+          file=sys.stderr)
+    return 1
 
 
 @_rpc_errors
@@ -1114,6 +1149,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = with_target(sub.add_parser("status", help="shards, buckets, vectors, memory, bucket moves"))
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    tr = with_target(sub.add_parser(
+        "train", help="train a collection's index again (IVF centroids, PQ/SQ codebooks) on a fresh sample, as a new "
+                      "version the shards move into while they serve"))
+    tr.add_argument("name", help="collection")
+    tr.add_argument("--no-wait", action="store_true", help="return once the training is asked for")
+    tr.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds to follow it before giving up with exit status 1 (default 3600)")
+    tr.set_defaults(func=cmd_train)
 
     rb = with_target(sub.add_parser("rebalance", help="add shards and move buckets until the load is even"))
     rb.add_argument("name", nargs="?", default="", help="collection (default: every collection)")

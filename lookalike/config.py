@@ -106,6 +106,9 @@ class CollectionConfig:
     ef_search: int = 64
     encoder: str = ""  # encoder spec ("phash"); empty: vectors only
     gpu_float16: bool = False  # on GPU shards: float16 vectors (Flat) or lookup tables (IVF-PQ)
+    # Set by the controller, not by users: the version of the collection's trained index (shard.trained) every shard
+    # starts its index from; 0 while the collection is untrained (or its spec needs no training).
+    trained_version: int = 0
 
     @property
     def binary(self) -> bool:
@@ -164,6 +167,8 @@ class CollectionConfig:
         if self.replication < 1:
             raise InvalidArgument(f"replication must be at least 1, got {self.replication}")
         check_search_params(self.nprobe, self.ef_search, limits, default_allowed=False)
+        if not 0 <= self.trained_version < 1 << 31:
+            raise InvalidArgument(f"trained_version must be between 0 and 2^31 - 1, got {self.trained_version}")
         index = (self.index or "").strip() or ("BFlat" if self.binary else "Flat")
         if self.binary and not index.startswith("B"):
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
@@ -190,6 +195,8 @@ class MovePolicy:
             CPU to searches.
         tolerance: planning stops when the most and least loaded shards differ by less than this fraction of the
             mean load.
+        train_check_s: seconds between checks of whether a collection needs training (0: only when asked).
+        train_retry_s: seconds before a failed training is tried again.
     """
 
     max_moves: int = 2
@@ -200,6 +207,8 @@ class MovePolicy:
     autoscale_s: float = 0.0
     tolerance: float = 0.05
     copy_mb_s: float = 0.0
+    train_check_s: float = 1.0
+    train_retry_s: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,8 @@ from typing import Protocol
 import numpy as np
 
 from lookalike.config import CollectionConfig, MovePolicy
-from lookalike.errors import AlreadyExists, InvalidArgument, NotFound
+from lookalike.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lookalike.indexspec import RETRAIN_GROWTH, training_points
 from lookalike.shardmap import ShardInfo, ShardMap, assign_buckets, order_by_node
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,32 @@ class Move:
         return self.collection, self.buckets[0]
 
 
+_GROWTH_CHECK_S = 10.0  # seconds between counts of a trained collection that may be trained again as it grows
+
+
+@dataclasses.dataclass
+class _Training:
+    """Where a collection's training stands (in memory; the trained version and sample size are in its state)."""
+
+    running: bool = False
+    started: float = 0.0
+    requested: bool = False  # asked for (lookalike train): train again even if trained
+    error: str = ""  # the last failure
+    retry_at: float = 0.0
+    vectors: int = 0  # items the collection held at the last check
+    counted_at: float = 0.0
+    ready: dict[str, int] = dataclasses.field(default_factory=dict)  # shard -> trained version it moved into
+    adopting: set[str] = dataclasses.field(default_factory=set)  # shards moving into the current version now
+    adopt_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass
 class _Collection:
     cfg: CollectionConfig
     owners: list[list[str]]
     moves: dict[int, Move] = dataclasses.field(default_factory=dict)
+    trained_on: int = 0  # vectors the current trained version was trained on
+    training: _Training = dataclasses.field(default_factory=_Training)
 
 
 class Controller:
@@ -139,7 +161,8 @@ class Controller:
             self._epoch = int(state["epoch"]) + 1  # a restart is a change: routers must re-read addresses
             self._shards = list(state["shards"])
             for name, c in state["collections"].items():
-                coll = _Collection(CollectionConfig(**c["config"]), [list(o) for o in c["owners"]])
+                coll = _Collection(CollectionConfig(**c["config"]), [list(o) for o in c["owners"]],
+                                   trained_on=int(c.get("trained_on", 0)))
                 for m in c.get("moves", []):
                     move = Move(**{**m, "retry_at": 0.0})
                     if move.phase == "copy":  # caught half way: roll back, run again later
@@ -162,6 +185,7 @@ class Controller:
     def _save(self) -> None:
         state = {"epoch": self._epoch, "shards": self._shards,
                  "collections": {n: {"config": dataclasses.asdict(c.cfg), "owners": c.owners,
+                                     "trained_on": c.trained_on,
                                      "moves": [dataclasses.asdict(m) for m in _unique(c.moves.values())]}
                                  for n, c in self._collections.items()}}
         tmp = self._path.with_suffix(".tmp")
@@ -187,6 +211,8 @@ class Controller:
             self._spawn(self._placement_loop, "placement")
         if self.policy.autoscale_s > 0:
             self._spawn(self._autoscale_loop, "autoscale")
+        if self.policy.train_check_s > 0 and hasattr(self._placer, "train_collection"):
+            self._spawn(self._training_loop, "training")
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, daemon=True, name=name)
@@ -295,7 +321,7 @@ class Controller:
         Raises:
             InvalidArgument: a bad spec. AlreadyExists: the name is taken.
         """
-        cfg = cfg.validated()
+        cfg = dataclasses.replace(cfg.validated(), trained_version=0)  # the controller's to set, never the user's
         with self._cond:
             if cfg.name in self._collections:
                 raise AlreadyExists(f"collection {cfg.name!r} already exists")
@@ -619,6 +645,180 @@ class Controller:
                  100 * self.policy.high_water)
         self.add_shards(1)
         return self.rebalance()
+
+    # --- training --------------------------------------------------------------------------------------------------
+    def _training_loop(self) -> None:
+        """Trains collections that reached their threshold (or were asked to), and moves every shard into the current
+        trained version."""
+        while not self._stop.wait(self.policy.train_check_s):
+            try:
+                self.check_training()
+            except Exception:  # noqa: BLE001: a failed check is logged and tried again at the next one
+                log.exception("training check failed")
+
+
+    def check_training(self) -> None:
+        """One pass of the training loop (also called by tests and by :meth:`train`)."""
+        with self._cond:
+            names = [n for n, c in self._collections.items() if training_points(c.cfg.index)[0]]
+        for name in names:
+            with self._cond:
+                c = self._collections.get(name)
+                if c is None or c.training.running:
+                    continue
+                cfg, tr, trained_on = c.cfg, c.training, c.trained_on
+            needed, sample = training_points(cfg.index)
+            # Counting asks every shard: once trained, only now and then, to see whether it grew enough to train again.
+            recount = time.monotonic() >= tr.counted_at + (_GROWTH_CHECK_S if cfg.trained_version else 0)
+            if (cfg.trained_version == 0 or tr.requested or trained_on < sample) and recount:
+                tr.vectors = int(self._bucket_sizes(name).sum())
+                tr.counted_at = time.monotonic()
+                grown = cfg.trained_version and trained_on < sample and tr.vectors >= RETRAIN_GROWTH * trained_on
+                if tr.vectors >= needed and (cfg.trained_version == 0 or tr.requested or grown) \
+                        and time.monotonic() >= tr.retry_at:
+                    self._train(name, cfg, tr, sample)
+            self._sync_trained(name)
+
+
+    def _train(self, name: str, cfg: CollectionConfig, tr: _Training, sample: int) -> None:
+        """Trains the next version on one shard (reading a sample of every bucket from storage), then publishes it."""
+        version = cfg.trained_version + 1
+        with self._cond:
+            c = self._collections.get(name)
+            if c is None or c.cfg != cfg:
+                return
+            order = np.random.default_rng(version).permutation(cfg.buckets)
+            trainer = next((s for s in sorted({s for own in c.owners for s in own}) if self._info(s).serving), None)
+            owners = [list(o) for o in c.owners]
+            tr.running, tr.started = True, time.monotonic()
+        try:
+            if trainer is None:
+                raise FailedPrecondition("no shard of the collection is serving")
+            sizes = self._bucket_sizes(name)
+            upto = int(np.searchsorted(np.cumsum(sizes[order]), sample)) + 1
+            sources: dict[str, list[int]] = {}
+            for b in order[:upto].tolist():
+                sources.setdefault(owners[b][0], []).append(b)
+            note = self._placer.train_collection(trainer, cfg, version, list(sources.items()), sample)
+        except Exception as err:  # noqa: BLE001: reported in describe/status, tried again later
+            with self._cond:
+                tr.running = False
+                tr.error = f"training v{version} failed: {err}"
+                tr.retry_at = time.monotonic() + self.policy.train_retry_s
+            log.error("%s: %s; trying again in %.0fs", name, tr.error, self.policy.train_retry_s)
+            return
+        with self._cond:
+            tr.running = False
+            c = self._collections.get(name)
+            if c is None or c.cfg != cfg:  # dropped (or recreated) meanwhile
+                return
+            c.cfg = dataclasses.replace(cfg, trained_version=version)
+            c.trained_on = int(note.get("trained_on", 0))
+            tr.requested, tr.error = False, ""
+            tr.ready, tr.adopt_errors = {}, {}
+            self._bump()
+        log.info("%s: trained index v%d (%s) on %d vectors in %.1fs; moving the shards into it", name, version,
+                 cfg.index, c.trained_on, note.get("seconds", 0.0))
+
+
+    def _sync_trained(self, name: str) -> None:
+        """Tells each shard holding the collection that is not yet on the current trained version to move into it,
+        each in a thread of its own (encoding a shard's items takes a while)."""
+        with self._cond:
+            c = self._collections.get(name)
+            if c is None or not c.cfg.trained_version:
+                return
+            cfg, tr = c.cfg, c.training
+            holders = {s for own in c.owners for s in own} | {m.target for m in c.moves.values()}
+            todo = [s for s in sorted(holders) if tr.ready.get(s) != cfg.trained_version and s not in tr.adopting
+                    and self._info(s).serving]
+            tr.adopting.update(todo)
+
+        def adopt(sid):
+            try:
+                self._placer.use_trained(sid, cfg)
+            except Exception as err:  # noqa: BLE001: tried again at the next check
+                with self._cond:
+                    tr.adopt_errors[sid] = str(err)
+                log.warning("%s: shard %s could not move into trained index v%d: %s", name, sid, cfg.trained_version,
+                            err)
+            else:
+                with self._cond:
+                    tr.ready[sid] = cfg.trained_version
+                    tr.adopt_errors.pop(sid, None)
+            finally:
+                with self._cond:
+                    tr.adopting.discard(sid)
+                    self._cond.notify_all()
+
+        for sid in todo:
+            threading.Thread(target=adopt, args=(sid,), name=f"adopt-{name}-{sid}", daemon=True).start()
+
+
+    def train(self, name: str) -> int:
+        """Asks for a new training of a collection (``lookalike train``): the next check trains version N+1 on a fresh
+        sample and the shards move into it, searching the old version meanwhile. Returns N+1.
+
+        Raises:
+            NotFound; FailedPrecondition: the spec needs no training, or the collection holds too few vectors.
+        """
+        with self._cond:
+            c = self._coll(name)
+            cfg = c.cfg
+        needed, _ = training_points(cfg.index)
+        if not needed:
+            raise FailedPrecondition(f"collection {name!r} ({cfg.index}) has an index that needs no training")
+        size = int(self._bucket_sizes(name).sum())
+        if size < needed:
+            raise FailedPrecondition(f"collection {name!r} ({cfg.index}) holds {size} vectors; training needs "
+                                     f"{needed} (until then its searches are exact)")
+        with self._cond:
+            c.training.requested = True
+            c.training.retry_at = c.training.counted_at = 0.0
+        return cfg.trained_version + 1
+
+    def training_status(self, name: str) -> dict:
+        """Where a collection's training stands, for describe and status: state ("not_needed", "untrained",
+        "training", "trained"), version, vectors, vectors_needed, trained_on, shards_ready, shards, and a sentence."""
+        with self._cond:
+            c = self._coll(name)
+            cfg, tr = c.cfg, c.training
+            needed, _ = training_points(cfg.index)
+            holders = sorted({s for own in c.owners for s in own})
+            ready = sum(tr.ready.get(s) == cfg.trained_version for s in holders) if cfg.trained_version else 0
+            out = {"version": cfg.trained_version, "vectors": tr.vectors, "vectors_needed": needed,
+                   "trained_on": c.trained_on, "shards_ready": ready, "shards": len(holders)}
+            if not needed:
+                return {**out, "shards_ready": len(holders), "state": "not_needed",
+                        "message": f"{cfg.index} needs no training"}
+            if tr.running:
+                state = "training"
+                msg = (f"training v{cfg.trained_version + 1} ({time.monotonic() - tr.started:.0f}s so far); "
+                       + (f"searching v{cfg.trained_version} meanwhile" if cfg.trained_version else "searches are exact"))
+            elif not cfg.trained_version:
+                state = "untrained"
+                msg = f"untrained: {tr.vectors:,} of {needed:,} vectors needed; searches are exact"
+            else:
+                state = "trained"
+                msg = f"trained v{cfg.trained_version} on {c.trained_on:,} vectors; {ready} of {len(holders)} shards use it"
+                if ready < len(holders):
+                    msg += " (the others are moving into it, or search exactly or the previous version meanwhile)"
+            if tr.error:
+                msg += f"; {tr.error}"
+            if tr.adopt_errors:
+                msg += "; " + "; ".join(f"{s}: {e}" for s, e in sorted(tr.adopt_errors.items()))
+            return {**out, "state": state, "message": msg}
+
+
+    def _wait_trained(self, name: str, timeout: float = 60.0) -> bool:
+        """Blocks until the collection is trained and every holder moved into the version (tests, tools)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.training_status(name)
+            if st["state"] in ("trained", "not_needed") and st["shards_ready"] == st["shards"]:
+                return True
+            time.sleep(0.05)
+        return False
 
 
 def _unique(moves) -> list[Move]:

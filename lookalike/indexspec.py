@@ -176,3 +176,38 @@ def check_spec(spec: str, dim: int, binary: bool) -> None:
         _check_binary(spec, dim)
     else:
         _check_float(spec, dim)
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+# A collection whose spec needs training (IVF lists, PQ/SQ codebooks, PCA/OPQ) is trained once, for all its shards,
+# when it holds TRAIN_MIN_POINTS_PER_CENTROID points per centroid of its largest k-means (FAISS warns below 39),
+# and at least MIN_TRAIN_POINTS. The sample it trains on is larger where that is affordable: about
+# SAMPLE_POINTS_PER_LIST points per IVF list (centroids from 39 points per list give visibly unbalanced lists), up
+# to MAX_TRAIN_SAMPLE points; while a collection holds fewer than that, it is trained again once it holds
+# RETRAIN_GROWTH times the sample it was trained on.
+TRAIN_MIN_POINTS_PER_CENTROID = 39
+MIN_TRAIN_POINTS = 1000
+SAMPLE_POINTS_PER_LIST = 100
+MAX_TRAIN_SAMPLE = 500_000
+RETRAIN_GROWTH = 2.5
+_SQ_TRAINED = ("4", "6", "8")
+
+
+def training_points(spec: str) -> tuple[int, int]:
+    """(vectors a collection needs before it is trained, vectors its training sample should have); (0, 0) for
+    specs that need no training (Flat, HNSW, SQfp16, CAGRA, BFlat, BHNSW). ``spec`` is a valid, normalised spec."""
+    needed, lists = 0, 0
+    for part in re.split(r"[,_]", spec):
+        if m := re.fullmatch(r"B?IVF(\d+)", part):
+            lists = int(m.group(1))
+            needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * lists)
+        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", part):
+            needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * (1 << int(m.group(2) or 8)))
+        elif part.startswith("OPQ"):
+            needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * 256)
+        elif part.startswith("PCA") or (part.startswith("SQ") and part[2:] in _SQ_TRAINED):
+            needed = max(needed, MIN_TRAIN_POINTS)
+    if not needed:
+        return 0, 0
+    needed = max(needed, MIN_TRAIN_POINTS)
+    return needed, max(needed, min(SAMPLE_POINTS_PER_LIST * lists, MAX_TRAIN_SAMPLE))

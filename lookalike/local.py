@@ -77,6 +77,12 @@ class LocalPlacer:
     def bucket_counts(self, shard_id, name):
         return self._shard(shard_id).bucket_counts(name)
 
+    def train_collection(self, shard_id, cfg, version, sources, sample):
+        return self._shard(shard_id).train_collection(cfg, version, sources, sample)
+
+    def use_trained(self, shard_id, cfg):
+        return self._shard(shard_id).use_trained(cfg)
+
     def stats(self, shard_id):
         return self._shard(shard_id).stats()
 

@@ -121,6 +121,13 @@ class ShardActor:
     def stats(self) -> dict:
         return self.shard.stats()
 
+    # the collection's trained index (see lookalike.controller, shard.trained)
+    def train_collection(self, cfg: CollectionConfig, version: int, sources: list, sample: int) -> dict:
+        return self.shard.train_collection(cfg, version, sources, sample)
+
+    def use_trained(self, cfg: CollectionConfig) -> bool:
+        return self.shard.use_trained(cfg)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -209,6 +216,13 @@ class RayPlacer:
 
     def stats(self, shard_id):
         return _unwrap(self._handle(shard_id).stats.remote(), timeout=30)
+
+    # training: hours at most (a k-means over a large sample on a CPU node; encoding a shard's items)
+    def train_collection(self, shard_id, cfg, version, sources, sample):
+        return _unwrap(self._handle(shard_id).train_collection.remote(cfg, version, sources, sample), timeout=4 * 3600)
+
+    def use_trained(self, shard_id, cfg):
+        return _unwrap(self._handle(shard_id).use_trained.remote(cfg), timeout=4 * 3600)
 
     def needs(self) -> dict[str, float]:
         """Ray resources one shard actor takes (those it asks for), e.g. {"CPU": 1.0}."""
@@ -413,6 +427,12 @@ class RayControlPlane:
 
     def move_counts(self):
         return self._call("move_counts")
+
+    def training_status(self, name):
+        return self._call("training_status", name)
+
+    def train(self, name):
+        return self._call("train", name, timeout=120)
 
 
 @ray.remote(num_cpus=0)

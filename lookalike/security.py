@@ -40,7 +40,7 @@ METHOD_SCOPES = {
     "SearchByImage": "read", "ClusterStatus": "read", "Sample": "read", "GetJob": "read", "ListJobs": "read",
     "DedupGroups": "read",
     "Upsert": "write", "UpsertStream": "write", "Delete": "write", "UpsertImages": "write",
-    "CreateCollection": "admin", "DropCollection": "admin", "Rebalance": "admin", "StartJob": "admin",
+    "CreateCollection": "admin", "DropCollection": "admin", "Rebalance": "admin", "TrainIndex": "admin", "StartJob": "admin",
     "CancelJob": "admin",
 }
 # Reachable without a token: Kubernetes probes and tools (grpcurl) need them.

@@ -165,14 +165,54 @@ class DropCollectionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("spec", "count", "epoch")
+    __slots__ = ("spec", "count", "epoch", "training")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.CollectionSpec
     count: int
     epoch: int
-    def __init__(self, spec: _Optional[_Union[_common_pb2.CollectionSpec, _Mapping]] = ..., count: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    training: IndexTraining
+    def __init__(self, spec: _Optional[_Union[_common_pb2.CollectionSpec, _Mapping]] = ..., count: _Optional[int] = ..., epoch: _Optional[int] = ..., training: _Optional[_Union[IndexTraining, _Mapping]] = ...) -> None: ...
+
+class IndexTraining(_message.Message):
+    __slots__ = ("state", "version", "vectors", "vectors_needed", "trained_on", "shards", "shards_ready", "message")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[IndexTraining.State]
+        NOT_NEEDED: _ClassVar[IndexTraining.State]
+        UNTRAINED: _ClassVar[IndexTraining.State]
+        TRAINING: _ClassVar[IndexTraining.State]
+        TRAINED: _ClassVar[IndexTraining.State]
+    STATE_UNSPECIFIED: IndexTraining.State
+    NOT_NEEDED: IndexTraining.State
+    UNTRAINED: IndexTraining.State
+    TRAINING: IndexTraining.State
+    TRAINED: IndexTraining.State
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_READY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: IndexTraining.State
+    version: int
+    vectors: int
+    vectors_needed: int
+    trained_on: int
+    shards: int
+    shards_ready: int
+    message: str
+    def __init__(self, state: _Optional[_Union[IndexTraining.State, str]] = ..., version: _Optional[int] = ..., vectors: _Optional[int] = ..., vectors_needed: _Optional[int] = ..., trained_on: _Optional[int] = ..., shards: _Optional[int] = ..., shards_ready: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TrainIndexRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("collection", "ids", "vectors", "payloads")

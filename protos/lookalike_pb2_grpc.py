@@ -104,6 +104,11 @@ class LookalikeStub:
                 request_serializer=protos_dot_lookalike__pb2.SampleRequest.SerializeToString,
                 response_deserializer=protos_dot_lookalike__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.TrainIndex = channel.unary_unary(
+                '/lookalike.v1.Lookalike/TrainIndex',
+                request_serializer=protos_dot_lookalike__pb2.TrainIndexRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.CollectionInfo.FromString,
+                _registered_method=True)
         self.StartJob = channel.unary_unary(
                 '/lookalike.v1.Lookalike/StartJob',
                 request_serializer=protos_dot_lookalike__pb2.StartJobRequest.SerializeToString,
@@ -234,6 +239,16 @@ class LookalikeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainIndex(self, request, context):
+        """Trains the collection's index again (IVF centroids, PQ/SQ codebooks) on a fresh sample of all its items, as a
+        new version. Returns at once with the collection's training state (CollectionInfo.training); the shards move
+        their items into the new version in the background while searches go on against the old one.
+        FAILED_PRECONDITION when the index needs no training or the collection holds too few vectors for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartJob(self, request, context):
         """Catalog jobs: long-running work over a whole collection (duplicates, clusters). StartJob returns at once;
         GetJob reports progress. A job checkpoints to storage: starting a job with the id of one that was
@@ -342,6 +357,11 @@ def add_LookalikeServicer_to_server(servicer, server):
                     servicer.Sample,
                     request_deserializer=protos_dot_lookalike__pb2.SampleRequest.FromString,
                     response_serializer=protos_dot_lookalike__pb2.GetResponse.SerializeToString,
+            ),
+            'TrainIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainIndex,
+                    request_deserializer=protos_dot_lookalike__pb2.TrainIndexRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.CollectionInfo.SerializeToString,
             ),
             'StartJob': grpc.unary_unary_rpc_method_handler(
                     servicer.StartJob,
@@ -747,6 +767,33 @@ class Lookalike:
             '/lookalike.v1.Lookalike/Sample',
             protos_dot_lookalike__pb2.SampleRequest.SerializeToString,
             protos_dot_lookalike__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/TrainIndex',
+            protos_dot_lookalike__pb2.TrainIndexRequest.SerializeToString,
+            protos_dot_lookalike__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,

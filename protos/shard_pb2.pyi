@@ -146,7 +146,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged")
+    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged", "trained_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class CollectionStats(_message.Message):
     BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
     JOINING_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     buckets: int
     vectors: int
@@ -163,7 +164,8 @@ class CollectionStats(_message.Message):
     bucket_counts: bytes
     joining: int
     damaged: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ...) -> None: ...
+    trained_version: int
+    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., trained_version: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
     __slots__ = ("shard_id", "collections", "memory_bytes", "serving", "capacity_bytes")

@@ -197,6 +197,10 @@ class Client:
     def status(self) -> lookalike_pb2.ClusterStatusResponse:
         return self.stub.ClusterStatus(lookalike_pb2.ClusterStatusRequest(), timeout=self.timeout)
 
+    def train(self, name: str) -> lookalike_pb2.CollectionInfo:
+        """Trains the collection's index again as a new version (see TrainIndex in protos/lookalike.proto)."""
+        return self.stub.TrainIndex(lookalike_pb2.TrainIndexRequest(collection=name), timeout=self.timeout)
+
     def rebalance(self, name: str = "", add_shards: int = 0) -> lookalike_pb2.RebalanceResponse:
         """Adds shards (optionally) and queues the bucket moves that even the load; they run in the background."""
         return self.stub.Rebalance(lookalike_pb2.RebalanceRequest(name=name, add_shards=add_shards),

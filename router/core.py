@@ -51,6 +51,12 @@ class ControlPlane(Protocol):
 
     def move_counts(self) -> tuple[int, int]: ...
 
+    # Where the collection's training stands (lookalike.controller.Controller.training_status).
+    def training_status(self, name: str) -> dict: ...
+
+    # Asks for a new trained version of the collection's index; returns its number.
+    def train(self, name: str) -> int: ...
+
 
 # Rounds of a search: the first asks a cover of all buckets; later ones ask other owners of the buckets still
 # missing (failover), or the same shards with a fresh map when a shard said the map was stale (a bucket move).
@@ -180,6 +186,14 @@ class Router:
 
     def list_collections(self) -> list[CollectionConfig]:
         return self.control.list_collections()
+
+    def training_status(self, name: str) -> dict:
+        """Where the collection's index training stands (state, version, vectors needed, a sentence)."""
+        return self.control.training_status(name)
+
+    def train(self, name: str) -> int:
+        """Asks for a new trained version of the collection's index; returns its number."""
+        return self.control.train(name)
 
     def count(self, name: str, timeout: float | None = 5.0) -> int:
         """Items stored in a collection: per bucket, what its owners report (each bucket counted once), under the

@@ -8,7 +8,7 @@ import functools
 import json
 
 from lookalike.config import METRICS, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument
+from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
@@ -83,6 +83,19 @@ def job_spec(request: lookalike_pb2.StartJobRequest) -> tuple[str, dict]:
 _GROUPS_PER_READ = 2000
 
 
+
+_TRAINING_STATES = {"not_needed": lookalike_pb2.IndexTraining.NOT_NEEDED,
+                    "untrained": lookalike_pb2.IndexTraining.UNTRAINED,
+                    "training": lookalike_pb2.IndexTraining.TRAINING, "trained": lookalike_pb2.IndexTraining.TRAINED}
+
+
+def training_to_proto(st: dict) -> lookalike_pb2.IndexTraining:
+    """The controller's training status (Controller.training_status) as the API's IndexTraining."""
+    return lookalike_pb2.IndexTraining(
+        state=_TRAINING_STATES[st["state"]], version=st["version"], vectors=st["vectors"],
+        vectors_needed=st["vectors_needed"], trained_on=st["trained_on"], shards=st["shards"],
+        shards_ready=st["shards_ready"], message=st["message"])
+
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     """The public service. ``Search`` is a coroutine on the server's event loop, batched with concurrent searches
     (router/batcher.py) unless ``batcher`` is None; the other methods are plain and run on the server's threads."""
@@ -117,7 +130,24 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     def DescribeCollection(self, request, context):
         smap = self.router.shard_map(request.name)
         return lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), epoch=smap.epoch,
-                                            count=self.router.count(request.name, _timeout(context)))
+                                            count=self.router.count(request.name, _timeout(context)),
+                                            training=training_to_proto(self.router.training_status(request.name)))
+
+    def _training(self, name: str) -> lookalike_pb2.IndexTraining | None:
+        try:
+            return training_to_proto(self.router.training_status(name))
+        except NotFound:  # dropped meanwhile
+            return None
+
+    @abort_on_error
+    def TrainIndex(self, request, context):
+        name = request.collection
+        if not name:
+            raise InvalidArgument("the request names no collection")
+        self.router.train(name)
+        smap = self.router.shard_map(name)
+        return lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), epoch=smap.epoch,
+                                            training=training_to_proto(self.router.training_status(name)))
 
     @abort_on_error
     def DropCollection(self, request, context):
@@ -228,7 +258,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
                  for m in control.moves() for b in m.buckets]
         return lookalike_pb2.ClusterStatusResponse(
             epoch=control.epoch(), shards=shards, moves=moves, moves_done=done, moves_failed=failed,
-            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c)) for c in self.router.list_collections()])
+            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c), training=self._training(c.name))
+                         for c in self.router.list_collections()])
 
     @abort_on_error
     def Rebalance(self, request, context):

@@ -6,6 +6,7 @@ Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over g
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -24,8 +25,9 @@ from lookalike.config import LIMITS, CollectionConfig
 from lookalike.errors import (FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, StaleShardMap,
                               Unavailable)
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
-from lookalike.indexspec import check_spec
+from lookalike.indexspec import check_spec, training_points
 from shard.index import VectorIndex
+from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
 from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, _fsync_dir, _snapshot_path, read_buckets,
                            release_memory)
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 _TRIM_EVERY_BYTES = 32 << 20
 _TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what its last writes freed
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
+_ENCODE_BATCH = 65536  # vectors per add while moving a shard's items into a trained index
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
 
 class RWLock:
@@ -266,7 +269,7 @@ class ShardCollection:
 
     def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore,
                  check_room: Callable[..., None] = lambda n, gpu_bytes=0: None, min_epoch: int = 0, gpu=None,
-                 on_broken: Callable[[str], None] | None = None):
+                 on_broken: Callable[[str], None] | None = None, template=None):
         self.coll = coll
         self._owned = np.zeros(coll.buckets, dtype=bool)
         self._owned[[int(b) for b in buckets]] = True
@@ -274,7 +277,7 @@ class ShardCollection:
         self.min_epoch = min_epoch
         self.min_write_epoch = min_epoch
         self.store = store
-        self.index = VectorIndex(coll, gpu)
+        self.index = VectorIndex(coll, gpu, template)
         self.table = IdTable()
         self._check_room = check_room
         self._rw = RWLock()
@@ -305,21 +308,47 @@ class ShardCollection:
             else:
                 with self._rw.write():
                     self._apply_delete(batch.ids, home)
-            self._train_if_ready()
         self._refresh_gpu()
         return len(self.table)
 
-    def _train_if_ready(self) -> None:
-        """Trains an IVF/PQ index once its buffer is full. The caller holds ``_write_order`` (or is loading), so
-        the buffer cannot change; searches go on against the exact buffer until the switch."""
-        if self.index.needs_training:
-            try:
-                built = self.index.build_trained()
-            except Exception as err:  # noqa: BLE001: FAISS refusing the training data must not fail the write
-                self.index.train_failed(err)
-                return
+    def adopt_trained(self, coll: CollectionConfig, template) -> bool:
+        """Moves this shard's items into the collection's trained index ``template`` (version
+        ``coll.trained_version``, read by :func:`shard.trained.read_template`). Returns False if the index already
+        has that version.
+
+        From an untrained buffer the vectors come from the buffer (exact originals); from an index trained on an
+        older version, from storage (the originals, not its lossy codes). Writes wait meanwhile (the write order is
+        held: nothing changes under the encoding); searches go on against the old index until the swap, which
+        takes the write lock only for an instant, so there is no gap in searches.
+        """
+        with self._write_order:
+            self._check_live()
+            if self.index.trained_version == coll.trained_version:
+                return False
+            t0 = time.monotonic()
+            new = VectorIndex(coll, self.index._gpu, template)
+            if not self.index.trained:
+                buf = self.index._buffer
+                labels = faiss.vector_to_array(buf.id_map)
+                for s in range(0, len(labels), _ENCODE_BATCH):
+                    new.add(labels[s:s + _ENCODE_BATCH], buf.index.reconstruct_n(s, min(_ENCODE_BATCH, len(labels) - s)))
+            else:
+                for batch in read_buckets(self.store.path, self.coll.buckets, sorted(self.buckets), _ENCODE_BATCH):
+                    _, home = buckets_and_labels(batch.ids, self.coll.buckets)
+                    labels = self.table.find(home, batch.ids)
+                    keep = labels >= 0  # all of them: storage and memory hold the same items under the write order
+                    new.add(labels[keep], batch.vectors[keep])
+            mirror = new.build_gpu()
+            if mirror is not None:
+                new.install_gpu(mirror)
             with self._rw.write():
-                self.index.install_trained(built)
+                old, self.index = self.index, new
+                self.coll = coll
+            log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
+                     coll.trained_version, time.monotonic() - t0)
+        del old
+        release_memory()
+        return True
 
     def _refresh_gpu(self) -> None:
         """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
@@ -415,7 +444,6 @@ class ShardCollection:
 
     def _after_write(self, nbytes: int, trim: bool = True) -> None:
         """Called under the write order after each applied write."""
-        self._train_if_ready()
         self._refresh_gpu()
         self._written_since_trim += nbytes
         self._last_write = time.monotonic()
@@ -744,6 +772,7 @@ class ShardCollection:
         with self._rw.read():
             return {"name": self.coll.name, "buckets": int(self._owned.sum()), "vectors": self.index.ntotal,
                     "index_bytes": self.index.nbytes, "trained": self.index.trained,
+                    "trained_version": self.index.trained_version,
                     "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged}
 
 
@@ -843,6 +872,7 @@ class Shard:
         self._collections: dict[str, ShardCollection] = {}
         self.quarantined: dict[str, str] = {}  # collection -> why it is not loaded (see open_collection)
         self._reloading: set[str] = set()
+        self.template_problems: dict[str, str] = {}  # collection -> why its trained index could not be used
         self._lock = threading.Lock()
         self.serving = False
 
@@ -915,8 +945,10 @@ class Shard:
         guard.start()  # a process killed during the replay leaves this behind for the next start to count
         store = None
         try:
+            coll, template = self._template(coll)
             store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-            sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload)
+            sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload,
+                                 template=template)
             n = sc.load()
         except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
             log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
@@ -932,6 +964,77 @@ class Shard:
             self._collections[coll.name] = sc
         log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
         return n
+
+    def _template(self, coll: CollectionConfig):
+        """(coll, the collection's trained index to start from, or None). A trained index that cannot be read is
+        reported (stats' damaged list) and the collection served exactly from its untrained buffer, as version 0,
+        until the controller hands it a good version (:meth:`use_trained`)."""
+        if not coll.trained_version or not training_points(coll.index)[0]:
+            self.template_problems.pop(coll.name, None)
+            return coll, None
+        try:
+            template = read_template(self.storage_root, coll, coll.trained_version)
+        except TemplateDamaged as err:
+            self.template_problems[coll.name] = f"{err}: searching exactly until it is trained again"
+            log.error("%s: %s", self.shard_id, self.template_problems[coll.name])
+            return dataclasses.replace(coll, trained_version=0), None
+        self.template_problems.pop(coll.name, None)
+        return coll, template
+
+    def train_collection(self, coll: CollectionConfig, version: int, sources: list[tuple[str, list[int]]],
+                         sample: int) -> dict:
+        """Trains the collection's index once for every shard: reads about ``sample`` vectors of the buckets in
+        ``sources`` ((shard id, buckets) whose store holds them, in the order to read them: the controller draws
+        buckets at random, and an id's bucket is a hash of it, so this is a uniform sample of the items) from
+        storage, trains the spec's quantizer and codebooks on them (the coarse k-means on this shard's GPU, when it
+        has one), and writes the empty trained index as ``version`` (:func:`shard.trained.write_template`).
+        Returns its note (version, vectors trained on, seconds, ...).
+
+        Raises:
+            FailedPrecondition: the buckets hold fewer vectors than the spec needs; or FAISS refused the data.
+        """
+        t0 = time.monotonic()
+        needed = training_points(coll.index)[0]
+        parts, got = [], 0
+        for sid, buckets in sources:
+            if got >= sample:
+                break
+            for batch in read_buckets(self.store_path(sid, coll.name), coll.buckets, buckets, _ENCODE_BATCH):
+                parts.append(batch.vectors[: sample - got])
+                got += len(parts[-1])
+                if got >= sample:
+                    break
+        x = np.concatenate(parts) if parts else np.empty((0, coll.code_size), dtype=np.uint8)
+        if len(x) < needed:
+            raise FailedPrecondition(f"training {coll.name!r} ({coll.index}) needs {needed} vectors; the buckets "
+                                     f"read hold {len(x)}")
+        index = VectorIndex(dataclasses.replace(coll, trained_version=0), gpu=None)
+        try:
+            template = index.train_template(x, self.gpu)
+        except Exception as err:  # noqa: BLE001: FAISS refusing the training data fails the training only
+            raise FailedPrecondition(f"training {coll.name!r} ({coll.index}) on {len(x)} vectors failed: "
+                                     f"{str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}")
+        seconds = time.monotonic() - t0
+        note = write_template(self.storage_root, coll, version, template, len(x), seconds)
+        remove_templates(self.storage_root, coll.name, keep=(version - 1, version))  # the current one and this
+        log.info("%s: trained %s (%s) v%d on %d vectors in %.1fs", self.shard_id, coll.name, coll.index, version,
+                 len(x), seconds)
+        return note
+
+    def use_trained(self, coll: CollectionConfig) -> bool:
+        """Moves the collection's items on this shard into trained index ``coll.trained_version`` (see
+        :meth:`ShardCollection.adopt_trained`). Returns False if it was already there; raises NotFound if the
+        collection is not open here, FailedPrecondition if the trained index cannot be read."""
+        sc = self.collection(coll.name)
+        if sc.index.trained_version == coll.trained_version:
+            return False
+        try:
+            template = read_template(self.storage_root, coll, coll.trained_version)
+        except TemplateDamaged as err:
+            self.template_problems[coll.name] = f"{err}: searching exactly until it is trained again"
+            raise FailedPrecondition(str(err)) from None
+        self.template_problems.pop(coll.name, None)
+        return sc.adopt_trained(coll, template)
 
     def _reload(self, name: str) -> None:
         """Reloads a collection from storage in the background (a write failed to apply: memory may hold part of
@@ -977,6 +1080,8 @@ class Shard:
             release_memory()
         else:
             shutil.rmtree(self.root / name, ignore_errors=True)
+        self.template_problems.pop(name, None)
+        remove_templates(self.storage_root, name)
 
     def collection(self, name: str) -> ShardCollection:
         sc = self._collections.get(name)
@@ -991,6 +1096,9 @@ class Shard:
 
     def stats_collections(self) -> list[dict]:
         out = [sc.stats() for sc in list(self._collections.values())]
+        for st in out:
+            if st["name"] in self.template_problems:
+                st["damaged"] = [*st["damaged"], self.template_problems[st["name"]]]
         for name, reason in list(self.quarantined.items()):
             out.append({"name": name, "damaged": [f"QUARANTINED: {reason}"]})
         return out

@@ -7,8 +7,10 @@ Three shapes, chosen from the factory string:
 - append-only graph indexes (HNSW, which FAISS cannot remove from): FAISS ids are insertion positions, a
   removed position is hidden from searches with an ``IDSelectorBitmap`` and the index is rebuilt once a third of
   it is dead;
-- indexes that need training (IVF, PQ) answer exactly from a flat buffer until enough vectors have arrived, then
-  train on the buffer and switch over.
+- indexes that need training (IVF, PQ) answer exactly from a flat buffer until the collection is trained. The
+  trained index is one for the whole collection (shard.trained, trained by shard.core.Shard.train_collection):
+  a VectorIndex made with ``template`` starts from it; ``train_if_ready`` trains on the local buffer only for
+  standalone use (tests, tools).
 
 On a GPU shard (a backend from ``lookalike.gpu``) the CPU index stays the source of truth (writes, removal,
 reconstruction, training, what storage replays) and searches run on a GPU mirror of it: Flat, IVF-Flat, IVF-PQ and
@@ -22,6 +24,7 @@ Not thread-safe: ``shard.core`` guards writes against searches with a read-write
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -33,18 +36,11 @@ from lookalike import gpu as gpu_mod
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.ids import order_by_distance_then_label
-from lookalike.indexspec import check_spec
+from lookalike.indexspec import check_spec, training_points
 
 log = logging.getLogger(__name__)
 
 _FAISS_METRIC = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUCT}
-# FAISS warns below 39 training points per centroid; PQ codebooks have 2**nbits (256) centroids per sub-quantizer.
-# Coarse quantizers are trained on about 100 points per list when that is affordable: centroids from 39 points per
-# list give visibly unbalanced lists (longer scans) and lower recall at the same nprobe.
-_POINTS_PER_CENTROID = 39
-_POINTS_PER_LIST = 100
-_MAX_BUFFER = 500_000
-_MIN_TRAIN = 1000
 # Rebuild an append-only index once this fraction of its positions is dead.
 _REBUILD_DEAD_FRACTION = 0.33
 
@@ -132,17 +128,10 @@ def _is_graph(index) -> bool:
     return isinstance(index, (faiss.IndexHNSW, faiss.IndexBinaryHNSW)) or "HNSW" in type(index).__name__
 
 
-def train_threshold(spec: str, index) -> int:
-    """Vectors needed before an untrained index is trained."""
-    n = _MIN_TRAIN
-    ivf = faiss.try_extract_index_ivf(index) if not isinstance(index, faiss.IndexBinary) else (
-        index if isinstance(index, faiss.IndexBinaryIVF) else None)
-    if ivf is not None:
-        n = max(n, _POINTS_PER_CENTROID * ivf.nlist, min(_POINTS_PER_LIST * ivf.nlist, _MAX_BUFFER))
-    m = re.search(r"PQ\d+(?:x(\d+))?", spec)
-    if m:
-        n = max(n, _POINTS_PER_CENTROID * (1 << int(m.group(1) or 8)))
-    return n
+def train_threshold(spec: str, index=None) -> int:
+    """Vectors a collection needs before its index is trained (see lookalike.indexspec.training_points); 0 for
+    indexes that need no training. ``index`` is unused (kept for callers that pass the built index)."""
+    return training_points(spec)[0]
 
 
 class VectorIndex:
@@ -154,13 +143,17 @@ class VectorIndex:
             index once :meth:`build_gpu` made one (see the module's docstring). None: CPU only.
     """
 
-    def __init__(self, coll: CollectionConfig, gpu=None):
+    def __init__(self, coll: CollectionConfig, gpu=None, template=None):
         self.coll = coll
         self._binary = coll.binary
-        self._main = _factory(coll.dim, coll.metric, coll.index)
+        self._main = template if template is not None else _factory(coll.dim, coll.metric, coll.index)
         self._graph = _is_graph(self._main)
         self._ivf = self._extract_ivf(self._main)
         self.trained = self._main.is_trained
+        # The collection's trained index this one started from (shard.trained), 0: none.
+        self.trained_version = coll.trained_version if template is not None else 0
+        # A graph over trained codes (HNSW_PQ) is rebuilt from the trained template, not retrained.
+        self._template = faiss.clone_index(template) if template is not None and self._graph else None
         self.train_size = 0 if self.trained else train_threshold(coll.index, self._main)
         self.train_error = ""  # why training failed, if it did (see train_failed)
         # Until trained: an exact flat buffer keyed by label.
@@ -346,6 +339,28 @@ class VectorIndex:
         if labels is not None:
             self._add_main(labels, x)
 
+    def train_template(self, x: np.ndarray, gpu=None):
+        """A new index of the collection's spec trained on ``x`` (shape (n, d) float32, or (n, d/8) uint8), empty:
+        what every shard starts from (shard.trained). The coarse k-means of an IVF index runs on ``gpu`` (a
+        lookalike.gpu backend) when given; the rest (PQ/SQ codebooks, transforms) on the CPU."""
+        x = self._prepare(x)
+        index = _factory(self.coll.dim, self.coll.metric, self.coll.index)
+        ivf = self._extract_ivf(index)
+        lock = contextlib.nullcontext()
+        if gpu is not None and ivf is not None and not self._binary:
+            lock = gpu.lock  # FAISS GPU resources are not thread-safe
+            try:
+                flat = faiss.IndexFlatIP(ivf.d) if self.coll.larger_is_better else faiss.IndexFlatL2(ivf.d)
+                ivf.clustering_index = gpu.to_gpu(flat, False)
+            except Exception as err:  # noqa: BLE001: no room on the GPU: train on the CPU
+                log.warning("%s: training on the CPU (%s)", self.coll.name, err)
+        log.info("training %s index %r on %d vectors", self.coll.name, self.coll.index, len(x))
+        with lock:
+            index.train(x)
+        if ivf is not None and not self._binary:
+            ivf.clustering_index = None  # a GPU index must not be serialized (nor kept)
+        return index
+
     def train_if_ready(self) -> bool:
         """Trains and switches over in one step when enough vectors arrived (for callers without concurrency)."""
         if not self.needs_training:
@@ -499,7 +514,8 @@ class VectorIndex:
         x = self._reconstruct(self._main, live) if len(live) else None
         labels = self._pos_label[live]
         log.info("rebuilding %s %r without %d removed vectors", self.coll.name, self.coll.index, self._dead)
-        self._main = _factory(self.coll.dim, self.coll.metric, self.coll.index)
+        self._main = (faiss.clone_index(self._template) if self._template is not None
+                      else _factory(self.coll.dim, self.coll.metric, self.coll.index))
         self._pos_label = np.empty(0, dtype=np.int64)
         self._label_pos = {}
         self._dead = 0

@@ -79,6 +79,7 @@ def test_replicas_keep_full_coverage_when_a_shard_stops(tmp_path):
         cl.placer.ensure_shard("shard-1")
         router.upsert("rep", retry_ids, retry_x)  # the client's retry of the write that was not acknowledged
         load.acked.update(zip(retry_ids, retry_x))
+        load.sent.update(retry_ids)
         with load:
             time.sleep(1.0)
         assert not load.errors, load.errors[:5]

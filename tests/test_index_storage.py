@@ -32,7 +32,7 @@ def test_flat_index_is_exact(metric, spec):
 def test_untrained_ivf_answers_exactly_then_trains():
     xb, xq = make_data("l2", 3000, 32)
     index = VectorIndex(CollectionConfig("c", 32, "l2", "IVF16,Flat", nprobe=16).validated())
-    assert not index.trained and index.train_size == 1600  # 100 points per list
+    assert not index.trained and index.train_size == 1000  # lookalike.indexspec.training_points: at least 1000
     index.add(_labels(500), xb[:500])
     assert not index.train_if_ready()
     D, L = index.search(xq, 5)

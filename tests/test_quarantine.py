@@ -11,9 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_for
 
-from lookalike.config import CollectionConfig
+from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import FailedPrecondition, Unavailable
+from lookalike.local import LocalCluster
 from shard.core import Shard
 from shard.index import VectorIndex
 
@@ -68,23 +70,29 @@ def test_a_write_that_fails_to_apply_is_taken_out_of_the_log_and_the_collection_
     again.close()
 
 
-def test_a_training_failure_keeps_the_exact_buffer_and_does_not_poison_replay(tmp_path, monkeypatch):
-    def failing_train(self):
+def test_a_training_failure_keeps_the_exact_buffer_and_is_reported_then_retried(tmp_path, monkeypatch):
+    def failing_train(self, x, gpu=None):
         raise RuntimeError("Error in Clustering::train: not enough points")
 
-    monkeypatch.setattr(VectorIndex, "build_trained", failing_train)
-    shard = Shard("shard-0", tmp_path)
-    shard.open_collection(_cfg("ivf", "IVF4,Flat"), range(4))
-    sc = shard.collection("ivf")
-    n = sc.index.train_size + 10
-    xb = _xb(n)
-    sc.upsert([f"v{i}" for i in range(n)], xb, [None] * n)  # acknowledged although training failed
-    assert not sc.index.trained and "training" in sc.index.train_error
-    _, L, ids, _ = sc.search(xb[:3], 1)
-    assert ids[:3] == ["v0", "v1", "v2"]  # exact
-    shard.close()
-    again = Shard("shard-0", tmp_path)
-    assert again.open_collection(_cfg("ivf", "IVF4,Flat"), range(4)) == n
+    monkeypatch.setattr(VectorIndex, "train_template", failing_train)
+    cl = LocalCluster(tmp_path / "data", shards=2, transport="inprocess",
+                      policy=MovePolicy(grace_s=0.3, train_check_s=0.05, train_retry_s=0.5))
+    try:
+        cl.router.create_collection(_cfg("ivf", "IVF4,Flat"))
+        n = 1010
+        xb = _xb(n)
+        assert cl.router.upsert("ivf", [f"v{i}" for i in range(n)], xb) == n  # acknowledged: training is apart
+        assert wait_for(lambda: "training v1 failed" in cl.router.training_status("ivf")["message"], 10)
+        st = cl.router.training_status("ivf")
+        assert st["state"] == "untrained" and "not enough points" in st["message"]
+        assert cl.router.search("ivf", xb[:3], k=1).ids == [["v0"], ["v1"], ["v2"]]  # exact meanwhile
+        monkeypatch.undo()  # FAISS takes the data now: the next try trains
+        assert cl.controller._wait_trained("ivf", 10)
+        assert cl.router.training_status("ivf")["version"] == 1
+    finally:
+        cl.close()
+    again = Shard("shard-0", tmp_path / "data")
+    assert again.open_collection(cl.controller.shard_map("ivf").collection, range(4)) > 0
     again.close()
 
 
@@ -107,7 +115,7 @@ def test_a_stored_spec_the_grammar_refuses_is_quarantined_not_loaded(tmp_path):
 _REPLAY = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from lookalike.config import CollectionConfig
+    from lookalike.config import CollectionConfig, MovePolicy
     from shard.core import Shard
     from shard.index import VectorIndex
 

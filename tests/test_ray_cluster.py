@@ -36,7 +36,12 @@ def test_approximate_recall(ray_cluster_factory, spec, params):
     cluster.client.create_collection("a", dim=32, metric="l2", index=spec, buckets=64)
     cluster.client.upsert_stream("a", (([str(i) for i in range(j, j + 2000)], xb[j:j + 2000])
                                        for j in range(0, len(xb), 2000)))
-    # the IVF shards trained (10k vectors each, over the 100-per-list threshold): this measures the real index
+    # the collection's one trained index (20k vectors, over its 39-per-list threshold), used by both shards: this
+    # measures the real index, trained by the controller through the Ray shard actors
+    def trained():
+        t = cluster.client.describe_collection("a").training
+        return t.state in (t.TRAINED, t.NOT_NEEDED) and t.shards_ready == t.shards
+    assert wait_for(trained, 60), cluster.client.describe_collection("a").training.message
     assert all(c.trained for _, st in cluster.router.shard_stats() for c in st.collections if c.name == "a")
     hits = cluster.client.search("a", xq, k=10, **params)
     _, I_ref = exact_knn("l2", xb, xq, 10)

@@ -1,0 +1,266 @@
+"""One trained index per collection: trained once for all shards, shared by every shard and replica, kept in
+storage and loaded at restart; sharded answers equal one FAISS index with that trained quantizer."""
+
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+import pytest
+from conftest import wait_for
+
+from lookalike.config import CollectionConfig, MovePolicy
+from lookalike.ids import buckets_and_labels, order_by_distance_then_label
+from lookalike.local import LocalCluster
+from shard.core import Shard
+from shard.index import VectorIndex
+from shard.trained import read_template, template_dir
+
+DIM = 32
+
+
+def _data(n: int, seed: int = 0, clusters: int = 64):
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(size=(clusters, DIM)).astype(np.float32) * 4
+    xb = centroids[rng.integers(0, clusters, n)] + rng.normal(size=(n, DIM)).astype(np.float32)
+    xq = centroids[rng.integers(0, clusters, 40)] + rng.normal(size=(40, DIM)).astype(np.float32)
+    return xb.astype(np.float32), xq.astype(np.float32)
+
+
+def _cluster(tmp_path, shards: int):
+    return LocalCluster(tmp_path / "data", shards=shards, transport="inprocess",
+                        policy=MovePolicy(grace_s=0.3, train_check_s=0.05))
+
+
+def _load(cl, name: str, xb: np.ndarray) -> list[str]:
+    ids = [f"img-{i:06d}" for i in range(len(xb))]
+    for s in range(0, len(xb), 2000):
+        cl.router.upsert(name, ids[s:s + 2000], xb[s:s + 2000])
+    return ids
+
+
+def _one_faiss_index(cl, cfg: CollectionConfig, ids: list[str], xb: np.ndarray):
+    """The collection's trained index as one in-process FAISS index holding every vector, labelled as the shards
+    label them."""
+    cfg = cl.controller.shard_map(cfg.name).collection
+    index = read_template(cl.controller.data_dir, cfg, cfg.trained_version)
+    _, labels = buckets_and_labels(ids, cfg.buckets)
+    index.add_with_ids(xb, labels)
+    return index, dict(zip(labels.tolist(), ids))
+
+
+def _top_k_by_distance_then_label(index, xq, k: int, nprobe: int):
+    """One FAISS index's top k, equal distances in label order (the documented tie-break): searched deep enough
+    that a tie group at the k-th place is whole (PQ8x4 codes coincide often)."""
+    D, L = index.search(xq, 500, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    order = order_by_distance_then_label(D, L, larger_is_better=False)
+    D, L = np.take_along_axis(D, order, axis=1), np.take_along_axis(L, order, axis=1)
+    assert (D[:, k - 1] < D[:, -1]).all() or (L[:, -1] < 0).all()  # the tie group at the cut is whole
+    return D[:, :k], L[:, :k]
+
+
+@pytest.mark.parametrize("spec,n", [("IVF32,Flat", 6000), ("IVF16,PQ8x4", 6000)])
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_shards_with_one_trained_index_answer_as_one_faiss_index(tmp_path, shards, spec, n):
+    cl = _cluster(tmp_path, shards)
+    try:
+        cfg = CollectionConfig("w", DIM, index=spec, nprobe=4, buckets=64).validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(n)
+        ids = _load(cl, "w", xb)
+        assert cl.controller._wait_trained("w", 30), cl.router.training_status("w")
+        st = cl.router.training_status("w")
+        assert st["state"] == "trained" and st["version"] == 1 and st["shards_ready"] == st["shards"] == shards
+        one, by_label = _one_faiss_index(cl, cfg, ids, xb)
+        D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=4)
+        res = cl.router.search("w", xq, k=10, nprobe=4)
+        assert res.ids == [[by_label[lab] for lab in row if lab >= 0] for row in L1.tolist()]
+        np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-4)
+        # the same query, again and again: the same ids in the same order
+        assert all(cl.router.search("w", xq[:5], k=10, nprobe=4).ids == res.ids[:5] for _ in range(20))
+        # and nprobe means what it means for one index: all lists probed is exact
+        exact = faiss.knn(xq, xb, 10)[1] if spec.endswith("Flat") else None
+        if exact is not None:
+            full = cl.router.search("w", xq, k=10, nprobe=32)
+            assert full.ids == [[ids[i] for i in row] for row in exact.tolist()]
+    finally:
+        cl.close()
+
+
+def test_replicas_give_identical_answers(tmp_path):
+    cl = _cluster(tmp_path, 3)
+    try:
+        cl.router.create_collection(CollectionConfig("r", DIM, index="IVF16,PQ8x4", nprobe=3, buckets=32,
+                                                     replication=2))
+        xb, xq = _data(5000, seed=3)
+        _load(cl, "r", xb)
+        assert cl.controller._wait_trained("r", 30)
+        answers = {tuple(map(tuple, cl.router.search("r", xq, k=10).ids)) for _ in range(20)}  # replicas rotate
+        assert len(answers) == 1
+        # every shard holds replicas of other shards' buckets, and each answers for all it holds: the same
+        # vectors give the same codes and distances on each of them
+        versions = {c.trained_version for _, s in cl.router.shard_stats() for c in s.collections}
+        assert versions == {1}
+    finally:
+        cl.close()
+
+
+def test_untrained_collection_searches_exactly_and_says_so(tmp_path):
+    cl = _cluster(tmp_path, 2)
+    try:
+        cl.router.create_collection(CollectionConfig("u", DIM, index="IVF64,Flat", nprobe=1, buckets=16))
+        xb, xq = _data(1500)
+        ids = _load(cl, "u", xb)
+        assert wait_for(lambda: cl.router.training_status("u")["vectors"] == 1500, 10)
+        st = cl.router.training_status("u")
+        assert st["state"] == "untrained" and st["vectors_needed"] == 39 * 64 and st["version"] == 0
+        assert st["message"] == "untrained: 1,500 of 2,496 vectors needed; searches are exact"
+        exact = faiss.knn(xq, xb, 10)[1]
+        assert cl.router.search("u", xq, k=10, nprobe=1).ids == [[ids[i] for i in row] for row in exact.tolist()]
+    finally:
+        cl.close()
+
+
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+
+def test_restart_loads_the_trained_version_without_training(tmp_path, monkeypatch):
+    cl = _cluster(tmp_path, 2)
+    xb, xq = _data(6000, seed=1)
+    try:
+        cl.router.create_collection(CollectionConfig("s", DIM, index="IVF32,PQ8x4", nprobe=4, buckets=32))
+        _load(cl, "s", xb)
+        assert cl.controller._wait_trained("s", 30)
+        before = cl.router.search("s", xq, k=10)
+    finally:
+        cl.close()
+    trainings = _Count()
+    real = VectorIndex.train_template
+
+    def counting(self, x, gpu=None):
+        trainings.n += 1
+        return real(self, x, gpu)
+
+    monkeypatch.setattr(VectorIndex, "train_template", counting)
+    cl = _cluster(tmp_path, 2)
+    try:
+        st = cl.router.training_status("s")
+        assert st["version"] == 1
+        stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
+        assert {c.trained_version for c in stats} == {1} and all(c.trained for c in stats)
+        after = cl.router.search("s", xq, k=10)
+        assert after.ids == before.ids
+        np.testing.assert_array_equal(after.D, before.D)
+        cl.controller.check_training()
+        assert trainings.n == 0
+    finally:
+        cl.close()
+
+
+def test_a_damaged_trained_index_is_reported_searches_stay_exact_and_training_again_fixes_it(tmp_path):
+    cl = _cluster(tmp_path, 2)
+    xb, xq = _data(6000, seed=2)
+    try:
+        cl.router.create_collection(CollectionConfig("d", DIM, index="IVF32,Flat", nprobe=1, buckets=32))
+        ids = _load(cl, "d", xb)
+        assert cl.controller._wait_trained("d", 30)
+    finally:
+        cl.close()
+    path = template_dir(tmp_path / "data", "d") / "v1.index"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    cl = _cluster(tmp_path, 2)
+    try:
+        damaged = [d for _, s in cl.router.shard_stats() for c in s.collections for d in c.damaged]
+        assert damaged and all("trained index v1 of 'd'" in d and "is damaged" in d for d in damaged)
+        exact = faiss.knn(xq, xb, 10)[1]
+        assert cl.router.search("d", xq, k=10, nprobe=1).ids == [[ids[i] for i in row] for row in exact.tolist()]
+        assert cl.router.train("d") == 2
+        assert wait_for(lambda: cl.router.training_status("d")["version"] == 2, 30)
+        assert cl.controller._wait_trained("d", 30)
+        assert not [d for _, s in cl.router.shard_stats() for c in s.collections for d in c.damaged]
+    finally:
+        cl.close()
+
+
+def test_training_again_makes_a_new_version_while_searches_go_on(tmp_path):
+    cl = _cluster(tmp_path, 2)
+    xb, xq = _data(6000, seed=4)
+    errors: list[Exception] = []
+    stop = threading.Event()
+    try:
+        cl.router.create_collection(CollectionConfig("t", DIM, index="IVF32,Flat", nprobe=32, buckets=32))
+        ids = _load(cl, "t", xb)
+        assert cl.controller._wait_trained("t", 30)
+        exact = [[ids[i] for i in row] for row in faiss.knn(xq, xb, 5)[1].tolist()]
+
+        def search():
+            while not stop.is_set():
+                try:
+                    if cl.router.search("t", xq, k=5).ids != exact:  # nprobe = nlist: exact in either version
+                        errors.append(AssertionError("a search differed from the exact answer"))
+                except Exception as err:  # noqa: BLE001
+                    errors.append(err)
+
+        t = threading.Thread(target=search)
+        t.start()
+        assert cl.router.train("t") == 2
+        assert wait_for(lambda: cl.router.training_status("t")["version"] == 2, 30)
+        assert cl.controller._wait_trained("t", 30)
+        stop.set()
+        t.join()
+        assert not errors, errors[:3]
+        assert {c.trained_version for _, s in cl.router.shard_stats() for c in s.collections} == {2}
+        assert sorted(p.name for p in template_dir(tmp_path / "data", "t").glob("*.index")) == ["v1.index",
+                                                                                                "v2.index"]
+    finally:
+        stop.set()
+        cl.close()
+
+
+def test_a_shard_opening_a_trained_collection_starts_from_the_template(tmp_path):
+    cl = _cluster(tmp_path, 1)
+    xb, _ = _data(3000, seed=5)
+    try:
+        cl.router.create_collection(CollectionConfig("o", DIM, index="IVF16,Flat", nprobe=2, buckets=8))
+        _load(cl, "o", xb)
+        assert cl.controller._wait_trained("o", 30)
+        cfg = cl.controller.shard_map("o").collection
+    finally:
+        cl.close()
+    shard = Shard("shard-x", tmp_path / "data")
+    shard.open_collection(cfg, [])  # no items here: its index is the trained template, empty
+    sc = shard.collection("o")
+    assert sc.index.trained and sc.index.trained_version == 1 and sc.index.ntotal == 0
+    shard.close()
+
+
+def test_the_api_and_the_cli_tell_where_training_stands(tmp_path):
+    import json
+
+    from conftest import run_cli, served_local_cluster
+
+    with served_local_cluster(tmp_path / "data", shards=2) as (cluster, client):
+        client.create_collection("c", DIM, "l2", "IVF16,Flat", 16)
+        info = client.describe_collection("c")
+        assert info.training.state == info.training.UNTRAINED and info.training.vectors_needed == 1000
+        target = client.target
+        xb, _ = _data(1200, seed=6)
+        client.upsert("c", [f"i{i}" for i in range(1200)], xb)
+        assert cluster.controller._wait_trained("c", 30)
+        info = client.describe_collection("c")
+        assert info.training.state == info.training.TRAINED and info.training.version == 1
+        assert info.training.message == "trained v1 on 1,200 vectors; 2 of 2 shards use it"
+        out = run_cli("train", "c", "--timeout", "60", target=target)
+        assert out.returncode == 0, out.stderr
+        assert "training c (IVF16,Flat) as version 2" in out.stdout
+        described = json.loads(run_cli("collection", "describe", "c", target=target).stdout)
+        assert described["training"]["version"] == "2" and described["training"]["state"] == "TRAINED"
+        assert "index: trained v2" in run_cli("status", target=target).stdout
+        client.create_collection("flat", DIM)
+        bad = run_cli("train", "flat", target=target)
+        assert bad.returncode != 0 and "needs no training" in bad.stderr
