@@ -451,6 +451,7 @@ def seed_requests(fz: Fuzz) -> dict[str, list[bytes]]:
         "ClusterStatus": [b""],
         "Rebalance": s(L.RebalanceRequest(name="fz-nope", add_shards=1)),
         "Sample": s(L.SampleRequest(collection="keep-cos", size=5, seed=3, include_vectors=True)),
+        "TrainIndex": s(L.TrainIndexRequest(collection="keep-l2")) + s(L.TrainIndexRequest(collection="fz-l2")),
         "StartJob": s(L.StartJobRequest(job_id="fz-job", dedup=L.DedupSpec(collection="fz-l2", threshold=0.5)))
         + s(L.StartJobRequest(cluster=L.ClusterSpec(collection="fz-cos", k=2, niter=2))),
         "GetJob": s(L.GetJobRequest(job_id="fz-job")),
