@@ -264,3 +264,32 @@ def test_the_api_and_the_cli_tell_where_training_stands(tmp_path):
         client.create_collection("flat", DIM)
         bad = run_cli("train", "flat", target=target)
         assert bad.returncode != 0 and "needs no training" in bad.stderr
+
+
+def test_a_gpu_shard_trains_the_coarse_kmeans_on_its_gpu_and_searches_a_mirror_of_the_trained_index(tmp_path):
+    from lookalike.gpu import EmulatedGpuBackend
+
+    backend = EmulatedGpuBackend()
+    calls = []
+    real = backend.to_gpu
+
+    def to_gpu(index, float16=False):
+        calls.append(type(faiss.downcast_index(index)).__name__)
+        return real(index, float16)
+
+    backend.to_gpu = to_gpu
+    cl = LocalCluster(tmp_path / "data", shards=2, transport="inprocess", gpu=backend,
+                      policy=MovePolicy(grace_s=0.3, train_check_s=0.05))
+    try:
+        cfg = CollectionConfig("g", DIM, index="IVF16,Flat", nprobe=4, buckets=16).validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(3000, seed=7)
+        ids = _load(cl, "g", xb)
+        assert cl.controller._wait_trained("g", 30)
+        assert calls[0] == "IndexFlatL2"  # the k-means' assignment index went to the "GPU" first
+        assert all(cl.placer._shard(s).collection("g").index.on_gpu for s in ("shard-0", "shard-1"))
+        one, by_label = _one_faiss_index(cl, cfg, ids, xb)
+        D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=4)
+        assert cl.router.search("g", xq, k=10).ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
+    finally:
+        cl.close()
