@@ -7,7 +7,8 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF);
   for IVF, about 50 bytes of hashtable direct map (reconstruct and remove by label) and list slack, measured on
-  bare FAISS, and about 65 more measured on a shard (the lists grow batch by batch and fragment the heap); for
+  bare FAISS (a shard measured the same once the collection's index is trained before its items arrive, as it is
+  in a cluster: no per-shard training buffer fragments the heap any more); for
   HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an item), 8 bytes of position map and
   about 110 bytes of label -> position dict;
 - the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
@@ -36,7 +37,7 @@ MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
 COLLECTION_OVERHEAD = 16 * MiB
-_IVF_EXTRA = 50 + 65
+_IVF_EXTRA = 50
 _IDTABLE = 24
 _BYTES_OBJECT = 33
 
@@ -179,6 +180,7 @@ def report(p: Plan, dim: int, index: str) -> str:
 def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: int = 0, batch: int = 20000) -> dict:
     """Loads ``vectors`` random items (ids ``str(i)``) into a real shard in this process and returns its resident
     memory before and after (bytes). Meant for a fresh process (tests run it in a subprocess)."""
+    import dataclasses
     import tempfile
 
     import numpy as np
@@ -187,10 +189,19 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
     from shard.core import Shard
     from shard.storage import release_memory
 
+    from lookalike.indexspec import training_points
+    from shard.index import VectorIndex
+    from shard.trained import write_template
+
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         shard = Shard("size-0", tmp)
         cfg = CollectionConfig("sized", dim, metric, index=index, buckets=16).validated()
+        sample = training_points(cfg.index)[1]
+        if sample:  # as in a cluster: the collection's trained index first (shard.trained), then the items
+            x = rng.standard_normal((min(sample, vectors), dim)).astype(np.float32)
+            write_template(tmp, cfg, 1, VectorIndex(cfg).train_template(x), len(x), 0.0)
+            cfg = dataclasses.replace(cfg, trained_version=1)
         shard.open_collection(cfg, range(16))
         sc = shard.collection("sized")
         # one warm-up write, and BLAS's and OpenMP's per-thread buffers (k-means, large searches), so that what
