@@ -110,20 +110,48 @@ class ShardGetResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch")
+    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch", "coarse")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COARSE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Vectors
     k: int
     params: _common_pb2.SearchParams
     include_payloads: bool
     epoch: int
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    coarse: CoarseAssignment
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., coarse: _Optional[_Union[CoarseAssignment, _Mapping]] = ...) -> None: ...
+
+class CoarseAssignment(_message.Message):
+    __slots__ = ("version", "nprobe", "lists", "distances")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    LISTS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    nprobe: int
+    lists: bytes
+    distances: bytes
+    def __init__(self, version: _Optional[int] = ..., nprobe: _Optional[int] = ..., lists: _Optional[bytes] = ..., distances: _Optional[bytes] = ...) -> None: ...
+
+class ShardQuantizerRequest(_message.Message):
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+
+class ShardQuantizerResponse(_message.Message):
+    __slots__ = ("version", "centroids")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    centroids: _common_pb2.Vectors
+    def __init__(self, version: _Optional[int] = ..., centroids: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
     __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k")

@@ -54,6 +54,11 @@ class ShardStub:
                 request_serializer=protos_dot_shard__pb2.ShardSearchRequest.SerializeToString,
                 response_deserializer=protos_dot_shard__pb2.ShardSearchResponse.FromString,
                 _registered_method=True)
+        self.Quantizer = channel.unary_unary(
+                '/lookalike.v1.Shard/Quantizer',
+                request_serializer=protos_dot_shard__pb2.ShardQuantizerRequest.SerializeToString,
+                response_deserializer=protos_dot_shard__pb2.ShardQuantizerResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/lookalike.v1.Shard/Stats',
                 request_serializer=protos_dot_shard__pb2.ShardStatsRequest.SerializeToString,
@@ -103,6 +108,13 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Quantizer(self, request, context):
+        """The collection's trained coarse centroids, for a router that chooses the lists to probe once per query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -147,6 +159,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_shard__pb2.ShardSearchRequest.FromString,
                     response_serializer=protos_dot_shard__pb2.ShardSearchResponse.SerializeToString,
+            ),
+            'Quantizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quantizer,
+                    request_deserializer=protos_dot_shard__pb2.ShardQuantizerRequest.FromString,
+                    response_serializer=protos_dot_shard__pb2.ShardQuantizerResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -272,6 +289,33 @@ class Shard:
             '/lookalike.v1.Shard/Search',
             protos_dot_shard__pb2.ShardSearchRequest.SerializeToString,
             protos_dot_shard__pb2.ShardSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quantizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.Shard/Quantizer',
+            protos_dot_shard__pb2.ShardQuantizerRequest.SerializeToString,
+            protos_dot_shard__pb2.ShardQuantizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

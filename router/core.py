@@ -23,6 +23,7 @@ from lookalike.ids import buckets_of
 from lookalike.shardmap import ShardInfo, ShardMap
 from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
 from protos import shard_pb2
+from router.coarse import QUANTIZE_ON_LOOP, CoarseQuantizers
 from router.merge import merge_topk
 from router.shard_client import GrpcShardClient, ShardClient
 
@@ -108,6 +109,7 @@ class Router:
         self._epoch = -1
         self._turn = itertools.count()
         self._write_retry_s = write_retry_s
+        self._coarse = CoarseQuantizers(self._fetch_quantizer)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll_epoch, args=(refresh_interval,), daemon=True,
                                         name="router-epoch")
@@ -158,6 +160,22 @@ class Router:
             with self._lock:
                 self._maps[name] = smap
         return smap
+
+    def _fetch_quantizer(self, name: str) -> tuple[int, np.ndarray] | None:
+        """(version, coarse centroids) of the collection's trained IVF index from one of its shards that runs the
+        current version; None if none does yet (see router.coarse)."""
+        smap = self.shard_map(name)
+        req = shard_pb2.ShardQuantizerRequest(collection=name)
+        for sid in smap.shard_ids:
+            if not smap.shards[sid].address:
+                continue
+            try:
+                resp = self._client(smap, sid).call("Quantizer", req, 30.0).result()
+            except LookalikeError:
+                continue
+            if resp.version == smap.collection.trained_version and resp.centroids.rows:
+                return resp.version, vectors_from_proto_raw(resp.centroids)
+        return None
 
     def _client(self, smap: ShardMap, shard_id: str) -> ShardClient:
         info = smap.shards[shard_id]
@@ -427,7 +445,7 @@ class Router:
             return [(sid, _outcome(fut)) for sid, fut in self._fan_out(smap, targets, "Search", req, left)]
         if op[0] == "sleep":
             return time.sleep(op[1])
-        return op[1]()  # "finish"
+        return op[1]()  # "compute"
 
     async def _search_step_async(self, op, executor):
         """The same on the running loop; what can block goes to ``executor``."""
@@ -439,7 +457,7 @@ class Router:
             return await self._fan_out_async(smap, targets, "Search", req, left)
         if op[0] == "sleep":
             return await asyncio.sleep(op[1])
-        if op[2] <= _MERGE_ON_LOOP:  # "finish", small: cheaper here than a thread hop
+        if not op[2]:  # "compute", small: cheaper here than a thread hop
             return op[1]()
         return await loop.run_in_executor(executor, op[1])
 
@@ -463,7 +481,8 @@ class Router:
         - ``("call", smap, shard_ids, request, timeout)``: a Search to each shard, concurrently; the outcome is
           [(shard_id, response or LookalikeError)];
         - ``("sleep", seconds)``;
-        - ``("finish", fn, size)``: ``fn()`` (the merge, about ``size`` result slots), whose value is sent back.
+        - ``("compute", fn, heavy)``: ``fn()`` (choosing the IVF lists, the merge), whose value is sent back; a
+          heavy one runs on a thread in the asyncio driver.
 
         It returns the SearchResult.
         """
@@ -477,6 +496,11 @@ class Router:
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
+        cfg = smap.collection
+        quantizer = self._coarse.ready(cfg)
+        if quantizer is not None:  # the IVF lists each query probes, chosen here once for all shards
+            req.coarse.CopyFrom((yield ("compute", lambda: CoarseQuantizers.assign(quantizer, cfg, xq, nprobe),
+                                        len(xq) * quantizer.index.ntotal * cfg.dim > QUANTIZE_ON_LOOP)))
         nq = len(xq)
         n_buckets = smap.collection.buckets
         covered = np.zeros(n_buckets, dtype=bool)
@@ -540,7 +564,7 @@ class Router:
         def finish():
             D, out_ids, out_pl = _merge_responses(responses, nq, k, larger_is_better, include_payloads)
             return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
-        return (yield ("finish", finish, nq * k * len(responses)))
+        return (yield ("compute", finish, nq * k * len(responses) > _MERGE_ON_LOOP))
 
     # --- catalog jobs -----------------------------------------------------------------------------------------
     def _per_owner(self, name: str, buckets, method: str, build: Callable[[str, list[int], int], object],

@@ -675,7 +675,7 @@ class ShardCollection:
         return found, vectors, payloads
 
     def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
-               epoch: int = 0):
+               epoch: int = 0, coarse=None):
         """Top-k over every item this shard holds (all its buckets, joining ones included: what they hold is
         current, the router just does not count them as answered).
 
@@ -686,7 +686,9 @@ class ShardCollection:
         with self._rw.read():
             self._check_live()
             self._check_epoch(epoch)
-            D, L = self.index.search(xq, k, nprobe, ef_search)
+            if coarse is not None:  # (version, nprobe, lists, distances): the IVF lists the router chose
+                coarse = self.index.check_coarse(coarse[0], len(xq), coarse[1], coarse[2], coarse[3])
+            D, L = self.index.search(xq, k, nprobe, ef_search, coarse)
             valid = L.ravel() >= 0
             if not len(self.table) or not valid.any():
                 return D, L, [""] * L.size, [None] * L.size if include_payloads else None
@@ -699,6 +701,13 @@ class ShardCollection:
                 ids = _spread(ids, valid, "")
                 payloads = _spread(payloads, valid, None) if include_payloads else None
         return D, L, ids, payloads
+
+    def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
+        """(trained version, coarse centroids) for a router that chooses the IVF lists to probe once per query
+        (see VectorIndex.coarse_quantizer); None when it may not."""
+        with self._rw.read():
+            self._check_live()
+            return self.index.coarse_quantizer()
 
     # --- catalog jobs ---------------------------------------------------------------------------------------
     def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):

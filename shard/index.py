@@ -526,13 +526,17 @@ class VectorIndex:
             self._add_main(labels, x)
 
     # --- reads --------------------------------------------------------------------------------------------
-    def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
+               coarse=None) -> tuple[np.ndarray, np.ndarray]:
         """k-NN search.
 
         Args:
             xq: shape (nq, d) float32 (or (nq, d/8) uint8 for hamming).
             k: neighbours per query.
             nprobe, ef_search: 0 keeps the collection default.
+            coarse: (lists, distances), each shape (nq, nprobe), from :meth:`check_coarse`: the IVF lists to probe,
+                chosen by the router with this index's coarse quantizer (used by the CPU index; a GPU mirror
+                chooses its own).
 
         Returns:
             (D, L): shape (nq, k) float32 distances in the metric's direction (see CollectionConfig), and shape
@@ -544,16 +548,17 @@ class VectorIndex:
         xq = self._prepare(xq)
         n = self.ntotal
         if k >= n:  # every live vector fits: nothing is cut at the k-th place
-            D, L = self._search_any(xq, k, nprobe, ef_search)
+            D, L = self._search_any(xq, k, nprobe, ef_search, coarse)
             return self._tie_order(D, L)
         # One more than asked shows whether a group of equal distances crosses the cut; such rows look further.
-        D, L = self._search_any(xq, k + 1, nprobe, ef_search)
+        D, L = self._search_any(xq, k + 1, nprobe, ef_search, coarse)
         rows = np.flatnonzero((L[:, k] >= 0) & (D[:, k] == D[:, k - 1]))
         D, L = self._tie_order(D[:, :k], L[:, :k])
         kk = k + 1
         while len(rows) and kk < min(n, _MAX_TIE_FETCH):
             kk = min(n, _MAX_TIE_FETCH, max(4 * kk, 64))
-            D2, L2 = self._search_any(xq[rows], kk, nprobe, ef_search)
+            D2, L2 = self._search_any(xq[rows], kk, nprobe, ef_search,
+                                      None if coarse is None else (coarse[0][rows], coarse[1][rows]))
             D2o, L2o = self._tie_order(D2, L2)
             D[rows], L[rows] = D2o[:, :k], L2o[:, :k]
             rows = rows[(L2[:, -1] >= 0) & (D2[:, -1] == D2[:, k - 1])]
@@ -572,7 +577,42 @@ class VectorIndex:
             L[tied] = np.take_along_axis(L[tied], order, axis=1)
         return D, L
 
-    def _search_any(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def _router_may_choose_lists(self) -> bool:
+        """A trained IVF over float vectors with a flat coarse quantizer and no transform before it: a router
+        holding the same quantizer chooses the same lists (see coarse_quantizer). A GPU mirror chooses its own."""
+        return (self._buffer is None and not self._binary and bool(self.trained_version)
+                and isinstance(self._main, faiss.IndexIVF)
+                and type(faiss.downcast_index(self._main.quantizer)) in _FLAT_TYPES)
+
+    def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
+        """(trained version, nlist x dim float32 centroids) when a router may choose the IVF lists to probe once
+        per query for every shard (``search(coarse=...)``); None for any other index."""
+        if not self._router_may_choose_lists:
+            return None
+        q = faiss.downcast_index(self._main.quantizer)
+        return self.trained_version, q.reconstruct_n(0, q.ntotal)
+
+    def check_coarse(self, version: int, nq: int, nprobe: int, lists: np.ndarray, dis: np.ndarray):
+        """The router's list choice for a search of nq queries, as (lists, distances) arrays of shape (nq, nprobe),
+        when it was made with this index's trained version; None when it was not (the shard then chooses itself).
+
+        Raises:
+            InvalidArgument: arrays of the wrong size, or list numbers outside 0..nlist-1 (-1: none).
+        """
+        if version != self.trained_version or not self._router_may_choose_lists:
+            return None
+        nlist = int(self._main.nlist)
+        if not 1 <= nprobe <= nlist or lists.size != nq * nprobe or dis.size != nq * nprobe:
+            raise InvalidArgument(f"coarse assignment of {lists.size} lists and {dis.size} distances for {nq} "
+                                  f"queries x nprobe {nprobe} (nlist {nlist})")
+        if lists.size and (lists.min() < -1 or lists.max() >= nlist):
+            raise InvalidArgument(f"coarse assignment names lists outside 0..{nlist - 1}")
+        return (np.ascontiguousarray(lists.reshape(nq, nprobe), dtype=np.int64),
+                np.ascontiguousarray(dis.reshape(nq, nprobe), dtype=np.float32))
+
+    def _search_any(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int,
+                    coarse=None) -> tuple[np.ndarray, np.ndarray]:
         """Top k from the GPU mirror when it can answer, else from the CPU index (xq prepared)."""
         mirror = self._mirror
         if self._buffer is None and mirror is not None and mirror.usable(k, nprobe or self.coll.nprobe):
@@ -584,9 +624,9 @@ class VectorIndex:
                 if len(rest):  # queries whose top k the GPU could not tell past its tombstones
                     D[rest], L[rest] = self._search_cpu(xq[rest], k, nprobe, ef_search)
                 return D, L
-        return self._search_cpu(xq, k, nprobe, ef_search)
+        return self._search_cpu(xq, k, nprobe, ef_search, coarse)
 
-    def _search_cpu(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int):
+    def _search_cpu(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int, coarse=None):
         if self._buffer is not None:
             D, L = self._buffer.search(xq, k)
         elif self._graph:
@@ -594,7 +634,14 @@ class VectorIndex:
             L = np.where(pos >= 0, self._pos_label[np.maximum(pos, 0)], -1) if len(self._pos_label) else pos
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
-            if self._binary:
+            if coarse is not None:  # the lists the router chose with this very quantizer (see coarse_quantizer)
+                lists, dis = coarse
+                D = np.empty((len(xq), k), dtype=np.float32)
+                L = np.empty((len(xq), k), dtype=np.int64)
+                self._main.search_preassigned_c(
+                    len(xq), faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(dis), faiss.swig_ptr(D),
+                    faiss.swig_ptr(L), False, faiss.SearchParametersIVF(nprobe=lists.shape[1]))
+            elif self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
                 D, L = self._main.search(xq, k)
             else:

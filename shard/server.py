@@ -59,14 +59,29 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         check_search_params(request.params.nprobe, request.params.ef_search)
         xq = vectors_from_proto(request.queries, sc.coll, "queries")
         check_answer_size(len(xq), request.k, request.include_payloads)  # before searching
+        coarse = None
+        if request.HasField("coarse"):
+            c = request.coarse
+            coarse = (c.version, c.nprobe, np.frombuffer(c.lists, dtype="<i8") if len(c.lists) % 8 == 0 else None,
+                      np.frombuffer(c.distances, dtype="<f4") if len(c.distances) % 4 == 0 else None)
+            if coarse[2] is None or coarse[3] is None:
+                raise InvalidArgument("coarse assignment: lists must be int64s and distances float32s")
         D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
-                                        request.include_payloads, request.epoch)
+                                        request.include_payloads, request.epoch, coarse)
         resp = shard_pb2.ShardSearchResponse(
             distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
             labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k)
         if payloads is not None:
             resp.payloads.extend(payload_from_bytes(p) for p in payloads)
         return resp
+
+    @abort_on_error
+    def Quantizer(self, request, context):
+        got = self._collection(request.collection).coarse_quantizer()
+        if got is None:
+            return shard_pb2.ShardQuantizerResponse()
+        version, centroids = got
+        return shard_pb2.ShardQuantizerResponse(version=version, centroids=vectors_to_proto(centroids))
 
     @abort_on_error
     def Scan(self, request, context):

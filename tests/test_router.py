@@ -240,9 +240,10 @@ def test_searches_run_during_writes_and_training(tmp_path):
         threads = [threading.Thread(target=reader) for _ in range(3)]
         for t in threads:
             t.start()
-        for i in range(0, 6000, 500):  # the shards' buffers pass 1600 vectors: training happens meanwhile
+        for i in range(0, 6000, 500):  # the collection passes 1000 vectors: training happens meanwhile
             cluster.router.upsert("live", [str(j) for j in range(i, i + 500)], xb[i:i + 500])
             cluster.router.delete("live", [str(j) for j in range(i, i + 50)])
+        assert cluster.controller._wait_trained("live", 30)  # the readers go on while the shards move into it
         stop.set()
         for t in threads:
             t.join()

@@ -50,13 +50,13 @@ def _one_faiss_index(cl, cfg: CollectionConfig, ids: list[str], xb: np.ndarray):
     return index, dict(zip(labels.tolist(), ids))
 
 
-def _top_k_by_distance_then_label(index, xq, k: int, nprobe: int):
+def _top_k_by_distance_then_label(index, xq, k: int, nprobe: int, larger_is_better: bool = False):
     """One FAISS index's top k, equal distances in label order (the documented tie-break): searched deep enough
     that a tie group at the k-th place is whole (PQ8x4 codes coincide often)."""
     D, L = index.search(xq, 500, params=faiss.SearchParametersIVF(nprobe=nprobe))
-    order = order_by_distance_then_label(D, L, larger_is_better=False)
+    order = order_by_distance_then_label(D, L, larger_is_better)
     D, L = np.take_along_axis(D, order, axis=1), np.take_along_axis(L, order, axis=1)
-    assert (D[:, k - 1] < D[:, -1]).all() or (L[:, -1] < 0).all()  # the tie group at the cut is whole
+    assert (D[:, k - 1] != D[:, -1]).all() or (L[:, -1] < 0).all()  # the tie group at the cut is whole
     return D[:, :k], L[:, :k]
 
 
@@ -291,5 +291,63 @@ def test_a_gpu_shard_trains_the_coarse_kmeans_on_its_gpu_and_searches_a_mirror_o
         one, by_label = _one_faiss_index(cl, cfg, ids, xb)
         D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=4)
         assert cl.router.search("g", xq, k=10).ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
+    finally:
+        cl.close()
+
+
+def test_the_router_chooses_the_lists_once_and_the_answer_stays_that_of_one_index(tmp_path, monkeypatch):
+    used = []
+    real = faiss.IndexIVFFlat.search_preassigned_c
+
+    def counting(self, n, *args):
+        used.append(n)
+        return real(self, n, *args)
+
+    monkeypatch.setattr(faiss.IndexIVFFlat, "search_preassigned_c", counting)
+    cl = _cluster(tmp_path, 3)
+    try:
+        cfg = CollectionConfig("q", DIM, index="IVF32,Flat", nprobe=4, buckets=32, metric="cosine").validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(5000, seed=8)
+        ids = _load(cl, "q", xb)
+        assert cl.controller._wait_trained("q", 30)
+        trained = cl.controller.shard_map("q").collection
+        cl.router.search("q", xq, k=10)  # the first search asks a shard for the centroids, in the background
+        assert wait_for(lambda: cl.router._coarse.ready(trained) is not None, 10)
+        used.clear()
+        res = cl.router.search("q", xq, k=10, nprobe=5)
+        assert used and sum(used) >= 3 * len(xq)  # every shard searched the lists the router chose
+        one, by_label = _one_faiss_index(cl, trained, ids, _normalized(xb))
+        D1, L1 = _top_k_by_distance_then_label(one, _normalized(xq), 10, nprobe=5, larger_is_better=True)
+        assert res.ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
+        np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-5)
+    finally:
+        cl.close()
+
+
+def _normalized(x):
+    x = x.copy()
+    faiss.normalize_L2(x)
+    return x
+
+
+def test_a_shard_ignores_lists_chosen_for_another_version_and_refuses_lists_out_of_range(tmp_path):
+    from lookalike.errors import InvalidArgument
+
+    cl = _cluster(tmp_path, 1)
+    try:
+        cl.router.create_collection(CollectionConfig("v", DIM, index="IVF16,Flat", nprobe=16, buckets=8))
+        xb, xq = _data(3000, seed=9)
+        ids = _load(cl, "v", xb)
+        assert cl.controller._wait_trained("v", 30)
+        sc = cl.placer._shard("shard-0").collection("v")
+        exact = [[ids[i] for i in row] for row in faiss.knn(xq[:2], xb, 3)[1].tolist()]
+        wrong = np.zeros(2 * 16, dtype=np.int64)  # list 0 only, as a different version would choose
+        _, _, got, _ = sc.search(xq[:2], 3, 16, coarse=(7, 16, wrong, np.zeros(32, np.float32)))
+        assert [got[:3], got[3:]] == exact  # ignored: all 16 lists probed
+        with pytest.raises(InvalidArgument, match="outside"):
+            sc.search(xq[:2], 3, 16, coarse=(1, 16, wrong + 16, np.zeros(32, np.float32)))
+        with pytest.raises(InvalidArgument, match="coarse assignment of"):
+            sc.search(xq[:2], 3, 16, coarse=(1, 16, wrong[:5], np.zeros(5, np.float32)))
     finally:
         cl.close()
