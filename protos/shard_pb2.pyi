@@ -146,7 +146,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged")
+    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged", "loaded_from_checkpoint", "replayed_records")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class CollectionStats(_message.Message):
     BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
     JOINING_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     buckets: int
     vectors: int
@@ -163,7 +165,9 @@ class CollectionStats(_message.Message):
     bucket_counts: bytes
     joining: int
     damaged: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ...) -> None: ...
+    loaded_from_checkpoint: bool
+    replayed_records: int
+    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., loaded_from_checkpoint: _Optional[bool] = ..., replayed_records: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
     __slots__ = ("shard_id", "collections", "memory_bytes", "serving", "capacity_bytes")
