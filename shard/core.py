@@ -480,8 +480,11 @@ class ShardCollection:
         logged and never fails a write or loses data, the next start loads the previous checkpoint or replays
         the whole storage.
 
-        Cost, measured on this machine's 2 cores with a local SSD: 150k x 128 items with 20-byte payloads, Flat:
-        TODO. Loading it back: TODO.
+        Cost, measured for 150k x 128 items with 20-byte payloads on one shard (2 cores shared with other work,
+        local disk): Flat 0.84 s to write (82 MiB), 0.30 s to
+        load vs 1.8 s to replay; HNSW32 0.51 s (121 MiB), 0.43 s to load vs 103 s to replay; IVF256,PQ16 0.15 s
+        (14 MiB), 0.10 s to load vs 96 s to replay. Writing is FAISS's write_index, one fsync per file and a
+        CRC-32 pass over what was written (from the page cache): about disk bandwidth.
         """
         if self.dropped or self.broken or self.index is None:
             return None

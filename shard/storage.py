@@ -6,13 +6,16 @@ Layout under the storage root (a local directory, or a volume every node mounts 
     shards/<shard_id>/<collection>/b<bucket>.snap     one BucketSnapshot frame: the bucket's live items
     shards/<shard_id>/<collection>/manifest.json      what every sealed segment and snapshot holds (see below)
     shards/<shard_id>/<collection>/active.mark        what the active segment holds, as acknowledged so far
+    shards/<shard_id>/<collection>/ckpt-<n>.*         the newest index checkpoint (shard.checkpoint; not this
+                                                      module's files: it only keeps the log they need)
 
 A write is appended as one frame and fsynced before it is acknowledged, so an acknowledged write survives
 ``kill -9`` of the process or a power cut. One fsync covers a whole batch (every bucket in it), which is why the
 log is per shard rather than per bucket. When the active segment passes ``segment_bytes`` it is sealed and a
-background compaction folds sealed segments into the bucket snapshots, then deletes them. Compaction is
-idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last write wins
-per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave them
+background compaction folds sealed segments into the bucket snapshots, then deletes them (those the newest index
+checkpoint does not cover yet are kept, marked folded, until one does: see :meth:`CollectionStore.compact`).
+Compaction is idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last
+write wins per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave them
 away, or takes them on afresh), for replay and compaction alike.
 
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that

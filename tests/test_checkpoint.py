@@ -366,3 +366,23 @@ def test_buckets_moved_away_are_removed_and_buckets_gained_force_a_full_replay(t
     shard, sc = _open(root, cfg, buckets=range(3))
     assert sc.loaded_from_checkpoint and sc.search(xq, 5)[2] == fewer
     shard.close()
+
+
+def test_a_checkpoint_is_not_trusted_after_a_load_that_killed_the_process(tmp_path):
+    """The process died during the last load (REPLAYING left behind): reading the checkpoint may have been the cause,
+    so it is kept aside as damage and the storage replayed instead."""
+    cfg = _cfg("Flat")
+    xb, xq = make_data("l2", 300, 16)
+    root = tmp_path / "data"
+    shard, sc = _open(root, cfg)
+    _fill(sc, xb, 0, 300)
+    want = _answers(sc, xq)
+    shard.close()
+    (_store_dir(root) / "REPLAYING").write_text(json.dumps({"attempts": 1}))
+    shard, sc = _open(root, cfg)
+    assert not sc.loaded_from_checkpoint
+    [line] = sc.stats()["damaged"]
+    assert line.startswith("ckpt-0000000001.json: index checkpoint not used: the shard process died") and \
+        "kept aside" in line
+    _same(_answers(sc, xq), want)
+    shard.close()
