@@ -15,8 +15,8 @@ log is per shard rather than per bucket. When the active segment passes ``segmen
 background compaction folds sealed segments into the bucket snapshots, then deletes them (those the newest index
 checkpoint does not cover yet are kept, marked folded, until one does: see :meth:`CollectionStore.compact`).
 Compaction is idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last
-write wins per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave them
-away, or takes them on afresh), for replay and compaction alike.
+write wins per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave
+them away, or takes them on afresh), for replay and compaction alike.
 
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
 is how a bucket moves (see lookalike.controller).
@@ -281,9 +281,9 @@ class LogPosition:
     def segment(self) -> str:
         return _segment_name(self.seq)
 
-    def same_tally(self, tally: _Tally) -> bool:
-        return (tally.records, tally.items, tally.bytes, tally.crc) == (self.records, self.items, self.bytes,
-                                                                          self.crc)
+    def same_frames(self, tally: _Tally) -> bool:
+        """Whether ``tally`` (of a segment's first frames, read back) counts the frames this position counts."""
+        return (tally.records, tally.bytes, tally.crc) == (self.records, self.bytes, self.crc)
 
 
 def _seq_of(segment: str) -> int:
@@ -1143,11 +1143,10 @@ class CollectionStore:
                         tally.add(header, 0)
             except FileNotFoundError:
                 return f"log segment {position.segment} is gone"
-            tally.items = position.items  # ids are not counted from headers; the header chain covers the records
             if tally.records < position.records:
                 return (f"log segment {position.segment} holds {tally.records} records, the checkpoint covers "
                         f"{position.records} of it")
-            if not position.same_tally(tally):
+            if not position.same_frames(tally):
                 return (f"the first {position.records} records of log segment {position.segment} are not those the "
                         f"checkpoint covers ({tally.bytes} bytes, CRC-32 of their headers {tally.crc:08x}; "
                         f"{position.bytes} bytes, {position.crc:08x} when it was written)")
