@@ -174,7 +174,7 @@ class ShardStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionStats(_message.Message):
-    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged", "trained_version")
+    __slots__ = ("name", "buckets", "vectors", "index_bytes", "trained", "bucket_counts", "joining", "damaged", "trained_version", "loaded_from_checkpoint", "replayed_records")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,8 @@ class CollectionStats(_message.Message):
     JOINING_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
     TRAINED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     buckets: int
     vectors: int
@@ -193,7 +195,9 @@ class CollectionStats(_message.Message):
     joining: int
     damaged: _containers.RepeatedScalarFieldContainer[str]
     trained_version: int
-    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., trained_version: _Optional[int] = ...) -> None: ...
+    loaded_from_checkpoint: bool
+    replayed_records: int
+    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., trained_version: _Optional[int] = ..., loaded_from_checkpoint: _Optional[bool] = ..., replayed_records: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
     __slots__ = ("shard_id", "collections", "memory_bytes", "serving", "capacity_bytes")

@@ -26,10 +26,12 @@ from lookalike.errors import (FailedPrecondition, InvalidArgument, NotFound, Res
                               Unavailable)
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from lookalike.indexspec import check_spec, training_points
+from shard import checkpoint
+from shard.checkpoint import CheckpointDamaged
 from shard.index import VectorIndex
+from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, LogPosition, _fsync_dir, _snapshot_path,
+                           read_buckets, release_memory)
 from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
-from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, _fsync_dir, _snapshot_path, read_buckets,
-                           release_memory)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ _TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
 _ENCODE_BATCH = 65536  # vectors per add while moving a shard's items into a trained index
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
+# A checkpoint is written (in the background) once this many vector bytes were written since the last one, or half
+# the index's bytes when that is more: compaction keeps the log segments the newest checkpoint does not cover, so
+# this bounds both the log a restart replays and the disk it keeps, while a large index is not rewritten for every
+# segment of writes.
+CHECKPOINT_EVERY_BYTES = 64 << 20
 
 class RWLock:
     """Many readers or one writer; a waiting writer holds back new readers."""
@@ -214,6 +221,36 @@ class IdTable:
         pay[:] = [payloads[i] for i in order]
         self.payloads = np.insert(self.payloads, at, pay)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The table as plain arrays, for a checkpoint: payloads as their lengths (-1 for None) and one blob."""
+        lengths = np.fromiter((-1 if p is None else len(p) for p in self.payloads.tolist()), dtype=np.int64,
+                              count=len(self.payloads))
+        blob = np.frombuffer(b"".join(p for p in self.payloads.tolist() if p), dtype=np.uint8)
+        return {"labels": self.labels, "offsets": self.offsets, "blob": self.blob, "payload_lengths": lengths,
+                "payload_blob": blob}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "IdTable":
+        """A table from :meth:`to_arrays`. Raises ValueError (or KeyError) if they do not hold together."""
+        t = cls()
+        t.labels = np.ascontiguousarray(arrays["labels"], dtype=np.int64)
+        t.offsets = np.ascontiguousarray(arrays["offsets"], dtype=np.int64)
+        t.blob = np.ascontiguousarray(arrays["blob"], dtype=np.uint8)
+        lengths = np.asarray(arrays["payload_lengths"], dtype=np.int64)
+        blob = np.asarray(arrays["payload_blob"], dtype=np.uint8).tobytes()
+        n = len(t.labels)
+        if (len(t.offsets) != n + 1 or t.offsets[0] != 0 or t.offsets[-1] != len(t.blob)
+                or (np.diff(t.offsets) < 0).any() or (n > 1 and (np.diff(t.labels) <= 0).any())):
+            raise ValueError(f"the id table's {n} labels, {len(t.offsets)} offsets and {len(t.blob)} id bytes do not "
+                             "hold together")
+        if len(lengths) != n or (lengths < -1).any() or int(lengths[lengths > 0].sum()) != len(blob):
+            raise ValueError(f"{len(lengths)} payload lengths for {n} rows, or not those of its "
+                             f"{len(blob)} payload bytes")
+        ends = np.cumsum(np.maximum(lengths, 0)).tolist()
+        t.payloads = np.empty(n, dtype=object)
+        t.payloads[:] = [None if ln < 0 else blob[e - ln:e] for ln, e in zip(lengths.tolist(), ends)]
+        return t
+
     def _shallow(self) -> "IdTable":
         t = IdTable()
         t.labels, t.offsets, t.blob, t.payloads = self.labels, self.offsets, self.blob, self.payloads
@@ -277,8 +314,16 @@ class ShardCollection:
         self.min_epoch = min_epoch
         self.min_write_epoch = min_epoch
         self.store = store
+        self._gpu = gpu
         self.index = VectorIndex(coll, gpu, template)
         self.table = IdTable()
+        # Index checkpoints (see checkpoint and load).
+        self.loaded_from_checkpoint = ""  # the checkpoint the last load started from ("": a full replay)
+        self.replayed_records = 0         # log records the last load replayed (on top of it)
+        self.checkpoint_every_bytes: int | None = None  # None: see CHECKPOINT_EVERY_BYTES
+        self._checkpoint_at: LogPosition | None = None  # what the newest checkpoint covers, if it matches memory
+        self._written_since_checkpoint = 0
+        self._checkpoint_pending = False
         self._check_room = check_room
         self._rw = RWLock()
         self._write_order = threading.Lock()  # log order == apply order
@@ -295,9 +340,18 @@ class ShardCollection:
         return frozenset(np.flatnonzero(self._owned).tolist())
 
     # --- loading --------------------------------------------------------------------------------------------
-    def load(self) -> int:
-        """Replays storage into memory; returns the live item count."""
-        for batch in self.store.load(set(self.buckets)):
+    def load(self, distrust_checkpoint: str = "") -> int:
+        """Loads storage into memory: the newest index checkpoint plus the log records written after it when it
+        checks out (see :meth:`_resume`), else every snapshot and the whole log. Returns the live item count.
+
+        Args:
+            distrust_checkpoint: why the checkpoint must not be used (the process died during an earlier load,
+                maybe reading it): it is kept aside as damage and the storage replayed in full.
+        """
+        t0 = time.monotonic()
+        after = self._resume(distrust_checkpoint)
+        replayed_before = self.store.replayed_records
+        for batch in self.store.load(set(self.buckets), after=after):
             if batch.op == RESET:
                 with self._rw.write():
                     self._remove_buckets(batch.buckets)
@@ -308,7 +362,22 @@ class ShardCollection:
             else:
                 with self._rw.write():
                     self._apply_delete(batch.ids, home)
+        self.replayed_records = self.store.replayed_records - replayed_before
+        if after is not None:
+            # The checkpoint holds the buckets owned when it was written; the controller may have moved some since.
+            held = np.unique(bucket_of_labels(self.table.labels)) if len(self.table) else np.empty(0, np.int64)
+            gone = held[~self._owned[held]].tolist()
+            if gone:
+                with self._rw.write():
+                    self._remove_buckets(gone)
         self._refresh_gpu()
+        took = time.monotonic() - t0
+        if after is not None:
+            log.info("%s: loaded checkpoint %s (%d items) + %d records in %.2fs", self.coll.name,
+                     self.loaded_from_checkpoint, len(self.table), self.replayed_records, took)
+        else:
+            log.info("%s: replayed the whole storage (%d log records) in %.2fs", self.coll.name,
+                     self.replayed_records, took)
         return len(self.table)
 
     def adopt_trained(self, coll: CollectionConfig, template) -> bool:
@@ -344,11 +413,173 @@ class ShardCollection:
             with self._rw.write():
                 old, self.index = self.index, new
                 self.coll = coll
+            self._checkpoint_when_due(1 << 62)  # the next start loads the new version's index, not the old one's
             log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
                      coll.trained_version, time.monotonic() - t0)
         del old
         release_memory()
         return True
+    def _resume(self, distrust: str = "") -> LogPosition | None:
+        """Installs the newest index checkpoint if it may be used and checks out; returns the log position it covers
+        (what follows is to be replayed), or None (replay everything).
+
+        A checkpoint written for something else than the collection as it is now (another spec, dimension, metric,
+        bucket count, trained version, index layout, or fewer buckets than this shard owns now) is deleted with an
+        INFO line. One that does not check out (its JSON unreadable, a file missing, cut short or with another
+        CRC-32, a file FAISS or numpy refuses or that does not fit the collection, its log position gone from the
+        log) is damage: its files are moved to ``damaged/`` and reported like damaged storage files.
+        """
+        path = self.store.path
+        try:
+            found = checkpoint.find(path)
+        except CheckpointDamaged as err:
+            others = tuple(p for p in path.glob(err.file.name.rsplit(".", 1)[0] + ".*") if p != err.file)
+            return self._checkpoint_damaged(err.file, err.reason, err.offset, others)
+        if found is None:
+            return None
+        name, meta = found
+        files = checkpoint.files_of(path, name)
+
+        def damaged(err: CheckpointDamaged) -> None:
+            return self._checkpoint_damaged(err.file, err.reason, err.offset,
+                                            tuple(p for p in files if p != err.file))
+
+        if distrust:
+            return damaged(CheckpointDamaged(files[2], distrust))
+        try:
+            mismatch = self._checkpoint_mismatch(meta)
+        except (KeyError, TypeError, ValueError) as err:
+            return damaged(CheckpointDamaged(files[2], f"unreadable ({type(err).__name__}: {err})"))
+        if mismatch:
+            log.info("%s: not using index checkpoint %s: %s; replaying the storage", self.coll.name, name, mismatch)
+            checkpoint.discard(path)
+            return None
+        position = checkpoint.position_of(meta)
+        gone = self.store.check_position(position)
+        if gone:
+            return damaged(CheckpointDamaged(files[2], f"its log position is no longer in the log: {gone}"))
+        try:
+            checkpoint.verify(path, name, meta)
+            index, arrays = checkpoint.read(path, name, self.coll.binary)
+            try:
+                vindex = VectorIndex.from_state(self.coll, index, {k[len("index_"):]: v for k, v in arrays.items()
+                                                                   if k.startswith("index_")},
+                                                bool(meta["trained"]), self._gpu)
+            except ValueError as err:
+                raise CheckpointDamaged(files[0], f"not this collection's index: {err}") from None
+            try:
+                table = IdTable.from_arrays(arrays)
+            except (KeyError, ValueError) as err:
+                raise CheckpointDamaged(files[1], f"not an id table: {type(err).__name__}: {err}") from None
+            if not len(table) == vindex.ntotal == int(meta["items"]):
+                raise CheckpointDamaged(files[1], f"{len(table)} ids for {vindex.ntotal} vectors "
+                                                  f"({meta['items']} items when written)")
+        except CheckpointDamaged as err:
+            return damaged(err)
+        self.index, self.table = vindex, table
+        self.store.checkpointed(position)  # compaction keeps the log from its position on
+        self._checkpoint_at = position
+        self.loaded_from_checkpoint = name
+        return position
+
+    def _checkpoint_damaged(self, file: pathlib.Path, reason: str, offset: int, others: tuple) -> None:
+        self.store.report_damage(file, "checkpoint", offset, f"index checkpoint {reason}; the collection was "
+                                 "replayed from the snapshots and the whole log instead", companions=others)
+        return None
+
+    def _checkpoint_meta(self) -> dict:
+        """What a checkpoint must have been written for, to be used for this collection as it is now."""
+        return {"collection": self.coll.name, "spec": self.coll.index, "dim": self.coll.dim,
+                "metric": self.coll.metric, "buckets": self.coll.buckets,
+                "trained_version": int(getattr(self.coll, "trained_version", 0))}
+
+    def _checkpoint_mismatch(self, meta: dict) -> str:
+        """Why a checkpoint (its JSON) was written for something else than the collection as it is now; ""."""
+        for key, want in self._checkpoint_meta().items():
+            if key != "collection" and meta.get(key) != want:
+                return f"it was written for {key} {meta.get(key)!r}, the collection's is {want!r}"
+        layout = self.index.layout(bool(meta["trained"]))
+        if meta["index_type"] != layout:
+            return f"it holds a {meta['index_type']}, this code builds a {layout} (written by another version)"
+        owned = np.zeros(self.coll.buckets, dtype=bool)
+        owned[[int(b) for b in meta["owned"] if 0 <= int(b) < self.coll.buckets]] = True
+        extra = np.flatnonzero(self._owned & ~owned)
+        if len(extra):
+            return (f"this shard owns {len(extra)} bucket(s) it did not own then (bucket {int(extra[0])} ...), whose "
+                    "items only the snapshots and log hold")
+        return ""
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint(self) -> str | None:
+        """Writes an index checkpoint (see shard.checkpoint) covering everything logged so far, then deletes the
+        older one. The caller holds ``_write_order``: writes wait while it is written (no record may be logged
+        that it does not hold), searches go on (it only reads the index and the id table).
+
+        Returns its name; None if none was needed (nothing logged since the newest one), possible (the collection
+        is closed, dropped, or broken: memory may not match the log) or written: a failure (a full disk) is
+        logged and never fails a write or loses data, the next start loads the previous checkpoint or replays
+        the whole storage.
+
+        Cost, measured for 150k x 128 items with 20-byte payloads on one shard (2 cores shared with other work,
+        local disk): Flat 0.84 s to write (82 MiB), 0.30 s to
+        load vs 1.8 s to replay; HNSW32 0.51 s (121 MiB), 0.43 s to load vs 103 s to replay; IVF256,PQ16 0.15 s
+        (14 MiB), 0.10 s to load vs 96 s to replay. Writing is FAISS's write_index, one fsync per file and a
+        CRC-32 pass over what was written (from the page cache): about disk bandwidth.
+        """
+        if self.dropped or self.broken or self.index is None:
+            return None
+        position = self.store.pin_position()
+        if position is None:
+            return None
+        if position == self._checkpoint_at:
+            self.store.checkpointed(position)
+            return None
+        t0 = time.monotonic()
+        try:
+            index, extra = self.index.state()
+            arrays = {f"index_{k}": v for k, v in extra.items()} | self.table.to_arrays()
+            meta = dict(self._checkpoint_meta(), trained=self.index.trained,
+                        index_type=type(index).__name__, items=len(self.table),
+                        owned=np.flatnonzero(self._owned).tolist())
+            name = checkpoint.write(self.store.path, index, self.coll.binary, arrays, meta, position)
+        except Exception:  # noqa: BLE001: a checkpoint is an optimisation; the log holds everything
+            self.store.unpin()
+            log.exception("%s: writing an index checkpoint failed; the next start loads the previous one or replays "
+                          "the whole storage", self.coll.name)
+            return None
+        self.store.checkpointed(position)
+        self._checkpoint_at = position
+        self._written_since_checkpoint = 0
+        log.info("%s: index checkpoint %s written (%d items, %s) in %.2fs", self.coll.name, name, len(self.table),
+                 self.coll.index, time.monotonic() - t0)
+        return name
+
+    def _checkpoint_when_due(self, nbytes: int) -> None:
+        """Called under the write order after each write of ``nbytes`` vector bytes: starts a background
+        checkpoint once enough was written since the last one (see CHECKPOINT_EVERY_BYTES)."""
+        self._written_since_checkpoint += nbytes
+        due = self.checkpoint_every_bytes or max(CHECKPOINT_EVERY_BYTES, self.index.nbytes // 2)
+        if self._written_since_checkpoint >= due and not self._checkpoint_pending:
+            self._checkpoint_pending = True
+            threading.Thread(target=self._checkpoint_in_background, name=f"checkpoint-{self.coll.name}",
+                             daemon=True).start()
+
+    def _checkpoint_in_background(self) -> None:
+        try:
+            with self._write_order:
+                name = self.checkpoint()
+            if name is not None:
+                self.store.trim_log()  # the log segments it covers, kept since compaction folded them
+        except Exception:  # noqa: BLE001: background work: logged, the next one tries again
+            log.exception("%s: background checkpoint failed", self.coll.name)
+        finally:
+            self._checkpoint_pending = False
+
+    def close(self) -> None:
+        """A graceful stop: writes a checkpoint (so that the next start loads it), then closes the storage."""
+        with self._write_order:
+            self.checkpoint()
+            self.store.close()
 
     def _refresh_gpu(self) -> None:
         """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
@@ -447,6 +678,7 @@ class ShardCollection:
         self._refresh_gpu()
         self._written_since_trim += nbytes
         self._last_write = time.monotonic()
+        self._checkpoint_when_due(nbytes)
         if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
@@ -782,7 +1014,9 @@ class ShardCollection:
             return {"name": self.coll.name, "buckets": int(self._owned.sum()), "vectors": self.index.ntotal,
                     "index_bytes": self.index.nbytes, "trained": self.index.trained,
                     "trained_version": self.index.trained_version,
-                    "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged}
+                    "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged,
+                    "loaded_from_checkpoint": bool(self.loaded_from_checkpoint),
+                    "replayed_records": self.replayed_records}
 
 
 class ReplayGuard:
@@ -844,6 +1078,11 @@ class ReplayGuard:
     def _how_to(self) -> str:
         return (f"drop the collection, or remove {self.path / self.QUARANTINED} and restart the shard to try "
                 "again")
+
+    @property
+    def died(self) -> int:
+        """Loads of the collection that the process died in, in a row (known after :meth:`quarantine_reason`)."""
+        return self._attempts
 
     def start(self) -> None:
         self._write(self.REPLAYING, {"attempts": self._attempts + 1})
@@ -958,7 +1197,9 @@ class Shard:
             store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
             sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload,
                                  template=template)
-            n = sc.load()
+            # A load that killed the process may have been reading the checkpoint (FAISS aborts on some files).
+            n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the collection, "
+                        "kept aside in case reading it was the cause" if guard.died else "")
         except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
             log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
             if store is not None:
@@ -1140,6 +1381,7 @@ class Shard:
         return sc.bucket_counts().tolist() if sc is not None else []
 
     def close(self) -> None:
+        """Checkpoints and closes every collection (see ShardCollection.close)."""
         for sc in list(self._collections.values()):
-            sc.store.close()
+            sc.close()
 

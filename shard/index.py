@@ -419,6 +419,65 @@ class VectorIndex:
             self._mirror = None
         return old, (old_mirror if self._mirror is not old_mirror else None)
 
+    # --- checkpoints (shard.checkpoint) ----------------------------------------------------------------------
+    def state(self) -> tuple[object, dict[str, np.ndarray]]:
+        """What a checkpoint holds of this index: the FAISS index to serialize (the exact buffer until trained, else
+        the main index) and the arrays FAISS's file does not carry (a graph's position -> label map, -1 for removed
+        positions). Only reads, so searches go on; the caller keeps writes out until it is written."""
+        if self._buffer is not None:
+            return self._buffer, {}
+        return self._main, ({"pos_label": self._pos_label} if self._graph else {})
+
+    def layout(self, trained: bool) -> str:
+        """The FAISS class :meth:`state` gives for this collection (trained or not): a checkpoint of another one was
+        written by other code and is not used."""
+        if not trained:
+            return type(self._buffer if self._buffer is not None else self._idmap(self._flat())).__name__
+        if self._buffer is None:
+            return type(self._main).__name__
+        return type(self._prepare_trained(_factory(self.coll.dim, self.coll.metric, self.coll.index))).__name__
+
+    @classmethod
+    def from_state(cls, coll: CollectionConfig, index, arrays: dict[str, np.ndarray], trained: bool,
+                   gpu=None) -> "VectorIndex":
+        """The index :meth:`state` gave, read back. The GPU mirror is built later (:meth:`build_gpu`).
+
+        Raises:
+            ValueError: ``index`` is not what this collection builds (class, dimension, metric, training) or the
+                arrays do not fit it.
+        """
+        self = cls(coll, gpu)
+        want = self.layout(trained)
+        if type(index).__name__ != want:
+            raise ValueError(f"a {type(index).__name__}, where the collection's index is a {want}")
+        if index.d != coll.dim:
+            raise ValueError(f"dimension {index.d}, not {coll.dim}")
+        if not self._binary and index.metric_type != _FAISS_METRIC[coll.metric]:
+            raise ValueError(f"metric {index.metric_type}, not {coll.metric}'s {_FAISS_METRIC[coll.metric]}")
+        if not index.is_trained:
+            raise ValueError("not trained")
+        if not trained:
+            if self._buffer is None:
+                raise ValueError("an untrained buffer, for an index that needs no training")
+            self._buffer = index
+            return self
+        self._buffer = None
+        self.trained = True
+        self.trained_version = coll.trained_version  # a checkpoint of another version is not used (shard.core)
+        self._main = index
+        self._ivf = self._extract_ivf(index)
+        if self._graph:
+            pos_label = np.asarray(arrays.get("pos_label", np.empty(0)), dtype=np.int64)
+            if len(pos_label) != index.ntotal:
+                raise ValueError(f"{len(pos_label)} graph positions, the index holds {index.ntotal}")
+            live = np.flatnonzero(pos_label >= 0)
+            self._pos_label = pos_label
+            self._label_pos = dict(zip(pos_label[live].tolist(), live.tolist()))
+            self._dead = len(pos_label) - len(live)
+            if len(self._label_pos) != len(live):
+                raise ValueError("a label at two graph positions")
+        return self
+
     # --- GPU mirror ---------------------------------------------------------------------------------------------
     def _mirror_apply(self, op: str, labels: np.ndarray, x: np.ndarray | None = None) -> None:
         """Applies a write to the mirror; a mirror that cannot take it is dropped (rebuilt by the next build)."""

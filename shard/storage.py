@@ -6,14 +6,17 @@ Layout under the storage root (a local directory, or a volume every node mounts 
     shards/<shard_id>/<collection>/b<bucket>.snap     one BucketSnapshot frame: the bucket's live items
     shards/<shard_id>/<collection>/manifest.json      what every sealed segment and snapshot holds (see below)
     shards/<shard_id>/<collection>/active.mark        what the active segment holds, as acknowledged so far
+    shards/<shard_id>/<collection>/ckpt-<n>.*         the newest index checkpoint (shard.checkpoint; not this
+                                                      module's files: it only keeps the log they need)
 
 A write is appended as one frame and fsynced before it is acknowledged, so an acknowledged write survives
 ``kill -9`` of the process or a power cut. One fsync covers a whole batch (every bucket in it), which is why the
 log is per shard rather than per bucket. When the active segment passes ``segment_bytes`` it is sealed and a
-background compaction folds sealed segments into the bucket snapshots, then deletes them. Compaction is
-idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last write wins
-per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave them
-away, or takes them on afresh), for replay and compaction alike.
+background compaction folds sealed segments into the bucket snapshots, then deletes them (those the newest index
+checkpoint does not cover yet are kept, marked folded, until one does: see :meth:`CollectionStore.compact`).
+Compaction is idempotent: re-applying a sealed segment to a snapshot that already holds it changes nothing (last
+write wins per id), so a crash half way through only costs the work. A RESET record empties buckets (the shard gave
+them away, or takes them on afresh), for replay and compaction alike.
 
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
 is how a bucket moves (see lookalike.controller).
@@ -156,7 +159,7 @@ class Damage:
 
     Attributes:
         file: its name in the collection's directory.
-        kind: "snapshot", "wal" or "manifest".
+        kind: "snapshot", "wal", "manifest" or "checkpoint" (see shard.checkpoint).
         offset: byte offset where the damage starts (0 for a missing file).
         message: what is wrong, what was lost as far as known (records, ids, items, bytes) and what was done about
             the data (says the offset).
@@ -233,18 +236,22 @@ class _Manifest:
         snapshots: snapshot name -> what it holds.
         replacing: snapshot name -> what a compaction in progress replaces it with (None: deletes it); until the
             compaction records the result, the file may be either.
+        folded: sealed segments already folded into the snapshots, kept because the newest index checkpoint does
+            not cover them yet (see :meth:`CollectionStore.compact`); replaying them again changes nothing.
     """
 
     active: str = ""
     segments: dict[str, _Tally] = field(default_factory=dict)
     snapshots: dict[str, _Seal] = field(default_factory=dict)
     replacing: dict[str, _Seal | None] = field(default_factory=dict)
+    folded: set[str] = field(default_factory=set)
 
     def to_json(self) -> str:
         return json.dumps({"format": 1, "active": self.active,
                            "segments": {n: asdict(t) for n, t in sorted(self.segments.items())},
                            "snapshots": {n: asdict(s) for n, s in sorted(self.snapshots.items())},
-                           "replacing": {n: s and asdict(s) for n, s in sorted(self.replacing.items())}})
+                           "replacing": {n: s and asdict(s) for n, s in sorted(self.replacing.items())},
+                           "folded": sorted(self.folded & set(self.segments))})
 
     @classmethod
     def from_json(cls, text: str) -> _Manifest:
@@ -254,7 +261,29 @@ class _Manifest:
             raise ValueError(f"unknown format {m.get('format')!r}")
         return cls(str(m["active"]), {n: _Tally(**t) for n, t in m["segments"].items()},
                    {n: _Seal(**t) for n, t in m["snapshots"].items()},
-                   {n: t and _Seal(**t) for n, t in m["replacing"].items()})
+                   {n: t and _Seal(**t) for n, t in m["replacing"].items()}, set(m.get("folded", [])))
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """A point in a collection's log: the first ``records`` records of segment ``seq``, which take ``bytes`` bytes
+    and whose frame headers chain to CRC-32 ``crc`` (with ``items`` ids upserted or deleted): what an index
+    checkpoint covers (everything logged before it), so that a restart replays only what follows. The tally lets
+    :meth:`CollectionStore.check_position` tell the same frames from others (a segment rewritten after damage)."""
+
+    seq: int
+    records: int
+    items: int
+    bytes: int
+    crc: int
+
+    @property
+    def segment(self) -> str:
+        return _segment_name(self.seq)
+
+    def same_frames(self, tally: _Tally) -> bool:
+        """Whether ``tally`` (of a segment's first frames, read back) counts the frames this position counts."""
+        return (tally.records, tally.bytes, tally.crc) == (self.records, self.bytes, self.crc)
 
 
 def _seq_of(segment: str) -> int:
@@ -337,12 +366,12 @@ def _frame_at(f, pos: int, size: int, parse: Callable[[bytes], object]) -> tuple
 
 
 def _scan_frames(f, size: int, parse: Callable[[bytes], object], gaps: list[_Gap],
-                 active: bool = False) -> Iterator[tuple[int, int, object, bytes]]:
+                 active: bool = False, start: int = 0) -> Iterator[tuple[int, int, object, bytes]]:
     """Yields (start, end, parsed body, header) for the valid frames of a file of ``size`` bytes, in order, and
     appends what lies between them to ``gaps``. After a bad frame it goes on at the next offset where a valid frame
     starts (:func:`_resync`). ``active``: the file is the segment being appended to, whose tail a crash may have cut
-    (whether it did is for :func:`_assess` to say)."""
-    pos = 0
+    (whether it did is for :func:`_assess` to say). ``start``: where a frame starts (0: the first)."""
+    pos = start
     while pos < size:
         try:
             end, value, header = _frame_at(f, pos, size, parse)
@@ -538,6 +567,12 @@ class CollectionStore:
         self._tally = _Tally()  # what the active segment holds
         self._closed = False
         self._undo: tuple | None = None  # (segment, tally before the last record): what retract restores
+        # Index checkpoints (shard.checkpoint): compaction deletes only segments before ``_keep_from``, the segment
+        # of the newest checkpoint's position (None: no checkpoint, delete every segment it folded), or before
+        # ``_pinned``, that of a checkpoint being written. Both under _manifest_lock.
+        self._keep_from: int | None = None
+        self._pinned: int | None = None
+        self.replayed_records = 0  # log records :meth:`load` yielded, in all
         self.damage: list[Damage] = self._earlier_damage()
         if self.damage:
             log.warning("storage %s: %d damaged file(s) set aside earlier, in %s: %s", self.path, len(self.damage),
@@ -839,15 +874,15 @@ class CollectionStore:
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read_segment(self, path: pathlib.Path, active: bool = False,
-                      expected: _Tally | None = None) -> Iterator[Batch]:
-        """The records of a segment. Damage (found after the store was opened) is reported, the segment copied
-        aside, and reading goes on after it (see :func:`_scan_frames`); so is a segment that holds fewer records
-        than ``expected`` (see :func:`_assess`)."""
+                      expected: _Tally | None = None, start: int = 0) -> Iterator[Batch]:
+        """The records of a segment (from byte ``start``, where a frame starts). Damage (found after the store was
+        opened) is reported, the segment copied aside, and reading goes on after it (see :func:`_scan_frames`); so
+        is a segment that holds fewer records than ``expected`` (see :func:`_assess`)."""
         gaps: list[_Gap] = []
         ack = _Tally()
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            for _, end, batch, header in _scan_frames(f, size, _parse_record, gaps, active):
+            for _, end, batch, header in _scan_frames(f, size, _parse_record, gaps, active, start):
                 if expected is not None and end <= expected.bytes:
                     ack.add(header, len(batch.ids))
                 yield batch
@@ -927,21 +962,28 @@ class CollectionStore:
                 log.warning("%s: unreadable note (%s)", note, err)
         return sorted(out, key=lambda d: d.detected)
 
-    def load(self, buckets: set[int] | None = None) -> Iterator[Batch]:
+    def load(self, buckets: set[int] | None = None, after: LogPosition | None = None) -> Iterator[Batch]:
         """Everything stored, in order, as batches to apply: snapshots first, then the log.
 
         Args:
             buckets: keep only items of these buckets (None: all).
+            after: only the records logged after this position (an index checkpoint holds the rest; the caller
+                checked it with :meth:`check_position`): no snapshots, no earlier segment.
         """
         # Compaction rewrites snapshots and deletes segments: hold it off while reading.
         with self._compact_lock:
-            # Snapshots hold disjoint ids: coalesce them into large batches.
-            snapshots = (self._load_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
-                         if buckets is None or int(path.stem[1:]) in buckets)
-            yield from _coalesce((b for b in snapshots if b is not None and b.ids), _LOAD_BATCH)
+            if after is None:
+                # Snapshots hold disjoint ids: coalesce them into large batches.
+                snapshots = (self._load_snapshot(path) for path in sorted(self.path.glob("b*.snap"))
+                             if buckets is None or int(path.stem[1:]) in buckets)
+                yield from _coalesce((b for b in snapshots if b is not None and b.ids), _LOAD_BATCH)
             segs = self._segments()
+            if after is not None:
+                segs = [seg for seg in segs if _seq_of(seg.name) >= after.seq]
             for i, seg in enumerate(segs):
-                for batch in self._read_segment(seg, active=i == len(segs) - 1):
+                start = after.bytes if after is not None and _seq_of(seg.name) == after.seq else 0
+                for batch in self._read_segment(seg, active=i == len(segs) - 1, start=start):
+                    self.replayed_records += 1
                     if buckets is not None:
                         batch = _filter(batch, buckets, self.n_buckets)
                     if batch.ids or batch.buckets:
@@ -981,6 +1023,11 @@ class CollectionStore:
         3. drop the segments from the manifest, then delete them (segments the manifest does not know are adopted;
            folding them again changes nothing).
 
+        Segments that the newest index checkpoint does not cover (at or after its position's segment, see
+        :meth:`pin_position`) are folded but kept, marked ``folded`` in the manifest so that no later compaction
+        folds them again; :meth:`trim_log` deletes them once a newer checkpoint covers them. A restart that cannot
+        use the checkpoint replays them over the snapshots, which changes nothing (last write wins per id).
+
         A sealed segment or snapshot that is missing, or that does not hold what the manifest records, is reported
         as damage on the way.
         """
@@ -992,15 +1039,16 @@ class CollectionStore:
                     self._rotate_locked()
             with self._manifest_lock:
                 recorded = dict(self._manifest.segments)
+                folded = set(self._manifest.folded)
             if not recorded:
                 return 0
             sealed = []
             for name, tally in sorted(recorded.items()):
-                if (self.path / name).exists():
-                    sealed.append((self.path / name, tally))
-                else:
+                if not (self.path / name).exists():
                     self._set_aside(self.path / name, "wal", 0, f"log segment missing: {tally.lost(_Tally())}",
                                     "gone")
+                elif name not in folded:
+                    sealed.append((self.path / name, tally))
             # Fold in passes over groups of buckets so that one pass holds about compact_pass_bytes of rows.
             sealed_bytes = sum(seg.stat().st_size for seg, _ in sealed)
             passes = max(1, min(self.n_buckets, -(-sealed_bytes // self.compact_pass_bytes)))
@@ -1008,16 +1056,116 @@ class CollectionStore:
             for group in range(passes):
                 touched += self._compact_pass(sealed, passes, group)
             with self._manifest_lock:
+                horizon = self._horizon()
                 for name in recorded:
-                    self._manifest.segments.pop(name, None)
+                    if horizon is None or _seq_of(name) < horizon or not (self.path / name).exists():
+                        self._manifest.segments.pop(name, None)
+                        self._manifest.folded.discard(name)
+                    else:
+                        self._manifest.folded.add(name)
                 self._save_manifest()
-            for seg, _ in sealed:
-                seg.unlink()
+            deleted = [name for name in recorded if name not in self._manifest.segments]
+            for name in deleted:
+                (self.path / name).unlink(missing_ok=True)
             _fsync_dir(self.path)
-            log.info("compacted %d segment(s) of %s into %d bucket snapshot(s) in %d pass(es)", len(sealed), self.path,
-                     touched, passes)
+            log.info("compacted %d segment(s) of %s into %d bucket snapshot(s) in %d pass(es); %d segment(s) deleted",
+                     len(sealed), self.path, touched, passes, len(deleted))
             release_memory()
             return len(sealed)
+
+    # --- index checkpoints (see shard.checkpoint) -----------------------------------------------------------
+    def _horizon(self) -> int | None:
+        """The first segment compaction must keep (None: none). The caller holds _manifest_lock."""
+        marks = [s for s in (self._keep_from, self._pinned) if s is not None]
+        return min(marks) if marks else None
+
+    def pin_position(self) -> LogPosition | None:
+        """The current end of the log, for a checkpoint of what memory holds: the caller holds the collection's
+        write order, so every record logged so far is applied and none is appended meanwhile. Until
+        :meth:`checkpointed` or :meth:`unpin`, compaction keeps the position's segment and those after it (a
+        compaction that sealed it after this call decides what to delete after it too). None once closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            with self._manifest_lock:
+                self._pinned = self._seq if self._pinned is None else min(self._pinned, self._seq)
+            t = self._tally
+            return LogPosition(self._seq, t.records, t.items, t.bytes, t.crc)
+
+    def unpin(self) -> None:
+        """The checkpoint being written failed: compaction keeps only what the newest complete one needs."""
+        with self._manifest_lock:
+            self._pinned = None
+
+    def checkpointed(self, position: LogPosition | None) -> None:
+        """A checkpoint covering everything before ``position`` is complete (or, at load, is the one in use; None:
+        there is none): compaction may delete the segments before the position's one from now on."""
+        with self._manifest_lock:
+            self._keep_from = position.seq if position is not None else None
+            self._pinned = None
+
+    def trim_log(self) -> int:
+        """Deletes the segments that compaction folded and kept until a checkpoint covered them, now that one does.
+        Returns how many. Waits for a compaction in progress."""
+        with self._compact_lock:
+            with self._manifest_lock:
+                horizon = self._horizon()
+                gone = sorted(n for n in self._manifest.folded & set(self._manifest.segments)
+                              if horizon is None or _seq_of(n) < horizon)
+                if not gone or self._closed:
+                    return 0
+                for name in gone:
+                    self._manifest.segments.pop(name)
+                    self._manifest.folded.discard(name)
+                self._save_manifest()
+            for name in gone:
+                (self.path / name).unlink(missing_ok=True)
+            _fsync_dir(self.path)
+            log.info("storage %s: deleted %d compacted log segment(s) a checkpoint now covers", self.path, len(gone))
+            return len(gone)
+
+    def check_position(self, position: LogPosition) -> str | None:
+        """Why the log no longer holds ``position`` as it was when a checkpoint recorded it (its segment is gone,
+        holds fewer records, or other frames: rewritten after damage), or None if it does. Reads only the headers
+        of the records before the position (the store checked every frame when it opened)."""
+        with self._compact_lock:
+            path = self.path / position.segment
+            tally = _Tally()
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    while tally.records < position.records and tally.bytes + _HEADER.size <= size:
+                        f.seek(tally.bytes)
+                        header = f.read(_HEADER.size)
+                        length = _HEADER.unpack(header)[0]
+                        if length == 0 or tally.bytes + _HEADER.size + length > size:
+                            break
+                        tally.add(header, 0)
+            except FileNotFoundError:
+                return f"log segment {position.segment} is gone"
+            if tally.records < position.records:
+                return (f"log segment {position.segment} holds {tally.records} records, the checkpoint covers "
+                        f"{position.records} of it")
+            if not position.same_frames(tally):
+                return (f"the first {position.records} records of log segment {position.segment} are not those the "
+                        f"checkpoint covers ({tally.bytes} bytes, CRC-32 of their headers {tally.crc:08x}; "
+                        f"{position.bytes} bytes, {position.crc:08x} when it was written)")
+            return None
+
+    def report_damage(self, path: pathlib.Path, kind: str, offset: int, message: str,
+                      companions: tuple[pathlib.Path, ...] = ()) -> None:
+        """Reports a damaged file of this directory and moves it aside to ``damaged/`` like a damaged snapshot (see
+        the module's docstring); ``companions``, files that belong with it (the other files of a checkpoint), are
+        moved there too, beside it."""
+        self._set_aside(path, kind, offset, message, "move" if path.exists() else "gone")
+        folder = self.path / DAMAGED_DIR
+        kept = self.damage[-1].kept
+        stamp = kept[len(str(folder / path.name)):] if kept else ""  # ".<UTC time>[.n]": kept beside it
+        for other in companions:
+            if other.exists():
+                os.replace(other, folder / (other.name + (stamp or f".{self.damage[-1].detected}")))
+        _fsync_dir(folder)
+        _fsync_dir(self.path)
 
     def _compact_pass(self, sealed: list[tuple[pathlib.Path, _Tally]], passes: int, group: int) -> int:
         """Folds the writes of buckets ``b % passes == group``; returns the snapshots rewritten."""
