@@ -411,8 +411,8 @@ class VectorIndex:
             if self._dead > _REBUILD_DEAD_FRACTION * self._main.ntotal:
                 self._rebuild_graph()
             return removed
-        # IVF without a direct map scans every list's ids against the selector (a hash set): about 5 ms for 1M
-        # vectors, 10k labels (docs/BENCHMARKS.md, "Shard memory per vector")
+        # IVF without a direct map scans every list's ids against the selector (a hash set): 8-10 ms for 10k
+        # labels of 1M (IVF1024,Flat, one thread; docs/BENCHMARKS.md, "Shard memory per vector")
         removed = self._main.remove_ids(faiss.IDSelectorBatch(labels))
         if removed:
             self._mirror_apply("remove", labels)
