@@ -5,16 +5,19 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 
 - the index's code for the vector: FAISS's ``sa_code_size()`` of the factory string (Flat: 4 x dim bytes, PQm: m,
   SQ8: dim...);
-- the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF);
-  for IVF, about 50 bytes of hashtable direct map (reconstruct and remove by label) and list slack, measured on
-  bare FAISS (a shard measured the same once the collection's index is trained before its items arrive, as it is
-  in a cluster: no per-shard training buffer fragments the heap any more); for
-  HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an item), 8 bytes of position map and
-  about 110 bytes of label -> position dict;
+- the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
+  no more (no IVF direct map: removal and Get do not need one, see shard/index.py); for IVF, what growing lists
+  cost beyond their contents, measured by bench/memory_bench.py: spare capacity (``IVF_LIST_SLACK`` of their codes
+  and ids: each list is a vector that doubles as it grows) and ``IVF_LIST_HEAP`` bytes of heap fragmentation (the
+  lists' old buffers, freed batch after batch, leave holes malloc_trim cannot give back; measured with the
+  collection's index trained before its items arrive, as in a cluster); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
+  item), 8 bytes of position -> label and 4 of positions sorted by label;
 - the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
 - the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
-- plus ``COLLECTION_OVERHEAD`` (16 MiB) per collection on a shard (storage buffers, training workspace) and
+- plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (16 MiB: storage buffers, what training leaves in the
+  heap) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
+  nlist x M x 256 floats, 16 MiB for IVF1024,PQ16), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
   shard measured 128-138 MiB).
 
@@ -37,7 +40,8 @@ MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
 COLLECTION_OVERHEAD = 16 * MiB
-_IVF_EXTRA = 50
+IVF_LIST_SLACK = 0.25
+IVF_LIST_HEAP = 50
 _IDTABLE = 24
 _BYTES_OBJECT = 33
 
@@ -81,15 +85,31 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
             code = int(storage.sa_code_size()) if storage is not None else 4 * dim
     idx: float = 8.0  # the id in IndexIDMap, or in an inverted list
     if re.search(r"(^|,)B?IVF\d+", spec):
-        idx += _IVF_EXTRA
+        idx += IVF_LIST_SLACK * (code + 8) + IVF_LIST_HEAP
     m = re.search(r"HNSW(\d+)", spec)
     if m:
         links = int(m.group(1))
-        # level-0 links, upper levels (about 1/M of the items with M links), position -> label (8) and the
-        # label -> position dict (a Python dict of ints: about 110 bytes an item)
-        idx = 2 * links * 4 + 4 + 8 + 110
+        # level-0 links, upper levels (about 1/M of the items with M links), position -> label (8), positions
+        # sorted by label (4)
+        idx = 2 * links * 4 + 4 + 8 + 4
     payload = payload_bytes + _BYTES_OBJECT if payload_bytes else 0
     return PerVector(code=code, index=idx, ids=_IDTABLE + id_bytes, payload=payload)
+
+
+def fixed_bytes(dim: int, index: str, metric: str = "l2") -> int:
+    """Bytes of an index that do not grow with its vectors, on every shard holding the collection: the IVF coarse
+    centroids, and IVF-PQ's precomputed distance tables (nlist x M x 2^bits floats, L2 only)."""
+    m = re.search(r"(^|,)B?IVF(\d+)", index)
+    if not m:
+        return 0
+    nlist = int(m.group(2))
+    if metric == "hamming":
+        return nlist * dim // 8
+    out = nlist * dim * 4
+    pq = re.search(r"IVF\d+(?:_HNSW\d+)?,PQ(\d+)(?:x(\d+))?", index)
+    if pq and metric == "l2":
+        out += nlist * int(pq.group(1)) * (1 << int(pq.group(2) or 8)) * 4
+    return out
 
 
 @dataclasses.dataclass
@@ -120,7 +140,8 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
     pv = per_vector(dim, index, metric, id_bytes, payload_bytes)
     data = vectors * replicas * pv.resident
     shard_memory = int((node_memory - reserve) / shards_per_node)
-    fill = shard_memory * high_water * (1 - headroom) - SHARD_OVERHEAD - COLLECTION_OVERHEAD
+    fill = (shard_memory * high_water * (1 - headroom) - SHARD_OVERHEAD - COLLECTION_OVERHEAD
+            - fixed_bytes(dim, index, metric))
     if fill <= 0:
         raise ValueError(f"a node of {node_memory / GiB:.1f} GiB leaves no room for data after {reserve / GiB:.1f} GiB "
                          f"reserved and {shards_per_node} shard process(es): give --node-memory more")
@@ -141,7 +162,8 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
 def shard_resident_estimate(vectors: int, dim: int, index: str, metric: str = "l2", id_bytes: int = 16,
                             payload_bytes: int = 0) -> float:
     """Resident memory a collection of ``vectors`` items adds to a shard (bytes)."""
-    return COLLECTION_OVERHEAD + vectors * per_vector(dim, index, metric, id_bytes, payload_bytes).resident
+    return (COLLECTION_OVERHEAD + fixed_bytes(dim, index, metric)
+            + vectors * per_vector(dim, index, metric, id_bytes, payload_bytes).resident)
 
 
 def format_bytes(n: float) -> str:
@@ -160,14 +182,18 @@ def k8s_quantity(n: float) -> str:
 
 def report(p: Plan, dim: int, index: str) -> str:
     pv = p.per_vector
+    fixed = fixed_bytes(dim, index)
     lines = [
         f"{p.vectors:,} vectors of dim {dim} in {index!r}, {p.replicas} cop{'y' if p.replicas == 1 else 'ies'} each",
         f"  bytes per vector: {pv.code} code + {pv.index:g} index + {pv.ids} id table"
         + (f" + {pv.payload} payload" if pv.payload else "")
         + f" = {pv.raw:g}; resident with allocator slack (x{ALLOCATOR_FACTOR}): {pv.resident:.0f}",
-        f"  data in memory, all copies: {format_bytes(p.data_bytes)}",
+        f"  data in memory, all copies: {format_bytes(p.data_bytes)}"
+        + (f", plus {format_bytes(fixed)} of index a shard holds whatever its vectors (IVF centroids, PQ tables)"
+           if fixed else ""),
         f"  shards: {p.shards} ({p.shards_per_node} per node), each with --shard-memory {k8s_quantity(p.shard_memory)}"
-        f" (filled to about {format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD)} now)",
+        f" (filled to about {format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD + fixed)}"
+        " now)",
         f"  nodes: {p.nodes} shard node(s) with memory request {k8s_quantity(p.node_memory_request)} each",
     ]
     if p.gpu:

@@ -6,6 +6,7 @@ Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over g
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -893,9 +894,12 @@ class ShardCollection:
 
     # --- reads ----------------------------------------------------------------------------------------------
     def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
-        """(found ids, vectors or None, payloads) for the ids stored here, in request order."""
+        """(found ids, vectors or None, payloads) for the ids stored here, in request order.
+
+        Vectors are the ones upserted (normalized for cosine), exact whatever the index: from the index where it
+        holds them exactly, else from storage (see :meth:`_stored_vectors`)."""
         _, home = buckets_and_labels(ids, self.coll.buckets)
-        with self._rw.read():
+        with self._vector_source(include_vectors), self._rw.read():
             self._check_live()
             self._check_epoch(epoch)
             labels = self.table.find(home, ids)
@@ -903,8 +907,52 @@ class ShardCollection:
             pos = self.table.positions(labels[hit])
             found = [ids[i] for i in hit]
             payloads = list(self.table.payloads[pos])
-            vectors = self.index.reconstruct(labels[hit]) if include_vectors else None
+            vectors = self._vectors(labels[hit], found) if include_vectors else None
         return found, vectors, payloads
+
+    def _vector_source(self, include_vectors: bool):
+        """What a read of vectors holds: the write order where they come from storage, so that storage holds
+        exactly what memory does (no write is between its log append and its apply); nothing otherwise. (An
+        index is only ever trained from exact to approximate, under the write order: a read that saw it exact
+        and finds it trained reads storage without the order, at worst seeing a write that is being applied.)"""
+        if include_vectors and not self.index.exact_vectors:
+            return self._write_order
+        return contextlib.nullcontext()
+
+    def _vectors(self, labels: np.ndarray, uids: list[str]) -> np.ndarray:
+        """Vectors of items held here (labels and their ids, in the same order): shape (n, d) float32, or
+        (n, d/8) uint8 for hamming."""
+        if self.index.exact_vectors:
+            return self.index.reconstruct(labels)
+        return self._stored_vectors(labels, uids)
+
+    def _stored_vectors(self, labels: np.ndarray, uids: list[str]) -> np.ndarray:
+        """The original vectors of items held here, read from this shard's storage: the snapshots of their buckets
+        and the whole log (read_buckets), so a Get of a few ids costs a read of their buckets (docs/BENCHMARKS.md,
+        "Shard memory per vector"). Normalized for cosine, as the index holds them and as Get returned them when
+        they were reconstructed from the index.
+
+        Raises:
+            Unavailable: storage lacks some of them (a file damaged since the collection loaded).
+        """
+        binary = self.coll.binary
+        uniq = list(dict.fromkeys(uids))
+        row_of = {u: i for i, u in enumerate(uniq)}
+        out = np.empty((len(uniq), self.coll.dim // 8 if binary else self.coll.dim),
+                       dtype=np.uint8 if binary else np.float32)
+        filled = np.zeros(len(uniq), dtype=bool)
+        buckets = np.unique(bucket_of_labels(labels)).tolist() if len(labels) else []
+        for batch in read_buckets(self.store.path, self.coll.buckets, buckets):
+            rows = np.fromiter((row_of.get(u, -1) for u in batch.ids), dtype=np.int64, count=len(batch.ids))
+            ok = rows >= 0
+            out[rows[ok]] = batch.vectors[ok]
+            filled[rows[ok]] = True
+        if not filled.all():
+            raise Unavailable(f"the vectors of {int((~filled).sum())} item(s) of {self.coll.name!r} could not be "
+                              "read from the shard's storage (a damaged file: see the shard's stats)")
+        if self.coll.metric == "cosine":
+            faiss.normalize_L2(out)
+        return out if len(uniq) == len(uids) else out[[row_of[u] for u in uids]]
 
     def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
                epoch: int = 0, coarse=None):
@@ -947,14 +995,14 @@ class ShardCollection:
         buckets = np.asarray(sorted({int(b) for b in buckets}), dtype=np.int64)
         if len(buckets) and (buckets.min() < 0 or buckets.max() >= self.coll.buckets):
             raise InvalidArgument(f"bucket numbers of {self.coll.name!r} run from 0 to {self.coll.buckets - 1}")
-        with self._rw.read():
+        with self._vector_source(include_vectors), self._rw.read():
             self._check_live()
             self._check_epoch(epoch)
             self._check_owned(buckets)
             labels = self._labels_of(buckets.tolist())
             pos = self.table.positions(labels)
             ids = self.table.uids_at(pos) if len(pos) else []
-            vectors = self.index.reconstruct(labels) if include_vectors else None
+            vectors = self._vectors(labels, ids) if include_vectors else None
             payloads = list(self.table.payloads[pos]) if include_payloads else None
         return ids, vectors, payloads
 

@@ -1,12 +1,15 @@
 """One FAISS index over a shard's slice of one collection, addressed by int64 labels.
 
 Three shapes, chosen from the factory string:
-- removable indexes (Flat, PQ, SQ... wrapped in ``IndexIDMap``; IVF natively with a hashtable direct map):
-  labels are FAISS ids, removal is ``remove_ids``. ``IndexIDMap`` (8 bytes a vector) rather than ``IndexIDMap2``
-  (about 50): reconstructing by label, only needed by Get, scans the id map instead;
+- removable indexes (Flat, PQ, SQ... wrapped in ``IndexIDMap``; IVF natively, the ids in its lists): labels are
+  FAISS ids, removal is ``remove_ids``. No per-vector map from label to place beyond what FAISS stores anyway:
+  ``IndexIDMap`` (8 bytes a vector) rather than ``IndexIDMap2`` (about 50), and no IVF direct map (a hashtable:
+  40-60 bytes a vector in memory, more than a PQ16 code and its id together). Removal from IVF scans the lists'
+  ids with an ``IDSelectorBatch`` instead; reconstructing by label scans the id map or the lists' ids;
 - append-only graph indexes (HNSW, which FAISS cannot remove from): FAISS ids are insertion positions, a
   removed position is hidden from searches with an ``IDSelectorBitmap`` and the index is rebuilt once a third of
-  it is dead;
+  it is dead; labels are found by binary search through the positions sorted by label (4 bytes a vector, where a
+  Python dict took about 100);
 - indexes that need training (IVF, PQ) answer exactly from a flat buffer until the collection is trained. The
   trained index is one for the whole collection (shard.trained, trained by shard.core.Shard.train_collection):
   a VectorIndex made with ``template`` starts from it; ``train_if_ready`` trains on the local buffer only for
@@ -18,6 +21,10 @@ IVF-SQ with a flat coarse quantizer (:class:`_IdMirror`), and ``CAGRA`` specs (:
 cannot remove, so removed or replaced vectors stay on the GPU as tombstones that searches over-fetch by and filter
 out, until the mirror is rebuilt from the CPU index (:meth:`VectorIndex.build_gpu`). Binary, graph (HNSW) and
 other indexes, and the untrained buffer, search on the CPU.
+
+Only some indexes hold their vectors exactly (:attr:`VectorIndex.exact_vectors`: flat ones and HNSW over flat
+storage); the others (IVF, PQ, SQ, transforms) reconstruct approximations, or none cheaply, so a shard reads the
+original vectors of Get and Scan from its storage instead (``shard.core``).
 
 Not thread-safe: ``shard.core`` guards writes against searches with a read-write lock.
 """
@@ -160,9 +167,10 @@ class VectorIndex:
         self._buffer = None if self.trained else self._idmap(self._flat())
         if self.trained:
             self._main = self._prepare_trained(self._main)
-        # Append-only (graph) indexes: position -> label (-1 once removed), label -> position.
+        # Append-only (graph) indexes: position -> label (-1 once removed), and every position sorted by that label
+        # (removed ones first): label -> position by binary search (see _positions_of).
         self._pos_label = np.empty(0, dtype=np.int64)
-        self._label_pos: dict[int, int] = {}
+        self._label_order = np.empty(0, dtype=np.int32)
         self._dead = 0
         self._selector = None  # cached IDSelectorBitmap over live positions, with its backing array
         # GPU: the mirror searches use (None: search on the CPU), and when a failed build may be tried again.
@@ -187,12 +195,13 @@ class VectorIndex:
         return faiss.try_extract_index_ivf(index)
 
     def _prepare_trained(self, index):
-        """The trained main index, wrapped so that it takes labels."""
+        """The trained main index, wrapped so that it takes labels. IVF keeps labels in its lists, with no direct
+        map (see the module's docstring: removal and reconstruction scan the lists instead)."""
         if self._graph:
             return index  # positions are ids; see _pos_label
         ivf = self._extract_ivf(index)
         if ivf is not None:
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by label
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
             return index
         return self._idmap(index)
 
@@ -206,14 +215,35 @@ class VectorIndex:
 
     @property
     def nbytes(self) -> int:
-        """Approximate bytes held: codes, ids and index structures."""
-        index = self._buffer if self._buffer is not None else self._main
-        per = (self.coll.code_size if self._buffer is not None else self._code_size()) + 8
-        if self._ivf is not None and self._buffer is None:
-            per += 24  # hashtable direct map entry
-        elif self._graph and self._buffer is None:
-            per += 4 * getattr(getattr(self._main, "hnsw", None), "nb_neighbors", lambda _l: 32)(0)  # level-0 links
-        return index.ntotal * per
+        """Approximate bytes held: codes, ids and index structures (what FAISS would serialize, plus the graph's
+        position arrays). Cheap: checked before every write."""
+        if self._buffer is not None:
+            return self._buffer.ntotal * (self.coll.code_size + 8)
+        n = self._main.ntotal
+        if self._ivf is not None:
+            # codes and ids in the lists, and the coarse centroids
+            quantizer = self._ivf.quantizer
+            centroid = int(quantizer.code_size) if self._binary else 4 * int(quantizer.d)
+            return n * (int(self._ivf.code_size) + 8) + int(quantizer.ntotal) * centroid
+        per = self._code_size() + 8  # code, and its id (IndexIDMap) or its label (_pos_label)
+        if self._graph:
+            # level-0 links, the position in _label_order
+            per += 4 * getattr(getattr(self._main, "hnsw", None), "nb_neighbors", lambda _l: 32)(0)
+            per += self._label_order.itemsize
+        return n * per
+
+    @property
+    def exact_vectors(self) -> bool:
+        """True when :meth:`reconstruct` returns the vectors as added (normalized for cosine): the untrained
+        buffer, flat indexes, HNSW over flat storage. Others hold approximations (PQ, SQ, transforms) or no cheap
+        way to find a vector (IVF): read their vectors from storage."""
+        if self._buffer is not None:
+            return True
+        main = self._main
+        if isinstance(main, (faiss.IndexIDMap, faiss.IndexBinaryIDMap)):
+            inner = faiss.downcast_index(main.index) if not self._binary else faiss.downcast_IndexBinary(main.index)
+            return type(inner) in _FLAT_TYPES or isinstance(inner, faiss.IndexBinaryFlat)
+        return isinstance(main, (faiss.IndexHNSWFlat, faiss.IndexBinaryHNSW))
 
     def _code_size(self) -> int:
         try:
@@ -293,10 +323,24 @@ class VectorIndex:
             self._mirror_apply("add", labels, x)
             return
         start = self._main.ntotal
+        dtype = np.int32 if start + len(labels) < 2**31 else np.int64
+        order = np.argsort(labels, kind="stable")
+        at = np.searchsorted(self._pos_label, labels[order], sorter=self._label_order)  # before _pos_label grows
         self._main.add(x)
         self._pos_label = np.concatenate([self._pos_label, labels])
-        self._label_pos.update(zip(labels.tolist(), range(start, start + len(labels))))
+        self._label_order = np.insert(self._label_order.astype(dtype, copy=False), at, (start + order).astype(dtype))
         self._selector = None
+
+    def _positions_of(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Graph indexes: (positions of the live labels among ``labels``, where they are in ``_label_order``),
+        for labels as given (absent ones left out)."""
+        if not len(self._label_order):
+            none = np.empty(0, dtype=np.int64)
+            return none, none
+        at = np.minimum(np.searchsorted(self._pos_label, labels, sorter=self._label_order), len(self._label_order) - 1)
+        pos = self._label_order[at].astype(np.int64)
+        live = (self._pos_label[pos] == labels) & (labels >= 0)
+        return pos[live], at[live]
 
     @property
     def needs_training(self) -> bool:
@@ -376,21 +420,19 @@ class VectorIndex:
         if self._buffer is not None:
             return self._buffer.remove_ids(faiss.IDSelectorBatch(labels))
         if self._graph:
-            removed = 0
-            for lab in labels.tolist():
-                pos = self._label_pos.pop(lab, None)
-                if pos is not None:
-                    self._pos_label[pos] = -1
-                    removed += 1
+            pos, at = self._positions_of(np.unique(labels))
+            removed = len(pos)
+            if removed:
+                self._pos_label[pos] = -1  # their label is now -1: they move to the front of the order
+                self._label_order = np.concatenate([self._label_order[at], np.delete(self._label_order, at)])
             self._dead += removed
             self._selector = None
             if self._dead > _REBUILD_DEAD_FRACTION * self._main.ntotal:
                 self._rebuild_graph()
             return removed
-        if self._ivf is not None:
-            removed = self._main.remove_ids(faiss.IDSelectorArray(labels))
-        else:
-            removed = self._main.remove_ids(faiss.IDSelectorBatch(labels))
+        # IVF without a direct map scans every list's ids against the selector (a hash set): 8-10 ms for 10k
+        # labels of 1M (IVF1024,Flat, one thread; docs/BENCHMARKS.md, "Shard memory per vector")
+        removed = self._main.remove_ids(faiss.IDSelectorBatch(labels))
         if removed:
             self._mirror_apply("remove", labels)
         return removed
@@ -470,11 +512,12 @@ class VectorIndex:
             pos_label = np.asarray(arrays.get("pos_label", np.empty(0)), dtype=np.int64)
             if len(pos_label) != index.ntotal:
                 raise ValueError(f"{len(pos_label)} graph positions, the index holds {index.ntotal}")
-            live = np.flatnonzero(pos_label >= 0)
             self._pos_label = pos_label
-            self._label_pos = dict(zip(pos_label[live].tolist(), live.tolist()))
-            self._dead = len(pos_label) - len(live)
-            if len(self._label_pos) != len(live):
+            dtype = np.int32 if len(pos_label) < 2**31 else np.int64
+            self._label_order = np.argsort(pos_label, kind="stable").astype(dtype)  # removed (-1) ones first
+            self._dead = int((pos_label < 0).sum())
+            srt = pos_label[self._label_order]
+            if ((srt[1:] == srt[:-1]) & (srt[1:] >= 0)).any():
                 raise ValueError("a label at two graph positions")
         return self
 
@@ -576,7 +619,7 @@ class VectorIndex:
         self._main = (faiss.clone_index(self._template) if self._template is not None
                       else _factory(self.coll.dim, self.coll.metric, self.coll.index))
         self._pos_label = np.empty(0, dtype=np.int64)
-        self._label_pos = {}
+        self._label_order = np.empty(0, dtype=np.int32)
         self._dead = 0
         self._selector = None
         if x is not None:
@@ -737,17 +780,44 @@ class VectorIndex:
         return outD, outP
 
     def reconstruct(self, labels: np.ndarray) -> np.ndarray:
-        """Stored vectors for labels (all present); lossy for compressed indexes, normalised for cosine."""
+        """Stored vectors for labels (all present); lossy for compressed indexes (see :attr:`exact_vectors`),
+        normalised for cosine."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         if self._graph and self._buffer is None:
-            return self._reconstruct(self._main, np.array([self._label_pos[int(l)] for l in labels], dtype=np.int64))
+            pos, _ = self._positions_of(labels)
+            assert len(pos) == len(labels), "reconstruct of labels not in the index"
+            return self._reconstruct(self._main, pos)
         if self._ivf is not None and self._buffer is None:
-            return self._reconstruct(self._main, labels)  # the direct map finds labels
+            return self._reconstruct_ivf(labels)
         idmap = self._buffer if self._buffer is not None else self._main
         id_map = faiss.rev_swig_ptr(idmap.id_map.data(), idmap.id_map.size())  # position -> label, no copy
         order = np.argsort(id_map, kind="stable")
         pos = order[np.searchsorted(id_map, labels, sorter=order)]
         return self._reconstruct(idmap.index, pos)
+
+    def _reconstruct_ivf(self, labels: np.ndarray) -> np.ndarray:
+        """Reconstructs from IVF lists, found by scanning every list's ids (there is no direct map): O(vectors),
+        for the few callers that want the index's own (possibly lossy) copy; Get and Scan read storage."""
+        if not len(labels):
+            return self._reconstruct(self._main, labels)
+        ivf, invlists = self._ivf, self._ivf.invlists
+        sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        ids = np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), int(s)) for i, s in enumerate(sizes) if s]
+                             or [np.empty(0, dtype=np.int64)])
+        order = np.argsort(ids, kind="stable")
+        at = order[np.minimum(np.searchsorted(ids, labels, sorter=order), max(len(ids) - 1, 0))]
+        assert len(ids) and (ids[at] == labels).all(), "reconstruct of labels not in the index"
+        list_no = np.repeat(np.arange(ivf.nlist, dtype=np.int64), sizes)[at]
+        offset = at - (np.cumsum(sizes) - sizes)[list_no]
+        cols = self.coll.dim // 8 if self._binary else ivf.d
+        out = np.empty((len(labels), cols), dtype=np.uint8 if self._binary else np.float32)
+        for row, (lst, off) in enumerate(zip(list_no.tolist(), offset.tolist())):
+            ivf.reconstruct_from_offset(lst, off, faiss.swig_ptr(out[row]))
+        if isinstance(self._main, faiss.IndexPreTransform):  # back through PCA / OPQ
+            x = np.empty((len(labels), self.coll.dim), dtype=np.float32)
+            self._main.reverse_chain(len(labels), faiss.swig_ptr(out), faiss.swig_ptr(x))
+            out = x
+        return out
 
     def _reconstruct(self, index, keys: np.ndarray) -> np.ndarray:
         if len(keys) == 0:

@@ -273,3 +273,19 @@ def assert_holds_exactly(router, name, acked, dim, seed=5):
         ref = [keys[i] for i in np.argsort(d, kind="stable")[:10]]
         assert res.ids[q] == ref
     assert res.coverage == 1.0
+
+
+def trained_config(root, cfg, xb):
+    """``cfg`` with a trained version made from ``xb`` under storage ``root`` first, as the controller does for a
+    cluster (shard.trained); ``cfg`` as it is for a spec that needs no training. For tests of a Shard without a
+    controller."""
+    import dataclasses
+
+    from lookalike.indexspec import training_points
+    from shard.index import VectorIndex
+    from shard.trained import write_template
+
+    if not training_points(cfg.index)[0]:
+        return cfg
+    write_template(root, cfg, 1, VectorIndex(cfg).train_template(xb), len(xb), 0.0)
+    return dataclasses.replace(cfg, trained_version=1)

@@ -11,26 +11,20 @@ import faiss
 import numpy as np
 import pytest
 
-from conftest import make_data
+from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_of
-from lookalike.indexspec import training_points
 from protos.common_pb2 import Payload
 from shard.core import Shard
 from shard.index import VectorIndex
-from shard.trained import write_template
 
 N_BUCKETS = 8
 
 
 def _cfg(spec="Flat", metric="l2", dim=16, root=None, xb=None, **kw):
-    """The collection's config; for a spec that needs training, with a trained version made from ``xb`` under
-    ``root`` first, as the controller does for a cluster (shard.trained)."""
+    """The collection's config; for a spec that needs training, trained first on ``xb`` under ``root``."""
     cfg = CollectionConfig("c", dim, metric, spec, buckets=N_BUCKETS, **kw).validated()
-    if training_points(cfg.index)[0]:
-        write_template(root, cfg, 1, VectorIndex(cfg).train_template(xb), len(xb), 0.0)
-        cfg = dataclasses.replace(cfg, trained_version=1)
-    return cfg
+    return trained_config(root, cfg, xb) if root is not None else cfg
 
 
 def _ids(n, start=0):

@@ -1,0 +1,103 @@
+"""A shard's memory is its FAISS index plus the id table: its own accounting against FAISS's serialized bytes, and
+Get/Scan returning the original vectors where the index only holds approximations.
+
+Resident memory (RSS) figures are in bench/memory_bench.py's output, not asserted here: they flake with the
+allocator and whatever else the test process did.
+"""
+
+import faiss
+import numpy as np
+import pytest
+
+from conftest import make_data, trained_config
+from lookalike.config import CollectionConfig
+from shard.core import Shard
+from shard.index import VectorIndex, _factory
+
+N, DIM = 40_000, 64
+
+
+def _uids(n, start=0):
+    return [f"img-{i:08d}" for i in range(start, start + n)]
+
+
+def _load(tmp_path, spec, xb, metric="l2", batch=10_000):
+    shard = Shard("mem-0", tmp_path)
+    cfg = trained_config(tmp_path, CollectionConfig("m", DIM, metric, index=spec, buckets=16).validated(), xb[:4000])
+    shard.open_collection(cfg, range(16))
+    sc = shard.collection("m")
+    for i in range(0, len(xb), batch):
+        sc.upsert(_uids(min(batch, len(xb) - i), i), xb[i:i + batch], [None] * len(xb[i:i + batch]))
+    return shard, sc
+
+
+def _faiss_bytes(spec, xb):
+    """Serialized bytes of the same spec in FAISS alone, with its 64-bit ids (in the IVF lists)."""
+    idx = _factory(DIM, "l2", spec)
+    idx.train(xb[:10 * 256])  # enough for a trained index of the same size (its quality does not matter here)
+    idx.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
+    return len(faiss.serialize_index(idx))
+
+
+def _table_bytes(t):
+    return t.labels.nbytes + t.offsets.nbytes + t.blob.nbytes + t.payloads.nbytes
+
+
+@pytest.mark.parametrize("spec", ["IVF64,PQ8", "IVF64,Flat"])
+def test_shard_holds_faiss_bytes_plus_id_table(tmp_path, spec):
+    xb, _ = make_data("l2", N, DIM, seed=4)
+    shard, sc = _load(tmp_path, spec, xb)
+    try:
+        assert sc.index.trained and sc.index.ntotal == N
+        ours = (sc.index.nbytes + _table_bytes(sc.table)) / N
+        theirs = _faiss_bytes(spec, xb) / N
+        assert ours <= theirs + 48, (spec, ours, theirs)
+    finally:
+        shard.close()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_get_and_scan_return_the_original_vectors_of_a_pq_index(tmp_path, metric):
+    xb, _ = make_data(metric, 3000, DIM, seed=5)
+    shard, sc = _load(tmp_path, "IVF16,PQ8x4", xb, metric=metric, batch=1000)  # trains at 1600
+    try:
+        assert sc.index.trained
+        want = xb.copy()
+        if metric == "cosine":  # the index holds them normalized, and Get always returned them so
+            faiss.normalize_L2(want)
+        rows = [3, 2000, 2999, 3]
+        found, x, _ = sc.get([f"img-{i:08d}" for i in rows] + ["absent"], include_vectors=True)
+        assert found == [f"img-{i:08d}" for i in rows]
+        check = np.testing.assert_array_equal if metric == "l2" else lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-6, atol=1e-7)  # normalized in another batch shape: last-bit differences
+        check(x, want[rows])  # exact: 4-bit PQ codes are far off
+        # a replaced vector comes back as replaced; a deleted item is gone
+        sc.upsert(["img-00000003"], xb[5:6], [None])
+        sc.delete(["img-00002000"])
+        found, x, _ = sc.get(["img-00000003", "img-00002000"], include_vectors=True)
+        assert found == ["img-00000003"]
+        check(x, want[5:6])
+        ids, x, _ = sc.scan([0, 1], include_vectors=True)
+        rows = [5 if u == "img-00000003" else int(u[4:]) for u in ids]
+        assert len(ids) > 0
+        check(x, want[rows])
+    finally:
+        shard.close()
+
+
+def test_ivf_and_graph_remove_and_reconstruct_without_a_label_map():
+    xb, _ = make_data("l2", 6000, 16, seed=6)
+    labels = np.arange(6000, dtype=np.int64) * 11 + 5
+    for spec in ("IVF16,Flat", "HNSW8"):
+        index = VectorIndex(CollectionConfig("c", 16, "l2", spec, nprobe=16, ef_search=64).validated())
+        index.add(labels[:3000], xb[:3000])
+        index.train_if_ready()
+        index.add(labels[3000:], xb[3000:])
+        assert faiss.try_extract_index_ivf(index._main) is None or \
+            faiss.extract_index_ivf(index._main).direct_map.type == faiss.DirectMap.NoMap
+        assert index.remove(labels[100:600]) == 500 and index.remove(labels[100:101]) == 0
+        np.testing.assert_allclose(index.reconstruct(labels[[4000, 7, 5999]]), xb[[4000, 7, 5999]], rtol=1e-6)
+        index.add(labels[100:110], xb[:10])  # back, with other vectors
+        np.testing.assert_allclose(index.reconstruct(labels[100:110]), xb[:10], rtol=1e-6)
+        _, L = index.search(xb[200:220], 1)
+        assert not np.isin(L, labels[110:600]).any()
