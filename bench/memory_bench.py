@@ -27,6 +27,7 @@ Also timed (``--ops``): Get of 100 ids with vectors, and a delete + re-upsert of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,12 +95,19 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
 
     from lookalike.config import CollectionConfig
     from shard.core import Shard
-    from shard.index import train_threshold, _factory
+    from lookalike.indexspec import training_points
+    from shard.index import VectorIndex, _factory
+    from shard.trained import write_template
     from shard.storage import release_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Shard("mem-0", tmp)
         cfg = CollectionConfig("m", dim, metric, index=spec, buckets=16).validated()
+        sample = min(training_points(cfg.index)[1], n)
+        if sample:  # as in a cluster: the collection's one trained index first (shard.trained), then the items
+            x = np.concatenate([batch_of(i, min(_BATCH, sample - i), dim, seed) for i in range(0, sample, _BATCH)])
+            write_template(tmp, cfg, 1, VectorIndex(cfg).train_template(x), len(x), 0.0)
+            cfg = dataclasses.replace(cfg, trained_version=1)
         shard.open_collection(cfg, range(16))
         sc = shard.collection("m")
         # what every shard pays once (a first write, BLAS/OpenMP buffers of k-means) is not data
@@ -113,6 +121,8 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
             m = min(_BATCH, n - i)
             sc.upsert([f"img-{j:08d}" for j in range(i, i + m)], batch_of(i, m, dim, seed), [None] * m)
         load_s = time.monotonic() - t0
+        with sc._write_order:
+            sc._repack_if_due()  # what the shard does once writes stop (compressed IVF lists packed to their size)
         sc.store.compact()
         release_memory()
         after = shard.memory_bytes()
@@ -139,7 +149,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
             sc.delete(ids)
             out["delete10k_s"] = time.monotonic() - t0
         shard.close()
-    train_n = 0 if _factory(dim, metric, spec).is_trained else train_threshold(spec, _factory(dim, metric, spec))
+    train_n = 0 if _factory(dim, metric, spec).is_trained else min(training_points(cfg.index)[1], n)
     out["faiss"] = _faiss_reference(spec, metric, n, dim, seed, train_n)
     return out
 

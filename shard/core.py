@@ -40,6 +40,8 @@ _TRIM_EVERY_BYTES = 32 << 20
 _TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what its last writes freed
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
 _ENCODE_BATCH = 65536  # vectors per add while moving a shard's items into a trained index
+_REPACK_MIN = 10_000  # vectors below which compressed IVF lists are not worth packing (see _repack_if_due)
+_REPACK_GROWTH = 0.2
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
 # A checkpoint is written (in the background) once this many vector bytes were written since the last one, or half
 # the index's bytes when that is more: compaction keeps the log segments the newest checkpoint does not cover, so
@@ -331,6 +333,7 @@ class ShardCollection:
         self._written_since_trim = 0
         self._last_write = 0.0
         self._trim_pending = False  # a thread waits for the writes to stop, then trims
+        self._packed_at = 0  # vectors the index held when its lists were last packed (see _repack_if_due)
         self.dropped = False
         self.broken = ""  # why requests are refused until the shard reloads the collection (see _apply_failed)
         self._on_broken = on_broken
@@ -708,8 +711,32 @@ class ShardCollection:
                 if not self._written_since_trim:
                     return
                 self._written_since_trim = 0
+                self._repack_if_due()
             release_memory()
             return
+
+    def _repack_if_due(self) -> None:
+        """Compressed IVF lists grow by doubling as items arrive, and the buffers they outgrow stay behind in the
+        heap between longer-lived allocations: 50-100 bytes a vector on a shard (bench/memory_bench.py), more than
+        a PQ16 code and its id. Once the writes stop, an index that grew by a fifth since it was last packed is
+        copied into lists of exactly their size (VectorIndex.repacked) and swapped in; the old one is freed.
+        Measured, 300k x 128 IVF1024,PQ16 added in batches of 10k: 37 bytes a vector resident before, 15 after.
+        The caller holds the write order (writes wait, searches go on against the old index until the swap)."""
+        index = self.index
+        n = index.ntotal
+        if not index.repackable or n < _REPACK_MIN or n < (1 + _REPACK_GROWTH) * self._packed_at:
+            return
+        try:
+            self._check_room(index.nbytes)  # the copy, for a moment
+        except ResourceExhausted:
+            return
+        t0 = time.monotonic()
+        new = index.repacked()
+        with self._rw.write():
+            old = index.install_repacked(new)
+        self._packed_at = n
+        del old
+        log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", self.coll.name, n, time.monotonic() - t0)
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
         """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while
@@ -1265,8 +1292,9 @@ class Shard:
 
     def _template(self, coll: CollectionConfig):
         """(coll, the collection's trained index to start from, or None). A trained index that cannot be read is
-        reported (stats' damaged list) and the collection served exactly from its untrained buffer, as version 0,
-        until the controller hands it a good version (:meth:`use_trained`)."""
+        reported (stats' damaged list); the collection then loads its index checkpoint of that version if it has
+        one (it holds the trained index too), else serves exactly from its untrained buffer until the controller
+        hands it a good version (:meth:`use_trained`, after ``lookalike train``)."""
         if not coll.trained_version or not training_points(coll.index)[0]:
             self.template_problems.pop(coll.name, None)
             return coll, None
@@ -1275,7 +1303,7 @@ class Shard:
         except TemplateDamaged as err:
             self.template_problems[coll.name] = f"{err}: searching exactly until it is trained again"
             log.error("%s: %s", self.shard_id, self.template_problems[coll.name])
-            return dataclasses.replace(coll, trained_version=0), None
+            return coll, None
         self.template_problems.pop(coll.name, None)
         return coll, template
 

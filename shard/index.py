@@ -383,6 +383,26 @@ class VectorIndex:
         if labels is not None:
             self._add_main(labels, x)
 
+    @property
+    def repackable(self) -> bool:
+        """A trained IVF index over compressed codes (PQ, SQ: at most 64 bytes a vector), whose lists' growth leaves
+        more slack than they hold (see shard.core ShardCollection._repack_if_due)."""
+        return (self._buffer is None and not self._binary and isinstance(self._main, faiss.IndexIVF)
+                and self._main.code_size <= 64)
+
+    def repacked(self):
+        """A copy of the main index with every list exactly its size: FAISS's serialization reads each list back
+        into a buffer of its length. Only reads, so searches go on; the caller keeps writes out until
+        :meth:`install_repacked`."""
+        return faiss.deserialize_index(faiss.serialize_index(self._main))
+
+    def install_repacked(self, main):
+        """Swaps in :meth:`repacked`'s copy (the caller holds the write lock; the GPU mirror holds the same
+        items and stays). Returns the old index: let it go after releasing the lock."""
+        old, self._main = self._main, main
+        self._ivf = self._extract_ivf(main)
+        return old
+
     def train_template(self, x: np.ndarray, gpu=None):
         """A new index of the collection's spec trained on ``x`` (shape (n, d) float32, or (n, d/8) uint8), empty:
         what every shard starts from (shard.trained). The coarse k-means of an IVF index runs on ``gpu`` (a

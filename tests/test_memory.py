@@ -5,6 +5,8 @@ Resident memory (RSS) figures are in bench/memory_bench.py's output, not asserte
 allocator and whatever else the test process did.
 """
 
+import time
+
 import faiss
 import numpy as np
 import pytest
@@ -101,3 +103,23 @@ def test_ivf_and_graph_remove_and_reconstruct_without_a_label_map():
         np.testing.assert_allclose(index.reconstruct(labels[100:110]), xb[:10], rtol=1e-6)
         _, L = index.search(xb[200:220], 1)
         assert not np.isin(L, labels[110:600]).any()
+
+
+def test_compressed_ivf_lists_are_packed_once_writes_stop_and_answers_stay_the_same(tmp_path):
+    from conftest import wait_for
+
+    xb, xq = make_data("l2", N, DIM, seed=6)
+    shard, sc = _load(tmp_path, "IVF64,PQ8", xb)
+    try:
+        before = sc.search(xq, 10, nprobe=8)
+        old = sc.index._main
+        assert wait_for(lambda: sc._packed_at == N, 20)  # the idle trim packed the lists
+        assert sc.index._main is not old
+        after = sc.search(xq, 10, nprobe=8)
+        np.testing.assert_array_equal(after[0], before[0])
+        assert after[2] == before[2]
+        sc.upsert(_uids(10, N), xb[:10], [None] * 10)  # a few more: not worth packing again
+        time.sleep(1.5)
+        assert sc._packed_at == N
+    finally:
+        shard.close()

@@ -167,22 +167,34 @@ def test_a_damaged_trained_index_is_reported_searches_stay_exact_and_training_ag
         cl.router.create_collection(CollectionConfig("d", DIM, index="IVF32,Flat", nprobe=1, buckets=32))
         ids = _load(cl, "d", xb)
         assert cl.controller._wait_trained("d", 30)
+        before = cl.router.search("d", xq, k=10, nprobe=1)
     finally:
         cl.close()
     path = template_dir(tmp_path / "data", "d") / "v1.index"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
-    cl = _cluster(tmp_path, 2)
+
+    def damaged(cluster):
+        return [d for _, s in cluster.router.shard_stats() for c in s.collections for d in c.damaged]
+
+    cl = _cluster(tmp_path, 2)  # the shards' index checkpoints hold the trained index: they serve it
     try:
-        damaged = [d for _, s in cl.router.shard_stats() for c in s.collections for d in c.damaged]
-        assert damaged and all("trained index v1 of 'd'" in d and "is damaged" in d for d in damaged)
+        assert damaged(cl) and all("trained index v1 of 'd'" in d and "is damaged" in d for d in damaged(cl))
+        assert cl.router.search("d", xq, k=10, nprobe=1).ids == before.ids
+    finally:
+        cl.close()
+    for p in (tmp_path / "data" / "shards").glob("*/d/ckpt-*"):
+        p.unlink()
+    cl = _cluster(tmp_path, 2)  # no checkpoint either: exact from the buffer until trained again
+    try:
+        assert damaged(cl)
         exact = faiss.knn(xq, xb, 10)[1]
         assert cl.router.search("d", xq, k=10, nprobe=1).ids == [[ids[i] for i in row] for row in exact.tolist()]
         assert cl.router.train("d") == 2
         assert wait_for(lambda: cl.router.training_status("d")["version"] == 2, 30)
         assert cl.controller._wait_trained("d", 30)
-        assert not [d for _, s in cl.router.shard_stats() for c in s.collections for d in c.damaged]
+        assert not damaged(cl)
     finally:
         cl.close()
 
