@@ -7,16 +7,17 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
   no more (no IVF direct map: removal and Get do not need one, see shard/index.py); for IVF, what growing lists
-  cost beyond their contents, measured by bench/memory_bench.py: spare capacity (``IVF_LIST_SLACK`` of their codes
-  and ids: each list is a vector that doubles as it grows) and ``IVF_LIST_HEAP`` bytes of heap fragmentation (the
-  lists' old buffers, freed batch after batch, leave holes malloc_trim cannot give back; measured with the
-  collection's index trained before its items arrive, as in a cluster); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
+  cost beyond their contents: spare capacity (``IVF_LIST_SLACK`` of their codes and ids: each list is a vector
+  that doubles as it grows) and ``IVF_LIST_HEAP`` bytes of heap fragmentation, measured on a shard whose
+  collection's index was trained before its items arrived (as in a cluster) and whose compressed lists were packed
+  once the writes stopped (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k and
+  1M vectors); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
   item), 8 bytes of position -> label and 4 of positions sorted by label;
 - the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
 - the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
-- plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (16 MiB: storage buffers, what training leaves in the
-  heap) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
+- plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (6 MiB: storage buffers; 8 MiB measured for
+  IVF256,PQ16 less its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
   nlist x M x 256 floats, 16 MiB for IVF1024,PQ16), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
   shard measured 128-138 MiB).
@@ -39,9 +40,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
-COLLECTION_OVERHEAD = 16 * MiB
+COLLECTION_OVERHEAD = 6 * MiB
 IVF_LIST_SLACK = 0.25
-IVF_LIST_HEAP = 50
+IVF_LIST_HEAP = 8
 _IDTABLE = 24
 _BYTES_OBJECT = 33
 
@@ -242,6 +243,8 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
             n = min(batch, vectors - i)
             x = rng.standard_normal((n, dim)).astype(np.float32)
             sc.upsert([str(j) for j in range(i, i + n)], x, [None] * n)
+        with sc._write_order:
+            sc._repack_if_due()  # what the shard does once the writes stop (compressed IVF lists packed)
         sc.store.compact()  # what a background compaction would do (waits for one that is running)
         release_memory()
         after = shard.memory_bytes()
