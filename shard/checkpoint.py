@@ -77,14 +77,6 @@ def _crc(path: pathlib.Path) -> tuple[int, int]:
     return size, crc
 
 
-def _fsync(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(path: pathlib.Path, index, binary: bool, arrays: dict[str, np.ndarray], meta: dict,
           position: LogPosition) -> str:
     """Writes a checkpoint of ``index`` (a FAISS index; binary if ``binary``) and ``arrays`` (plain numeric arrays),
@@ -101,7 +93,7 @@ def write(path: pathlib.Path, index, binary: bool, arrays: dict[str, np.ndarray]
     tmp = json_path.with_name(json_path.name + ".tmp")
     try:
         (faiss.write_index_binary if binary else faiss.write_index)(index, str(index_path))
-        _fsync(index_path)
+        _fsync_dir(index_path)  # fsyncs any path it can open read-only, a file too
         with open(table_path, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

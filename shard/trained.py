@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
+from shard.storage import _fsync_dir
 
 _CHUNK = 1 << 24
 
@@ -85,11 +86,7 @@ def write_template(storage_root, coll: CollectionConfig, version: int, index, tr
             "crc32": _crc(data), "trained_on": int(trained_on), "seconds": round(float(seconds), 3),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(note_path, json.dumps(note, indent=1).encode())
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)
     return note
 
 
