@@ -619,7 +619,7 @@ def cmd_train(args) -> int:
 
     with _client(args) as c:
         info = c.train(args.name)
-        version = info.training.version + 1
+        version = info.training.next_version
         print(f"training {args.name} ({info.spec.index}) as version {version}: {info.training.message}")
         if args.no_wait:
             return 0

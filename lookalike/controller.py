@@ -111,6 +111,7 @@ class _Training:
     running: bool = False
     started: float = 0.0
     requested: bool = False  # asked for (lookalike train): train again even if trained
+    next_version: int = 0  # the version number a requested training will have (0: take the next one then)
     error: str = ""  # the last failure
     retry_at: float = 0.0
     vectors: int = 0  # items the collection held at the last check
@@ -160,6 +161,7 @@ class Controller:
             state = json.loads(self._path.read_text())
             self._epoch = int(state["epoch"]) + 1  # a restart is a change: routers must re-read addresses
             self._shards = list(state["shards"])
+            self._trained_seq = int(state.get("trained_seq", 0))
             for name, c in state["collections"].items():
                 coll = _Collection(CollectionConfig(**c["config"]), [list(o) for o in c["owners"]],
                                    trained_on=int(c.get("trained_on", 0)))
@@ -179,11 +181,12 @@ class Controller:
                 raise ValueError(f"a cluster needs at least one shard, got {n_shards}")
             self._epoch = 1
             self._shards = [f"shard-{i}" for i in range(n_shards)]
+            self._trained_seq = 0
         self._save()
 
     # --- persistence ----------------------------------------------------------------------------------------
     def _save(self) -> None:
-        state = {"epoch": self._epoch, "shards": self._shards,
+        state = {"epoch": self._epoch, "shards": self._shards, "trained_seq": self._trained_seq,
                  "collections": {n: {"config": dataclasses.asdict(c.cfg), "owners": c.owners,
                                      "trained_on": c.trained_on,
                                      "moves": [dataclasses.asdict(m) for m in _unique(c.moves.values())]}
@@ -679,14 +682,17 @@ class Controller:
                     self._train(name, cfg, tr, sample)
             self._sync_trained(name)
 
-
     def _train(self, name: str, cfg: CollectionConfig, tr: _Training, sample: int) -> None:
-        """Trains the next version on one shard (reading a sample of every bucket from storage), then publishes it."""
-        version = cfg.trained_version + 1
+        """Trains the next version on one shard (reading a sample of every bucket from storage), then publishes it.
+
+        Versions are numbered across the whole cluster, never twice (``trained_seq`` in the state): a collection
+        dropped and created again under its name never meets a version number its predecessor used, so a router
+        or shard holding the old one's coarse centroids cannot take them for the new one's."""
         with self._cond:
             c = self._collections.get(name)
             if c is None or c.cfg != cfg:
                 return
+            version = tr.next_version = tr.next_version or self._next_trained_version()  # a retry keeps its number
             order = np.random.default_rng(version).permutation(cfg.buckets)
             trainer = next((s for s in sorted({s for own in c.owners for s in own}) if self._info(s).serving), None)
             owners = [list(o) for o in c.owners]
@@ -714,7 +720,7 @@ class Controller:
                 return
             c.cfg = dataclasses.replace(cfg, trained_version=version)
             c.trained_on = int(note.get("trained_on", 0))
-            tr.requested, tr.error = False, ""
+            tr.requested, tr.error, tr.next_version = False, "", 0
             tr.ready, tr.adopt_errors = {}, {}
             self._bump()
         log.info("%s: trained index v%d (%s) on %d vectors in %.1fs; moving the shards into it", name, version,
@@ -757,7 +763,8 @@ class Controller:
 
     def train(self, name: str) -> int:
         """Asks for a new training of a collection (``lookalike train``): the next check trains version N+1 on a fresh
-        sample and the shards move into it, searching the old version meanwhile. Returns N+1.
+        sample and the shards move into it, searching the old version meanwhile. Returns the new version's number
+        (versions are numbered across the cluster: the next one, not necessarily N+1).
 
         Raises:
             NotFound; FailedPrecondition: the spec needs no training, or the collection holds too few vectors.
@@ -773,9 +780,17 @@ class Controller:
             raise FailedPrecondition(f"collection {name!r} ({cfg.index}) holds {size} vectors; training needs "
                                      f"{needed} (until then its searches are exact)")
         with self._cond:
+            if not (c.training.requested and c.training.next_version):
+                c.training.next_version = self._next_trained_version()
             c.training.requested = True
             c.training.retry_at = c.training.counted_at = 0.0
-        return cfg.trained_version + 1
+            return c.training.next_version
+
+    def _next_trained_version(self) -> int:
+        """The next trained version number of the cluster (caller holds the lock)."""
+        self._trained_seq += 1
+        self._save()
+        return self._trained_seq
 
     def training_status(self, name: str) -> dict:
         """Where a collection's training stands, for describe and status: state ("not_needed", "untrained",
@@ -787,13 +802,14 @@ class Controller:
             holders = sorted({s for own in c.owners for s in own})
             ready = sum(tr.ready.get(s) == cfg.trained_version for s in holders) if cfg.trained_version else 0
             out = {"version": cfg.trained_version, "vectors": tr.vectors, "vectors_needed": needed,
-                   "trained_on": c.trained_on, "shards_ready": ready, "shards": len(holders)}
+                   "trained_on": c.trained_on, "shards_ready": ready, "shards": len(holders),
+                   "next_version": tr.next_version}
             if not needed:
                 return {**out, "shards_ready": len(holders), "state": "not_needed",
                         "message": f"{cfg.index} needs no training"}
             if tr.running:
                 state = "training"
-                msg = (f"training v{cfg.trained_version + 1} ({time.monotonic() - tr.started:.0f}s so far); "
+                msg = (f"training v{tr.next_version} ({time.monotonic() - tr.started:.0f}s so far); "
                        + (f"searching v{cfg.trained_version} meanwhile" if cfg.trained_version else "searches are exact"))
             elif not cfg.trained_version:
                 state = "untrained"

@@ -177,7 +177,7 @@ class CollectionInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[_common_pb2.CollectionSpec, _Mapping]] = ..., count: _Optional[int] = ..., epoch: _Optional[int] = ..., training: _Optional[_Union[IndexTraining, _Mapping]] = ...) -> None: ...
 
 class IndexTraining(_message.Message):
-    __slots__ = ("state", "version", "vectors", "vectors_needed", "trained_on", "shards", "shards_ready", "message")
+    __slots__ = ("state", "version", "vectors", "vectors_needed", "trained_on", "shards", "shards_ready", "message", "next_version")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[IndexTraining.State]
@@ -198,6 +198,7 @@ class IndexTraining(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_READY_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_VERSION_FIELD_NUMBER: _ClassVar[int]
     state: IndexTraining.State
     version: int
     vectors: int
@@ -206,7 +207,8 @@ class IndexTraining(_message.Message):
     shards: int
     shards_ready: int
     message: str
-    def __init__(self, state: _Optional[_Union[IndexTraining.State, str]] = ..., version: _Optional[int] = ..., vectors: _Optional[int] = ..., vectors_needed: _Optional[int] = ..., trained_on: _Optional[int] = ..., shards: _Optional[int] = ..., shards_ready: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    next_version: int
+    def __init__(self, state: _Optional[_Union[IndexTraining.State, str]] = ..., version: _Optional[int] = ..., vectors: _Optional[int] = ..., vectors_needed: _Optional[int] = ..., trained_on: _Optional[int] = ..., shards: _Optional[int] = ..., shards_ready: _Optional[int] = ..., message: _Optional[str] = ..., next_version: _Optional[int] = ...) -> None: ...
 
 class TrainIndexRequest(_message.Message):
     __slots__ = ("collection",)

@@ -94,7 +94,7 @@ def training_to_proto(st: dict) -> lookalike_pb2.IndexTraining:
     return lookalike_pb2.IndexTraining(
         state=_TRAINING_STATES[st["state"]], version=st["version"], vectors=st["vectors"],
         vectors_needed=st["vectors_needed"], trained_on=st["trained_on"], shards=st["shards"],
-        shards_ready=st["shards_ready"], message=st["message"])
+        shards_ready=st["shards_ready"], message=st["message"], next_version=st.get("next_version", 0))
 
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     """The public service. ``Search`` is a coroutine on the server's event loop, batched with concurrent searches

@@ -1342,7 +1342,7 @@ class Shard:
                                      f"{str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}")
         seconds = time.monotonic() - t0
         note = write_template(self.storage_root, coll, version, template, len(x), seconds)
-        remove_templates(self.storage_root, coll.name, keep=(version - 1, version))  # the current one and this
+        remove_templates(self.storage_root, coll.name, keep=(coll.trained_version, version))  # current and new
         log.info("%s: trained %s (%s) v%d on %d vectors in %.1fs", self.shard_id, coll.name, coll.index, version,
                  len(x), seconds)
         return note

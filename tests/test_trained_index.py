@@ -363,3 +363,24 @@ def test_a_shard_ignores_lists_chosen_for_another_version_and_refuses_lists_out_
             sc.search(xq[:2], 3, 16, coarse=(1, 16, wrong[:5], np.zeros(5, np.float32)))
     finally:
         cl.close()
+
+
+def test_a_collection_created_again_under_its_name_never_reuses_a_trained_version(tmp_path):
+    cl = _cluster(tmp_path, 2)
+    try:
+        for round_, seed in ((1, 10), (2, 11)):
+            cfg = CollectionConfig("x", DIM, index="IVF16,Flat", nprobe=2, buckets=16).validated()
+            cl.router.create_collection(cfg)
+            xb, xq = _data(3000, seed=seed)
+            ids = _load(cl, "x", xb)
+            assert cl.controller._wait_trained("x", 30)
+            trained = cl.controller.shard_map("x").collection
+            assert trained.trained_version == round_  # the cluster's counter: the second "x" gets 2, not 1 again
+            cl.router.search("x", xq, k=10)
+            assert wait_for(lambda: cl.router._coarse.ready(trained) is not None, 10)
+            one, by_label = _one_faiss_index(cl, trained, ids, xb)
+            D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=2)
+            assert cl.router.search("x", xq, k=10).ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
+            cl.router.drop_collection("x")
+    finally:
+        cl.close()
