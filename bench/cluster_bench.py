@@ -452,10 +452,12 @@ def init_ray(num_cpus: int) -> None:
     ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
 
 
-def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str = "bench"):
+def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str = "bench",
+                ready_timeout: float = 180.0):
     """On the connected Ray: a cluster of ``shards`` shard actors on ``data_dir`` (waits until every shard serves)
     and a router gRPC server in this process. Returns (controller handle, router, server, port, client); on a
-    failure, stops what it had started (not Ray) and raises."""
+    failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
+    serve (loading their storage)."""
     from lookalike.config import ClusterConfig
     from lookalike.ray_cluster import start_cluster, stop_cluster
     from router.client import Client
@@ -463,7 +465,7 @@ def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str
     from router.server import create_router_server
 
     handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=shards, cluster_name=cluster_name,
-                                                  shard_num_cpus=shard_cpus))
+                                                  shard_num_cpus=shard_cpus), ready_timeout=ready_timeout)
     router = server = None
     try:
         router = Router(control)

@@ -347,7 +347,7 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         init_ray(max(threads, shards + 1))
         res["restart_ray_seconds"] = time.perf_counter() - t0
         handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus,
-                                                           cluster_name="scale1")
+                                                           cluster_name="scale1", ready_timeout=args.restart_timeout)
         res["restart_cluster_seconds"] = time.perf_counter() - t0
         res["restart"] = first_full_answer(client, name, xq[:100], k, p, param, t0, args.restart_timeout)
         after = search(xq[:100], p)
@@ -421,6 +421,9 @@ def run(args) -> dict:
             log(f"{spec}: cluster of {S} shards on {storage}")
             try:
                 entry["cluster"].append(cluster_family(spec, S, xb, xq, gt, args, storage))
+            except Exception as err:  # noqa: BLE001: one failed cluster run is a result; the others still run
+                log(f"{spec}: the {S}-shard run failed: {type(err).__name__}: {err}")
+                entry.setdefault("failed", []).append({"shards": S, "error": f"{type(err).__name__}: {err}"})
             finally:
                 if not args.keep_storage:
                     shutil.rmtree(storage, ignore_errors=True)
@@ -508,6 +511,14 @@ def markdown(out: dict) -> str:
                 f"| {c['idle_wait_seconds']:.0f} | {c['stop_seconds']:.1f} | {c['restart_ray_seconds']:.1f} / "
                 f"{c['restart_cluster_seconds']:.1f} / {c['restart']['seconds']:.1f} | "
                 f"{'yes' if c['restart']['same_ids_as_before'] else 'no'} |")
+    for e in out["families"]:
+        for c in e["cluster"]:
+            if c.get("note"):
+                add("")
+                add(f"Note, {e['spec']}, {c['shards']} shards: {c['note']}.")
+        for f in e.get("failed", []):
+            add("")
+            add(f"Failed: {e['spec']}, {f['shards']} shards: {f['error']}")
     return "\n".join(lines)
 
 
