@@ -57,8 +57,12 @@ def _shard_train_size(nlist: int, dim: int) -> int:
 
 # --- data -----------------------------------------------------------------------------------------------------
 def make_data(n: int, dim: int, nq: int, seed: int, clusters: int = 1000, noise: float = 1.5,
-              chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+              chunk: int = 100_000, out: np.ndarray | None = None,
+              progress=None) -> tuple[np.ndarray, np.ndarray]:
     """(xb shape (n, dim), xq shape (nq, dim)) float32: each vector is a random centroid plus Gaussian noise.
+
+    ``out``: an (n, dim) float32 array (e.g. a memory-mapped .npy) xb is written into, chunk by chunk, and
+    returned; the numbers are the same as without it. ``progress``: called with the count of each chunk written.
 
     Centroids are standard normal and cluster sizes uneven (gamma-distributed weights). With noise 1.5 the data is
     clustered but not trivially so: IVF1024 with nprobe 16 over 250k of these vectors finds about 90% of the true
@@ -69,16 +73,21 @@ def make_data(n: int, dim: int, nq: int, seed: int, clusters: int = 1000, noise:
     weights = rng.gamma(2.0, size=clusters)
     weights /= weights.sum()
 
-    def draw(count: int) -> np.ndarray:
-        out = np.empty((count, dim), dtype=np.float32)
+    def draw(count: int, into: np.ndarray | None = None, tick=None) -> np.ndarray:
+        x = np.empty((count, dim), dtype=np.float32) if into is None else into
         for s in range(0, count, chunk):
             e = min(count, s + chunk)
             assign = rng.choice(clusters, size=e - s, p=weights)
-            out[s:e] = centroids[assign]
-            out[s:e] += noise * rng.standard_normal((e - s, dim), dtype=np.float32)
-        return out
+            part = centroids[assign]
+            part += noise * rng.standard_normal((e - s, dim), dtype=np.float32)
+            x[s:e] = part
+            if tick is not None:
+                tick(e - s)
+        return x
 
-    return draw(n), draw(nq)
+    if out is not None and out.shape != (n, dim):
+        raise ValueError(f"out has shape {out.shape}, expected {(n, dim)}")
+    return draw(n, out, progress), draw(nq)
 
 
 # --- measuring ------------------------------------------------------------------------------------------------
@@ -329,25 +338,13 @@ def run(args) -> dict:
     out["ground_truth_seconds"] = round(time.perf_counter() - t, 3)
     log(f"exact ground truth for {args.queries} queries in {out['ground_truth_seconds']:.1f}s")
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster
-    from router.client import Client
-    from router.core import Router
-    from router.server import create_router_server
-
     own_dir = args.data_dir is None
     data_dir = tempfile.mkdtemp(prefix="lookalike-bench-") if own_dir else args.data_dir
-    ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=max(threads, args.shards + 1),
-             log_to_driver=False)
+    init_ray(max(threads, args.shards + 1))
     handle = server = router = client = None
     try:
         t = time.perf_counter()
-        handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name="bench",
-                                                      shard_num_cpus=args.shard_cpus))
-        router = Router(control)
-        server, port, _health = create_router_server(router, "127.0.0.1:0")
-        client = Client(f"127.0.0.1:{port}", timeout=600)
+        handle, router, server, port, client = start_local(data_dir, args.shards, args.shard_cpus)
         out["cluster_start_seconds"] = round(time.perf_counter() - t, 3)
         shard_pids = list(ray.get(handle.shard_pids.remote()).values())
         log(f"cluster of {args.shards} shards up in {out['cluster_start_seconds']:.1f}s; router on port {port}")
@@ -447,8 +444,44 @@ def run(args) -> dict:
     return out
 
 
-def teardown(client, server, router, handle) -> None:
-    """Stops what ``run`` started (any of them may be None) and Ray."""
+def init_ray(num_cpus: int) -> None:
+    """Starts a private embedded Ray for the benchmark (token auth off unless RAY_AUTH_MODE says otherwise)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
+
+
+def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str = "bench",
+                ready_timeout: float = 180.0):
+    """On the connected Ray: a cluster of ``shards`` shard actors on ``data_dir`` (waits until every shard serves)
+    and a router gRPC server in this process. Returns (controller handle, router, server, port, client); on a
+    failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
+    serve (loading their storage)."""
+    from lookalike.config import ClusterConfig
+    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from router.client import Client
+    from router.core import Router
+    from router.server import create_router_server
+
+    handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=shards, cluster_name=cluster_name,
+                                                  shard_num_cpus=shard_cpus), ready_timeout=ready_timeout)
+    router = server = None
+    try:
+        router = Router(control)
+        server, port, _health = create_router_server(router, "127.0.0.1:0")
+        return handle, router, server, port, Client(f"127.0.0.1:{port}", timeout=600)
+    except BaseException:
+        if server is not None:
+            server.stop(None)
+        if router is not None:
+            router.close()
+        stop_cluster(handle)
+        raise
+
+
+def teardown(client, server, router, handle, shutdown_ray: bool = True) -> None:
+    """Stops what ``run`` started (any of them may be None) and, unless ``shutdown_ray`` is False, Ray."""
     import ray
 
     from lookalike.ray_cluster import stop_cluster
@@ -461,7 +494,8 @@ def teardown(client, server, router, handle) -> None:
         router.close()
     if handle is not None:
         stop_cluster(handle)
-    ray.shutdown()
+    if shutdown_ray:
+        ray.shutdown()
 
 
 def _total_memory_gib() -> float:

@@ -1,0 +1,555 @@
+"""Scale: the cluster vs in-process FAISS on the same data, through 4 and 8 shards, up to 10M vectors.
+
+    python -m bench.scale_bench --n 10000000 --nlist 4096 --hnsw-n 2000000 --data-dir /data/scale \\
+        [--dim 128] [--shards 4,8] [--indexes flat,ivf,ivfpq,hnsw] [--pq 32] [--queries 1000] [--seconds 10] \\
+        [--out bench/out/scale.json]
+
+For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{pq}``, ``HNSW{hnsw-m}`` over
+the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster with each shard count:
+
+- in-process: build time (read the vectors from the .npy + train + add), index bytes per vector (the size of
+  ``faiss.write_index``'s file, the same bytes as ``faiss.serialize_index``, over n), then the cheapest nprobe
+  (IVF) / efSearch (HNSW) reaching recall@k >= ``--target`` against exact ground truth, and QPS there at batch 1
+  and 100 (FAISS on all cores, and on 1 thread); the index is freed before the cluster runs;
+- cluster (embedded Ray, ``shards`` shard actors, the router's gRPC server in this process; the collection uses
+  the same spec string): load rate (vectors/s through the router, one ``upsert_stream``), then the wait until the
+  collection is trained (:func:`wait_trained`) and the shards are idle; RAM per vector (the growth of the shards'
+  RSS, summed over shard processes, from the empty collection to the loaded and idle one, over n), the same
+  cheapest-parameter sweep and QPS; then the restart: the router and the cluster are stopped gracefully
+  (``stop_cluster``, Ray too), started again on the same storage, and timed until a search returns a full answer
+  (k ids for every query) with coverage 1.
+
+Ratios: cluster / FAISS QPS (FAISS: the faster of its all-cores and 1-thread runs), cluster / FAISS bytes per
+vector, restart / build time, and 8-shard / 4-shard QPS. Where an index cannot reach the target (PQ codes cap
+recall), both systems are taken at the start of their recall plateau and the table says so.
+
+Memory: the vectors are generated in chunks into a memory-mapped .npy under ``--data-dir`` (reused by later runs
+with the same data flags) and exact ground truth is computed from it in chunks with ``faiss.knn`` and cached next
+to it; one index family at a time, and the in-process index is freed before the cluster loads the same family.
+Each cluster runs on its own storage under ``--data-dir``, removed after its measurements (``--keep-storage``
+keeps it). A line per phase with the elapsed time goes to stderr; the Markdown report to stdout and every number
+to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from bench import cluster_bench as cb
+from bench.cluster_bench import (ForeignCpu, ids_to_array, init_ray, load, make_data, measure,
+                                 recall_at_k, shard_memory, start_local, teardown, wait_idle)
+
+_T0 = time.perf_counter()
+
+NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+EF_SEARCHES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+PLATEAU_GAIN = 0.003  # recall gained by doubling the parameter below which recall has stopped growing
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+def dataset(args) -> tuple[np.ndarray, np.ndarray]:
+    """(xb memory-mapped, shape (n, dim) float32; xq shape (queries, dim)) under ``args.data_dir``, generated once
+    with ``make_data`` (chunk by chunk into the map) and reused while the data flags are the same."""
+    from tqdm import tqdm
+
+    root = pathlib.Path(args.data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tag = data_tag(args)
+    xb_path, xq_path = root / f"xb-{tag}.npy", root / f"xq-{tag}.npy"
+    if xb_path.exists() and xq_path.exists():
+        log(f"data: reusing {xb_path}")
+        return np.load(xb_path, mmap_mode="r"), np.load(xq_path)
+    tmp = xb_path.with_suffix(".partial.npy")
+    xb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.n, args.dim))
+    with tqdm(total=args.n, unit="vec", unit_scale=True, desc="generate", mininterval=2.0, file=sys.stderr) as bar:
+        _, xq = make_data(args.n, args.dim, args.queries, args.seed, clusters=args.clusters, noise=args.noise,
+                          out=xb, progress=bar.update)
+    xb.flush()
+    del xb
+    np.save(xq_path, xq)
+    tmp.rename(xb_path)
+    log(f"data: generated {args.n} x {args.dim} into {xb_path}")
+    return np.load(xb_path, mmap_mode="r"), xq
+
+
+def data_tag(args) -> str:
+    """Names the generated data by the flags it depends on."""
+    return f"{args.n}x{args.dim}-q{args.queries}-s{args.seed}-c{args.clusters}-z{args.noise:g}"
+
+
+def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int, cache: pathlib.Path, chunk: int = 1_000_000) -> np.ndarray:
+    """Exact k nearest neighbours (L2) of xq in xb: I shape (nq, k) int64, from ``faiss.knn`` over chunks of xb
+    merged with a ``ResultHeap``; cached in ``cache`` (.npy)."""
+    import faiss
+    from tqdm import tqdm
+
+    if cache.exists():
+        return np.load(cache)
+    heap = faiss.ResultHeap(len(xq), k)
+    for s in tqdm(range(0, len(xb), chunk), desc="ground truth", unit="chunk", file=sys.stderr):
+        D, I = faiss.knn(xq, np.ascontiguousarray(xb[s:s + chunk]), k)
+        heap.add_result(D, I + s)
+    heap.finalize()
+    np.save(cache, heap.I)
+    return heap.I
+
+
+# --- choosing nprobe / efSearch ----------------------------------------------------------------------------------
+def cheapest(grid: tuple, recall_of, target: float) -> dict:
+    """The smallest value of ``grid`` at which ``recall_of(value)`` >= target, found by doubling the value through
+    the grid and then bisecting; where recall stops growing below the target (gain under PLATEAU_GAIN over a doubling),
+    the smallest value reaching the plateau's recall minus PLATEAU_GAIN. Returns {"value", "recall", "met",
+    "curve": [(value, recall), ...]}."""
+    seen: dict[int, float] = {}
+
+    def r(i: int) -> float:
+        if grid[i] not in seen:
+            seen[grid[i]] = recall_of(grid[i])
+            log(f"    {grid[i]}: recall {seen[grid[i]]:.4f}")
+        return seen[grid[i]]
+
+    lo, hi, goal, met = -1, None, target, True
+    i = 0
+    while True:
+        if r(i) >= goal:
+            hi = i
+            break
+        if i == len(grid) - 1:  # the grid's end: take it
+            hi, met = i, False
+            break
+        j = next((x for x in range(i + 1, len(grid)) if grid[x] >= 2 * grid[i]), len(grid) - 1)
+        if r(j) - r(i) < PLATEAU_GAIN and grid[j] >= 2 * grid[i]:
+            goal, met = r(j) - PLATEAU_GAIN, False  # a plateau below the target: bisect for its start
+            lo, hi = -1, j
+            break
+        lo, i = i, j
+    while hi - lo > 1:  # r(lo) < goal <= r(hi) (lo = -1: nothing below tried)
+        mid = (lo + hi) // 2
+        if r(mid) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    return {"value": grid[hi], "recall": r(hi), "met": met and r(hi) >= target,
+            "curve": sorted(seen.items())}
+
+
+# --- the cluster's training state ---------------------------------------------------------------------------------
+def needs_training(spec: str) -> bool:
+    return "IVF" in spec or "PQ" in spec or "SQ" in spec
+
+
+def wait_trained(client, name: str, spec: str, timeout: float) -> dict:
+    """Waits until collection ``name`` is trained and every shard holding it searches the trained index
+    (``CollectionInfo.training``: TRAINED with shards_ready == shards); returns {"seconds", "trained", "version",
+    "trained_on"}. After ``timeout`` seconds it moves on (``trained`` False)."""
+    t0 = time.perf_counter()
+    if not needs_training(spec):
+        return {"seconds": 0.0, "trained": True, "version": 0, "trained_on": 0}
+    while True:
+        t = client.describe_collection(name).training
+        done = t.state == t.TRAINED and t.shards_ready == t.shards
+        waited = time.perf_counter() - t0
+        if done or waited >= timeout:
+            return {"seconds": round(waited, 2), "trained": done, "version": t.version, "trained_on": t.trained_on}
+        time.sleep(0.5)
+
+
+# --- in-process FAISS ---------------------------------------------------------------------------------------------
+def train_size(spec: str, dim: int, n: int) -> int:
+    """Vectors the in-process index trains on: the sample the cluster trains the same spec on
+    (lookalike.indexspec.training_points: about 100 per list, at most 500k)."""
+    from lookalike.indexspec import training_points
+
+    return min(n, training_points(spec)[1])
+
+
+def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args, scratch: pathlib.Path) -> dict:
+    """Builds ``spec`` over xb in-process, then sweeps and measures it. Returns its results; frees the index."""
+    import faiss
+
+    n, dim, k = len(xb), xb.shape[1], args.k
+    threads = os.cpu_count() or 1
+    faiss.omp_set_num_threads(threads)
+    res: dict = {"spec": spec, "n": n}
+    idx = faiss.index_factory(dim, spec)
+    if not idx.is_trained:
+        ntrain = train_size(spec, dim, n)
+        t = time.perf_counter()
+        sample = np.ascontiguousarray(xb[np.sort(np.random.default_rng(args.seed + 1).choice(n, ntrain, replace=False))])
+        res["train_read_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        idx.train(sample)
+        res.update(train_vectors=ntrain, train_seconds=time.perf_counter() - t)
+        del sample
+        log(f"  FAISS {spec}: trained on {ntrain} in {res['train_seconds']:.1f}s")
+    read_s = add_s = 0.0
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, n, args.chunk), desc=f"FAISS add {spec}", unit="chunk", file=sys.stderr, mininterval=2.0):
+        t = time.perf_counter()
+        x = np.ascontiguousarray(xb[s:s + args.chunk])
+        read_s += time.perf_counter() - t
+        t = time.perf_counter()
+        idx.add(x)
+        add_s += time.perf_counter() - t
+    res.update(read_seconds=read_s + res.get("train_read_seconds", 0.0), add_seconds=add_s)
+    res["build_seconds"] = res["read_seconds"] + res.get("train_seconds", 0.0) + add_s
+    log(f"  FAISS {spec}: built in {res['build_seconds']:.1f}s (read {res['read_seconds']:.1f}s, "
+        f"train {res.get('train_seconds', 0.0):.1f}s, add {add_s:.1f}s)")
+    path = scratch / "faiss-index.tmp"
+    faiss.write_index(idx, str(path))  # the bytes of serialize_index, without a second copy in RAM
+    res["index_bytes"] = path.stat().st_size
+    res["bytes_per_vector"] = res["index_bytes"] / n
+    path.unlink()
+
+    if "IVF" in spec:
+        param, grid = "nprobe", tuple(p for p in NPROBES if p <= args.nlist)
+        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersIVF(nprobe=p))  # noqa: E731
+    elif "HNSW" in spec:
+        param, grid = "efSearch", tuple(e for e in EF_SEARCHES if e >= k)
+        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersHNSW(efSearch=p))  # noqa: E731
+    else:
+        param, grid, search = None, (0,), (lambda q, p: idx.search(q, k))
+    if param:
+        log(f"  FAISS {spec}: cheapest {param} for recall@{k} >= {args.target}")
+        res["sweep"] = cheapest(grid, lambda p: recall_at_k(search(xq, p)[1], gt), args.target)
+    else:
+        res["sweep"] = {"value": 0, "recall": recall_at_k(search(xq, 0)[1], gt), "met": True, "curve": []}
+    res["param"] = param
+    p = res["sweep"]["value"]
+    res["qps"] = {}
+    for batch in args.batches:
+        for label, nthreads in (("all cores", threads), ("1 thread", 1)):
+            faiss.omp_set_num_threads(nthreads)
+            r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
+            res["qps"].setdefault(str(batch), {})[label] = r
+            log(f"  FAISS {spec} batch {batch} {label}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
+        faiss.omp_set_num_threads(threads)
+    idx.reset()  # frees the vectors now; the rest goes with this frame
+    gc.collect()
+    return res
+
+
+# --- the cluster ----------------------------------------------------------------------------------------------------
+def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args,
+                   storage: pathlib.Path) -> dict:
+    """Loads xb into a fresh ``shards``-shard cluster on ``storage``, measures it, restarts it. Returns results."""
+    import ray
+
+    n, dim, k = len(xb), xb.shape[1], args.k
+    res: dict = {"spec": spec, "shards": shards, "n": n}
+    name = "scale"
+    threads = os.cpu_count() or 1
+    t = time.perf_counter()
+    init_ray(max(threads, shards + 1))
+    handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus, cluster_name="scale0")
+    res["start_seconds"] = time.perf_counter() - t
+    log(f"  cluster: {shards} shards up in {res['start_seconds']:.1f}s")
+    try:
+        client.create_collection(name, dim=dim, metric="l2", index=spec)
+        empty = shard_memory(client)
+        res["load"] = load(client, name, xb, args.load_batch, args.load_timeout)
+        log(f"  cluster {spec}: loaded {n} in {res['load']['seconds']:.1f}s "
+            f"({res['load']['vectors_per_s']:.0f} vectors/s)")
+        wait_s = args.train_timeout
+        res["trained"] = wait_trained(client, name, spec, wait_s)
+        log(f"  cluster {spec}: trained {res['trained']}")
+        pids = list(ray.get(handle.shard_pids.remote()).values())
+        res["idle_wait_seconds"] = wait_idle(pids, max_s=args.idle_timeout)
+        settled = shard_memory(client)
+        base = {s["shard_id"]: s["memory_bytes"] for s in empty}
+        growth = sum(s["memory_bytes"] - base.get(s["shard_id"], 0) for s in settled)
+        res["memory"] = {"empty": empty, "settled": settled, "rss_growth_bytes": growth,
+                         "bytes_per_vector": growth / n,
+                         "index_bytes_per_vector": sum(s["index_bytes"] for s in settled) / n,
+                         "vectors": sum(s["vectors"] for s in settled)}
+        log(f"  cluster {spec}: idle after {res['idle_wait_seconds']:.0f}s; RSS growth {growth / n:.0f} B/vector "
+            f"(shards' index bytes {res['memory']['index_bytes_per_vector']:.0f} B/vector)")
+
+        if "IVF" in spec:
+            param, grid = "nprobe", tuple(p for p in NPROBES if p <= args.nlist)
+            search = lambda q, p: client.search(name, q, k=k, nprobe=p)  # noqa: E731
+        elif "HNSW" in spec:
+            param, grid = "efSearch", tuple(e for e in EF_SEARCHES if e >= k)
+            search = lambda q, p: client.search(name, q, k=k, ef_search=p)  # noqa: E731
+        else:
+            param, grid, search = None, (0,), (lambda q, p: client.search(name, q, k=k))
+
+        def recall_of(p: int) -> float:
+            I = np.concatenate([ids_to_array(search(xq[s:s + 100], p).ids, k) for s in range(0, len(xq), 100)])
+            return recall_at_k(I, gt)
+
+        if param:
+            log(f"  cluster {spec}: cheapest {param} for recall@{k} >= {args.target}")
+            res["sweep"] = cheapest(grid, recall_of, args.target)
+        else:
+            res["sweep"] = {"value": 0, "recall": recall_of(0), "met": True, "curve": []}
+        res["param"] = param
+        p = res["sweep"]["value"]
+        res["qps"] = {}
+        for batch in args.batches:
+            r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
+            res["qps"][str(batch)] = r
+            log(f"  cluster {spec} batch {batch}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
+        before = search(xq[:100], p)
+
+        # --- restart on the same storage ------------------------------------------------------------------------
+        t = time.perf_counter()
+        teardown(client, server, router, handle)
+        handle = server = router = client = None
+        res["stop_seconds"] = time.perf_counter() - t
+        log(f"  cluster {spec}: stopped in {res['stop_seconds']:.1f}s; restarting on the same storage")
+        t0 = time.perf_counter()
+        init_ray(max(threads, shards + 1))
+        res["restart_ray_seconds"] = time.perf_counter() - t0
+        handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus,
+                                                           cluster_name="scale1", ready_timeout=args.restart_timeout)
+        res["restart_cluster_seconds"] = time.perf_counter() - t0
+        res["restart"] = first_full_answer(client, name, xq[:100], k, p, param, t0, args.restart_timeout)
+        after = search(xq[:100], p)
+        res["restart"]["same_ids_as_before"] = after.ids == before.ids
+        res["restart"]["trained"] = wait_trained(client, name, spec, wait_s)
+        log(f"  cluster {spec}: restart to a full answer {res['restart']['seconds']:.1f}s (Ray "
+            f"{res['restart_ray_seconds']:.1f}s, cluster up {res['restart_cluster_seconds']:.1f}s); same ids as "
+            f"before: {res['restart']['same_ids_as_before']}")
+    finally:
+        teardown(client, server, router, handle)
+    return res
+
+
+def first_full_answer(client, name: str, xq: np.ndarray, k: int, p: int, param: str | None, t0: float,
+                      timeout: float) -> dict:
+    """Searches until an answer has coverage 1 and k ids for every query; seconds since ``t0``."""
+    import grpc
+
+    not_yet = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND)
+    kw = {"nprobe": p} if param == "nprobe" else {"ef_search": p} if param == "efSearch" else {}
+    tries, last = 0, ""
+    while True:
+        tries += 1
+        try:
+            hits = client.search(name, xq, k=k, timeout=30, **kw)  # below full coverage: UNAVAILABLE
+            if hits.coverage >= 1.0 and all(len(row) == k for row in hits.ids):
+                return {"seconds": time.perf_counter() - t0, "tries": tries}
+            last = f"coverage {hits.coverage:.3f}, {min(len(row) for row in hits.ids)} ids at least"
+        except grpc.RpcError as err:
+            if err.code() not in not_yet:
+                raise
+            last = f"{err.code().name}: {err.details()}"
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"no full answer {timeout:.0f}s after the restart (last: {last})")
+        time.sleep(0.05)
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+FAMILIES = {"flat": lambda a: "Flat", "ivf": lambda a: f"IVF{a.nlist},Flat",
+            "ivfpq": lambda a: f"IVF{a.nlist},PQ{a.pq}", "hnsw": lambda a: f"HNSW{a.hnsw_m}"}
+
+
+def run(args) -> dict:
+    import faiss
+    import ray
+
+    cb._MONITOR = ForeignCpu()  # measure() and load() record the CPU others used meanwhile
+    root = pathlib.Path(args.data_dir)
+    out: dict = {"config": {a: v for a, v in vars(args).items() if a != "out"},
+                 "machine": {"cpus": os.cpu_count(), "memory_gib": cb._total_memory_gib(),
+                             "platform": platform.platform(), "python": platform.python_version(),
+                             "faiss": faiss.__version__, "ray": ray.__version__, "numpy": np.__version__,
+                             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+                             "loadavg_at_start": list(os.getloadavg())},
+                 "families": []}
+    xb_all, xq = dataset(args)
+    for fam in args.indexes:
+        spec = FAMILIES[fam](args)
+        n = min(args.hnsw_n, args.n) if fam == "hnsw" else args.n
+        xb = xb_all[:n]
+        log(f"{spec} over {n} vectors")
+        gt = ground_truth(xb, xq, args.k, root / f"gt-k{args.k}-first{n}-of-{data_tag(args)}.npy")
+        entry = {"family": fam, "spec": spec, "n": n, "faiss": faiss_family(spec, xb, xq, gt, args, root),
+                 "cluster": []}
+        out["families"].append(entry)
+        _save(out, args.out)
+        for S in args.shards:
+            storage = root / f"cluster-{fam}-{S}"
+            shutil.rmtree(storage, ignore_errors=True)
+            storage.mkdir(parents=True)
+            log(f"{spec}: cluster of {S} shards on {storage}")
+            try:
+                entry["cluster"].append(cluster_family(spec, S, xb, xq, gt, args, storage))
+            except Exception as err:  # noqa: BLE001: one failed cluster run is a result; the others still run
+                log(f"{spec}: the {S}-shard run failed: {type(err).__name__}: {err}")
+                entry.setdefault("failed", []).append({"shards": S, "error": f"{type(err).__name__}: {err}"})
+            finally:
+                if not args.keep_storage:
+                    shutil.rmtree(storage, ignore_errors=True)
+            _save(out, args.out)
+    out["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    out["summary"] = summarize(out)
+    return out
+
+
+def _save(out: dict, path: str) -> None:
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=2, default=float) + "\n")
+
+
+def _best_faiss(f: dict, batch: int) -> dict:
+    return max(f["qps"][str(batch)].values(), key=lambda r: r["qps"])
+
+
+def summarize(out: dict) -> list[dict]:
+    """One row per (family, shard count): the ratios the issue asks for."""
+    rows = []
+    for e in out["families"]:
+        f = e["faiss"]
+        by_s = {c["shards"]: c for c in e["cluster"]}
+        for c in e["cluster"]:
+            row = {"spec": e["spec"], "n": e["n"], "shards": c["shards"],
+                   "load_vectors_per_s": c["load"]["vectors_per_s"],
+                   "cluster_bytes_per_vector": c["memory"]["bytes_per_vector"],
+                   "faiss_bytes_per_vector": f["bytes_per_vector"],
+                   "ram_ratio": c["memory"]["bytes_per_vector"] / f["bytes_per_vector"],
+                   "restart_seconds": c["restart"]["seconds"], "faiss_build_seconds": f["build_seconds"],
+                   "restart_over_build": c["restart"]["seconds"] / f["build_seconds"],
+                   "param": c["param"], "cluster_param": c["sweep"]["value"], "faiss_param": f["sweep"]["value"],
+                   "cluster_recall": c["sweep"]["recall"], "faiss_recall": f["sweep"]["recall"],
+                   "target_met": c["sweep"]["met"] and f["sweep"]["met"], "trained": c["trained"]}
+            for b in out["config"]["batches"]:
+                cq, fq = c["qps"][str(b)]["qps"], _best_faiss(f, b)["qps"]
+                row[f"qps_b{b}"] = cq
+                row[f"faiss_qps_b{b}"] = fq
+                row[f"qps_ratio_b{b}"] = cq / fq
+                four = by_s.get(4)
+                if c["shards"] == 8 and four:
+                    row[f"qps_8_over_4_b{b}"] = cq / four["qps"][str(b)]["qps"]
+            rows.append(row)
+    return rows
+
+
+def markdown(out: dict) -> str:
+    cfg, m = out["config"], out["machine"]
+    lines = [f"n={cfg['n']} (HNSW: {min(cfg['hnsw_n'], cfg['n'])}) d={cfg['dim']}, shards {cfg['shards']} (Ray CPUs "
+             f"{cfg['shard_cpus']} each, 1 FAISS thread), {cfg['queries']} queries, k={cfg['k']}, target recall@"
+             f"{cfg['k']} >= {cfg['target']}; {m['cpus']} CPUs, {m['memory_gib']} GiB; faiss {m['faiss']}, "
+             f"ray {m['ray']}, numpy {m['numpy']}, Python {m['python']}; {m['date']}", ""]
+    add = lines.append
+    add("| index | shards | load vec/s | RAM B/vec cluster | FAISS | ratio | restart s | FAISS build s | "
+        "restart / build | param cluster / FAISS | recall cluster / FAISS | QPS b1 cluster / FAISS | ratio | "
+        "QPS b100 cluster / FAISS | ratio | 8/4 QPS b1 | 8/4 QPS b100 |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|")
+    for r in out["summary"]:
+        param = f"{r['param']} {r['cluster_param']} / {r['faiss_param']}" if r["param"] else "-"
+        flag = "" if r["target_met"] else " (plateau)"
+        add(f"| {r['spec']} | {r['shards']} | {r['load_vectors_per_s']:.0f} | {r['cluster_bytes_per_vector']:.0f} | "
+            f"{r['faiss_bytes_per_vector']:.0f} | {r['ram_ratio']:.2f} | {r['restart_seconds']:.1f} | "
+            f"{r['faiss_build_seconds']:.1f} | {r['restart_over_build']:.2f} | {param} | "
+            f"{r['cluster_recall']:.3f} / {r['faiss_recall']:.3f}{flag} | "
+            f"{r.get('qps_b1', 0):.1f} / {r.get('faiss_qps_b1', 0):.1f} | {r.get('qps_ratio_b1', 0):.2f} | "
+            f"{r.get('qps_b100', 0):.0f} / {r.get('faiss_qps_b100', 0):.0f} | {r.get('qps_ratio_b100', 0):.2f} | "
+            f"{_fmt(r.get('qps_8_over_4_b1'))} | {_fmt(r.get('qps_8_over_4_b100'))} |")
+    add("")
+    add("| index | FAISS build: read + train + add s | FAISS QPS b1 all cores / 1 thread | "
+        "FAISS QPS b100 all cores / 1 thread | shards | cluster start s | load s | wait trained s (how) | "
+        "idle wait s | stop s | restart: Ray up / cluster up / full answer s | same ids after restart |")
+    add("|---|---|---|---|---:|---:|---:|---|---:|---:|---|---|")
+    for e in out["families"]:
+        f = e["faiss"]
+        q = f["qps"]
+        fb = f"{f['read_seconds']:.1f} + {f.get('train_seconds', 0.0):.1f} + {f['add_seconds']:.1f}"
+        q1 = f"{q['1']['all cores']['qps']:.1f} / {q['1']['1 thread']['qps']:.1f}" if "1" in q else "-"
+        q100 = f"{q['100']['all cores']['qps']:.0f} / {q['100']['1 thread']['qps']:.0f}" if "100" in q else "-"
+        for c in e["cluster"]:
+            tr = c["trained"]
+            add(f"| {e['spec']} | {fb} | {q1} | {q100} | {c['shards']} | {c['start_seconds']:.1f} | "
+                f"{c['load']['seconds']:.1f} | {tr['seconds']:.1f} ({tr['how']}{'' if tr['trained'] else ', timed out'}) "
+                f"| {c['idle_wait_seconds']:.0f} | {c['stop_seconds']:.1f} | {c['restart_ray_seconds']:.1f} / "
+                f"{c['restart_cluster_seconds']:.1f} / {c['restart']['seconds']:.1f} | "
+                f"{'yes' if c['restart']['same_ids_as_before'] else 'no'} |")
+    for e in out["families"]:
+        for c in e["cluster"]:
+            if c.get("note"):
+                add("")
+                add(f"Note, {e['spec']}, {c['shards']} shards: {c['note']}.")
+        for f in e.get("failed", []):
+            add("")
+            add(f"Failed: {e['spec']}, {f['shards']} shards: {f['error']}")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m bench.scale_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=10_000_000, help="vectors (default 10000000)")
+    p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
+    p.add_argument("--shards", type=ints, default=[4, 8], help="shard counts, comma-separated (default 4,8)")
+    p.add_argument("--indexes", type=lambda s: [x for x in s.split(",") if x], default=list(FAMILIES),
+                   help=f"index families, comma-separated, from {','.join(FAMILIES)} (default all)")
+    p.add_argument("--hnsw-n", type=int, default=2_000_000,
+                   help="vectors of the HNSW family (the first ones; default 2000000)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default 32)")
+    p.add_argument("--nlist", type=int, default=4096, help="IVF lists of the collection, as for one index (4096)")
+    p.add_argument("--pq", type=int, default=32, help="PQ sub-quantizers m of the ivfpq family (default 32)")
+    p.add_argument("--queries", type=int, default=1000,
+                   help="queries, for ground truth, recall and the QPS runs (default 1000)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--target", type=float, default=0.95, help="recall@k each system must reach (default 0.95)")
+    p.add_argument("--batches", type=ints, default=[1, 100], help="queries per search request (default 1,100)")
+    p.add_argument("--seconds", type=float, default=10.0, help="time bound of each QPS measurement (default 10)")
+    p.add_argument("--max-requests", type=int, default=10_000, help="request bound of each QPS measurement")
+    p.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor (default 0.5)")
+    p.add_argument("--load-batch", type=int, default=10_000, help="vectors per upsert message (default 10000)")
+    p.add_argument("--load-timeout", type=float, default=None, help="deadline of each bulk load, seconds (none)")
+    p.add_argument("--train-timeout", type=float, default=600.0,
+                   help="seconds to wait for the collection to report trained before moving on (default 600)")
+    p.add_argument("--idle-timeout", type=float, default=900.0,
+                   help="seconds to wait for the shards to go idle after the load (default 900)")
+    p.add_argument("--restart-timeout", type=float, default=3600.0,
+                   help="seconds a restart may take to answer fully before the run fails (default 3600)")
+    p.add_argument("--chunk", type=int, default=1_000_000, help="vectors per in-process add (default 1000000)")
+    p.add_argument("--clusters", type=int, default=1000, help="centroids of the generated data (default 1000)")
+    p.add_argument("--noise", type=float, default=1.5, help="noise around each centroid (default 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, queries and training samples (default 0)")
+    p.add_argument("--data-dir", required=True,
+                   help="where the generated vectors (.npy, memory-mapped), the cached ground truth and the "
+                        "clusters' storage go; needs about 2.5 x n x dim x 4 bytes free")
+    p.add_argument("--keep-storage", action="store_true", help="keep each cluster's storage after its run")
+    p.add_argument("--out", default="bench/out/scale.json", help="JSON results (default bench/out/scale.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = set(args.indexes) - set(FAMILIES)
+    if unknown:
+        build_parser().error(f"unknown index families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    out = run(args)
+    _save(out, args.out)
+    print(markdown(out), flush=True)
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
