@@ -478,7 +478,7 @@ def markdown(out: dict) -> str:
         for c in e["cluster"]:
             tr = c["trained"]
             add(f"| {e['spec']} | {fb} | {q1} | {q100} | {c['shards']} | {c['start_seconds']:.1f} | "
-                f"{c['load']['seconds']:.1f} | {tr['seconds']:.1f} ({tr['how']}{'' if tr['trained'] else ', timed out'}) "
+                f"{c['load']['seconds']:.1f} | {tr['seconds']:.1f} (v{tr.get('version', 0)}{'' if tr['trained'] else ', timed out'}) "
                 f"| {c['idle_wait_seconds']:.0f} | {c['stop_seconds']:.1f} | {c['restart_ray_seconds']:.1f} / "
                 f"{c['restart_cluster_seconds']:.1f} / {c['restart']['seconds']:.1f} | "
                 f"{'yes' if c['restart']['same_ids_as_before'] else 'no'} |")
