@@ -819,6 +819,8 @@ class Controller:
                 msg = f"trained v{cfg.trained_version} on {c.trained_on:,} vectors; {ready} of {len(holders)} shards use it"
                 if ready < len(holders):
                     msg += " (the others are moving into it, or search exactly or the previous version meanwhile)"
+            if tr.requested and not tr.running:
+                msg += f"; v{tr.next_version} asked for, starting"
             if tr.error:
                 msg += f"; {tr.error}"
             if tr.adopt_errors:
