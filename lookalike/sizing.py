@@ -7,11 +7,10 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
   no more (no IVF direct map: removal and Get do not need one, see shard/index.py); for IVF, what growing lists
-  cost beyond their contents: spare capacity (``IVF_LIST_SLACK`` of their codes and ids: each list is a vector
-  that doubles as it grows) and ``IVF_LIST_HEAP`` bytes of heap fragmentation, measured on a shard whose
-  collection's index was trained before its items arrived (as in a cluster) and whose compressed lists were packed
-  once the writes stopped (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k and
-  1M vectors); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
+  cost beyond their contents once a shard has packed them (it does when the writes stop): ``IVF_LIST_SLACK`` of their
+  codes and ids and ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before
+  its items arrived, as in a cluster (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k
+  and 1M vectors; IVF1024,Flat at d=128: 597 against FAISS's 522, bench/memory_bench.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
   item), 8 bytes of position -> label and 4 of positions sorted by label;
 - the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
 - the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
@@ -41,7 +40,7 @@ MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
 COLLECTION_OVERHEAD = 6 * MiB
-IVF_LIST_SLACK = 0.25
+IVF_LIST_SLACK = 0.05
 IVF_LIST_HEAP = 8
 _IDTABLE = 24
 _BYTES_OBJECT = 33

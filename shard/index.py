@@ -385,10 +385,9 @@ class VectorIndex:
 
     @property
     def repackable(self) -> bool:
-        """A trained IVF index over compressed codes (PQ, SQ: at most 64 bytes a vector), whose lists' growth leaves
-        more slack than they hold (see shard.core ShardCollection._repack_if_due)."""
-        return (self._buffer is None and not self._binary and isinstance(self._main, faiss.IndexIVF)
-                and self._main.code_size <= 64)
+        """A trained IVF index over float vectors, whose lists' growth leaves slack and heap holes behind (see
+        shard.core ShardCollection._repack_if_due)."""
+        return self._buffer is None and not self._binary and isinstance(self._main, faiss.IndexIVF)
 
     def repacked(self):
         """A copy of the main index with every list exactly its size: FAISS's serialization reads each list back
