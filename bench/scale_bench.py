@@ -1,10 +1,11 @@
 """Scale: the cluster vs in-process FAISS on the same data, through 4 and 8 shards, up to 10M vectors.
 
     python -m bench.scale_bench --n 10000000 --nlist 4096 --hnsw-n 2000000 --data-dir /data/scale \\
-        [--dim 128] [--shards 4,8] [--indexes flat,ivf,ivfpq,hnsw] [--pq 32] [--queries 1000] [--seconds 10] \\
+        [--dim 128] [--shards 4,8] [--indexes flat,ivf,ivfpq,ivfpqfs,hnsw] [--pq 32] [--queries 1000] [--seconds 10] \\
         [--out bench/out/scale.json]
 
-For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{pq}``, ``HNSW{hnsw-m}`` over
+For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{pq}``, ``IVF{nlist},PQ{pq}x4fs``
+(fast-scan), ``HNSW{hnsw-m}`` over
 the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster with each shard count:
 
 - in-process: build time (read the vectors from the .npy + train + add), index bytes per vector (the size of
@@ -358,7 +359,8 @@ def first_full_answer(client, name: str, xq: np.ndarray, k: int, p: int, param: 
 
 # --- the run --------------------------------------------------------------------------------------------------------
 FAMILIES = {"flat": lambda a: "Flat", "ivf": lambda a: f"IVF{a.nlist},Flat",
-            "ivfpq": lambda a: f"IVF{a.nlist},PQ{a.pq}", "hnsw": lambda a: f"HNSW{a.hnsw_m}"}
+            "ivfpq": lambda a: f"IVF{a.nlist},PQ{a.pq}", "ivfpqfs": lambda a: f"IVF{a.nlist},PQ{a.pq}x4fs",
+            "hnsw": lambda a: f"HNSW{a.hnsw_m}"}
 
 
 def run(args) -> dict:

@@ -16,6 +16,7 @@ Float vectors (l2, ip, cosine)::
     graph     := "HNSW" M ["," "Flat" | "_" encoding]
                | "CAGRA" [degree]             a GPU graph (needs faiss with cuVS)
     encoding  := "PQ" m ["x" bits] ["np"]     m divides the dimension; "np" (no polysemous training) after IVF only
+               | "PQ" m "x4fs"                fast-scan PQ (4-bit codes, 16-entry SIMD tables), after IVF only
                | "SQ" ("4" | "6" | "8" | "fp16" | "bf16")
 
 Binary codes (hamming; dim in bits)::
@@ -41,7 +42,7 @@ MIN_CAGRA_DEGREE, MAX_CAGRA_DEGREE = 8, 1024
 SQ_TYPES = ("4", "6", "8", "fp16", "bf16")
 
 _NUM = r"(0|[1-9]\d{0,8})"  # no leading zeros, at most 9 digits (bounds are checked on the value)
-_ENC = rf"PQ{_NUM}(?:x{_NUM})?(np)?|SQ(4|6|8|fp16|bf16)"
+_ENC = rf"PQ{_NUM}(?:x{_NUM})?(np|fs)?|SQ(4|6|8|fp16|bf16)"
 _TRANSFORM = re.compile(rf"PCA{_NUM}|OPQ{_NUM}(?:_{_NUM})?")
 _ENCODING = re.compile(_ENC)
 _IVF = re.compile(rf"IVF{_NUM}(?:_HNSW{_NUM})?")
@@ -49,7 +50,7 @@ _HNSW = re.compile(rf"HNSW{_NUM}(?:_(\w+))?")
 _CAGRA = re.compile(r"CAGRA(\d{0,9})")
 _BINARY = re.compile(rf"BFlat|BIVF{_NUM}(?:_HNSW{_NUM})?(?:,Flat)?|BHNSW{_NUM}")
 
-SUPPORTED = ("Flat, PQ<m>[x<bits>], SQ4/SQ6/SQ8/SQfp16/SQbf16, IVF<nlist>[_HNSW<M>],Flat|PQ..|SQ.., HNSW<M>[,Flat|_PQ..|_SQ..], "
+SUPPORTED = ("Flat, PQ<m>[x<bits>], SQ4/SQ6/SQ8/SQfp16/SQbf16, IVF<nlist>[_HNSW<M>],Flat|PQ..|PQ<m>x4fs|SQ.., HNSW<M>[,Flat|_PQ..|_SQ..], "
              "CAGRA[<degree>], optionally after PCA<d>, or OPQ<m>[_<d>]; binary: BFlat, BIVF<nlist>[_HNSW<M>], BHNSW<M>")
 
 
@@ -77,7 +78,9 @@ def _check_encoding(spec: str, match: re.Match, d: int, after_ivf: bool) -> None
     if bits is not None and not MIN_PQ_BITS <= int(bits) <= MAX_PQ_BITS:
         raise _refuse(spec, f"PQ codes of {bits} bits; use {MIN_PQ_BITS} to {MAX_PQ_BITS}")
     if np_flag and not after_ivf:
-        raise _refuse(spec, "'np' applies to PQ after IVF only")
+        raise _refuse(spec, f"'{np_flag}' applies to PQ after IVF only")
+    if np_flag == "fs" and bits != "4":
+        raise _refuse(spec, "fast-scan PQ takes 4-bit codes: PQ<m>x4fs")
 
 
 def _transform(spec: str, text: str, dim: int) -> int:
@@ -201,7 +204,7 @@ def training_points(spec: str) -> tuple[int, int]:
         if m := re.fullmatch(r"B?IVF(\d+)", part):
             lists = int(m.group(1))
             needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * lists)
-        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", part):
+        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np|fs)?", part):
             needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * (1 << int(m.group(2) or 8)))
         elif part.startswith("OPQ"):
             needed = max(needed, TRAIN_MIN_POINTS_PER_CENTROID * 256)

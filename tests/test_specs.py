@@ -44,7 +44,7 @@ def test_specs_faiss_aborts_on_are_refused_from_their_text(spec):
 
 _NUMS = st.sampled_from(["0", "1", "2", "3", "4", "8", "16", "17", "007", "99999999999", ""])
 _ENC = st.one_of(st.just("Flat"), st.builds(lambda m, b, np_: f"PQ{m}" + (f"x{b}" if b else "") + np_, _NUMS,
-                                            st.sampled_from(["", "0", "1", "4", "8", "17"]), st.sampled_from(["", "np"])),
+                                            st.sampled_from(["", "0", "1", "4", "8", "17"]), st.sampled_from(["", "np", "fs"])),
                  st.sampled_from(["SQ4", "SQ6", "SQ8", "SQfp16", "SQbf16", "SQ7", "SQ"]))
 _MAIN = st.one_of(
     st.just("Flat"), _ENC,
@@ -74,7 +74,7 @@ def test_every_spec_is_refused_or_works_and_none_kills_the_process():
     _DRAWN.clear()
     _draw()  # up to 150 specs, the same every run
     cases = list(_DRAWN)
-    cases += [(spec, 16, "l2") for spec in KNOWN_BAD + ["HNSW2", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8"]]
+    cases += [(spec, 16, "l2") for spec in KNOWN_BAD + ["HNSW2", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8", "IVF4,PQ8x4fs"]]
     # binary codes: the grammar's B-specs, and float specs a hamming collection turns into B-specs
     cases += [(s, 64, "hamming") for s in ("BFlat", "BIVF4", "BIVF4,Flat", "BIVF4_HNSW2", "BHNSW2", "BHNSW0",
                                             "BHNSW1", "HNSW8", "IVF4", "BHash8", "BFlat,Flat", "BCAGRA", "PQ4")]
@@ -82,7 +82,7 @@ def test_every_spec_is_refused_or_works_and_none_kills_the_process():
     bad = [(spec, metric, out) for (spec, _, metric), out in zip(cases, outcomes) if out not in ("ok", "refused")]
     assert not bad, f"specs accepted that then failed or killed the process: {bad}"
     accepted = {spec for (spec, *_), out in zip(cases, outcomes) if out == "ok"}
-    assert {"HNSW2", "BHNSW2", "BIVF4", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8"} <= accepted
+    assert {"HNSW2", "BHNSW2", "BIVF4", "PCA8,IVF2,PQ4x4np", "OPQ4_8,IVF4,SQ8", "IVF4,PQ8x4fs"} <= accepted
     assert not accepted & set(KNOWN_BAD)
     # the fuzzing reached both sides: some specs work, some are refused
     assert len(accepted) >= 10 and outcomes.count("refused") >= 10, outcomes

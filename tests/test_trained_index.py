@@ -60,7 +60,7 @@ def _top_k_by_distance_then_label(index, xq, k: int, nprobe: int, larger_is_bett
     return D[:, :k], L[:, :k]
 
 
-@pytest.mark.parametrize("spec,n", [("IVF32,Flat", 6000), ("IVF16,PQ8x4", 6000)])
+@pytest.mark.parametrize("spec,n", [("IVF32,Flat", 6000), ("IVF16,PQ8x4", 6000), ("IVF16,PQ8x4fs", 6000)])
 @pytest.mark.parametrize("shards", [1, 2, 4])
 def test_shards_with_one_trained_index_answer_as_one_faiss_index(tmp_path, shards, spec, n):
     cl = _cluster(tmp_path, shards)
