@@ -679,13 +679,17 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     out = run(args)
-    text = markdown(out)
-    print(text, flush=True)
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {path}", file=sys.stderr)
+    print(markdown(out), flush=True)
+    write_results(out, args.out)
     return 0
+
+
+def write_results(out: dict, path: str) -> None:
+    """Every number of a benchmark run as JSON at ``path`` (directories made), said on stderr."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import cluster_bench
-from bench.cluster_bench import ids_to_array, make_data, measure, recall_at_k
+from bench.cluster_bench import ids_to_array, make_data, measure, recall_at_k, write_results
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYSTEMS = {"lookalike": "lookalike", "faiss": "in-process FAISS", "milvus": "milvus-lite"}
@@ -730,10 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = run(args)
     print(markdown(out), flush=True)
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}", file=sys.stderr)
+    write_results(out, args.out)
     return 0
 
 

@@ -37,16 +37,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import pathlib
 import platform
 import sys
 import time
 
 import numpy as np
 
-from bench.cluster_bench import make_data, recall_at_k
+from bench.cluster_bench import make_data, recall_at_k, write_results
 
 
 def log(msg: str, t0: float = [time.perf_counter()]) -> None:  # noqa: B006 - the default is the start time
@@ -306,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = run(args)
     print(markdown(out), flush=True)
-    path = pathlib.Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {path}", file=sys.stderr)
+    write_results(out, args.out)
     return 0
 
 

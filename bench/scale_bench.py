@@ -49,7 +49,7 @@ import numpy as np
 
 from bench import cluster_bench as cb
 from bench.cluster_bench import (ForeignCpu, ids_to_array, init_ray, load, make_data, measure,
-                                 recall_at_k, shard_memory, start_local, teardown, wait_idle)
+                                 recall_at_k, shard_memory, start_local, teardown, wait_idle, write_results)
 
 _T0 = time.perf_counter()
 
@@ -407,6 +407,7 @@ def run(args) -> dict:
 
 
 def _save(out: dict, path: str) -> None:
+    """The results so far (after each family: a long run that stops keeps what it measured)."""
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=2, default=float) + "\n")
@@ -547,9 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         build_parser().error(f"unknown index families {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     out = run(args)
-    _save(out, args.out)
+    write_results(out, args.out)  # before the report: a report that fails loses no numbers
     print(markdown(out), flush=True)
-    print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 
 
