@@ -281,6 +281,7 @@ def trained_config(root, cfg, xb):
     controller."""
     import dataclasses
 
+    # here, as in served_local_cluster: FAISS and the shard code load only for the tests that use them
     from lookalike.indexspec import training_points
     from shard.index import VectorIndex
     from shard.trained import write_template
