@@ -686,9 +686,9 @@ class ShardCollection:
         if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
             self._written_since_trim = 0
             release_memory()  # request buffers and old id-table arrays leave freed pages behind
-        elif trim and not self._trim_pending:
+        if trim and not self._trim_pending:
             # What the last writes of a burst freed (up to _TRIM_EVERY_BYTES of request buffers: a quarter of a
-            # 250k x 128 shard's vectors) is handed back once the writes stop.
+            # 250k x 128 shard's vectors) is handed back once the writes stop, and grown IVF lists are packed.
             self._trim_pending = True
             threading.Thread(target=self._trim_when_idle, name=f"trim-{self.coll.name}", daemon=True).start()
 
@@ -708,14 +708,14 @@ class ShardCollection:
                 if wait > 0:
                     continue
                 self._trim_pending = False
-                if not self._written_since_trim:
+                packed = self._repack_if_due()  # whatever was trimmed on the way: it depends on growth only
+                if not self._written_since_trim and not packed:
                     return
                 self._written_since_trim = 0
-                self._repack_if_due()
             release_memory()
             return
 
-    def _repack_if_due(self) -> None:
+    def _repack_if_due(self) -> bool:
         """IVF lists grow by doubling as items arrive, and the buffers they outgrow stay behind in the heap between
         longer-lived allocations: 50-150 bytes a vector on a shard (bench/memory_bench.py), more than a PQ16 code
         and its id. Once the writes stop, an index that grew by a fifth since it was last packed is copied into
@@ -728,13 +728,13 @@ class ShardCollection:
         index = self.index
         n = index.ntotal
         if not index.repackable or n < _REPACK_MIN or n < (1 + _REPACK_GROWTH) * self._packed_at:
-            return
+            return False
         try:
             self._check_room(index.nbytes)  # the copy, for a moment
         except ResourceExhausted:
-            return
+            return False
         if psutil.virtual_memory().available < 2 * index.nbytes:
-            return
+            return False
         t0 = time.monotonic()
         new = index.repacked()
         with self._rw.write():
@@ -742,6 +742,7 @@ class ShardCollection:
         self._packed_at = n
         del old
         log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", self.coll.name, n, time.monotonic() - t0)
+        return True
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
         """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while

@@ -123,3 +123,18 @@ def test_compressed_ivf_lists_are_packed_once_writes_stop_and_answers_stay_the_s
         assert sc._packed_at == N
     finally:
         shard.close()
+
+
+def test_lists_are_packed_even_when_every_write_trims_on_the_way(tmp_path, monkeypatch):
+    """A burst whose last write crossed the trim threshold used to leave no idle thread behind: the lists stayed
+    as they grew."""
+    from conftest import wait_for
+    import shard.core
+
+    monkeypatch.setattr(shard.core, "_TRIM_EVERY_BYTES", 1)  # every write trims on the way
+    xb, _ = make_data("l2", 20_000, DIM, seed=7)
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb, batch=5_000)
+    try:
+        assert wait_for(lambda: sc._packed_at == len(xb), 20)
+    finally:
+        shard_.close()
