@@ -47,12 +47,10 @@ MiB = 1 << 20
 
 
 def _shard_train_size(nlist: int, dim: int) -> int:
-    """Vectors a shard's IVF{nlist} index is trained on (shard.index.train_threshold)."""
-    import faiss
+    """Vectors the collection needs before its IVF{nlist} index is trained (shard.index.train_threshold)."""
+    from shard.index import train_threshold  # here: FAISS loads only when a run needs it
 
-    from shard.index import train_threshold
-
-    return train_threshold(f"IVF{nlist},Flat", faiss.index_factory(dim, f"IVF{nlist},Flat"))
+    return train_threshold(f"IVF{nlist},Flat")
 
 
 # --- data -----------------------------------------------------------------------------------------------------

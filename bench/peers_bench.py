@@ -272,11 +272,9 @@ def bench_lookalike(client, index: str, dim: int, xb: np.ndarray, xq: np.ndarray
     per_shard = len(xb) / plan.shards
     used = f"{spec} on each of {plan.shards} shards"
     if index == "IVF":
-        import faiss
+        from shard.index import train_threshold  # here: FAISS loads only when a run needs it
 
-        from shard.index import train_threshold
-
-        need = train_threshold(spec, faiss.index_factory(dim, spec))
+        need = train_threshold(spec)
         if per_shard < need * 1.05:
             used += f" (about {per_shard:.0f} vectors per shard, {need} needed to train: may be the exact buffer)"
     param = {"IVF": "nprobe per shard", "HNSW": "efSearch"}.get(index)
@@ -306,7 +304,7 @@ def bench_faiss(index: str, dim: int, xb: np.ndarray, xq: np.ndarray, gt: np.nda
         nlist = plan.shards * plan.nlist
         spec = f"IVF{nlist},Flat"
         idx = faiss.index_factory(dim, spec, faiss.METRIC_L2)
-        shard_train = train_threshold(f"IVF{plan.nlist},Flat", faiss.index_factory(dim, f"IVF{plan.nlist},Flat"))
+        shard_train = train_threshold(f"IVF{plan.nlist},Flat")
         ntrain = min(len(xb), max(nlist, plan.shards * shard_train))  # as many points per list as a shard
         sample = xb[np.sort(np.random.default_rng(seed + 1).choice(len(xb), size=ntrain, replace=False))]
         idx.train(sample)

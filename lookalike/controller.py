@@ -661,7 +661,7 @@ class Controller:
 
 
     def check_training(self) -> None:
-        """One pass of the training loop (also called by tests and by :meth:`train`)."""
+        """One pass of the training loop (also called by tests)."""
         with self._cond:
             names = [n for n, c in self._collections.items() if training_points(c.cfg.index)[0]]
         for name in names:
@@ -674,15 +674,16 @@ class Controller:
             # Counting asks every shard: once trained, only now and then, to see whether it grew enough to train again.
             recount = time.monotonic() >= tr.counted_at + (_GROWTH_CHECK_S if cfg.trained_version else 0)
             if (cfg.trained_version == 0 or tr.requested or trained_on < sample) and recount:
-                tr.vectors = int(self._bucket_sizes(name).sum())
+                sizes = self._bucket_sizes(name)
+                tr.vectors = int(sizes.sum())
                 tr.counted_at = time.monotonic()
                 grown = cfg.trained_version and trained_on < sample and tr.vectors >= RETRAIN_GROWTH * trained_on
                 if tr.vectors >= needed and (cfg.trained_version == 0 or tr.requested or grown) \
                         and time.monotonic() >= tr.retry_at:
-                    self._train(name, cfg, tr, sample)
+                    self._train(name, cfg, tr, sample, sizes)
             self._sync_trained(name)
 
-    def _train(self, name: str, cfg: CollectionConfig, tr: _Training, sample: int) -> None:
+    def _train(self, name: str, cfg: CollectionConfig, tr: _Training, sample: int, sizes: np.ndarray) -> None:
         """Trains the next version on one shard (reading a sample of every bucket from storage), then publishes it.
 
         Versions are numbered across the whole cluster, never twice (``trained_seq`` in the state): a collection
@@ -700,7 +701,6 @@ class Controller:
         try:
             if trainer is None:
                 raise FailedPrecondition("no shard of the collection is serving")
-            sizes = self._bucket_sizes(name)
             upto = int(np.searchsorted(np.cumsum(sizes[order]), sample)) + 1
             sources: dict[str, list[int]] = {}
             for b in order[:upto].tolist():

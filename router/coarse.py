@@ -64,11 +64,11 @@ class CoarseQuantizers:
 
     def ready(self, cfg: CollectionConfig) -> _Quantizer | None:
         """The quantizer for ``cfg``'s trained version, or None (and a fetch started when none is under way)."""
+        q = self._have.get(cfg.name)
+        if q is not None and q.version == cfg.trained_version:  # the usual case, per search: no spec parsing
+            return q
         if not router_may_quantize(cfg):
             return None
-        q = self._have.get(cfg.name)
-        if q is not None and q.version == cfg.trained_version:
-            return q
         with self._lock:
             if cfg.name in self._pending or time.monotonic() < self._tried.get(cfg.name, 0.0) + _RETRY_S:
                 return None

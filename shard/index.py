@@ -135,9 +135,9 @@ def _is_graph(index) -> bool:
     return isinstance(index, (faiss.IndexHNSW, faiss.IndexBinaryHNSW)) or "HNSW" in type(index).__name__
 
 
-def train_threshold(spec: str, index=None) -> int:
+def train_threshold(spec: str) -> int:
     """Vectors a collection needs before its index is trained (see lookalike.indexspec.training_points); 0 for
-    indexes that need no training. ``index`` is unused (kept for callers that pass the built index)."""
+    indexes that need no training."""
     return training_points(spec)[0]
 
 
@@ -161,7 +161,7 @@ class VectorIndex:
         self.trained_version = coll.trained_version if template is not None else 0
         # A graph over trained codes (HNSW_PQ) is rebuilt from the trained template, not retrained.
         self._template = faiss.clone_index(template) if template is not None and self._graph else None
-        self.train_size = 0 if self.trained else train_threshold(coll.index, self._main)
+        self.train_size = 0 if self.trained else train_threshold(coll.index)
         self.train_error = ""  # why training failed, if it did (see train_failed)
         # Until trained: an exact flat buffer keyed by label.
         self._buffer = None if self.trained else self._idmap(self._flat())
