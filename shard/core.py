@@ -417,12 +417,13 @@ class ShardCollection:
             with self._rw.write():
                 old, self.index = self.index, new
                 self.coll = coll
-            self._checkpoint_when_due(1 << 62)  # the next start loads the new version's index, not the old one's
+            self._checkpoint_soon()  # the next start loads the new version's index, not the old one's
             log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
                      coll.trained_version, time.monotonic() - t0)
         del old
         release_memory()
         return True
+
     def _resume(self, distrust: str = "") -> LogPosition | None:
         """Installs the newest index checkpoint if it may be used and checks out; returns the log position it covers
         (what follows is to be replayed), or None (replay everything).
@@ -563,7 +564,13 @@ class ShardCollection:
         checkpoint once enough was written since the last one (see CHECKPOINT_EVERY_BYTES)."""
         self._written_since_checkpoint += nbytes
         due = self.checkpoint_every_bytes or max(CHECKPOINT_EVERY_BYTES, self.index.nbytes // 2)
-        if self._written_since_checkpoint >= due and not self._checkpoint_pending:
+        if self._written_since_checkpoint >= due:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Starts a background checkpoint unless one is pending (it runs once the caller lets go of the write
+        order)."""
+        if not self._checkpoint_pending:
             self._checkpoint_pending = True
             threading.Thread(target=self._checkpoint_in_background, name=f"checkpoint-{self.coll.name}",
                              daemon=True).start()
@@ -1336,10 +1343,10 @@ class Shard:
                 got += len(parts[-1])
                 if got >= sample:
                     break
-        x = np.concatenate(parts) if parts else np.empty((0, coll.code_size), dtype=np.uint8)
-        if len(x) < needed:
+        if got < needed:
             raise FailedPrecondition(f"training {coll.name!r} ({coll.index}) needs {needed} vectors; the buckets "
-                                     f"read hold {len(x)}")
+                                     f"read hold {got}")
+        x = np.concatenate(parts)
         index = VectorIndex(dataclasses.replace(coll, trained_version=0), gpu=None)
         try:
             template = index.train_template(x, self.gpu)
