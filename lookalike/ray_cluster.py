@@ -45,6 +45,11 @@ def _unwrap(ref, timeout: float | None = None):
         raise
 
 
+def shard_threads(cfg: ClusterConfig) -> int:
+    """FAISS (OpenMP) threads of a shard: its whole Ray CPUs, at least one."""
+    return max(1, int(cfg.shard_num_cpus))
+
+
 @ray.remote
 class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
@@ -171,7 +176,8 @@ class RayPlacer:
             scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
             num_cpus=cfg.shard_num_cpus, num_gpus=self.num_gpus, memory=cfg.shard_memory or None,
             # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
-            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}},
+            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+                                      "OMP_NUM_THREADS": str(shard_threads(cfg))}},
         )
 
     def _handle(self, shard_id: str):
@@ -180,7 +186,7 @@ class RayPlacer:
             cfg = self.cfg
             h = ShardActor.options(**self.actor_options(shard_id)).remote(
                 shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
-                max(1, int(cfg.shard_num_cpus)), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
+                shard_threads(cfg), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
                 self.num_gpus, cfg.tls)
             self._handles[shard_id] = h
             self._ready[shard_id] = h.__ray_ready__.remote()

@@ -171,3 +171,25 @@ def test_a_graceful_stop_checkpoints_and_the_restart_loads_the_indexes_without_r
     stats = [c for _, st in again.router.shard_stats() for c in st.collections if c.name == "h"]
     assert len(stats) == 2 and all(c.loaded_from_checkpoint and c.replayed_records == 0 for c in stats), stats
     assert again.client.search("h", xq, k=5, ef_search=64).ids == before.ids
+
+
+@pytest.mark.parametrize("cpus", [0.5, 1, 3])
+def test_a_shard_searches_with_as_many_faiss_threads_as_its_ray_cpus(cpus):
+    """OpenMP's thread count set in one thread does not carry to others: a shard's gRPC threads, which run the
+    searches, would use every core of the node beside the other shards. The actor's environment sets it for all."""
+    import subprocess
+    import sys
+
+    from lookalike.config import ClusterConfig
+    from lookalike.ray_cluster import RayPlacer
+
+    env_vars = RayPlacer(ClusterConfig(shard_num_cpus=cpus), 1 << 20, cluster_gpus=0).actor_options("shard-0")[
+        "runtime_env"]["env_vars"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = ("import threading, faiss\n"
+            "out = []\n"
+            "t = threading.Thread(target=lambda: out.append(faiss.omp_get_max_threads())); t.start(); t.join()\n"
+            "print(out[0])")
+    got = subprocess.run([sys.executable, "-c", code], env={**env, **env_vars}, capture_output=True, text=True,
+                         check=True).stdout
+    assert int(got) == max(1, int(cpus))
