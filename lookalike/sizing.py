@@ -35,6 +35,8 @@ import dataclasses
 import math
 import re
 
+from lookalike.indexspec import check_spec
+
 GiB = 1 << 30
 MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
@@ -66,7 +68,11 @@ class PerVector:
 
 
 def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, payload_bytes: int = 0) -> PerVector:
-    """Bytes per item on a shard for a FAISS factory string (see the module docstring)."""
+    """Bytes per item on a shard for a FAISS factory string (see the module docstring).
+
+    Raises:
+        lookalike.errors.InvalidArgument: a spec lookalike does not support (lookalike.indexspec), with its sentence.
+    """
     import faiss
 
     from shard.index import _factory
@@ -74,6 +80,7 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
     spec = index
     if metric == "hamming" and not spec.startswith("B"):
         spec = "B" + spec
+    check_spec(spec, dim, metric == "hamming")  # the grammar's sentence, before FAISS parses (or aborts on) it
     built = _factory(dim, metric, spec)
     if isinstance(built, faiss.IndexBinary):
         code = built.code_size
