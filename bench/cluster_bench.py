@@ -643,39 +643,75 @@ def _fmt(x) -> str:
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.cluster_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1_000_000, help="vectors (default 1000000)")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--seconds", type=float, default=10.0, help="time bound of each measurement")
-    p.add_argument("--max-requests", type=int, default=10_000, help="request bound of each measurement")
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100],
+def _at_least(kind, low):
+    """argparse type: a number of ``kind`` no smaller than ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes whole numbers separated by commas, e.g. 1,100; got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text}")
+    return sizes
+
+
+def build_parser(prog: str = "python -m bench.cluster_bench",
+                 parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The benchmark's flags (``lookalike bench`` passes its own prog and parser class: one-line errors)."""
+    count = _at_least(int, 1)
+    p = parser_class(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=count, default=1_000_000, help="vectors (default 1000000)")
+    p.add_argument("--dim", type=count, default=128, help="components per vector (default 128)")
+    p.add_argument("--shards", type=count, default=4, help="shards of the cluster (default 4)")
+    p.add_argument("--queries", type=count, default=1000, help="distinct query vectors (default 1000)")
+    p.add_argument("--seconds", type=_at_least(float, 0.01), default=10.0,
+                   help="time bound of each measurement (default 10)")
+    p.add_argument("--max-requests", type=count, default=10_000,
+                   help="request bound of each measurement (default 10000)")
+    p.add_argument("--batches", type=_batches, default=[1, 100],
                    help="queries per search request, comma-separated (default 1,100)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--nlist", type=int, default=1024, help="IVF lists per shard (in-process: shards x nlist)")
-    p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per shard (in-process: shards x nprobe)")
-    p.add_argument("--clusters", type=int, default=1000, help="centroids of the generated data")
-    p.add_argument("--noise", type=float, default=1.5, help="noise around each centroid (centroids: N(0, 1))")
+    p.add_argument("--k", type=count, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nlist", type=count, default=1024,
+                   help="IVF lists per shard (in-process: shards x nlist; default 1024)")
+    p.add_argument("--nprobe", type=count, default=16,
+                   help="IVF lists probed per shard (in-process: shards x nprobe; default 16)")
+    p.add_argument("--clusters", type=count, default=1000, help="centroids of the generated data (default 1000)")
+    p.add_argument("--noise", type=_at_least(float, 0), default=1.5,
+                   help="noise around each centroid (centroids: N(0, 1); default 1.5)")
     p.add_argument("--no-single-thread-baseline", dest="single_thread_baseline", action="store_false",
                    help="skip the extra in-process measurement with one FAISS thread")
-    p.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor")
-    p.add_argument("--load-batch", type=int, default=10_000, help="vectors per upsert message")
-    p.add_argument("--load-timeout", type=float, default=None, help="deadline of each bulk load, seconds")
-    p.add_argument("--quiet-wait", type=float, default=120.0,
-                   help="seconds to wait at the start for other processes to leave the CPUs alone")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-cpus", type=_at_least(float, 0.01), default=0.5,
+                   help="Ray CPUs per shard actor (default 0.5)")
+    p.add_argument("--load-batch", type=count, default=10_000, help="vectors per upsert message (default 10000)")
+    p.add_argument("--load-timeout", type=_at_least(float, 0.01), default=None,
+                   help="deadline of each bulk load, seconds (default: none)")
+    p.add_argument("--quiet-wait", type=_at_least(float, 0), default=120.0,
+                   help="seconds to wait at the start for other processes to leave the CPUs alone (default 120)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the data (default 0)")
     p.add_argument("--data-dir", default=None, help="cluster storage (default: a temporary directory, removed)")
-    p.add_argument("--out", default="bench/out/cluster.json", help="JSON results")
+    p.add_argument("--out", default="bench/out/cluster.json", help="JSON results (default bench/out/cluster.json)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench.cluster_bench",
+         parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `lookalike bench -- --n ...` passes the separator through
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog, parser_class).parse_args(argv)
     out = run(args)
     print(markdown(out), flush=True)
     write_results(out, args.out)
