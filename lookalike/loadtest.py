@@ -24,7 +24,10 @@ that do not exist). At the end the run deletes what it wrote (``--keep-writes`` 
 
 Recall@k: with ``--data`` (and ``--ids`` when the data was loaded with its own ids), the first
 ``--recall-sample`` distinct queries of the run are checked against exact search (FAISS flat, the collection's
-metric) over the data; ids the run wrote itself are left out of the returned lists before comparing.
+metric) over the data; ids the run wrote itself are left out of the returned lists before comparing. Before the
+run, a few of those ids (the row numbers without ``--ids``) are looked up with Get: when any is not stored, the
+collection holds the data under other ids, and recall is reported as not measured, saying why (``--ids FILE``),
+instead of as 0.
 
 Report: achieved rate, p50/p90/p99/p99.9 latency (all requests and per kind), errors by status code, send lag,
 recall@k, a per-second timeline; printed, written as JSON (``--out``) and drawn as a PNG (``--plot``: latency over
@@ -647,10 +650,35 @@ def fetch_stored(target: str, collection: str, n: int, seed: int, conn: dict | N
         return np.concatenate(got)
 
 
+def recall_ids_problem(client, collection: str, rows: int, data_ids: list[str] | None = None,
+                       ids_file: str | None = None, seed: int = 0, sample: int = 8) -> str | None:
+    """Why recall@k against ``rows`` vectors of --data cannot be measured, or None when it can: recall compares the
+    ids the cluster returns with the ids of the exact neighbours among those rows, which are ``data_ids`` or, without
+    them, the row numbers. A few of those ids (``sample``) are asked for with Get; any missing means the collection
+    holds the vectors under other ids (e.g. loaded with ``lookalike upsert --ids``), and recall would read 0."""
+    if rows == 0:
+        return "--data holds no vectors: recall is not measured"
+    rng = np.random.default_rng([seed, 7])
+    picked = rng.choice(rows, size=min(sample, rows), replace=False)
+    want = [data_ids[i] if data_ids is not None else str(i) for i in picked.tolist()]
+    found = set(client.get(collection, want, include_vectors=False)[0])
+    missing = [u for u in want if u not in found]
+    if not missing:
+        return None
+    if data_ids is None:
+        return (f"collection {collection!r} holds no item under row numbers of --data (ids {', '.join(missing[:3])} "
+                f"are not stored): recall needs --ids FILE, the ids the vectors were loaded with; recall is not "
+                "measured")
+    return (f"{len(missing)} of {len(want)} ids of --ids {ids_file} checked are not stored in collection "
+            f"{collection!r} (e.g. {missing[0]!r}): give the ids file the vectors of --data were loaded with; recall "
+            "is not measured")
+
+
 def run(cfg: LoadConfig, queries: np.ndarray, write_mean: np.ndarray, write_std: np.ndarray,
         data: np.ndarray | None = None, data_ids: list[str] | None = None, metric: str = "l2",
-        show_progress: bool = True) -> tuple[dict, dict]:
-    """Runs a load test; returns (report, merged records)."""
+        show_progress: bool = True, recall_off: str | None = None) -> tuple[dict, dict]:
+    """Runs a load test; returns (report, merged records). ``recall_off``: why recall cannot be measured against
+    ``data`` (see :func:`recall_ids_problem`), reported instead of a number."""
     cfg.check()
     if not cfg.run_id:
         cfg.run_id = uuid.uuid4().hex[:8]
@@ -659,9 +687,9 @@ def run(cfg: LoadConfig, queries: np.ndarray, write_mean: np.ndarray, write_std:
     rec = merge_records(records)
     recall = None
     if cfg.mix.get("search", 0) > 0 and cfg.recall_sample > 0:
-        if data is None:
+        if data is None or recall_off:
             recall = {"k": cfg.k, "queries": 0, "recall_at_k": None,
-                      "why": "not measured: give --data (the vectors loaded) for exact search"}
+                      "why": recall_off or "not measured: give --data (the vectors loaded) for exact search"}
         else:
             recall = compute_recall(rec["recall"], data, data_ids, queries, metric, cfg.k, f"loadtest-{cfg.run_id}-")
     return summarize(rec, cfg, recall), rec

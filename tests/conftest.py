@@ -87,14 +87,15 @@ def stop_serve(proc: subprocess.Popen, *signals: int, timeout: float = 90) -> st
 
 
 @contextlib.contextmanager
-def served_local_cluster(data_dir, shards: int, timeout: float = 30):
-    """(LocalCluster, Client) of an in-process cluster (no Ray) behind a router gRPC server on 127.0.0.1."""
+def served_local_cluster(data_dir, shards: int, timeout: float = 30, jobs: bool = False):
+    """(LocalCluster, Client) of an in-process cluster (no Ray) behind a router gRPC server on 127.0.0.1; ``jobs``:
+    it serves the catalog jobs too (the cluster's JobManager)."""
     from lookalike.local import LocalCluster
     from router.client import Client
     from router.server import create_router_server
 
     cluster = LocalCluster(data_dir, shards=shards)
-    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
+    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0", jobs=cluster.jobs if jobs else None)
     client = Client(f"127.0.0.1:{port}", timeout=timeout)
     try:
         yield cluster, client

@@ -90,8 +90,10 @@ def test_contact_sheet_is_a_png_of_the_right_size():
 def test_cli_search_by_image_writes_a_sheet(served, folder, tmp_path, capsys):
     client, target = served
     client.create_collection("cli_photos", encoder="phash", buckets=8)
+    # the folder holds two files that are not images: ingest stores the others and exits 1, saying so last
     assert cli.main(["ingest", "cli_photos", str(folder), "--quiet", "--target", target,
-                     "--report", str(tmp_path / "r.json")]) == 0
+                     "--report", str(tmp_path / "r.json")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: 2 of 14 image file(s) failed")
     assert json.loads((tmp_path / "r.json").read_text())["stored"] == 12
     query = tmp_path / "q.jpg"
     EDITS["resize 1/2"](picture(7)).save(query)
