@@ -290,6 +290,11 @@ def cmd_serve(args) -> int:
     from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 
     embedded = args.address is None
+    if args.port is None:  # no --port: the environment's, else 50051
+        try:
+            args.port = _port(os.environ.get("LOOKALIKE_PORT") or "50051")
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"LOOKALIKE_PORT {err}") from None
     try:
         data_dir = storage_path(args.data)
         tls, auth, host = _serve_security(args)
@@ -1281,7 +1286,7 @@ def _tls_flags(sp, server: bool) -> None:
 def _connection_flags(sp) -> None:
     """The flags of a client command's connection to the router (also accepted before the subcommand)."""
     sp.add_argument("--target", type=_target, default=argparse.SUPPRESS, metavar="HOST:PORT",
-                    help=f"the router to talk to (default {DEFAULT_TARGET})")
+                    help=f"the router to talk to (env LOOKALIKE_TARGET; default {DEFAULT_TARGET})")
     _tls_flags(sp, server=False)
     sp.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
                     help="file holding the bearer token (env LOOKALIKE_TOKEN_FILE, or the token itself in "
@@ -1304,8 +1309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
     s.add_argument("--data", default="./lookalike-data",
                    help="storage URI: a directory or file://DIR, the same on every node (default %(default)s)")
-    s.add_argument("--port", type=_port, default=50051,
-                   help="port the router listens on (default %(default)s; 0: any free port, printed)")
+    s.add_argument("--port", type=_port, default=None,
+                   help="port the router listens on (env LOOKALIKE_PORT; default 50051; 0: any free port, printed)")
     s.add_argument("--host", default=None, help="address the router binds (default: all interfaces with TLS or "
                    "--insecure, else 127.0.0.1)")
     _tls_flags(s, server=True)
@@ -1646,6 +1651,11 @@ def _connection_defaults(parser: argparse.ArgumentParser, args) -> None:
     for dest, default in _CONNECTION_DEFAULTS.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, default)
+    if getattr(args, "connects", False) and args.target == DEFAULT_TARGET and os.environ.get("LOOKALIKE_TARGET"):
+        try:
+            args.target = _target(os.environ["LOOKALIKE_TARGET"])
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"LOOKALIKE_TARGET {err}")
 
 
 def _bench_main(argv: list[str]) -> int:

@@ -134,6 +134,22 @@ def test_connection_flags_go_before_or_after_the_subcommand(closed_target, capsy
     assert "connection refused" in line and "TLS" not in line  # no TLS hint for a router that is not there
 
 
+def test_the_environment_names_the_router_and_serve_port(closed_target, monkeypatch, capsys):
+    """LOOKALIKE_TARGET stands for --target, LOOKALIKE_PORT for serve's --port; a flag still wins."""
+    from lookalike.cli import _connection_defaults, build_parser
+
+    monkeypatch.setenv("LOOKALIKE_TARGET", closed_target)
+    assert_one_line_error(["status"], capsys, f"cannot reach the router at {closed_target}")
+    p = build_parser()
+    args = p.parse_args(["status", "--target", "h:2"])
+    _connection_defaults(p, args)
+    assert args.target == "h:2"
+    monkeypatch.setenv("LOOKALIKE_TARGET", "nonsense")
+    assert_one_line_error(["status"], capsys, "LOOKALIKE_TARGET")
+    monkeypatch.setenv("LOOKALIKE_PORT", "70000")
+    assert_one_line_error(["serve"], capsys, "LOOKALIKE_PORT")
+
+
 # --- every subcommand: a missing file, a wrong type, a bad value --------------------------------------------------
 def test_every_subcommand_answers_mistakes_with_one_line_and_a_nonzero_exit(tmp_path, closed_target, capsys):
     from lookalike.cli import build_parser
