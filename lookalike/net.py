@@ -115,13 +115,19 @@ class _CommentedFiles:
             return super()._file_by_filename(request, filename)
 
     def _file_containing_symbol(self, request, fully_qualified_name):
+        try:
+            return self._files_response(self._pool.FindFileContainingSymbol(fully_qualified_name), request)
+        except KeyError:
+            pass
         # The protocol's symbols include methods ("pkg.Service.Method", what `grpcurl describe` asks for one),
-        # which the descriptor pool does not find by name: look their service up instead.
-        for symbol in (fully_qualified_name, fully_qualified_name.rpartition(".")[0]):
-            try:
-                return self._files_response(self._pool.FindFileContainingSymbol(symbol), request)
-            except KeyError:
-                continue
+        # which the descriptor pool does not find by name: look the method up in its service.
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            found = self._pool.FindServiceByName(service)
+        except KeyError:
+            found = None
+        if found is not None and method in found.methods_by_name:
+            return self._files_response(found.file, request)
         return super()._file_containing_symbol(request, fully_qualified_name)
 
 

@@ -191,6 +191,8 @@ def test_reflection_serves_the_protos_comments(served):
     public = _reflected_file(client.target, "lookalike.v1.SearchRequest")  # the router: an asyncio server
     assert public.name == "protos/lookalike.proto"
     assert " Neighbours per query, 1-1024.\n" in _comments(public)
+    method = _reflected_file(client.target, "lookalike.v1.Lookalike.Search")  # a method is a symbol too
+    assert method.name == "protos/lookalike.proto" and " k-nearest-neighbour search" in _comments(method)
     common = _reflected_file(client.target, "lookalike.v1.Vectors")
     assert common.name == "protos/common.proto" and "Row-major data" in _comments(common)
     shard_address = next(iter(cluster.controller.shards())).address  # a shard: a threaded server
