@@ -3,6 +3,7 @@ like the Python client; reflection serves the protos' comments; the page names e
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -109,8 +110,6 @@ def _same_as_python(client, block: str, env: dict, answer: dict) -> None:
     line = next(x for x in block.splitlines() if x.startswith("QUERY="))
     b64 = subprocess.run(["bash", "-c", f'{line}\necho "$QUERY"'], env=env, capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()
-    import base64
-
     query = np.frombuffer(base64.b64decode(b64), dtype="<f4").reshape(1, -1)
     request = json.loads(block.split("<<EOF\n", 1)[1].split("\nEOF", 1)[0].replace("$QUERY", b64))
     hits = client.search(request["collection"], query, k=request["k"], include_payloads=True)
@@ -177,7 +176,8 @@ def _reflected_file(target: str, symbol: str) -> descriptor_pb2.FileDescriptorPr
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         (resp,) = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
             file_containing_symbol=symbol)]), timeout=30)
-    files = [descriptor_pb2.FileDescriptorProto.FromString(b) for b in resp.file_descriptor_response.file_descriptor_proto]
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in resp.file_descriptor_response.file_descriptor_proto]
     return next(f for f in files if any(symbol.startswith(f"{f.package}.{m.name}") for m in [*f.message_type,
                                                                                           *f.service]))
 

@@ -4,7 +4,6 @@ restarted cluster, and the request fields that name a collection (`collection`, 
 import logging
 
 import grpc
-import numpy as np
 import pytest
 
 from conftest import make_data, served_local_cluster
