@@ -375,6 +375,12 @@ class Controller:
             return ShardMap(self._epoch, c.cfg, tuple(tuple(o) for o in c.owners),
                             {s: self._info(s) for s in self._shards}, joining, leaving)
 
+    def shard_maps(self) -> dict[str, ShardMap]:
+        """Every collection's shard map, all at the current epoch (one call for status and listings, rather than
+        one per collection)."""
+        with self._cond:
+            return {name: self.shard_map(name) for name in self._collections}
+
     def epoch(self) -> int:
         return self._epoch
 
@@ -791,6 +797,11 @@ class Controller:
         self._trained_seq += 1
         self._save()
         return self._trained_seq
+
+    def training_statuses(self) -> dict[str, dict]:
+        """:meth:`training_status` of every collection, in one call."""
+        with self._cond:
+            return {name: self.training_status(name) for name in self._collections}
 
     def training_status(self, name: str) -> dict:
         """Where a collection's training stands, for describe and status: state ("not_needed", "untrained",

@@ -1,22 +1,25 @@
 """The one factory for gRPC servers and the one for channels, so TLS and authentication are added in one place.
 
-Every server gets grpc.health.v1 and server reflection; servicer methods wrap their body with
-:func:`abort_on_error` to turn typed errors into statuses.
+Every server gets grpc.health.v1 and server reflection (which serves the protos with their comments:
+``grpcurl describe`` shows them); servicer methods wrap their body with :func:`abort_on_error` to turn typed
+errors into statuses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.resources
 import inspect
 import logging
 import threading
 from concurrent import futures
 
 import grpc
+from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, LookalikeError
@@ -74,14 +77,77 @@ def create_health_server(address: str):
     return server, port, health_servicer
 
 
+@functools.cache
+def commented_files() -> dict[str, bytes]:
+    """Our .proto files as serialized FileDescriptorProtos with their comments (source info), by file name
+    ("protos/lookalike.proto"), from ``protos/descriptors.binpb`` (written by ``python -m lookalike.genproto``
+    next to the generated code, from the same protoc run)."""
+    data = importlib.resources.files("protos").joinpath("descriptors.binpb").read_bytes()
+    return {f.name: f.SerializeToString() for f in descriptor_pb2.FileDescriptorSet.FromString(data).file}
+
+
+class _CommentedFiles:
+    """Reflection answers that carry the comments of our protos. The library's servicer rebuilds each file from
+    the descriptor pool of the generated code, which keeps no comments (``CopyToProto`` drops source info), so the
+    two lookups that answer with files are overridden to send the commented files where we have them. They are
+    the library's private methods: tests/test_clients.py checks that the comments still arrive."""
+
+    def _files_response(self, descriptor, request):
+        files, todo = {}, [descriptor]
+        while todo:
+            d = todo.pop()
+            if d.name not in files:
+                commented = commented_files().get(d.name)
+                if commented is None:
+                    proto = descriptor_pb2.FileDescriptorProto()
+                    d.CopyToProto(proto)
+                    commented = proto.SerializeToString()
+                files[d.name] = commented
+                todo.extend(d.dependencies)
+        return reflection_pb2.ServerReflectionResponse(
+            file_descriptor_response=reflection_pb2.FileDescriptorResponse(file_descriptor_proto=list(files.values())),
+            original_request=request)
+
+    def _file_by_filename(self, request, filename):
+        try:
+            return self._files_response(self._pool.FindFileByName(filename), request)
+        except KeyError:
+            return super()._file_by_filename(request, filename)
+
+    def _file_containing_symbol(self, request, fully_qualified_name):
+        try:
+            return self._files_response(self._pool.FindFileContainingSymbol(fully_qualified_name), request)
+        except KeyError:
+            pass
+        # The protocol's symbols include methods ("pkg.Service.Method", what `grpcurl describe` asks for one),
+        # which the descriptor pool does not find by name: look the method up in its service.
+        service, _, method = fully_qualified_name.rpartition(".")
+        try:
+            found = self._pool.FindServiceByName(service)
+        except KeyError:
+            found = None
+        if found is not None and method in found.methods_by_name:
+            return self._files_response(found.file, request)
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
+
+class _ReflectionServicer(_CommentedFiles, reflection.ReflectionServicer):
+    pass
+
+
+class _AioReflectionServicer(_CommentedFiles, reflection.aio.ReflectionServicer):
+    pass
+
+
 def _add_health_and_reflection(server, service_names: list[str], health_servicer=None):
     if health_servicer is None:
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(getattr(health_servicer, "servicer", health_servicer), server)
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    servicer = (_AioReflectionServicer if isinstance(server, grpc.aio.Server) else _ReflectionServicer)(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     return health_servicer
 
 

@@ -19,7 +19,7 @@ import time
 import ray
 
 from lookalike.config import ClusterConfig, CollectionConfig
-from lookalike.controller import Controller
+from lookalike.controller import Controller, stored_shards
 from lookalike.gpu import shard_num_gpus
 
 log = logging.getLogger(__name__)
@@ -440,6 +440,9 @@ class RayControlPlane:
     def shard_map(self, name):
         return self._call("shard_map", name)
 
+    def shard_maps(self):
+        return self._call("shard_maps")
+
     def epoch(self):
         return self._call("epoch", timeout=5)
 
@@ -457,6 +460,9 @@ class RayControlPlane:
 
     def training_status(self, name):
         return self._call("training_status", name)
+
+    def training_statuses(self):
+        return self._call("training_statuses")
 
     def train(self, name):
         return self._call("train", name, timeout=120)
@@ -500,18 +506,55 @@ def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout:
     log.info("joined Ray cluster at %s (lookalike on its nodes at %s)", address, where)
 
 
+def shards_phrase(shards) -> str:
+    """The shards of a cluster for a person: "1 shard", "3 shards", "3 shards (1 not serving yet)".
+
+    Args:
+        shards: their ShardInfo (lookalike.shardmap), or a number of shards.
+    """
+    n = shards if isinstance(shards, int) else len(shards)
+    waiting = 0 if isinstance(shards, int) else sum(not s.serving for s in shards)
+    return f"{n} shard{'' if n == 1 else 's'}" + (f" ({waiting} not serving yet)" if waiting else "")
+
+
+def startup_message(started: int, asked: int, stored: int | None, data_dir: str) -> str:
+    """The start-up log line of a cluster: the shards it starts, counted from what storage holds.
+
+    Args:
+        started: shards the controller runs (those of the cluster in storage, else ``asked``).
+        asked: shards asked for (``ClusterConfig.shards``, ``serve --shards``): what new storage gets.
+        stored: shards of the cluster found in storage before the controller started (0: new storage; None: the
+            storage is not readable from here).
+        data_dir: the storage.
+    """
+    if stored == 0 and started == asked:
+        return f"starting {shards_phrase(started)} on new storage {data_dir}"
+    msg = f"starting the {shards_phrase(started)} of the cluster in storage {data_dir}"
+    if asked != started:
+        msg += (f" (not the {asked} asked for: that number only applies to new storage; `lookalike rebalance NAME "
+                f"--add-shards N` adds shards)")
+    return msg
+
+
 def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeout: float = 180.0):
     """Starts (or joins) the controller of ``cfg.cluster_name`` on the connected Ray cluster and waits until
-    every shard serves. Returns (controller handle, RayControlPlane).
+    every shard serves. Logs how many shards start (those of the cluster in storage, on a restart; see
+    :func:`startup_message`). Returns (controller handle, RayControlPlane).
 
     Raises:
         TimeoutError: the shards did not all come up in time.
     """
     cfg = ClusterConfig(**{**cfg.__dict__, "data_dir": os.path.abspath(cfg.data_dir)})
+    try:
+        stored = stored_shards(cfg.data_dir)
+    except (OSError, ValueError, KeyError):  # not readable from here (a router joining a remote cluster)
+        stored = None
     handle = ControllerActor.options(
         name=_controller_name(cfg.cluster_name), namespace=cfg.namespace, lifetime="detached",
         get_if_exists=True, max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
     ).remote(cfg, segment_bytes)
+    started = len(_unwrap(handle.call.remote("shards"), timeout=ready_timeout + 30))
+    log.info("%s", startup_message(started, cfg.shards, stored, cfg.data_dir))
     deadline, told = time.monotonic() + ready_timeout, set()
     while not _unwrap(handle.call.remote("wait_ready", min(2.0, max(0.0, deadline - time.monotonic()))),
                       timeout=ready_timeout + 30):

@@ -149,16 +149,20 @@ class ListCollectionsResponse(_message.Message):
     def __init__(self, collections: _Optional[_Iterable[_Union[CollectionInfo, _Mapping]]] = ...) -> None: ...
 
 class DescribeCollectionRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("collection", "name")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    collection: str
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class DropCollectionRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("collection", "name")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    collection: str
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class DropCollectionResponse(_message.Message):
     __slots__ = ()
@@ -357,7 +361,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged", "problem")
+    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged", "problem", "collections")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +374,7 @@ class ShardStatus(_message.Message):
     JOINING_FIELD_NUMBER: _ClassVar[int]
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     address: str
     serving: bool
@@ -382,7 +387,22 @@ class ShardStatus(_message.Message):
     joining: int
     damaged: _containers.RepeatedScalarFieldContainer[str]
     problem: str
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., problem: _Optional[str] = ...) -> None: ...
+    collections: _containers.RepeatedCompositeFieldContainer[ShardCollection]
+    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., problem: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[ShardCollection, _Mapping]]] = ...) -> None: ...
+
+class ShardCollection(_message.Message):
+    __slots__ = ("collection", "buckets", "joining", "vectors", "index_bytes")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    JOINING_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    buckets: int
+    joining: int
+    vectors: int
+    index_bytes: int
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[int] = ..., joining: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ...) -> None: ...
 
 class BucketMove(_message.Message):
     __slots__ = ("collection", "bucket", "source", "target", "phase")
@@ -415,12 +435,14 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., collections: _Optional[_Iterable[_Union[CollectionInfo, _Mapping]]] = ..., moves: _Optional[_Iterable[_Union[BucketMove, _Mapping]]] = ..., moves_done: _Optional[int] = ..., moves_failed: _Optional[int] = ...) -> None: ...
 
 class RebalanceRequest(_message.Message):
-    __slots__ = ("name", "add_shards")
+    __slots__ = ("collection", "name", "add_shards")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADD_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
     name: str
     add_shards: int
-    def __init__(self, name: _Optional[str] = ..., add_shards: _Optional[int] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., name: _Optional[str] = ..., add_shards: _Optional[int] = ...) -> None: ...
 
 class RebalanceResponse(_message.Message):
     __slots__ = ("moves", "shards", "epoch")

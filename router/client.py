@@ -94,13 +94,14 @@ class Client:
         return self.stub.CreateCollection(lookalike_pb2.CreateCollectionRequest(spec=spec), timeout=self.timeout)
 
     def list_collections(self) -> list[lookalike_pb2.CollectionInfo]:
+        """Every collection: its spec, item count and shard-map epoch."""
         return list(self.stub.ListCollections(lookalike_pb2.ListCollectionsRequest(), timeout=self.timeout).collections)
 
     def describe_collection(self, name: str) -> lookalike_pb2.CollectionInfo:
-        return self.stub.DescribeCollection(lookalike_pb2.DescribeCollectionRequest(name=name), timeout=self.timeout)
+        return self.stub.DescribeCollection(lookalike_pb2.DescribeCollectionRequest(collection=name), timeout=self.timeout)
 
     def drop_collection(self, name: str) -> None:
-        self.stub.DropCollection(lookalike_pb2.DropCollectionRequest(name=name), timeout=self.timeout)
+        self.stub.DropCollection(lookalike_pb2.DropCollectionRequest(collection=name), timeout=self.timeout)
 
     # --- items ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -203,7 +204,7 @@ class Client:
 
     def rebalance(self, name: str = "", add_shards: int = 0) -> lookalike_pb2.RebalanceResponse:
         """Adds shards (optionally) and queues the bucket moves that even the load; they run in the background."""
-        return self.stub.Rebalance(lookalike_pb2.RebalanceRequest(name=name, add_shards=add_shards),
+        return self.stub.Rebalance(lookalike_pb2.RebalanceRequest(collection=name, add_shards=add_shards),
                                    timeout=max(self.timeout or 0, 600))
 
     # --- catalog jobs ---------------------------------------------------------------------------------------

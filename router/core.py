@@ -42,6 +42,9 @@ class ControlPlane(Protocol):
 
     def shard_map(self, name: str) -> ShardMap: ...
 
+    # Every collection's map at one epoch, in one call (status and listings).
+    def shard_maps(self) -> dict[str, ShardMap]: ...
+
     def epoch(self) -> int: ...
 
     def shards(self) -> list[ShardInfo]: ...
@@ -55,6 +58,9 @@ class ControlPlane(Protocol):
     # Where the collection's training stands (lookalike.controller.Controller.training_status).
     def training_status(self, name: str) -> dict: ...
 
+    # training_status of every collection, in one call.
+    def training_statuses(self) -> dict[str, dict]: ...
+
     # Asks for a new trained version of the collection's index; returns its number.
     def train(self, name: str) -> int: ...
 
@@ -62,6 +68,22 @@ class ControlPlane(Protocol):
 # Rounds of a search: the first asks a cover of all buckets; later ones ask other owners of the buckets still
 # missing (failover), or the same shards with a fresh map when a shard said the map was stale (a bucket move).
 _SEARCH_ROUNDS = 6
+
+
+@dataclasses.dataclass
+class Census:
+    """One look at the whole cluster: what the controller says (shards, every collection's map) and what the
+    shards say (their Stats), with each collection's item count worked out from both.
+
+    Attributes:
+        shards: (info, ShardStatsResponse or None when it did not answer) for every shard the controller knows.
+        maps: collection name -> its shard map; all at one epoch.
+        counts: collection name -> items stored, each bucket counted once (see :meth:`Router.count`).
+    """
+
+    shards: list[tuple[ShardInfo, object | None]]
+    maps: dict[str, ShardMap]
+    counts: dict[str, int]
 
 
 @dataclasses.dataclass
@@ -223,21 +245,30 @@ class Router:
         """Items per bucket of a collection, shape (buckets,) int64 (see :meth:`count`)."""
         for _attempt in range(2):
             smap = self.shard_map(name, refresh=True)
-            per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
-            complete = True
+            stats = {}
             for sid, fut in self._fan_out(smap, smap.shard_ids, "Stats", shard_pb2.ShardStatsRequest(), timeout):
                 try:
-                    resp = fut.result()
+                    stats[sid] = fut.result()
                 except LookalikeError:
-                    complete = False
                     continue
-                for c in resp.collections:
-                    if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
-                        counts = np.frombuffer(c.bucket_counts, dtype="<u4").astype(np.int64)
-                        per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
-            if complete:
+            if len(stats) == len(smap.shard_ids):
                 break
-        return per_bucket
+        return _per_bucket(smap, stats)
+
+    def census(self, timeout: float | None = 5.0) -> Census:
+        """Every shard's Stats and every collection's item count, from one fan-out: one Stats call per shard, all
+        at once, whatever the number of collections (``timeout`` seconds each), and two calls to the controller
+        (shards, maps). Counted as :meth:`count` counts: when a shard holding buckets did not answer, once more
+        with fresh maps (it may have restarted at a new address)."""
+        for _attempt in range(2):
+            infos = self.control.shards()
+            maps = self.control.shard_maps()
+            shards = self.shard_stats(timeout, infos)
+            answered = {info.shard_id: st for info, st in shards if st is not None}
+            if all(sid in answered for smap in maps.values() for sid in smap.shard_ids):
+                break
+        counts = {name: int(_per_bucket(smap, answered).sum()) for name, smap in maps.items()}
+        return Census(shards, maps, counts)
 
     # --- writes ---------------------------------------------------------------------------------------------
     def _deadline(self, timeout: float | None, default: float) -> float:
@@ -683,18 +714,24 @@ class Router:
                 delay = min(2 * delay, 1.0)
         return sizes
 
-    def shard_stats(self, timeout: float = 2.0) -> list[tuple[ShardInfo, object | None]]:
-        """(info, ShardStatsResponse or None if unreachable) for every shard the controller knows."""
-        out = []
-        infos = self.control.shards()
+    def shard_stats(self, timeout: float | None = 2.0,
+                    infos: list[ShardInfo] | None = None) -> list[tuple[ShardInfo, object | None]]:
+        """(info, ShardStatsResponse or None if unreachable) for every shard the controller knows (or of
+        ``infos``), asked all at once."""
+        if infos is None:
+            infos = self.control.shards()
+        calls = []
         for info in infos:
-            resp = None
-            if info.address:
-                try:
-                    resp = self._client_at(info.address).call("Stats", shard_pb2.ShardStatsRequest(), timeout).result()
-                except LookalikeError:
-                    resp = None
-            out.append((info, resp))
+            try:
+                fut = (self._client_at(info.address).call("Stats", shard_pb2.ShardStatsRequest(), timeout)
+                       if info.address else None)
+            except LookalikeError:
+                fut = None
+            calls.append((info, fut))
+        out = []
+        for info, fut in calls:
+            resp = _outcome(fut) if fut is not None else None
+            out.append((info, None if isinstance(resp, LookalikeError) else resp))
         return out
 
     def close(self) -> None:
@@ -711,6 +748,20 @@ class _Failed:
 
     def result(self, timeout=None):
         raise self._err
+
+
+def _per_bucket(smap: ShardMap, stats: dict) -> np.ndarray:
+    """Items per bucket of ``smap``'s collection, shape (buckets,) int64, from the shards' Stats (shard id ->
+    ShardStatsResponse): per bucket the largest count any of its owners reports (joining and leaving holders are
+    not counted, so a bucket being moved counts once); 0 for buckets no owner reported."""
+    name = smap.collection.name
+    per_bucket = np.zeros(smap.collection.buckets, dtype=np.int64)
+    for sid, resp in stats.items():
+        for c in resp.collections:
+            if c.name == name and len(c.bucket_counts) == 4 * len(per_bucket):
+                counts = np.frombuffer(c.bucket_counts, dtype="<u4").astype(np.int64)
+                per_bucket = np.maximum(per_bucket, np.where(smap.served_by(sid), counts, 0))
+    return per_bucket
 
 
 def _outcome(fut):

@@ -8,7 +8,7 @@ import functools
 import json
 
 from lookalike.config import METRICS, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound
+from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
@@ -82,6 +82,27 @@ def job_spec(request: lookalike_pb2.StartJobRequest) -> tuple[str, dict]:
 
 _GROUPS_PER_READ = 2000
 
+# Seconds each shard has to answer the Stats of ListCollections and ClusterStatus (a caller's earlier deadline wins).
+_STATS_TIMEOUT_S = 2.0
+
+
+def collection_of(request) -> str:
+    """The collection a request names: its ``collection`` field, or the deprecated ``name`` of the requests that
+    used to call it that (DescribeCollection, DropCollection, Rebalance); "" when neither is set.
+
+    Raises:
+        InvalidArgument: both are set and differ.
+    """
+    new, old = request.collection, request.name
+    if new and old and new != old:
+        raise InvalidArgument(f"the request names two collections: collection {new!r} and the deprecated name "
+                              f"{old!r}; set collection only")
+    return new or old
+
+
+def _stats_timeout(context) -> float:
+    remaining = _timeout(context)
+    return _STATS_TIMEOUT_S if remaining is None else min(_STATS_TIMEOUT_S, remaining)
 
 
 _TRAINING_STATES = {"not_needed": lookalike_pb2.IndexTraining.NOT_NEEDED,
@@ -121,23 +142,32 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         cfg = self.router.create_collection(spec_to_config(request.spec))
         return lookalike_pb2.CollectionInfo(spec=config_to_spec(cfg), epoch=self.router.shard_map(cfg.name).epoch)
 
+    @staticmethod
+    def _infos(census, training: dict | None = None) -> list[lookalike_pb2.CollectionInfo]:
+        """Each collection of a census as a CollectionInfo, with its count and epoch (and training, if given)."""
+        out = []
+        for name, smap in census.maps.items():
+            info = lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), count=census.counts[name],
+                                                epoch=smap.epoch)
+            if training is not None and name in training:
+                info.training.CopyFrom(training_to_proto(training[name]))
+            out.append(info)
+        return out
+
     @abort_on_error
     def ListCollections(self, request, context):
         return lookalike_pb2.ListCollectionsResponse(
-            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c)) for c in self.router.list_collections()])
+            collections=self._infos(self.router.census(_stats_timeout(context))))
 
     @abort_on_error
     def DescribeCollection(self, request, context):
-        smap = self.router.shard_map(request.name)
+        name = collection_of(request)
+        if not name:
+            raise InvalidArgument("the request names no collection")
+        smap = self.router.shard_map(name)
         return lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), epoch=smap.epoch,
-                                            count=self.router.count(request.name, _timeout(context)),
-                                            training=training_to_proto(self.router.training_status(request.name)))
-
-    def _training(self, name: str) -> lookalike_pb2.IndexTraining | None:
-        try:
-            return training_to_proto(self.router.training_status(name))
-        except NotFound:  # dropped meanwhile
-            return None
+                                            count=self.router.count(name, _timeout(context)),
+                                            training=training_to_proto(self.router.training_status(name)))
 
     @abort_on_error
     def TrainIndex(self, request, context):
@@ -151,7 +181,10 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 
     @abort_on_error
     def DropCollection(self, request, context):
-        self.router.drop_collection(request.name)
+        name = collection_of(request)
+        if not name:
+            raise InvalidArgument("the request names no collection")
+        self.router.drop_collection(name)
         return lookalike_pb2.DropCollectionResponse()
 
     def _upsert(self, request, context) -> int:
@@ -238,17 +271,24 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 
     @abort_on_error
     def ClusterStatus(self, request, context):
+        census = self.router.census(_stats_timeout(context))
+        order = {name: i for i, name in enumerate(census.maps)}
         shards = []
-        for info, st in self.router.shard_stats():
+        for info, st in census.shards:
             s = lookalike_pb2.ShardStatus(shard_id=info.shard_id, address=info.address, node=info.node,
                                           serving=bool(st is not None and st.serving), problem=info.problem)
             if st is not None:
                 s.memory_bytes = st.memory_bytes
                 s.capacity_bytes = st.capacity_bytes
-                s.buckets = sum(c.buckets for c in st.collections)
                 s.vectors = sum(c.vectors for c in st.collections)
                 s.index_bytes = sum(c.index_bytes for c in st.collections)
-                s.joining = sum(c.joining for c in st.collections)
+                held = sorted((c for c in st.collections if c.buckets or c.vectors),
+                              key=lambda c: (order.get(c.name, len(order)), c.name))
+                s.collections.extend(lookalike_pb2.ShardCollection(
+                    collection=c.name, buckets=c.buckets, joining=c.joining, vectors=c.vectors,
+                    index_bytes=c.index_bytes) for c in held)
+                if len(held) == 1:  # the deprecated shard-wide fields: a bucket count means nothing across collections
+                    s.buckets, s.joining = held[0].buckets, held[0].joining
                 s.damaged.extend(f"{c.name}: {d}" for c in st.collections for d in c.damaged)
             shards.append(s)
         control = self.router.control
@@ -258,12 +298,11 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
                  for m in control.moves() for b in m.buckets]
         return lookalike_pb2.ClusterStatusResponse(
             epoch=control.epoch(), shards=shards, moves=moves, moves_done=done, moves_failed=failed,
-            collections=[lookalike_pb2.CollectionInfo(spec=config_to_spec(c), training=self._training(c.name))
-                         for c in self.router.list_collections()])
+            collections=self._infos(census, control.training_statuses()))
 
     @abort_on_error
     def Rebalance(self, request, context):
-        moves = self.router.control.rebalance(request.name or None, request.add_shards)
+        moves = self.router.control.rebalance(collection_of(request) or None, request.add_shards)
         self.router.invalidate()
         control = self.router.control
         return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())

@@ -270,12 +270,13 @@ def would_touch_known(fz: Fuzz, method: str, raw: bytes) -> bool:
         return False
     if method in WRITES:
         return req.collection in fz.known
-    if method == "DropCollection":
-        return req.name in PROTECTED
+    if method == "DropCollection":  # the collection, or the deprecated name (the server takes either)
+        return req.collection in PROTECTED or req.name in PROTECTED
     if method == "StartJob":
         return _job_collection(req) in fz.known
     if method == "Rebalance":  # only names that do not exist: NOT_FOUND before any shard is added or bucket moved
-        return not req.name or req.name in {c.name for c in fz.cl.controller.list_collections()}
+        names = {req.collection, req.name} - {""}
+        return not names or bool(names & {c.name for c in fz.cl.controller.list_collections()})
     return False
 
 
