@@ -311,7 +311,7 @@ def cmd_serve(args) -> int:
     import ray
 
     from lookalike.net import create_health_server, set_serving
-    from lookalike.ray_cluster import RayEncoderPool, join_ray, start_cluster, start_jobs
+    from lookalike.ray_cluster import RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
     from router.shard_client import GrpcShardClient
@@ -338,8 +338,7 @@ def cmd_serve(args) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
-    log.info("starting %d shard(s) on storage %s", args.shards, os.path.abspath(data_dir))
-    try:
+    try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
         handle, control = start_cluster(cfg)
     except TimeoutError as err:  # its message names the shards that cannot be placed, and why
         print(f"error: {err}", file=sys.stderr)
@@ -360,7 +359,7 @@ def cmd_serve(args) -> int:
         log.info("plaintext health (grpc.health.v1 only) on %s:%d", host, probe_port)
     how = ("mutual TLS" if tls.client_auth else "TLS") if tls else "plaintext"
     print(f"lookalike serving on {host}:{port} ({how}{', bearer tokens' if auth and auth.tokens else ''}; "
-          f"{len(control.shards())} shards, storage {os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
+          f"{shards_phrase(control.shards())}, storage {os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
     # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
     # works whichever thread the signal lands on (Ray and gRPC threads included) and takes no lock, so a second
     # signal during shutdown cannot deadlock it (Event.set in a handler did).
@@ -764,23 +763,23 @@ def cmd_status(args) -> int:
         print(json.dumps(MessageToDict(st, always_print_fields_with_no_presence=True)))
         return 0
     print(f"epoch {st.epoch}, {len(st.shards)} shard(s), {len(st.collections)} collection(s)")
-    if len(st.collections) > 1:
-        # ShardStatus counts a shard's buckets over all its collections (each collection has buckets of its own)
-        print(f"buckets, joining, vectors and index MiB: each shard's totals over the {len(st.collections)} "
-              "collections (each collection has buckets of its own)")
-    print(f"{'shard':<10} {'serving':<8} {'address':<22} {'buckets':>8} {'joining':>8} {'vectors':>10} "
-          f"{'index MiB':>10} {'RSS MiB':>8} {'cap MiB':>8}")
+    print(f"{'shard':<10} {'serving':<8} {'address':<22} {'vectors':>10} {'index MiB':>10} {'RSS MiB':>8} "
+          f"{'cap MiB':>8}")
     for s in st.shards:
         cap = f"{s.capacity_bytes / 2**20:.0f}" if s.capacity_bytes else "-"
-        print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.buckets:>8} {s.joining:>8} {s.vectors:>10} "
+        print(f"{s.shard_id:<10} {str(s.serving):<8} {s.address:<22} {s.vectors:>10} "
               f"{s.index_bytes / 2**20:>10.1f} {s.memory_bytes / 2**20:>8.1f} {cap:>8}")
+        for c in s.collections:  # bucket counts are per collection: each collection has buckets of its own
+            joining = f", {c.joining} joining" if c.joining else ""
+            print(f"  {c.collection}: {c.buckets} bucket(s){joining}, {c.vectors} vectors")
         for d in s.damaged:  # storage files kept aside (docs/ARCHITECTURE.md, Storage)
             print(f"  DAMAGED {d}")
         if s.problem:  # e.g. Ray cannot place it: the moves onto it wait
             print(f"  {s.shard_id} {s.problem}")
     for info in st.collections:
-        print(f"collection {info.spec.name}: dim {info.spec.dim}, {_metric_name(info.spec.metric)}, {info.spec.index}, "
-              f"{info.spec.buckets} buckets, replication {info.spec.replication or 1}")
+        print(f"collection {info.spec.name}: {info.count} items, dim {info.spec.dim}, "
+              f"{_metric_name(info.spec.metric)}, {info.spec.index}, {info.spec.buckets} buckets, "
+              f"replication {info.spec.replication or 1}")
         if info.training.state not in (0, info.training.NOT_NEEDED):  # IVF/PQ/SQ: where its training stands
             print(f"  index: {info.training.message}")
     if st.moves or st.moves_done or st.moves_failed:

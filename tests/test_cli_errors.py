@@ -411,7 +411,11 @@ def test_status_labels_its_counts(served, capsys):
     assert code == 0, err
     code, out, _ = run(["status", *T], capsys)
     assert code == 0
-    assert re.search(r"each shard's totals over the \d+ collections", out), out
+    # buckets per collection under each shard (each collection has buckets of its own), never summed across them
+    per = re.findall(r"^  (s[12]): (\d+) bucket\(s\)", out, re.M)
+    assert {c for c, _ in per} == {"s1", "s2"}, out
+    assert all(sum(int(b) for c, b in per if c == name) == 16 for name in ("s1", "s2")), out
+    assert re.search(r"^collection s1: 64 items", out, re.M), out
     moves = next(line for line in out.splitlines() if line.startswith("bucket moves:"))
     assert "0 bucket(s) still to move; since the controller started, " in moves and "move(s) done" in moves, moves
 
