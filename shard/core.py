@@ -41,7 +41,11 @@ _TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what
 _COPY_BATCH = 4096  # items per apply while copying a bucket in (each holds the write lock briefly)
 _ENCODE_BATCH = 65536  # vectors per add while moving a shard's items into a trained index
 _REPACK_MIN = 10_000  # vectors below which compressed IVF lists are not worth packing (see _repack_if_due)
-_REPACK_GROWTH = 0.2
+# Growth since the last pack that makes lists worth packing again: every list that grows after a pack is copied
+# into a buffer twice its size, so even a little growth costs much (10M x 128 IVF4096,Flat on 4 shards: the last 18%
+# of a load, left unpacked under a threshold of 20%, cost 220 bytes a vector of resident memory).
+_REPACK_GROWTH = 0.05
+_REPACK_IDLE_S = 5.0  # seconds without writes before lists are packed (see _trim_when_idle)
 COPY_NICE = 10      # OS priority of the copy thread: searches come first
 # A checkpoint is written (in the background) once this many vector bytes were written since the last one, or half
 # the index's bytes when that is more: compaction keeps the log segments the newest checkpoint does not cover, so
@@ -700,8 +704,10 @@ class ShardCollection:
             threading.Thread(target=self._trim_when_idle, name=f"trim-{self.coll.name}", daemon=True).start()
 
     def _trim_when_idle(self) -> None:
-        """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once. Not while buckets are
-        copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
+        """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
+        they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
+        than that, and every pack copies the whole index). Not while buckets are copied in: a move must not stall
+        searches, and a trim holds the allocator's locks (copy_in never trims)."""
         wait = _TRIM_IDLE_S
         while True:
             time.sleep(max(0.05, wait))
@@ -709,23 +715,32 @@ class ShardCollection:
                 if self.dropped:
                     self._trim_pending = False
                     return
-                wait = self._last_write + _TRIM_IDLE_S - time.monotonic()
-                if self.joining:
-                    wait = _TRIM_IDLE_S
-                if wait > 0:
+                idle = time.monotonic() - self._last_write
+                if self.joining or idle < _TRIM_IDLE_S:
+                    wait = _TRIM_IDLE_S if self.joining else _TRIM_IDLE_S - idle
                     continue
-                self._trim_pending = False
-                packed = self._repack_if_due()  # whatever was trimmed on the way: it depends on growth only
-                if not self._written_since_trim and not packed:
-                    return
+                pack_later = self._repack_due() and idle < _REPACK_IDLE_S
+                packed = False if pack_later else self._repack_if_due()
+                release = bool(self._written_since_trim) or packed  # what was trimmed on the way stays trimmed
                 self._written_since_trim = 0
-            release_memory()
-            return
+                if not pack_later:
+                    self._trim_pending = False
+            if release:
+                release_memory()
+            if not pack_later:
+                return
+            wait = _REPACK_IDLE_S - idle
+
+    def _repack_due(self) -> bool:
+        """Whether the IVF lists grew enough since they were last packed to be packed again (see
+        :meth:`_repack_if_due`)."""
+        n = self.index.ntotal
+        return self.index.repackable and n >= _REPACK_MIN and n >= (1 + _REPACK_GROWTH) * self._packed_at
 
     def _repack_if_due(self) -> bool:
         """IVF lists grow by doubling as items arrive, and the buffers they outgrow stay behind in the heap between
         longer-lived allocations: 50-150 bytes a vector on a shard (bench/memory_bench.py), more than a PQ16 code
-        and its id. Once the writes stop, an index that grew by a fifth since it was last packed is copied into
+        and its id. Once the writes stop, an index that grew by _REPACK_GROWTH since it was last packed is copied into
         lists of exactly their size (VectorIndex.repacked) and swapped in; the old one is freed. Measured on a shard
         (bench/memory_bench.py, 300k x 128, batches of 10k): IVF1024,Flat 710 -> 597 bytes a vector resident
         (FAISS: 522), IVF1024,PQ16 packed to 38 a vector beside its fixed tables (FAISS: 26). The copy needs the
@@ -734,7 +749,7 @@ class ShardCollection:
         index until the swap)."""
         index = self.index
         n = index.ntotal
-        if not index.repackable or n < _REPACK_MIN or n < (1 + _REPACK_GROWTH) * self._packed_at:
+        if not self._repack_due():
             return False
         try:
             self._check_room(index.nbytes)  # the copy, for a moment

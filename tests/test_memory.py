@@ -13,10 +13,17 @@ import pytest
 
 from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
+import shard.core as shard_core
 from shard.core import Shard
 from shard.index import VectorIndex, _factory
 
 N, DIM = 40_000, 64
+
+
+@pytest.fixture(autouse=True)
+def _quick_repack(monkeypatch):
+    """Lists are packed 0.5 s after the last write here (5 s in a shard)."""
+    monkeypatch.setattr(shard_core, "_REPACK_IDLE_S", 0.5, raising=False)
 
 
 def _uids(n, start=0):
@@ -119,7 +126,7 @@ def test_compressed_ivf_lists_are_packed_once_writes_stop_and_answers_stay_the_s
         np.testing.assert_array_equal(after[0], before[0])
         assert after[2] == before[2]
         sc.upsert(_uids(10, N), xb[:10], [None] * 10)  # a few more: not worth packing again
-        time.sleep(1.5)
+        time.sleep(1.5 + shard_core._REPACK_IDLE_S)
         assert sc._packed_at == N
     finally:
         shard.close()
@@ -136,5 +143,42 @@ def test_lists_are_packed_even_when_every_write_trims_on_the_way(tmp_path, monke
     shard_, sc = _load(tmp_path, "IVF64,PQ8", xb, batch=5_000)
     try:
         assert wait_for(lambda: sc._packed_at == len(xb), 20)
+    finally:
+        shard_.close()
+
+
+def test_lists_grown_a_little_after_a_pack_are_packed_again(tmp_path):
+    """Every list that grows after a pack moves into a buffer twice its size: the last tenth of a load, left
+    unpacked, cost a 10M-vector shard 220 bytes a vector. Growth of a twentieth is packed again."""
+    from conftest import wait_for
+
+    xb, _ = make_data("l2", N + N // 10, DIM, seed=8)
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb[:N])
+    try:
+        assert wait_for(lambda: sc._packed_at == N, 20)
+        sc.upsert(_uids(N // 10, N), xb[N:], [None] * (N // 10))
+        assert wait_for(lambda: sc._packed_at == N + N // 10, 20)
+    finally:
+        shard_.close()
+
+
+def test_short_pauses_of_a_load_do_not_pack_the_lists(tmp_path, monkeypatch):
+    """Packing copies the whole index while writes wait: a load that pauses for less than _REPACK_IDLE_S (a slow
+    client, a busy machine) is packed once, after its end, not at every pause."""
+    from conftest import wait_for
+
+    monkeypatch.setattr(shard_core, "_TRIM_IDLE_S", 0.1)
+    monkeypatch.setattr(shard_core, "_REPACK_IDLE_S", 1.5, raising=False)
+    packs = []
+    orig = VectorIndex.repacked
+    monkeypatch.setattr(VectorIndex, "repacked", lambda self: packs.append(self.ntotal) or orig(self))
+    xb, _ = make_data("l2", 30_000, DIM, seed=9)
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb[:12_000])
+    try:
+        for i in range(12_000, 30_000, 6_000):  # pauses of 0.4 s: longer than a trim's wait, shorter than a pack's
+            time.sleep(0.4)
+            sc.upsert(_uids(6_000, i), xb[i:i + 6_000], [None] * 6_000)
+        assert wait_for(lambda: sc._packed_at == 30_000, 20)
+        assert packs == [30_000], packs
     finally:
         shard_.close()
