@@ -559,7 +559,8 @@ def cmd_collection(args) -> int:
         elif args.action == "list":
             for info in c.list_collections():
                 s = info.spec
-                print(f"{s.name}\tdim={s.dim}\tmetric={_metric_name(s.metric)}\tindex={s.index}\tbuckets={s.buckets}")
+                print(f"{s.name}\titems={info.count}\tdim={s.dim}\tmetric={_metric_name(s.metric)}\tindex={s.index}\t"
+                      f"buckets={s.buckets}")
         elif args.action == "describe":
             info = c.describe_collection(args.name)
             print(json.dumps({**MessageToDict(info.spec), "count": info.count, "epoch": info.epoch,

@@ -109,6 +109,7 @@ class _Training:
     """Where a collection's training stands (in memory; the trained version and sample size are in its state)."""
 
     running: bool = False
+    running_version: int = 0  # the version the training under way will have
     started: float = 0.0
     requested: bool = False  # asked for (lookalike train): train again even if trained
     next_version: int = 0  # the version number a requested training will have (0: take the next one then)
@@ -703,7 +704,7 @@ class Controller:
             order = np.random.default_rng(version).permutation(cfg.buckets)
             trainer = next((s for s in sorted({s for own in c.owners for s in own}) if self._info(s).serving), None)
             owners = [list(o) for o in c.owners]
-            tr.running, tr.started = True, time.monotonic()
+            tr.running, tr.running_version, tr.started = True, version, time.monotonic()
         try:
             if trainer is None:
                 raise FailedPrecondition("no shard of the collection is serving")
@@ -726,7 +727,9 @@ class Controller:
                 return
             c.cfg = dataclasses.replace(cfg, trained_version=version)
             c.trained_on = int(note.get("trained_on", 0))
-            tr.requested, tr.error, tr.next_version = False, "", 0
+            tr.error = ""
+            if tr.next_version == version:  # else `train` asked for another one meanwhile: it comes next
+                tr.requested, tr.next_version = False, 0
             tr.ready, tr.adopt_errors = {}, {}
             self._bump()
         log.info("%s: trained index v%d (%s) on %d vectors in %.1fs; moving the shards into it", name, version,
@@ -786,6 +789,8 @@ class Controller:
             raise FailedPrecondition(f"collection {name!r} ({cfg.index}) holds {size} vectors; training needs "
                                      f"{needed} (until then its searches are exact)")
         with self._cond:
+            if c.training.running and c.training.next_version == c.training.running_version:
+                c.training.next_version = 0  # the training under way began before this request: one more after it
             if not (c.training.requested and c.training.next_version):
                 c.training.next_version = self._next_trained_version()
             c.training.requested = True
@@ -820,7 +825,7 @@ class Controller:
                         "message": f"{cfg.index} needs no training"}
             if tr.running:
                 state = "training"
-                msg = (f"training v{tr.next_version} ({time.monotonic() - tr.started:.0f}s so far); "
+                msg = (f"training v{tr.running_version} ({time.monotonic() - tr.started:.0f}s so far); "
                        + (f"searching v{cfg.trained_version} meanwhile" if cfg.trained_version else "searches are exact"))
             elif not cfg.trained_version:
                 state = "untrained"
@@ -830,8 +835,8 @@ class Controller:
                 msg = f"trained v{cfg.trained_version} on {c.trained_on:,} vectors; {ready} of {len(holders)} shards use it"
                 if ready < len(holders):
                     msg += " (the others are moving into it, or search exactly or the previous version meanwhile)"
-            if tr.requested and not tr.running:
-                msg += f"; v{tr.next_version} asked for, starting"
+            if tr.requested and (not tr.running or tr.next_version != tr.running_version):
+                msg += f"; v{tr.next_version} asked for, starting" + (" after it" if tr.running else "")
             if tr.error:
                 msg += f"; {tr.error}"
             if tr.adopt_errors:

@@ -384,3 +384,33 @@ def test_a_collection_created_again_under_its_name_never_reuses_a_trained_versio
             cl.router.drop_collection("x")
     finally:
         cl.close()
+
+
+def test_a_training_asked_for_while_one_runs_comes_after_it(tmp_path, monkeypatch):
+    """`lookalike train` right after a load, while the collection's first training runs: the request used to be
+    dropped when that training ended, and `train` waited forever for its version."""
+    cl = _cluster(tmp_path, 2)
+    xb, _ = _data(3000, seed=6)
+    placer = cl.controller._placer
+    real = placer.train_collection
+    started, release = threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placer, "train_collection", held)
+    try:
+        cl.router.create_collection(CollectionConfig("q", DIM, index="IVF32,Flat", buckets=32))
+        _load(cl, "q", xb)
+        assert started.wait(30)  # v1 under way
+        assert cl.router.train("q") == 2
+        assert "training v1" in cl.router.training_status("q")["message"]
+        assert "v2 asked for, starting after it" in cl.router.training_status("q")["message"]
+        release.set()
+        assert wait_for(lambda: cl.router.training_status("q")["version"] == 2, 30)
+        assert cl.controller._wait_trained("q", 30)
+    finally:
+        release.set()
+        cl.close()
