@@ -391,7 +391,24 @@ def cmd_serve(args) -> int:
             os._exit(0)
         lock.release()
     print("lookalike stopped", flush=True)
+    _exit_soon(0)
     return 0
+
+
+def _exit_soon(status: int, after_s: float = 5.0) -> None:
+    """Ends this process ``after_s`` seconds from now unless it ends by itself first. Everything is stopped by then,
+    but a gRPC handler thread caught by the stop can stay blocked (an abort on a stopped server waits forever), and
+    Python's exit waits for every such thread: serve stopped but never exited."""
+    import threading
+    import time
+
+    def end():
+        time.sleep(after_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    threading.Thread(target=end, daemon=True, name="serve-exit").start()
 
 
 def _set_environ(env: dict[str, str | None]) -> None:
