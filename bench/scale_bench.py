@@ -247,17 +247,36 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
 
 
 # --- the cluster ----------------------------------------------------------------------------------------------------
+def _init_ray_retrying(cpus: int, attempts: int = 3) -> None:
+    """init_ray, tried again when Ray's own start times out (its GCS or raylet slow to write their port files on a
+    busy machine: that lost whole cluster runs)."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            init_ray(cpus)
+            return
+        except Exception as err:  # noqa: BLE001: Ray raises plain Exception/RuntimeError for a slow start
+            if attempt == attempts - 1:
+                raise
+            log(f"  Ray did not start ({type(err).__name__}: {err}); trying again")
+            ray.shutdown()
+            time.sleep(5)
+
+
 def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args,
-                   storage: pathlib.Path) -> dict:
-    """Loads xb into a fresh ``shards``-shard cluster on ``storage``, measures it, restarts it. Returns results."""
+                   storage: pathlib.Path, res: dict | None = None) -> dict:
+    """Loads xb into a fresh ``shards``-shard cluster on ``storage``, measures it, restarts it. Returns results,
+    gathered in ``res`` (given by the caller: what was measured before a failure is kept)."""
     import ray
 
     n, dim, k = len(xb), xb.shape[1], args.k
-    res: dict = {"spec": spec, "shards": shards, "n": n}
+    res = {} if res is None else res
+    res.update({"spec": spec, "shards": shards, "n": n})
     name = "scale"
     threads = os.cpu_count() or 1
     t = time.perf_counter()
-    init_ray(max(threads, shards + 1))
+    _init_ray_retrying(max(threads, shards + 1))
     handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus, cluster_name="scale0")
     res["start_seconds"] = time.perf_counter() - t
     log(f"  cluster: {shards} shards up in {res['start_seconds']:.1f}s")
@@ -316,7 +335,7 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         res["stop_seconds"] = time.perf_counter() - t
         log(f"  cluster {spec}: stopped in {res['stop_seconds']:.1f}s; restarting on the same storage")
         t0 = time.perf_counter()
-        init_ray(max(threads, shards + 1))
+        _init_ray_retrying(max(threads, shards + 1))
         res["restart_ray_seconds"] = time.perf_counter() - t0
         handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus,
                                                            cluster_name="scale1", ready_timeout=args.restart_timeout)
@@ -392,11 +411,14 @@ def run(args) -> dict:
             shutil.rmtree(storage, ignore_errors=True)
             storage.mkdir(parents=True)
             log(f"{spec}: cluster of {S} shards on {storage}")
+            res: dict = {}
             try:
-                entry["cluster"].append(cluster_family(spec, S, xb, xq, gt, args, storage))
+                cluster_family(spec, S, xb, xq, gt, args, storage, res)
+                entry["cluster"].append(res)
             except Exception as err:  # noqa: BLE001: one failed cluster run is a result; the others still run
                 log(f"{spec}: the {S}-shard run failed: {type(err).__name__}: {err}")
-                entry.setdefault("failed", []).append({"shards": S, "error": f"{type(err).__name__}: {err}"})
+                entry.setdefault("failed", []).append({"shards": S, "error": f"{type(err).__name__}: {err}",
+                                                       "measured": res})
             finally:
                 if not args.keep_storage:
                     shutil.rmtree(storage, ignore_errors=True)
