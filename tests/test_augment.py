@@ -87,3 +87,21 @@ def test_crop_and_overlay_are_local(im):
 def test_unknown_augmentation_is_refused(im):
     with pytest.raises(ValueError, match="unknown augmentations"):
         augment(im, np.random.default_rng(0), {"sepia": 1.0})
+
+
+def test_training_views_come_from_these_augmentations(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import encoder.train as train
+
+    views = []
+    real = train.augment
+
+    def recorded(im, rng):
+        views.append(real(im, rng))
+        return views[-1]
+
+    monkeypatch.setattr(train, "augment", recorded)
+    train.train_encoder([picture(i, size=96) for i in range(4)], tmp_path / "m.pt", epochs=10, batch_size=4,
+                        progress=False)
+    assert len(views) == 80  # 10 steps, 2 views of 4 pictures
+    assert sum(is_grey(v) for v in views) >= 20  # greyscale in half of the views (seeded: the same every run)
