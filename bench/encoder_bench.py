@@ -1,28 +1,34 @@
 """Encoders on real photos: retrieval of edited copies, the copy / different-photo distance threshold, training the
 CNN on part of the photos, and throughput (encode, decode + encode, ingest end to end).
 
-    python -m bench.encoder_bench [--out bench/out/encoders.json] [--epochs 1000] [--seed 0]
+    python -m bench.encoder_bench [--out bench/out/encoders.json] [--epochs 1000] [--seed 0] [--folds 1]
 
 What it does, in one process:
 
 1. **Photos**: the real photographs bundled in scikit-image's wheel (``skimage.data``; loaders that would download
    are tried and skipped when they fail; synthetic patterns, text, a binary silhouette, a thumbnail and duplicates
-   are left out on purpose, see ``SKIMAGE_PHOTOS`` / ``SKIMAGE_LEFT_OUT``) and, when scikit-learn is installed,
-   ``sklearn.datasets.load_sample_images()`` (china, flower). Nothing is generated.
-2. **Edits** of each photo (``EDITS``): resize 1/2 and 1/4, JPEG quality 50 and 20, brightness x1.3, crop 5% and 10%
-   per side, rotation 5 degrees (same canvas, black corners), horizontal flip.
+   are left out on purpose, see ``SKIMAGE_PHOTOS`` / ``SKIMAGE_LEFT_OUT``), when scikit-learn is installed
+   ``sklearn.datasets.load_sample_images()`` (china, flower), and when matplotlib is installed the photograph in its
+   sample data (grace_hopper). Nothing is generated.
+2. **Edits** of each photo (``EDIT_NAMES``, ``edit``): resize 1/2 and 1/4, JPEG quality 50 and 20, brightness x1.3,
+   crop 5% and 10% per side, rotation 5 degrees (same canvas, black corners), horizontal flip, greyscale, and a
+   stock-photo watermark (``watermark``: translucent diagonal text across the middle and a small caption).
 3. **Retrieval**: for each encoder, database = every original photo, query = each edited copy; top-1 is correct when
    the copy's own original is strictly nearer than every other photo (a tie counts as a miss). Distances in the
    encoder's metric: Hamming (differing bits) for pHash, cosine distance (1 - cos) for the CNNs, Euclidean for the
-   face encoder.
+   face encoder. ``phash+mirror`` is pHash searched flip-invariantly: each query also mirrored, each original at the
+   nearer of the two. Greyscale copies of photos that are grey already are the photos themselves, so greyscale is
+   also scored on the colour photos alone ("greyscale (colour photos)").
 4. **Threshold**: copy distances (query to its own original) against different-photo distances (query to every other
    original): per edit the largest copy distance, the smallest / 5th percentile / median different-photo distance,
    and two thresholds (a pair is called a copy when distance <= t): the one that minimises miss rate + false-match
    rate, and the largest with no false match, each with its miss and false-match rates.
-5. **CNNs**: ``encoder.train.train_encoder`` (triplet and autoencoder) on a seeded 2/3 of the photos (downsized to
-   a shorter side of 96 px, as ``lookalike train-encoder`` does), loaded back through ``torchscript:PATH``;
-   accuracy reported on training and held-out photos separately; a 1-epoch triplet model is the (near) untrained
-   baseline.
+5. **CNNs**: ``encoder.train.train_encoder`` (``--methods``: triplet, autoencoder) on a seeded 2/3 of the photos
+   (downsized to a shorter side of 96 px, as ``lookalike train-encoder`` does), loaded back through
+   ``torchscript:PATH``; accuracy reported on training and held-out photos separately; a 1-epoch triplet model is
+   the (near) untrained baseline. With ``--folds K`` each method trains K models, each without one K-th of the
+   photos, so that every photo is held out once: the held-out rows pool every photo scored by the model that did
+   not see it (and the CNN rows have no "all").
 6. **Face**: dlib's encoder only where a face is detected. Among the photos above that is normally one
    (astronaut), so the face rows also use the real LFW face crops bundled with scikit-image
    (``skimage.data.lfw_subset``, 25 x 25 px, upscaled x4) as more people: database = every face, queries = edits.
@@ -51,6 +57,8 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from encoder.match import FACE_MATCH_L2, default_match
+
 # skimage.data loaders of real photographs (name -> how to get the RGB array); tried one by one, skipped on failure.
 SKIMAGE_PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "coins", "moon", "rocket", "hubble_deep_field",
                   "retina", "immunohistochemistry", "gravel", "grass", "brick", "clock", "cell",
@@ -66,7 +74,8 @@ SKIMAGE_LEFT_OUT = {
     "brain, cells3d, kidney, ...": "3-D / multi-channel microscopy, or downloads",
 }
 EDIT_NAMES = ["resize 1/2", "resize 1/4", "jpeg 50", "jpeg 20", "bright x1.3", "crop 5%", "crop 10%", "rotate 5",
-              "hflip"]
+              "hflip", "greyscale", "watermark"]
+WATERMARK_TEXT = "\u00a9 SAMPLE stock"
 
 
 def log(msg: str) -> None:
@@ -81,12 +90,15 @@ def _to_rgb(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr).convert("RGB")
 
 
-def load_photos(use_sklearn: bool = True) -> tuple[list[dict], list[dict]]:
-    """([{name, source, image}], [{name, reason}] for the loaders that failed)."""
+def load_photos(use_sklearn: bool = True, limit: int = 0) -> tuple[list[dict], list[dict]]:
+    """([{name, source, image}], [{name, reason}] for the loaders that failed); ``limit`` > 0: the first that many
+    photos only (the loaders after them are not tried)."""
     import skimage.data
 
     photos, failed = [], []
     for name in SKIMAGE_PHOTOS:
+        if limit and len(photos) >= limit:
+            return photos, failed
         try:
             arr = getattr(skimage.data, name)()
             if name == "stereo_motorcycle":
@@ -94,7 +106,7 @@ def load_photos(use_sklearn: bool = True) -> tuple[list[dict], list[dict]]:
             photos.append({"name": name, "source": "skimage.data", "image": _to_rgb(arr)})
         except (ImportError, OSError, ValueError, RuntimeError) as err:  # needs a download or an optional package
             failed.append({"name": name, "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"})
-    if use_sklearn:
+    if use_sklearn and not (limit and len(photos) >= limit):
         try:
             from sklearn.datasets import load_sample_images
 
@@ -103,7 +115,22 @@ def load_photos(use_sklearn: bool = True) -> tuple[list[dict], list[dict]]:
                 photos.append({"name": pathlib.Path(fname).stem, "source": "sklearn.datasets", "image": _to_rgb(arr)})
         except (ImportError, OSError, ValueError) as err:
             failed.append({"name": "sklearn.load_sample_images", "reason": f"{type(err).__name__}: {err}"})
+    if limit and len(photos) >= limit:
+        return photos[:limit], failed
+    try:  # the one photograph in matplotlib's bundled sample data
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            photos.append({"name": "grace_hopper", "source": "matplotlib", "image": Image.open(f).convert("RGB")})
+    except (ImportError, OSError, ValueError) as err:
+        failed.append({"name": "matplotlib grace_hopper", "reason": f"{type(err).__name__}: {err}"})
     return photos, failed
+
+
+def is_colour(im: Image.Image) -> bool:
+    """Whether a photo has colour (its greyscale copy differs from it); grey photos are stored as RGB too."""
+    a = np.asarray(im, dtype=np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).max() > 8 or np.abs(a[..., 1] - a[..., 2]).max() > 8)
 
 
 def _jpeg(im: Image.Image, quality: int) -> Image.Image:
@@ -116,6 +143,23 @@ def _crop(im: Image.Image, f: float) -> Image.Image:
     w, h = im.size
     dx, dy = round(w * f), round(h * f)
     return im.crop((dx, dy, w - dx, h - dy))
+
+
+def watermark(im: Image.Image) -> Image.Image:
+    """A stock-photo watermark: WATERMARK_TEXT in white at 50% opacity, its height 1/8 of the shorter side, across
+    the middle at 30 degrees, plus a small opaque caption in the lower left corner."""
+    from PIL import ImageDraw, ImageFont
+
+    w, h = im.size
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    font = ImageFont.load_default(size=max(8, min(w, h) // 8))
+    draw.text((w // 2, h // 2), WATERMARK_TEXT, font=font, fill=(255, 255, 255, 128), anchor="mm")
+    layer = layer.rotate(30, resample=Image.Resampling.BILINEAR)
+    small = ImageFont.load_default(size=max(6, min(w, h) // 25))
+    ImageDraw.Draw(layer).text((min(w, h) // 40, h - min(w, h) // 40), "photo: lookalike.example", font=small,
+                               fill=(255, 255, 255, 255), anchor="ld", stroke_width=1, stroke_fill=(0, 0, 0, 255))
+    return Image.alpha_composite(im.convert("RGBA"), layer).convert("RGB")
 
 
 def edit(im: Image.Image, name: str) -> Image.Image:
@@ -138,6 +182,10 @@ def edit(im: Image.Image, name: str) -> Image.Image:
         return im.rotate(5, resample=Image.Resampling.BICUBIC, expand=False, fillcolor=(0, 0, 0))
     if name == "hflip":
         return ImageOps.mirror(im)
+    if name == "greyscale":
+        return ImageOps.grayscale(im).convert("RGB")
+    if name == "watermark":
+        return watermark(im)
     raise ValueError(name)
 
 
@@ -189,24 +237,23 @@ def threshold_analysis(copy: np.ndarray, diff: np.ndarray, integer: bool, fixed_
     return out
 
 
-def evaluate(enc, originals: list[Image.Image], names: list[str], groups: dict[str, list[int]],
-             lenient: bool = False, metric: str | None = None, fixed_t: float | None = None) -> dict:
-    """Top-1 retrieval of each edit (database = the originals) and the copy / different-photo distances.
+def query_distances(enc, originals: list[Image.Image], lenient: bool = False, metric: str | None = None,
+                    mirror: bool = False) -> tuple[list[dict], list[int]]:
+    """Every edit of every photo as a query against the originals: (queries, database photo indices).
 
-    groups: subset name -> indices of the photos whose queries it scores (e.g. train / held-out).
-    With ``lenient`` (the face encoder), images it refuses are left out of the database, and queries it refuses
-    count as misses ("no face").
+    A query is {photo, edit, encoded, own (distance to its original), min_other, correct, tie, other (distances to
+    the other originals)}. With ``lenient`` (the face encoder), images it refuses are left out of the database, and
+    queries it refuses count as misses ("no face"). With ``mirror``, each query is also searched mirrored and each
+    original is at the smaller of the two distances (flip-invariant search at twice the query cost).
     """
     metric = metric or enc.metric
-    integer = metric == "hamming"
-    t0 = time.perf_counter()
     if lenient:
         db, reasons = enc.encode_images_lenient(originals)
         in_db = [i for i, r in enumerate(reasons) if r is None]
     else:
         db, in_db = enc.encode_images(originals), list(range(len(originals)))
     pos = {p: k for k, p in enumerate(in_db)}
-    queries = []  # (photo index, edit, own distance or None, min other distance, correct, tie, other distances)
+    queries = []
     for e in EDIT_NAMES:
         ims = [edit(originals[p], e) for p in in_db]
         if lenient:
@@ -215,6 +262,8 @@ def evaluate(enc, originals: list[Image.Image], names: list[str], groups: dict[s
         else:
             qv, ok = enc.encode_images(ims), list(range(len(ims)))
         D = distances(metric, qv, db) if len(ok) else np.empty((0, len(in_db)))
+        if mirror and len(ok):
+            D = np.minimum(D, distances(metric, enc.encode_images([ImageOps.mirror(ims[k]) for k in ok]), db))
         got = {k: row for k, row in zip(ok, D)}
         for k, p in enumerate(in_db):
             row = got.get(k)
@@ -227,24 +276,31 @@ def evaluate(enc, originals: list[Image.Image], names: list[str], groups: dict[s
             mo = float(other.min()) if len(other) else float("inf")
             queries.append({"photo": p, "edit": e, "encoded": True, "own": float(own), "min_other": mo,
                             "correct": bool(own < mo), "tie": bool(own == mo), "other": other})
-    seconds = time.perf_counter() - t0
+    return queries, in_db
 
-    def score(sel: list[dict]) -> dict:
-        n = len(sel)
-        enc_n = sum(q["encoded"] for q in sel)
-        return {"n": n, "encoded": enc_n, "correct": sum(q["correct"] for q in sel),
-                "ties": sum(q["tie"] for q in sel),
-                "acc": (sum(q["correct"] for q in sel) / n) if n else None}
 
-    out = {"database": [names[i] for i in in_db], "seconds": round(seconds, 2), "accuracy": {}, "thresholds": {},
-           "copy_distance": {}, "misses": []}
-    for g, members in groups.items():
-        mem = set(members) & set(in_db)
-        if not mem:
+def _score(sel: list[dict]) -> dict:
+    n = len(sel)
+    return {"n": n, "encoded": sum(q["encoded"] for q in sel), "correct": sum(q["correct"] for q in sel),
+            "ties": sum(q["tie"] for q in sel), "acc": (sum(q["correct"] for q in sel) / n) if n else None}
+
+
+def summarise(selections: dict[str, list[dict]], integer: bool, fixed_t: float | None = None,
+              colour: list[bool] | None = None) -> dict:
+    """Per group of queries: top-1 per edit and overall, thresholds, copy distances per edit.
+
+    ``colour``: per photo, whether it has colour; adds "greyscale (colour photos)", the greyscale queries of colour
+    photos only (a greyscale copy of a grey photo is the photo itself).
+    """
+    out = {"accuracy": {}, "thresholds": {}, "copy_distance": {}}
+    for g, sel in selections.items():
+        if not sel:
             continue
-        sel = [q for q in queries if q["photo"] in mem]
-        acc = {e: score([q for q in sel if q["edit"] == e]) for e in EDIT_NAMES}
-        acc["all"] = score(sel)
+        acc = {e: _score([q for q in sel if q["edit"] == e]) for e in EDIT_NAMES}
+        acc["all"] = _score(sel)
+        if colour is not None:
+            acc["greyscale (colour photos)"] = _score([q for q in sel
+                                                       if q["edit"] == "greyscale" and colour[q["photo"]]])
         out["accuracy"][g] = acc
         enc_sel = [q for q in sel if q["encoded"]]
         copy = np.array([q["own"] for q in enc_sel])
@@ -256,13 +312,59 @@ def evaluate(enc, originals: list[Image.Image], names: list[str], groups: dict[s
                 c = np.array([q["own"] for q in enc_sel if q["edit"] == e])
                 per_edit_miss[e] = float((c > th["best"]["t"]).mean()) if len(c) else None
             th["miss_per_edit_at_best"] = per_edit_miss
+            if fixed_t is not None:  # copies a search would call matches at the fixed threshold, per edit
+                th["fixed"]["within_per_edit"] = {e: {
+                    "within": sum(q["encoded"] and q["own"] <= fixed_t for q in sel if q["edit"] == e),
+                    "n": sum(q["edit"] == e for q in sel)} for e in EDIT_NAMES}
             out["thresholds"][g] = th
         out["copy_distance"][g] = {
             e: ({"max": float(max(q["own"] for q in enc_sel if q["edit"] == e)),
                  "median": float(np.median([q["own"] for q in enc_sel if q["edit"] == e]))}
                 if any(q["edit"] == e for q in enc_sel) else None) for e in EDIT_NAMES}
-    out["misses"] = [{"photo": names[q["photo"]], "edit": q["edit"], "own": q["own"], "min_other": q["min_other"],
-                      "encoded": q["encoded"]} for q in queries if not q["correct"]]
+    return out
+
+
+def _misses(queries: list[dict], names: list[str], **extra) -> list[dict]:
+    return [{"photo": names[q["photo"]], "edit": q["edit"], "own": q["own"], "min_other": q["min_other"],
+             "encoded": q["encoded"], **extra} for q in queries if not q["correct"]]
+
+
+def evaluate(enc, originals: list[Image.Image], names: list[str], groups: dict[str, list[int]],
+             lenient: bool = False, metric: str | None = None, fixed_t: float | None = None, mirror: bool = False,
+             colour: list[bool] | None = None) -> dict:
+    """Top-1 retrieval of each edit (database = the originals) and the copy / different-photo distances.
+
+    groups: subset name -> indices of the photos whose queries it scores (e.g. train / held-out).
+    """
+    metric = metric or enc.metric
+    t0 = time.perf_counter()
+    queries, in_db = query_distances(enc, originals, lenient, metric, mirror)
+    seconds = time.perf_counter() - t0
+    selections = {g: [q for q in queries if q["photo"] in set(members)] for g, members in groups.items()}
+    out = {"database": [names[i] for i in in_db], "seconds": round(seconds, 2)}
+    out.update(summarise(selections, metric == "hamming", fixed_t, colour))
+    out["misses"] = _misses(queries, names)
+    return out
+
+
+def evaluate_folds(encs: list, originals: list[Image.Image], names: list[str], folds: list[dict],
+                   colour: list[bool] | None = None, fixed_t: float | None = None) -> dict:
+    """Like evaluate, for K models each trained without one fold of the photos: the "held-out" group pools every
+    photo's queries scored by the model that did not see it, "train" the queries of each model's training photos.
+    """
+    metric = encs[0].metric
+    t0 = time.perf_counter()
+    sel: dict[str, list[dict]] = {"train": [], "held-out": []}
+    misses = []
+    for f, (enc, fold) in enumerate(zip(encs, folds)):
+        queries, _ = query_distances(enc, originals, metric=metric)
+        held = set(fold["held-out"])
+        sel["held-out"] += [q for q in queries if q["photo"] in held]
+        sel["train"] += [q for q in queries if q["photo"] not in held]
+        misses += _misses([q for q in queries if q["photo"] in held], names, fold=f)
+    out = {"database": list(names), "seconds": round(time.perf_counter() - t0, 2), "folds": len(encs)}
+    out.update(summarise(sel, metric == "hamming", fixed_t, colour))
+    out["misses"] = misses  # held-out queries only
     return out
 
 
@@ -355,61 +457,96 @@ def run(args) -> dict:
                              "loadavg_start": list(os.getloadavg())},
                  "args": vars(args).copy()}
 
-    photos, failed = load_photos(not args.no_sklearn)
+    photos, failed = load_photos(not args.no_sklearn, args.max_photos)
     names = [p["name"] for p in photos]
     originals = [p["image"] for p in photos]
+    colour = [is_colour(im) for im in originals]
     n = len(photos)
     if n < 3:
         raise SystemExit(f"only {n} photos could be loaded: {failed}")
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(n)
-    n_train = max(2, round(n * args.train_fraction))
-    train_idx, held_idx = sorted(perm[:n_train].tolist()), sorted(perm[n_train:].tolist())
+    if args.folds > 1:  # every photo held out once: fold f holds out perm[f::K]
+        if args.folds > n:
+            raise SystemExit(f"--folds {args.folds} is more than the {n} photos")
+        folds = [{"held-out": sorted(perm[f::args.folds].tolist())} for f in range(args.folds)]
+    else:
+        n_train = max(2, round(n * args.train_fraction))
+        folds = [{"held-out": sorted(perm[n_train:].tolist())}]
+    for fold in folds:
+        fold["train"] = [i for i in range(n) if i not in set(fold["held-out"])]
+    train_idx, held_idx = folds[0]["train"], folds[0]["held-out"]
     groups = {"all": list(range(n)), "train": train_idx, "held-out": held_idx}
-    out["photos"] = [{"name": p["name"], "source": p["source"], "size": list(p["image"].size),
-                      "split": "train" if i in train_idx else "held-out"} for i, p in enumerate(photos)]
+    out["photos"] = [{"name": p["name"], "source": p["source"], "size": list(p["image"].size), "colour": colour[i],
+                      "split": ("train" if i in train_idx else "held-out") if len(folds) == 1 else
+                      f"held out in fold {next(f for f, fd in enumerate(folds) if i in fd['held-out'])}"}
+                     for i, p in enumerate(photos)]
+    out["folds"] = len(folds)
     out["photos_failed"] = failed
     out["photos_left_out"] = SKIMAGE_LEFT_OUT
-    log(f"{n} photos ({len(train_idx)} train / {len(held_idx)} held-out): {', '.join(names)}")
+    log(f"{n} photos ({len(train_idx)} train / {len(held_idx)} held-out"
+        + (f", {len(folds)} folds" if len(folds) > 1 else "") + f"): {', '.join(names)}")
     if failed:
         log("skipped loaders: " + "; ".join(f"{f['name']} ({f['reason'][:60]})" for f in failed))
 
-    # CNNs
+    # CNNs: one model per fold and method
     model_dir = pathlib.Path(args.model_dir or tempfile.mkdtemp(prefix="encbench-models-"))
     model_dir.mkdir(parents=True, exist_ok=True)
-    train_set = [train_view(originals[i]) for i in train_idx]
-    models, out["training"] = {}, {}
-    for label, method, epochs in [("cnn-triplet", "triplet", args.epochs),
-                                  ("cnn-autoencoder", "autoencoder", args.epochs),
-                                  ("cnn-untrained", "triplet", 1)]:
-        if label == "cnn-untrained" and args.no_baseline:
-            continue
-        path = model_dir / f"{label}.pt"
-        t0 = time.perf_counter()
-        losses = train_encoder(train_set, path, method=method, epochs=epochs, batch_size=args.batch, seed=args.seed,
-                               progress=False)
-        el = time.perf_counter() - t0
-        models[label] = str(path)
-        out["training"][label] = {"method": method, "epochs": epochs, "images": len(train_set),
-                                  "steps_per_epoch": max(1, len(train_set) // min(args.batch, len(train_set))),
-                                  "seconds": round(el, 1), "loss_first": losses[0], "loss_last": losses[-1],
-                                  "path": str(path)}
-        log(f"trained {label} ({method}, {epochs} epochs on {len(train_set)} photos): {el:.1f}s, "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    methods = [m for m in args.methods.split(",") if m]
+    if not set(methods) <= {"triplet", "autoencoder"}:
+        raise SystemExit(f"--methods takes triplet and/or autoencoder, got {args.methods!r}")
+    runs = [(f"cnn-{m}", m, args.epochs) for m in methods]
+    if not args.no_baseline:
+        runs.append(("cnn-untrained", "triplet", 1))
+    models: dict[str, list[str]] = {}
+    out["training"] = {}
+    for label, method, epochs in runs:
+        for f, fold in enumerate(folds):
+            train_set = [train_view(originals[i]) for i in fold["train"]]
+            path = model_dir / (f"{label}.pt" if len(folds) == 1 else f"{label}-fold{f}.pt")
+            t0 = time.perf_counter()
+            losses = train_encoder(train_set, path, method=method, epochs=epochs or None, batch_size=args.batch,
+                                   seed=args.seed, progress=False)
+            el = time.perf_counter() - t0
+            models.setdefault(label, []).append(str(path))
+            key = label if len(folds) == 1 else f"{label} fold {f}"
+            out["training"][key] = {"method": method, "epochs": len(losses), "images": len(train_set),
+                                    "steps_per_epoch": max(1, len(train_set) // min(args.batch, len(train_set))),
+                                    "seconds": round(el, 1), "loss_first": losses[0], "loss_last": losses[-1],
+                                    "path": str(path)}
+            log(f"trained {key} ({method}, {len(losses)} epochs on {len(train_set)} photos): {el:.1f}s, "
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     # quality
-    specs = [("phash", "phash"), ("phash:16", "phash:16")] + [(k, f"torchscript:{v}") for k, v in models.items()]
+    specs = [("phash", "phash", False), ("phash+mirror", "phash", True), ("phash:16", "phash:16", False)]
     encoders = {}
     out["quality"] = {}
-    for label, spec in specs:
+    for label, spec, mirror in specs:
         enc = get_encoder(spec)
-        encoders[label] = enc
-        res = evaluate(enc, originals, names, groups)
-        res["metric"] = enc.metric
-        res["dim"] = enc.dim
+        encoders.setdefault(label.split("+")[0], enc)
+        rule = default_match(spec)
+        res = evaluate(enc, originals, names, groups, mirror=mirror, colour=colour, fixed_t=rule.threshold)
+        res.update(metric=enc.metric, dim=enc.dim, mirror=mirror, match_rule=rule.describe())
         out["quality"][label] = res
         a = res["accuracy"]["all"]["all"]
         log(f"quality {label}: top-1 {a['correct']}/{a['n']} ({res['seconds']}s)")
+    for label, paths in models.items():
+        encs = [get_encoder(f"torchscript:{path}") for path in paths]
+        encoders[label] = encs[0]
+        rule = default_match(f"torchscript:{paths[0]}")  # the similarity train_encoder wrote into the model's JSON
+        fixed_t = 1.0 - rule.threshold if rule else None  # as a cosine distance, the bench's unit
+        if len(folds) == 1:
+            res = evaluate(encs[0], originals, names, groups, colour=colour, fixed_t=fixed_t)
+        else:
+            res = evaluate_folds(encs, originals, names, folds, colour=colour, fixed_t=fixed_t)
+        res.update(metric=encs[0].metric, dim=encs[0].dim, match_rule=rule.describe() if rule else None)
+        out["quality"][label] = res
+        a = res["accuracy"]["held-out"]
+        gc = a["greyscale (colour photos)"]
+        log(f"quality {label}: held-out top-1 {a['all']['correct']}/{a['all']['n']}, greyscale "
+            f"{a['greyscale']['correct']}/{a['greyscale']['n']} (colour photos {gc['correct']}/{gc['n']}) "
+            f"({res['seconds']}s)")
+    models = {label: paths[0] for label, paths in models.items()}  # throughput and ingest use the first fold's
 
     if not args.no_face:
         try:
@@ -523,8 +660,8 @@ def face_quality(face, originals: list[Image.Image], names: list[str], args) -> 
     if lfw_idx:
         groups["lfw"] = lfw_idx
     if len(faces) >= 1:
-        # dlib's own rule (same person within 0.6) is scored too
-        ev = evaluate(face, faces, fnames, groups, lenient=True, metric="l2", fixed_t=0.6)
+        # dlib's same-person rule, 0.6 (Euclidean, the bench's distance for face) is scored too
+        ev = evaluate(face, faces, fnames, groups, lenient=True, metric="l2", fixed_t=FACE_MATCH_L2 ** 0.5)
         res.update(ev)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     log(f"face quality: {res.get('accuracy', {}).get('all', {}).get('all')} ({res['seconds']}s)")
@@ -564,20 +701,28 @@ def markdown(out: dict) -> str:
             f"{f['name']} ({f['reason'][:70]})" for f in out["photos_failed"]))
     L.append("")
     q = out["quality"]
+    grey_c = "greyscale (colour photos)"
+    folds = out.get("folds", 1)
     L.append("## Top-1 retrieval of edited copies (database = all originals)\n")
-    L.append("| encoder | " + " | ".join(EDIT_NAMES) + " | all |")
-    L.append("|---|" + "---:|" * (len(EDIT_NAMES) + 1))
+    if folds > 1:
+        L.append(f"CNN rows: {folds} models per method, each trained without one fold; held-out = every photo "
+                 "scored by the model that did not see it.\n")
+    L.append("| encoder | " + " | ".join(EDIT_NAMES) + f" | all | {grey_c} |")
+    L.append("|---|" + "---:|" * (len(EDIT_NAMES) + 2))
     for label, r in q.items():
-        a = r["accuracy"]["all"]
-        L.append(f"| {label} | " + " | ".join(_acc(a[e]) for e in EDIT_NAMES) + f" | {_acc(a['all'])} |")
+        g = "all" if "all" in r["accuracy"] else "held-out"
+        a = r["accuracy"][g]
+        L.append(f"| {label}{'' if g == 'all' else f' (held-out, {folds} folds)'} | "
+                 + " | ".join(_acc(a[e]) for e in EDIT_NAMES) + f" | {_acc(a['all'])} | {_acc(a.get(grey_c))} |")
     L.append("\n## Training vs held-out photos\n")
-    L.append("| encoder | photos | " + " | ".join(EDIT_NAMES) + " | all |")
-    L.append("|---|---|" + "---:|" * (len(EDIT_NAMES) + 1))
+    L.append("| encoder | photos | " + " | ".join(EDIT_NAMES) + f" | all | {grey_c} |")
+    L.append("|---|---|" + "---:|" * (len(EDIT_NAMES) + 2))
     for label, r in q.items():
         for g in ("train", "held-out"):
             a = r["accuracy"].get(g)
             if a:
-                L.append(f"| {label} | {g} | " + " | ".join(_acc(a[e]) for e in EDIT_NAMES) + f" | {_acc(a['all'])} |")
+                L.append(f"| {label} | {g} | " + " | ".join(_acc(a[e]) for e in EDIT_NAMES)
+                         + f" | {_acc(a['all'])} | {_acc(a.get(grey_c))} |")
     L.append("\n## Training\n")
     L.append("| model | method | epochs | photos | seconds | loss first -> last |")
     L.append("|---|---|---:|---:|---:|---|")
@@ -614,6 +759,20 @@ def markdown(out: dict) -> str:
             L.append(f"| {label} | {g} | {r['metric']} | {_f(th['best']['t'], nd)} | {th['best']['miss']:.3f} | "
                      f"{th['best']['false_match']:.4f} | {_f(z['t'], nd) if z else '-'} | "
                      f"{_f(z['miss']) if z else '-'} | {pe or 'none'} |")
+    L.append("\n## Copies within the default match threshold (what the contact sheet marks as a match)\n")
+    L.append("| encoder | photos | rule | " + " | ".join(EDIT_NAMES) + " | false match |")
+    L.append("|---|---|---|" + "---:|" * (len(EDIT_NAMES) + 1))
+    for label, r in q.items():
+        for g in ("all", "held-out"):
+            if g == "held-out" and not label.startswith("cnn"):
+                continue
+            fx = (r["thresholds"].get(g) or {}).get("fixed")
+            if not fx:
+                continue
+            w = fx["within_per_edit"]
+            L.append(f"| {label} | {g} | {r.get('match_rule') or '-'} | "
+                     + " | ".join(f"{w[e]['within']}/{w[e]['n']}" for e in EDIT_NAMES)
+                     + f" | {fx['false_match']:.4f} |")
     f = out.get("face")
     if f:
         L.append("\n## Face encoder (dlib, Euclidean)\n")
@@ -682,10 +841,16 @@ def _jsonable(o):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.encoder_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench/out/encoders.json")
-    p.add_argument("--epochs", type=int, default=1000,
-                   help="CNN training epochs (with 12 photos an epoch is one step of 12; ~0.1 s each here)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="CNN training epochs; 0: what `lookalike train-encoder` does by default (30, or at least "
+                        "encoder.train.MIN_STEPS steps: with 13 photos an epoch is one step of 13)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--train-fraction", type=float, default=2 / 3)
+    p.add_argument("--folds", type=int, default=1,
+                   help="K > 1: train K models per method, each without 1/K of the photos, so that every photo is "
+                        "held out once (held-out rows pool them); 1: one split by --train-fraction")
+    p.add_argument("--methods", default="triplet,autoencoder", help="CNN training methods, comma-separated")
+    p.add_argument("--max-photos", type=int, default=0, help="only the first N photos (0: all; for smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", default=None, help="where the trained models go (default: a temp folder)")
     p.add_argument("--no-sklearn", action="store_true", help="skimage photos only")

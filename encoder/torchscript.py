@@ -6,7 +6,8 @@ The contract (docs/ENCODERS.md):
   in [0, 1], then normalised per channel as ``(x - mean) / std``, and returning float32 of shape (N, D);
 - an optional JSON file beside it, ``<model>.json``, sets ``input_size`` S (default 224), ``mean`` and ``std``
   (default ImageNet's), ``metric`` (default ``cosine``) and ``resize`` ("squash": stretch to S x S, the default,
-  or "crop": shorter side to S, then centre crop).
+  or "crop": shorter side to S, then centre crop), and optionally ``match_threshold``, the distance at which a hit
+  counts as a match (encoder.match).
 Images are batched (``batch_size``) and run on the GPU when torch sees one.
 """
 

@@ -7,8 +7,9 @@ Two methods, so they can be compared:
 - ``autoencoder``: the classic recipe; the same convolutional encoder plus a decoder that reconstructs the
   original from an augmented view (mean squared error); the bottleneck, L2-normalised, is the embedding.
 
-Augmentations are those a catalog's near-duplicates go through: random crop (up to 10% a side) and resize, JPEG
-recompression, brightness and contrast, small rotation, down- and up-scaling.
+Augmentations (encoder.augment) are those a catalog's near-duplicates go through: random resized crop, flip,
+small rotation, colour shifts (hue, saturation, brightness, contrast), greyscale, overlays (watermark, caption,
+logo), down- and up-scaling, JPEG recompression; seeded, so one seed trains the same model.
 
 The result is a TorchScript file (plus ``<file>.json``: input size, normalisation, metric) that the
 ``torchscript:PATH`` encoder loads; nothing in it needs this module at inference time.
@@ -16,44 +17,23 @@ The result is a TorchScript file (plus ``<file>.json``: input size, normalisatio
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import pathlib
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 from tqdm import tqdm
 
+from encoder.augment import augment
 from encoder.decode import ImageError, decode_image
+from encoder.match import CNN_MATCH_COSINE
 from encoder.torchscript import _import_torch, preprocess
 
 log = logging.getLogger(__name__)
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-
-
-def augment(im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A random near-duplicate of an image."""
-    w, h = im.size
-    if rng.random() < 0.8:  # crop up to 10% per side
-        l, t, r, b = (rng.uniform(0, 0.1, 4) * [w, h, w, h]).astype(int)
-        im = im.crop((l, t, w - r, h - b))
-    if rng.random() < 0.3:  # rotation up to 5 degrees
-        im = im.rotate(rng.uniform(-5, 5), resample=Image.Resampling.BILINEAR, fillcolor=(128, 128, 128))
-    if rng.random() < 0.8:
-        im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
-        im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.7, 1.3))
-    if rng.random() < 0.3:  # downscale and back
-        f = rng.uniform(0.25, 0.6)
-        small = im.resize((max(8, int(im.width * f)), max(8, int(im.height * f))), Image.Resampling.BILINEAR)
-        im = small.resize(im.size, Image.Resampling.BILINEAR)
-    if rng.random() < 0.5:  # JPEG recompression
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=int(rng.integers(20, 95)))
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return im
 
 
 def _modules(dim: int):
@@ -179,6 +159,7 @@ def train_encoder(images: list[Image.Image], out: str | pathlib.Path, method: st
     torch.jit.script(encoder).save(str(out))
     out.with_name(out.name + ".json").write_text(json.dumps(
         {"input_size": size, "mean": MEAN, "std": STD, "metric": "cosine", "resize": "squash", "method": method,
-         "dim": dim, "epochs": epochs, "images": len(images), "final_loss": losses[-1]}, indent=1))
+         "match_threshold": CNN_MATCH_COSINE[method], "dim": dim, "epochs": epochs, "images": len(images),
+         "final_loss": losses[-1]}, indent=1))
     log.info("saved %s encoder (%d-d) to %s", method, dim, out)
     return losses

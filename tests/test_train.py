@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from encoder import get_encoder  # noqa: E402
+from encoder.match import CNN_MATCH_COSINE, MatchRule, default_match  # noqa: E402
 from encoder.train import augment, train_encoder  # noqa: E402
 from lookalike import cli  # noqa: E402
 from test_encoder import EDITS, picture  # noqa: E402
@@ -20,7 +21,8 @@ def pictures():
 
 def test_triplet_cnn_learns_near_duplicates(tmp_path, pictures):
     out = tmp_path / "cnn.pt"
-    losses = train_encoder(pictures, out, method="triplet", epochs=10, batch_size=16, progress=False)
+    # 30 steps: the colour augmentations are strong, and these pictures differ mostly by their colours
+    losses = train_encoder(pictures, out, method="triplet", epochs=30, batch_size=16, progress=False)
     assert losses[-1] < losses[0]
     enc = get_encoder(f"torchscript:{out}")
     assert (enc.dim, enc.metric) == (128, "cosine")
@@ -38,6 +40,9 @@ def test_autoencoder_variant_trains_and_loads(tmp_path, pictures):
     assert losses[-1] < losses[0]
     meta = json.loads((tmp_path / "ae.pt.json").read_text())
     assert meta["method"] == "autoencoder" and meta["metric"] == "cosine"
+    # the threshold the contact sheet marks matches with, read back from the JSON
+    assert meta["match_threshold"] == CNN_MATCH_COSINE["autoencoder"]
+    assert default_match(f"torchscript:{out}") == MatchRule("cosine", meta["match_threshold"], "from the model's JSON")
     assert get_encoder(f"torchscript:{out}").encode_images(pictures[:3]).shape == (3, 32)
 
 
