@@ -684,18 +684,23 @@ def cmd_search(args) -> int:
             raise UserError(f"{args.queries} holds an array of shape {xq.shape}; expected (nq, d) or (d,)")
         xq = xq[None, :] if xq.ndim == 1 else xq
         xq = xq if xq.dtype == np.uint8 else xq.astype(np.float32)
+    encoder_spec = ""  # the collection's encoder: its rule of what counts as a match, drawn on the sheet
     with _client(args) as c:
         if images is not None:
             res = _search_images(c, args, images, include_payloads)
+            if args.sheet:
+                encoder_spec = c.describe_collection(args.name).spec.encoder
         else:
             res = c.search(args.name, xq, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
                            include_payloads=include_payloads, min_coverage=args.min_coverage)
     if args.sheet:
+        from encoder.match import default_match
         from lookalike.sheet import contact_sheet, read_uri
 
         rows = [[(uid, float(res.D[q, j]), read_uri(res.payloads[q][j].get("uri"))) for j, uid in enumerate(ids)]
                 for q, ids in enumerate(res.ids)]
-        sheet = contact_sheet(images or [None] * len(rows), rows)
+        sheet = contact_sheet(images or [None] * len(rows), rows, labels=args.image or None,
+                              match=default_match(encoder_spec))
         try:
             pathlib.Path(args.sheet).write_bytes(sheet)
         except OSError as err:

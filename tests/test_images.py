@@ -103,4 +103,8 @@ def test_cli_search_by_image_writes_a_sheet(served, folder, tmp_path, capsys):
                      "--target", target]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["results"][0]["ids"][0] == "a/img07.jpg"
-    assert Image.open(sheet).size == (8 + 168 * 5, 8 + 202)
+    png = Image.open(sheet)
+    assert png.size == (8 + 168 * 5, 8 + 202 + 18)  # + the caption that states phash's match rule
+    rows = json.loads(png.text["Rows"])
+    assert rows[0]["label"] == str(query)  # the row is named after the file, not "query 0"
+    assert "10" in png.text["Caption"]  # phash: a match is within 10 of 64 bits
