@@ -290,11 +290,7 @@ def cmd_serve(args) -> int:
     from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 
     embedded = args.address is None
-    if args.port is None:  # no --port: the environment's, else 50051
-        try:
-            args.port = _port(os.environ.get("LOOKALIKE_PORT") or "50051")
-        except argparse.ArgumentTypeError as err:
-            raise UserError(f"LOOKALIKE_PORT {err}") from None
+    args.port = serve_port(args, os.environ)
     try:
         data_dir = storage_path(args.data)
         tls, auth, host = _serve_security(args)
@@ -393,6 +389,16 @@ def cmd_serve(args) -> int:
     print("lookalike stopped", flush=True)
     _exit_soon(0)
     return 0
+
+
+def serve_port(args, environ) -> int:
+    """The port serve's router listens on: --port, else LOOKALIKE_PORT in ``environ``, else 50051."""
+    if args.port is not None:
+        return args.port
+    try:
+        return _port(environ.get("LOOKALIKE_PORT") or "50051")
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"LOOKALIKE_PORT {err}") from None
 
 
 def _exit_soon(status: int, after_s: float = 5.0) -> None:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sysconfig
+import tempfile
 
 import grpc
 import numpy as np
@@ -129,7 +130,10 @@ def _node_modules(request) -> pathlib.Path:
     deps = json.loads((NODE_EXAMPLE / "package.json").read_text())["dependencies"]
     specs = [f"{name}@{version}" for name, version in sorted(deps.items())]
     key = hashlib.sha256(" ".join(specs).encode()).hexdigest()[:12]
-    prefix = request.config.cache.mkdir(f"lookalike-node-{key}")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    prefix = (cache.mkdir(f"lookalike-node-{key}") if cache is not None
+              else pathlib.Path(tempfile.gettempdir()) / f"lookalike-node-{key}")
+    prefix.mkdir(parents=True, exist_ok=True)
     modules = prefix / "node_modules"
     if all((modules / name / "package.json").exists() for name in deps):
         return modules

@@ -19,7 +19,7 @@ import tomllib
 import pytest
 import yaml
 
-from lookalike.cli import build_parser, parse_bytes
+from lookalike.cli import build_parser, parse_bytes, serve_port
 from lookalike.config import storage_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_kuberay_resources_match_the_crd_schemas(docs):
 # --- the router ---------------------------------------------------------------------------------------------------
 def test_probes_and_service_use_the_port_the_router_listens_on(docs):
     args = _serve_args(docs)
-    port = args.port  # the --port in the args, else serve's default
+    port = serve_port(args, _env(docs, _router(docs)[1]))  # --port, else LOOKALIKE_PORT, else serve's default
     # the kubelet's gRPC probes speak plaintext: with TLS they need serve's plaintext --health-port
     tls = "LOOKALIKE_TLS_CERT" in _env(docs, _router(docs)[1]) or args.tls_cert
     probe_port = args.health_port if tls else port
