@@ -437,3 +437,9 @@ def test_loadtest_does_not_claim_recall_0_for_ids_that_are_not_row_numbers(serve
     assert "warning:" in err and "recall needs --ids FILE" in err and "recall@" not in out
     code, out, err = run([*base, "--ids", tmp_path / "ids.txt"], capsys)
     assert code == 0 and json.loads(out_json.read_text())["recall"]["recall_at_k"] == 1.0, err  # Flat: exact
+
+
+def test_flags_are_not_abbreviated(capsys):
+    """`lookalike size --shards 4` meant --shards-per-node 4 without a word: an unknown flag is an error."""
+    assert_one_line_error(["size", "--vectors", "1000", "--dim", "8", "--shards", "4"], capsys,
+                          "unrecognized arguments: --shards")
