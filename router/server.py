@@ -86,17 +86,19 @@ _GROUPS_PER_READ = 2000
 _STATS_TIMEOUT_S = 2.0
 
 
-def collection_of(request) -> str:
+def collection_of(request, required: bool = True) -> str:
     """The collection a request names: its ``collection`` field, or the deprecated ``name`` of the requests that
-    used to call it that (DescribeCollection, DropCollection, Rebalance); "" when neither is set.
+    used to call it that (DescribeCollection, DropCollection, Rebalance); "" when neither is set and not required.
 
     Raises:
-        InvalidArgument: both are set and differ.
+        InvalidArgument: both are set and differ, or neither is and one is required.
     """
     new, old = request.collection, request.name
     if new and old and new != old:
         raise InvalidArgument(f"the request names two collections: collection {new!r} and the deprecated name "
                               f"{old!r}; set collection only")
+    if required and not (new or old):
+        raise InvalidArgument("the request names no collection")
     return new or old
 
 
@@ -162,8 +164,6 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     @abort_on_error
     def DescribeCollection(self, request, context):
         name = collection_of(request)
-        if not name:
-            raise InvalidArgument("the request names no collection")
         smap = self.router.shard_map(name)
         return lookalike_pb2.CollectionInfo(spec=config_to_spec(smap.collection), epoch=smap.epoch,
                                             count=self.router.count(name, _timeout(context)),
@@ -182,8 +182,6 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     @abort_on_error
     def DropCollection(self, request, context):
         name = collection_of(request)
-        if not name:
-            raise InvalidArgument("the request names no collection")
         self.router.drop_collection(name)
         return lookalike_pb2.DropCollectionResponse()
 
@@ -302,7 +300,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 
     @abort_on_error
     def Rebalance(self, request, context):
-        moves = self.router.control.rebalance(collection_of(request) or None, request.add_shards)
+        moves = self.router.control.rebalance(collection_of(request, required=False) or None, request.add_shards)
         self.router.invalidate()
         control = self.router.control
         return lookalike_pb2.RebalanceResponse(moves=moves, shards=len(control.shards()), epoch=control.epoch())
