@@ -8,7 +8,7 @@ What it does, in one process:
 1. generates ``n`` clustered float32 vectors (a random centroid plus Gaussian noise each) and ``queries``
    query vectors from the same distribution, seeded;
 2. starts an embedded local Ray with a real cluster (the controller actor and ``shards`` shard actors, each
-   serving gRPC) and the router's gRPC server in this process, and talks to it with ``router.client.Client``
+   serving gRPC) and the router's gRPC server in this process, and talks to it with ``lookalike.client.Client``
    (client -> router -> shards, all over gRPC on localhost);
 3. Flat: bulk-loads the vectors (``upsert_stream``, ids ``str(i)``) and measures the shards' memory before and
    after; searches through the router and an in-process ``faiss.IndexFlatL2`` over all vectors; checks that the
@@ -457,8 +457,8 @@ def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str
     failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
     serve (loading their storage)."""
     from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster, stop_cluster
-    from router.client import Client
+    from control.ray_cluster import start_cluster, stop_cluster
+    from lookalike.client import Client
     from router.core import Router
     from router.server import create_router_server
 
@@ -482,7 +482,7 @@ def teardown(client, server, router, handle, shutdown_ray: bool = True) -> None:
     """Stops what ``run`` started (any of them may be None) and, unless ``shutdown_ray`` is False, Ray."""
     import ray
 
-    from lookalike.ray_cluster import stop_cluster
+    from control.ray_cluster import stop_cluster
 
     if client is not None:
         client.close()

@@ -73,7 +73,7 @@ def self_join(index, xb: np.ndarray, k: int, threshold: float, rows: np.ndarray 
 
 
 def groups_of_pairs(pairs) -> list[list[int]]:
-    from lookalike.catalog import group_pairs
+    from jobs.catalog import group_pairs
 
     if not pairs:
         return []
@@ -102,8 +102,8 @@ def run(args) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster, start_jobs, stop_jobs
-    from router.client import Client
+    from control.ray_cluster import start_cluster, start_jobs, stop_jobs
+    from lookalike.client import Client
     from router.core import Router
     from router.server import create_router_server
 

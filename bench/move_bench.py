@@ -58,8 +58,8 @@ def run(args) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lookalike.config import ClusterConfig, MovePolicy
-    from lookalike.ray_cluster import start_cluster
-    from router.client import Client
+    from control.ray_cluster import start_cluster
+    from lookalike.client import Client
     from router.core import Router
     from router.server import create_router_server
 

@@ -29,7 +29,7 @@ What it does, for each D in ``--dims``:
    (``bench.cluster_bench.make_data``, seeded) and the exact top-k of every query with ``faiss.IndexFlatL2``;
 2. **lookalike**: a real cluster on an embedded local Ray, as in ``bench/cluster_bench.py``: the controller and
    ``--shards`` shard actors (separate processes, each a gRPC server, one FAISS thread each), the router's gRPC
-   server in this process, and ``router.client.Client``: every search goes client -> router -> shards over gRPC
+   server in this process, and ``lookalike.client.Client``: every search goes client -> router -> shards over gRPC
    on localhost. One collection per index kind (``Flat``, ``IVF{nlist},Flat``, ``HNSW{M}`` on every shard),
    bulk-loaded with one ``upsert_stream``; measured once the shards are idle again;
 3. **in-process FAISS** (``--faiss-threads``, default all cores): ``IndexFlatL2``, ``IVF{shards*nlist},Flat``
@@ -529,8 +529,8 @@ def start_lookalike(args, data_dir: str, out: dict):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster
-    from router.client import Client
+    from control.ray_cluster import start_cluster
+    from lookalike.client import Client
     from router.core import Router
     from router.server import create_router_server
 

@@ -7,7 +7,7 @@ For each of three set-ups, in turn, on the same seeded data:
 
 - ``plaintext``: `lookalike serve` on loopback, no TLS, no tokens (the embedded default);
 - ``tls``: TLS from clients to the router, mutual TLS from the router to its shards (Ray actors), certificates
-  of a throwaway CA (lookalike.devcerts);
+  of a throwaway CA (tools.devcerts);
 - ``tls+tokens``: the same and a tokens file: every call carries a bearer token the router checks (SHA-256, scope).
 
 it starts the cluster (embedded Ray, ``--shards`` shards), loads ``n`` vectors into a Flat collection, and runs
@@ -46,11 +46,11 @@ def _free_port() -> int:
 
 
 def _measure(mode: str, work: pathlib.Path, xb: np.ndarray, xq: np.ndarray, args) -> dict:
-    from lookalike import loadtest
-    from lookalike.devcerts import write_pki
+    from tools import loadtest
+    from tools.devcerts import write_pki
     from lookalike.net import wait_for_serving
     from lookalike.security import TLSConfig, new_token, token_hash
-    from router.client import Client
+    from lookalike.client import Client
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     flags, tls, token = [], None, None
@@ -65,7 +65,7 @@ def _measure(mode: str, work: pathlib.Path, xb: np.ndarray, xq: np.ndarray, args
         flags += ["--tokens", str(work / "tokens.json")]
     port = _free_port()
     target = f"localhost:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(work / "data"),
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(work / "data"),
                              "--port", str(port), "--shards", str(args.shards), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:

@@ -80,7 +80,7 @@ def create_health_server(address: str):
 @functools.cache
 def commented_files() -> dict[str, bytes]:
     """Our .proto files as serialized FileDescriptorProtos with their comments (source info), by file name
-    ("protos/lookalike.proto"), from ``protos/descriptors.binpb`` (written by ``python -m lookalike.genproto``
+    ("protos/lookalike.proto"), from ``protos/descriptors.binpb`` (written by ``python -m tools.genproto``
     next to the generated code, from the same protoc run)."""
     data = importlib.resources.files("protos").joinpath("descriptors.binpb").read_bytes()
     return {f.name: f.SerializeToString() for f in descriptor_pb2.FileDescriptorSet.FromString(data).file}

@@ -1,6 +1,6 @@
 """The shard map: which shards own each bucket of a collection, at which epoch, and where the shards listen.
 
-Per bucket there are three kinds of holder (see lookalike.controller for the move protocol):
+Per bucket there are three kinds of holder (see control.controller for the move protocol):
 
 - **owners**: hold the bucket, current, and are searched for it (R of them with replication R);
 - **joining**: a move's target, copying the bucket in; it receives the bucket's writes but is not counted as

@@ -55,7 +55,7 @@ class ControlPlane(Protocol):
 
     def move_counts(self) -> tuple[int, int]: ...
 
-    # Where the collection's training stands (lookalike.controller.Controller.training_status).
+    # Where the collection's training stands (control.controller.Controller.training_status).
     def training_status(self, name: str) -> dict: ...
 
     # training_status of every collection, in one call.

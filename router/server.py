@@ -59,7 +59,7 @@ def _timeout(context) -> float | None:
 
 
 def job_to_proto(st) -> lookalike_pb2.Job:
-    """A :class:`lookalike.catalog.JobStatus` as the API's Job."""
+    """A :class:`jobs.catalog.JobStatus` as the API's Job."""
     return lookalike_pb2.Job(id=st.id, kind=st.kind, collection=st.collection,
                              state=lookalike_pb2.Job.State.Value(st.state), done=st.done, total=st.total,
                              message=st.message, started_unix=st.started, elapsed_s=st.elapsed,
@@ -360,7 +360,7 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
 
-    ``jobs``: the catalog jobs (a :class:`lookalike.catalog.JobManager`, or ``lookalike.ray_cluster.RayJobs``);
+    ``jobs``: the catalog jobs (a :class:`jobs.catalog.JobManager`, or ``control.ray_cluster.RayJobs``);
     None: the job calls answer FAILED_PRECONDITION. ``tls``: lookalike.security.TLSConfig (None: plaintext);
     ``auth``: lookalike.security.AuthInterceptor (bearer tokens, scopes, request rates; None: open).
 

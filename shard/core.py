@@ -1,7 +1,7 @@
 """A shard: for each collection, the buckets the shard map gives it, in one FAISS index, backed by storage.
 
 Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over gRPC and
-``lookalike.ray_cluster.ShardActor`` runs that inside a Ray actor.
+``control.ray_cluster.ShardActor`` runs that inside a Ray actor.
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ class IdTable:
 class ShardCollection:
     """One collection's buckets on one shard: index, id table and storage.
 
-    The buckets change while it serves (see lookalike.controller for the whole protocol of a move):
+    The buckets change while it serves (see control.controller for the whole protocol of a move):
     :meth:`join` takes buckets on (they accept writes at once), :meth:`copy_in` loads what their previous owner
     stored while writes keep arriving, :meth:`finish_join` ends that, and :meth:`drop_buckets` gives buckets away.
     Two fences refuse requests routed with an older shard map than a change of buckets: ``min_epoch`` (every
@@ -1074,7 +1074,7 @@ class ShardCollection:
         Returns:
             (items per centroid among ``count_buckets``, items labelled).
         """
-        from lookalike.catalog import cluster_space, set_payload_field
+        from jobs.catalog import cluster_space, set_payload_field
 
         quantizer = faiss.IndexFlatL2(centroids.shape[1])
         quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))

@@ -19,7 +19,7 @@ write wins per id), so a crash half way through only costs the work. A RESET rec
 them away, or takes them on afresh), for replay and compaction alike.
 
 Another shard reads buckets from here with :func:`read_buckets` while this one keeps writing and compacting: that
-is how a bucket moves (see lookalike.controller).
+is how a bucket moves (see control.controller).
 
 Every frame carries a CRC-32 and every record is parsed and checked when it is read. Anything that does not
 check out is damage: the file (a copy of it, for a log segment) is kept aside in

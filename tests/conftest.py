@@ -41,7 +41,7 @@ def make_data(metric: str, n: int, dim: int, seed: int = 0, nq: int = 20):
 
 def exact_knn(metric: str, xb, xq, k: int):
     """Ground truth (D, I) from one exact FAISS index over all the data."""
-    from lookalike.loadtest import exact_knn as exact
+    from tools.loadtest import exact_knn as exact
 
     return exact(metric, xb, xq, k)
 
@@ -68,7 +68,7 @@ def free_port() -> int:
 
 def run_cli(*args, target: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Runs ``lookalike ARGS --target TARGET`` in a process of its own; its output captured as text."""
-    return subprocess.run([sys.executable, "-m", "lookalike.cli", *args, "--target", target],
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args, "--target", target],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,8 +90,8 @@ def stop_serve(proc: subprocess.Popen, *signals: int, timeout: float = 90) -> st
 def served_local_cluster(data_dir, shards: int, timeout: float = 30, jobs: bool = False):
     """(LocalCluster, Client) of an in-process cluster (no Ray) behind a router gRPC server on 127.0.0.1; ``jobs``:
     it serves the catalog jobs too (the cluster's JobManager)."""
-    from lookalike.local import LocalCluster
-    from router.client import Client
+    from control.local import LocalCluster
+    from lookalike.client import Client
     from router.server import create_router_server
 
     cluster = LocalCluster(data_dir, shards=shards)
@@ -119,8 +119,8 @@ class RayTestCluster:
 
     def __init__(self, data_dir, shards: int, name: str | None = None, jobs: bool = False):
         from lookalike.config import ClusterConfig
-        from lookalike.ray_cluster import start_cluster, start_jobs
-        from router.client import Client
+        from control.ray_cluster import start_cluster, start_jobs
+        from lookalike.client import Client
         from router.core import Router
         from router.server import create_router_server
 
@@ -133,7 +133,7 @@ class RayTestCluster:
         self.client = Client(f"127.0.0.1:{self.port}", timeout=60)
 
     def stop(self):
-        from lookalike.ray_cluster import stop_cluster, stop_jobs
+        from control.ray_cluster import stop_cluster, stop_jobs
 
         self.client.close()
         self.server.stop(None)

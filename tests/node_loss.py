@@ -21,7 +21,7 @@ def main(data_dir: str) -> int:
     from ray.cluster_utils import Cluster
 
     from lookalike.config import ClusterConfig, CollectionConfig
-    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from control.ray_cluster import start_cluster, stop_cluster
     from router.core import Router
 
     # Quick failure detection: a node is declared dead after about 1.5 s without heartbeats.

@@ -13,10 +13,10 @@ import pytest
 from conftest import make_data
 from lookalike.config import CollectionConfig
 from lookalike.errors import DeadlineExceeded, Unavailable
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from protos import common_pb2
 from router.batcher import SearchBatcher
-from router.client import Client
+from lookalike.client import Client
 from router.core import SearchResult
 from router.server import create_router_server
 

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import wait_for
-from lookalike.catalog import (CANCELLED, SUCCEEDED, JobManager, cluster_space, group_pairs, plan_pages,
+from jobs.catalog import (CANCELLED, SUCCEEDED, JobManager, cluster_space, group_pairs, plan_pages,
                                set_payload_field)
 from lookalike.config import CollectionConfig
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from protos import common_pb2
 
 
@@ -97,7 +97,7 @@ def brute_force_groups(metric: str, ids, x) -> list[list[str]]:
 
 @pytest.fixture
 def cluster(tmp_path):
-    from router.client import Client
+    from lookalike.client import Client
     from router.server import create_router_server
 
     cl = LocalCluster(tmp_path / "data", shards=2)
@@ -259,7 +259,7 @@ def test_cluster_labels_are_stored_and_consistent(tmp_path, replication):
 
 
 def test_cli_dedup_cluster_map_write_their_files(cluster, tmp_path):
-    from lookalike.cli import main
+    from tools.cli import main
 
     ids, x, groups = planted("l2", n=1500, dim=16, groups=10)
     c = cluster.client
@@ -331,7 +331,7 @@ def test_ray_jobs_actor_resumes_a_job_after_it_is_killed(ray_cluster_factory):
 
 
 def test_contact_sheet_of_groups_has_a_row_per_group(tmp_path):
-    from lookalike.catalog_report import groups_sheet
+    from tools.catalog_report import groups_sheet
 
     photo = tmp_path / "p.jpg"
     Image.new("RGB", (64, 48), (10, 120, 10)).save(photo)

@@ -20,7 +20,7 @@ def test_serve_and_cli_end_to_end(tmp_path):
     port = free_port()
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(tmp_path / "data"),
                              "--port", str(port), "--host", "127.0.0.1", "--shards", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -82,7 +82,7 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     proc = proc2 = None
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
+        proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--address",
                                  f"127.0.0.1:{ray_port}", "--data", str(tmp_path / "data"), "--port", str(port),
                                  "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined", "--insecure"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -98,7 +98,7 @@ def test_serve_joins_an_existing_ray_cluster(tmp_path):
         assert shard.call("Stats", shard_pb2.ShardStatsRequest(), 10).result().serving
         shard.close()
 
-        proc2 = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--address",
+        proc2 = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--address",
                                   f"ray://127.0.0.1:{client_port}", "--data", str(tmp_path / "data"), "--port",
                                   str(port2), "--host", "127.0.0.1", "--shards", "1", "--cluster", "joined", "--insecure"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -23,7 +23,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def run(argv: list[str], capsys) -> tuple[object, str, str]:
     """(exit status, stdout, stderr) of ``lookalike ARGV`` in this process. A SystemExit or a KeyboardInterrupt
     that escapes main() is returned as what it is, so that the assertions (not pytest) report it."""
-    from lookalike.cli import main
+    from tools.cli import main
 
     try:
         code = main([str(a) for a in argv])
@@ -67,7 +67,7 @@ def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...]):
 
 def test_every_flag_of_every_subcommand_has_help_that_shows_its_default(capsys):
     from bench.cluster_bench import build_parser as bench_parser
-    from lookalike.cli import build_parser
+    from tools.cli import build_parser
 
     parsers = [*_parsers(build_parser(), ("lookalike",)), (("lookalike", "bench"), bench_parser())]
     missing, no_default = [], []
@@ -109,7 +109,7 @@ def test_encoder_help_lists_every_encoder_of_the_registry(capsys):
 
 
 def test_replication_and_replicas_are_one_flag_in_both_places():
-    from lookalike.cli import build_parser
+    from tools.cli import build_parser
 
     p = build_parser()
     for spelling in ("--replication", "--replicas"):
@@ -118,7 +118,7 @@ def test_replication_and_replicas_are_one_flag_in_both_places():
 
 
 def test_connection_flags_go_before_or_after_the_subcommand(closed_target, capsys):
-    from lookalike.cli import DEFAULT_TARGET, _connection_defaults, build_parser
+    from tools.cli import DEFAULT_TARGET, _connection_defaults, build_parser
 
     p = build_parser()
     flags = ["--target", "h:1", "--token-file", "t"]
@@ -136,7 +136,7 @@ def test_connection_flags_go_before_or_after_the_subcommand(closed_target, capsy
 
 def test_the_environment_names_the_router_and_serve_port(closed_target, monkeypatch, capsys):
     """LOOKALIKE_TARGET stands for --target, LOOKALIKE_PORT for serve's --port; a flag still wins."""
-    from lookalike.cli import _connection_defaults, build_parser
+    from tools.cli import _connection_defaults, build_parser
 
     monkeypatch.setenv("LOOKALIKE_TARGET", closed_target)
     assert_one_line_error(["status"], capsys, f"cannot reach the router at {closed_target}")
@@ -152,7 +152,7 @@ def test_the_environment_names_the_router_and_serve_port(closed_target, monkeypa
 
 # --- every subcommand: a missing file, a wrong type, a bad value --------------------------------------------------
 def test_every_subcommand_answers_mistakes_with_one_line_and_a_nonzero_exit(tmp_path, closed_target, capsys):
-    from lookalike.cli import build_parser
+    from tools.cli import build_parser
 
     T = ["--target", closed_target]
     missing = tmp_path / "missing"
@@ -271,7 +271,7 @@ def test_every_subcommand_answers_mistakes_with_one_line_and_a_nonzero_exit(tmp_
 
 
 def test_ctrl_c_and_unexpected_errors_are_one_line(monkeypatch, capsys):
-    from lookalike import sizing
+    from tools import sizing
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -288,7 +288,7 @@ def test_ctrl_c_and_unexpected_errors_are_one_line(monkeypatch, capsys):
                                                                                    "the sizing tool did not expect")
     assert "LOOKALIKE_DEBUG=1" in line
     monkeypatch.setenv("LOOKALIKE_DEBUG", "1")  # the traceback, for whoever debugs it
-    from lookalike.cli import main
+    from tools.cli import main
 
     with pytest.raises(RuntimeError, match="did not expect"):
         main(["size", "--vectors", "1", "--dim", "8"])
@@ -302,7 +302,7 @@ def test_map_without_the_plot_extra_says_which_extra(monkeypatch, closed_target,
 
 def test_a_tls_hint_only_where_tls_is_what_differs(tmp_path, capsys):
     pytest.importorskip("cryptography")
-    from lookalike.devcerts import write_pki
+    from tools.devcerts import write_pki
     from lookalike.net import create_server
 
     pki = write_pki(tmp_path)
@@ -344,7 +344,7 @@ def served(tmp_path_factory):
 
 
 def test_collection_defaults_for_search_and_search_ef_search(served, tmp_path, monkeypatch, capsys):
-    from router.client import Client
+    from lookalike.client import Client
 
     client, T = served
     assert run(["collection", "create", "h", "--dim", "8", "--index", "HNSW16", "--buckets", "8", "--nprobe", "7",

@@ -107,7 +107,7 @@ def test_grpcurl_calls_of_clients_md_run_as_printed(served):
 
 
 def _same_as_python(client, block: str, env: dict, answer: dict) -> None:
-    """The grpcurl search answers like router.client.Client for the query the block encodes."""
+    """The grpcurl search answers like lookalike.client.Client for the query the block encodes."""
     line = next(x for x in block.splitlines() if x.startswith("QUERY="))
     b64 = subprocess.run(["bash", "-c", f'{line}\necho "$QUERY"'], env=env, capture_output=True, text=True,
                          check=True, timeout=60).stdout.strip()

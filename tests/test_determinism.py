@@ -5,7 +5,7 @@ import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_and_labels
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from router.merge import merge_topk
 from shard.index import VectorIndex
 

@@ -43,9 +43,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from lookalike.config import LIMITS, max_search_rows
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2, shard_pb2_grpc
-from router.client import Client
+from lookalike.client import Client
 from router.server import create_router_server
 from test_encoder import picture, to_bytes
 

@@ -14,7 +14,7 @@ from lookalike import gpu
 from lookalike.config import ClusterConfig, CollectionConfig, MovePolicy
 from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.gpu import EmulatedGpuBackend, shard_num_gpus
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from shard import index as index_mod
 from shard.core import Shard
 from shard.index import VectorIndex
@@ -302,7 +302,7 @@ def test_shard_gpus_from_cluster_resources(setting, cluster_gpus, shards, expect
 
 
 def test_shard_actor_options_reserve_gpus():
-    from lookalike.ray_cluster import RayPlacer
+    from control.ray_cluster import RayPlacer
 
     cfg = ClusterConfig(shards=2)
     assert RayPlacer(cfg, 1 << 20, cluster_gpus=2).actor_options("shard-0")["num_gpus"] == 1

@@ -13,7 +13,7 @@ from conftest import assert_holds_exactly as _exact_equal
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import ResourceExhausted, StaleShardMap
 from lookalike.ids import buckets_of
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from lookalike.shardmap import ShardInfo, ShardMap, order_by_node
 from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
 
@@ -205,7 +205,7 @@ def test_a_full_shard_refuses_writes_and_growth_adds_a_shard(tmp_path):
 
 
 def test_moves_run_a_few_at_a_time_and_never_two_onto_one_node(tmp_path):
-    from lookalike.controller import Controller, Move
+    from control.controller import Controller, Move
 
     class Placer:  # accepts everything; the moves are only scheduled here, not run
         def __getattr__(self, name):
@@ -269,7 +269,7 @@ def test_a_failed_copy_rolls_back_and_is_retried(tmp_path):
 def test_a_restarted_controller_rolls_back_copies_and_finishes_takeovers(tmp_path):
     import json
 
-    from lookalike.controller import Controller
+    from control.controller import Controller
 
     class Placer:
         def __init__(self):

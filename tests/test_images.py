@@ -7,11 +7,11 @@ import grpc
 import pytest
 from PIL import Image
 
-from lookalike import cli
-from lookalike.ingest import ingest
-from lookalike.local import LocalCluster
-from lookalike.sheet import contact_sheet
-from router.client import Client
+from tools import cli
+from tools.ingest import ingest
+from control.local import LocalCluster
+from tools.sheet import contact_sheet
+from lookalike.client import Client
 from router.server import create_router_server
 from test_encoder import EDITS, picture, to_bytes
 

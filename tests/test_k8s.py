@@ -19,7 +19,7 @@ import tomllib
 import pytest
 import yaml
 
-from lookalike.cli import build_parser, parse_bytes, serve_port
+from tools.cli import build_parser, parse_bytes, serve_port
 from lookalike.config import storage_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -386,8 +386,8 @@ def test_dockerfiles_copy_what_exists_and_run_the_cli():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.gpu"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["lookalike"].partition(":")
-    assert module == "lookalike.cli" and func == "main"
-    from lookalike import cli
+    assert module == "tools.cli" and func == "main"
+    from tools import cli
 
     assert callable(getattr(cli, func))
     ignored = _dockerignore()

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import make_data
-from lookalike import loadtest
-from lookalike.loadtest import LoadConfig, open_schedule, percentile, summarize
+from tools import loadtest
+from tools.loadtest import LoadConfig, open_schedule, percentile, summarize
 from lookalike.net import create_server, set_serving
 from protos import lookalike_pb2, lookalike_pb2_grpc
 from router.server import SERVICE_NAME
@@ -119,9 +119,9 @@ def test_open_loop_keeps_its_rate_when_the_server_slows_down():
 
 
 def test_loadtest_cli_against_a_cluster(tmp_path):
-    from lookalike import cli
+    from tools import cli
     from lookalike.config import CollectionConfig
-    from lookalike.local import LocalCluster
+    from control.local import LocalCluster
     from router.server import create_router_server
 
     xb, _ = make_data("l2", 3000, 16, seed=4)

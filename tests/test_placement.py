@@ -21,7 +21,7 @@ class _StuckPlacer:
     """A LocalPlacer that never starts the shards in ``stuck`` and says ``problem`` about them."""
 
     def __init__(self, data_dir, stuck: set[str], problem: str):
-        from lookalike.local import LocalPlacer
+        from control.local import LocalPlacer
 
         self._local = LocalPlacer(data_dir)
         self.stuck, self.problem = stuck, problem
@@ -41,7 +41,7 @@ class _StuckPlacer:
 def stuck_cluster(tmp_path):
     """start(problem) -> (controller, target): one serving shard; shard-1, once added, never starts."""
     from lookalike.config import CollectionConfig, MovePolicy
-    from lookalike.controller import Controller
+    from control.controller import Controller
     from router.core import Router
     from router.server import create_router_server
     from router.shard_client import GrpcShardClient
@@ -88,7 +88,7 @@ def test_rebalance_wait_is_bounded_and_ctrl_c_says_so(stuck_cluster):
     assert "error: stopped waiting after 2s: 8 bucket(s) still to move and shard(s) shard-1 not serving yet" \
         in rb.stderr, rb.stderr
     # a second rebalance queues nothing more, and follows the moves already queued
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "rebalance", "c", "--target", target],
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "rebalance", "c", "--target", target],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -110,7 +110,7 @@ def test_ray_reports_a_shard_it_cannot_place(ray_session, tmp_path):
     """Shards so large that the session's Ray holds one but not two: the second is reported within seconds, with
     the CPUs it needs and those free, by the controller and by `lookalike rebalance`."""
     from lookalike.config import ClusterConfig
-    from lookalike.ray_cluster import start_cluster, stop_cluster
+    from control.ray_cluster import start_cluster, stop_cluster
     from router.core import Router
     from router.server import create_router_server
 
@@ -151,7 +151,7 @@ def test_serve_grows_past_its_first_cpus_and_restarts_on_more_shards(tmp_path):
 
     def serve(*flags):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
+        proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(tmp_path / "data"),
                                  "--port", str(port), "--host", "127.0.0.1", "--shard-cpus", cpus, *flags],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         try:

@@ -1,10 +1,10 @@
-"""The committed generated code is what `python -m lookalike.genproto` produces from protos/*.proto."""
+"""The committed generated code is what `python -m tools.genproto` produces from protos/*.proto."""
 
 import pathlib
 
 import pytest
 
-from lookalike import genproto
+from tools import genproto
 
 
 def test_generated_code_is_fresh(tmp_path):
@@ -14,5 +14,5 @@ def test_generated_code_is_fresh(tmp_path):
     root = pathlib.Path(genproto.__file__).resolve().parent.parent
     for path in generated:
         committed = root / "protos" / path.name
-        assert committed.exists(), f"{committed} is missing: run python -m lookalike.genproto"
-        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale: run python -m lookalike.genproto"
+        assert committed.exists(), f"{committed} is missing: run python -m tools.genproto"
+        assert committed.read_bytes() == path.read_bytes(), f"{committed} is stale: run python -m tools.genproto"

@@ -15,7 +15,7 @@ from conftest import wait_for
 
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import FailedPrecondition, Unavailable
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from shard.core import Shard
 from shard.index import VectorIndex
 

@@ -104,7 +104,7 @@ def _shim(bin_dir: pathlib.Path) -> None:
     bin_dir.mkdir()
     exe = bin_dir / "lookalike"
     exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                   "from lookalike.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+                   "from tools.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
     exe.chmod(0o755)
 
 

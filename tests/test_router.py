@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_same_as_exact, exact_knn, make_data, served_local_cluster
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from lookalike.wire import vectors_to_proto
 from protos import lookalike_pb2
 

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import free_port
 from lookalike.errors import InvalidArgument, Unavailable
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from lookalike.security import AuthInterceptor, TLSConfig, TokenTable, new_token, token_hash
 
 pytest.importorskip("cryptography", reason="cryptography makes the test certificates (pip install -e '.[dev]')")
@@ -22,7 +22,7 @@ pytest.importorskip("cryptography", reason="cryptography makes the test certific
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    from lookalike.devcerts import write_pki
+    from tools.devcerts import write_pki
 
     d = tmp_path_factory.mktemp("pki")
     return {"good": write_pki(d, "good-"), "rogue": write_pki(d, "rogue-")}
@@ -50,7 +50,7 @@ def _refused(fn, code):
 
 
 def _client(port, **kw):
-    from router.client import Client
+    from lookalike.client import Client
 
     return Client(f"localhost:{port}", timeout=10, **kw)
 
@@ -236,7 +236,7 @@ def test_tokens_file_errors_and_hashes_only(tmp_path):
 
 
 def test_token_cli_writes_hashes_and_private_files(tmp_path, capsys):
-    from lookalike.cli import main
+    from tools.cli import main
 
     toks, out = tmp_path / "tokens.json", tmp_path / "ingest.token"
     assert main(["token", "create", "ingest", "--scopes", "write,read", "--rate", "50", "--tokens", str(toks),
@@ -255,14 +255,14 @@ def test_token_cli_writes_hashes_and_private_files(tmp_path, capsys):
 
 
 def test_client_refuses_to_send_a_token_in_plaintext_beyond_loopback():
-    from router.client import Client
+    from lookalike.client import Client
 
     with pytest.raises(ValueError, match="plaintext"):
         Client("10.1.2.3:50051", token="lk_x")
 
 
 def test_serve_refuses_plaintext_beyond_loopback_and_bad_tls_flags(tmp_path, pki, capsys):
-    from lookalike.cli import main
+    from tools.cli import main
 
     data = str(tmp_path / "d")
     refusals = [(["--host", "0.0.0.0"], "refusing to serve plaintext on 0.0.0.0"),
@@ -287,12 +287,12 @@ def test_serve_with_tls_on_every_hop_and_tokens(tmp_path, pki):
     toks = tmp_path / "tokens.json"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LOOKALIKE_TOKENS_FILE": str(toks),
            "LOOKALIKE_TLS_CERT": good.cert, "LOOKALIKE_TLS_KEY": good.key, "LOOKALIKE_TLS_CA": good.ca}
-    run = lambda *a, e=env: subprocess.run([sys.executable, "-m", "lookalike.cli", *a], capture_output=True,  # noqa
+    run = lambda *a, e=env: subprocess.run([sys.executable, "-m", "tools.cli", *a], capture_output=True,  # noqa
                                            text=True, timeout=120, env=e)
     assert run("token", "create", "ops", "--scopes", "admin", "--out", str(tmp_path / "ops.token")).returncode == 0
     port = free_port()
     target = f"localhost:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(tmp_path / "data"),
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(tmp_path / "data"),
                              "--port", str(port), "--shards", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -24,7 +24,7 @@ RAY_CALLS = ["/ray.rpc.ActorInfoGcsService/GetAllActorInfo", "/ray.rpc.InternalK
 
 def _serve(data, port, env):
     # its own session: the test sends signals to serve's process group, as a terminal or systemd does
-    return subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(data), "--port", str(port),
+    return subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(data), "--port", str(port),
                              "--host", "127.0.0.1", "--shards", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -142,7 +142,7 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
 
         # one storage, one server: a second one is refused before it starts anything
         t = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "lookalike.cli", "serve", "--data", str(data), "--port",
+        second = subprocess.run([sys.executable, "-m", "tools.cli", "serve", "--data", str(data), "--port",
                                  str(free_port()), "--shards", "1"], capture_output=True, text=True, env=env,
                                 timeout=60)
         assert second.returncode == 2, second.stdout + second.stderr
@@ -181,8 +181,8 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
 
 def test_serve_names_tls_files_that_do_not_pair_and_refuses_ray_without_token_auth(tmp_path, capsys, monkeypatch):
     pytest.importorskip("cryptography")
-    from lookalike.cli import main
-    from lookalike.devcerts import write_pki
+    from tools.cli import main
+    from tools.devcerts import write_pki
 
     good, other = write_pki(tmp_path, "good-"), write_pki(tmp_path, "other-")
     data = str(tmp_path / "d")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from encoder.match import FACE_MATCH_L2, MatchRule, default_match
-from lookalike.sheet import CAPTION, FOOTER, MATCH_COLOUR, PAD, THUMB, contact_sheet
+from tools.sheet import CAPTION, FOOTER, MATCH_COLOUR, PAD, THUMB, contact_sheet
 from test_encoder import picture, to_bytes
 
 CELL_W, CELL_H = THUMB + PAD, THUMB + CAPTION + PAD

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from lookalike import sizing
+from tools import sizing
 
 _MEASURE = """
 import json, sys
-from lookalike.sizing import measure_shard
+from tools.sizing import measure_shard
 print(json.dumps(measure_shard(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])))
 """
 
@@ -62,7 +62,7 @@ def test_plan_arithmetic():
 
 
 def test_size_command_and_overlay(tmp_path, capsys):
-    from lookalike import cli
+    from tools import cli
 
     out = tmp_path / "sized"
     assert cli.main(["size", "--vectors", "40000000", "--dim", "128", "--index", "Flat", "--replicas", "2",

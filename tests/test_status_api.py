@@ -65,8 +65,8 @@ class _CountingClient:
 
 def test_list_and_status_count_like_describe_with_one_fan_out(tmp_path):
     from lookalike.config import CollectionConfig
-    from lookalike.local import LocalCluster
-    from router.client import Client
+    from control.local import LocalCluster
+    from lookalike.client import Client
     from router.core import Router
     from router.server import create_router_server
 
@@ -125,8 +125,8 @@ def test_request_field_collection_and_deprecated_name(tmp_path):
 
 
 def test_python_client_sends_the_collection_field(tmp_path):
-    """router.client.Client names the collection in `collection`, never in the deprecated `name`."""
-    from router.client import Client
+    """lookalike.client.Client names the collection in `collection`, never in the deprecated `name`."""
+    from lookalike.client import Client
 
     sent = []
 
@@ -158,7 +158,7 @@ def test_ray_cluster_status_counts_and_restart_log(ray_cluster_factory, tmp_path
     _fill(first.client)
     _check_counts(first.client)
     first.stop()
-    with caplog.at_level(logging.INFO, logger="lookalike.ray_cluster"):
+    with caplog.at_level(logging.INFO, logger="control.ray_cluster"):
         second = ray_cluster_factory(2, data_dir=data)
     started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting")]
     assert started == [f"starting the 3 shards of the cluster in storage {data} (not the 2 asked for: that number "
@@ -168,7 +168,7 @@ def test_ray_cluster_status_counts_and_restart_log(ray_cluster_factory, tmp_path
 
 
 def test_startup_message_and_shards_phrase():
-    from lookalike.ray_cluster import shards_phrase, startup_message
+    from control.ray_cluster import shards_phrase, startup_message
     from lookalike.shardmap import ShardInfo
 
     assert shards_phrase(1) == "1 shard" and shards_phrase(3) == "3 shards"

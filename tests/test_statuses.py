@@ -15,7 +15,7 @@ import pytest
 from conftest import served_local_cluster
 from lookalike.config import LIMITS, CollectionConfig, max_search_rows
 from lookalike.errors import InvalidArgument, LookalikeError, ResourceExhausted
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2
 from shard import storage as shard_storage
 from shard.server import ShardServicer

@@ -15,7 +15,7 @@ import pytest
 from conftest import make_data
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_of
-from lookalike.local import LocalCluster
+from control.local import LocalCluster
 from lookalike.wire import vectors_to_proto
 from protos import common_pb2, storage_pb2
 from shard.storage import DAMAGED_DIR, DELETE, MANIFEST, MARK, UPSERT, CollectionStore, _frame, read_buckets

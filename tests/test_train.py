@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from encoder import get_encoder  # noqa: E402
 from encoder.match import CNN_MATCH_COSINE, MatchRule, default_match  # noqa: E402
 from encoder.train import augment, train_encoder  # noqa: E402
-from lookalike import cli  # noqa: E402
+from tools import cli  # noqa: E402
 from test_encoder import EDITS, picture  # noqa: E402
 
 
@@ -83,8 +83,8 @@ def test_cli_train_encoder(tmp_path, capsys):
 def test_collection_with_a_trained_cnn_and_a_lost_model_file(tmp_path, pictures):
     import grpc
 
-    from lookalike.local import LocalCluster
-    from router.client import Client
+    from control.local import LocalCluster
+    from lookalike.client import Client
     from router.server import create_router_server
     from test_encoder import to_bytes
 

@@ -1,13 +1,13 @@
 """A whole cluster in this process, without Ray: controller, shards (real gRPC servers, or in-process) and a
-router. For tests and benchmarks that need no Ray; `lookalike serve` uses lookalike.ray_cluster instead."""
+router. For tests and benchmarks that need no Ray; `lookalike serve` uses control.ray_cluster instead."""
 
 from __future__ import annotations
 
 import pathlib
 
-from lookalike.catalog import JobManager
+from jobs.catalog import JobManager
 from lookalike.config import CollectionConfig, MovePolicy
-from lookalike.controller import Controller
+from control.controller import Controller
 from lookalike.errors import Unavailable
 from lookalike.net import set_serving
 from router.core import Router

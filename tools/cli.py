@@ -71,7 +71,7 @@ def _conn(args) -> dict:
 
 def _client(args, conn: dict | None = None):
     from lookalike.errors import InvalidArgument
-    from router.client import Client
+    from lookalike.client import Client
 
     try:  # the channel reads the TLS files, and refuses a token in plaintext beyond loopback
         return Client(args.target, **(conn if conn is not None else _conn(args)))
@@ -251,7 +251,7 @@ def _embedded_num_cpus(args, data_dir) -> int:
     and RSS with 3 and 65 CPUs). So shards keep whole CPUs, which Ray's placement on a real cluster needs, rather
     than fractions of the machine's count.
     """
-    from lookalike.controller import stored_shards
+    from control.controller import stored_shards
 
     shards = max(args.shards, args.max_shards, stored_shards(data_dir))
     return max(os.cpu_count() or 1, int(np.ceil(shards * args.shard_cpus)) + max(1, args.encoders))
@@ -307,7 +307,7 @@ def cmd_serve(args) -> int:
     import ray
 
     from lookalike.net import create_health_server, set_serving
-    from lookalike.ray_cluster import RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs
+    from control.ray_cluster import RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
     from router.shard_client import GrpcShardClient
@@ -373,7 +373,7 @@ def cmd_serve(args) -> int:
         probe_server.stop(None)
     router.close()
     if embedded:
-        from lookalike.ray_cluster import stop_cluster, stop_jobs
+        from control.ray_cluster import stop_cluster, stop_jobs
 
         # Bounded, and abandoned as soon as Ray's GCS or raylet is gone: a stop signal to the whole process group
         # (a terminal's job control) or cgroup (systemd) stops them too, and then every Ray call, ray.shutdown()
@@ -701,7 +701,7 @@ def cmd_search(args) -> int:
                            include_payloads=include_payloads, min_coverage=args.min_coverage)
     if args.sheet:
         from encoder.match import default_match
-        from lookalike.sheet import contact_sheet, read_uri
+        from tools.sheet import contact_sheet, read_uri
 
         rows = [[(uid, float(res.D[q, j]), read_uri(res.payloads[q][j].get("uri"))) for j, uid in enumerate(ids)]
                 for q, ids in enumerate(res.ids)]
@@ -740,7 +740,7 @@ def cmd_get(args) -> int:
 
 def cmd_ingest(args) -> int:
     """Exits 1 when any image was not stored (the last line says how many), 0 when all were."""
-    from lookalike.ingest import ingest
+    from tools.ingest import ingest
 
     if not os.path.isdir(args.dir):
         raise UserError(f"folder {args.dir}: {'not a folder' if os.path.exists(args.dir) else 'no such folder'}")
@@ -951,7 +951,7 @@ def _follow_job(c, job, quiet: bool = False):
 
 
 def cmd_dedup(args) -> int:
-    from lookalike.catalog_report import groups_sheet, write_groups
+    from tools.catalog_report import groups_sheet, write_groups
     from protos import lookalike_pb2
 
     with _client(args) as c:
@@ -1037,9 +1037,9 @@ def cmd_job(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from lookalike.catalog import cluster_space
-    from lookalike.catalog_report import draw_map, project
-    from lookalike.sheet import read_uri
+    from jobs.catalog import cluster_space
+    from tools.catalog_report import draw_map, project
+    from tools.sheet import read_uri
 
     _need_plot_extra("map")
     with _client(args) as c:
@@ -1081,7 +1081,7 @@ def parse_bytes(text: str) -> int:
 
 # --- loadtest ---------------------------------------------------------------------------------------------------
 def cmd_loadtest(args) -> int:
-    from lookalike import loadtest
+    from tools import loadtest
     from router.server import _METRIC_FROM_PROTO
 
     conn = _conn(args)
@@ -1145,7 +1145,7 @@ def cmd_loadtest(args) -> int:
 
 # --- size -------------------------------------------------------------------------------------------------------
 def cmd_size(args) -> int:
-    from lookalike import sizing
+    from tools import sizing
 
     try:
         p = sizing.plan(args.vectors, args.dim, args.index, args.metric, args.replication, args.node_memory,

@@ -1,7 +1,7 @@
 """Regenerates the Python gRPC code in protos/ from protos/*.proto, and ``protos/descriptors.binpb``: the same
 files as a FileDescriptorSet with their comments (source info), which server reflection serves (lookalike.net).
 
-Run from anywhere: ``python -m lookalike.genproto``. The generated files are committed and never edited by hand;
+Run from anywhere: ``python -m tools.genproto``. The generated files are committed and never edited by hand;
 ``tests/test_protos.py`` fails when they are stale.
 """
 

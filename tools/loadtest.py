@@ -631,7 +631,7 @@ def prepare(cfg: LoadConfig, queries: np.ndarray | None = None, data: np.ndarray
 def fetch_stored(target: str, collection: str, n: int, seed: int, conn: dict | None = None) -> np.ndarray:
     """n stored vectors of a collection loaded with row-number ids (``lookalike upsert`` without --ids); ``conn``:
     the Client's tls and token."""
-    from router.client import Client
+    from lookalike.client import Client
 
     with Client(target, **(conn or {})) as client:
         count = client.describe_collection(collection).count

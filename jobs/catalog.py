@@ -11,7 +11,7 @@ resumes where it stopped: the plan (the pages) and, for k-means, the centroids a
 Items written while a job runs may or may not be seen by it.
 
 :class:`JobManager` runs jobs on threads of the process that holds it: the router's own process in tests and
-``LocalCluster``, a Ray actor (``lookalike.ray_cluster.JobsActor``) in a cluster, so that every router sees the
+``LocalCluster``, a Ray actor (``control.ray_cluster.JobsActor``) in a cluster, so that every router sees the
 same jobs and a job outlives the router that started it.
 """
 

@@ -40,7 +40,7 @@ def groups_sheet(groups, payloads_of, max_groups: int = SHEET_GROUPS, max_member
         groups: (ids, distances) per group, largest first.
         payloads_of: ids -> payload dicts (aligned), e.g. from ``Client.get``.
     """
-    from lookalike.sheet import contact_sheet, read_uri
+    from tools.sheet import contact_sheet, read_uri
 
     heads, rows = [], []
     for ids, dist in list(groups)[:max_groups]:

@@ -1,6 +1,6 @@
 """The controller: owns the collections and the shard map, places shards, and moves buckets between them.
 
-A plain class (in-process in tests); ``lookalike.ray_cluster`` runs it as a named, detached Ray actor. Its state
+A plain class (in-process in tests); ``control.ray_cluster`` runs it as a named, detached Ray actor. Its state
 (shards, collections, placement, moves, epoch) is written atomically to ``<data_dir>/cluster.json`` on every
 change, so a restarted controller, or a whole cluster restarted on the same storage, finds it again.
 

@@ -2,7 +2,7 @@
 laptop (needs the ``cryptography`` package: ``pip install -e '.[dev]'``). Not for production: use your PKI or
 cert-manager (docs/DEPLOY.md).
 
-    python -m lookalike.devcerts DIR     # DIR/ca.pem, DIR/node.pem, DIR/node.key (mode 600)
+    python -m tools.devcerts DIR     # DIR/ca.pem, DIR/node.pem, DIR/node.key (mode 600)
 """
 
 from __future__ import annotations

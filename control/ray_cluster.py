@@ -19,7 +19,7 @@ import time
 import ray
 
 from lookalike.config import ClusterConfig, CollectionConfig
-from lookalike.controller import Controller, stored_shards
+from control.controller import Controller, stored_shards
 from lookalike.gpu import shard_num_gpus
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class ShardActor:
         with self._open_lock:
             self.shard.drop_collection(name)
 
-    # bucket moves (see lookalike.controller)
+    # bucket moves (see control.controller)
     def join_buckets(self, cfg: CollectionConfig, buckets: list[int], epoch: int) -> None:
         with self._open_lock:
             self.shard.join_buckets(cfg, buckets, epoch)
@@ -127,7 +127,7 @@ class ShardActor:
     def stats(self) -> dict:
         return self.shard.stats()
 
-    # the collection's trained index (see lookalike.controller, shard.trained)
+    # the collection's trained index (see control.controller, shard.trained)
     def train_collection(self, cfg: CollectionConfig, version: int, sources: list, sample: int) -> dict:
         return self.shard.train_collection(cfg, version, sources, sample)
 
@@ -573,14 +573,14 @@ def start_cluster(cfg: ClusterConfig, segment_bytes: int = 64 << 20, ready_timeo
 
 @ray.remote
 class JobsActor:
-    """The cluster's catalog jobs (lookalike.catalog.JobManager) in one detached actor, so that every router sees
+    """The cluster's catalog jobs (jobs.catalog.JobManager) in one detached actor, so that every router sees
     the same jobs and a job outlives the router that started it. Restarted by Ray, it resumes the jobs that were
     running from their checkpoints."""
 
     def __init__(self, cluster_name: str, namespace: str, data_dir: str, tls=None):
         import functools
 
-        from lookalike.catalog import JobManager
+        from jobs.catalog import JobManager
         from router.core import Router
         from router.shard_client import GrpcShardClient
 
@@ -601,7 +601,7 @@ class JobsActor:
 
 
 class RayJobs:
-    """The router's view of the jobs actor (the interface of lookalike.catalog.JobManager)."""
+    """The router's view of the jobs actor (the interface of jobs.catalog.JobManager)."""
 
     def __init__(self, handle, timeout: float = 60.0):
         self.handle = handle
