@@ -118,16 +118,18 @@ def test_replication_and_replicas_are_one_flag_in_both_places():
 
 
 def test_connection_flags_go_before_or_after_the_subcommand(closed_target, capsys):
-    from tools.cli import DEFAULT_TARGET, _connection_defaults, build_parser
+    from tools.cli import build_parser
+    from tools.cli.common import DEFAULT_TARGET
+    from tools.cli.flags import connection_defaults
 
     p = build_parser()
     flags = ["--target", "h:1", "--token-file", "t"]
     for argv in ([*flags, "status"], ["status", *flags]):
         args = p.parse_args(argv)
-        _connection_defaults(p, args)
+        connection_defaults(p, args)
         assert (args.target, args.token_file, args.tls_ca) == ("h:1", "t", "")
     args = p.parse_args(["--tls-ca", "ca.pem", "search", "c", "q.npy"])
-    _connection_defaults(p, args)
+    connection_defaults(p, args)
     assert (args.target, args.tls_ca) == (DEFAULT_TARGET, "ca.pem")
     line = assert_one_line_error(["--target", closed_target, "status"], capsys, f"cannot reach the router at "
                                                                                 f"{closed_target}")
@@ -136,13 +138,14 @@ def test_connection_flags_go_before_or_after_the_subcommand(closed_target, capsy
 
 def test_the_environment_names_the_router_and_serve_port(closed_target, monkeypatch, capsys):
     """LOOKALIKE_TARGET stands for --target, LOOKALIKE_PORT for serve's --port; a flag still wins."""
-    from tools.cli import _connection_defaults, build_parser
+    from tools.cli import build_parser
+    from tools.cli.flags import connection_defaults
 
     monkeypatch.setenv("LOOKALIKE_TARGET", closed_target)
     assert_one_line_error(["status"], capsys, f"cannot reach the router at {closed_target}")
     p = build_parser()
     args = p.parse_args(["status", "--target", "h:2"])
-    _connection_defaults(p, args)
+    connection_defaults(p, args)
     assert args.target == "h:2"
     monkeypatch.setenv("LOOKALIKE_TARGET", "nonsense")
     assert_one_line_error(["status"], capsys, "LOOKALIKE_TARGET")

@@ -19,7 +19,9 @@ import tomllib
 import pytest
 import yaml
 
-from tools.cli import build_parser, parse_bytes, serve_port
+from tools.cli import build_parser
+from tools.cli.common import parse_bytes
+from tools.cli.serve import serve_port
 from lookalike.config import storage_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

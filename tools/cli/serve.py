@@ -1,0 +1,366 @@
+"""`lookalike serve`: the router with its cluster, an embedded Ray (or joining one), until SIGINT or SIGTERM: the
+security flags checked before anything starts, a graceful drain, and a stop that cannot hang on a Ray that is gone.
+
+May use: the base package (lookalike), control (the cluster on Ray), router (its server) and tools.cli.common and
+tools.cli.flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import pathlib
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import ray
+
+from control.controller import stored_shards
+from control.ray_cluster import (RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster,
+                                 stop_jobs)
+from lookalike.config import ClusterConfig, MovePolicy, storage_path
+from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
+from lookalike.net import create_health_server, set_serving
+from lookalike.security import AuthInterceptor, TokenTable, is_loopback
+from router.core import Router
+from router.server import SERVICE_NAME, create_router_server
+from router.shard_client import GrpcShardClient
+from tools.cli.common import UserError, parse_bytes, tls_config
+from tools.cli.flags import (byte_size, non_negative_int, number, port_number, positive_int, shard_gpus,
+                             tls_flags)
+
+log = logging.getLogger("lookalike")
+
+
+def _serve_security(args):
+    """(tls, auth interceptor or None, host to bind) of serve's flags and environment.
+
+    Plaintext only when asked for: without TLS files the router binds loopback (the embedded default on a
+    laptop); beyond loopback, or in a Ray cluster, it takes --insecure.
+
+    Raises:
+        ValueError: flags that do not fit together, unreadable files (the message says which).
+    """
+    tls = tls_config(args, server=True)
+    if tls is not None:
+        tls.server_credentials()  # readable, and a key with the certificate
+        _check_key_pair(tls.cert, tls.key)
+        tls.internal()            # the shards' mutual TLS needs the CA too
+    elif args.tls_client_auth:
+        raise ValueError("--tls-client-auth needs TLS: give --tls-cert, --tls-key and --tls-ca")
+    host = args.host or ("[::]" if tls or args.insecure else "127.0.0.1")
+    if tls is None and not args.insecure:
+        if args.address is not None:
+            raise ValueError("in a Ray cluster the router and shards talk across the network: give --tls-cert, "
+                             "--tls-key and --tls-ca (or LOOKALIKE_TLS_*), or --insecure to run them in plaintext")
+        if not is_loopback(host):
+            raise ValueError(f"refusing to serve plaintext on {host}: give --tls-cert and --tls-key (or "
+                             "LOOKALIKE_TLS_*), or --insecure")
+    if args.address is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        # The embedded cluster turns it on itself; a cluster started apart must have it, and this router its token.
+        if not args.insecure:
+            raise ValueError("in a Ray cluster, Ray's token authentication must be on: set RAY_AUTH_MODE=token and "
+                             "the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), as on every Ray node, or "
+                             "--insecure to join a cluster without it")
+        log.warning("joining a Ray cluster without Ray's token authentication (RAY_AUTH_MODE=%s): anyone who "
+                    "reaches its ports can run code in it", os.environ.get("RAY_AUTH_MODE", "unset"))
+    tokens_file = args.tokens or os.environ.get("LOOKALIKE_TOKENS_FILE")
+    tokens = TokenTable(tokens_file) if tokens_file else None
+    if tokens is not None and tls is None and not is_loopback(host):
+        log.warning("bearer tokens over plaintext: anyone on the network can read them; use TLS")
+    if args.rate_limit < 0 or args.rate_burst < 0:
+        raise ValueError("--rate-limit and --rate-burst must be >= 0")
+    auth = AuthInterceptor(tokens, args.rate_limit, args.rate_burst) if tokens or args.rate_limit else None
+    return tls, auth, host
+
+
+def _embedded_num_cpus(args, data_dir) -> int:
+    """CPUs the embedded Ray offers: room for every shard the cluster may run (those in storage, --shards, and
+    growth up to --max-shards) and the encoders, else a shard added later is never placed and the moves onto it
+    wait forever.
+
+    Ray's CPUs are a scheduling count, not threads (a shard runs ``int(--shard-cpus)`` FAISS threads whatever
+    Ray offers), and an idle logical CPU costs nothing: Ray starts no worker per CPU (measured: the same processes
+    and RSS with 3 and 65 CPUs). So shards keep whole CPUs, which Ray's placement on a real cluster needs, rather
+    than fractions of the machine's count.
+    """
+    shards = max(args.shards, args.max_shards, stored_shards(data_dir))
+    return max(os.cpu_count() or 1, int(np.ceil(shards * args.shard_cpus)) + max(1, args.encoders))
+
+
+def _check_key_pair(cert: str, key: str) -> None:
+    """The key file holds the private key of the certificate (gRPC itself only finds out when a server binds: the
+    shards would crash-loop on "Failed to bind").
+
+    Raises:
+        ValueError: naming the file at fault.
+    """
+    def no_password():
+        raise ValueError(f"the TLS key {key!r} is encrypted: give it unencrypted (mode 600)")
+
+    key_pem = pathlib.Path(key).read_bytes()
+    if b"PRIVATE KEY-----" not in key_pem:
+        holds = " (it holds a certificate: give the key file)" if b"BEGIN CERTIFICATE" in key_pem else ""
+        raise ValueError(f"the TLS key {key!r} holds no PEM private key{holds}")
+    if b"BEGIN CERTIFICATE" not in pathlib.Path(cert).read_bytes():
+        raise ValueError(f"the TLS certificate {cert!r} holds no PEM certificate")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"the TLS key {key!r} is not the key of the certificate {cert!r}") from None
+        raise ValueError(f"the TLS certificate {cert!r} and key {key!r} do not load: {err}") from None
+
+
+def cmd_serve(args) -> int:
+    embedded = args.address is None
+    args.port = serve_port(args, os.environ)
+    try:
+        data_dir = storage_path(args.data)
+        tls, auth, host = _serve_security(args)
+        # One storage, one server: the embedded cluster's shards write this directory. (Routers joining a Ray
+        # cluster share its storage with the cluster's other routers: the cluster's controller owns it there.)
+        lock = DataDirLock(data_dir).acquire() if embedded else None
+        ray_env = embedded_ray_env(data_dir) if embedded else {}
+    except (ValueError, DataDirInUse) as err:  # lookalike.errors.InvalidArgument is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Before ray.init: every process Ray starts inherits this environment (Ray read RAY_AUTH_MODE when imported:
+    # _refresh_ray_auth_mode makes it read it again).
+    _set_environ(ray_env)
+
+    shard_memory = parse_bytes(args.shard_memory)
+    cfg = ClusterConfig(data_dir=data_dir, shards=args.shards, cluster_name=args.cluster,
+                        shard_num_cpus=args.shard_cpus, shard_memory=shard_memory,
+                        # in a Ray cluster the router may run on another node: shards listen on their node's address
+                        shard_host="127.0.0.1" if args.address is None else "auto",
+                        shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
+                        policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
+                                          autoscale_s=args.autoscale if shard_memory else 0.0),
+                        tls=tls.internal() if tls else None)
+    if embedded:
+        # Ray's token authentication on, whatever the environment said: the GCS, the raylet and every worker listen
+        # on all interfaces (docs/SECURITY.md, "What listens where"), and the token is what keeps others out.
+        _refresh_ray_auth_mode()
+        ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
+                 num_cpus=_embedded_num_cpus(args, data_dir))
+    else:
+        try:
+            join_ray(args.address, cfg.namespace, log_to_driver=args.verbose)
+        except (ConnectionError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
+    try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
+        handle, control = start_cluster(cfg)
+    except TimeoutError as err:  # its message names the shards that cannot be placed, and why
+        print(f"error: {err}", file=sys.stderr)
+        if embedded:
+            _within(ray.shutdown, 15.0)
+        return 1
+    jobs = start_jobs(cfg)
+    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
+                    connect=functools.partial(GrpcShardClient, tls=cfg.tls))
+    server, port, health = create_router_server(router, f"{host}:{args.port}", args.router_threads,
+                                                batch_wait_s=args.batch_wait_us * 1e-6,
+                                                batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth)
+    healths = [health]
+    if args.health_port:  # plaintext health alone, for probes that cannot speak TLS
+        probe_server, probe_port, probe_health = create_health_server(f"{host}:{args.health_port}")
+        set_serving(probe_health, [SERVICE_NAME])
+        healths.append(probe_health)
+        log.info("plaintext health (grpc.health.v1 only) on %s:%d", host, probe_port)
+    how = ("mutual TLS" if tls.client_auth else "TLS") if tls else "plaintext"
+    print(f"lookalike serving on {host}:{port} ({how}{', bearer tokens' if auth and auth.tokens else ''}; "
+          f"{shards_phrase(control.shards())}, storage {os.path.abspath(data_dir)}); Ctrl-C stops", flush=True)
+    # Wait for SIGINT/SIGTERM on a pipe that the interpreter's C-level handler writes to (set_wakeup_fd): that
+    # works whichever thread the signal lands on (Ray and gRPC threads included) and takes no lock, so a second
+    # signal during shutdown cannot deadlock it (Event.set in a handler did).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    os.read(wake_r, 1)
+    log.info("stopping: draining calls in flight")
+    for h in healths:
+        set_serving(h, [SERVICE_NAME], False)
+    server.stop(grace=args.grace).wait()
+    if args.health_port:
+        probe_server.stop(None)
+    router.close()
+    if embedded:
+        # Bounded, and abandoned as soon as Ray's GCS or raylet is gone: a stop signal to the whole process group
+        # (a terminal's job control) or cgroup (systemd) stops them too, and then every Ray call, ray.shutdown()
+        # and Ray's exit handler included, waits a minute for a GCS that will not come back.
+        if not (_within(lambda: (stop_jobs(jobs), stop_cluster(handle)), 30.0, alive=embedded_ray.alive)
+                and _within(ray.shutdown, 15.0)):
+            log.info("Ray's GCS is gone (or Ray did not stop in time): exiting without Ray's shutdown; what is "
+                     "left of the embedded Ray ends with this process (Ray ties its processes to it)")
+            print("lookalike stopped", flush=True)
+            sys.stderr.flush()
+            os._exit(0)
+        lock.release()
+    print("lookalike stopped", flush=True)
+    _exit_soon(0)
+    return 0
+
+
+def serve_port(args, environ) -> int:
+    """The port serve's router listens on: --port, else LOOKALIKE_PORT in ``environ``, else 50051."""
+    if args.port is not None:
+        return args.port
+    try:
+        return port_number(environ.get("LOOKALIKE_PORT") or "50051")
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"LOOKALIKE_PORT {err}") from None
+
+
+def _exit_soon(status: int, after_s: float = 5.0) -> None:
+    """Ends this process ``after_s`` seconds from now unless it ends by itself first. Everything is stopped by then,
+    but a gRPC handler thread caught by the stop can stay blocked (an abort on a stopped server waits forever), and
+    Python's exit waits for every such thread: serve stopped but never exited."""
+    def end():
+        time.sleep(after_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    threading.Thread(target=end, daemon=True, name="serve-exit").start()
+
+
+def _set_environ(env: dict[str, str | None]) -> None:
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def _refresh_ray_auth_mode() -> None:
+    """Makes Ray read RAY_AUTH_MODE again if it was imported before it was set (a caller that imported Ray first):
+    Ray caches its config when imported, and refreshes it this way itself when ray.init turns token auth on."""
+    try:
+        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+    except ImportError:  # a Ray without token auth (before 2.52): nothing to refresh
+        return
+    if os.environ.get("RAY_AUTH_MODE") == "token" and get_authentication_mode() != AuthenticationMode.TOKEN:
+        Config.initialize("")
+
+
+class _EmbeddedRay:
+    """Whether the embedded Ray still lives: its GCS and raylet processes (children of this process) run and the GCS
+    takes connections. On SIGTERM the GCS closes its port at once but its process lingers for seconds."""
+
+    def __init__(self, gcs_address: str):
+        self.gcs_address = gcs_address
+        self.daemons = [p for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")]
+
+    def alive(self) -> bool:
+        try:
+            if not all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self.daemons):
+                return False
+        except psutil.Error:
+            return False
+        host, _, port = self.gcs_address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+        except OSError:
+            return False
+        return True
+
+
+def _within(func, timeout: float, alive=lambda: True) -> bool:
+    """Runs ``func`` in a thread and waits for it at most ``timeout`` seconds, and only while ``alive()``.
+    True: it returned (an exception is logged) and ``alive()`` still holds."""
+    done = threading.Event()
+
+    def run():
+        try:
+            func()
+        except Exception as err:  # logged: serve stops anyway
+            log.warning("stopping: %s", err)
+        finally:
+            done.set()
+
+    if not alive():
+        return False
+    threading.Thread(target=run, daemon=True, name="serve-stop").start()
+    deadline = time.monotonic() + timeout
+    while not done.wait(0.1):
+        if not alive():
+            return False
+        if time.monotonic() > deadline:
+            log.warning("stopping: %s did not return within %.0f s", getattr(func, "__name__", func), timeout)
+            return False
+    return alive()
+
+
+def add_serve(sub) -> None:
+    """The `serve` subcommand."""
+    s = sub.add_parser("serve", help="start controller, shards and router (embedded local Ray by default)")
+    s.add_argument("--data", default="./lookalike-data",
+                   help="storage URI: a directory or file://DIR, the same on every node (default %(default)s)")
+    s.add_argument("--port", type=port_number, default=None,
+                   help="port the router listens on (env LOOKALIKE_PORT; default 50051; 0: any free port, printed)")
+    s.add_argument("--host", default=None, help="address the router binds (default: all interfaces with TLS or "
+                   "--insecure, else 127.0.0.1)")
+    tls_flags(s, server=True)
+    s.add_argument("--tls-client-auth", action="store_true",
+                   help="mutual TLS for clients too: they need a certificate --tls-ca signed (env "
+                        "LOOKALIKE_TLS_CLIENT_AUTH=1)")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve plaintext beyond loopback (no TLS on any hop): only inside a network you trust")
+    s.add_argument("--tokens", default=None, metavar="FILE",
+                   help="JSON file of accepted bearer tokens and their scopes (env LOOKALIKE_TOKENS_FILE; see "
+                        "`lookalike token create`); default: none, the API needs no token")
+    s.add_argument("--rate-limit", type=number(float, low=0), default=0.0,
+                   help="requests per second per token (or for all callers, without tokens) unless a token sets "
+                        "its own (default 0: no limit)")
+    s.add_argument("--rate-burst", type=non_negative_int, default=0,
+                   help="requests at once above --rate-limit (default 0: one second's worth)")
+    s.add_argument("--health-port", type=port_number, default=0,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port: for probes that cannot speak "
+                        "TLS, e.g. Kubernetes' (default 0: none)")
+    s.add_argument("--shards", type=positive_int, default=2, help="shards to start on new storage (default %(default)s)")
+    s.add_argument("--shard-cpus", type=number(float, above=0), default=1.0,
+                   help="Ray CPUs per shard actor (default %(default)s)")
+    s.add_argument("--address", default=None,
+                   help="join this Ray cluster (host:port or ray://host:port) instead of starting a local one "
+                        "(default: start one)")
+    s.add_argument("--cluster", default="lookalike", help="cluster name (actor names; default %(default)s)")
+    s.add_argument("--grace", type=number(float, low=0), default=5.0,
+                   help="seconds the router lets calls in flight finish on Ctrl-C or SIGTERM before it stops "
+                        "(default %(default)s)")
+    s.add_argument("--shard-memory", type=byte_size, default="0",
+                   help="memory each shard may fill, e.g. 8Gi (its capacity; writes past it get RESOURCE_EXHAUSTED; "
+                        "default 0: no limit)")
+    s.add_argument("--shard-gpus", type=shard_gpus, default="auto",
+                   help="GPUs per shard actor: auto (one each, or a share, when the Ray cluster has GPUs; else none), "
+                        "0 for CPU shards, or a number (default %(default)s)")
+    s.add_argument("--max-shards", type=positive_int, default=64, help="automatic growth stops here (default %(default)s)")
+    s.add_argument("--copy-mb-s", type=number(float, low=0), default=0.0,
+                   help="rate limit of a bucket move's copy in MB/s (default 0: none); lower it to leave more CPU to "
+                        "searches while the cluster grows")
+    s.add_argument("--autoscale", type=number(float, low=0), default=30.0,
+                   help="seconds between checks of shard memory against 80%% of --shard-memory; past it a shard is "
+                        "added and buckets rebalanced (default %(default)s; 0: off; needs --shard-memory)")
+    s.add_argument("--encoders", type=non_negative_int, default=0,
+                   help="encoder actors on Ray (a GPU each when the cluster has them); default 0: encode in the router")
+    s.add_argument("--batch-inflight", type=positive_int, default=1,
+                   help="batches of one kind of search running at once; searches arriving meanwhile gather into the "
+                        "next batch (default %(default)s; a lone search never waits)")
+    s.add_argument("--batch-wait-us", type=number(float, low=-1), default=300.0,
+                   help="with --batch-inflight > 1: how long a batch gathers while another runs, in microseconds "
+                        "(default %(default)s); -1: no batching")
+    s.add_argument("--router-threads", type=positive_int, default=64,
+                   help="threads serving the router's calls other than searches (default %(default)s)")
+    s.set_defaults(func=cmd_serve)
