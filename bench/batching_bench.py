@@ -10,7 +10,7 @@ What it does, in one process tree:
    routers over the same shards, each with its own gRPC server: one batches concurrent searches (the default,
    router/batcher.py), the other does not (``batch_wait_s=-1``, as ``lookalike serve --batch-wait-us -1``);
 3. loads the vectors into one collection and waits until the shards are idle;
-4. runs ``lookalike loadtest`` (``tools.loadtest.run``, ``--processes`` client processes, closed loop) for
+4. runs ``lookalike loadtest`` (``bench.loadtest.run``, ``--processes`` client processes, closed loop) for
    ``--seconds`` each: one client sending batches of 100 queries; one client sending single queries;
    ``--concurrency`` clients sending single queries, through the router without batching and through the
    router with batching;
@@ -44,7 +44,7 @@ def _log(msg: str) -> None:
 
 def _loadtest(target: str, name: str, xb, xq, *, batch: int, concurrency: int, seconds: float, processes: int,
               nprobe: int, out_png: str | None) -> dict:
-    from tools import loadtest
+    from bench import loadtest
 
     cfg = loadtest.LoadConfig(target=target, collection=name, mode="closed", concurrency=concurrency,
                               duration=seconds, batch=batch, nprobe=nprobe, processes=processes, timeout=60,

@@ -33,7 +33,7 @@ What it does, in one process:
    (astronaut), so the face rows also use the real LFW face crops bundled with scikit-image
    (``skimage.data.lfw_subset``, 25 x 25 px, upscaled x4) as more people: database = every face, queries = edits.
 7. **Throughput**: images/s of ``encode_images`` on crops of the photos resized to 512 px (long side), of
-   ``encode_many`` on the same as JPEG bytes (decode + encode), and of ``tools.ingest.ingest`` through a
+   ``encode_many`` on the same as JPEG bytes (decode + encode), and of ``encoder.ingest.ingest`` through a
    ``LocalCluster`` (2 shards, real gRPC, no Ray) + router gRPC server, for pHash and the triplet CNN. Every row
    records how many cores other processes used meanwhile (the machine is shared).
 
@@ -402,7 +402,7 @@ def timed(fn, items: list, seconds: float, monitor) -> dict:
 
 
 def ingest_run(spec: str, folder: pathlib.Path, batch: int, monitor, check: list[pathlib.Path]) -> dict:
-    from tools.ingest import ingest
+    from encoder.ingest import ingest
     from control.local import LocalCluster
     from lookalike.client import Client
     from router.server import create_router_server

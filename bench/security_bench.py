@@ -7,7 +7,7 @@ For each of three set-ups, in turn, on the same seeded data:
 
 - ``plaintext``: `lookalike serve` on loopback, no TLS, no tokens (the embedded default);
 - ``tls``: TLS from clients to the router, mutual TLS from the router to its shards (Ray actors), certificates
-  of a throwaway CA (tools.devcerts);
+  of a throwaway CA (lookalike.devcerts);
 - ``tls+tokens``: the same and a tokens file: every call carries a bearer token the router checks (SHA-256, scope).
 
 it starts the cluster (embedded Ray, ``--shards`` shards), loads ``n`` vectors into a Flat collection, and runs
@@ -46,8 +46,8 @@ def _free_port() -> int:
 
 
 def _measure(mode: str, work: pathlib.Path, xb: np.ndarray, xq: np.ndarray, args) -> dict:
-    from tools import loadtest
-    from tools.devcerts import write_pki
+    from bench import loadtest
+    from lookalike.devcerts import write_pki
     from lookalike.net import wait_for_serving
     from lookalike.security import TLSConfig, new_token, token_hash
     from lookalike.client import Client

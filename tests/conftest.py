@@ -41,7 +41,7 @@ def make_data(metric: str, n: int, dim: int, seed: int = 0, nq: int = 20):
 
 def exact_knn(metric: str, xb, xq, k: int):
     """Ground truth (D, I) from one exact FAISS index over all the data."""
-    from tools.loadtest import exact_knn as exact
+    from bench.loadtest import exact_knn as exact
 
     return exact(metric, xb, xq, k)
 

@@ -305,7 +305,7 @@ def test_map_without_the_plot_extra_says_which_extra(monkeypatch, closed_target,
 
 def test_a_tls_hint_only_where_tls_is_what_differs(tmp_path, capsys):
     pytest.importorskip("cryptography")
-    from tools.devcerts import write_pki
+    from lookalike.devcerts import write_pki
     from lookalike.net import create_server
 
     pki = write_pki(tmp_path)

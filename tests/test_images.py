@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from tools import cli
-from tools.ingest import ingest
+from encoder.ingest import ingest
 from control.local import LocalCluster
 from tools.sheet import contact_sheet
 from lookalike.client import Client

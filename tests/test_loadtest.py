@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import make_data
-from tools import loadtest
-from tools.loadtest import LoadConfig, open_schedule, percentile, summarize
+from bench import loadtest
+from bench.loadtest import LoadConfig, open_schedule, percentile, summarize
 from lookalike.net import create_server, set_serving
 from protos import lookalike_pb2, lookalike_pb2_grpc
 from router.server import SERVICE_NAME

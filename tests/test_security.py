@@ -22,7 +22,7 @@ pytest.importorskip("cryptography", reason="cryptography makes the test certific
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    from tools.devcerts import write_pki
+    from lookalike.devcerts import write_pki
 
     d = tmp_path_factory.mktemp("pki")
     return {"good": write_pki(d, "good-"), "rogue": write_pki(d, "rogue-")}

@@ -182,7 +182,7 @@ def test_ray_needs_the_token_one_server_per_storage_and_a_group_signal_stops_ser
 def test_serve_names_tls_files_that_do_not_pair_and_refuses_ray_without_token_auth(tmp_path, capsys, monkeypatch):
     pytest.importorskip("cryptography")
     from tools.cli import main
-    from tools.devcerts import write_pki
+    from lookalike.devcerts import write_pki
 
     good, other = write_pki(tmp_path, "good-"), write_pki(tmp_path, "other-")
     data = str(tmp_path / "d")

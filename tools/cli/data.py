@@ -1,7 +1,7 @@
 """The items of a collection: `lookalike upsert` (a .npy file, streamed), `delete`, `get`, `search` (vectors or
 query images, with a contact sheet) and `ingest` (a folder of images through the collection's encoder).
 
-May use: encoder (the match rule drawn on a sheet), tools.ingest, tools.sheet, tools.cli.common and tools.cli.flags.
+May use: encoder (folder ingest, the match rule drawn on a sheet), tools.sheet, tools.cli.common and tools.cli.flags.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from encoder.ingest import ingest
 from encoder.match import default_match
 from tools.cli.common import UserError, load_npy, one_line, open_client, os_error, read_lines, read_payloads
 from tools.cli.flags import non_negative_int, number, positive_int, with_target
-from tools.ingest import ingest
 from tools.sheet import contact_sheet, read_uri
 
 

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from tools import loadtest
+from bench import loadtest
 from bench.cluster_bench import main as cluster_bench_main
 from tools.cli.common import UserError, connection, load_npy, metric_name, open_client, os_error, read_lines
 from tools.cli.flags import Parser, non_negative_int, number, positive_float, positive_int, with_target

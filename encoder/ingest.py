@@ -3,6 +3,9 @@
 Ids are the files' paths relative to the folder (with "/"), payload ``uri`` the file's absolute path (or
 ``uri_prefix`` + relative path). Resuming is free: every batch first asks which of its ids are stored
 and sends only the others, so a second run after an interruption encodes only what is missing.
+
+`lookalike ingest` runs it; it sits here, under the tools, because the benchmarks measure it too
+(bench/encoder_bench.py) and bench sits below tools. May use: encoder (the image size limit); the client is passed in.
 """
 
 from __future__ import annotations

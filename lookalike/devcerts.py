@@ -2,7 +2,10 @@
 laptop (needs the ``cryptography`` package: ``pip install -e '.[dev]'``). Not for production: use your PKI or
 cert-manager (docs/DEPLOY.md).
 
-    python -m tools.devcerts DIR     # DIR/ca.pem, DIR/node.pem, DIR/node.key (mode 600)
+    python -m lookalike.devcerts DIR     # DIR/ca.pem, DIR/node.pem, DIR/node.key (mode 600)
+
+It sits in the base package, beside lookalike.security, because tests and benchmarks use it as well as people.
+May use: lookalike.security (and the cryptography package, loaded only when certificates are written).
 """
 
 from __future__ import annotations
