@@ -10,6 +10,8 @@ import pathlib
 
 import numpy as np
 
+from tools.sheet import contact_sheet, read_uri
+
 SHEET_GROUPS = 12
 SHEET_MEMBERS = 8
 
@@ -40,8 +42,6 @@ def groups_sheet(groups, payloads_of, max_groups: int = SHEET_GROUPS, max_member
         groups: (ids, distances) per group, largest first.
         payloads_of: ids -> payload dicts (aligned), e.g. from ``Client.get``.
     """
-    from tools.sheet import contact_sheet, read_uri
-
     heads, rows = [], []
     for ids, dist in list(groups)[:max_groups]:
         ids, dist = list(ids)[:max_members], list(dist)[:max_members]

@@ -34,8 +34,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import tempfile
 
-from lookalike.indexspec import check_spec
+import faiss
+import numpy as np
+
+from lookalike.config import CollectionConfig
+from lookalike.indexspec import check_spec, training_points
+from shard.core import Shard
+from shard.index import VectorIndex, _factory
+from shard.storage import release_memory
+from shard.trained import write_template
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -73,10 +82,6 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
     Raises:
         lookalike.errors.InvalidArgument: a spec lookalike does not support (lookalike.indexspec), with its sentence.
     """
-    import faiss
-
-    from shard.index import _factory
-
     spec = index
     if metric == "hamming" and not spec.startswith("B"):
         spec = "B" + spec
@@ -213,19 +218,6 @@ def report(p: Plan, dim: int, index: str) -> str:
 def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: int = 0, batch: int = 20000) -> dict:
     """Loads ``vectors`` random items (ids ``str(i)``) into a real shard in this process and returns its resident
     memory before and after (bytes). Meant for a fresh process (tests run it in a subprocess)."""
-    import dataclasses
-    import tempfile
-
-    import numpy as np
-
-    from lookalike.config import CollectionConfig
-    from shard.core import Shard
-    from shard.storage import release_memory
-
-    from lookalike.indexspec import training_points
-    from shard.index import VectorIndex
-    from shard.trained import write_template
-
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         shard = Shard("size-0", tmp)
