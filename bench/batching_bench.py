@@ -37,6 +37,15 @@ import time
 
 import numpy as np
 
+from bench import loadtest
+from bench.cluster_bench import _shard_train_size, make_data, measure, teardown, wait_idle
+from control.ray_cluster import start_cluster
+from lookalike.client import Client
+from lookalike.config import ClusterConfig
+from router.batcher import MAX_INFLIGHT
+from router.core import Router
+from router.server import create_router_server
+
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -44,8 +53,6 @@ def _log(msg: str) -> None:
 
 def _loadtest(target: str, name: str, xb, xq, *, batch: int, concurrency: int, seconds: float, processes: int,
               nprobe: int, out_png: str | None) -> dict:
-    from bench import loadtest
-
     cfg = loadtest.LoadConfig(target=target, collection=name, mode="closed", concurrency=concurrency,
                               duration=seconds, batch=batch, nprobe=nprobe, processes=processes, timeout=60,
                               recall_sample=200, seed=1)
@@ -59,8 +66,6 @@ def _loadtest(target: str, name: str, xb, xq, *, batch: int, concurrency: int, s
 def _inprocess(xb, xq, index: str, nprobe: int, shards: int, seconds: float) -> dict:
     """In-process FAISS over all vectors at batch 100 and 1: queries per second and per-request p50 (ms)."""
     import faiss
-
-    from bench.cluster_bench import _shard_train_size, measure
 
     m = re.match(r"IVF(\d+),(.*)", index)
     if m:
@@ -94,8 +99,6 @@ def _inprocess(xb, xq, index: str, nprobe: int, shards: int, seconds: float) -> 
 def run(args) -> dict:
     import ray
 
-    from bench.cluster_bench import make_data, teardown, wait_idle
-
     out: dict = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
                  "args": vars(args), "runs": []}
@@ -104,12 +107,6 @@ def run(args) -> dict:
     _log(f"data: {args.n} x {args.dim} in {time.perf_counter() - t:.1f}s")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from lookalike.config import ClusterConfig
-    from control.ray_cluster import start_cluster
-    from lookalike.client import Client
-    from router.batcher import MAX_INFLIGHT
-    from router.core import Router
-    from router.server import create_router_server
 
     data_dir = tempfile.mkdtemp(prefix="lookalike-batching-")
     ray.init(address="local", namespace="lookalike", include_dashboard=False,

@@ -43,13 +43,19 @@ import time
 
 import numpy as np
 
+from control.ray_cluster import start_cluster, stop_cluster
+from lookalike.client import Client
+from lookalike.config import ClusterConfig
+from lookalike.net import create_channel
+from router.core import Router
+from router.server import create_router_server
+from shard.index import train_threshold
+
 MiB = 1 << 20
 
 
 def _shard_train_size(nlist: int, dim: int) -> int:
     """Vectors the collection needs before its IVF{nlist} index is trained (shard.index.train_threshold)."""
-    from shard.index import train_threshold  # here: FAISS loads only when a run needs it
-
     return train_threshold(f"IVF{nlist},Flat")
 
 
@@ -283,8 +289,6 @@ def grpc_floor(port: int, seconds: float) -> dict:
     """Latency of a no-op unary gRPC call (grpc.health.v1 Check) to the router: the cost of one hop here."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from lookalike.net import create_channel
-
     with create_channel(f"127.0.0.1:{port}") as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         req = health_pb2.HealthCheckRequest(service="")
@@ -456,12 +460,6 @@ def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str
     and a router gRPC server in this process. Returns (controller handle, router, server, port, client); on a
     failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
     serve (loading their storage)."""
-    from lookalike.config import ClusterConfig
-    from control.ray_cluster import start_cluster, stop_cluster
-    from lookalike.client import Client
-    from router.core import Router
-    from router.server import create_router_server
-
     handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=shards, cluster_name=cluster_name,
                                                   shard_num_cpus=shard_cpus), ready_timeout=ready_timeout)
     router = server = None
@@ -481,8 +479,6 @@ def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str
 def teardown(client, server, router, handle, shutdown_ray: bool = True) -> None:
     """Stops what ``run`` started (any of them may be None) and, unless ``shutdown_ray`` is False, Ray."""
     import ray
-
-    from control.ray_cluster import stop_cluster
 
     if client is not None:
         client.close()

@@ -37,6 +37,12 @@ import time
 import numpy as np
 
 from bench.cluster_bench import load, make_data, teardown, wait_idle
+from control.ray_cluster import start_cluster, start_jobs, stop_jobs
+from jobs.catalog import group_pairs
+from lookalike.client import Client
+from lookalike.config import ClusterConfig
+from router.core import Router
+from router.server import create_router_server
 
 
 def plant_duplicates(xb: np.ndarray, fraction: float, noise: float, seed: int) -> list[list[int]]:
@@ -73,8 +79,6 @@ def self_join(index, xb: np.ndarray, k: int, threshold: float, rows: np.ndarray 
 
 
 def groups_of_pairs(pairs) -> list[list[int]]:
-    from jobs.catalog import group_pairs
-
     if not pairs:
         return []
     a, b = zip(*sorted(pairs))
@@ -101,11 +105,6 @@ def run(args) -> dict:
         f"{time.perf_counter() - t:.1f}s")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from lookalike.config import ClusterConfig
-    from control.ray_cluster import start_cluster, start_jobs, stop_jobs
-    from lookalike.client import Client
-    from router.core import Router
-    from router.server import create_router_server
 
     data_dir = tempfile.mkdtemp(prefix="lookalike-dedup-bench-")
     ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=max(threads, args.shards + 1),

@@ -57,7 +57,15 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from bench.cluster_bench import ForeignCpu
+from control.local import LocalCluster
+from encoder import get_encoder
+from encoder.ingest import ingest
 from encoder.match import FACE_MATCH_L2, default_match
+from encoder.registry import encode_many
+from encoder.train import train_encoder
+from lookalike.client import Client
+from router.server import create_router_server
 
 # skimage.data loaders of real photographs (name -> how to get the RGB array); tried one by one, skipped on failure.
 SKIMAGE_PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "coins", "moon", "rocket", "hubble_deep_field",
@@ -402,11 +410,6 @@ def timed(fn, items: list, seconds: float, monitor) -> dict:
 
 
 def ingest_run(spec: str, folder: pathlib.Path, batch: int, monitor, check: list[pathlib.Path]) -> dict:
-    from encoder.ingest import ingest
-    from control.local import LocalCluster
-    from lookalike.client import Client
-    from router.server import create_router_server
-
     tmp = tempfile.mkdtemp(prefix="encbench-cluster-")
     cluster = LocalCluster(tmp, shards=2)
     server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
@@ -439,12 +442,7 @@ def ingest_run(spec: str, folder: pathlib.Path, batch: int, monitor, check: list
 
 # --- the run ----------------------------------------------------------------------------------------------------
 def run(args) -> dict:
-    from encoder import get_encoder
-    from encoder.train import train_encoder
-
     try:
-        from bench.cluster_bench import ForeignCpu
-
         monitor = ForeignCpu()
     except ImportError:  # psutil missing: rows carry no others' CPU
         monitor = None
@@ -570,8 +568,6 @@ def run(args) -> dict:
 def throughput(out: dict, args, originals: list[Image.Image], names: list[str], encoders: dict, models: dict,
                monitor) -> None:
     """encode_images and encode_many images/s per encoder, then ingest end to end (into ``out``)."""
-    from encoder.registry import encode_many
-
     n = len(originals)
     face = encoders.get("face")
     out["machine"]["loadavg_before_throughput"] = list(os.getloadavg())

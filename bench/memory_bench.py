@@ -37,6 +37,13 @@ import time
 
 import numpy as np
 
+from lookalike.config import CollectionConfig
+from lookalike.indexspec import training_points
+from shard.core import Shard
+from shard.index import VectorIndex, _factory
+from shard.storage import release_memory
+from shard.trained import write_template
+
 DEFAULT_SPECS = ["Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32"]
 _SHARD_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
 _BATCH = 10_000
@@ -53,8 +60,6 @@ def batch_of(i: int, n: int, dim: int, seed: int) -> np.ndarray:
 def _faiss_reference(spec: str, metric: str, n: int, dim: int, seed: int, train_n: int) -> int:
     """Serialized bytes of the spec as FAISS alone would hold n vectors of the data set with int64 ids."""
     import faiss
-
-    from shard.index import _factory
 
     idx = _factory(dim, metric, spec)
     if faiss.try_extract_index_ivf(idx) is None:
@@ -92,13 +97,6 @@ def _table_bytes(table) -> int:
 
 def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dict:
     import faiss
-
-    from lookalike.config import CollectionConfig
-    from shard.core import Shard
-    from lookalike.indexspec import training_points
-    from shard.index import VectorIndex, _factory
-    from shard.trained import write_template
-    from shard.storage import release_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Shard("mem-0", tmp)

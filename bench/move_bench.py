@@ -27,6 +27,11 @@ import time
 import numpy as np
 
 from bench.cluster_bench import load, make_data, shard_memory, teardown, wait_idle
+from control.ray_cluster import start_cluster
+from lookalike.client import Client
+from lookalike.config import ClusterConfig, MovePolicy
+from router.core import Router
+from router.server import create_router_server
 
 
 def _log(msg: str) -> None:
@@ -57,11 +62,6 @@ def run(args) -> dict:
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from lookalike.config import ClusterConfig, MovePolicy
-    from control.ray_cluster import start_cluster
-    from lookalike.client import Client
-    from router.core import Router
-    from router.server import create_router_server
 
     threads = os.cpu_count() or 1
     out: dict = {"config": {k: v for k, v in vars(args).items() if k != "out"},

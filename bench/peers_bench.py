@@ -87,7 +87,13 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import cluster_bench
-from bench.cluster_bench import ids_to_array, make_data, measure, recall_at_k, write_results
+from bench.cluster_bench import ids_to_array, load, make_data, measure, recall_at_k, wait_idle, write_results
+from control.ray_cluster import start_cluster
+from lookalike.client import Client
+from lookalike.config import ClusterConfig
+from router.core import Router
+from router.server import create_router_server
+from shard.index import train_threshold
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYSTEMS = {"lookalike": "lookalike", "faiss": "in-process FAISS", "milvus": "milvus-lite"}
@@ -243,8 +249,6 @@ class Plan:
 def bench_lookalike(client, index: str, dim: int, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, plan: Plan,
                     st: EvalSettings, load_batch: int = 10_000, shard_pids: list[int] | None = None) -> dict:
     """One collection of ``index`` kind, loaded through the router, calibrated and timed; dropped afterwards."""
-    from bench.cluster_bench import load, wait_idle
-
     spec = {"Flat": "Flat", "IVF": f"IVF{plan.nlist},Flat", "HNSW": f"HNSW{plan.hnsw_m}"}[index]
     name = f"peers-{index.lower()}-{dim}"
     k = st.k
@@ -272,8 +276,6 @@ def bench_lookalike(client, index: str, dim: int, xb: np.ndarray, xq: np.ndarray
     per_shard = len(xb) / plan.shards
     used = f"{spec} on each of {plan.shards} shards"
     if index == "IVF":
-        from shard.index import train_threshold  # here: FAISS loads only when a run needs it
-
         need = train_threshold(spec)
         if per_shard < need * 1.05:
             used += f" (about {per_shard:.0f} vectors per shard, {need} needed to train: may be the exact buffer)"
@@ -289,8 +291,6 @@ def bench_faiss(index: str, dim: int, xb: np.ndarray, xq: np.ndarray, gt: np.nda
                 st: EvalSettings, flat=None, seed: int = 0) -> dict:
     """FAISS in this process: IndexFlatL2 (``flat`` if given), IVF{shards*nlist},Flat, IndexHNSWFlat."""
     import faiss
-
-    from shard.index import train_threshold
 
     k, build, ladder = st.k, {}, None
     t = time.perf_counter()
@@ -528,11 +528,6 @@ def start_lookalike(args, data_dir: str, out: dict):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from lookalike.config import ClusterConfig
-    from control.ray_cluster import start_cluster
-    from lookalike.client import Client
-    from router.core import Router
-    from router.server import create_router_server
 
     cores = os.cpu_count() or 1
     ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=max(cores, args.shards + 1),

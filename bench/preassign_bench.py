@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from bench.cluster_bench import make_data, recall_at_k, write_results
+from lookalike.ids import buckets_of
 
 
 def log(msg: str, t0: float = [time.perf_counter()]) -> None:  # noqa: B006 - the default is the start time
@@ -53,8 +54,6 @@ def log(msg: str, t0: float = [time.perf_counter()]) -> None:  # noqa: B006 - th
 
 def shard_of(n: int, buckets: int, shards: int) -> np.ndarray:
     """Shard of vector i (id ``str(i)``), shape (n,) int64: its bucket (lookalike.ids) modulo the shard count."""
-    from lookalike.ids import buckets_of
-
     return buckets_of([str(i) for i in range(n)], buckets) % shards
 
 

@@ -48,8 +48,9 @@ import time
 import numpy as np
 
 from bench import cluster_bench as cb
-from bench.cluster_bench import (ForeignCpu, ids_to_array, init_ray, load, make_data, measure,
-                                 recall_at_k, shard_memory, start_local, teardown, wait_idle, write_results)
+from bench.cluster_bench import (ForeignCpu, ids_to_array, init_ray, load, make_data, measure, recall_at_k,
+                                 shard_memory, start_local, teardown, wait_idle, write_results)
+from lookalike.indexspec import training_points
 
 _T0 = time.perf_counter()
 
@@ -174,8 +175,6 @@ def wait_trained(client, name: str, spec: str, timeout: float) -> dict:
 def train_size(spec: str, dim: int, n: int) -> int:
     """Vectors the in-process index trains on: the sample the cluster trains the same spec on
     (lookalike.indexspec.training_points: about 100 per list, at most 500k)."""
-    from lookalike.indexspec import training_points
-
     return min(n, training_points(spec)[1])
 
 

@@ -34,6 +34,12 @@ import time
 
 import numpy as np
 
+from bench import loadtest
+from lookalike.client import Client
+from lookalike.devcerts import write_pki
+from lookalike.net import wait_for_serving
+from lookalike.security import TLSConfig, new_token, token_hash
+
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -46,12 +52,6 @@ def _free_port() -> int:
 
 
 def _measure(mode: str, work: pathlib.Path, xb: np.ndarray, xq: np.ndarray, args) -> dict:
-    from bench import loadtest
-    from lookalike.devcerts import write_pki
-    from lookalike.net import wait_for_serving
-    from lookalike.security import TLSConfig, new_token, token_hash
-    from lookalike.client import Client
-
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     flags, tls, token = [], None, None
     if mode != "plaintext":
