@@ -5,7 +5,7 @@
 
 What it does, in one process tree:
 
-1. generates ``n`` clustered float32 vectors and 1000 queries (``bench.cluster_bench.make_data``, seeded);
+1. generates ``n`` clustered float32 vectors and 1000 queries (``bench.common.make_data``, seeded);
 2. starts an embedded local Ray with a real cluster (controller and ``shards`` shard actors serving gRPC) and two
    routers over the same shards, each with its own gRPC server: one batches concurrent searches (the default,
    router/batcher.py), the other does not (``batch_wait_s=-1``, as ``lookalike serve --batch-wait-us -1``);
@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from bench import loadtest
-from bench.cluster_bench import _shard_train_size, make_data, measure, teardown, wait_idle
+from bench.common import make_data, measure, shard_train_size, teardown, wait_idle
 from control.ray_cluster import start_cluster
 from lookalike.client import Client
 from lookalike.config import ClusterConfig
@@ -72,7 +72,7 @@ def _inprocess(xb, xq, index: str, nprobe: int, shards: int, seconds: float) -> 
         nlist = int(m.group(1))
         spec = f"IVF{shards * nlist},{m.group(2)}"
         ivf = faiss.index_factory(xb.shape[1], spec, faiss.METRIC_L2)
-        ntrain = min(len(xb), shards * _shard_train_size(nlist, xb.shape[1]))
+        ntrain = min(len(xb), shards * shard_train_size(nlist, xb.shape[1]))
         t = time.perf_counter()
         ivf.train(xb[np.random.default_rng(2).choice(len(xb), ntrain, replace=False)])
         ivf.add(xb)

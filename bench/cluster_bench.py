@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import pathlib
 import platform
 import shutil
 import sys
@@ -43,138 +41,15 @@ import time
 
 import numpy as np
 
-from control.ray_cluster import start_cluster, stop_cluster
-from lookalike.client import Client
-from lookalike.config import ClusterConfig
+from bench.common import (ids_to_array, init_ray, load, make_data, measure, recall_at_k, shard_memory,
+                          shard_train_size, start_local, teardown, total_memory_gib, wait_idle, watch_foreign_cpu,
+                          write_results)
 from lookalike.net import create_channel
-from router.core import Router
-from router.server import create_router_server
-from shard.index import train_threshold
 
 MiB = 1 << 20
 
 
-def _shard_train_size(nlist: int, dim: int) -> int:
-    """Vectors the collection needs before its IVF{nlist} index is trained (shard.index.train_threshold)."""
-    return train_threshold(f"IVF{nlist},Flat")
-
-
-# --- data -----------------------------------------------------------------------------------------------------
-def make_data(n: int, dim: int, nq: int, seed: int, clusters: int = 1000, noise: float = 1.5,
-              chunk: int = 100_000, out: np.ndarray | None = None,
-              progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """(xb shape (n, dim), xq shape (nq, dim)) float32: each vector is a random centroid plus Gaussian noise.
-
-    ``out``: an (n, dim) float32 array (e.g. a memory-mapped .npy) xb is written into, chunk by chunk, and
-    returned; the numbers are the same as without it. ``progress``: called with the count of each chunk written.
-
-    Centroids are standard normal and cluster sizes uneven (gamma-distributed weights). With noise 1.5 the data is
-    clustered but not trivially so: IVF1024 with nprobe 16 over 250k of these vectors finds about 90% of the true
-    10 nearest neighbours (with noise 0.5 it finds all of them, and recall would tell nothing).
-    """
-    rng = np.random.default_rng(seed)
-    centroids = rng.standard_normal((clusters, dim), dtype=np.float32)
-    weights = rng.gamma(2.0, size=clusters)
-    weights /= weights.sum()
-
-    def draw(count: int, into: np.ndarray | None = None, tick=None) -> np.ndarray:
-        x = np.empty((count, dim), dtype=np.float32) if into is None else into
-        for s in range(0, count, chunk):
-            e = min(count, s + chunk)
-            assign = rng.choice(clusters, size=e - s, p=weights)
-            part = centroids[assign]
-            part += noise * rng.standard_normal((e - s, dim), dtype=np.float32)
-            x[s:e] = part
-            if tick is not None:
-                tick(e - s)
-        return x
-
-    if out is not None and out.shape != (n, dim):
-        raise ValueError(f"out has shape {out.shape}, expected {(n, dim)}")
-    return draw(n, out, progress), draw(nq)
-
-
 # --- measuring ------------------------------------------------------------------------------------------------
-class ForeignCpu:
-    """CPU used on this machine by processes outside this benchmark (this process and its descendants: Ray's
-    daemons and the shard actors). Measurements taken while something else ran are not comparable; each result
-    carries the average number of cores others used meanwhile."""
-
-    def __init__(self):
-        import psutil
-
-        self._psutil = psutil
-        self._me = psutil.Process()
-
-    def _mine(self) -> float:
-        total = 0.0
-        for p in [self._me, *self._me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except self._psutil.Error:
-                pass
-        return total
-
-    def snapshot(self) -> tuple[float, float, float]:
-        c = self._psutil.cpu_times()
-        busy = c.user + c.nice + c.system + getattr(c, "irq", 0.0) + getattr(c, "softirq", 0.0)
-        return time.perf_counter(), busy, self._mine()
-
-    @staticmethod
-    def cores(a: tuple, b: tuple) -> float:
-        """Average cores used by others between two snapshots."""
-        dt = b[0] - a[0]
-        return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / dt) if dt > 0 else 0.0
-
-    def wait_quiet(self, max_s: float, threshold: float = 0.2, window: float = 2.0) -> tuple[float, float]:
-        """Waits (up to max_s) for a window in which others use under ``threshold`` cores. Returns (waited, cores)."""
-        t0 = time.perf_counter()
-        while True:
-            a = self.snapshot()
-            time.sleep(window)
-            used = self.cores(a, self.snapshot())
-            if used < threshold or time.perf_counter() - t0 >= max_s:
-                return time.perf_counter() - t0, used
-
-
-_MONITOR: ForeignCpu | None = None
-
-
-def measure(search, xq: np.ndarray, batch: int, seconds: float, max_requests: int, warmup: int = 1) -> dict:
-    """Sequential requests of ``batch`` queries (cycling over xq) until ``seconds`` pass or ``max_requests`` ran."""
-    starts = list(range(0, max(1, len(xq) - batch + 1), batch))
-    for i in range(warmup):
-        s = starts[i % len(starts)]
-        search(xq[s:s + batch])
-    lat = []
-    snap = _MONITOR.snapshot() if _MONITOR else None
-    t0 = time.perf_counter()
-    while True:
-        s = starts[len(lat) % len(starts)]
-        q = xq[s:s + batch]
-        t = time.perf_counter()
-        search(q)
-        lat.append(time.perf_counter() - t)
-        if time.perf_counter() - t0 >= seconds or len(lat) >= max_requests:
-            break
-    wall = time.perf_counter() - t0
-    ms = np.array(lat) * 1e3
-    nq = len(lat) * len(xq[starts[0]:starts[0] + batch])
-    return {"batch": batch, "requests": len(lat), "queries": nq, "seconds": round(wall, 3),
-            "qps": nq / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()),
-            "foreign_cpu_cores": round(ForeignCpu.cores(snap, _MONITOR.snapshot()), 3) if snap else None}
-
-
-def ids_to_array(ids: list[list[str]], k: int) -> np.ndarray:
-    """The cluster's string ids (``str(i)``) as an int64 (nq, k) array, -1 where fewer than k came back."""
-    out = np.full((len(ids), k), -1, dtype=np.int64)
-    for q, row in enumerate(ids):
-        out[q, :len(row)] = [int(x) for x in row]
-    return out
-
-
 def cluster_results(client, name: str, xq: np.ndarray, k: int, nprobe: int, batch: int = 100):
     """(D, I) for all queries through the router, in batches."""
     Ds, Is = [], []
@@ -183,12 +58,6 @@ def cluster_results(client, name: str, xq: np.ndarray, k: int, nprobe: int, batc
         Ds.append(res.D)
         Is.append(ids_to_array(res.ids, k))
     return np.concatenate(Ds), np.concatenate(Is)
-
-
-def recall_at_k(I: np.ndarray, gt: np.ndarray) -> float:
-    """Mean over queries of |I[q] & gt[q]| / k."""
-    k = gt.shape[1]
-    return float(np.mean([len(set(a[a >= 0].tolist()) & set(b.tolist())) / k for a, b in zip(I, gt)]))
 
 
 def compare_exact(D_c: np.ndarray, I_c: np.ndarray, D_p: np.ndarray, I_p: np.ndarray) -> dict:
@@ -203,67 +72,6 @@ def compare_exact(D_c: np.ndarray, I_c: np.ndarray, D_p: np.ndarray, I_p: np.nda
             "queries_identical": int(rows_equal.sum()), "queries_differing_only_by_ties": int(rows_tie.sum()),
             "queries_differing": int((~rows_equal & ~rows_tie).sum()),
             "max_abs_distance_diff": float(np.nanmax(np.abs(D_c - D_p)))}
-
-
-def shard_memory(client) -> list[dict]:
-    st = client.status()
-    return [{"shard_id": s.shard_id, "vectors": int(s.vectors), "memory_bytes": int(s.memory_bytes),
-             "index_bytes": int(s.index_bytes), "serving": bool(s.serving)} for s in st.shards]
-
-
-def load(client, name: str, xb: np.ndarray, batch: int, timeout: float | None) -> dict:
-    from tqdm import tqdm
-
-    n = len(xb)
-    bar = tqdm(total=n, unit="vec", unit_scale=True, desc=f"load {name}", mininterval=2.0, file=sys.stderr)
-
-    def batches():
-        for s in range(0, n, batch):
-            e = min(n, s + batch)
-            yield [str(i) for i in range(s, e)], xb[s:e]
-            bar.update(e - s)
-
-    snap = _MONITOR.snapshot() if _MONITOR else None
-    t = time.perf_counter()
-    count = client.upsert_stream(name, batches(), timeout=timeout)
-    dt = time.perf_counter() - t
-    bar.close()
-    if count != n:
-        raise RuntimeError(f"upsert_stream acknowledged {count} of {n} vectors")
-    return {"collection": name, "vectors": n, "seconds": round(dt, 3), "vectors_per_s": n / dt,
-            "foreign_cpu_cores": round(ForeignCpu.cores(snap, _MONITOR.snapshot()), 3) if snap else None}
-
-
-def wait_idle(pids: list[int], max_s: float = 180.0, window: float = 1.0, cores: float = 0.15) -> float:
-    """Waits until the shard processes together use less than ``cores`` CPUs over two consecutive windows (the
-    background WAL compaction that follows a bulk load has finished). Returns the seconds waited."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-
-    def cpu() -> float:
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    t0 = time.perf_counter()
-    quiet, last = 0, cpu()
-    while time.perf_counter() - t0 < max_s and quiet < 2:
-        time.sleep(window)
-        now = cpu()
-        quiet = quiet + 1 if (now - last) / window < cores else 0
-        last = now
-    return time.perf_counter() - t0
 
 
 def memory_table(empty: list[dict], loaded: list[dict], settled: list[dict], dim: int) -> list[dict]:
@@ -307,24 +115,22 @@ def run(args) -> dict:
     k, dim, batches = args.k, args.dim, args.batches
     out: dict = {
         "config": {k2: v for k2, v in vars(args).items() if k2 != "out"},
-        "machine": {"cpus": threads, "memory_gib": _total_memory_gib(), "platform": platform.platform(),
+        "machine": {"cpus": threads, "memory_gib": total_memory_gib(), "platform": platform.platform(),
                     "python": platform.python_version(), "faiss": faiss.__version__, "ray": ray.__version__,
                     "numpy": np.__version__, "date": datetime.date.today().isoformat(),
                     "loadavg_at_start": list(os.getloadavg())},
         "search": [], "load": [], "notes": [],
     }
     per_shard = args.n / args.shards
-    if per_shard < _shard_train_size(args.nlist, args.dim):
+    if per_shard < shard_train_size(args.nlist, args.dim):
         out["notes"].append(
-            f"about {per_shard:.0f} vectors per shard is below the {_shard_train_size(args.nlist, args.dim)} a shard needs "
+            f"about {per_shard:.0f} vectors per shard is below the {shard_train_size(args.nlist, args.dim)} a shard needs "
             f"to train IVF{args.nlist}: the cluster's 'IVF' collection answers exactly from its untrained buffer")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    global _MONITOR
-    _MONITOR = ForeignCpu()
-    waited, others = _MONITOR.wait_quiet(args.quiet_wait)
+    waited, others = watch_foreign_cpu().wait_quiet(args.quiet_wait)
     out["machine"]["quiet_wait_seconds"] = round(waited, 1)
     out["machine"]["foreign_cpu_cores_at_start"] = round(others, 3)
     log(f"other processes used {others:.2f} cores before the start (waited {waited:.0f}s for a quiet machine)")
@@ -401,7 +207,7 @@ def run(args) -> dict:
 
         nlist_p, nprobe_p = args.shards * args.nlist, args.shards * args.nprobe
         ivf = faiss.index_factory(dim, f"IVF{nlist_p},Flat", faiss.METRIC_L2)
-        ntrain = min(args.n, args.shards * _shard_train_size(args.nlist, dim))  # as many points per list
+        ntrain = min(args.n, args.shards * shard_train_size(args.nlist, dim))  # as many points per list
         sample = xb[np.random.default_rng(args.seed + 1).choice(args.n, size=ntrain, replace=False)]
         settle("ivf load")
         t = time.perf_counter()
@@ -444,58 +250,6 @@ def run(args) -> dict:
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())
     out["summary"] = summarize(out)
     return out
-
-
-def init_ray(num_cpus: int) -> None:
-    """Starts a private embedded Ray for the benchmark (token auth off unless RAY_AUTH_MODE says otherwise)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    ray.init(address="local", namespace="lookalike", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
-
-
-def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str = "bench",
-                ready_timeout: float = 180.0):
-    """On the connected Ray: a cluster of ``shards`` shard actors on ``data_dir`` (waits until every shard serves)
-    and a router gRPC server in this process. Returns (controller handle, router, server, port, client); on a
-    failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
-    serve (loading their storage)."""
-    handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=shards, cluster_name=cluster_name,
-                                                  shard_num_cpus=shard_cpus), ready_timeout=ready_timeout)
-    router = server = None
-    try:
-        router = Router(control)
-        server, port, _health = create_router_server(router, "127.0.0.1:0")
-        return handle, router, server, port, Client(f"127.0.0.1:{port}", timeout=600)
-    except BaseException:
-        if server is not None:
-            server.stop(None)
-        if router is not None:
-            router.close()
-        stop_cluster(handle)
-        raise
-
-
-def teardown(client, server, router, handle, shutdown_ray: bool = True) -> None:
-    """Stops what ``run`` started (any of them may be None) and, unless ``shutdown_ray`` is False, Ray."""
-    import ray
-
-    if client is not None:
-        client.close()
-    if server is not None:
-        server.stop(None)
-    if router is not None:
-        router.close()
-    if handle is not None:
-        stop_cluster(handle)
-    if shutdown_ray:
-        ray.shutdown()
-
-
-def _total_memory_gib() -> float:
-    import psutil
-
-    return round(psutil.virtual_memory().total / (1 << 30), 1)
 
 
 def summarize(out: dict) -> dict:
@@ -712,14 +466,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.cluster_ben
     print(markdown(out), flush=True)
     write_results(out, args.out)
     return 0
-
-
-def write_results(out: dict, path: str) -> None:
-    """Every number of a benchmark run as JSON at ``path`` (directories made), said on stderr."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

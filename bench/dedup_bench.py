@@ -4,7 +4,7 @@
                                 [--sample 20000] [--out bench/out/dedup.json] [--project 40000000]
     python -m bench.dedup_bench --report bench/out/dedup.json
 
-1. Generates ``n`` clustered float32 vectors (bench.cluster_bench.make_data) in which ``--dup-fraction`` of the
+1. Generates ``n`` clustered float32 vectors (bench.common.make_data) in which ``--dup-fraction`` of the
    rows are near-copies of other rows, in planted groups of 2-5 (Gaussian noise of ``--dup-noise``), seeded.
 2. Starts an embedded Ray cluster (controller, ``shards`` shard actors, the jobs actor) and a router, loads the
    vectors into an ``IVF{nlist},Flat`` collection and runs ``lookalike dedup``'s job through the gRPC API
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from bench.cluster_bench import load, make_data, teardown, wait_idle
+from bench.common import load, make_data, teardown, wait_idle
 from control.ray_cluster import start_cluster, start_jobs, stop_jobs
 from jobs.catalog import group_pairs
 from lookalike.client import Client

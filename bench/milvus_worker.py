@@ -30,7 +30,7 @@ from collections import Counter
 
 import numpy as np
 
-from bench import cluster_bench
+from bench.common import watch_foreign_cpu
 from bench.peers_bench import MILVUS_SEGMENT_ROWS, EvalSettings, ef_ladder, evaluate, log, nprobe_ladder
 
 COLLECTION = "peers"
@@ -129,7 +129,7 @@ def run(cfg: dict) -> dict:
     try:
         import psutil  # noqa: F401
 
-        cluster_bench._MONITOR = cluster_bench.ForeignCpu()
+        watch_foreign_cpu()
     except ImportError:
         pass
     st = EvalSettings.from_dict(cfg["settings"])

@@ -26,7 +26,7 @@ one system at a time, and each starts from the same arrays.
 What it does, for each D in ``--dims``:
 
 1. generates ``n`` clustered float32 vectors and ``queries`` queries from the same distribution
-   (``bench.cluster_bench.make_data``, seeded) and the exact top-k of every query with ``faiss.IndexFlatL2``;
+   (``bench.common.make_data``, seeded) and the exact top-k of every query with ``faiss.IndexFlatL2``;
 2. **lookalike**: a real cluster on an embedded local Ray, as in ``bench/cluster_bench.py``: the controller and
    ``--shards`` shard actors (separate processes, each a gRPC server, one FAISS thread each), the router's gRPC
    server in this process, and ``lookalike.client.Client``: every search goes client -> router -> shards over gRPC
@@ -52,7 +52,7 @@ for HNSW the smallest efSearch (16, 32, …, then bisection to within 1/8) whose
 results over all queries (or as many as ``--recall-seconds`` allows, at least ``--min-recall-queries``: milvus-lite's
 FLAT at 1M takes seconds per query), and printed with the number of queries it is over.
 
-Timing, as in ``bench/cluster_bench.py`` (its ``measure``): sequential requests of ``batch`` queries cycling over the
+Timing, as in ``bench/cluster_bench.py`` (``bench.common.measure``): sequential requests of ``batch`` queries cycling over the
 queries, one warm-up request, then at most ``--seconds`` (or ``--max-requests`` requests); QPS = queries answered
 per wall second; p50/p99 per request; "others' CPU" = cores used meanwhile by processes outside the benchmark's
 process tree. milvus-lite's FLAT answers a batch by materialising a (batch x segment rows x D) float32 array per
@@ -86,8 +86,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench import cluster_bench
-from bench.cluster_bench import ids_to_array, load, make_data, measure, recall_at_k, wait_idle, write_results
+from bench.common import (ids_to_array, load, make_data, measure, recall_at_k, teardown, wait_idle,
+                          watch_foreign_cpu, write_results)
 from control.ray_cluster import start_cluster
 from lookalike.client import Client
 from lookalike.config import ClusterConfig
@@ -490,9 +490,9 @@ def new_report(args) -> dict:
 
 def run(args) -> dict:
     out = new_report(args)
-    cluster_bench._MONITOR = cluster_bench.ForeignCpu()
+    monitor = watch_foreign_cpu()
     if args.quiet_wait > 0:
-        waited, others = cluster_bench._MONITOR.wait_quiet(args.quiet_wait)
+        waited, others = monitor.wait_quiet(args.quiet_wait)
         out["machine"]["foreign_cpu_cores_at_start"] = round(others, 3)
         log(f"other processes used {others:.2f} cores before the start (waited {waited:.0f}s for a quiet machine)")
 
@@ -514,7 +514,7 @@ def run(args) -> dict:
             run_dim(args, dim, out, client, shard_pids, milvus_python)
     finally:
         if handle is not None or client is not None:
-            cluster_bench.teardown(client, server, router, handle)
+            teardown(client, server, router, handle)
         if args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())

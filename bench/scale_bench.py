@@ -47,9 +47,8 @@ import time
 
 import numpy as np
 
-from bench import cluster_bench as cb
-from bench.cluster_bench import (ForeignCpu, ids_to_array, init_ray, load, make_data, measure, recall_at_k,
-                                 shard_memory, start_local, teardown, wait_idle, write_results)
+from bench.common import (ids_to_array, init_ray, load, make_data, measure, recall_at_k, shard_memory, start_local,
+                          teardown, total_memory_gib, wait_idle, watch_foreign_cpu, write_results)
 from lookalike.indexspec import training_points
 
 _T0 = time.perf_counter()
@@ -385,10 +384,10 @@ def run(args) -> dict:
     import faiss
     import ray
 
-    cb._MONITOR = ForeignCpu()  # measure() and load() record the CPU others used meanwhile
+    watch_foreign_cpu()  # measure() and load() record the CPU others used meanwhile
     root = pathlib.Path(args.data_dir)
     out: dict = {"config": {a: v for a, v in vars(args).items() if a != "out"},
-                 "machine": {"cpus": os.cpu_count(), "memory_gib": cb._total_memory_gib(),
+                 "machine": {"cpus": os.cpu_count(), "memory_gib": total_memory_gib(),
                              "platform": platform.platform(), "python": platform.python_version(),
                              "faiss": faiss.__version__, "ray": ray.__version__, "numpy": np.__version__,
                              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
