@@ -38,7 +38,8 @@ import time
 import numpy as np
 
 from bench import loadtest
-from bench.common import make_data, measure, shard_train_size, teardown, wait_idle
+from bench.common import shard_train_size, teardown, wait_idle
+from bench.timing import make_data, measure
 from control.ray_cluster import start_cluster
 from lookalike.client import Client
 from lookalike.config import ClusterConfig

@@ -41,9 +41,9 @@ import time
 
 import numpy as np
 
-from bench.common import (ids_to_array, init_ray, load, make_data, measure, recall_at_k, shard_memory,
-                          shard_train_size, start_local, teardown, total_memory_gib, wait_idle, watch_foreign_cpu,
-                          write_results)
+from bench.common import (init_ray, load, shard_memory, shard_train_size, start_local, teardown, total_memory_gib,
+                          wait_idle)
+from bench.timing import ids_to_array, make_data, measure, recall_at_k, watch_foreign_cpu, write_results
 from lookalike.net import create_channel
 
 MiB = 1 << 20

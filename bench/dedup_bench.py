@@ -36,7 +36,8 @@ import time
 
 import numpy as np
 
-from bench.common import load, make_data, teardown, wait_idle
+from bench.common import load, teardown, wait_idle
+from bench.timing import make_data
 from control.ray_cluster import start_cluster, start_jobs, stop_jobs
 from jobs.catalog import group_pairs
 from lookalike.client import Client

@@ -57,7 +57,7 @@ import time
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from bench.common import ForeignCpu
+from bench.timing import ForeignCpu
 from control.local import LocalCluster
 from encoder import get_encoder
 from encoder.ingest import ingest

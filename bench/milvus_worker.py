@@ -13,7 +13,7 @@ top-k ids, the index kinds to run, the evaluation settings and where to write th
 3. for each index kind: ``create_index`` (FLAT / IVF_FLAT with as many rows per list as a lookalike shard / HNSW),
    ``load_collection``, then reads which index each sealed segment really holds (milvus-lite internals: 3.x accepts
    index types it does not build, and then brute-forces, while ``describe_index`` says "Finished");
-4. calibrates, measures recall and times searches with ``bench.peers_bench.evaluate`` (the code the other systems
+4. calibrates, measures recall and times searches with ``bench.peers_eval.evaluate`` (the code the other systems
    use), searching with ``output_fields=["id"]`` so that no vectors come back.
 
 Imports only numpy, pymilvus and milvus-lite (plus psutil if there): it must run in a minimal virtualenv.
@@ -30,8 +30,8 @@ from collections import Counter
 
 import numpy as np
 
-from bench.common import watch_foreign_cpu
-from bench.peers_bench import MILVUS_SEGMENT_ROWS, EvalSettings, ef_ladder, evaluate, log, nprobe_ladder
+from bench.peers_eval import MILVUS_SEGMENT_ROWS, EvalSettings, ef_ladder, evaluate, log, nprobe_ladder
+from bench.timing import watch_foreign_cpu
 
 COLLECTION = "peers"
 FIELD = "vec"

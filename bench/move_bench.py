@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from bench.common import load, make_data, shard_memory, teardown, wait_idle
+from bench.common import load, shard_memory, teardown, wait_idle
+from bench.timing import make_data
 from control.ray_cluster import start_cluster
 from lookalike.client import Client
 from lookalike.config import ClusterConfig, MovePolicy

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from bench.common import make_data, recall_at_k, write_results
+from bench.timing import make_data, recall_at_k, write_results
 from lookalike.ids import buckets_of
 
 

@@ -47,8 +47,8 @@ import time
 
 import numpy as np
 
-from bench.common import (ids_to_array, init_ray, load, make_data, measure, recall_at_k, shard_memory, start_local,
-                          teardown, total_memory_gib, wait_idle, watch_foreign_cpu, write_results)
+from bench.common import init_ray, load, shard_memory, start_local, teardown, total_memory_gib, wait_idle
+from bench.timing import ids_to_array, make_data, measure, recall_at_k, watch_foreign_cpu, write_results
 from lookalike.indexspec import training_points
 
 _T0 = time.perf_counter()
