@@ -10,9 +10,10 @@ What it does, in one process:
    are left out on purpose, see ``SKIMAGE_PHOTOS`` / ``SKIMAGE_LEFT_OUT`` in bench/encoder_photos.py), when
    scikit-learn is installed ``sklearn.datasets.load_sample_images()`` (china, flower), and when matplotlib is
    installed the photograph in its sample data (grace_hopper). Nothing is generated.
-2. **Edits** of each photo (bench/encoder_photos.py ``EDIT_NAMES``, ``edit``): resize 1/2 and 1/4, JPEG quality 50 and 20, brightness x1.3,
-   crop 5% and 10% per side, rotation 5 degrees (same canvas, black corners), horizontal flip, greyscale, and a
-   stock-photo watermark (``watermark``: translucent diagonal text across the middle and a small caption).
+2. **Edits** of each photo (bench/encoder_photos.py ``EDIT_NAMES``, ``edit``): resize 1/2 and 1/4, JPEG quality 50
+   and 20, brightness x1.3, crop 5% and 10% per side, rotation 5 degrees (same canvas, black corners), horizontal
+   flip, greyscale, and a stock-photo watermark (``watermark``: translucent diagonal text across the middle and a
+   small caption).
 3. **Retrieval**: for each encoder, database = every original photo, query = each edited copy; top-1 is correct when
    the copy's own original is strictly nearer than every other photo (a tie counts as a miss). Distances in the
    encoder's metric: Hamming (differing bits) for pHash, cosine distance (1 - cos) for the CNNs, Euclidean for the
