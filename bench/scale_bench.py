@@ -48,6 +48,7 @@ import time
 import numpy as np
 
 from bench.common import init_ray, load, shard_memory, start_local, teardown, total_memory_gib, wait_idle
+from bench.scale_report import markdown, summarize
 from bench.timing import ids_to_array, make_data, measure, recall_at_k, watch_foreign_cpu, write_results
 from lookalike.indexspec import training_points
 
@@ -431,93 +432,6 @@ def _save(out: dict, path: str) -> None:
     p = pathlib.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=2, default=float) + "\n")
-
-
-def _best_faiss(f: dict, batch: int) -> dict:
-    return max(f["qps"][str(batch)].values(), key=lambda r: r["qps"])
-
-
-def summarize(out: dict) -> list[dict]:
-    """One row per (family, shard count): the ratios the issue asks for."""
-    rows = []
-    for e in out["families"]:
-        f = e["faiss"]
-        by_s = {c["shards"]: c for c in e["cluster"]}
-        for c in e["cluster"]:
-            row = {"spec": e["spec"], "n": e["n"], "shards": c["shards"],
-                   "load_vectors_per_s": c["load"]["vectors_per_s"],
-                   "cluster_bytes_per_vector": c["memory"]["bytes_per_vector"],
-                   "faiss_bytes_per_vector": f["bytes_per_vector"],
-                   "ram_ratio": c["memory"]["bytes_per_vector"] / f["bytes_per_vector"],
-                   "restart_seconds": c["restart"]["seconds"], "faiss_build_seconds": f["build_seconds"],
-                   "restart_over_build": c["restart"]["seconds"] / f["build_seconds"],
-                   "param": c["param"], "cluster_param": c["sweep"]["value"], "faiss_param": f["sweep"]["value"],
-                   "cluster_recall": c["sweep"]["recall"], "faiss_recall": f["sweep"]["recall"],
-                   "target_met": c["sweep"]["met"] and f["sweep"]["met"], "trained": c["trained"]}
-            for b in out["config"]["batches"]:
-                cq, fq = c["qps"][str(b)]["qps"], _best_faiss(f, b)["qps"]
-                row[f"qps_b{b}"] = cq
-                row[f"faiss_qps_b{b}"] = fq
-                row[f"qps_ratio_b{b}"] = cq / fq
-                four = by_s.get(4)
-                if c["shards"] == 8 and four:
-                    row[f"qps_8_over_4_b{b}"] = cq / four["qps"][str(b)]["qps"]
-            rows.append(row)
-    return rows
-
-
-def markdown(out: dict) -> str:
-    cfg, m = out["config"], out["machine"]
-    lines = [f"n={cfg['n']} (HNSW: {min(cfg['hnsw_n'], cfg['n'])}) d={cfg['dim']}, shards {cfg['shards']} (Ray CPUs "
-             f"{cfg['shard_cpus']} each, 1 FAISS thread), {cfg['queries']} queries, k={cfg['k']}, target recall@"
-             f"{cfg['k']} >= {cfg['target']}; {m['cpus']} CPUs, {m['memory_gib']} GiB; faiss {m['faiss']}, "
-             f"ray {m['ray']}, numpy {m['numpy']}, Python {m['python']}; {m['date']}", ""]
-    add = lines.append
-    add("| index | shards | load vec/s | RAM B/vec cluster | FAISS | ratio | restart s | FAISS build s | "
-        "restart / build | param cluster / FAISS | recall cluster / FAISS | QPS b1 cluster / FAISS | ratio | "
-        "QPS b100 cluster / FAISS | ratio | 8/4 QPS b1 | 8/4 QPS b100 |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|---:|---:|")
-    for r in out["summary"]:
-        param = f"{r['param']} {r['cluster_param']} / {r['faiss_param']}" if r["param"] else "-"
-        flag = "" if r["target_met"] else " (plateau)"
-        add(f"| {r['spec']} | {r['shards']} | {r['load_vectors_per_s']:.0f} | {r['cluster_bytes_per_vector']:.0f} | "
-            f"{r['faiss_bytes_per_vector']:.0f} | {r['ram_ratio']:.2f} | {r['restart_seconds']:.1f} | "
-            f"{r['faiss_build_seconds']:.1f} | {r['restart_over_build']:.2f} | {param} | "
-            f"{r['cluster_recall']:.3f} / {r['faiss_recall']:.3f}{flag} | "
-            f"{r.get('qps_b1', 0):.1f} / {r.get('faiss_qps_b1', 0):.1f} | {r.get('qps_ratio_b1', 0):.2f} | "
-            f"{r.get('qps_b100', 0):.0f} / {r.get('faiss_qps_b100', 0):.0f} | {r.get('qps_ratio_b100', 0):.2f} | "
-            f"{_fmt(r.get('qps_8_over_4_b1'))} | {_fmt(r.get('qps_8_over_4_b100'))} |")
-    add("")
-    add("| index | FAISS build: read + train + add s | FAISS QPS b1 all cores / 1 thread | "
-        "FAISS QPS b100 all cores / 1 thread | shards | cluster start s | load s | wait trained s (how) | "
-        "idle wait s | stop s | restart: Ray up / cluster up / full answer s | same ids after restart |")
-    add("|---|---|---|---|---:|---:|---:|---|---:|---:|---|---|")
-    for e in out["families"]:
-        f = e["faiss"]
-        q = f["qps"]
-        fb = f"{f['read_seconds']:.1f} + {f.get('train_seconds', 0.0):.1f} + {f['add_seconds']:.1f}"
-        q1 = f"{q['1']['all cores']['qps']:.1f} / {q['1']['1 thread']['qps']:.1f}" if "1" in q else "-"
-        q100 = f"{q['100']['all cores']['qps']:.0f} / {q['100']['1 thread']['qps']:.0f}" if "100" in q else "-"
-        for c in e["cluster"]:
-            tr = c["trained"]
-            add(f"| {e['spec']} | {fb} | {q1} | {q100} | {c['shards']} | {c['start_seconds']:.1f} | "
-                f"{c['load']['seconds']:.1f} | {tr['seconds']:.1f} (v{tr.get('version', 0)}{'' if tr['trained'] else ', timed out'}) "
-                f"| {c['idle_wait_seconds']:.0f} | {c['stop_seconds']:.1f} | {c['restart_ray_seconds']:.1f} / "
-                f"{c['restart_cluster_seconds']:.1f} / {c['restart']['seconds']:.1f} | "
-                f"{'yes' if c['restart']['same_ids_as_before'] else 'no'} |")
-    for e in out["families"]:
-        for c in e["cluster"]:
-            if c.get("note"):
-                add("")
-                add(f"Note, {e['spec']}, {c['shards']} shards: {c['note']}.")
-        for f in e.get("failed", []):
-            add("")
-            add(f"Failed: {e['spec']}, {f['shards']} shards: {f['error']}")
-    return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
