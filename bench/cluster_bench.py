@@ -47,8 +47,8 @@ MiB = 1 << 20
 
 
 def _shard_train_size(nlist: int, dim: int) -> int:
-    """Vectors the collection needs before its IVF{nlist} index is trained (shard.index.train_threshold)."""
-    from shard.index import train_threshold  # here: FAISS loads only when a run needs it
+    """Vectors the collection needs before its IVF{nlist} index is trained (shard.specs.train_threshold)."""
+    from shard.specs import train_threshold  # here: FAISS loads only when a run needs it
 
     return train_threshold(f"IVF{nlist},Flat")
 

@@ -54,7 +54,7 @@ def _faiss_reference(spec: str, metric: str, n: int, dim: int, seed: int, train_
     """Serialized bytes of the spec as FAISS alone would hold n vectors of the data set with int64 ids."""
     import faiss
 
-    from shard.index import _factory
+    from shard.specs import build_index as _factory
 
     idx = _factory(dim, metric, spec)
     if faiss.try_extract_index_ivf(idx) is None:
@@ -96,7 +96,8 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
     from lookalike.config import CollectionConfig
     from shard.core import Shard
     from lookalike.indexspec import training_points
-    from shard.index import VectorIndex, _factory
+    from shard.cpu_index import VectorIndex
+    from shard.specs import build_index as _factory
     from shard.trained import write_template
     from shard.storage import release_memory
 

@@ -219,7 +219,7 @@ def evaluate(search_for: Callable[[int | None], Callable], ids_for: Callable[[in
 # --- index plans ------------------------------------------------------------------------------------------------
 def auto_nlist(per_shard: float) -> int:
     """IVF lists per shard: a power of two, at most 1024 (cluster_bench's default at 250k per shard), with about
-    100 points per list available so that each shard trains (shard.index.train_threshold)."""
+    100 points per list available so that each shard trains (shard.specs.train_threshold)."""
     target = min(1024.0, 0.9 * per_shard / 100)
     return 1 << int(math.floor(math.log2(target))) if target >= 2 else 1
 
@@ -272,7 +272,7 @@ def bench_lookalike(client, index: str, dim: int, xb: np.ndarray, xq: np.ndarray
     per_shard = len(xb) / plan.shards
     used = f"{spec} on each of {plan.shards} shards"
     if index == "IVF":
-        from shard.index import train_threshold  # here: FAISS loads only when a run needs it
+        from shard.specs import train_threshold  # here: FAISS loads only when a run needs it
 
         need = train_threshold(spec)
         if per_shard < need * 1.05:
@@ -290,7 +290,7 @@ def bench_faiss(index: str, dim: int, xb: np.ndarray, xq: np.ndarray, gt: np.nda
     """FAISS in this process: IndexFlatL2 (``flat`` if given), IVF{shards*nlist},Flat, IndexHNSWFlat."""
     import faiss
 
-    from shard.index import train_threshold
+    from shard.specs import train_threshold
 
     k, build, ladder = st.k, {}, None
     t = time.perf_counter()

@@ -174,7 +174,7 @@ class CollectionConfig:
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
         check_spec(index, self.dim, self.binary)  # the grammar: before FAISS sees it (it aborts on some specs)
         # Imported here so the config module stays cheap; building the index is the only real check of a spec.
-        from shard.index import check_index_spec
+        from shard.specs import check_index_spec
         check_index_spec(self.dim, self.metric, index, self.gpu_float16)
         return dataclasses.replace(self, index=index)
 

@@ -29,7 +29,7 @@ from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from lookalike.indexspec import check_spec, training_points
 from shard import checkpoint
 from shard.checkpoint import CheckpointDamaged
-from shard.index import VectorIndex
+from shard.cpu_index import VectorIndex
 from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, LogPosition, _fsync_dir, _snapshot_path,
                            read_buckets, release_memory)
 from shard.trained import TemplateDamaged, read_template, remove_templates, write_template

@@ -20,7 +20,7 @@ REFUSED, FAILED = 3, 4
 def _exercise(spec: str, dim: int, metric: str) -> None:
     from lookalike.config import CollectionConfig
     from lookalike.errors import InvalidArgument
-    from shard.index import VectorIndex
+    from shard.cpu_index import VectorIndex
 
     try:
         cfg = CollectionConfig("t", dim, metric, spec, buckets=4).validated()

@@ -16,7 +16,7 @@ from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_of
 from protos.common_pb2 import Payload
 from shard.core import Shard
-from shard.index import VectorIndex
+from shard.cpu_index import VectorIndex
 
 N_BUCKETS = 8
 

@@ -9,7 +9,7 @@ from lookalike.errors import InvalidArgument
 from protos.common_pb2 import Payload
 from router.merge import merge_topk
 from shard.core import Shard
-from shard.index import VectorIndex
+from shard.cpu_index import VectorIndex
 from shard.storage import DELETE, UPSERT, CollectionStore
 
 
@@ -200,7 +200,7 @@ def test_graph_over_compressed_codes_survives_its_rebuild():
                                       ("HNSW1000", "M=1000"), ("Flat" + "," * 300, "characters")])
 def test_index_specs_that_would_allocate_too_much_are_refused_before_building(spec, msg):
     from lookalike.errors import InvalidArgument
-    from shard.index import check_index_spec
+    from shard.specs import check_index_spec
 
     with pytest.raises(InvalidArgument, match=msg):
         check_index_spec(128, "l2", spec)

@@ -15,7 +15,8 @@ from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
 import shard.core as shard_core
 from shard.core import Shard
-from shard.index import VectorIndex, _factory
+from shard.cpu_index import VectorIndex
+from shard.specs import build_index
 
 N, DIM = 40_000, 64
 
@@ -42,7 +43,7 @@ def _load(tmp_path, spec, xb, metric="l2", batch=10_000):
 
 def _faiss_bytes(spec, xb):
     """Serialized bytes of the same spec in FAISS alone, with its 64-bit ids (in the IVF lists)."""
-    idx = _factory(DIM, "l2", spec)
+    idx = build_index(DIM, "l2", spec)
     idx.train(xb[:10 * 256])  # enough for a trained index of the same size (its quality does not matter here)
     idx.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
     return len(faiss.serialize_index(idx))

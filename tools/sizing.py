@@ -1,12 +1,12 @@
 """``lookalike size``: memory per vector for an index, and the shards, nodes and memory requests a catalog needs.
 
-The estimate of a shard's resident memory is what a shard holds per item (shard/index.py, shard/core.py's
+The estimate of a shard's resident memory is what a shard holds per item (shard/cpu_index.py, shard/core.py's
 ``IdTable``) times a measured allocator factor, plus the fixed cost of a shard process:
 
 - the index's code for the vector: FAISS's ``sa_code_size()`` of the factory string (Flat: 4 x dim bytes, PQm: m,
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
-  no more (no IVF direct map: removal and Get do not need one, see shard/index.py); for IVF, what growing lists
+  no more (no IVF direct map: removal and Get do not need one, see shard/cpu_index.py); for IVF, what growing lists
   cost beyond their contents once a shard has packed them (it does when the writes stop): ``IVF_LIST_SLACK`` of their
   codes and ids and ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before
   its items arrived, as in a cluster (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k
@@ -75,7 +75,7 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
     """
     import faiss
 
-    from shard.index import _factory
+    from shard.specs import build_index as _factory
 
     spec = index
     if metric == "hamming" and not spec.startswith("B"):
@@ -223,7 +223,7 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
     from shard.storage import release_memory
 
     from lookalike.indexspec import training_points
-    from shard.index import VectorIndex
+    from shard.cpu_index import VectorIndex
     from shard.trained import write_template
 
     rng = np.random.default_rng(seed)
