@@ -99,7 +99,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
     from shard.cpu_index import VectorIndex
     from shard.specs import build_index as _factory
     from shard.trained import write_template
-    from shard.storage import release_memory
+    from shard.osutil import release_memory
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Shard("mem-0", tmp)

@@ -30,8 +30,13 @@ from lookalike.indexspec import check_spec, training_points
 from shard import checkpoint
 from shard.checkpoint import CheckpointDamaged
 from shard.cpu_index import VectorIndex
-from shard.storage import (DELETE, RESET, UPSERT, CollectionStore, LogPosition, _fsync_dir, _snapshot_path,
-                           read_buckets, release_memory)
+from shard.bucket_reader import read_buckets
+from shard.manifest import LogPosition
+from shard.osutil import fsync_dir as _fsync_dir
+from shard.osutil import release_memory
+from shard.records import DELETE, RESET, UPSERT
+from shard.snapshots import snapshot_path as _snapshot_path
+from shard.store import CollectionStore
 from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,9 @@ from lookalike.errors import ResourceExhausted, StaleShardMap
 from lookalike.ids import buckets_of
 from control.local import LocalCluster
 from lookalike.shardmap import ShardInfo, ShardMap, order_by_node
-from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
+from shard.bucket_reader import read_buckets
+from shard.records import RESET, UPSERT
+from shard.store import CollectionStore
 
 
 def test_grow_from_1_to_4_shards_under_load(tmp_path):

@@ -10,7 +10,8 @@ from protos.common_pb2 import Payload
 from router.merge import merge_topk
 from shard.core import Shard
 from shard.cpu_index import VectorIndex
-from shard.storage import DELETE, UPSERT, CollectionStore
+from shard.records import DELETE, UPSERT
+from shard.store import CollectionStore
 
 
 def _labels(n, start=0):

@@ -17,7 +17,7 @@ from lookalike.config import LIMITS, CollectionConfig, max_search_rows
 from lookalike.errors import InvalidArgument, LookalikeError, ResourceExhausted
 from control.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2
-from shard import storage as shard_storage
+from shard import wal as shard_storage
 from shard.server import ShardServicer
 
 
@@ -147,7 +147,7 @@ def test_a_full_disk_is_resource_exhausted_and_stores_nothing(served, monkeypatc
     client.upsert(name, ["a"], np.ones((1, 4), dtype=np.float32))
     shard = cluster.placer._shard("shard-0")
     sc = shard.collection(name)
-    fd = sc.store._fd
+    fd = sc.store.wal.fd
     real_write = os.write
 
     def full(f, data):

@@ -220,7 +220,7 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
 
     from lookalike.config import CollectionConfig
     from shard.core import Shard
-    from shard.storage import release_memory
+    from shard.osutil import release_memory
 
     from lookalike.indexspec import training_points
     from shard.cpu_index import VectorIndex
