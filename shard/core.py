@@ -28,9 +28,9 @@ from lookalike.errors import (FailedPrecondition, InvalidArgument, NotFound, Res
 from lookalike.ids import LABEL_MASK, bucket_of_labels, buckets_and_labels
 from lookalike.indexspec import check_spec, training_points
 from shard import checkpoint
+from shard.bucket_reader import read_buckets
 from shard.checkpoint import CheckpointDamaged
 from shard.cpu_index import VectorIndex
-from shard.bucket_reader import read_buckets
 from shard.manifest import LogPosition
 from shard.osutil import fsync_dir as _fsync_dir
 from shard.osutil import release_memory

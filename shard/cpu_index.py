@@ -40,8 +40,8 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from shard.gpu_keeper import MirrorKeeper
 from shard.graph_labels import GraphLabels
-from shard.index_reads import reconstruct_keys, search_tie_ordered
 from shard.index_lifecycle import IndexLifecycle
+from shard.index_reads import reconstruct_keys, search_tie_ordered
 from shard.specs import FLAT_TYPES, build_index, gpu_kind
 
 log = logging.getLogger(__name__)
