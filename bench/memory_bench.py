@@ -4,7 +4,7 @@
     python -m bench.memory_bench --n 1000000 --spec IVF1024,PQ16 --spec HNSW32
 
 Each index spec is loaded into a fresh process (the allocator settings shard actors run with, see
-control/ray_cluster.py): a ``shard.core.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
+control/ray_cluster.py): a ``shard.shard.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
 owned by it, upserts of 10k items (ids ``img-00000000``, 12 bytes, no payload) of a clustered synthetic set (a seeded
 mixture of Gaussians, generated batch by batch so the data itself is not resident). After the load the store is
 compacted and ``release_memory`` (malloc_trim) is called, then:
@@ -94,7 +94,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
     import faiss
 
     from lookalike.config import CollectionConfig
-    from shard.core import Shard
+    from shard.shard import Shard
     from lookalike.indexspec import training_points
     from shard.cpu_index import VectorIndex
     from shard.specs import build_index as _factory
@@ -123,7 +123,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
             sc.upsert([f"img-{j:08d}" for j in range(i, i + m)], batch_of(i, m, dim, seed), [None] * m)
         load_s = time.monotonic() - t0
         with sc._write_order:
-            sc._repack_if_due()  # what the shard does once writes stop (compressed IVF lists packed to their size)
+            sc.upkeep.repack_if_due()  # what the shard does once writes stop (compressed IVF lists packed to their size)
         sc.store.compact()
         release_memory()
         after = shard.memory_bytes()

@@ -12,7 +12,7 @@ from lookalike.errors import Unavailable
 from lookalike.net import set_serving
 from router.core import Router
 from router.shard_client import GrpcShardClient, InProcessShardClient
-from shard.core import Shard
+from shard.shard import Shard
 from shard.server import SERVICE_NAME, create_shard_server
 
 

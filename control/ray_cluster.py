@@ -60,7 +60,7 @@ class ShardActor:
         from lookalike.gpu import backend_for_shard
         from lookalike.net import set_serving
         from lookalike.security import is_loopback
-        from shard.core import Shard
+        from shard.shard import Shard
         from shard.server import SERVICE_NAME, create_shard_server
 
         faiss.omp_set_num_threads(max(1, threads))

@@ -12,7 +12,7 @@ A checkpoint ``ckpt-<n>`` is three files in the collection's store directory (se
 The JSON is written atomically (temporary file, fsync, rename, fsync of the directory) after the other two are
 fsynced, so a checkpoint without its JSON is one a crash interrupted: it is deleted, never read. Only the newest
 complete checkpoint is kept: older files go once a new JSON is in place. Whether a checkpoint may be used, and what
-happens to one that does not check out, is :class:`shard.core.ShardCollection`'s business; this module only writes,
+happens to one that does not check out, is :class:`shard.checkpointing.Loader`'s business; this module only writes,
 finds, verifies and reads the files.
 
 Uses faiss, numpy and shard.manifest / shard.osutil / shard.specs only.

@@ -9,7 +9,7 @@ Three shapes, chosen from the factory string:
 - append-only graph indexes (HNSW, which FAISS cannot remove from): FAISS ids are insertion positions, kept apart
   by shard.graph_labels (removed positions hidden from searches; rebuilt once a third of it is dead);
 - indexes that need training (IVF, PQ) answer exactly from a flat buffer until the collection is trained. The
-  trained index is one for the whole collection (shard.trained, trained by shard.core.Shard.train_collection):
+  trained index is one for the whole collection (shard.trained, trained by shard.training.TrainedIndexes.train):
   a VectorIndex made with ``template`` starts from it; ``train_if_ready`` trains on the local buffer only for
   standalone use (tests, tools).
 
@@ -20,9 +20,9 @@ Binary, graph (HNSW) and other indexes, and the untrained buffer, search on the 
 
 Only some indexes hold their vectors exactly (:attr:`VectorIndex.exact_vectors`: flat ones and HNSW over flat
 storage); the others (IVF, PQ, SQ, transforms) reconstruct approximations, or none cheaply, so a shard reads the
-original vectors of Get and Scan from its storage instead (``shard.core``).
+original vectors of Get and Scan from its storage instead (``shard.reads``).
 
-Not thread-safe: ``shard.core`` guards writes against searches with a read-write lock.
+Not thread-safe: ``shard.collection`` guards writes against searches with a read-write lock.
 
 Uses faiss, numpy, the base package, and the shard modules it is made of: shard.specs (what a spec builds),
 shard.graph_labels, shard.index_reads (tie-ordered search, reconstruction), shard.index_lifecycle (buffer,

@@ -222,7 +222,7 @@ class IndexLifecycle:
     @property
     def repackable(self) -> bool:
         """A trained IVF index over float vectors, whose lists' growth leaves slack and heap holes behind (see
-        shard.core ShardCollection._repack_if_due)."""
+        shard.upkeep Upkeep.repack_if_due)."""
         return self._buffer is None and not self._binary and isinstance(self._main, faiss.IndexIVF)
 
     def repacked(self):
@@ -280,7 +280,7 @@ class IndexLifecycle:
             return
         self._buffer = None
         self.trained = True
-        self.trained_version = coll.trained_version  # a checkpoint of another version is not used (shard.core)
+        self.trained_version = coll.trained_version  # a checkpoint of another version is not used (shard.checkpointing)
         self._main = index
         self._ivf = extract_ivf(index)
         if self._graph:

@@ -1,7 +1,7 @@
 """A collection's trained index: trained once for the whole collection, kept in storage, loaded by every shard.
 
 IVF centroids, PQ/SQ codebooks and PCA/OPQ transforms are trained once per collection, on a sample drawn from
-all its buckets (see ``shard.core.Shard.train_collection``), and written here as the *empty* trained index in
+all its buckets (see ``shard.training.TrainedIndexes.train``), and written here as the *empty* trained index in
 FAISS's own serialization. Every shard and replica of the collection starts its index from that same file and adds
 its own buckets to it, so ``nlist``, ``nprobe`` and ``M`` mean what they mean for one FAISS index over all the data,
 and two replicas holding the same items answer the same.

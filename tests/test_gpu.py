@@ -16,7 +16,7 @@ from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.gpu import EmulatedGpuBackend, shard_num_gpus
 from control.local import LocalCluster
 from shard import gpu_keeper, gpu_mirror
-from shard.core import Shard
+from shard.shard import Shard
 from shard.cpu_index import VectorIndex
 
 real_gpu = pytest.mark.skipif(not gpu.available(), reason=f"no GPU, or no GPU support in {gpu.faiss_build()}")

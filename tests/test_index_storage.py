@@ -8,7 +8,7 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from protos.common_pb2 import Payload
 from router.merge import merge_topk
-from shard.core import Shard
+from shard.shard import Shard
 from shard.cpu_index import VectorIndex
 from shard.records import DELETE, UPSERT
 from shard.store import CollectionStore
@@ -147,7 +147,7 @@ def test_shard_reload_restores_everything(tmp_path):
 
 
 def test_id_table_collisions_unicode_and_removal():
-    from shard.core import IdTable
+    from shard.idtable import IdTable
 
     t = IdTable()
     uids = ["a", "ü-ид-画像", "x" * 256, "b"]
@@ -213,11 +213,11 @@ def test_freed_memory_is_handed_back_once_writes_stop(tmp_path, monkeypatch):
     none while buckets are being copied in (a move must not stall searches)."""
     import time
 
-    from shard import core
+    from shard import upkeep
 
     trims = []
-    monkeypatch.setattr(core, "release_memory", lambda: trims.append(time.monotonic()))
-    monkeypatch.setattr(core, "_TRIM_IDLE_S", 0.2)
+    monkeypatch.setattr(upkeep, "release_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(upkeep, "_TRIM_IDLE_S", 0.2)
     coll = CollectionConfig("c", 8, "l2", "Flat", buckets=4).validated()
     shard = Shard("s", tmp_path)
     shard.open_collection(coll, range(4))

@@ -184,7 +184,7 @@ def test_shard_is_not_serving_until_loaded(tmp_path):
 
     from lookalike.net import create_channel, set_serving
     from protos import shard_pb2, shard_pb2_grpc
-    from shard.core import Shard
+    from shard.shard import Shard
     from shard.server import SERVICE_NAME, create_shard_server
 
     shard = Shard("s", tmp_path)

@@ -807,7 +807,7 @@ def test_snapshots_of_buckets_given_away_are_deleted_once_the_drop_is_final(tmp_
 
     from lookalike.config import CollectionConfig
     from lookalike.ids import buckets_of
-    from shard.core import Shard
+    from shard.shard import Shard
 
     cfg = CollectionConfig("m", 8, "l2", "Flat", buckets=4).validated()
     shard = Shard("shard-0", tmp_path)

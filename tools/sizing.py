@@ -1,6 +1,6 @@
 """``lookalike size``: memory per vector for an index, and the shards, nodes and memory requests a catalog needs.
 
-The estimate of a shard's resident memory is what a shard holds per item (shard/cpu_index.py, shard/core.py's
+The estimate of a shard's resident memory is what a shard holds per item (shard/cpu_index.py, shard/idtable.py's
 ``IdTable``) times a measured allocator factor, plus the fixed cost of a shard process:
 
 - the index's code for the vector: FAISS's ``sa_code_size()`` of the factory string (Flat: 4 x dim bytes, PQm: m,
@@ -219,7 +219,7 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
     import numpy as np
 
     from lookalike.config import CollectionConfig
-    from shard.core import Shard
+    from shard.shard import Shard
     from shard.osutil import release_memory
 
     from lookalike.indexspec import training_points
@@ -250,7 +250,7 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
             x = rng.standard_normal((n, dim)).astype(np.float32)
             sc.upsert([str(j) for j in range(i, i + n)], x, [None] * n)
         with sc._write_order:
-            sc._repack_if_due()  # what the shard does once the writes stop (compressed IVF lists packed)
+            sc.upkeep.repack_if_due()  # what the shard does once the writes stop (compressed IVF lists packed)
         sc.store.compact()  # what a background compaction would do (waits for one that is running)
         release_memory()
         after = shard.memory_bytes()
