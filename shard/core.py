@@ -1074,7 +1074,7 @@ class ShardCollection:
         Returns:
             (items per centroid among ``count_buckets``, items labelled).
         """
-        from jobs.catalog import cluster_space, set_payload_field
+        from jobs import cluster_space, set_payload_field
 
         quantizer = faiss.IndexFlatL2(centroids.shape[1])
         quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))

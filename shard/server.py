@@ -97,7 +97,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def AssignClusters(self, request, context):
-        from jobs.catalog import check_centroids
+        from jobs import check_centroids
 
         sc = self._collection(request.collection)
         centroids = check_centroids(vectors_from_proto_raw(request.centroids), sc.coll)
