@@ -73,7 +73,7 @@ def self_join(index, xb: np.ndarray, k: int, threshold: float, rows: np.ndarray 
 
 
 def groups_of_pairs(pairs) -> list[list[int]]:
-    from jobs.catalog import group_pairs
+    from jobs.dedup import group_pairs
 
     if not pairs:
         return []

@@ -4,7 +4,7 @@
     python -m bench.memory_bench --n 1000000 --spec IVF1024,PQ16 --spec HNSW32
 
 Each index spec is loaded into a fresh process (the allocator settings shard actors run with, see
-control/ray_cluster.py): a ``shard.shard.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
+control/ray_placer.py): a ``shard.shard.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
 owned by it, upserts of 10k items (ids ``img-00000000``, 12 bytes, no payload) of a clustered synthetic set (a seeded
 mixture of Gaussians, generated batch by batch so the data itself is not resident). After the load the store is
 compacted and ``release_memory`` (malloc_trim) is called, then:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
-from jobs.catalog import JobManager
+from jobs import JobManager
 from lookalike.config import CollectionConfig, MovePolicy
 from control.controller import Controller
 from lookalike.errors import Unavailable

@@ -1,7 +1,7 @@
 """The shard's part of a catalog clustering job (:func:`assign_clusters`): each item's nearest centroid, stored in
-a payload field (jobs.catalog runs the k-means and the job).
+a payload field (jobs.kmeans runs the k-means and the job).
 
-Works on a :class:`shard.collection.ShardCollection`'s state under its locks; uses jobs.catalog, the storage modules and
+Works on a :class:`shard.collection.ShardCollection`'s state under its locks; uses jobs, the storage modules and
 the base package.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from jobs.catalog import cluster_space, set_payload_field
+from jobs import cluster_space, set_payload_field
 from lookalike.errors import InvalidArgument
 from lookalike.ids import buckets_and_labels
 from shard.bucket_reader import read_buckets

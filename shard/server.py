@@ -1,13 +1,13 @@
 """The internal Shard gRPC service: a thin servicer over :class:`shard.shard.Shard`.
 
-Uses the shard, jobs.catalog (checks of a clustering job's centroids), protos and the base package.
+Uses the shard, jobs (checks of a clustering job's centroids), protos and the base package.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jobs.catalog import check_centroids
+from jobs import check_centroids
 from lookalike.config import check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import check_ids

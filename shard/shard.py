@@ -3,7 +3,7 @@ the shard map gives it, in one FAISS index, backed by storage; their loading (a 
 is quarantined), training, bucket moves and memory capacity.
 
 Plain classes, testable without Ray or gRPC; ``shard.server`` serves them over gRPC and
-``control.ray_cluster.ShardActor`` runs that inside a Ray actor. Uses the shard's other modules and the base
+``control.ray_shard.ShardActor`` runs that inside a Ray actor. Uses the shard's other modules and the base
 package.
 """
 

@@ -302,7 +302,7 @@ def test_shard_gpus_from_cluster_resources(setting, cluster_gpus, shards, expect
 
 
 def test_shard_actor_options_reserve_gpus():
-    from control.ray_cluster import RayPlacer
+    from control.ray_placer import RayPlacer
 
     cfg = ClusterConfig(shards=2)
     assert RayPlacer(cfg, 1 << 20, cluster_gpus=2).actor_options("shard-0")["num_gpus"] == 1

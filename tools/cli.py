@@ -251,7 +251,7 @@ def _embedded_num_cpus(args, data_dir) -> int:
     and RSS with 3 and 65 CPUs). So shards keep whole CPUs, which Ray's placement on a real cluster needs, rather
     than fractions of the machine's count.
     """
-    from control.controller import stored_shards
+    from control.state import stored_shards
 
     shards = max(args.shards, args.max_shards, stored_shards(data_dir))
     return max(os.cpu_count() or 1, int(np.ceil(shards * args.shard_cpus)) + max(1, args.encoders))
@@ -307,7 +307,8 @@ def cmd_serve(args) -> int:
     import ray
 
     from lookalike.net import create_health_server, set_serving
-    from control.ray_cluster import RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs
+    from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs
+    from control.ray_encoders import RayEncoderPool
     from router.core import Router
     from router.server import SERVICE_NAME, create_router_server
     from router.shard_client import GrpcShardClient
@@ -1037,7 +1038,7 @@ def cmd_job(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from jobs.catalog import cluster_space
+    from jobs import cluster_space
     from tools.catalog_report import draw_map, project
     from tools.sheet import read_uri
 
