@@ -10,11 +10,12 @@ import json
 from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
-from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
+from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server, set_serving
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
-from router.core import Router, check_min_coverage
+from router.core import Router
+from router.search import check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
 _MAX_QUERY_IMAGES = LIMITS.max_query_images
@@ -366,8 +367,6 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
 
     Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
     """
-    from lookalike.net import set_serving
-
     # Searches (batches) run on threads of their own, so that slow admin or write calls cannot hold them up.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * batch_inflight),
                                                      thread_name_prefix="router-search")
