@@ -33,10 +33,12 @@ from typing import Protocol
 
 import numpy as np
 
+from encoder import with_encoder
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lookalike.indexspec import RETRAIN_GROWTH, training_points
 from lookalike.shardmap import ShardInfo, ShardMap, assign_buckets, order_by_node
+from shard.index import check_index_spec
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +327,9 @@ class Controller:
         Raises:
             InvalidArgument: a bad spec. AlreadyExists: the name is taken.
         """
-        cfg = dataclasses.replace(cfg.validated(), trained_version=0)  # the controller's to set, never the user's
+        cfg = with_encoder(cfg).validated()  # the encoder's dim and metric, then the fields and the spec's grammar
+        check_index_spec(cfg.dim, cfg.metric, cfg.index, cfg.gpu_float16)  # and the spec builds in FAISS
+        cfg = dataclasses.replace(cfg, trained_version=0)  # the controller's to set, never the user's
         with self._cond:
             if cfg.name in self._collections:
                 raise AlreadyExists(f"collection {cfg.name!r} already exists")
