@@ -13,9 +13,11 @@ import numpy as np
 
 from control.placer import ShardPlacer
 from control.state import ClusterState, CollectionState
+from encoder import with_encoder
 from lookalike.config import CollectionConfig
 from lookalike.errors import AlreadyExists, NotFound
 from lookalike.shardmap import ShardMap, assign_buckets, order_by_node
+from shard.specs import check_index_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,9 @@ class CollectionRegistry:
             InvalidArgument: a bad spec. AlreadyExists: the name is taken.
         """
         st = self._state
-        cfg = dataclasses.replace(cfg.validated(), trained_version=0)  # the controller's to set, never the user's
+        cfg = with_encoder(cfg).validated()  # the encoder's dim and metric, then the fields and the spec's grammar
+        check_index_spec(cfg.dim, cfg.metric, cfg.index, cfg.gpu_float16)  # and the spec builds in FAISS
+        cfg = dataclasses.replace(cfg, trained_version=0)  # the controller's to set, never the user's
         with st.cond:
             if cfg.name in st.collections:
                 raise AlreadyExists(f"collection {cfg.name!r} already exists")

@@ -15,7 +15,7 @@ from lookalike.config import ClusterConfig, CollectionConfig, MovePolicy
 from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.gpu import EmulatedGpuBackend, shard_num_gpus
 from control.local import LocalCluster
-from shard import gpu_keeper, gpu_mirror
+from shard import gpu_keeper, gpu_mirror, specs
 from shard.shard import Shard
 from shard.cpu_index import VectorIndex
 
@@ -323,7 +323,7 @@ def test_a_shard_given_a_gpu_without_gpu_faiss_runs_on_the_cpu(monkeypatch):
 def test_cagra_without_cuvs_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(gpu, "has_cuvs", lambda: False)
     with pytest.raises(InvalidArgument, match="needs FAISS built with cuVS"):
-        CollectionConfig("c", 64, "l2", "CAGRA").validated()
+        specs.check_index_spec(64, "l2", "CAGRA")
     monkeypatch.setattr(gpu, "has_cuvs", lambda: True)
     with pytest.raises(InvalidArgument, match="float vectors"):
         CollectionConfig("c", 64, "hamming", "CAGRA").validated()
@@ -364,9 +364,9 @@ def test_gpu_float16_option():
         assert spec_to_config(config_to_spec(cfg)).gpu_float16
     for spec in ("HNSW16", "IVF16,Flat", "PQ8"):
         with pytest.raises(InvalidArgument, match="gpu_float16"):
-            CollectionConfig("c", 32, "l2", spec, gpu_float16=True).validated()
+            specs.check_index_spec(32, "l2", spec, gpu_float16=True)
     with pytest.raises(InvalidArgument, match="gpu_float16"):
-        CollectionConfig("c", 64, "hamming", "BFlat", gpu_float16=True).validated()
+        specs.check_index_spec(64, "hamming", "BFlat", gpu_float16=True)
     assert not spec_to_config(config_to_spec(CollectionConfig("c", 32).validated())).gpu_float16
 
 
