@@ -22,6 +22,7 @@ from control.ray_actors import ControllerActor, JobsActor, RayControlPlane, RayJ
 from control.ray_common import controller_name, jobs_name, unwrap
 from control.state import stored_shards
 from lookalike.config import ClusterConfig
+from lookalike.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,17 @@ def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout:
         ConnectionError: the cluster did not answer within ``timeout``.
         RuntimeError: lookalike is not installed on the cluster's nodes.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    retry = Retry(timeout=timeout, delay=3.0, factor=1.0)
+    for _attempt in retry:
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver)
             break
         except (ConnectionError, RuntimeError) as err:
             ray.shutdown()
-            if time.monotonic() >= deadline:
+            if retry.expired():
                 raise ConnectionError(f"could not join the Ray cluster at {address}: {err}") from err
             log.warning("Ray cluster at %s not ready (%s); retrying", address, str(err).splitlines()[0][:200])
-            time.sleep(3)
+            retry.pause()
     try:
         where = ray.get(_lookalike_location.remote(), timeout=timeout)
     except ray.exceptions.RayTaskError as err:
