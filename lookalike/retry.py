@@ -1,7 +1,7 @@
 """The schedule of a loop that tries something again: how many tries, until when, and how long to pause between.
 
-One helper for every such loop (the router's writes, reads, searches and counts; joining a Ray cluster), so that each loop says only what
-it tries and when a try failed. It imports nothing of the project (base package: standard library only).
+One helper for every such loop (the router's writes, reads, searches and counts; joining a Ray cluster), so that
+each loop says only what it tries and when a try failed. It imports nothing of the project (base package: standard library only).
 
     retry = Retry(timeout=30.0)               # until 30 s from now; pauses 0.05, 0.1, 0.2, ... 1.0 s
     for attempt in retry:                     # attempt 0, 1, 2, ...
