@@ -21,11 +21,11 @@ from lookalike.client import Client
 from lookalike.config import ClusterConfig
 from router.core import Router
 from router.server import create_router_server
-from shard.index import train_threshold
+from shard.specs import train_threshold
 
 
 def shard_train_size(nlist: int, dim: int) -> int:
-    """Vectors the collection needs before its IVF{nlist} index is trained (shard.index.train_threshold)."""
+    """Vectors the collection needs before its IVF{nlist} index is trained (shard.specs.train_threshold)."""
     return train_threshold(f"IVF{nlist},Flat")
 
 

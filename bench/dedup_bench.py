@@ -39,7 +39,7 @@ import numpy as np
 from bench.common import load, teardown, wait_idle
 from bench.timing import make_data
 from control.ray_cluster import start_cluster, start_jobs, stop_jobs
-from jobs.catalog import group_pairs
+from jobs.dedup import group_pairs
 from lookalike.client import Client
 from lookalike.config import ClusterConfig
 from router.core import Router

@@ -4,7 +4,7 @@
     python -m bench.memory_bench --n 1000000 --spec IVF1024,PQ16 --spec HNSW32
 
 Each index spec is loaded into a fresh process (the allocator settings shard actors run with, see
-control/ray_cluster.py): a ``shard.core.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
+control/ray_placer.py): a ``shard.shard.Shard`` in-process (no Ray, no gRPC), one collection of 16 buckets all
 owned by it, upserts of 10k items (ids ``img-00000000``, 12 bytes, no payload) of a clustered synthetic set (a seeded
 mixture of Gaussians, generated batch by batch so the data itself is not resident). After the load the store is
 compacted and ``release_memory`` (malloc_trim) is called, then:
@@ -39,9 +39,10 @@ import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.indexspec import training_points
-from shard.core import Shard
-from shard.index import VectorIndex, _factory
-from shard.storage import release_memory
+from shard.cpu_index import VectorIndex
+from shard.osutil import release_memory
+from shard.shard import Shard
+from shard.specs import build_index
 from shard.trained import write_template
 
 DEFAULT_SPECS = ["Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32"]
@@ -61,7 +62,7 @@ def _faiss_reference(spec: str, metric: str, n: int, dim: int, seed: int, train_
     """Serialized bytes of the spec as FAISS alone would hold n vectors of the data set with int64 ids."""
     import faiss
 
-    idx = _factory(dim, metric, spec)
+    idx = build_index(dim, metric, spec)
     if faiss.try_extract_index_ivf(idx) is None:
         idx = faiss.IndexIDMap(idx)
     if not idx.is_trained:
@@ -120,7 +121,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
             sc.upsert([f"img-{j:08d}" for j in range(i, i + m)], batch_of(i, m, dim, seed), [None] * m)
         load_s = time.monotonic() - t0
         with sc._write_order:
-            sc._repack_if_due()  # what the shard does once writes stop (compressed IVF lists packed to their size)
+            sc.upkeep.repack_if_due()  # what the shard does once writes stop (compressed IVF lists packed to their size)
         sc.store.compact()
         release_memory()
         after = shard.memory_bytes()
@@ -147,7 +148,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dic
             sc.delete(ids)
             out["delete10k_s"] = time.monotonic() - t0
         shard.close()
-    train_n = 0 if _factory(dim, metric, spec).is_trained else min(training_points(cfg.index)[1], n)
+    train_n = 0 if build_index(dim, metric, spec).is_trained else min(training_points(cfg.index)[1], n)
     out["faiss"] = _faiss_reference(spec, metric, n, dim, seed, train_n)
     return out
 

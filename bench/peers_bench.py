@@ -95,7 +95,7 @@ from lookalike.client import Client
 from lookalike.config import ClusterConfig
 from router.core import Router
 from router.server import create_router_server
-from shard.index import train_threshold
+from shard.specs import train_threshold
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EF_CONSTRUCTION = 40  # FAISS's index_factory default: what lookalike's "HNSW32" gets
@@ -104,7 +104,7 @@ EF_CONSTRUCTION = 40  # FAISS's index_factory default: what lookalike's "HNSW32"
 # --- index plans ------------------------------------------------------------------------------------------------
 def auto_nlist(per_shard: float) -> int:
     """IVF lists per shard: a power of two, at most 1024 (cluster_bench's default at 250k per shard), with about
-    100 points per list available so that each shard trains (shard.index.train_threshold)."""
+    100 points per list available so that each shard trains (shard.specs.train_threshold)."""
     target = min(1024.0, 0.9 * per_shard / 100)
     return 1 << int(math.floor(math.log2(target))) if target >= 2 else 1
 

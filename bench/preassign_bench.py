@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.95, help="recall@k IVF-Flat must reach to fix nprobe")
     p.add_argument("--buckets", type=int, default=1024, help="buckets ids hash to (bucket b on shard b %% S)")
     p.add_argument("--train-per-list", type=int, default=100,
-                   help="training vectors per IVF list (as a shard trains: shard.index)")
+                   help="training vectors per IVF list (as a shard trains: shard.specs)")
     p.add_argument("--pq-train", type=int, default=65_536, help="training vectors of the PQ codebooks at most")
     p.add_argument("--all-threads", type=int, default=0, help="FAISS threads of the wall-time runs (0: all CPUs)")
     p.add_argument("--clusters", type=int, default=1000, help="centroids of the generated data")

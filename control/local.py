@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pathlib
 
-from jobs.catalog import JobManager
+from jobs import JobManager
 from lookalike.config import CollectionConfig, MovePolicy
 from control.controller import Controller
 from lookalike.errors import Unavailable
 from lookalike.net import set_serving
 from router.core import Router
 from router.shard_client import GrpcShardClient, InProcessShardClient
-from shard.core import Shard
+from shard.shard import Shard
 from shard.server import SERVICE_NAME, create_shard_server
 
 

@@ -2,6 +2,6 @@
 images are read defensively."""
 
 from encoder.decode import ImageError, decode_image
-from encoder.registry import Encoder, available, get_encoder
+from encoder.registry import Encoder, available, get_encoder, with_encoder
 
-__all__ = ["Encoder", "ImageError", "available", "decode_image", "get_encoder"]
+__all__ = ["Encoder", "ImageError", "available", "decode_image", "get_encoder", "with_encoder"]

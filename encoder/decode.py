@@ -25,6 +25,14 @@ class ImageError(InvalidArgument):
     """An image that cannot be encoded, with the reason in the message."""
 
 
+def require_all(reasons: list[str | None]) -> None:
+    """Raises ImageError naming the first image that has a reason not to be encoded (reasons: one per image, None
+    for the good ones)."""
+    bad = next((i for i, r in enumerate(reasons) if r is not None), None)
+    if bad is not None:
+        raise ImageError(f"image {bad}: {reasons[bad]}")
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """Decodes image bytes into an upright RGB image.
 

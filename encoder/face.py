@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from encoder.decode import ImageError
+from encoder.decode import ImageError, require_all
 
 SAME_PERSON_DISTANCE = 0.6  # dlib's threshold on the Euclidean distance
 
@@ -26,7 +26,7 @@ class FaceEncoder:
 
     def __init__(self, strict: bool = False, upsample: int = 1):
         try:
-            import dlib
+            import dlib  # deferred: dlib is an optional extra, and heavy
             import face_recognition_models as models
         except ImportError:
             raise ValueError("the face encoder needs its extra: pip install 'lookalike[face]' "
@@ -57,8 +57,6 @@ class FaceEncoder:
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Images -> shape (n, 128) float32. Raises ImageError naming the first image without a usable face."""
-        from encoder.registry import require_all
-
         vectors, reasons = self.encode_images_lenient(images)
         require_all(reasons)
         return vectors

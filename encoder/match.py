@@ -10,6 +10,8 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+from encoder.torchscript import load_settings
+
 # pHash: copies made by resize, JPEG, brightness and greyscale edits stay within 8 of 64 bits on the bench's
 # photos, and no copy is nearer than 18 bits to a different photo (docs/ENCODERS.md). phash:N scales it with the
 # number of bits.
@@ -64,8 +66,6 @@ def default_match(encoder: str) -> MatchRule | None:
     if name == "face":
         return MatchRule("l2", FACE_MATCH_L2, "same person, dlib's 0.6")
     if name == "torchscript":
-        from encoder.torchscript import load_settings
-
         try:
             settings = load_settings(pathlib.Path(arg).expanduser())
         except (OSError, ValueError):

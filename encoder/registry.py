@@ -8,12 +8,18 @@ see encoder/torchscript.py for the contract; the CNN of ``lookalike train-encode
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
-from encoder.decode import MAX_IMAGE_PIXELS, ImageError, decode_image
+from encoder.decode import MAX_IMAGE_PIXELS, ImageError, decode_image, require_all
+from encoder.face import FaceEncoder
+from encoder.phash import PHash
+from encoder.torchscript import TorchScriptEncoder
+from lookalike.config import CollectionConfig
+from lookalike.errors import InvalidArgument
 
 
 class Encoder(Protocol):
@@ -24,13 +30,6 @@ class Encoder(Protocol):
     def encode_images(self, images: Sequence) -> np.ndarray:
         """Decoded RGB images -> shape (n, dim) float32, or (n, dim / 8) uint8 for hamming."""
         ...
-
-
-def require_all(reasons: list[str | None]) -> None:
-    """Raises ImageError naming the first image that has a reason not to be encoded."""
-    bad = next((i for i, r in enumerate(reasons) if r is not None), None)
-    if bad is not None:
-        raise ImageError(f"image {bad}: {reasons[bad]}")
 
 
 def encode_bytes(encoder: Encoder, images: Sequence[bytes]) -> np.ndarray:
@@ -103,25 +102,41 @@ def get_encoder(spec: str) -> Encoder:
     return _FACTORIES[name](arg or None)
 
 
-def _phash(arg: str | None) -> Encoder:
-    from encoder.phash import PHash
+def with_encoder(cfg: CollectionConfig) -> CollectionConfig:
+    """A collection's config with dim and metric filled from the encoder it names, or checked against it, and the
+    encoder's own name; unchanged when it names none. Before ``CollectionConfig.validated``.
 
+    Raises:
+        InvalidArgument: an unknown encoder or a bad argument, or a dim or metric the encoder does not give.
+    """
+    if not cfg.encoder:
+        return cfg
+    try:
+        enc = get_encoder(cfg.encoder)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    dim = cfg.dim or enc.dim
+    metric = cfg.metric or enc.metric
+    if dim != enc.dim or metric != enc.metric:
+        raise InvalidArgument(
+            f"encoder {cfg.encoder!r} gives {enc.dim}-{'bit' if enc.metric == 'hamming' else 'd'} "
+            f"{enc.metric} vectors; the collection asks for dim {dim}, metric {metric} (leave them out)")
+    return dataclasses.replace(cfg, dim=dim, metric=metric, encoder=enc.name)
+
+
+def _phash(arg: str | None) -> Encoder:
     if arg is not None and not arg.isdigit():
         raise ValueError(f"phash takes a hash size, as in phash:16; got {arg!r}")
     return PHash(int(arg) if arg else 8)
 
 
 def _torchscript(arg: str | None) -> Encoder:
-    from encoder.torchscript import TorchScriptEncoder
-
     if not arg:
         raise ValueError("torchscript needs a model file: torchscript:/path/to/model.pt")
     return TorchScriptEncoder(arg)
 
 
 def _face(arg: str | None) -> Encoder:
-    from encoder.face import FaceEncoder
-
     if arg not in (None, "strict"):
         raise ValueError(f"face takes no argument or 'strict', got {arg!r}")
     return FaceEncoder(strict=arg == "strict")

@@ -26,7 +26,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _import_torch():
     try:
-        import torch
+        import torch  # deferred: PyTorch is an optional extra, and heavy
     except ImportError:
         raise ValueError("this encoder needs PyTorch: pip install 'lookalike[torch]' "
                          "(here: pip install torch==2.13.0 for the CPU build)") from None

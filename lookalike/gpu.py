@@ -1,7 +1,7 @@
 """GPUs for shards: detection, GPU memory, and the backend that puts FAISS indexes on a GPU.
 
-A shard that Ray placed on a GPU (see ``control.ray_cluster.RayPlacer``) gets a :class:`GpuBackend` and its
-collections search a GPU mirror of their CPU index (``shard.index``). Everything GPU-specific goes through a
+A shard that Ray placed on a GPU (see ``control.ray_placer.RayPlacer``) gets a :class:`GpuBackend` and its
+collections search a GPU mirror of their CPU index (``shard.gpu_keeper``). Everything GPU-specific goes through a
 backend object, so the CPU-only CI runs the same code with :class:`EmulatedGpuBackend`, which "clones to the GPU"
 with ``faiss.clone_index`` on the CPU.
 

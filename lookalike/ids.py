@@ -4,7 +4,7 @@ An item's bucket is a stable hash of its id modulo the bucket count. Its interna
 high bits (``bucket << LABEL_SHIFT``), so one bucket's vectors are one contiguous label range, removable from a
 FAISS index with a single ``IDSelectorRange``; the low bits are another part of the same hash, so the same item
 has the same label on every shard that holds it (the router de-duplicates on labels). Two ids of one bucket that
-hash alike are told apart by probing the next labels (see shard.core.IdTable).
+hash alike are told apart by probing the next labels (see shard.idtable.IdTable).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, LookalikeError
+from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +343,6 @@ def set_serving(health_servicer, service_names: list[str], serving: bool = True)
 
 
 def _plain_token_ok(target: str, token) -> None:
-    from lookalike.security import is_loopback
-
     if token and not is_loopback(target.rsplit(":", 1)[0]):
         raise ValueError(f"refusing to send a bearer token in plaintext to {target}: use TLS (--tls-ca)")
 
@@ -356,8 +355,6 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
             mutual TLS); None: plaintext.
         token: a bearer token sent with every call (in plaintext only to a loopback address).
     """
-    from lookalike import security
-
     # The token goes as call metadata added by an interceptor, not as call credentials: gRPC runs a credentials
     # plugin on a thread of its own for every call (about 9 ms a call here, bench/security_bench.py).
     if tls is None:
@@ -365,14 +362,12 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
         channel = grpc.insecure_channel(target, options=_OPTIONS)
     else:
         channel = grpc.secure_channel(target, tls.channel_credentials(), options=_OPTIONS + tls.channel_options())
-    return grpc.intercept_channel(channel, security.TokenMetadata(token)) if token else channel
+    return grpc.intercept_channel(channel, TokenMetadata(token)) if token else channel
 
 
 def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
-    from lookalike import security
-
-    icpt = [security.AioTokenMetadata(token)] if token else None
+    icpt = [AioTokenMetadata(token)] if token else None
     if tls is None:
         _plain_token_ok(target, token)
         return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=icpt)

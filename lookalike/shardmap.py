@@ -19,6 +19,7 @@ import functools
 import numpy as np
 
 from lookalike.config import CollectionConfig
+from lookalike.errors import InvalidArgument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,6 @@ def order_by_node(shard_ids: list[str], node_of: dict[str, str]) -> list[str]:
 def assign_buckets(n_buckets: int, shard_ids: list[str], replication: int) -> tuple[tuple[str, ...], ...]:
     """Initial placement: bucket b on shards b, b+1, ... (mod n), so each shard gets an even share."""
     if replication > len(shard_ids):
-        from lookalike.errors import InvalidArgument
         raise InvalidArgument(
             f"replication {replication} needs at least {replication} shards; the cluster has {len(shard_ids)}")
     n = len(shard_ids)

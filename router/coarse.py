@@ -4,7 +4,7 @@ Every shard of a collection holds the same trained IVF index (shard.trained), so
 against the same centroids and probe the same lists. Doing it once, here, saves (S - 1) coarse quantizations per
 query over S shards: measured in-process at 8 shards (docs/BENCHMARKS.md, "Shared quantizer: quantize once or per
 shard"), 11-56% of the CPU of a search, the more the larger nlist (IVF4096: half). Each shard then runs FAISS's
-``search_preassigned`` with these lists (shard.index ``VectorIndex.search(coarse=...)``).
+``search_preassigned`` with these lists (shard.cpu_index ``VectorIndex.search(coarse=...)``).
 
 Only for indexes a router can quantize for exactly as a shard would: float vectors, ``IVF<nlist>,...`` with a flat
 coarse quantizer and no transform before it (the spec text says so). The centroids are fetched from a shard (RPC

@@ -2,7 +2,7 @@
 
 Ties are broken by label (the int64 an id hashes to, the same on every shard and replica: see lookalike.ids), not
 by the order the shards answered in: the same query on the same data returns the same ids in the same order
-whichever shards or replicas answer. Each shard does the same inside its own top-k (shard.index
+whichever shards or replicas answer. Each shard does the same inside its own top-k (shard.cpu_index
 ``VectorIndex.search``), so a tie group cut at the k-th place is cut the same way everywhere.
 """
 

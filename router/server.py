@@ -10,11 +10,12 @@ import json
 from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
-from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
+from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server, set_serving
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
-from router.core import Router, check_min_coverage
+from router.core import Router
+from router.search import check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
 _MAX_QUERY_IMAGES = LIMITS.max_query_images
@@ -59,7 +60,7 @@ def _timeout(context) -> float | None:
 
 
 def job_to_proto(st) -> lookalike_pb2.Job:
-    """A :class:`jobs.catalog.JobStatus` as the API's Job."""
+    """A :class:`jobs.JobStatus` as the API's Job."""
     return lookalike_pb2.Job(id=st.id, kind=st.kind, collection=st.collection,
                              state=lookalike_pb2.Job.State.Value(st.state), done=st.done, total=st.total,
                              message=st.message, started_unix=st.started, elapsed_s=st.elapsed,
@@ -360,14 +361,12 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
 
-    ``jobs``: the catalog jobs (a :class:`jobs.catalog.JobManager`, or ``control.ray_cluster.RayJobs``);
+    ``jobs``: the catalog jobs (a :class:`jobs.JobManager`, or ``control.ray_actors.RayJobs``);
     None: the job calls answer FAILED_PRECONDITION. ``tls``: lookalike.security.TLSConfig (None: plaintext);
     ``auth``: lookalike.security.AuthInterceptor (bearer tokens, scopes, request rates; None: open).
 
     Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
     """
-    from lookalike.net import set_serving
-
     # Searches (batches) run on threads of their own, so that slow admin or write calls cannot hold them up.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * batch_inflight),
                                                      thread_name_prefix="router-search")

@@ -2,7 +2,7 @@
 that a restart loads them and replays only the log written after them instead of rebuilding from every snapshot
 and segment (an HNSW graph of 150k x 128 took longer to replay than to build; IVF/PQ re-encoded everything).
 
-A checkpoint ``ckpt-<n>`` is three files in the collection's store directory (see shard.storage)::
+A checkpoint ``ckpt-<n>`` is three files in the collection's store directory (see shard.store)::
 
     ckpt-<n>.index   the FAISS index, in FAISS's own format (faiss.write_index / write_index_binary)
     ckpt-<n>.table   the id table and what the index needs beside FAISS's file (an .npz of plain arrays, no pickle)
@@ -12,8 +12,10 @@ A checkpoint ``ckpt-<n>`` is three files in the collection's store directory (se
 The JSON is written atomically (temporary file, fsync, rename, fsync of the directory) after the other two are
 fsynced, so a checkpoint without its JSON is one a crash interrupted: it is deleted, never read. Only the newest
 complete checkpoint is kept: older files go once a new JSON is in place. Whether a checkpoint may be used, and what
-happens to one that does not check out, is :class:`shard.core.ShardCollection`'s business; this module only writes,
+happens to one that does not check out, is :class:`shard.checkpointing.Loader`'s business; this module only writes,
 finds, verifies and reads the files.
+
+Uses faiss, numpy and shard.manifest / shard.osutil / shard.specs only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import zlib
 import faiss
 import numpy as np
 
-from shard.storage import LogPosition, _fsync_dir
+from shard.manifest import LogPosition
+from shard.osutil import fsync_dir
+from shard.specs import faiss_reason
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ def write(path: pathlib.Path, index, binary: bool, arrays: dict[str, np.ndarray]
     tmp = json_path.with_name(json_path.name + ".tmp")
     try:
         (faiss.write_index_binary if binary else faiss.write_index)(index, str(index_path))
-        _fsync_dir(index_path)  # fsyncs any path it can open read-only, a file too
+        fsync_dir(index_path)  # fsyncs any path it can open read-only, a file too
         with open(table_path, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -112,7 +116,7 @@ def write(path: pathlib.Path, index, binary: bool, arrays: dict[str, np.ndarray]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, json_path)
-        _fsync_dir(path)
+        fsync_dir(path)
     except BaseException:
         for p in (index_path, table_path, tmp, json_path):
             p.unlink(missing_ok=True)
@@ -120,7 +124,7 @@ def write(path: pathlib.Path, index, binary: bool, arrays: dict[str, np.ndarray]
     for n, old in numbers.items():
         for p in old:
             p.unlink(missing_ok=True)
-    _fsync_dir(path)
+    fsync_dir(path)
     return name
 
 
@@ -190,8 +194,7 @@ def read(path: pathlib.Path, name: str, binary: bool) -> tuple[object, dict[str,
     try:
         index = (faiss.read_index_binary if binary else faiss.read_index)(str(index_path))
     except RuntimeError as err:  # FAISS's C++ exceptions
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise CheckpointDamaged(index_path, f"FAISS cannot read it ({reason})") from None
+        raise CheckpointDamaged(index_path, f"FAISS cannot read it ({faiss_reason(err)})") from None
     try:
         with np.load(table_path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -205,4 +208,4 @@ def discard(path: pathlib.Path) -> None:
     for files in _numbers(path).values():
         for p in files:
             p.unlink(missing_ok=True)
-    _fsync_dir(path)
+    fsync_dir(path)

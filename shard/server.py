@@ -1,9 +1,13 @@
-"""The internal Shard gRPC service: a thin servicer over :class:`shard.core.Shard`."""
+"""The internal Shard gRPC service: a thin servicer over :class:`shard.shard.Shard`.
+
+Uses the shard, jobs (checks of a clustering job's centroids), protos and the base package.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from jobs import check_centroids
 from lookalike.config import check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import check_ids
@@ -11,7 +15,7 @@ from lookalike.net import abort_on_error, create_server
 from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
                             vectors_to_proto)
 from protos import shard_pb2, shard_pb2_grpc
-from shard.core import Shard
+from shard.shard import Shard
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
 
@@ -97,8 +101,6 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def AssignClusters(self, request, context):
-        from jobs.catalog import check_centroids
-
         sc = self._collection(request.collection)
         centroids = check_centroids(vectors_from_proto_raw(request.centroids), sc.coll)
         if not request.field:

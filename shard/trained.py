@@ -1,7 +1,7 @@
 """A collection's trained index: trained once for the whole collection, kept in storage, loaded by every shard.
 
 IVF centroids, PQ/SQ codebooks and PCA/OPQ transforms are trained once per collection, on a sample drawn from
-all its buckets (see ``shard.core.Shard.train_collection``), and written here as the *empty* trained index in
+all its buckets (see ``shard.training.TrainedIndexes.train``), and written here as the *empty* trained index in
 FAISS's own serialization. Every shard and replica of the collection starts its index from that same file and adds
 its own buckets to it, so ``nlist``, ``nprobe`` and ``M`` mean what they mean for one FAISS index over all the data,
 and two replicas holding the same items answer the same.
@@ -17,6 +17,8 @@ config (``CollectionConfig.trained_version``). Both files are written to a tempo
 the .json last, so a version whose .json exists is whole. Reading checks the CRC and that spec, dim and metric are
 the collection's: anything else raises :class:`TemplateDamaged`, and the shard then serves exactly from its
 buffer and reports it, until the collection is trained again.
+
+Uses faiss, numpy, the base package (CollectionConfig) and shard.osutil only.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
-from shard.storage import _fsync_dir
+from shard.osutil import fsync_dir
 
 _CHUNK = 1 << 24
 
@@ -86,7 +88,7 @@ def write_template(storage_root, coll: CollectionConfig, version: int, index, tr
             "crc32": _crc(data), "trained_on": int(trained_on), "seconds": round(float(seconds), 3),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     _write_atomic(note_path, json.dumps(note, indent=1).encode())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return note
 
 

@@ -284,7 +284,7 @@ def trained_config(root, cfg, xb):
 
     # here, as in served_local_cluster: FAISS and the shard code load only for the tests that use them
     from lookalike.indexspec import training_points
-    from shard.index import VectorIndex
+    from shard.cpu_index import VectorIndex
     from shard.trained import write_template
 
     if not training_points(cfg.index)[0]:

@@ -20,10 +20,12 @@ REFUSED, FAILED = 3, 4
 def _exercise(spec: str, dim: int, metric: str) -> None:
     from lookalike.config import CollectionConfig
     from lookalike.errors import InvalidArgument
-    from shard.index import VectorIndex
+    from shard.cpu_index import VectorIndex
+    from shard.specs import check_index_spec
 
     try:
         cfg = CollectionConfig("t", dim, metric, spec, buckets=4).validated()
+        check_index_spec(cfg.dim, cfg.metric, cfg.index)
     except InvalidArgument:
         os._exit(REFUSED)
     index = VectorIndex(cfg)

@@ -17,7 +17,7 @@ from control.local import LocalCluster
 from protos import common_pb2
 from router.batcher import SearchBatcher
 from lookalike.client import Client
-from router.core import SearchResult
+from router.search import SearchResult
 from router.server import create_router_server
 
 

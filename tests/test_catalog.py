@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import wait_for
-from jobs.catalog import (CANCELLED, SUCCEEDED, JobManager, cluster_space, group_pairs, plan_pages,
-                               set_payload_field)
+from jobs import CANCELLED, SUCCEEDED, JobManager, cluster_space, set_payload_field
+from jobs.base import plan_pages
+from jobs.dedup import group_pairs
 from lookalike.config import CollectionConfig
 from control.local import LocalCluster
 from protos import common_pb2

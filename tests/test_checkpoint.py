@@ -15,8 +15,8 @@ from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_of
 from protos.common_pb2 import Payload
-from shard.core import Shard
-from shard.index import VectorIndex
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
 
 N_BUCKETS = 8
 

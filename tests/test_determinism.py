@@ -7,7 +7,7 @@ from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_and_labels
 from control.local import LocalCluster
 from router.merge import merge_topk
-from shard.index import VectorIndex
+from shard.cpu_index import VectorIndex
 
 
 def test_merge_breaks_ties_by_label_whatever_the_shard_order():

@@ -1116,7 +1116,7 @@ def test_concurrent_searches_are_not_batched_past_the_message_limit():
 
     from lookalike.errors import ResourceExhausted
     from router.batcher import SearchBatcher
-    from router.core import SearchResult
+    from router.search import SearchResult
 
     sizes = []
 

@@ -15,9 +15,9 @@ from lookalike.config import ClusterConfig, CollectionConfig, MovePolicy
 from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.gpu import EmulatedGpuBackend, shard_num_gpus
 from control.local import LocalCluster
-from shard import index as index_mod
-from shard.core import Shard
-from shard.index import VectorIndex
+from shard import gpu_keeper, gpu_mirror, specs
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
 
 real_gpu = pytest.mark.skipif(not gpu.available(), reason=f"no GPU, or no GPU support in {gpu.faiss_build()}")
 
@@ -91,7 +91,7 @@ class Twin:
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_gpu_mirror_answers_like_the_cpu_index_through_writes_and_rebuilds(monkeypatch, spec, metric):
-    monkeypatch.setattr(index_mod, "_MIN_REBUILD", 256)  # 1024 by default
+    monkeypatch.setattr(gpu_mirror, "_MIN_REBUILD", 256)  # 1024 by default
     backend = EmulatedGpuBackend()
     t = Twin(CollectionConfig("c", 32, metric, spec, nprobe=4).validated(), backend, 32, metric)
     assert t.gpu.trained and not t.gpu.on_gpu  # nothing on the GPU until built
@@ -156,8 +156,8 @@ def test_queries_among_many_tombstones_look_further_then_ask_the_cpu(monkeypatch
 
 
 def test_flat_mirror_grows_in_segments(monkeypatch):
-    monkeypatch.setattr(index_mod, "_SEGMENT_BYTES", 1000 * 16 * 4)
-    monkeypatch.setattr(index_mod, "_MIN_SEGMENT", 1)
+    monkeypatch.setattr(gpu_keeper, "_SEGMENT_BYTES", 1000 * 16 * 4)
+    monkeypatch.setattr(gpu_keeper, "_MIN_SEGMENT", 1)
     t = Twin(CollectionConfig("c", 16, "l2", "Flat").validated(), EmulatedGpuBackend(), 16, "l2", n=2500)
     t.gpu.sync_gpu()
     assert [int(p.ntotal) for p in t.gpu._mirror.parts] == [1000, 1000, 500]
@@ -208,7 +208,7 @@ def test_a_failed_gpu_build_falls_back_to_the_cpu(monkeypatch):
 
 # --- shards and clusters ------------------------------------------------------------------------------------------
 def test_cluster_on_emulated_gpus_answers_exactly_through_writes_moves_and_restarts(monkeypatch, tmp_path):
-    monkeypatch.setattr(index_mod, "_MIN_REBUILD", 256)
+    monkeypatch.setattr(gpu_mirror, "_MIN_REBUILD", 256)
     backend = EmulatedGpuBackend()
     cl = LocalCluster(tmp_path, shards=1, transport="inprocess", gpu=backend,
                       policy=MovePolicy(grace_s=0.05, move_buckets=16))
@@ -302,7 +302,7 @@ def test_shard_gpus_from_cluster_resources(setting, cluster_gpus, shards, expect
 
 
 def test_shard_actor_options_reserve_gpus():
-    from control.ray_cluster import RayPlacer
+    from control.ray_placer import RayPlacer
 
     cfg = ClusterConfig(shards=2)
     assert RayPlacer(cfg, 1 << 20, cluster_gpus=2).actor_options("shard-0")["num_gpus"] == 1
@@ -323,7 +323,7 @@ def test_a_shard_given_a_gpu_without_gpu_faiss_runs_on_the_cpu(monkeypatch):
 def test_cagra_without_cuvs_is_refused_clearly(monkeypatch):
     monkeypatch.setattr(gpu, "has_cuvs", lambda: False)
     with pytest.raises(InvalidArgument, match="needs FAISS built with cuVS"):
-        CollectionConfig("c", 64, "l2", "CAGRA").validated()
+        specs.check_index_spec(64, "l2", "CAGRA")
     monkeypatch.setattr(gpu, "has_cuvs", lambda: True)
     with pytest.raises(InvalidArgument, match="float vectors"):
         CollectionConfig("c", 64, "hamming", "CAGRA").validated()
@@ -335,7 +335,7 @@ def test_cagra_without_cuvs_is_refused_clearly(monkeypatch):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_cagra_mirror_with_delta_and_tombstones(monkeypatch, metric):
     monkeypatch.setattr(gpu, "has_cuvs", lambda: True)
-    monkeypatch.setattr(index_mod, "_CAGRA_MIN", 1000)
+    monkeypatch.setattr(gpu_keeper, "_CAGRA_MIN", 1000)
     backend = EmulatedGpuBackend()
     cfg = CollectionConfig("c", 16, metric, "CAGRA").validated()
     t = Twin(cfg, backend, 16, metric, n=1500)  # on a CPU shard, CAGRA is an exact flat index
@@ -364,9 +364,9 @@ def test_gpu_float16_option():
         assert spec_to_config(config_to_spec(cfg)).gpu_float16
     for spec in ("HNSW16", "IVF16,Flat", "PQ8"):
         with pytest.raises(InvalidArgument, match="gpu_float16"):
-            CollectionConfig("c", 32, "l2", spec, gpu_float16=True).validated()
+            specs.check_index_spec(32, "l2", spec, gpu_float16=True)
     with pytest.raises(InvalidArgument, match="gpu_float16"):
-        CollectionConfig("c", 64, "hamming", "BFlat", gpu_float16=True).validated()
+        specs.check_index_spec(64, "hamming", "BFlat", gpu_float16=True)
     assert not spec_to_config(config_to_spec(CollectionConfig("c", 32).validated())).gpu_float16
 
 

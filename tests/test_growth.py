@@ -15,7 +15,9 @@ from lookalike.errors import ResourceExhausted, StaleShardMap
 from lookalike.ids import buckets_of
 from control.local import LocalCluster
 from lookalike.shardmap import ShardInfo, ShardMap, order_by_node
-from shard.storage import RESET, UPSERT, CollectionStore, read_buckets
+from shard.bucket_reader import read_buckets
+from shard.records import RESET, UPSERT
+from shard.store import CollectionStore
 
 
 def test_grow_from_1_to_4_shards_under_load(tmp_path):
@@ -205,7 +207,8 @@ def test_a_full_shard_refuses_writes_and_growth_adds_a_shard(tmp_path):
 
 
 def test_moves_run_a_few_at_a_time_and_never_two_onto_one_node(tmp_path):
-    from control.controller import Controller, Move
+    from control.controller import Controller
+    from control.state import Move
 
     class Placer:  # accepts everything; the moves are only scheduled here, not run
         def __getattr__(self, name):
@@ -216,22 +219,22 @@ def test_moves_run_a_few_at_a_time_and_never_two_onto_one_node(tmp_path):
         ctl.register_shard(sid, "127.0.0.1:1", node)
     ctl.create_collection(CollectionConfig("m", dim=4, buckets=8))
     owners = ctl.shard_map("m").owners
-    coll = ctl._collections["m"]
+    coll = ctl.state.collections["m"]
     assert [owners[b][0] for b in range(4)] == ["shard-0", "shard-2", "shard-1", "shard-3"]  # nodes a, b, a, b
     to_b1 = Move("m", [0], "shard-0", "shard-2")
     to_b2 = Move("m", [2], "shard-1", "shard-3")
     to_a = Move("m", [1], "shard-2", "shard-1")
     for m in (to_b1, to_b2, to_a):
         coll.moves[m.buckets[0]] = m
-    with ctl._cond:
-        first = ctl._next_move()
-        ctl._running.add(first.key)
-        second = ctl._next_move()
-        ctl._running.add(second.key)
+    with ctl.state.cond:
+        first = ctl.mover.next_move()
+        ctl.mover.running.add(first.key)
+        second = ctl.mover.next_move()
+        ctl.mover.running.add(second.key)
         assert {first.target, second.target} in ({"shard-2", "shard-1"}, {"shard-3", "shard-1"})  # one per node
-        assert ctl._next_move() is None  # two copying: the third waits
+        assert ctl.mover.next_move() is None  # two copying: the third waits
     # The map shows a copying move's target as joining (writes) but not as an owner (searches).
-    with ctl._cond:
+    with ctl.state.cond:
         first.phase = "copy"
     smap = ctl.shard_map("m")
     b = first.buckets[0]

@@ -8,9 +8,10 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from protos.common_pb2 import Payload
 from router.merge import merge_topk
-from shard.core import Shard
-from shard.index import VectorIndex
-from shard.storage import DELETE, UPSERT, CollectionStore
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
+from shard.records import DELETE, UPSERT
+from shard.store import CollectionStore
 
 
 def _labels(n, start=0):
@@ -146,7 +147,7 @@ def test_shard_reload_restores_everything(tmp_path):
 
 
 def test_id_table_collisions_unicode_and_removal():
-    from shard.core import IdTable
+    from shard.idtable import IdTable
 
     t = IdTable()
     uids = ["a", "ü-ид-画像", "x" * 256, "b"]
@@ -200,7 +201,7 @@ def test_graph_over_compressed_codes_survives_its_rebuild():
                                       ("HNSW1000", "M=1000"), ("Flat" + "," * 300, "characters")])
 def test_index_specs_that_would_allocate_too_much_are_refused_before_building(spec, msg):
     from lookalike.errors import InvalidArgument
-    from shard.index import check_index_spec
+    from shard.specs import check_index_spec
 
     with pytest.raises(InvalidArgument, match=msg):
         check_index_spec(128, "l2", spec)
@@ -212,11 +213,11 @@ def test_freed_memory_is_handed_back_once_writes_stop(tmp_path, monkeypatch):
     none while buckets are being copied in (a move must not stall searches)."""
     import time
 
-    from shard import core
+    from shard import upkeep
 
     trims = []
-    monkeypatch.setattr(core, "release_memory", lambda: trims.append(time.monotonic()))
-    monkeypatch.setattr(core, "_TRIM_IDLE_S", 0.2)
+    monkeypatch.setattr(upkeep, "release_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(upkeep, "_TRIM_IDLE_S", 0.2)
     coll = CollectionConfig("c", 8, "l2", "Flat", buckets=4).validated()
     shard = Shard("s", tmp_path)
     shard.open_collection(coll, range(4))

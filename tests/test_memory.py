@@ -13,9 +13,10 @@ import pytest
 
 from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
-import shard.core as shard_core
-from shard.core import Shard
-from shard.index import VectorIndex, _factory
+import shard.upkeep as shard_upkeep
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
+from shard.specs import build_index
 
 N, DIM = 40_000, 64
 
@@ -23,7 +24,7 @@ N, DIM = 40_000, 64
 @pytest.fixture(autouse=True)
 def _quick_repack(monkeypatch):
     """Lists are packed 0.5 s after the last write here (5 s in a shard)."""
-    monkeypatch.setattr(shard_core, "_REPACK_IDLE_S", 0.5, raising=False)
+    monkeypatch.setattr(shard_upkeep, "_REPACK_IDLE_S", 0.5, raising=False)
 
 
 def _uids(n, start=0):
@@ -42,7 +43,7 @@ def _load(tmp_path, spec, xb, metric="l2", batch=10_000):
 
 def _faiss_bytes(spec, xb):
     """Serialized bytes of the same spec in FAISS alone, with its 64-bit ids (in the IVF lists)."""
-    idx = _factory(DIM, "l2", spec)
+    idx = build_index(DIM, "l2", spec)
     idx.train(xb[:10 * 256])  # enough for a trained index of the same size (its quality does not matter here)
     idx.add_with_ids(xb, np.arange(len(xb), dtype=np.int64))
     return len(faiss.serialize_index(idx))
@@ -120,14 +121,14 @@ def test_compressed_ivf_lists_are_packed_once_writes_stop_and_answers_stay_the_s
     try:
         before = sc.search(xq, 10, nprobe=8)
         old = sc.index._main
-        assert wait_for(lambda: sc._packed_at == N, 20)  # the idle trim packed the lists
+        assert wait_for(lambda: sc.upkeep.packed_at == N, 20)  # the idle trim packed the lists
         assert sc.index._main is not old
         after = sc.search(xq, 10, nprobe=8)
         np.testing.assert_array_equal(after[0], before[0])
         assert after[2] == before[2]
         sc.upsert(_uids(10, N), xb[:10], [None] * 10)  # a few more: not worth packing again
-        time.sleep(1.5 + shard_core._REPACK_IDLE_S)
-        assert sc._packed_at == N
+        time.sleep(1.5 + shard_upkeep._REPACK_IDLE_S)
+        assert sc.upkeep.packed_at == N
     finally:
         shard.close()
 
@@ -136,13 +137,13 @@ def test_lists_are_packed_even_when_every_write_trims_on_the_way(tmp_path, monke
     """A burst whose last write crossed the trim threshold used to leave no idle thread behind: the lists stayed
     as they grew."""
     from conftest import wait_for
-    import shard.core
+    import shard.upkeep
 
-    monkeypatch.setattr(shard.core, "_TRIM_EVERY_BYTES", 1)  # every write trims on the way
+    monkeypatch.setattr(shard.upkeep, "_TRIM_EVERY_BYTES", 1)  # every write trims on the way
     xb, _ = make_data("l2", 20_000, DIM, seed=7)
     shard_, sc = _load(tmp_path, "IVF64,PQ8", xb, batch=5_000)
     try:
-        assert wait_for(lambda: sc._packed_at == len(xb), 20)
+        assert wait_for(lambda: sc.upkeep.packed_at == len(xb), 20)
     finally:
         shard_.close()
 
@@ -155,9 +156,9 @@ def test_lists_grown_a_little_after_a_pack_are_packed_again(tmp_path):
     xb, _ = make_data("l2", N + N // 10, DIM, seed=8)
     shard_, sc = _load(tmp_path, "IVF64,PQ8", xb[:N])
     try:
-        assert wait_for(lambda: sc._packed_at == N, 20)
+        assert wait_for(lambda: sc.upkeep.packed_at == N, 20)
         sc.upsert(_uids(N // 10, N), xb[N:], [None] * (N // 10))
-        assert wait_for(lambda: sc._packed_at == N + N // 10, 20)
+        assert wait_for(lambda: sc.upkeep.packed_at == N + N // 10, 20)
     finally:
         shard_.close()
 
@@ -167,8 +168,8 @@ def test_short_pauses_of_a_load_do_not_pack_the_lists(tmp_path, monkeypatch):
     client, a busy machine) is packed once, after its end, not at every pause."""
     from conftest import wait_for
 
-    monkeypatch.setattr(shard_core, "_TRIM_IDLE_S", 0.1)
-    monkeypatch.setattr(shard_core, "_REPACK_IDLE_S", 1.5, raising=False)
+    monkeypatch.setattr(shard_upkeep, "_TRIM_IDLE_S", 0.1)
+    monkeypatch.setattr(shard_upkeep, "_REPACK_IDLE_S", 1.5, raising=False)
     packs = []
     orig = VectorIndex.repacked
     monkeypatch.setattr(VectorIndex, "repacked", lambda self: packs.append(self.ntotal) or orig(self))
@@ -178,7 +179,7 @@ def test_short_pauses_of_a_load_do_not_pack_the_lists(tmp_path, monkeypatch):
         for i in range(12_000, 30_000, 6_000):  # pauses of 0.4 s: longer than a trim's wait, shorter than a pack's
             time.sleep(0.4)
             sc.upsert(_uids(6_000, i), xb[i:i + 6_000], [None] * 6_000)
-        assert wait_for(lambda: sc._packed_at == 30_000, 20)
+        assert wait_for(lambda: sc.upkeep.packed_at == 30_000, 20)
         assert packs == [30_000], packs
     finally:
         shard_.close()

@@ -16,8 +16,8 @@ from conftest import wait_for
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import FailedPrecondition, Unavailable
 from control.local import LocalCluster
-from shard.core import Shard
-from shard.index import VectorIndex
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +116,8 @@ _REPLAY = textwrap.dedent("""
     import os, sys
     import numpy as np
     from lookalike.config import CollectionConfig, MovePolicy
-    from shard.core import Shard
-    from shard.index import VectorIndex
+    from shard.shard import Shard
+    from shard.cpu_index import VectorIndex
 
     root, mode = sys.argv[1], sys.argv[2]
     cfgs = [CollectionConfig(n, 8, "l2", "Flat", buckets=4).validated() for n in ("good", "bad")]

@@ -121,7 +121,7 @@ def _epoch_after(cluster, epoch):
 
 def test_encoder_actor_pool(ray_session, tmp_path):
     from control.local import LocalCluster
-    from control.ray_cluster import RayEncoderPool
+    from control.ray_encoders import RayEncoderPool
     from lookalike.client import Client
     from router.core import Router
     from router.encoding import LocalEncoderPool
@@ -181,7 +181,7 @@ def test_a_shard_searches_with_as_many_faiss_threads_as_its_ray_cpus(cpus):
     import sys
 
     from lookalike.config import ClusterConfig
-    from control.ray_cluster import RayPlacer
+    from control.ray_placer import RayPlacer
 
     env_vars = RayPlacer(ClusterConfig(shard_num_cpus=cpus), 1 << 20, cluster_gpus=0).actor_options("shard-0")[
         "runtime_env"]["env_vars"]

@@ -129,7 +129,7 @@ def test_dropped_collection_in_use(served):
     stale_map = cluster.router.shard_map("gone")
     client.drop_collection("gone")
     # a router still holding the old map: the shards answer NOT_FOUND, not garbage
-    cluster.router._maps["gone"] = stale_map
+    cluster.router.shards._maps["gone"] = stale_map
     got, details = _code(lambda: client.search("gone", np.ones((1, 4), np.float32)))
     assert got == grpc.StatusCode.NOT_FOUND and "gone" in details
     cluster.router.invalidate("gone")
@@ -184,7 +184,7 @@ def test_shard_is_not_serving_until_loaded(tmp_path):
 
     from lookalike.net import create_channel, set_serving
     from protos import shard_pb2, shard_pb2_grpc
-    from shard.core import Shard
+    from shard.shard import Shard
     from shard.server import SERVICE_NAME, create_shard_server
 
     shard = Shard("s", tmp_path)
@@ -310,7 +310,7 @@ def test_async_searches_from_two_event_loops_at_once(tmp_path):
             t.join(60)
         assert not errors, errors
         assert all(r.ids == want.ids for n in range(2) for r in got[n])
-        clients = list(cluster.router._clients.values())
+        clients = list(cluster.router.shards._clients.values())
         assert len(clients) == 2 and all(len(c._aio) == 2 for c in clients)  # a channel per shard and loop
     finally:
         cluster.close()

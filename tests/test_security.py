@@ -103,7 +103,7 @@ def test_tls_files_errors_are_clear(tmp_path, pki):
 # --- TLS: router -> shard (mutual) ------------------------------------------------------------------------------
 def test_shard_hop_is_mutual_tls(tmp_path, pki):
     from router.shard_client import GrpcShardClient
-    from shard.core import Shard
+    from shard.shard import Shard
     from shard.server import create_shard_server
     from protos import shard_pb2
 

@@ -20,7 +20,7 @@ print(json.dumps(measure_shard(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
 
 
 def _measure(n: int, dim: int, index: str) -> dict:
-    """A real shard in a fresh process, with the allocator settings shard actors run with (ray_cluster.py)."""
+    """A real shard in a fresh process, with the allocator settings shard actors run with (control/ray_placer.py)."""
     env = dict(os.environ, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_=str(1 << 20), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(n), str(dim), index], env=env, capture_output=True,
                          text=True, timeout=240, check=True)

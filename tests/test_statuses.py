@@ -17,7 +17,7 @@ from lookalike.config import LIMITS, CollectionConfig, max_search_rows
 from lookalike.errors import InvalidArgument, LookalikeError, ResourceExhausted
 from control.local import LocalCluster
 from protos import common_pb2, lookalike_pb2, shard_pb2
-from shard import storage as shard_storage
+from shard import wal as shard_storage
 from shard.server import ShardServicer
 
 
@@ -147,7 +147,7 @@ def test_a_full_disk_is_resource_exhausted_and_stores_nothing(served, monkeypatc
     client.upsert(name, ["a"], np.ones((1, 4), dtype=np.float32))
     shard = cluster.placer._shard("shard-0")
     sc = shard.collection(name)
-    fd = sc.store._fd
+    fd = sc.store.wal.fd
     real_write = os.write
 
     def full(f, data):
@@ -202,7 +202,7 @@ def test_repeated_search_failures_log_one_line_then_a_count(tmp_path, caplog):
         cluster.router.upsert("warned", [str(i) for i in range(200)], x)
         cluster.placer.stop_shard("shard-1")
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="router.core"):
+        with caplog.at_level(logging.WARNING, logger="router.search"):
             for _ in range(30):
                 assert cluster.router.search("warned", x[:2], 3, min_coverage=0.1).coverage < 1.0
         lines = [r for r in caplog.records if "search on warned" in r.getMessage()]
@@ -212,7 +212,7 @@ def test_repeated_search_failures_log_one_line_then_a_count(tmp_path, caplog):
         cluster.close()
 
     # the helper: one line per key per interval; the next line says how many were left out
-    from router.core import RateLimitedLog
+    from router.search import RateLimitedLog
 
     log = logging.getLogger("test_statuses.rate")
     limited = RateLimitedLog(log, interval_s=0.2)

@@ -18,7 +18,12 @@ from lookalike.ids import buckets_of
 from control.local import LocalCluster
 from lookalike.wire import vectors_to_proto
 from protos import common_pb2, storage_pb2
-from shard.storage import DAMAGED_DIR, DELETE, MANIFEST, MARK, UPSERT, CollectionStore, _frame, read_buckets
+from shard.bucket_reader import read_buckets
+from shard.damage import DAMAGED_DIR
+from shard.frames import frame as _frame
+from shard.manifest import MANIFEST, MARK
+from shard.records import DELETE, UPSERT
+from shard.store import CollectionStore
 
 N_BUCKETS = 4
 
@@ -83,9 +88,9 @@ class _Crash(BaseException):
 def _crash(store) -> None:
     """Lets go of a store's files as a killed process does: nothing more is written or fsynced. (What it wrote
     without an fsync stays: the page cache outlives the process.)"""
-    os.close(store._fd)
-    os.close(store._mark_fd)
-    store._closed = True
+    os.close(store.wal.fd)
+    os.close(store.wal.mark_fd)
+    store.wal.closed = True
 
 
 # --- snapshots ------------------------------------------------------------------------------------------------
@@ -191,8 +196,8 @@ def test_damage_at_the_end_of_a_sealed_segment_is_reported(tmp_path):
     ids, xb = _data(40)
     store = CollectionStore(tmp_path, N_BUCKETS)
     _write(store, ids, xb, 0, 20, 10)
-    with store._lock:
-        store._rotate_locked()  # seal it (without compacting it)
+    with store.wal.lock:
+        store.wal.rotate_locked()  # seal it (without compacting it)
     _write(store, ids, xb, 20, 40, 10)
     store.close()
     sealed, active = sorted(tmp_path.glob("wal-*.log"))
@@ -465,8 +470,8 @@ def test_sealed_segment_cut_or_deleted_is_damage(tmp_path, caplog, how):
     ids, xb = _data(60)
     store = CollectionStore(tmp_path, N_BUCKETS)
     starts = _write(store, ids, xb, 0, 30, 10)
-    with store._lock:
-        store._rotate_locked()  # seal it (without compacting it)
+    with store.wal.lock:
+        store.wal.rotate_locked()  # seal it (without compacting it)
     _write(store, ids, xb, 30, 60, 10)
     store.close()
     sealed, active = sorted(tmp_path.glob("wal-*.log"))
@@ -580,8 +585,8 @@ def test_files_gone_under_a_running_store_are_reported_by_compaction(tmp_path):
     store.compact()
     snap = sorted(tmp_path.glob("b*.snap"))[2]
     _write(store, ids, xb, 100, 200, 50)
-    with store._lock:
-        store._rotate_locked()
+    with store.wal.lock:
+        store.wal.rotate_locked()
     _write(store, ids, xb, 200, 300, 50)
     sealed = min(tmp_path.glob("wal-*.log"))
     snap.unlink()
@@ -619,8 +624,8 @@ def test_reopening_finds_no_damage_after_close_rotation_compaction_or_a_crash(tm
     write(0, 50)
     store = reopen()
     write(50, 100)
-    with store._lock:
-        store._rotate_locked()
+    with store.wal.lock:
+        store.wal.rotate_locked()
     store = reopen()  # a sealed segment and an empty active one
     write(100, 150)
     store = reopen(crash=True)
@@ -659,8 +664,8 @@ def test_a_crash_at_any_step_of_compaction_is_not_damage(tmp_path, monkeypatch):
     _write(store, ids, xb, 0, 200, 50)
     store.compact()  # snapshots to replace
     _write(store, ids, xb, 200, 400, 50)
-    with store._lock:
-        store._rotate_locked()
+    with store.wal.lock:
+        store.wal.rotate_locked()
     _write(store, ids, xb, 400, 600, 50)
     store.append(DELETE, ids[:10])
     store.reset([1])  # bucket 1's snapshot is deleted
@@ -721,13 +726,13 @@ def test_a_crash_before_the_mark_moves_is_not_damage(tmp_path, monkeypatch, wher
     def crash(*_, **__):
         raise _Crash()
 
-    monkeypatch.setattr(store, "_write_mark", crash)
+    monkeypatch.setattr(store.wal, "write_mark", crash)
     with pytest.raises(_Crash):
         if where == "append":
             store.append(UPSERT, ids[20:30], xb[20:30], [None] * 10)
         else:
-            with store._lock:
-                store._rotate_locked()
+            with store.wal.lock:
+                store.wal.rotate_locked()
     _crash(store)
     store = CollectionStore(tmp_path, N_BUCKETS)
     assert set(_state(store.load())) == set(ids[:30] if where == "append" else ids[:20])
@@ -745,8 +750,8 @@ def test_store_from_before_manifests_opens_clean_and_is_accounted_for_afterwards
     _write(store, ids, xb, 0, 100, 50)
     store.compact()
     _write(store, ids, xb, 100, 200, 50)
-    with store._lock:
-        store._rotate_locked()
+    with store.wal.lock:
+        store.wal.rotate_locked()
     _write(store, ids, xb, 200, 300, 50)
     store.close()
     # What a store written before manifests looks like: the same segments and snapshots, nothing else.
@@ -802,7 +807,7 @@ def test_snapshots_of_buckets_given_away_are_deleted_once_the_drop_is_final(tmp_
 
     from lookalike.config import CollectionConfig
     from lookalike.ids import buckets_of
-    from shard.core import Shard
+    from shard.shard import Shard
 
     cfg = CollectionConfig("m", 8, "l2", "Flat", buckets=4).validated()
     shard = Shard("shard-0", tmp_path)

@@ -13,8 +13,8 @@ from conftest import wait_for
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.ids import buckets_and_labels, order_by_distance_then_label
 from control.local import LocalCluster
-from shard.core import Shard
-from shard.index import VectorIndex
+from shard.shard import Shard
+from shard.cpu_index import VectorIndex
 from shard.trained import read_template, template_dir
 
 DIM = 32

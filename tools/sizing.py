@@ -1,12 +1,12 @@
 """``lookalike size``: memory per vector for an index, and the shards, nodes and memory requests a catalog needs.
 
-The estimate of a shard's resident memory is what a shard holds per item (shard/index.py, shard/core.py's
+The estimate of a shard's resident memory is what a shard holds per item (shard/cpu_index.py, shard/idtable.py's
 ``IdTable``) times a measured allocator factor, plus the fixed cost of a shard process:
 
 - the index's code for the vector: FAISS's ``sa_code_size()`` of the factory string (Flat: 4 x dim bytes, PQm: m,
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
-  no more (no IVF direct map: removal and Get do not need one, see shard/index.py); for IVF, what growing lists
+  no more (no IVF direct map: removal and Get do not need one, see shard/cpu_index.py); for IVF, what growing lists
   cost beyond their contents once a shard has packed them (it does when the writes stop): ``IVF_LIST_SLACK`` of their
   codes and ids and ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before
   its items arrived, as in a cluster (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k
@@ -41,9 +41,10 @@ import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.indexspec import check_spec, training_points
-from shard.core import Shard
-from shard.index import VectorIndex, _factory
-from shard.storage import release_memory
+from shard.cpu_index import VectorIndex
+from shard.osutil import release_memory
+from shard.shard import Shard
+from shard.specs import build_index
 from shard.trained import write_template
 
 GiB = 1 << 30
@@ -86,7 +87,7 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
     if metric == "hamming" and not spec.startswith("B"):
         spec = "B" + spec
     check_spec(spec, dim, metric == "hamming")  # the grammar's sentence, before FAISS parses (or aborts on) it
-    built = _factory(dim, metric, spec)
+    built = build_index(dim, metric, spec)
     if isinstance(built, faiss.IndexBinary):
         code = built.code_size
     else:
@@ -242,7 +243,7 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
             x = rng.standard_normal((n, dim)).astype(np.float32)
             sc.upsert([str(j) for j in range(i, i + n)], x, [None] * n)
         with sc._write_order:
-            sc._repack_if_due()  # what the shard does once the writes stop (compressed IVF lists packed)
+            sc.upkeep.repack_if_due()  # what the shard does once the writes stop (compressed IVF lists packed)
         sc.store.compact()  # what a background compaction would do (waits for one that is running)
         release_memory()
         after = shard.memory_bytes()

@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from jobs.catalog import cluster_space
+from jobs import cluster_space
 from protos import lookalike_pb2
 from tools.catalog_report import draw_map, groups_sheet, project, write_groups
 from tools.cli.common import UserError, metric_name, open_client

@@ -23,9 +23,9 @@ import numpy as np
 import psutil
 import ray
 
-from control.controller import stored_shards
-from control.ray_cluster import (RayEncoderPool, join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster,
-                                 stop_jobs)
+from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
+from control.ray_encoders import RayEncoderPool
+from control.state import stored_shards
 from lookalike.config import ClusterConfig, MovePolicy, storage_path
 from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 from lookalike.net import create_health_server, set_serving

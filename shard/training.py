@@ -1,0 +1,163 @@
+"""The trained index of a collection, on a shard: training it once for every shard, reading the one a collection
+loads with (:class:`TrainedIndexes`), and moving a collection's items into a new one (:func:`adopt_trained`). The
+files are shard.trained's.
+
+Uses shard.cpu_index, the storage modules, shard.trained and the base package; works on a
+:class:`shard.collection.ShardCollection`'s state under its locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Callable
+
+import faiss
+import numpy as np
+
+from lookalike.config import CollectionConfig
+from lookalike.errors import FailedPrecondition
+from lookalike.ids import buckets_and_labels
+from lookalike.indexspec import training_points
+from shard.cpu_index import VectorIndex
+from shard.bucket_reader import read_buckets
+from shard.osutil import release_memory
+from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
+
+log = logging.getLogger(__name__)
+
+_ENCODE_BATCH = 65536  # vectors per add while moving a shard's items into a trained index
+
+
+class TrainedIndexes:
+    """A shard's side of its collections' trained indexes.
+
+    Args:
+        shard_id: the shard's name, for its log lines.
+        storage_root: the storage URI (a local directory path), where the trained indexes live.
+        gpu: the shard's GPU backend (``lookalike.gpu``), which trains the coarse k-means; None: the CPU does.
+        store_path: where a shard stores a collection: (shard id, collection name) -> its directory.
+    """
+
+    def __init__(self, shard_id: str, storage_root: pathlib.Path, gpu,
+                 store_path: Callable[[str, str], pathlib.Path]):
+        self.shard_id = shard_id
+        self.storage_root = storage_root
+        self.gpu = gpu
+        self.store_path = store_path
+        self.problems: dict[str, str] = {}  # collection -> why its trained index could not be used
+
+    def for_load(self, coll: CollectionConfig):
+        """The collection's trained index to start from, or None. A trained index that cannot be read is
+        reported (stats' damaged list); the collection then loads its index checkpoint of that version if it has
+        one (it holds the trained index too), else serves exactly from its untrained buffer until the controller
+        hands it a good version (:meth:`shard.shard.Shard.use_trained`, after ``lookalike train``)."""
+        if not coll.trained_version or not training_points(coll.index)[0]:
+            self.problems.pop(coll.name, None)
+            return None
+        try:
+            template = read_template(self.storage_root, coll, coll.trained_version)
+        except TemplateDamaged as err:
+            self.problems[coll.name] = f"{err}: searching exactly until it is trained again"
+            log.error("%s: %s", self.shard_id, self.problems[coll.name])
+            return None
+        self.problems.pop(coll.name, None)
+        return template
+
+    def read(self, coll: CollectionConfig):
+        """Trained index ``coll.trained_version``, to move the collection's items into. Raises FailedPrecondition
+        if it cannot be read."""
+        try:
+            template = read_template(self.storage_root, coll, coll.trained_version)
+        except TemplateDamaged as err:
+            self.problems[coll.name] = f"{err}: searching exactly until it is trained again"
+            raise FailedPrecondition(str(err)) from None
+        self.problems.pop(coll.name, None)
+        return template
+
+    def forget(self, name: str) -> None:
+        """The collection was dropped: its trained indexes go, and what was wrong with them."""
+        self.problems.pop(name, None)
+        remove_templates(self.storage_root, name)
+
+    def train(self, coll: CollectionConfig, version: int, sources: list[tuple[str, list[int]]], sample: int) -> dict:
+        """Trains the collection's index once for every shard: reads about ``sample`` vectors of the buckets in
+        ``sources`` ((shard id, buckets) whose store holds them, in the order to read them: the controller draws
+        buckets at random, and an id's bucket is a hash of it, so this is a uniform sample of the items) from
+        storage, trains the spec's quantizer and codebooks on them (the coarse k-means on this shard's GPU, when it
+        has one), and writes the empty trained index as ``version`` (:func:`shard.trained.write_template`).
+        Returns its note (version, vectors trained on, seconds, ...).
+
+        Raises:
+            FailedPrecondition: the buckets hold fewer vectors than the spec needs; or FAISS refused the data.
+        """
+        t0 = time.monotonic()
+        needed = training_points(coll.index)[0]
+        parts, got = [], 0
+        for sid, buckets in sources:
+            if got >= sample:
+                break
+            for batch in read_buckets(self.store_path(sid, coll.name), coll.buckets, buckets, _ENCODE_BATCH):
+                parts.append(batch.vectors[: sample - got])
+                got += len(parts[-1])
+                if got >= sample:
+                    break
+        if got < needed:
+            raise FailedPrecondition(f"training {coll.name!r} ({coll.index}) needs {needed} vectors; the buckets "
+                                     f"read hold {got}")
+        x = np.concatenate(parts)
+        index = VectorIndex(dataclasses.replace(coll, trained_version=0), gpu=None)
+        try:
+            template = index.train_template(x, self.gpu)
+        except Exception as err:  # noqa: BLE001: FAISS refusing the training data fails the training only
+            raise FailedPrecondition(f"training {coll.name!r} ({coll.index}) on {len(x)} vectors failed: "
+                                     f"{str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}")
+        seconds = time.monotonic() - t0
+        note = write_template(self.storage_root, coll, version, template, len(x), seconds)
+        remove_templates(self.storage_root, coll.name, keep=(coll.trained_version, version))  # current and new
+        log.info("%s: trained %s (%s) v%d on %d vectors in %.1fs", self.shard_id, coll.name, coll.index, version,
+                 len(x), seconds)
+        return note
+
+
+def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
+    """Moves a collection's items on this shard (``sc``, a :class:`shard.collection.ShardCollection`) into its
+    trained index ``template`` (version ``coll.trained_version``, read by :func:`shard.trained.read_template`).
+    Returns False if the index already has that version.
+
+    From an untrained buffer the vectors come from the buffer (exact originals); from an index trained on an
+    older version, from storage (the originals, not its lossy codes). Writes wait meanwhile (the write order is
+    held: nothing changes under the encoding); searches go on against the old index until the swap, which
+    takes the write lock only for an instant, so there is no gap in searches.
+    """
+    with sc._write_order:
+        sc._check_live()
+        if sc.index.trained_version == coll.trained_version:
+            return False
+        t0 = time.monotonic()
+        new = VectorIndex(coll, sc.index._gpu, template)
+        if not sc.index.trained:
+            buf = sc.index._buffer
+            labels = faiss.vector_to_array(buf.id_map)
+            for s in range(0, len(labels), _ENCODE_BATCH):
+                new.add(labels[s:s + _ENCODE_BATCH], buf.index.reconstruct_n(s, min(_ENCODE_BATCH, len(labels) - s)))
+        else:
+            for batch in read_buckets(sc.store.path, sc.coll.buckets, sorted(sc.buckets), _ENCODE_BATCH):
+                _, home = buckets_and_labels(batch.ids, sc.coll.buckets)
+                labels = sc.table.find(home, batch.ids)
+                keep = labels >= 0  # all of them: storage and memory hold the same items under the write order
+                new.add(labels[keep], batch.vectors[keep])
+        mirror = new.build_gpu()
+        if mirror is not None:
+            new.install_gpu(mirror)
+        with sc._rw.write():
+            old, sc.index = sc.index, new
+            sc.coll = coll
+        sc.checkpointer.soon()  # the next start loads the new version's index, not the old one's
+        log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
+                 coll.trained_version, time.monotonic() - t0)
+    del old
+    release_memory()
+    return True

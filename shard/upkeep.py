@@ -1,0 +1,147 @@
+"""What a collection on a shard does after its writes (:class:`Upkeep`): keeps the index's GPU mirror fresh,
+starts index checkpoints when due, hands the memory the writes freed back to the OS once they stop, and packs
+grown IVF lists to their size.
+
+Works on a :class:`shard.collection.ShardCollection`'s state under its locks; uses shard.osutil (release_memory)
+and the base package.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import psutil
+
+from lookalike.errors import ResourceExhausted
+from shard.osutil import release_memory
+
+log = logging.getLogger(__name__)
+
+_TRIM_EVERY_BYTES = 32 << 20
+_TRIM_IDLE_S = 1.0  # seconds without writes after which a shard hands back what its last writes freed
+_REPACK_MIN = 10_000  # vectors below which compressed IVF lists are not worth packing (see Upkeep.repack_if_due)
+# Growth since the last pack that makes lists worth packing again: every list that grows after a pack is copied
+# into a buffer twice its size, so even a little growth costs much (10M x 128 IVF4096,Flat on 4 shards: the last 18%
+# of a load, left unpacked under a threshold of 20%, cost 220 bytes a vector of resident memory).
+_REPACK_GROWTH = 0.05
+_REPACK_IDLE_S = 5.0  # seconds without writes before lists are packed (see Upkeep._trim_when_idle)
+
+
+class Upkeep:
+    """The upkeep of one collection after its writes.
+
+    Args:
+        sc: the :class:`shard.collection.ShardCollection` it keeps.
+    """
+
+    def __init__(self, sc):
+        self.sc = sc
+        self._written_since_trim = 0
+        self._last_write = 0.0
+        self._trim_pending = False  # a thread waits for the writes to stop, then trims
+        self.packed_at = 0  # vectors the index held when its lists were last packed (see repack_if_due)
+
+    def refresh_gpu(self) -> None:
+        """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
+        tombstones. The caller holds ``_write_order`` (or is loading): the CPU index cannot change meanwhile, and
+        searches go on, on the old mirror when the GPU has room for both, else on the CPU index."""
+        sc = self.sc
+        index = sc.index
+        if index is None or not index.gpu_needs_build:
+            return
+        if index.on_gpu:
+            try:
+                sc._check_room(0, index.gpu_bytes_of())
+            except ResourceExhausted:
+                with sc._rw.write():
+                    old = index.install_gpu(None)  # make room: the CPU index answers during the build
+                del old
+        mirror = index.build_gpu()
+        if mirror is not None:
+            with sc._rw.write():
+                old = index.install_gpu(mirror)
+            del old  # freed after the lock
+
+    def after_write(self, nbytes: int, trim: bool = True) -> None:
+        """Called under the write order after each applied write."""
+        sc = self.sc
+        self.refresh_gpu()
+        self._written_since_trim += nbytes
+        self._last_write = time.monotonic()
+        sc.checkpointer.when_due(nbytes)
+        if trim and self._written_since_trim > _TRIM_EVERY_BYTES:
+            self._written_since_trim = 0
+            release_memory()  # request buffers and old id-table arrays leave freed pages behind
+        if trim and not self._trim_pending:
+            # What the last writes of a burst freed (up to _TRIM_EVERY_BYTES of request buffers: a quarter of a
+            # 250k x 128 shard's vectors) is handed back once the writes stop, and grown IVF lists are packed.
+            self._trim_pending = True
+            threading.Thread(target=self._trim_when_idle, name=f"trim-{sc.coll.name}", daemon=True).start()
+
+    def _trim_when_idle(self) -> None:
+        """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
+        they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
+        than that, and every pack copies the whole index). Not while buckets are copied in: a move must not stall
+        searches, and a trim holds the allocator's locks (copy_in never trims)."""
+        sc = self.sc
+        wait = _TRIM_IDLE_S
+        while True:
+            time.sleep(max(0.05, wait))
+            with sc._write_order:
+                if sc.dropped:
+                    self._trim_pending = False
+                    return
+                idle = time.monotonic() - self._last_write
+                if sc.joining or idle < _TRIM_IDLE_S:
+                    wait = _TRIM_IDLE_S if sc.joining else _TRIM_IDLE_S - idle
+                    continue
+                pack_later = self.repack_due() and idle < _REPACK_IDLE_S
+                packed = False if pack_later else self.repack_if_due()
+                release = bool(self._written_since_trim) or packed  # what was trimmed on the way stays trimmed
+                self._written_since_trim = 0
+                if not pack_later:
+                    self._trim_pending = False
+            if release:
+                release_memory()
+            if not pack_later:
+                return
+            wait = _REPACK_IDLE_S - idle
+
+    def repack_due(self) -> bool:
+        """Whether the IVF lists grew enough since they were last packed to be packed again (see
+        :meth:`repack_if_due`)."""
+        sc = self.sc
+        n = sc.index.ntotal
+        return sc.index.repackable and n >= _REPACK_MIN and n >= (1 + _REPACK_GROWTH) * self.packed_at
+
+    def repack_if_due(self) -> bool:
+        """IVF lists grow by doubling as items arrive, and the buffers they outgrow stay behind in the heap between
+        longer-lived allocations: 50-150 bytes a vector on a shard (bench/memory_bench.py), more than a PQ16 code
+        and its id. Once the writes stop, an index that grew by _REPACK_GROWTH since it was last packed is copied into
+        lists of exactly their size (VectorIndex.repacked) and swapped in; the old one is freed. Measured on a shard
+        (bench/memory_bench.py, 300k x 128, batches of 10k): IVF1024,Flat 710 -> 597 bytes a vector resident
+        (FAISS: 522), IVF1024,PQ16 packed to 38 a vector beside its fixed tables (FAISS: 26). The copy needs the
+        index's bytes once more for a moment: it is skipped when that would pass the shard's capacity or the
+        machine's available memory. The caller holds the write order (writes wait, searches go on against the old
+        index until the swap)."""
+        sc = self.sc
+        index = sc.index
+        n = index.ntotal
+        if not self.repack_due():
+            return False
+        try:
+            sc._check_room(index.nbytes)  # the copy, for a moment
+        except ResourceExhausted:
+            return False
+        if psutil.virtual_memory().available < 2 * index.nbytes:
+            return False
+        t0 = time.monotonic()
+        new = index.repacked()
+        with sc._rw.write():
+            old = index.install_repacked(new)
+        self.packed_at = n
+        del old
+        log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", sc.coll.name, n, time.monotonic() - t0)
+        return True
