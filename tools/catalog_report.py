@@ -1,5 +1,8 @@
 """What catalog jobs give people: duplicate groups as CSV, JSON lines and a contact sheet; a map of the catalog as a
-PNG. Client side: runs where the command runs, reading images by their payload uri."""
+PNG. Client side: runs where the command runs, reading images by their payload uri.
+
+May use: tools.sheet (and scikit-learn and matplotlib, the plot extra, loaded only by the functions that draw).
+"""
 
 from __future__ import annotations
 

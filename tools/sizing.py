@@ -27,6 +27,8 @@ against it for Flat and IVF-PQ (within 15%).
 Then: a shard is sized to stay under the controller's growth threshold (80% of ``--shard-memory``, see
 ``MovePolicy.high_water``) with ``--headroom`` left for growth; each node holds ``--shards-per-node`` shards and
 keeps ``--reserve`` for Ray's own processes and the object store.
+
+May use: the base package (lookalike) and shard (a real shard, for ``measure_shard``).
 """
 
 from __future__ import annotations
