@@ -45,16 +45,18 @@ def _follow_job(c, job, quiet: bool = False):
     return job
 
 
+def _started(c, args, job):
+    """Says which job started; with --no-wait returns None, else follows it to its end and returns it."""
+    print(f"job {job.id}", file=sys.stderr)
+    return None if args.no_wait else _follow_job(c, job, args.quiet)
+
+
 def cmd_dedup(args) -> int:
     with open_client(args) as c:
-        job = c.start_dedup(args.name, args.threshold, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
-                            batch=args.batch, job_id=args.job or "")
-        print(f"job {job.id}", file=sys.stderr)
-        if args.no_wait:
-            return 0
-        job = _follow_job(c, job, args.quiet)
-        if job.state != lookalike_pb2.Job.SUCCEEDED:
-            return 1
+        job = _started(c, args, c.start_dedup(args.name, args.threshold, k=args.k, nprobe=args.nprobe,
+                                              ef_search=args.ef_search, batch=args.batch, job_id=args.job or ""))
+        if job is None or job.state != lookalike_pb2.Job.SUCCEEDED:
+            return 0 if job is None else 1
         groups = list(c.dedup_groups(job.id))
         out = args.out or f"dedup-{args.name}"
         csv_path, jsonl_path = write_groups(groups, out)
@@ -81,14 +83,10 @@ def cmd_dedup(args) -> int:
 
 def cmd_cluster(args) -> int:
     with open_client(args) as c:
-        job = c.start_cluster(args.name, args.k, sample=args.sample, field=args.field, niter=args.niter,
-                              seed=args.seed, job_id=args.job or "")
-        print(f"job {job.id}", file=sys.stderr)
-        if args.no_wait:
-            return 0
-        job = _follow_job(c, job, args.quiet)
-        if job.state != lookalike_pb2.Job.SUCCEEDED:
-            return 1
+        job = _started(c, args, c.start_cluster(args.name, args.k, sample=args.sample, field=args.field,
+                                                niter=args.niter, seed=args.seed, job_id=args.job or ""))
+        if job is None or job.state != lookalike_pb2.Job.SUCCEEDED:
+            return 0 if job is None else 1
     summary = json.loads(job.summary_json)
     sizes = summary["sizes"]
     if args.json:
