@@ -105,8 +105,9 @@ class Search:
                            min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
                            executor=None):
         """:meth:`search` as a coroutine, for the router's asyncio server: the shard calls are made on the running
-        loop (``ShardClient.acall``), so a search waits on no thread. What can block (fetching a shard map from
-        the control plane, merging a big answer) runs on ``executor`` (None: the loop's default)."""
+        loop (``ShardClient.acall``), so a search waits on no thread. What can block runs on a thread: a big merge on
+        ``executor`` (None: the loop's default), fetching a shard map from the control plane on the loop's default
+        executor."""
         return await self._search(_OnLoop(self.shards, executor), name, xq, k, nprobe, ef_search, min_coverage,
                                   include_payloads, timeout)
 
@@ -202,8 +203,10 @@ class _OnLoop:
         self.shards = shards
         self.executor = executor
 
-    async def shard_map(self, name: str, refresh: bool):  # a call to the control plane
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.shards.shard_map, name, refresh)
+    async def shard_map(self, name: str, refresh: bool):
+        # A call to the control plane, on the loop's default executor: while the control plane hangs these calls
+        # wait there, and the search threads stay free for merges.
+        return await asyncio.get_running_loop().run_in_executor(None, self.shards.shard_map, name, refresh)
 
     async def call(self, smap, shard_ids, request, timeout):
         """A Search to each shard, concurrently: [(shard_id, response or LookalikeError)]."""

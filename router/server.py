@@ -225,11 +225,12 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         return resp
 
     async def _coll_async(self, name: str) -> CollectionConfig:
-        """:meth:`_coll` on the event loop: a map not cached comes from the control plane, on a thread."""
+        """:meth:`_coll` on the event loop: a map not cached comes from the control plane, on a thread of the
+        loop's default executor (as router.search does), not of the searches' executor."""
         smap = self.router.shards.cached(name) if name else None
         if smap is not None:
             return smap.collection
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._coll, name)
+        return await asyncio.get_running_loop().run_in_executor(None, self._coll, name)
 
     @abort_on_error_async
     async def Search(self, request, context):
