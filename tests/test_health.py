@@ -3,6 +3,7 @@ bounds"): the router's health follows its control plane while cached maps keep s
 the router's event loop on the control plane, shards report their storage and collections, refuse calls whose
 caller is gone, keep threads for searches while writes are held up, and servers bound their concurrent calls."""
 
+import collections
 import concurrent.futures
 import os
 import threading
@@ -32,14 +33,15 @@ FAST_CHECKS = {"interval_s": 0.05, "timeout_s": 0.3}
 
 
 class StoppableControl:
-    """A control plane whose calls block while ``stopped`` is clear... set: the controller stops answering (a hung
-    Ray GCS, a partition). ``blocked`` counts the calls waiting now."""
+    """A control plane whose calls block while ``answering`` is clear: the controller stops answering (a hung Ray
+    GCS, a partition). ``blocked`` counts the calls waiting now, ``waiting`` them by method."""
 
     def __init__(self, inner):
         self._inner = inner
         self.answering = threading.Event()
         self.answering.set()
         self.blocked = 0
+        self.waiting = collections.Counter()
         self._lock = threading.Lock()
 
     def __getattr__(self, name):
@@ -48,11 +50,13 @@ class StoppableControl:
         def call(*args, **kw):
             with self._lock:
                 self.blocked += 1
+                self.waiting[name] += 1
             try:
                 self.answering.wait()
             finally:
                 with self._lock:
                     self.blocked -= 1
+                    self.waiting[name] -= 1
             return method(*args, **kw)
 
         return call
@@ -64,12 +68,14 @@ def _status(channel, service: str = ""):
 
 
 @pytest.fixture
-def stoppable(tmp_path):
-    """(cluster, control, client, server): a router over a LocalCluster's shards whose control plane can stop."""
+def stoppable(tmp_path, request):
+    """(cluster, control, client, server): a router over a LocalCluster's shards whose control plane can stop;
+    indirect parameter: the router's max_concurrent_rpcs."""
     cluster = LocalCluster(tmp_path, shards=2)
     control = StoppableControl(cluster.controller)
     router = Router(control, GrpcShardClient, refresh_interval=0.05)
-    server, port, _ = create_router_server(router, "127.0.0.1:0", health_check=FAST_CHECKS)
+    server, port, _ = create_router_server(router, "127.0.0.1:0", health_check=FAST_CHECKS,
+                                           max_concurrent_rpcs=getattr(request, "param", 1000))
     client = Client(f"127.0.0.1:{port}", timeout=30)
     try:
         yield cluster, control, client, server
@@ -124,6 +130,24 @@ def test_a_map_fetched_from_a_hung_control_plane_does_not_block_other_searches(s
         assert not waiting.done(), "the uncached search was answered without its map"
         control.answering.set()
         assert waiting.result(timeout=30).ids == [["0"]]
+
+
+@pytest.mark.parametrize("stoppable", [2], indirect=True)
+def test_the_router_bounds_its_concurrent_calls(stoppable):
+    cluster, control, client, _server = stoppable
+    control.answering.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # two calls held up by the control plane (DescribeCollection asks it for a map it has not cached)
+        held = [pool.submit(client.describe_collection, f"c{i}") for i in range(2)]
+        assert wait_for(lambda: control.waiting["shard_map"] == 2, timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            client.list_collections()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        control.answering.set()
+        for h in held:
+            with pytest.raises(grpc.RpcError) as err:  # no such collections: answered once the control plane is back
+                h.result(timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def _shard_with_collection(root, name="c", n=100, dim=4, **server_kw):
