@@ -121,15 +121,17 @@ def test_a_map_fetched_from_a_hung_control_plane_does_not_block_other_searches(s
     cluster_router = _server.servicer.router
     cluster_router.invalidate("uncached")  # its next search asks the (hung) control plane for its map
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         waiting = pool.submit(client.search, "uncached", xb[:1], 1, timeout=30)
-        assert wait_for(lambda: control.blocked >= 1 and not waiting.done(), timeout=10)
+        describing = pool.submit(client.describe_collection, "uncached")  # a plain handler, on the server's threads
+        assert wait_for(lambda: control.waiting["shard_map"] >= 2, timeout=10)
         # The router's event loop is free: a search of the cached collection is answered meanwhile.
         for _ in range(3):
             assert client.search("cached", xb[7:8], k=1, timeout=10).ids == [["7"]]
-        assert not waiting.done(), "the uncached search was answered without its map"
+        assert not waiting.done() and not describing.done(), "answered without the map"
         control.answering.set()
         assert waiting.result(timeout=30).ids == [["0"]]
+        assert describing.result(timeout=30).count == len(xb)
 
 
 @pytest.mark.parametrize("stoppable", [2], indirect=True)
