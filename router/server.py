@@ -8,7 +8,7 @@ import functools
 import json
 
 from lookalike.config import METRICS, RPC, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument
+from lookalike.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
@@ -224,17 +224,23 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
         return resp
 
-    async def _coll_async(self, name: str) -> CollectionConfig:
+    async def _coll_async(self, name: str, context) -> CollectionConfig:
         """:meth:`_coll` on the event loop: a map not cached comes from the control plane, on a thread of the
         loop's default executor (as router.search does), not of the searches' executor."""
         smap = self.router.shards.cached(name) if name else None
         if smap is not None:
             return smap.collection
-        return await asyncio.get_running_loop().run_in_executor(None, self._coll, name)
+        fut = asyncio.get_running_loop().run_in_executor(None, self._coll, name)
+        try:
+            left = _timeout(context)
+            return await asyncio.wait_for(fut, RPC.default_deadline_s if left is None else left)
+        except TimeoutError:
+            raise Unavailable(f"the control plane did not give the shard map of {name!r} before the call's "
+                              "deadline") from None
 
     @abort_on_error_async
     async def Search(self, request, context):
-        coll = await self._coll_async(request.collection)
+        coll = await self._coll_async(request.collection, context)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,

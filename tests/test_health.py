@@ -134,6 +134,24 @@ def test_a_map_fetched_from_a_hung_control_plane_does_not_block_other_searches(s
         assert describing.result(timeout=30).count == len(xb)
 
 
+def test_a_shard_down_while_the_control_plane_is_away_gives_partial_answers_in_time(stoppable):
+    cluster, control, client, server = stoppable
+    xb = np.random.default_rng(3).standard_normal((400, 8)).astype(np.float32)
+    client.create_collection("p", dim=8, buckets=16)
+    client.upsert("p", [str(i) for i in range(len(xb))], xb)
+    assert client.search("p", xb[:1], k=1).coverage == 1.0
+    control.answering.clear()
+    # shard-1 stops without the controller's knowing (it is not answering anyway): the cached map still names it
+    cluster.placer.servers["shard-1"][0].stop(None)
+    for _ in range(2):  # and the map stays cached for the next search
+        hits = client.search("p", xb[:1], k=1, min_coverage=0.5, timeout=3)
+        assert hits.coverage == 0.5
+        assert control.waiting["shard_map"] >= 1, "the control plane was answering: the test proves nothing"
+    with pytest.raises(grpc.RpcError) as err:  # full coverage cannot be had: said within the deadline
+        client.search("p", xb[:1], k=1, timeout=3)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "coverage 0.500" in err.value.details()
+
+
 @pytest.mark.parametrize("stoppable", [2], indirect=True)
 def test_the_router_bounds_its_concurrent_calls(stoppable):
     cluster, control, client, _server = stoppable
