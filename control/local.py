@@ -88,7 +88,8 @@ class LocalPlacer:
 
     def stop_shard(self, shard_id: str) -> None:
         """Stops a shard as a crash would (no flush beyond what was acknowledged)."""
-        server = self.servers.pop(shard_id)[0]
+        server, _port, servicer, _health = self.servers.pop(shard_id)
+        servicer.health_checker.stop()
         server.stop(None)
         self.shards.pop(shard_id).close()
         self.controller.unregister_shard(shard_id)

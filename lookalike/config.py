@@ -39,6 +39,39 @@ class Limits:
 LIMITS = Limits()
 
 
+@dataclasses.dataclass(frozen=True)
+class RpcPolicy:
+    """Deadlines, keepalives and concurrency bounds of the gRPC servers and channels (docs/OPERATIONS.md,
+    "Health, deadlines and concurrency bounds").
+
+    Attributes:
+        default_deadline_s: the deadline of a call to a shard when the router's caller sent none (each shard call
+            of a search, write or read; a write's retries as a whole keep ``Router.write_retry_s``).
+        keepalive_time_s: channels ping an idle connection this often, and drop it when no answer comes within
+            ``keepalive_timeout_s``: a peer that vanished (a node lost, a NAT that forgot) fails its calls then,
+            not at their deadline.
+        keepalive_timeout_s: see keepalive_time_s.
+        min_ping_interval_s: servers accept a client's pings this often (less than keepalive_time_s, else
+            they answer pings with GOAWAY "too_many_pings").
+        max_concurrent_rpcs: calls a server runs or queues at once; beyond, grpc answers RESOURCE_EXHAUSTED at
+            once (None: no bound).
+        health_interval_s: how often the health checker probes (the control plane for a router, the storage for
+            a shard).
+        health_timeout_s: a probe slower than this counts as failed.
+    """
+
+    default_deadline_s: float = 60.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_ping_interval_s: float = 10.0
+    max_concurrent_rpcs: int | None = 1000
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+
+
+RPC = RpcPolicy()
+
+
 def check_search_params(nprobe: int, ef_search: int, limits: Limits = LIMITS, default_allowed: bool = True) -> None:
     """Raises InvalidArgument for an nprobe or ef_search outside its bounds (0 keeps the collection default where
     ``default_allowed``; a collection's own defaults must be at least 1)."""

@@ -46,6 +46,12 @@ class DeadlineExceeded(LookalikeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(LookalikeError):
+    """The caller cancelled the call, or went away, before it was done."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class StaleShardMap(FailedPrecondition):
     """A shard was asked to write a bucket it does not own: the caller's shard map is out of date."""
 
@@ -53,7 +59,7 @@ class StaleShardMap(FailedPrecondition):
 _BY_CODE = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted, Unavailable,
-                DeadlineExceeded)
+                DeadlineExceeded, Cancelled)
 }
 
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from lookalike.config import LIMITS
+from lookalike.config import LIMITS, RPC
 from lookalike.errors import InvalidArgument, LookalikeError
 from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
@@ -32,6 +32,17 @@ _OPTIONS = [
     ("grpc.max_receive_message_length", LIMITS.max_message_bytes),
     ("grpc.so_reuseport", 0),
 ]
+# Keepalive (lookalike.config.RpcPolicy): channels ping idle connections and drop those that do not answer; servers
+# accept those pings, and ping idle clients to drop the vanished ones.
+_CHANNEL_OPTIONS = _OPTIONS + [("grpc.keepalive_time_ms", int(RPC.keepalive_time_s * 1000)),
+                               ("grpc.keepalive_timeout_ms", int(RPC.keepalive_timeout_s * 1000)),
+                               ("grpc.http2.max_pings_without_data", 0)]
+_SERVER_OPTIONS = _OPTIONS + [("grpc.keepalive_time_ms", int(2 * RPC.keepalive_time_s * 1000)),
+                              ("grpc.keepalive_timeout_ms", int(RPC.keepalive_timeout_s * 1000)),
+                              ("grpc.http2.min_recv_ping_interval_without_data_ms",
+                               int(RPC.min_ping_interval_s * 1000)),
+                              ("grpc.http2.min_ping_interval_without_data_ms", int(RPC.min_ping_interval_s * 1000)),
+                              ("grpc.http2.max_ping_strikes", 2)]
 
 
 def _bind(server, address: str, tls) -> int:
@@ -42,7 +53,8 @@ def _bind(server, address: str, tls) -> int:
     return port
 
 
-def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None):
+def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None,
+                  max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
     """Builds and starts a gRPC server with health and reflection.
 
     Args:
@@ -51,13 +63,14 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         service_names: full names of the services added (for health and reflection).
         max_workers: threads serving calls.
         tls: lookalike.security.TLSConfig to serve TLS (mutual when its ``client_auth``); None: plaintext.
+        max_concurrent_rpcs: calls it runs or queues at once; beyond, they get RESOURCE_EXHAUSTED (None: no bound).
 
     Returns:
         (server, port, health_servicer): the started server, the bound port, and the health servicer whose
         status starts NOT_SERVING for every service; call ``set_serving`` when ready.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=_OPTIONS)
+                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
     port = _bind(server, address, tls)
@@ -180,6 +193,7 @@ class AioServer:
         self._thread = thread
         self.server: grpc.aio.Server | None = None
         self.executors: list[futures.Executor] = [pool]  # shut down once stopped
+        self.on_stop: list = []  # called first by stop (a health checker's stop)
         self._stopped: threading.Event | None = None
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -187,6 +201,8 @@ class AioServer:
         if self._stopped is not None:
             return self._stopped
         self._stopped = done = threading.Event()
+        for hook in self.on_stop:
+            hook()
 
         stopping = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
 
@@ -309,7 +325,7 @@ class _Registering:
 
 
 def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32, tls=None,
-                      interceptors=()):
+                      interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
     """Like :func:`create_server`, for a server whose hot handlers are coroutines (``async def``): it runs on an
     asyncio event loop in a thread of its own; plain handlers (and health) run on ``max_workers`` threads.
     ``register(server)`` is called on that loop; ``interceptors`` are grpc.aio server interceptors (the
@@ -321,7 +337,8 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=list(interceptors) or None)
+        server = grpc.aio.server(migration_thread_pool=pool, options=_SERVER_OPTIONS,
+                                 interceptors=list(interceptors) or None, maximum_concurrent_rpcs=max_concurrent_rpcs)
         register(_Registering(server))
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
         port = _bind(server, address, tls)
@@ -359,9 +376,10 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
     # plugin on a thread of its own for every call (about 9 ms a call here, bench/security_bench.py).
     if tls is None:
         _plain_token_ok(target, token)
-        channel = grpc.insecure_channel(target, options=_OPTIONS)
+        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
     else:
-        channel = grpc.secure_channel(target, tls.channel_credentials(), options=_OPTIONS + tls.channel_options())
+        channel = grpc.secure_channel(target, tls.channel_credentials(),
+                                      options=_CHANNEL_OPTIONS + tls.channel_options())
     return grpc.intercept_channel(channel, TokenMetadata(token)) if token else channel
 
 
@@ -370,8 +388,8 @@ def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.
     icpt = [AioTokenMetadata(token)] if token else None
     if tls is None:
         _plain_token_ok(target, token)
-        return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=icpt)
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_OPTIONS + tls.channel_options(),
+        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=icpt)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=_CHANNEL_OPTIONS + tls.channel_options(),
                                    interceptors=icpt)
 
 

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from lookalike.config import check_answer_size, check_search_params
+from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, LookalikeError, StaleShardMap, Unavailable
 from lookalike.retry import Retry
 from lookalike.wire import vectors_to_proto
@@ -105,8 +105,9 @@ class Search:
                            min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
                            executor=None):
         """:meth:`search` as a coroutine, for the router's asyncio server: the shard calls are made on the running
-        loop (``ShardClient.acall``), so a search waits on no thread. What can block (fetching a shard map from
-        the control plane, merging a big answer) runs on ``executor`` (None: the loop's default)."""
+        loop (``ShardClient.acall``), so a search waits on no thread. What can block runs on a thread: a big merge on
+        ``executor`` (None: the loop's default), fetching a shard map from the control plane on the loop's default
+        executor."""
         return await self._search(_OnLoop(self.shards, executor), name, xq, k, nprobe, ef_search, min_coverage,
                                   include_payloads, timeout)
 
@@ -119,7 +120,11 @@ class Search:
         retry = Retry(SEARCH_ROUNDS, timeout, delay=0.01, max_delay=0.2)
         smap = self.shards.cached(name)
         if smap is None:  # not cached: from the control plane
-            smap = await io.shard_map(name, False)
+            try:
+                smap = await io.shard_map(name, False, retry.left())
+            except TimeoutError:
+                raise Unavailable(f"the control plane did not give the shard map of {name!r} before the search's "
+                                  "deadline") from None
         req = shard_pb2.ShardSearchRequest(collection=name, k=k, include_payloads=include_payloads)
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
@@ -135,6 +140,7 @@ class Search:
         answered: set[str] = set()
         responses, failures = [], {}
         rotation = next(self._turn)
+        control_away = False  # a fresh map was asked for and the control plane did not answer in time
         for attempt in retry:
             left = retry.left()
             if left is not None and left <= 0:
@@ -169,7 +175,12 @@ class Search:
             stale = any(isinstance(e, StaleShardMap) for e in failures.values())
             if stale and attempt:
                 await io.pause(retry)
-            fresh = await io.shard_map(name, True)
+            left = retry.left()
+            try:  # half of the time left at most: the other half asks the shards again
+                fresh = await io.shard_map(name, True, None if left is None else left / 2)
+            except TimeoutError:  # answer with what the cached map reached; keep it for the searches to come
+                control_away = True
+                break
             for sid in list(failures):
                 info = fresh.shards.get(sid)
                 if isinstance(failures[sid], StaleShardMap) or (
@@ -178,7 +189,7 @@ class Search:
             smap = fresh
         coverage = smap.owned_fraction if covered is smap.owned else float(covered.sum()) / n_buckets
         failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
-        if failures:
+        if failures and not control_away:
             self.shards.invalidate(name)
             _search_warnings.warning(
                 (name, tuple(sorted((sid, type(err).__name__) for sid, err in failures.items()))),
@@ -202,8 +213,12 @@ class _OnLoop:
         self.shards = shards
         self.executor = executor
 
-    async def shard_map(self, name: str, refresh: bool):  # a call to the control plane
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.shards.shard_map, name, refresh)
+    async def shard_map(self, name: str, refresh: bool, timeout: float | None):
+        """A call to the control plane, on the loop's default executor: while the control plane hangs these calls
+        wait there, and the search threads stay free for merges. Raises TimeoutError after ``timeout`` seconds
+        (None: the default deadline, lookalike.config.RpcPolicy)."""
+        fut = asyncio.get_running_loop().run_in_executor(None, self.shards.shard_map, name, refresh)
+        return await asyncio.wait_for(fut, max(0.0, RPC.default_deadline_s if timeout is None else timeout))
 
     async def call(self, smap, shard_ids, request, timeout):
         """A Search to each shard, concurrently: [(shard_id, response or LookalikeError)]."""
@@ -224,7 +239,7 @@ class _Blocking:
     def __init__(self, shards: Shards):
         self.shards = shards
 
-    async def shard_map(self, name: str, refresh: bool):
+    async def shard_map(self, name: str, refresh: bool, timeout: float | None):  # blocking: timeout not applied
         return self.shards.shard_map(name, refresh=refresh)
 
     async def call(self, smap, shard_ids, request, timeout):

@@ -7,14 +7,16 @@ import concurrent.futures
 import functools
 import json
 
-from lookalike.config import METRICS, CollectionConfig
-from lookalike.errors import FailedPrecondition, InvalidArgument
+from lookalike.config import METRICS, RPC, CollectionConfig
+from lookalike.errors import FailedPrecondition, InvalidArgument, Unavailable
+from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
-from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server, set_serving
+from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 from router.batcher import MAX_INFLIGHT, MAX_WAIT_S, SearchBatcher
 from router.core import Router
+from router.health import control_plane_probe
 from router.search import check_min_coverage
 
 SERVICE_NAME = lookalike_pb2.DESCRIPTOR.services_by_name["Lookalike"].full_name
@@ -222,9 +224,23 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
         return resp
 
+    async def _coll_async(self, name: str, context) -> CollectionConfig:
+        """:meth:`_coll` on the event loop: a map not cached comes from the control plane, on a thread of the
+        loop's default executor (as router.search does), not of the searches' executor."""
+        smap = self.router.shards.cached(name) if name else None
+        if smap is not None:
+            return smap.collection
+        fut = asyncio.get_running_loop().run_in_executor(None, self._coll, name)
+        try:
+            left = _timeout(context)
+            return await asyncio.wait_for(fut, RPC.default_deadline_s if left is None else left)
+        except TimeoutError:
+            raise Unavailable(f"the control plane did not give the shard map of {name!r} before the call's "
+                              "deadline") from None
+
     @abort_on_error_async
     async def Search(self, request, context):
-        coll = self._coll(request.collection)
+        coll = await self._coll_async(request.collection, context)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
@@ -357,7 +373,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,
                          batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT, jobs=None,
-                         tls=None, auth=None):
+                         tls=None, auth=None, max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs,
+                         health_check: dict | None = None):
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
 
@@ -365,7 +382,11 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     None: the job calls answer FAILED_PRECONDITION. ``tls``: lookalike.security.TLSConfig (None: plaintext);
     ``auth``: lookalike.security.AuthInterceptor (bearer tokens, scopes, request rates; None: open).
 
-    Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING once started.
+    ``max_concurrent_rpcs``: calls beyond it get RESOURCE_EXHAUSTED (None: no bound). ``health_check``: keyword
+    arguments of its lookalike.health.HealthChecker (interval_s, timeout_s).
+
+    Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING while the control plane
+    answers (``server.health_checker``), and the service ``liveness`` SERVING until it stops.
     """
     # Searches (batches) run on threads of their own, so that slow admin or write calls cannot hold them up.
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(4, 2 * batch_inflight),
@@ -380,8 +401,13 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
 
     server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers, tls=tls,
-                                             interceptors=[auth] if auth is not None else ())
+                                             interceptors=[auth] if auth is not None else (),
+                                             max_concurrent_rpcs=max_concurrent_rpcs)
+    health_check = health_check or {}
     server.servicer = holder["servicer"]
     server.executors.append(executor)
-    set_serving(health, [SERVICE_NAME])
+    # Readiness follows the control plane (router/health.py); stopped with the server.
+    server.health_checker = HealthChecker(control_plane_probe(router.control), [health], [SERVICE_NAME], "router",
+                                          **health_check).start()
+    server.on_stop.append(server.health_checker.stop)
     return server, port, health

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import grpc
 
+from lookalike.config import RPC
 from lookalike.errors import (FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
                               from_rpc_error)
 from lookalike.net import create_aio_channel, create_channel
@@ -30,6 +31,11 @@ class ShardClient(Protocol):
 # Threads that make blocking shard calls (started on first use). A sync channel's ``future()`` starts a new
 # polling thread for every call (about a millisecond each here); blocking calls on long-lived threads do not.
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="shard-call")
+
+
+def _deadline(timeout: float | None) -> float:
+    """A shard call's timeout: the caller's, else the default deadline (a shard that hangs fails the call then)."""
+    return RPC.default_deadline_s if timeout is None else timeout
 
 
 def _shard_error(exc: LookalikeError) -> LookalikeError:
@@ -56,7 +62,7 @@ class GrpcShardClient:
 
     def _blocking(self, method: str, request, timeout: float | None):
         try:
-            return getattr(self._stub, method)(request, timeout=timeout)
+            return getattr(self._stub, method)(request, timeout=_deadline(timeout))
         except grpc.RpcError as err:
             raise self._error(err) from None
 
@@ -76,7 +82,7 @@ class GrpcShardClient:
 
     async def acall(self, method: str, request, timeout: float | None):
         try:
-            return await getattr(self._aio_stub(), method)(request, timeout=timeout)
+            return await getattr(self._aio_stub(), method)(request, timeout=_deadline(timeout))
         except grpc.RpcError as err:
             raise self._error(err) from None
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 import numpy as np
 
 from jobs import check_centroids
-from lookalike.config import check_answer_size, check_search_params
+from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
+from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
 from lookalike.net import abort_on_error, create_server
 from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
                             vectors_to_proto)
 from protos import shard_pb2, shard_pb2_grpc
+from shard.admission import WriteGate, check_call
+from shard.health import shard_probe
 from shard.shard import Shard
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
@@ -23,8 +26,10 @@ SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
 class ShardServicer(shard_pb2_grpc.ShardServicer):
     """Validates and translates; the work is done by the Shard."""
 
-    def __init__(self, shard: Shard):
+    def __init__(self, shard: Shard, writes: WriteGate | None = None):
         self.shard = shard
+        self.writes = writes or WriteGate(4, 8, f"shard {shard.shard_id}")  # see shard/admission.py
+        self.health_checker = None  # lookalike.health.HealthChecker, set by create_shard_server
 
     def _collection(self, name: str):
         if not self.shard.serving:
@@ -39,12 +44,17 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if len(x) != len(ids):
             raise InvalidArgument(f"{len(ids)} ids but {len(x)} vectors: send one vector per id")
         payloads = payloads_from_proto(request.payloads, len(ids))
-        return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads, request.epoch))
+        check_call(context, "the upsert")
+        with self.writes.admit(context):
+            return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads, request.epoch))
 
     @abort_on_error
     def Delete(self, request, context):
         sc = self._collection(request.collection)
-        removed, missing = sc.delete(check_ids(request.ids), request.epoch)
+        ids = check_ids(request.ids)
+        check_call(context, "the delete")
+        with self.writes.admit(context):
+            removed, missing = sc.delete(ids, request.epoch)
         return shard_pb2.ShardWriteResponse(count=removed, missing=missing)
 
     @abort_on_error
@@ -70,8 +80,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                       np.frombuffer(c.distances, dtype="<f4") if len(c.distances) % 4 == 0 else None)
             if coarse[2] is None or coarse[3] is None:
                 raise InvalidArgument("coarse assignment: lists must be int64s and distances float32s")
+        check_call(context, "the search")  # it may have waited for a thread: is its caller still there?
         D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
                                         request.include_payloads, request.epoch, coarse)
+        check_call(context, "the search's answer")  # nobody to send it to
         resp = shard_pb2.ShardSearchResponse(
             distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
             labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k)
@@ -105,8 +117,10 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         centroids = check_centroids(vectors_from_proto_raw(request.centroids), sc.coll)
         if not request.field:
             raise InvalidArgument("name the payload field that takes the cluster number")
-        sizes, labelled = sc.assign_clusters(centroids, request.field, request.buckets, request.count_buckets,
-                                               request.epoch)
+        check_call(context, "the labelling")
+        with self.writes.admit(context):
+            sizes, labelled = sc.assign_clusters(centroids, request.field, request.buckets, request.count_buckets,
+                                                 request.epoch)
         return shard_pb2.ShardAssignResponse(sizes=sizes.tolist(), labelled=labelled)
 
     @abort_on_error
@@ -118,12 +132,18 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
 
 
-def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int = 16, tls=None):
+def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int = 16, tls=None,
+                        max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs, health_check: dict | None = None):
     """Starts a gRPC server for a shard. Returns (server, port, servicer, health); health is NOT_SERVING until
-    the caller marks it serving (after loading). ``tls``: lookalike.security.TLSConfig (the cluster's mutual
-    TLS: only peers with a certificate its CA signed get in); None: plaintext."""
-    servicer = ShardServicer(shard)
+    the shard serves (after loading) and while its storage fails (shard/health.py: ``servicer.health_checker``,
+    to stop with the server). ``tls``: lookalike.security.TLSConfig (the cluster's mutual TLS: only peers with a
+    certificate its CA signed get in); None: plaintext. Writes take at most 3/4 of the ``max_workers`` threads
+    (shard/admission.py); calls beyond ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED (None: no bound)."""
+    servicer = ShardServicer(shard, WriteGate(max(1, max_workers // 4), max(1, max_workers // 2),
+                                              f"shard {shard.shard_id}"))
     server, port, health = create_server(
         address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers,
-        tls=tls)
+        tls=tls, max_concurrent_rpcs=max_concurrent_rpcs)
+    servicer.health_checker = HealthChecker(shard_probe(shard, SERVICE_NAME), [health], [SERVICE_NAME],
+                                            f"shard {shard.shard_id}", **(health_check or {})).start()
     return server, port, servicer, health

@@ -222,6 +222,13 @@ class Shard:
             raise NotFound(f"collection {name!r} does not exist on shard {self.shard_id}")
         return sc
 
+    def collection_problems(self) -> dict[str, str | None]:
+        """Per collection: why this shard does not serve it now (quarantined, reloading, broken), or None."""
+        out = {name: sc.broken or None for name, sc in list(self._collections.items())}
+        out.update({name: "it is reloading from storage" for name in list(self._reloading)})
+        out.update({name: f"it is quarantined: {why}" for name, why in list(self.quarantined.items())})
+        return out
+
     def stats_collections(self) -> list[dict]:
         out = [sc.stats() for sc in list(self._collections.values())]
         for st in out:

@@ -23,6 +23,7 @@ from tools.cli import build_parser
 from tools.cli.common import parse_bytes
 from tools.cli.serve import serve_port
 from lookalike.config import storage_path
+from lookalike.health import LIVENESS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KUBERAY_SCHEMAS = ROOT.parent / "shared" / "schemas" / "kuberay"
@@ -187,7 +188,13 @@ def test_probes_and_service_use_the_port_the_router_listens_on(docs):
         if probe:
             assert probe.get("grpc", {}).get("port") == probe_port, \
                 f"{kind} is not a gRPC probe of port {probe_port}: {probe}"
-            assert probe["grpc"].get("service", "") == "", "the router's health answers the service '' (overall)"
+    # readiness follows the router's health (''), liveness and startup only that its process serves (lookalike.health)
+    assert probes["readinessProbe"]["grpc"].get("service", "") == "", "readiness must ask the service '' (overall)"
+    for kind in ("startupProbe", "livenessProbe"):
+        if probes[kind]:
+            assert probes[kind]["grpc"].get("service") == LIVENESS, \
+                f"{kind} must ask the service {LIVENESS!r}: '' turns NOT_SERVING while the control plane is away, " \
+                "and a liveness probe would restart the router for it"
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert named.get("grpc") == port, f"container port 'grpc' is {named.get('grpc')}, the router listens on {port}"
 

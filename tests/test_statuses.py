@@ -33,6 +33,12 @@ class _Context:
     def abort(self, code, details):
         raise _Aborted(code, details)
 
+    def is_active(self):
+        return True
+
+    def time_remaining(self):
+        return None
+
 
 def _code(fn):
     with pytest.raises(grpc.RpcError) as err:

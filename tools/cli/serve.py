@@ -26,7 +26,7 @@ import ray
 from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
 from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
-from lookalike.config import ClusterConfig, MovePolicy, storage_path
+from lookalike.config import RPC, ClusterConfig, MovePolicy, storage_path
 from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 from lookalike.net import create_health_server, set_serving
 from lookalike.security import AuthInterceptor, TokenTable, is_loopback
@@ -171,11 +171,12 @@ def cmd_serve(args) -> int:
                     connect=functools.partial(GrpcShardClient, tls=cfg.tls))
     server, port, health = create_router_server(router, f"{host}:{args.port}", args.router_threads,
                                                 batch_wait_s=args.batch_wait_us * 1e-6,
-                                                batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth)
+                                                batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth,
+                                                max_concurrent_rpcs=args.max_concurrent_rpcs or None)
     healths = [health]
     if args.health_port:  # plaintext health alone, for probes that cannot speak TLS
         probe_server, probe_port, probe_health = create_health_server(f"{host}:{args.health_port}")
-        set_serving(probe_health, [SERVICE_NAME])
+        server.health_checker.add(probe_health)  # the router's readiness and liveness (lookalike.health)
         healths.append(probe_health)
         log.info("plaintext health (grpc.health.v1 only) on %s:%d", host, probe_port)
     how = ("mutual TLS" if tls.client_auth else "TLS") if tls else "plaintext"
@@ -191,6 +192,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: None)
     os.read(wake_r, 1)
     log.info("stopping: draining calls in flight")
+    server.health_checker.stop()
     for h in healths:
         set_serving(h, [SERVICE_NAME], False)
     server.stop(grace=args.grace).wait()
@@ -361,6 +363,9 @@ def add_serve(sub) -> None:
     s.add_argument("--batch-wait-us", type=number(float, low=-1), default=300.0,
                    help="with --batch-inflight > 1: how long a batch gathers while another runs, in microseconds "
                         "(default %(default)s); -1: no batching")
+    s.add_argument("--max-concurrent-rpcs", type=non_negative_int, default=RPC.max_concurrent_rpcs,
+                   help="calls the router runs or queues at once; beyond, they get RESOURCE_EXHAUSTED at once "
+                        "(default %(default)s; 0: no bound)")
     s.add_argument("--router-threads", type=positive_int, default=64,
                    help="threads serving the router's calls other than searches (default %(default)s)")
     s.set_defaults(func=cmd_serve)
