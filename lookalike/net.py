@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, LookalikeError
+from lookalike import tracing
 from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         status starts NOT_SERVING for every service; call ``set_serving`` when ready.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=_OPTIONS)
+                         options=_OPTIONS, interceptors=tracing.server_interceptors() or None)
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
     port = _bind(server, address, tls)
@@ -321,7 +322,8 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=list(interceptors) or None)
+        interceptors_ = [*tracing.aio_server_interceptors(), *interceptors] or None  # the trace's span first
+        server = grpc.aio.server(migration_thread_pool=pool, options=_OPTIONS, interceptors=interceptors_)
         register(_Registering(server))
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
         port = _bind(server, address, tls)
@@ -362,12 +364,13 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
         channel = grpc.insecure_channel(target, options=_OPTIONS)
     else:
         channel = grpc.secure_channel(target, tls.channel_credentials(), options=_OPTIONS + tls.channel_options())
+    channel = tracing.traced_channel(channel)
     return grpc.intercept_channel(channel, TokenMetadata(token)) if token else channel
 
 
 def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
-    icpt = [AioTokenMetadata(token)] if token else None
+    icpt = [*tracing.aio_client_interceptors(), *([AioTokenMetadata(token)] if token else [])] or None
     if tls is None:
         _plain_token_ok(target, token)
         return grpc.aio.insecure_channel(target, options=_OPTIONS, interceptors=icpt)
@@ -398,9 +401,21 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=
                     time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+# Statuses that say the server failed (HTTP's 5xx), not the request: each is logged, with the call's trace id.
+SERVER_ERRORS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS,
+                           grpc.StatusCode.UNIMPLEMENTED})
+
+
+def _log_failed(method, err: LookalikeError) -> None:
+    if err.code in SERVER_ERRORS:
+        log.warning("%s failed: %s: %s", method.__name__, err.code.name, err)
+
+
 async def _abort_async(context, method, err: Exception) -> None:
     """Ends a grpc.aio call the way :func:`abort_on_error` does; re-raises what is not an error to report."""
     if isinstance(err, LookalikeError):
+        _log_failed(method, err)
         await context.abort(err.code, str(err))
     if isinstance(err, DecodeError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
@@ -442,6 +457,7 @@ def abort_on_error(method):
         try:
             return method(self, request, context)
         except LookalikeError as err:
+            _log_failed(method, err)
             context.abort(err.code, str(err))
         except DecodeError as err:  # bytes inside a request that should hold a message (a payload)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")

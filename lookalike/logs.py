@@ -1,0 +1,90 @@
+"""Logging of a process, configured once by its entry point (the CLI's main, a Ray actor's constructor) with
+:func:`configure`: plain text for people, or one JSON object a line for machines (``--log-format json``, env
+``LOOKALIKE_LOG_FORMAT``). Either way a record logged while a traced call runs carries the call's trace and span
+ids (lookalike.tracing), so a failed request's log line leads to its trace.
+
+Other modules only log, through ``logging.getLogger(__name__)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+
+from lookalike import tracing
+
+FORMATS = ("text", "json")
+ENV_FORMAT = "LOOKALIKE_LOG_FORMAT"
+_TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _TraceIds(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` to each record ("" outside a traced call)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = tracing.current_ids()
+        record.trace_id, record.span_id = ids or ("", "")
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, and ``trace_id=...`` at the end inside a traced call."""
+
+    def __init__(self):
+        super().__init__(_TEXT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        trace_id = getattr(record, "trace_id", "")
+        if not trace_id:
+            return text
+        first, nl, rest = text.partition("\n")  # before a traceback, on the message's line
+        return f"{first} trace_id={trace_id}{nl}{rest}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``time`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``;
+    ``trace_id`` and ``span_id`` inside a traced call; ``exception`` (the traceback's text) when one is logged."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+               .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+               "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if getattr(record, "trace_id", ""):
+            out["trace_id"], out["span_id"] = record.trace_id, record.span_id
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def log_format(given: str | None = None, environ=None) -> str:
+    """The format asked for: ``given`` (a flag), else ``LOOKALIKE_LOG_FORMAT``, else "text".
+
+    Raises:
+        ValueError: not one of :data:`FORMATS`.
+    """
+    env = os.environ if environ is None else environ
+    fmt = (given or env.get(ENV_FORMAT) or "text").strip().lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"the log format must be one of {', '.join(FORMATS)}, not {fmt!r} (--log-format or "
+                         f"{ENV_FORMAT})")
+    return fmt
+
+
+def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -> logging.Handler:
+    """Sends the process's log records at ``level`` and above to ``stream`` (default stderr) in ``fmt`` ("text" or
+    "json"), replacing the handlers the root logger had (a second call reconfigures). Returns the handler."""
+    if fmt not in FORMATS:
+        raise ValueError(f"the log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_TraceIds())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
+    return handler
