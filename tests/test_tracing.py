@@ -125,8 +125,13 @@ def test_health_checks_make_no_spans(spans, cluster):
 
     _, client, _ = cluster
     spans.clear()
-    assert health_pb2_grpc.HealthStub(client._channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
-    assert not [s for s in spans.get_finished_spans() if "Health" in s.name]
+    with trace.get_tracer("test").start_as_current_span("caller") as caller:
+        assert health_pb2_grpc.HealthStub(client._channel).Check(health_pb2.HealthCheckRequest(),
+                                                                 timeout=10).status == 1
+        client.list_collections()
+    got = _trace_of(spans, caller.get_span_context().trace_id, {"/lookalike.v1.Lookalike/ListCollections"})
+    assert "/lookalike.v1.Lookalike/ListCollections" in {s.name for s in got}
+    assert not [s for s in got if "Health" in s.name]
 
 
 def test_traced_calls_pass_the_token_check_and_refused_ones_are_traced_too(spans, cluster, tmp_path):
@@ -284,3 +289,46 @@ def test_exporters_requested_reads_the_standard_variables():
     assert exporters_requested({"OTEL_TRACES_EXPORTER": "otlp,console",
                                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == ["otlp_proto_http", "console"]
     assert exporters_requested({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}) == []
+
+
+def test_a_batch_runs_in_its_first_caller_s_trace():
+    """Searches that gather while another batch runs are sent when it ends: their shard calls belong to their own
+    trace (the first caller's of the batch), not to the trace of the batch that just ended."""
+    import asyncio
+    import concurrent.futures
+
+    from router.batcher import SearchBatcher
+    from router.search import SearchResult
+
+    seen = []
+
+    async def main():
+        release = asyncio.Event()
+
+        async def search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout):
+            seen.append(trace.get_current_span().get_span_context().trace_id)
+            if len(seen) == 1:
+                await release.wait()  # the first batch runs until the second search has gathered
+            return SearchResult(D=np.zeros((len(xq), k), np.float32), ids=[[] for _ in xq], payloads=None,
+                                coverage=1.0, epoch=1)
+
+        def in_trace(trace_id: int):
+            return trace.use_span(trace.NonRecordingSpan(trace.SpanContext(trace_id, 1, is_remote=False)))
+
+        async def caller(batcher, trace_id):
+            with in_trace(trace_id):
+                return await batcher.search("c", np.zeros((1, 4), np.float32), 3)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            batcher = SearchBatcher(search, pool, max_wait_s=10.0, max_inflight=1)
+            first = asyncio.ensure_future(caller(batcher, 1))
+            await asyncio.sleep(0)  # the first search runs (a lone search goes at once)
+            second = asyncio.ensure_future(caller(batcher, 2))
+            await asyncio.sleep(0)  # the second gathers: one batch is running
+            assert seen == [1]
+            release.set()
+            await asyncio.gather(first, second)
+            return batcher.batches
+
+    assert asyncio.run(main()) == 2  # the second went when the first ended
+    assert seen == [1, 2]
