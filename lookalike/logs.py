@@ -86,5 +86,10 @@ def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_TraceIds())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    if fmt == "json":
+        # Ray logs through handlers of its own (its logger does not propagate): the same lines, in JSON too
+        for ray_handler in logging.getLogger("ray").handlers:
+            ray_handler.setFormatter(handler.formatter)
+            ray_handler.addFilter(_TraceIds())
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
     return handler

@@ -213,15 +213,18 @@ def test_a_failed_search_is_logged_as_json_with_its_trace_id(spans, cluster, jso
     assert all(len(r["span_id"]) == 16 for r in failed)
 
 
-def test_serve_log_format_json_configures_json_lines(monkeypatch, capsys):
-    """`lookalike serve --log-format json`: the CLI logs JSON lines (the command itself stubbed: no Ray here)."""
+def test_serve_log_format_json_configures_json_lines(monkeypatch, capfd):
+    """`lookalike serve --log-format json`: the CLI logs JSON lines, Ray's own lines too (the command itself
+    stubbed: no Ray cluster here)."""
     from tools import cli
     from tools.cli import serve
 
-    root = logging.getLogger()
+    root, ray_logger = logging.getLogger(), logging.getLogger("ray")
     saved = root.handlers[:], root.level
+    ray_saved = [(h, h.formatter, h.filters[:]) for h in ray_logger.handlers]
 
     def fake_serve(args):
+        ray_logger.info("Started a local Ray instance.")
         logging.getLogger("lookalike").info("serving %s", args.log_format)
         return 0
 
@@ -229,14 +232,18 @@ def test_serve_log_format_json_configures_json_lines(monkeypatch, capsys):
     monkeypatch.delenv("LOOKALIKE_LOG_FORMAT", raising=False)
     try:
         assert cli.main(["serve", "--log-format", "json"]) == 0
-        lines = capsys.readouterr().err.splitlines()
+        lines = capfd.readouterr().err.splitlines()
         monkeypatch.setenv("LOOKALIKE_LOG_FORMAT", "yaml")
         assert cli.main(["serve"]) == 2
-        refused = capsys.readouterr().err
+        refused = capfd.readouterr().err
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
-    records = [json.loads(line) for line in lines]
+        for h, formatter, filters in ray_saved:
+            h.setFormatter(formatter)
+            h.filters[:] = filters
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert {"level": "INFO", "logger": "ray", "message": "Started a local Ray instance."}.items() <= records[-2].items()
     assert {"level": "INFO", "logger": "lookalike", "message": "serving json"}.items() <= records[-1].items()
     assert refused.startswith("error: the log format must be one of text, json, not 'yaml'")
     assert len(refused.splitlines()) == 1
