@@ -13,11 +13,17 @@ import json
 import logging
 import os
 
+import grpc
+
 from lookalike import tracing
 
 FORMATS = ("text", "json")
 ENV_FORMAT = "LOOKALIKE_LOG_FORMAT"
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Statuses that say the server failed (HTTP's 5xx), not the request: servers log each (lookalike.net).
+SERVER_ERRORS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS,
+                           grpc.StatusCode.UNIMPLEMENTED})
 
 
 class _TraceIds(logging.Filter):
@@ -93,3 +99,10 @@ def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -
             ray_handler.addFilter(_TraceIds())
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
     return handler
+
+
+def log_failed(logger: logging.Logger, method: str, code: grpc.StatusCode, message) -> None:
+    """Logs a call that ends with ``code`` when that is a failure of the server (:data:`SERVER_ERRORS`), at WARNING:
+    ``<method> failed: <STATUS>: <message>`` (with the call's trace id, by the handler's filter)."""
+    if code in SERVER_ERRORS:
+        logger.warning("%s failed: %s: %s", method, code.name, message)

@@ -1,4 +1,5 @@
-"""The one factory for gRPC servers and the one for channels, so TLS and authentication are added in one place.
+"""The one factory for gRPC servers and the one for channels, so TLS, authentication and tracing (lookalike.tracing:
+nothing while it is off) are added in one place.
 
 Every server gets grpc.health.v1 and server reflection (which serves the protos with their comments:
 ``grpcurl describe`` shows them); servicer methods wrap their body with :func:`abort_on_error` to turn typed
@@ -21,9 +22,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from lookalike import tracing
 from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, LookalikeError
-from lookalike import tracing
+from lookalike.logs import log_failed
 from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
 log = logging.getLogger(__name__)
@@ -401,21 +403,10 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=
                     time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-# Statuses that say the server failed (HTTP's 5xx), not the request: each is logged, with the call's trace id.
-SERVER_ERRORS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
-                           grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS,
-                           grpc.StatusCode.UNIMPLEMENTED})
-
-
-def _log_failed(method, err: LookalikeError) -> None:
-    if err.code in SERVER_ERRORS:
-        log.warning("%s failed: %s: %s", method.__name__, err.code.name, err)
-
-
 async def _abort_async(context, method, err: Exception) -> None:
     """Ends a grpc.aio call the way :func:`abort_on_error` does; re-raises what is not an error to report."""
     if isinstance(err, LookalikeError):
-        _log_failed(method, err)
+        log_failed(log, method.__name__, err.code, err)
         await context.abort(err.code, str(err))
     if isinstance(err, DecodeError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
@@ -450,14 +441,15 @@ def abort_on_error_async(method):
 
 
 def abort_on_error(method):
-    """Servicer-method decorator: typed errors become their status with the message; anything else INTERNAL."""
+    """Servicer-method decorator: typed errors become their status with the message; anything else INTERNAL. The
+    server's failures (lookalike.logs.SERVER_ERRORS) are logged, with the call's trace id when it is traced."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
         except LookalikeError as err:
-            _log_failed(method, err)
+            log_failed(log, method.__name__, err.code, err)
             context.abort(err.code, str(err))
         except DecodeError as err:  # bytes inside a request that should hold a message (a payload)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
