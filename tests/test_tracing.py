@@ -339,3 +339,27 @@ def test_a_batch_runs_in_its_first_caller_s_trace():
 
     assert asyncio.run(main()) == 2  # the second went when the first ended
     assert seen == [1, 2]
+
+
+def test_serve_refuses_an_exporter_no_package_provides(tmp_path, monkeypatch, capfd):
+    """A typo in OTEL_TRACES_EXPORTER is one line and exit status 2, before anything starts."""
+    from tools import cli
+    from tools.cli import serve
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("serve went on to start Ray")
+
+    monkeypatch.setattr(serve.ray, "init", no_ray)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaegr")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        status = cli.main(["serve", "--data", str(tmp_path / "data"), "--port", "0"])
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err[-1].startswith("error: OTEL_TRACES_EXPORTER names the span exporter 'jaegr', which no installed "
+                              "package provides (installed: "), err
+    assert not (tmp_path / "data").exists()  # refused before the storage was touched
