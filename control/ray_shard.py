@@ -36,7 +36,10 @@ class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
                  segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0, tls=None):
         actor_logging()
-        tracing.setup("lookalike-shard")  # the OTEL_* environment the actor got (serve's, in the embedded cluster)
+        try:  # the OTEL_* environment the actor got (serve's, in the embedded cluster)
+            tracing.setup("lookalike-shard")
+        except ValueError as err:  # a node's own environment naming no installed exporter: serve without traces
+            log.warning("tracing off: %s", err)
         faiss.omp_set_num_threads(max(1, threads))
         self.shard_id = shard_id
         # Ray gave this actor `gpus` GPUs (CUDA_VISIBLE_DEVICES names them): search there when faiss can.

@@ -53,13 +53,13 @@ def exporters_requested(environ=None) -> list[str]:
     return names
 
 
-def _exporter(name: str):
+def _exporter_class(name: str):
     found = importlib.metadata.entry_points(group="opentelemetry_traces_exporter", name=name)
     if not found:
         known = sorted(e.name for e in importlib.metadata.entry_points(group="opentelemetry_traces_exporter"))
         raise ValueError(f"OTEL_TRACES_EXPORTER names the span exporter {name!r}, which no installed package "
                          f"provides (installed: {', '.join(known) or 'none'})")
-    return next(iter(found)).load()()
+    return next(iter(found)).load()
 
 
 def setup(service_name: str, environ=None) -> bool:
@@ -77,6 +77,7 @@ def setup(service_name: str, environ=None) -> bool:
     names = exporters_requested(environ)
     if not names:
         return False
+    exporters = [_exporter_class(n) for n in names]
     if enabled():
         return True
     # Heavy (about 50 ms to import), and needed only when tracing is on.
@@ -84,12 +85,11 @@ def setup(service_name: str, environ=None) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    exporters = [_exporter(n) for n in names]
     env = os.environ if environ is None else environ
     provider = TracerProvider(resource=Resource.create({} if env.get("OTEL_SERVICE_NAME")
                                                        else {SERVICE_NAME: service_name}))
     for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(BatchSpanProcessor(exporter()))
     trace.set_tracer_provider(provider)
     log.info("tracing on: spans of %s go to %s", service_name, ", ".join(names))
     return True
