@@ -93,10 +93,11 @@ def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -
     handler.addFilter(_TraceIds())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     if fmt == "json":
-        # Ray logs through handlers of its own (its logger does not propagate): the same lines, in JSON too
-        for ray_handler in logging.getLogger("ray").handlers:
-            ray_handler.setFormatter(handler.formatter)
-            ray_handler.addFilter(_TraceIds())
+        # Ray logs through a handler of its own (its logger does not propagate), whose format ray.init sets again:
+        # its lines go through this handler instead, in JSON too
+        ray_logger = logging.getLogger("ray")
+        ray_logger.handlers.clear()
+        ray_logger.propagate = True
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
     return handler
 

@@ -221,9 +221,12 @@ def test_serve_log_format_json_configures_json_lines(monkeypatch, capfd):
 
     root, ray_logger = logging.getLogger(), logging.getLogger("ray")
     saved = root.handlers[:], root.level
-    ray_saved = [(h, h.formatter, h.filters[:]) for h in ray_logger.handlers]
+    ray_saved = ray_logger.handlers[:], ray_logger.propagate
 
     def fake_serve(args):
+        from ray._private.ray_logging import setup_logger
+
+        setup_logger(logging.INFO, "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")  # ray.init's
         ray_logger.info("Started a local Ray instance.")
         logging.getLogger("lookalike").info("serving %s", args.log_format)
         return 0
@@ -239,9 +242,7 @@ def test_serve_log_format_json_configures_json_lines(monkeypatch, capfd):
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
-        for h, formatter, filters in ray_saved:
-            h.setFormatter(formatter)
-            h.filters[:] = filters
+        ray_logger.handlers[:], ray_logger.propagate = ray_saved
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"level": "INFO", "logger": "ray", "message": "Started a local Ray instance."}.items() <= records[-2].items()
     assert {"level": "INFO", "logger": "lookalike", "message": "serving json"}.items() <= records[-1].items()
