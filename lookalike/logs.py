@@ -83,22 +83,31 @@ def log_format(given: str | None = None, environ=None) -> str:
     return fmt
 
 
-def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -> logging.Handler:
+def configure(level: int | str = logging.INFO, fmt: str = "text", stream=None) -> logging.Handler | None:
     """Sends the process's log records at ``level`` and above to ``stream`` (default stderr) in ``fmt`` ("text" or
-    "json"), replacing the handlers the root logger had (a second call reconfigures). Returns the handler."""
+    "json"). A second call replaces what the first installed. Returns the handler installed, or None: in text,
+    a root logger that has handlers of someone else's (an embedding program, a test runner) is left as it is, as
+    logging.basicConfig does; JSON is added beside them (it was asked for)."""
     if fmt not in FORMATS:
         raise ValueError(f"the log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "lookalike", False)]:
+        root.removeHandler(old)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
+    if root.handlers and fmt == "text":
+        return None
     handler = logging.StreamHandler(stream)
+    handler.lookalike = True
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(_TraceIds())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root.addHandler(handler)
+    root.setLevel(level)
     if fmt == "json":
         # Ray logs through a handler of its own (its logger does not propagate), whose format ray.init sets again:
         # its lines go through this handler instead, in JSON too
         ray_logger = logging.getLogger("ray")
         ray_logger.handlers.clear()
         ray_logger.propagate = True
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise in any log
     return handler
 
 
