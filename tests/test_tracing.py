@@ -288,6 +288,37 @@ def test_otel_traces_exporter_console_turns_it_on():
     assert span["name"] == "probe" and span["resource"]["attributes"]["service.name"] == "search-test"
 
 
+def test_an_otlp_endpoint_turns_it_on_and_spans_reach_the_collector():
+    """OTEL_EXPORTER_OTLP_ENDPOINT alone: spans go over OTLP/gRPC to the collector there (here: a collector's
+    TraceService in this process)."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        state, _ = _child(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{port}")
+    finally:
+        server.stop(None)
+    assert state["on"] and state["server"] == 1
+    spans = [(rs.resource, span) for req in received for rs in req.resource_spans for ss in rs.scope_spans
+             for span in ss.spans]
+    assert [span.name for _, span in spans] == ["probe"]
+    attrs = {a.key: a.value.string_value for a in spans[0][0].attributes}
+    assert attrs["service.name"] == "lookalike-router"
+
+
 def test_exporters_requested_reads_the_standard_variables():
     from lookalike.tracing import exporters_requested
 
