@@ -1,7 +1,7 @@
 """What the Ray side of the control plane shares: the names of the cluster's actors, ray.get that keeps the remote
 error's type, the shard's thread count, the actors' logging.
 
-Uses ray and lookalike.config only.
+Uses ray and lookalike (config, logs) only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import logging
 
 import ray
 
+from lookalike import logs
 from lookalike.config import ClusterConfig
 
 
@@ -40,5 +41,10 @@ def shard_threads(cfg: ClusterConfig) -> int:
 
 
 def actor_logging() -> None:
-    """Logging of an actor's process (an entry point of its own: Ray starts it)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logging of an actor's process (an entry point of its own: Ray starts it), in the format LOOKALIKE_LOG_FORMAT
+    names (`lookalike serve --log-format` sets it; text when it is unset or not a format)."""
+    try:
+        fmt = logs.log_format()
+    except ValueError:
+        fmt = "text"
+    logs.configure(logging.INFO, fmt)

@@ -4,7 +4,7 @@ It runs the shard's gRPC server on its node, loads what the controller says it o
 A restarted actor reloads from storage. Placed with ``num_gpus`` when the cluster has GPUs
 (``ClusterConfig.shard_gpus``): a shard given a GPU searches there. ``control.ray_placer.RayPlacer`` starts it.
 
-Uses ray, faiss, lookalike (config, gpu, net, security), shard (the Shard and its gRPC server) and
+Uses ray, faiss, lookalike (config, gpu, net, security, tracing), shard (the Shard and its gRPC server) and
 control.ray_common.
 """
 
@@ -18,6 +18,7 @@ import faiss
 import ray
 
 from control.ray_common import actor_logging, controller_name, unwrap
+from lookalike import tracing
 from lookalike.config import CollectionConfig
 from lookalike.gpu import backend_for_shard
 from lookalike.net import set_serving
@@ -35,6 +36,10 @@ class ShardActor:
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
                  segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0, tls=None):
         actor_logging()
+        try:  # the OTEL_* environment the actor got (serve's, in the embedded cluster)
+            tracing.setup("lookalike-shard")
+        except ValueError as err:  # a node's own environment naming no installed exporter: serve without traces
+            log.warning("tracing off: %s", err)
         faiss.omp_set_num_threads(max(1, threads))
         self.shard_id = shard_id
         # Ray gave this actor `gpus` GPUs (CUDA_VISIBLE_DEVICES names them): search there when faiss can.
@@ -111,6 +116,7 @@ class ShardActor:
         self._set_not_serving()
         self.shard.serving = False
         self.shard.close()
+        tracing.flush()
 
     def pid(self) -> int:
         return os.getpid()

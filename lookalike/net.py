@@ -1,4 +1,5 @@
-"""The one factory for gRPC servers and the one for channels, so TLS and authentication are added in one place.
+"""The one factory for gRPC servers and the one for channels, so TLS, authentication and tracing (lookalike.tracing:
+nothing while it is off) are added in one place.
 
 Every server gets grpc.health.v1 and server reflection (which serves the protos with their comments:
 ``grpcurl describe`` shows them); servicer methods wrap their body with :func:`abort_on_error` to turn typed
@@ -21,8 +22,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from lookalike import tracing
 from lookalike.config import LIMITS, RPC
 from lookalike.errors import InvalidArgument, LookalikeError
+from lookalike.logs import log_failed
 from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,8 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         status starts NOT_SERVING for every service; call ``set_serving`` when ready.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs)
+                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs,
+                         interceptors=tracing.server_interceptors() or None)
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
     port = _bind(server, address, tls)
@@ -337,8 +341,9 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
     handle = AioServer(loop, thread, pool)
 
     async def start():
-        server = grpc.aio.server(migration_thread_pool=pool, options=_SERVER_OPTIONS,
-                                 interceptors=list(interceptors) or None, maximum_concurrent_rpcs=max_concurrent_rpcs)
+        interceptors_ = [*tracing.aio_server_interceptors(), *interceptors] or None  # the trace's span first
+        server = grpc.aio.server(migration_thread_pool=pool, options=_SERVER_OPTIONS, interceptors=interceptors_,
+                                 maximum_concurrent_rpcs=max_concurrent_rpcs)
         register(_Registering(server))
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
         port = _bind(server, address, tls)
@@ -380,12 +385,13 @@ def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Chan
     else:
         channel = grpc.secure_channel(target, tls.channel_credentials(),
                                       options=_CHANNEL_OPTIONS + tls.channel_options())
+    channel = tracing.traced_channel(channel)
     return grpc.intercept_channel(channel, TokenMetadata(token)) if token else channel
 
 
 def create_aio_channel(target: str, tls=None, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to a lookalike server, with the same options as :func:`create_channel`."""
-    icpt = [AioTokenMetadata(token)] if token else None
+    icpt = [*tracing.aio_client_interceptors(), *([AioTokenMetadata(token)] if token else [])] or None
     if tls is None:
         _plain_token_ok(target, token)
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=icpt)
@@ -419,6 +425,7 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=
 async def _abort_async(context, method, err: Exception) -> None:
     """Ends a grpc.aio call the way :func:`abort_on_error` does; re-raises what is not an error to report."""
     if isinstance(err, LookalikeError):
+        log_failed(log, method.__name__, err.code, err)
         await context.abort(err.code, str(err))
     if isinstance(err, DecodeError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
@@ -453,13 +460,15 @@ def abort_on_error_async(method):
 
 
 def abort_on_error(method):
-    """Servicer-method decorator: typed errors become their status with the message; anything else INTERNAL."""
+    """Servicer-method decorator: typed errors become their status with the message; anything else INTERNAL. The
+    server's failures (lookalike.logs.SERVER_ERRORS) are logged, with the call's trace id when it is traced."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
         except LookalikeError as err:
+            log_failed(log, method.__name__, err.code, err)
             context.abort(err.code, str(err))
         except DecodeError as err:  # bytes inside a request that should hold a message (a payload)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")

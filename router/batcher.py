@@ -29,6 +29,7 @@ longer than its own; a failed batch fails each of its callers with its error.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import inspect
 import time
@@ -52,6 +53,8 @@ class _Call:
     xq: np.ndarray
     deadline: float | None
     future: asyncio.Future
+    # the caller's context (its trace): a batch's shard calls are made in its first call's
+    context: contextvars.Context = dataclasses.field(default_factory=contextvars.copy_context)
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -157,7 +160,8 @@ class SearchBatcher:
         deadlines = [c.deadline for c in batch]
         timeout = None if None in deadlines else max(0.0, max(deadlines) - time.monotonic())
         xq = batch[0].xq if len(batch) == 1 else np.concatenate([c.xq for c in batch])
-        fut = self._start(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        fut = batch[0].context.run(self._start, name, xq, k, nprobe, ef_search, min_coverage, include_payloads,
+                                   timeout)
         fut.add_done_callback(lambda f: self._done(key, group, batch, f))
 
     def _start(self, *args) -> asyncio.Future:

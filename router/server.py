@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import json
 
+from lookalike import tracing
 from lookalike.config import METRICS, RPC, CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
@@ -243,6 +244,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         coll = await self._coll_async(request.collection, context)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
+        tracing.annotate(collection=request.collection, nq=len(xq), k=request.k)
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
                 check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
                 request.include_payloads, _timeout(context))
@@ -250,6 +252,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             res = await self.batcher.search(*args)
         else:
             res = await self.router.search_async(*args, executor=self._executor)
+        tracing.annotate(coverage=res.coverage)
         return _search_response(res)
 
     @abort_on_error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 from typing import Protocol
 
 import grpc
@@ -67,7 +68,8 @@ class GrpcShardClient:
             raise self._error(err) from None
 
     def call(self, method: str, request, timeout: float | None):
-        return _POOL.submit(self._blocking, method, request, timeout)
+        # in the caller's context: the call's span is a child of the caller's (lookalike.tracing)
+        return _POOL.submit(contextvars.copy_context().run, self._blocking, method, request, timeout)
 
     def _aio_stub(self) -> shard_pb2_grpc.ShardStub:
         """The stub on the running loop's asyncio channel, made on first use."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from jobs import check_centroids
+from lookalike import tracing
 from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
@@ -73,6 +74,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         check_search_params(request.params.nprobe, request.params.ef_search)
         xq = vectors_from_proto(request.queries, sc.coll, "queries")
         check_answer_size(len(xq), request.k, request.include_payloads)  # before searching
+        tracing.annotate(collection=request.collection, nq=len(xq), k=request.k, shard=self.shard.shard_id)
         coarse = None
         if request.HasField("coarse"):
             c = request.coarse

@@ -19,6 +19,7 @@ import sys
 
 import grpc
 
+from lookalike import logs
 from tools.cli import catalog, cluster, collections, data, load, security, serve, training
 from tools.cli.common import UserError, one_line, os_error, rpc_error_line
 from tools.cli.flags import Parser, VersionAction, connection_defaults, connection_flags
@@ -57,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         connection_defaults(parser, args)
     except SystemExit as stop:  # argparse: --help, --version, or a command line it refuses (one line on stderr)
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked: noise here
+    try:
+        fmt = logs.log_format(getattr(args, "log_format", None))  # serve's --log-format, or LOOKALIKE_LOG_FORMAT
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logs.configure(logging.INFO if args.verbose or args.command == "serve" else logging.WARNING, fmt)
     try:
         return int(args.func(args) or 0)
     except SystemExit as stop:  # a command that ends itself (Ctrl-C while following a job: 130)

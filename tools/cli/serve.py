@@ -26,6 +26,7 @@ import ray
 from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
 from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
+from lookalike import logs, tracing
 from lookalike.config import RPC, ClusterConfig, MovePolicy, storage_path
 from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 from lookalike.net import create_health_server, set_serving
@@ -126,10 +127,14 @@ def cmd_serve(args) -> int:
     try:
         data_dir = storage_path(args.data)
         tls, auth, host = _serve_security(args)
+        log_format = logs.log_format(args.log_format)
+        tracing.setup("lookalike-router")  # the OTEL_* environment (off when it names no exporter)
         # One storage, one server: the embedded cluster's shards write this directory. (Routers joining a Ray
         # cluster share its storage with the cluster's other routers: the cluster's controller owns it there.)
         lock = DataDirLock(data_dir).acquire() if embedded else None
         ray_env = embedded_ray_env(data_dir) if embedded else {}
+        # the shard actors log as the router does (Ray's processes inherit this environment, OTEL_* included)
+        ray_env[logs.ENV_FORMAT] = log_format
     except (ValueError, DataDirInUse) as err:  # lookalike.errors.InvalidArgument is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -199,6 +204,7 @@ def cmd_serve(args) -> int:
     if args.health_port:
         probe_server.stop(None)
     router.close()
+    tracing.flush()
     if embedded:
         # Bounded, and abandoned as soon as Ray's GCS or raylet is gone: a stop signal to the whole process group
         # (a terminal's job control) or cgroup (systemd) stops them too, and then every Ray call, ray.shutdown()
@@ -332,6 +338,9 @@ def add_serve(sub) -> None:
     s.add_argument("--health-port", type=port_number, default=0,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port: for probes that cannot speak "
                         "TLS, e.g. Kubernetes' (default 0: none)")
+    s.add_argument("--log-format", choices=logs.FORMATS, default=None,
+                   help="text, or json: one JSON object a line, with the trace id of the call it is about (env "
+                        "LOOKALIKE_LOG_FORMAT, passed on to the shards; default text)")
     s.add_argument("--shards", type=positive_int, default=2, help="shards to start on new storage (default %(default)s)")
     s.add_argument("--shard-cpus", type=number(float, above=0), default=1.0,
                    help="Ray CPUs per shard actor (default %(default)s)")
