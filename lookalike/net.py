@@ -42,7 +42,8 @@ def _bind(server, address: str, tls) -> int:
     return port
 
 
-def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None):
+def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None,
+                  interceptors=()):
     """Builds and starts a gRPC server with health and reflection.
 
     Args:
@@ -51,13 +52,14 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         service_names: full names of the services added (for health and reflection).
         max_workers: threads serving calls.
         tls: lookalike.security.TLSConfig to serve TLS (mutual when its ``client_auth``); None: plaintext.
+        interceptors: grpc.ServerInterceptors (e.g. lookalike.metrics.ServerMetrics).
 
     Returns:
         (server, port, health_servicer): the started server, the bound port, and the health servicer whose
         status starts NOT_SERVING for every service; call ``set_serving`` when ready.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=_OPTIONS)
+                         options=_OPTIONS, interceptors=list(interceptors) or None)
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
     port = _bind(server, address, tls)

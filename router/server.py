@@ -10,6 +10,7 @@ import json
 from lookalike.config import METRICS, CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument
 from lookalike.ids import check_ids
+from lookalike.metrics import SEARCH_QUERIES, AioServerMetrics
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server, set_serving
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
@@ -227,6 +228,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         coll = self._coll(request.collection)
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
+        SEARCH_QUERIES.observe(len(xq))
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
                 check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
                 request.include_payloads, _timeout(context))
@@ -279,6 +281,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             if st is not None:
                 s.memory_bytes = st.memory_bytes
                 s.capacity_bytes = st.capacity_bytes
+                s.metrics_address = st.metrics_address
                 s.vectors = sum(c.vectors for c in st.collections)
                 s.index_bytes = sum(c.index_bytes for c in st.collections)
                 held = sorted((c for c in st.collections if c.buckets or c.vectors),
@@ -379,8 +382,9 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
         holder["servicer"] = RouterServicer(router, batcher, executor, jobs)
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
 
+    interceptors = [AioServerMetrics(None)] + ([auth] if auth is not None else [])  # metrics first: refusals count
     server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers, tls=tls,
-                                             interceptors=[auth] if auth is not None else ())
+                                             interceptors=interceptors)
     server.servicer = holder["servicer"]
     server.executors.append(executor)
     set_serving(health, [SERVICE_NAME])

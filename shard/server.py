@@ -11,6 +11,7 @@ from jobs import check_centroids
 from lookalike.config import check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import check_ids
+from lookalike.metrics import ServerMetrics
 from lookalike.net import abort_on_error, create_server
 from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
                             vectors_to_proto)
@@ -114,7 +115,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         st = self.shard.stats()
         return shard_pb2.ShardStatsResponse(
             shard_id=st["shard_id"], memory_bytes=st["memory_bytes"], serving=st["serving"],
-            capacity_bytes=st["capacity_bytes"],
+            capacity_bytes=st["capacity_bytes"], metrics_address=st.get("metrics_address", ""),
             collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
 
 
@@ -125,5 +126,5 @@ def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int 
     servicer = ShardServicer(shard)
     server, port, health = create_server(
         address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers,
-        tls=tls)
+        tls=tls, interceptors=[ServerMetrics(shard.shard_id)])
     return server, port, servicer, health

@@ -1,0 +1,148 @@
+"""Prometheus metrics (lookalike.metrics, shard.metrics, router.metrics): /metrics of a real in-process cluster served
+over gRPC moves with the calls made, by status code, on both hops; the collection gauges show what was written; the
+router's service discovery lists the shards' endpoints; a metrics bind beyond loopback without TLS is refused."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from control.local import LocalCluster
+from lookalike.client import Client
+from lookalike.errors import InvalidArgument
+from lookalike.metrics import serve_metrics
+from lookalike.security import TLSConfig
+from protos import shard_pb2, shard_pb2_grpc
+from router.metrics import SD_PATH, serve_router_metrics
+from router.server import create_router_server
+
+
+def scrape(url: str, context=None) -> dict[tuple, float]:
+    """{(sample name, sorted label items): value} of a /metrics page."""
+    text = urllib.request.urlopen(url, timeout=10, context=context).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels``."""
+    return sum(v for (n, lab), v in samples.items() if n == name and labels.items() <= dict(lab).items())
+
+
+@pytest.fixture
+def metered(tmp_path):
+    """(cluster, client, router metrics URL) of an in-process cluster whose shards serve metrics too."""
+    cluster = LocalCluster(tmp_path, shards=2, metrics=True)
+    server, port, _ = create_router_server(cluster.router, "127.0.0.1:0")
+    metrics = serve_router_metrics(cluster.router, "127.0.0.1", 0)
+    client = Client(f"127.0.0.1:{port}", timeout=30)
+    try:
+        yield cluster, client, f"http://{metrics.address}"
+    finally:
+        client.close()
+        metrics.close()
+        server.stop(None)
+        cluster.close()
+
+
+def test_metrics_move_with_calls_by_status_on_both_hops(metered):
+    cluster, client, url = metered
+    client.create_collection("m", dim=8, metric="l2", buckets=8)
+    x = np.random.default_rng(0).random((40, 8), dtype=np.float32)
+    client.upsert("m", [str(i) for i in range(40)], x)
+    before = scrape(f"{url}/metrics")
+
+    assert len(client.search("m", x[:3], k=5).ids) == 3  # OK
+    with pytest.raises(Exception):  # INVALID_ARGUMENT: queries of the wrong dimension
+        client.search("m", np.zeros((1, 5), np.float32), k=5)
+    shard_addr = next(iter(cluster.controller.shards())).address
+    with grpc.insecure_channel(shard_addr) as ch:  # INVALID_ARGUMENT on the internal hop: k = 0
+        req = shard_pb2.ShardSearchRequest(collection="m", k=0)
+        with pytest.raises(grpc.RpcError) as err:
+            shard_pb2_grpc.ShardStub(ch).Search(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(f"{url}/metrics")
+
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    # the public hop, by status code, and its latency histogram
+    assert delta("lookalike_router_requests_total", method="Search", code="OK") == 1
+    assert delta("lookalike_router_requests_total", method="Search", code="INVALID_ARGUMENT") == 1
+    assert delta("lookalike_router_request_seconds_count", method="Search") == 2
+    assert delta("lookalike_router_request_seconds_bucket", method="Search", le="+Inf") == 2
+    assert delta("lookalike_router_request_seconds_sum", method="Search") > 0
+    assert total(after, "lookalike_router_requests_total", method="Upsert", code="OK") == 1
+    # the internal hop: the OK search reached every shard (2), the bad one none; the direct call was refused
+    assert delta("lookalike_shard_requests_total", method="Search", code="OK") == 2
+    assert delta("lookalike_shard_requests_total", method="Search", code="INVALID_ARGUMENT") == 1
+    assert delta("lookalike_shard_request_seconds_count", method="Search") == 3
+    assert {dict(lab)["shard"] for (n, lab) in after if n == "lookalike_shard_requests_total"} == {
+        info.shard_id for info in cluster.controller.shards()}
+    # queries per request, fan-out width; the collection gauges show the vectors upserted
+    assert delta("lookalike_router_search_queries_sum") == 3
+    assert delta("lookalike_router_fanout_shards_sum") == 2
+    assert total(after, "lookalike_shard_vectors", collection="m") == 40
+    assert total(after, "lookalike_shard_buckets", collection="m") == 8
+    assert total(after, "lookalike_shard_index_bytes", collection="m") > 0
+    assert total(after, "lookalike_shard_wal_bytes", collection="m") > 0
+    assert total(after, "lookalike_shard_wal_fsync_seconds_count", collection="m") >= 1
+    assert total(after, "lookalike_shard_serving") == 2
+    assert total(after, "lookalike_moves_done_total") == 0
+
+
+def test_service_discovery_lists_each_shards_own_endpoint(metered):
+    cluster, client, url = metered
+    client.create_collection("m", dim=4, metric="l2", buckets=4)
+    client.upsert("m", ["a", "b", "c"], np.eye(3, 4, dtype=np.float32))
+    groups = json.loads(urllib.request.urlopen(f"{url}{SD_PATH}", timeout=10).read())
+    shards = {info.shard_id for info in cluster.controller.shards()}
+    assert {g["labels"]["lookalike_shard_id"] for g in groups} == shards
+    assert all(g["labels"]["lookalike_role"] == "shard" and len(g["targets"]) == 1 for g in groups)
+    assert {s.metrics_address for s in client.status().shards} == {g["targets"][0] for g in groups}
+    seen = 0
+    for g in groups:  # each target serves its own shard's samples only
+        samples = scrape(f"http://{g['targets'][0]}/metrics")
+        assert {dict(lab).get("shard") for (_n, lab) in samples} == {g["labels"]["lookalike_shard_id"]}
+        seen += total(samples, "lookalike_shard_vectors", collection="m")
+    assert seen == 3
+
+
+def test_metrics_beyond_loopback_need_tls(tmp_path):
+    with pytest.raises(InvalidArgument, match="refusing to serve metrics on 0.0.0.0 without TLS"):
+        serve_metrics("0.0.0.0", 0)
+    with pytest.raises(InvalidArgument, match="without TLS"):  # TLS without a client CA: anyone could scrape
+        serve_metrics("0.0.0.0", 0, TLSConfig("cert.pem", "key.pem"))
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "serve", "--data", str(tmp_path / "d"),
+                          "--metrics-port", "0", "--metrics-host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: refusing to serve metrics on 0.0.0.0 without TLS: give --tls-cert, --tls-key and --tls-ca "
+        "(Prometheus then scrapes with a client certificate that CA signed), or bind metrics to 127.0.0.1"]
+
+
+def test_metrics_over_mutual_tls(tmp_path):
+    from lookalike.devcerts import write_pki  # deferred: the cryptography package (a dev dependency)
+
+    tls = write_pki(tmp_path)
+    server = serve_metrics("0.0.0.0", 0, tls)  # beyond loopback: HTTPS, client certificates required
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca)
+        ctx.check_hostname = False
+        url = f"https://127.0.0.1:{server.port}/metrics"
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):  # no client certificate
+            scrape(url, ctx)
+        ctx.load_cert_chain(tls.cert, tls.key)
+        assert any(n == "python_gc_objects_collected_total" for n, _ in scrape(url, ctx))
+    finally:
+        server.close()
