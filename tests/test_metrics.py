@@ -5,6 +5,7 @@ router's service discovery lists the shards' endpoints; a metrics bind beyond lo
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -146,3 +147,40 @@ def test_metrics_over_mutual_tls(tmp_path):
         assert any(n == "python_gc_objects_collected_total" for n, _ in scrape(url, ctx))
     finally:
         server.close()
+
+
+def test_quantile_from_buckets_as_prometheus_does():
+    from bench.loadtest.server_side import quantile
+
+    le = {0.1: 10.0, 0.2: 30.0, 0.4: 40.0, float("inf"): 40.0}
+    assert quantile(0.25, le) == pytest.approx(0.1)  # rank 10: the top of the first bucket
+    assert quantile(0.5, le) == pytest.approx(0.15)  # rank 20: halfway through (0.1, 0.2]
+    assert quantile(0.875, le) == pytest.approx(0.3)  # rank 35: halfway through (0.2, 0.4]
+    assert quantile(0.99, {0.1: 1.0, float("inf"): 100.0}) == pytest.approx(0.1)  # in +Inf: the last finite bound
+    assert np.isnan(quantile(0.5, {0.1: 0.0, float("inf"): 0.0}))
+
+
+def test_loadtest_reports_server_side_latency(metered, tmp_path, capsys):
+    from tools import cli
+
+    cluster, client, url = metered
+    client.create_collection("m", dim=8, metric="l2", buckets=8)
+    client.upsert("m", [str(i) for i in range(100)], np.random.default_rng(1).random((100, 8), dtype=np.float32))
+    out = tmp_path / "lt.json"
+    args = ["loadtest", "m", "--target", client.target, "--concurrency", "2", "--processes", "1", "--requests", "30",
+            "--duration", "0", "--out", str(out), "--plot", "", "--quiet", "--metrics-url", f"{url}/metrics"]
+    assert cli.main(args) == 0
+    report = json.loads(out.read_text())
+    server = report["server_latency_ms"]["search"]
+    assert server["count"] == report["latency_ms"]["search"]["count"] == 30
+    assert 0 < server["p50"] <= server["p99"] and server["mean"] > 0
+    assert report["server_latency_ms"]["upsert"]["count"] == 0
+    printed = capsys.readouterr().out
+    assert "server ms" in printed and "lookalike_router_request_seconds" in printed
+    # a URL that does not answer: one sentence, exit 2, before any load
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    assert cli.main([*args[:-1], f"http://127.0.0.1:{dead}/metrics"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot read the server's metrics at http://127.0.0.1:{dead}")
