@@ -5,16 +5,21 @@ router's service discovery lists the shards' endpoints; a metrics bind beyond lo
 from __future__ import annotations
 
 import json
+import pathlib
+import re
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.local import LocalCluster
@@ -25,6 +30,7 @@ from lookalike.security import TLSConfig
 from protos import shard_pb2, shard_pb2_grpc
 from router.metrics import SD_PATH, serve_router_metrics
 from router.server import create_router_server
+from tools.cli import build_parser
 
 
 def scrape(url: str, context=None) -> dict[tuple, float]:
@@ -184,3 +190,54 @@ def test_loadtest_reports_server_side_latency(metered, tmp_path, capsys):
     assert cli.main([*args[:-1], f"http://127.0.0.1:{dead}/metrics"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: cannot read the server's metrics at http://127.0.0.1:{dead}")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_grafana_dashboard_queries_only_metrics_lookalike_exports(metered):
+    cluster, client, url = metered
+    client.create_collection("m", dim=4, metric="l2", buckets=4)
+    client.upsert("m", ["a"], np.ones((1, 4), np.float32))
+    client.search("m", np.ones((1, 4), np.float32), k=1)
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    exported = set()
+    for family in text_string_to_metric_families(text):  # families without samples yet (GPU counters) count too
+        exported |= {family.name, *(family.name + s for s in ("_total", "_bucket", "_sum", "_count"))}
+        exported |= {s.name for s in family.samples}
+    dashboard = json.loads((ROOT / "k8s/base/grafana/lookalike.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) > 20
+    used = {name for e in exprs for name in re.findall(r"\blookalike_[a-z_]+", e)}
+    assert used and used <= exported, sorted(used - exported)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: the kustomize render is not "
+                    "checked")
+def test_prometheus_finds_the_router_and_the_shards_where_serve_listens():
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s/overlays/cpu")], capture_output=True, text=True,
+                         timeout=60)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    router = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "lookalike-router")
+    pod = router["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = build_parser().parse_args(["serve", *(a for a in container["args"] if a.startswith("--metrics-"))])
+    annotations = pod["metadata"]["annotations"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert args.metrics_port == port == int(annotations["prometheus.io/port"])
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/scheme"] == "https"
+    env = {e["name"] for e in container["env"]}
+    assert {"LOOKALIKE_TLS_CERT", "LOOKALIKE_TLS_KEY", "LOOKALIKE_TLS_CA"} <= env  # beyond loopback: TLS required
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "lookalike-router")
+    assert {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lookalike-prometheus")
+    jobs = {j["job_name"]: j for j in yaml.safe_load(cm["data"]["scrape-configs.yaml"])}
+    assert set(jobs) == {"lookalike-router", "lookalike-shards"}
+    for job in jobs.values():
+        assert job["scheme"] == "https" and {"cert_file", "key_file", "ca_file"} <= set(job["tls_config"])
+    sd = urllib.parse.urlsplit(jobs["lookalike-shards"]["http_sd_configs"][0]["url"])
+    assert (sd.scheme, sd.hostname.split(".")[0], sd.port, sd.path) == ("https", "lookalike-router", port, SD_PATH)
+    dash = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lookalike-grafana-dashboard")
+    assert json.loads(dash["data"]["lookalike.json"])["uid"] == "lookalike"
