@@ -104,7 +104,21 @@ def test_metrics_move_with_calls_by_status_on_both_hops(metered):
     assert total(after, "lookalike_shard_wal_bytes", collection="m") > 0
     assert total(after, "lookalike_shard_wal_fsync_seconds_count", collection="m") >= 1
     assert total(after, "lookalike_shard_serving") == 2
-    assert total(after, "lookalike_moves_done_total") == 0
+
+
+def test_bucket_moves_are_counted_and_timed(metered):
+    cluster, client, url = metered
+    client.create_collection("m", dim=4, metric="l2", buckets=8)
+    client.upsert("m", [str(i) for i in range(50)], np.random.default_rng(2).random((50, 4), dtype=np.float32))
+    before = scrape(f"{url}/metrics")
+    assert before[("lookalike_moves_done_total", ())] == 0 and before[("lookalike_move_seconds_count", ())] == 0
+    queued = client.rebalance("m", add_shards=1).moves
+    assert queued > 0 and cluster.controller.wait_moves(60)
+    after = scrape(f"{url}/metrics")
+    assert after[("lookalike_moves_queued_total", ())] == queued
+    assert after[("lookalike_moves_done_total", ())] == queued == after[("lookalike_move_seconds_count", ())]
+    assert after[("lookalike_moves_failed_total", ())] == 0 and after[("lookalike_move_seconds_sum", ())] > 0
+    assert total(after, "lookalike_shard_vectors", collection="m") == 50  # the new shard's too, none counted twice
 
 
 def test_service_discovery_lists_each_shards_own_endpoint(metered):
@@ -241,3 +255,35 @@ def test_prometheus_finds_the_router_and_the_shards_where_serve_listens():
     assert (sd.scheme, sd.hostname.split(".")[0], sd.port, sd.path) == ("https", "lookalike-router", port, SD_PATH)
     dash = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lookalike-grafana-dashboard")
     assert json.loads(dash["data"]["lookalike.json"])["uid"] == "lookalike"
+
+
+def test_ray_shards_serve_their_metrics_and_the_router_lists_them(ray_session, tmp_path):
+    """The shard actors of a Ray cluster (loopback, plaintext) each serve their process's metrics; the router's
+    service discovery lists them and its own endpoint reads the moves from the controller actor."""
+    import uuid
+
+    from control.ray_cluster import start_cluster, stop_cluster
+    from lookalike.config import ClusterConfig, CollectionConfig
+    from router.core import Router
+
+    cfg = ClusterConfig(data_dir=str(tmp_path), shards=2, cluster_name=f"t{uuid.uuid4().hex[:8]}",
+                        shard_num_cpus=0.5, shard_metrics_port=0)
+    handle, control = start_cluster(cfg, segment_bytes=1 << 20)
+    router = Router(control, refresh_interval=0.2)
+    metrics = serve_router_metrics(router, "127.0.0.1", 0)
+    try:
+        router.create_collection(CollectionConfig("r", 4, "l2", buckets=4))
+        router.upsert("r", ["a", "b", "c", "d", "e"], np.eye(5, 4, dtype=np.float32))
+        groups = json.loads(urllib.request.urlopen(f"http://{metrics.address}{SD_PATH}", timeout=30).read())
+        assert {g["labels"]["lookalike_shard_id"] for g in groups} == {s.shard_id for s in control.shards()}
+        vectors = 0
+        for g in groups:
+            samples = scrape(f"http://{g['targets'][0]}/metrics")
+            assert total(samples, "lookalike_shard_requests_total", method="Upsert", code="OK") >= 1
+            vectors += total(samples, "lookalike_shard_vectors", collection="r")
+        assert vectors == 5
+        assert scrape(f"http://{metrics.address}/metrics")[("lookalike_moves_queued_total", ())] == 0
+    finally:
+        metrics.close()
+        router.close()
+        stop_cluster(handle)
