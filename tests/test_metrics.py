@@ -98,12 +98,26 @@ def test_metrics_move_with_calls_by_status_on_both_hops(metered):
     # queries per request, fan-out width; the collection gauges show the vectors upserted
     assert delta("lookalike_router_search_queries_sum") == 3
     assert delta("lookalike_router_fanout_shards_sum") == 2
+    assert delta("lookalike_router_batch_queries_sum") == 3  # the batcher sent them as one batch
     assert total(after, "lookalike_shard_vectors", collection="m") == 40
     assert total(after, "lookalike_shard_buckets", collection="m") == 8
     assert total(after, "lookalike_shard_index_bytes", collection="m") > 0
     assert total(after, "lookalike_shard_wal_bytes", collection="m") > 0
     assert total(after, "lookalike_shard_wal_fsync_seconds_count", collection="m") >= 1
     assert total(after, "lookalike_shard_serving") == 2
+
+
+def test_answers_with_partial_coverage_are_counted(metered):
+    cluster, client, url = metered
+    client.create_collection("m", dim=4, metric="l2", buckets=8)
+    client.upsert("m", [str(i) for i in range(20)], np.random.default_rng(4).random((20, 4), dtype=np.float32))
+    before = scrape(f"{url}/metrics")
+    cluster.placer.stop_shard(cluster.controller.shards()[0].shard_id)  # half the buckets (replication 1)
+    hits = client.search("m", np.ones((1, 4), np.float32), k=3, min_coverage=0.25)
+    assert hits.coverage < 1
+    after = scrape(f"{url}/metrics")
+    assert total(after, "lookalike_router_partial_answers_total", collection="m") - total(
+        before, "lookalike_router_partial_answers_total", collection="m") == 1
 
 
 def test_bucket_moves_are_counted_and_timed(metered):
@@ -287,3 +301,26 @@ def test_ray_shards_serve_their_metrics_and_the_router_lists_them(ray_session, t
         metrics.close()
         router.close()
         stop_cluster(handle)
+
+
+def test_gpu_searches_cpu_fallbacks_and_mirror_builds_are_counted():
+    from prometheus_client import REGISTRY
+
+    from lookalike.config import CollectionConfig
+    from lookalike.gpu import EmulatedGpuBackend
+    from shard.cpu_index import VectorIndex
+
+    name = "gpu-metrics"
+    index = VectorIndex(CollectionConfig(name, 8, "l2", "Flat").validated(), EmulatedGpuBackend())
+    x = np.random.default_rng(3).random((100, 8), dtype=np.float32)
+    index.add(np.arange(100, dtype=np.int64), x)
+
+    def value(metric, **labels):
+        return REGISTRY.get_sample_value(metric, {"collection": name, **labels}) or 0.0
+
+    index.search(x[:2], 5)  # no mirror yet: the CPU answers
+    assert value("lookalike_shard_cpu_fallbacks_total") == 1 and value("lookalike_shard_gpu_searches_total") == 0
+    assert index.sync_gpu()
+    assert value("lookalike_shard_gpu_mirror_builds_total", outcome="ok") == 1
+    index.search(x[:2], 5)
+    assert value("lookalike_shard_gpu_searches_total") == 1 and value("lookalike_shard_cpu_fallbacks_total") == 1
