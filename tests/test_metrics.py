@@ -324,3 +324,43 @@ def test_gpu_searches_cpu_fallbacks_and_mirror_builds_are_counted():
     assert value("lookalike_shard_gpu_mirror_builds_total", outcome="ok") == 1
     index.search(x[:2], 5)
     assert value("lookalike_shard_gpu_searches_total") == 1 and value("lookalike_shard_cpu_fallbacks_total") == 1
+
+
+@pytest.mark.slow
+def test_serve_metrics_port_serves_the_router_and_lists_its_shards(tmp_path):
+    """`lookalike serve --metrics-port` with its embedded Ray: the router's /metrics, and /sd with the shard actor's
+    own endpoint."""
+    import os
+    import signal
+
+    import psutil
+
+    from conftest import free_port
+    from lookalike.net import wait_for_serving
+    from test_serve_hardening import _stop
+
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # the session's setting; serve turns the token on itself
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(tmp_path / "d"), "--port",
+                             str(port), "--shards", "1", "--metrics-port", str(mport)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    started = []
+    try:
+        wait_for_serving(f"127.0.0.1:{port}", timeout=120)
+        started += psutil.Process(proc.pid).children(recursive=True)
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            client.create_collection("s", dim=4, metric="l2", buckets=4)
+            client.upsert("s", ["a", "b"], np.eye(2, 4, dtype=np.float32))
+        router = scrape(f"http://127.0.0.1:{mport}/metrics")
+        assert total(router, "lookalike_router_requests_total", method="Upsert", code="OK") == 1
+        groups = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{mport}{SD_PATH}", timeout=30).read())
+        assert len(groups) == 1 and groups[0]["targets"][0].startswith("127.0.0.1:")
+        shard = scrape(f"http://{groups[0]['targets'][0]}/metrics")
+        assert total(shard, "lookalike_shard_vectors", collection="s") == 2
+        assert total(shard, "lookalike_shard_requests_total", method="Upsert", code="OK") == 1
+        os.killpg(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0 and f"Prometheus metrics on http://127.0.0.1:{mport}/metrics" in out, out
+    finally:
+        _stop([proc], started)

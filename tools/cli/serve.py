@@ -178,8 +178,8 @@ def cmd_serve(args) -> int:
     healths = [health]
     metrics = serve_router_metrics(router, metrics_host, metrics_port, tls) if metrics_port >= 0 else None
     if metrics is not None:
-        log.info("Prometheus metrics on %s://%s/metrics (shards' targets at /sd)", "https" if tls else "http",
-                 metrics.address)
+        print(f"Prometheus metrics on {'https' if tls else 'http'}://{metrics.address}/metrics (the shards' at /sd)",
+              flush=True)
     if args.health_port:  # plaintext health alone, for probes that cannot speak TLS
         probe_server, probe_port, probe_health = create_health_server(f"{host}:{args.health_port}")
         set_serving(probe_health, [SERVICE_NAME])
