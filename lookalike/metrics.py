@@ -159,15 +159,22 @@ class _Timing:
             self._count, self._seconds, self._labels = ROUTER_REQUESTS, ROUTER_SECONDS, {}
         else:
             self._count, self._seconds, self._labels = SHARD_REQUESTS, SHARD_SECONDS, {"shard": shard}
+        self._cache: dict[str, tuple] = {}  # method -> (handler, its wrapped handler)
 
     def _observe(self, method: str, context, err, seconds: float) -> None:
         self._count.labels(method=method, code=_code_name(context, err), **self._labels).inc()
         self._seconds.labels(method=method, **self._labels).observe(seconds)
 
     def wrap(self, handler, details):
+        """``handler`` timed; wrapped once per method while the server hands out the same handler."""
         if handler is None:
             return None
-        return _wrap(handler, functools.partial(self._observe, details.method.rpartition("/")[2]))
+        cached = self._cache.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, functools.partial(self._observe, details.method.rpartition("/")[2]))
+        self._cache[details.method] = (handler, wrapped)
+        return wrapped
 
 
 class ServerMetrics(_Timing, grpc.ServerInterceptor):
