@@ -157,6 +157,12 @@ class Controller:
         """(moves finished, moves failed) since this controller started."""
         return self.mover.done, self.mover.failed
 
+    def move_metrics(self) -> dict:
+        """Moves queued, done and failed since this controller started, and the durations of those done
+        (lookalike.metrics.Durations.snapshot under "seconds"): what the router exports (router.metrics)."""
+        m = self.mover
+        return {"queued": m.queued, "done": m.done, "failed": m.failed, "seconds": m.seconds.snapshot()}
+
     def wait_moves(self, timeout: float = 600.0) -> bool:
         """Blocks until no move is queued or running; returns False on timeout."""
         return self.mover.wait_moves(timeout)

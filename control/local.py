@@ -9,6 +9,7 @@ from jobs import JobManager
 from lookalike.config import CollectionConfig, MovePolicy
 from control.controller import Controller
 from lookalike.errors import Unavailable
+from lookalike.metrics import serve_metrics, shard_registry
 from lookalike.net import set_serving
 from router.core import Router
 from router.shard_client import GrpcShardClient, InProcessShardClient
@@ -21,15 +22,19 @@ class LocalPlacer:
 
     Args:
         gpu: a GPU backend (``lookalike.gpu``) every shard uses, or None: CPU shards.
+        metrics: each shard also serves its own metrics over HTTP on 127.0.0.1 (a free port; the samples of the
+            process registry labelled with its id).
     """
 
-    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0, gpu=None):
+    def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0, gpu=None,
+                 metrics: bool = False):
         self.data_dir = pathlib.Path(data_dir)
         self.segment_bytes = segment_bytes
         self.capacity_bytes = capacity_bytes
         self.gpu = gpu
         self.shards: dict[str, Shard] = {}
         self.servers: dict[str, tuple] = {}
+        self.metrics = {} if metrics else None  # shard id -> lookalike.metrics.MetricsServer
         self.controller: Controller | None = None
 
     def ensure_shard(self, shard_id: str) -> None:
@@ -40,6 +45,9 @@ class LocalPlacer:
         server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8)
         self.shards[shard_id] = shard
         self.servers[shard_id] = (server, port, servicer, health)
+        if self.metrics is not None:
+            self.metrics[shard_id] = serve_metrics("127.0.0.1", 0, registry=shard_registry(shard_id))
+            shard.metrics_address = self.metrics[shard_id].address
         epoch = self.controller.epoch()
         for cfg, buckets in self.controller.assignments(shard_id):
             shard.open_collection(cfg, buckets, epoch)
@@ -91,6 +99,8 @@ class LocalPlacer:
         server, _port, servicer, _health = self.servers.pop(shard_id)
         servicer.health_checker.stop()
         server.stop(None)
+        if self.metrics and shard_id in self.metrics:
+            self.metrics.pop(shard_id).close()
         self.shards.pop(shard_id).close()
         self.controller.unregister_shard(shard_id)
 
@@ -108,12 +118,13 @@ class LocalCluster:
         transport: "grpc" (real gRPC to each shard) or "inprocess" (direct calls through the same servicers).
         gpu: a GPU backend the shards share (``lookalike.gpu.GpuBackend``, or ``EmulatedGpuBackend`` in tests);
             None: CPU shards.
+        metrics: each shard serves its metrics on a port of its own (:class:`LocalPlacer`).
     """
 
     def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
                  refresh_interval: float = 0.1, policy: MovePolicy = MovePolicy(grace_s=0.3),
-                 capacity_bytes: int = 0, gpu=None):
-        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu)
+                 capacity_bytes: int = 0, gpu=None, metrics: bool = False):
+        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu, metrics)
         self.controller = Controller(data_dir, shards, self.placer, policy)
         self.placer.controller = self.controller
         self.controller.start()

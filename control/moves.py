@@ -22,6 +22,7 @@ from control.registry import CollectionRegistry
 from control.roster import ShardRoster
 from control.state import ClusterState, CollectionState, Move, span, unique
 from lookalike.config import MovePolicy
+from lookalike.metrics import Durations
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class MoveRunner:
         self.running: set[tuple[str, int]] = set()  # keys of the moves under way
         self.done = 0
         self.failed = 0
+        self.queued = 0  # moves queued since this controller started
+        self.seconds = Durations()  # how long each move that finished took, from its start to its source's drop
 
     # --- planning -------------------------------------------------------------------------------------------
     def rebalance(self, name: str | None = None, add_shards: int = 0) -> int:
@@ -135,6 +138,7 @@ class MoveRunner:
                 st.save()
                 st.cond.notify_all()
         if queued:
+            self.queued += queued
             log.info("rebalance: %d bucket move(s) queued", queued)
         return queued
 
@@ -202,6 +206,7 @@ class MoveRunner:
 
     def _run_move(self, m: Move) -> None:
         st = self._state
+        t0, done = time.monotonic(), self.done
         try:
             if m.phase != "leaving":
                 try:
@@ -212,6 +217,8 @@ class MoveRunner:
                 with st.cond:
                     st.cond.notify_all()  # the copy slot is free: the next move may start
             self._leave_phase(m)
+            if self.done > done:
+                self.seconds.observe(time.monotonic() - t0)
         finally:
             with st.cond:
                 self.running.discard(m.key)

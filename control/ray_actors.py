@@ -115,6 +115,9 @@ class RayControlPlane(ActorView):
     def move_counts(self):
         return self._call("move_counts")
 
+    def move_metrics(self):
+        return self._call("move_metrics", timeout=5)
+
     def training_status(self, name):
         return self._call("training_status", name)
 

@@ -64,7 +64,7 @@ class RayPlacer:
             h = ShardActor.options(**self.actor_options(shard_id)).remote(
                 shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
                 shard_threads(cfg), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
-                self.num_gpus, cfg.tls)
+                self.num_gpus, cfg.tls, cfg.shard_metrics_port)
             self._handles[shard_id] = h
             self._ready[shard_id] = h.__ray_ready__.remote()
         return h

@@ -20,7 +20,9 @@ import ray
 from control.ray_common import actor_logging, controller_name, unwrap
 from lookalike import tracing
 from lookalike.config import CollectionConfig
+from lookalike.errors import InvalidArgument
 from lookalike.gpu import backend_for_shard
+from lookalike.metrics import serve_metrics
 from lookalike.net import set_serving
 from lookalike.security import is_loopback
 from shard.shard import Shard
@@ -34,7 +36,7 @@ class ShardActor:
     """One shard: its gRPC server on this node, and the placement calls of the controller (``control.ray_placer``)."""
 
     def __init__(self, shard_id: str, data_dir: str, cluster: str, namespace: str, threads: int, host: str,
-                 segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0, tls=None):
+                 segment_bytes: int, capacity_bytes: int = 0, gpus: float = 0.0, tls=None, metrics_port: int = -1):
         actor_logging()
         try:  # the OTEL_* environment the actor got (serve's, in the embedded cluster)
             tracing.setup("lookalike-shard")
@@ -52,11 +54,24 @@ class ShardActor:
         self.server, port, _servicer, self._health = create_shard_server(self.shard, bind, tls=tls)
         ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
         self.address = f"{ip}:{port}"
+        self._metrics = self._serve_metrics(bind.rpartition(":")[0], ip, metrics_port, tls)
         self.node = ray.get_runtime_context().get_node_id()
         self._controller = ray.get_actor(controller_name(cluster), namespace=namespace)
         self._set_serving = lambda: set_serving(self._health, [SERVICE_NAME])
         self._set_not_serving = lambda: set_serving(self._health, [SERVICE_NAME], False)
         threading.Thread(target=self._load, daemon=True, name="shard-load").start()
+
+    def _serve_metrics(self, bind: str, ip: str, port: int, tls):
+        """Its Prometheus endpoint (the whole registry of this process: one shard); None when off or refused."""
+        if port < 0:
+            return None
+        try:
+            server = serve_metrics(bind, port, tls)
+        except (InvalidArgument, OSError) as err:  # beyond loopback without TLS: the shard serves, unscraped
+            log.warning("%s serves no metrics: %s", self.shard_id, err)
+            return None
+        self.shard.metrics_address = f"{ip}:{server.port}"
+        return server
 
     def _load(self) -> None:
         try:

@@ -240,6 +240,9 @@ class ClusterConfig:
         policy: bucket moves and automatic growth.
         tls: the internal hop's mutual TLS (lookalike.security.TLSConfig: shards serve with it, routers and the
             jobs actor connect with it); None: plaintext shards.
+        shard_metrics_port: the port each shard serves its Prometheus metrics on, on the address its gRPC server
+            binds (beyond loopback only with ``tls``: HTTPS, client certificates its CA signed); 0: a free port
+            (shards report it in Stats, the router's service discovery lists it); -1: none.
     """
 
     data_dir: str = "./lookalike-data"
@@ -252,6 +255,7 @@ class ClusterConfig:
     shard_gpus: float | str = "auto"
     policy: MovePolicy = MovePolicy()
     tls: object = None
+    shard_metrics_port: int = -1
 
 
 def storage_path(uri: str) -> str:

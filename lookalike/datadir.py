@@ -139,12 +139,16 @@ def _check_private(path: pathlib.Path) -> None:
 
 
 def embedded_ray_env(data_dir: str | os.PathLike) -> dict[str, str | None]:
-    """The environment that turns on Ray's token authentication for an embedded cluster over ``data_dir``: every
-    process Ray starts inherits it. A value of None means: remove the variable (a token given in the environment
-    would take precedence over the file).
+    """The environment that turns on Ray's token authentication (and off Ray's metrics endpoints) for an embedded
+    cluster over ``data_dir``: every process Ray starts inherits it. A value of None means: remove the variable (a
+    token given in the environment would take precedence over the file).
 
     Raises:
         InvalidArgument: as :func:`ray_token_path`.
     """
+    # No Ray metrics endpoints: with prometheus-client installed (lookalike's metrics need it), Ray's autoscaler
+    # would serve its metrics in plaintext HTTP, with no authentication, on the machine's address (port 44217), and
+    # its node agents may export theirs. Port -1 makes the autoscaler's metrics server fail to bind (Ray logs it and
+    # goes on); the node agents' export is a switch.
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(data_dir).resolve()),
-            "RAY_AUTH_TOKEN": None}
+            "RAY_AUTH_TOKEN": None, "AUTOSCALER_METRIC_PORT": "-1", "RAY_enable_metrics_collection": "0"}

@@ -57,7 +57,7 @@ def _bind(server, address: str, tls) -> int:
 
 
 def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None,
-                  max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
+                  interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
     """Builds and starts a gRPC server with health and reflection.
 
     Args:
@@ -66,6 +66,7 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         service_names: full names of the services added (for health and reflection).
         max_workers: threads serving calls.
         tls: lookalike.security.TLSConfig to serve TLS (mutual when its ``client_auth``); None: plaintext.
+        interceptors: grpc.ServerInterceptors (e.g. lookalike.metrics.ServerMetrics).
         max_concurrent_rpcs: calls it runs or queues at once; beyond, they get RESOURCE_EXHAUSTED (None: no bound).
 
     Returns:
@@ -74,7 +75,7 @@ def create_server(address: str, register, service_names: list[str], max_workers:
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs,
-                         interceptors=tracing.server_interceptors() or None)
+                         interceptors=[*tracing.server_interceptors(), *interceptors] or None)  # the span first
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
     port = _bind(server, address, tls)

@@ -361,7 +361,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged", "problem", "collections")
+    __slots__ = ("shard_id", "address", "serving", "node", "buckets", "vectors", "memory_bytes", "index_bytes", "capacity_bytes", "joining", "damaged", "problem", "collections", "metrics_address")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +375,7 @@ class ShardStatus(_message.Message):
     DAMAGED_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     address: str
     serving: bool
@@ -388,7 +389,8 @@ class ShardStatus(_message.Message):
     damaged: _containers.RepeatedScalarFieldContainer[str]
     problem: str
     collections: _containers.RepeatedCompositeFieldContainer[ShardCollection]
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., problem: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[ShardCollection, _Mapping]]] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., serving: _Optional[bool] = ..., node: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., index_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., problem: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[ShardCollection, _Mapping]]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class ShardCollection(_message.Message):
     __slots__ = ("collection", "buckets", "joining", "vectors", "index_bytes")

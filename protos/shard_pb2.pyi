@@ -200,15 +200,17 @@ class CollectionStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., buckets: _Optional[int] = ..., vectors: _Optional[int] = ..., index_bytes: _Optional[int] = ..., trained: _Optional[bool] = ..., bucket_counts: _Optional[bytes] = ..., joining: _Optional[int] = ..., damaged: _Optional[_Iterable[str]] = ..., trained_version: _Optional[int] = ..., loaded_from_checkpoint: _Optional[bool] = ..., replayed_records: _Optional[int] = ...) -> None: ...
 
 class ShardStatsResponse(_message.Message):
-    __slots__ = ("shard_id", "collections", "memory_bytes", "serving", "capacity_bytes")
+    __slots__ = ("shard_id", "collections", "memory_bytes", "serving", "capacity_bytes", "metrics_address")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     collections: _containers.RepeatedCompositeFieldContainer[CollectionStats]
     memory_bytes: int
     serving: bool
     capacity_bytes: int
-    def __init__(self, shard_id: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., serving: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, shard_id: _Optional[str] = ..., collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., memory_bytes: _Optional[int] = ..., serving: _Optional[bool] = ..., capacity_bytes: _Optional[int] = ..., metrics_address: _Optional[str] = ...) -> None: ...

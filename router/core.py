@@ -51,6 +51,9 @@ class ControlPlane(Protocol):
 
     def move_counts(self) -> tuple[int, int]: ...
 
+    # Moves queued, done, failed and their durations (control.controller.Controller.move_metrics).
+    def move_metrics(self) -> dict: ...
+
     # Where the collection's training stands (control.controller.Controller.training_status).
     def training_status(self, name: str) -> dict: ...
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, LookalikeError, StaleShardMap, Unavailable
+from lookalike.metrics import FANOUT_SHARDS, PARTIAL_ANSWERS
 from lookalike.retry import Retry
 from lookalike.wire import vectors_to_proto
 from protos import shard_pb2
@@ -141,6 +142,7 @@ class Search:
         responses, failures = [], {}
         rotation = next(self._turn)
         control_away = False  # a fresh map was asked for and the control plane did not answer in time
+        calls = 0
         for attempt in retry:
             left = retry.left()
             if left is not None and left <= 0:
@@ -152,6 +154,7 @@ class Search:
             if not targets:
                 break
             req.epoch = smap.epoch
+            calls += len(targets)
             answered_now = []
             for sid, resp in await io.call(smap, targets, req, left):
                 if isinstance(resp, CALLER_ERRORS):
@@ -188,6 +191,7 @@ class Search:
                     failures.pop(sid)
             smap = fresh
         coverage = smap.owned_fraction if covered is smap.owned else float(covered.sum()) / n_buckets
+        FANOUT_SHARDS.observe(calls)
         failed = "; ".join(f"{sid}: {err}" for sid, err in failures.items())
         if failures and not control_away:
             self.shards.invalidate(name)
@@ -198,6 +202,8 @@ class Search:
             raise Unavailable(
                 f"only {int(covered.sum())} of {n_buckets} buckets of {name!r} answered (coverage {coverage:.3f} "
                 f"< min_coverage {min_coverage:g}); failed: {failed or 'none'}")
+        if coverage < 1:
+            PARTIAL_ANSWERS.labels(collection=name).inc()
         larger_is_better = smap.collection.larger_is_better
 
         def finish():

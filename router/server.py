@@ -12,6 +12,7 @@ from lookalike.config import METRICS, RPC, CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
+from lookalike.metrics import SEARCH_QUERIES, AioServerMetrics
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
@@ -122,6 +123,29 @@ def training_to_proto(st: dict) -> lookalike_pb2.IndexTraining:
         state=_TRAINING_STATES[st["state"]], version=st["version"], vectors=st["vectors"],
         vectors_needed=st["vectors_needed"], trained_on=st["trained_on"], shards=st["shards"],
         shards_ready=st["shards_ready"], message=st["message"], next_version=st.get("next_version", 0))
+
+def _shard_status(info, st, order: dict[str, int]) -> lookalike_pb2.ShardStatus:
+    """A shard's ShardStatus from its map entry and its Stats answer (None: it did not answer); its collections
+    in the census' order."""
+    s = lookalike_pb2.ShardStatus(shard_id=info.shard_id, address=info.address, node=info.node,
+                                  serving=bool(st is not None and st.serving), problem=info.problem)
+    if st is None:
+        return s
+    s.memory_bytes = st.memory_bytes
+    s.capacity_bytes = st.capacity_bytes
+    s.metrics_address = st.metrics_address
+    s.vectors = sum(c.vectors for c in st.collections)
+    s.index_bytes = sum(c.index_bytes for c in st.collections)
+    held = sorted((c for c in st.collections if c.buckets or c.vectors),
+                  key=lambda c: (order.get(c.name, len(order)), c.name))
+    s.collections.extend(lookalike_pb2.ShardCollection(
+        collection=c.name, buckets=c.buckets, joining=c.joining, vectors=c.vectors,
+        index_bytes=c.index_bytes) for c in held)
+    if len(held) == 1:  # the deprecated shard-wide fields: a bucket count means nothing across collections
+        s.buckets, s.joining = held[0].buckets, held[0].joining
+    s.damaged.extend(f"{c.name}: {d}" for c in st.collections for d in c.damaged)
+    return s
+
 
 class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     """The public service. ``Search`` is a coroutine on the server's event loop, batched with concurrent searches
@@ -245,6 +269,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         check_k(request.k)
         xq = vectors_from_proto(request.queries, coll, "queries")
         tracing.annotate(collection=request.collection, nq=len(xq), k=request.k)
+        SEARCH_QUERIES.observe(len(xq))
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
                 check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
                 request.include_payloads, _timeout(context))
@@ -291,24 +316,7 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
     def ClusterStatus(self, request, context):
         census = self.router.census(_stats_timeout(context))
         order = {name: i for i, name in enumerate(census.maps)}
-        shards = []
-        for info, st in census.shards:
-            s = lookalike_pb2.ShardStatus(shard_id=info.shard_id, address=info.address, node=info.node,
-                                          serving=bool(st is not None and st.serving), problem=info.problem)
-            if st is not None:
-                s.memory_bytes = st.memory_bytes
-                s.capacity_bytes = st.capacity_bytes
-                s.vectors = sum(c.vectors for c in st.collections)
-                s.index_bytes = sum(c.index_bytes for c in st.collections)
-                held = sorted((c for c in st.collections if c.buckets or c.vectors),
-                              key=lambda c: (order.get(c.name, len(order)), c.name))
-                s.collections.extend(lookalike_pb2.ShardCollection(
-                    collection=c.name, buckets=c.buckets, joining=c.joining, vectors=c.vectors,
-                    index_bytes=c.index_bytes) for c in held)
-                if len(held) == 1:  # the deprecated shard-wide fields: a bucket count means nothing across collections
-                    s.buckets, s.joining = held[0].buckets, held[0].joining
-                s.damaged.extend(f"{c.name}: {d}" for c in st.collections for d in c.damaged)
-            shards.append(s)
+        shards = [_shard_status(info, st, order) for info, st in census.shards]
         control = self.router.control
         done, failed = control.move_counts()
         moves = [lookalike_pb2.BucketMove(collection=m.collection, bucket=b, source=m.source, target=m.target,
@@ -403,9 +411,9 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
         holder["servicer"] = RouterServicer(router, batcher, executor, jobs)
         lookalike_pb2_grpc.add_LookalikeServicer_to_server(holder["servicer"], server)
 
+    interceptors = [AioServerMetrics(None)] + ([auth] if auth is not None else [])  # metrics first: refusals count
     server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers, tls=tls,
-                                             interceptors=[auth] if auth is not None else (),
-                                             max_concurrent_rpcs=max_concurrent_rpcs)
+                                             interceptors=interceptors, max_concurrent_rpcs=max_concurrent_rpcs)
     health_check = health_check or {}
     server.servicer = holder["servicer"]
     server.executors.append(executor)

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
+from lookalike.metrics import CPU_FALLBACKS, GPU_SEARCHES, MIRROR_BUILDS
 from shard.gpu_mirror import CagraMirror, IdMirror
 from shard.specs import FAISS_METRIC, cagra_degree, extract_ivf, faiss_reason, gpu_kind
 
@@ -134,8 +135,11 @@ class MirrorKeeper:
         """A mirror of the trained CPU index ``main``; None when the build failed (logged: searches stay on the
         CPU, and :attr:`needs_build` waits a minute before asking again)."""
         try:
-            return self._build(main)
+            mirror = self._build(main)
+            MIRROR_BUILDS.labels(collection=self.coll.name, outcome="ok").inc()
+            return mirror
         except Exception as err:  # no room on the GPU, or a shape the GPU cannot hold (e.g. some PQ sizes)
+            MIRROR_BUILDS.labels(collection=self.coll.name, outcome="failed").inc()
             self._retry_at = time.monotonic() + _GPU_RETRY_S
             reason = faiss_reason(err)
             (log.warning if reason != self._error else log.debug)(
@@ -185,9 +189,14 @@ class MirrorKeeper:
         mirror cannot answer at all (none, k or nprobe beyond the GPU's limit, or the search failed)."""
         mirror = self.mirror
         if mirror is None or not mirror.usable(k, nprobe):
+            if self.backend is not None:
+                CPU_FALLBACKS.labels(collection=self.coll.name).inc()
             return None
         try:
-            return mirror.search(xq, k, nprobe, ef_search)
+            found = mirror.search(xq, k, nprobe, ef_search)
         except Exception as err:  # e.g. no GPU scratch memory left: the CPU index still answers
             log.warning("%s: GPU search failed (%s); answering from the CPU index", self.coll.name, err)
+            CPU_FALLBACKS.labels(collection=self.coll.name).inc()
             return None
+        GPU_SEARCHES.labels(collection=self.coll.name).inc()
+        return found

@@ -13,6 +13,7 @@ from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
+from lookalike.metrics import ServerMetrics
 from lookalike.net import abort_on_error, create_server
 from lookalike.wire import (check_k, payload_from_bytes, payloads_from_proto, vectors_from_proto, vectors_from_proto_raw,
                             vectors_to_proto)
@@ -130,7 +131,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         st = self.shard.stats()
         return shard_pb2.ShardStatsResponse(
             shard_id=st["shard_id"], memory_bytes=st["memory_bytes"], serving=st["serving"],
-            capacity_bytes=st["capacity_bytes"],
+            capacity_bytes=st["capacity_bytes"], metrics_address=st.get("metrics_address", ""),
             collections=[shard_pb2.CollectionStats(**c) for c in st["collections"]])
 
 
@@ -145,7 +146,7 @@ def create_shard_server(shard: Shard, address: str = "[::]:0", max_workers: int 
                                               f"shard {shard.shard_id}"))
     server, port, health = create_server(
         address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(servicer, s), [SERVICE_NAME], max_workers,
-        tls=tls, max_concurrent_rpcs=max_concurrent_rpcs)
+        tls=tls, interceptors=[ServerMetrics(shard.shard_id)], max_concurrent_rpcs=max_concurrent_rpcs)
     servicer.health_checker = HealthChecker(shard_probe(shard, SERVICE_NAME), [health], [SERVICE_NAME],
                                             f"shard {shard.shard_id}", **(health_check or {})).start()
     return server, port, servicer, health

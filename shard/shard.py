@@ -20,6 +20,7 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lookalike.indexspec import check_spec
 from shard.collection import ShardCollection
+from shard.metrics import SHARDS
 from shard.quarantine import ReplayGuard
 from shard.osutil import release_memory
 from shard.store import CollectionStore
@@ -59,6 +60,8 @@ class Shard:
         self.trained = TrainedIndexes(shard_id, self.storage_root, gpu, self.store_path)
         self._lock = threading.Lock()
         self.serving = False
+        self.metrics_address = ""  # host:port of its Prometheus metrics, when it serves them (shard.proto)
+        SHARDS.watch(self)
 
     def memory_bytes(self) -> int:
         """Resident memory of this process."""
@@ -240,7 +243,8 @@ class Shard:
 
     def stats(self) -> dict:
         return {"shard_id": self.shard_id, "serving": self.serving, "memory_bytes": self.used_bytes(),
-                "capacity_bytes": self.capacity_bytes, "collections": self.stats_collections()}
+                "capacity_bytes": self.capacity_bytes, "collections": self.stats_collections(),
+                "metrics_address": self.metrics_address}
 
     # --- bucket moves (called by the controller through the placer) ----------------------------------------
     def join_buckets(self, cfg: CollectionConfig, buckets, epoch: int = 0) -> None:
@@ -267,6 +271,7 @@ class Shard:
 
     def close(self) -> None:
         """Checkpoints and closes every collection (see ShardCollection.close)."""
+        SHARDS.unwatch(self)
         for sc in list(self._collections.values()):
             sc.close()
 

@@ -12,9 +12,11 @@ import logging
 import os
 import pathlib
 import threading
+import time
 from dataclasses import replace
 
 from lookalike.errors import ResourceExhausted
+from lookalike.metrics import WAL_FSYNC_SECONDS
 from shard.frames import HEADER, Tally, frame
 from shard.manifest import MARK, LogPosition, ManifestFile, pack_mark, segment_name
 from shard.osutil import fsync_dir
@@ -50,6 +52,8 @@ class WalWriter:
         self.tally = Tally()  # what the active segment holds
         self.closed = False
         self._undo: tuple | None = None  # (segment, tally before the last record): what retract restores
+        # The store's directory is shards/<shard_id>/<collection> (shard.store): its labels.
+        self._fsync_seconds = WAL_FSYNC_SECONDS.labels(shard=path.parent.name, collection=path.name)
 
     def open_active(self, seq: int, tally: Tally) -> None:
         """Opens (creates) active segment ``seq`` holding ``tally``, then its mark, then names them in the manifest:
@@ -87,7 +91,9 @@ class WalWriter:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(self.fd, view):]
+                t0 = time.perf_counter()
                 os.fsync(self.fd)
+                self._fsync_seconds.observe(time.perf_counter() - t0)
             except BaseException as err:
                 # Cut off what was written (a full disk, a failed fsync): it is not acknowledged, and frames
                 # acknowledged later must not follow a torn one (nor lie past what the mark counts).

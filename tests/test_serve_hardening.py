@@ -222,7 +222,8 @@ def test_data_dir_lock_and_ray_token_files(tmp_path):
 
     env = embedded_ray_env(tmp_path / "d")
     path = tmp_path / "d" / "ray-auth-token"
-    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve()), "RAY_AUTH_TOKEN": None}
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path.resolve()), "RAY_AUTH_TOKEN": None,
+                   "AUTOSCALER_METRIC_PORT": "-1", "RAY_enable_metrics_collection": "0"}
     assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_text()) == 64
     assert embedded_ray_env(tmp_path / "d") == env and len(path.read_text()) == 64  # reused, not remade
     path.chmod(0o644)

@@ -29,6 +29,11 @@ run, a few of those ids (the row numbers without ``--ids``) are looked up with G
 collection holds the data under other ids, and recall is reported as not measured, saying why (``--ids FILE``),
 instead of as 0.
 
+Server-side latency: with ``--metrics-url URL`` (the router's /metrics, ``serve --metrics-port``), the router's
+latency histograms are read before and after the run, and the report shows what the requests took inside the
+router (p50/p90/p99 estimated from the histogram's buckets, bench.loadtest.server_side) beside what the clients
+saw: the difference is the network, the client and queueing before the router.
+
 Report: achieved rate, p50/p90/p99/p99.9 latency (all requests and per kind), errors by status code, send lag,
 recall@k, a per-second timeline; printed, written as JSON (``--out``) and drawn as a PNG (``--plot``: latency over
 time and its distribution; needs matplotlib, ``pip install 'lookalike[plot]'``).
@@ -44,11 +49,12 @@ from bench.loadtest.config import OPS, LoadConfig, WorkerInput, open_schedule, p
 from bench.loadtest.inputs import fetch_stored, prepare, recall_ids_problem
 from bench.loadtest.report import (compute_recall, exact_knn, format_report, merge_records, percentile, plot, save,
                                    summarize)
+from bench.loadtest.server_side import read_metrics, server_latency
 from bench.loadtest.worker import run_workers
 
 __all__ = ["OPS", "LoadConfig", "WorkerInput", "compute_recall", "exact_knn", "fetch_stored", "format_report",
-           "merge_records", "open_schedule", "parse_mix", "percentile", "plot", "prepare", "recall_ids_problem", "run",
-           "run_workers", "save", "summarize"]
+           "merge_records", "open_schedule", "parse_mix", "percentile", "plot", "prepare", "read_metrics", "recall_ids_problem",
+           "run", "run_workers", "save", "server_latency", "summarize"]
 
 
 def run(cfg: LoadConfig, queries: np.ndarray, write_mean: np.ndarray, write_std: np.ndarray,

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from bench.loadtest.config import OK, OPS, LoadConfig
+from bench.loadtest.server_side import format_server
 
 
 def percentile(values: np.ndarray, p: float) -> float:
@@ -210,6 +211,7 @@ def format_report(report: dict) -> str:
                                                                  ("p50", "p90", "p99", "p99.9", "max")))
         else:
             lines.append(f"  {name:<12}{0:>8}  (none answered ok)")
+    lines.extend(format_server(report))
     lag = report["send_lag_ms"]
     if cfg["mode"] == "open" and lag["count"]:
         lines.append(f"  send lag ms: p50 {lag['p50']:.2f}, p99 {lag['p99']:.2f}, max {lag['max']:.2f}"

@@ -58,8 +58,18 @@ def cmd_loadtest(args) -> int:
             fetch=lambda n: loadtest.fetch_stored(args.target, args.name, n, args.seed, conn))
     except ValueError as err:
         raise UserError(str(err)) from None
+    try:
+        before = loadtest.read_metrics(args.metrics_url, conn["tls"]) if args.metrics_url else None
+    except ValueError as err:
+        raise UserError(str(err)) from None
     report, rec = loadtest.run(cfg, queries, mean, std, data, data_ids, metric, show_progress=not args.quiet,
                                recall_off=recall_off)
+    if before is not None:
+        try:
+            report["server_latency_ms"] = loadtest.server_latency(before, loadtest.read_metrics(args.metrics_url,
+                                                                                                conn["tls"]))
+        except ValueError as err:  # the run is done: report it without the server's side
+            print(f"warning: {err}", file=sys.stderr)
     print(loadtest.format_report(report))
     if args.out:
         try:
@@ -119,6 +129,10 @@ def add_loadtest(sub) -> None:
                     "%(default)s)")
     lt.add_argument("--recall-sample", type=non_negative_int, default=100,
                     help="queries checked against exact search (default %(default)s; 0: none)")
+    lt.add_argument("--metrics-url", default=None, metavar="URL",
+                    help="the router's Prometheus metrics (e.g. http://127.0.0.1:9090/metrics, serve --metrics-port): "
+                         "its latency histograms are read before and after the run, and the report shows server-side "
+                         "latency beside the client's (https: the --tls-* files)")
     lt.add_argument("--keep-writes", action="store_true", help="keep the items the test wrote (default: deleted)")
     lt.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     lt.add_argument("--out", default="loadtest.json", help="JSON report (default %(default)s; '' for none)")

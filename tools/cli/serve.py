@@ -29,9 +29,11 @@ from control.state import stored_shards
 from lookalike import logs, tracing
 from lookalike.config import RPC, ClusterConfig, MovePolicy, storage_path
 from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
+from lookalike.metrics import check_metrics_bind
 from lookalike.net import create_health_server, set_serving
 from lookalike.security import AuthInterceptor, TokenTable, is_loopback
 from router.core import Router
+from router.metrics import serve_router_metrics
 from router.server import SERVICE_NAME, create_router_server
 from router.shard_client import GrpcShardClient
 from tools.cli.common import UserError, parse_bytes, tls_config
@@ -129,6 +131,7 @@ def cmd_serve(args) -> int:
         tls, auth, host = _serve_security(args)
         log_format = logs.log_format(args.log_format)
         tracing.setup("lookalike-router")  # the OTEL_* environment (off when it names no exporter)
+        metrics_port, metrics_host = metrics_flags(args, os.environ, tls)
         # One storage, one server: the embedded cluster's shards write this directory. (Routers joining a Ray
         # cluster share its storage with the cluster's other routers: the cluster's controller owns it there.)
         lock = DataDirLock(data_dir).acquire() if embedded else None
@@ -150,7 +153,7 @@ def cmd_serve(args) -> int:
                         shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0),
-                        tls=tls.internal() if tls else None)
+                        tls=tls.internal() if tls else None, shard_metrics_port=0 if metrics_port >= 0 else -1)
     if embedded:
         # Ray's token authentication on, whatever the environment said: the GCS, the raylet and every worker listen
         # on all interfaces (docs/SECURITY.md, "What listens where"), and the token is what keeps others out.
@@ -179,6 +182,10 @@ def cmd_serve(args) -> int:
                                                 batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth,
                                                 max_concurrent_rpcs=args.max_concurrent_rpcs or None)
     healths = [health]
+    metrics = serve_router_metrics(router, metrics_host, metrics_port, tls) if metrics_port >= 0 else None
+    if metrics is not None:
+        print(f"Prometheus metrics on {'https' if tls else 'http'}://{metrics.address}/metrics (the shards' at /sd)",
+              flush=True)
     if args.health_port:  # plaintext health alone, for probes that cannot speak TLS
         probe_server, probe_port, probe_health = create_health_server(f"{host}:{args.health_port}")
         server.health_checker.add(probe_health)  # the router's readiness and liveness (lookalike.health)
@@ -201,6 +208,8 @@ def cmd_serve(args) -> int:
     for h in healths:
         set_serving(h, [SERVICE_NAME], False)
     server.stop(grace=args.grace).wait()
+    if metrics is not None:
+        metrics.close()
     if args.health_port:
         probe_server.stop(None)
     router.close()
@@ -230,6 +239,25 @@ def serve_port(args, environ) -> int:
         return port_number(environ.get("LOOKALIKE_PORT") or "50051")
     except argparse.ArgumentTypeError as err:
         raise UserError(f"LOOKALIKE_PORT {err}") from None
+
+
+def metrics_flags(args, environ, tls) -> tuple[int, str]:
+    """(port, host) of serve's metrics endpoint: --metrics-port or LOOKALIKE_METRICS_PORT (-1: none), and
+    --metrics-host or LOOKALIKE_METRICS_HOST (default 127.0.0.1; beyond loopback only with TLS and a client CA).
+
+    Raises:
+        ValueError: a port that is not one, or a bind beyond loopback without TLS (the sentence says so).
+    """
+    port = args.metrics_port
+    if port is None:
+        try:
+            port = port_number(environ["LOOKALIKE_METRICS_PORT"]) if environ.get("LOOKALIKE_METRICS_PORT") else -1
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"LOOKALIKE_METRICS_PORT {err}") from None
+    host = args.metrics_host or environ.get("LOOKALIKE_METRICS_HOST") or "127.0.0.1"
+    if port >= 0:
+        check_metrics_bind(host, tls)
+    return port, host
 
 
 def _exit_soon(status: int, after_s: float = 5.0) -> None:
@@ -341,6 +369,13 @@ def add_serve(sub) -> None:
     s.add_argument("--log-format", choices=logs.FORMATS, default=None,
                    help="text, or json: one JSON object a line, with the trace id of the call it is about (env "
                         "LOOKALIKE_LOG_FORMAT, passed on to the shards; default text)")
+    s.add_argument("--metrics-port", type=port_number, default=None,
+                   help="serve Prometheus metrics over HTTP on this port (env LOOKALIKE_METRICS_PORT; 0: any free "
+                        "port; default: none); the shards then serve theirs too, listed at /sd for Prometheus' "
+                        "http_sd_configs (docs/OPERATIONS.md)")
+    s.add_argument("--metrics-host", default=None,
+                   help="address the metrics bind (env LOOKALIKE_METRICS_HOST; default 127.0.0.1); beyond loopback "
+                        "only with --tls-cert, --tls-key and --tls-ca: HTTPS, scrapers need a client certificate")
     s.add_argument("--shards", type=positive_int, default=2, help="shards to start on new storage (default %(default)s)")
     s.add_argument("--shard-cpus", type=number(float, above=0), default=1.0,
                    help="Ray CPUs per shard actor (default %(default)s)")
