@@ -75,11 +75,12 @@ def test_size_command_and_overlay(tmp_path, capsys):
     import yaml
 
     rendered = subprocess.run(["kubectl", "kustomize", str(out)], capture_output=True, text=True, check=True).stdout
-    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered) if d}
+    all_docs = [d for d in yaml.safe_load_all(rendered) if d]
+    docs = {d["kind"]: d for d in all_docs}
     p = sizing.plan(40_000_000, 128, "Flat", replicas=2)
     group = docs["RayCluster"]["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == p.nodes and group["maxReplicas"] >= p.nodes
     res = group["template"]["spec"]["containers"][0]["resources"]
     assert res["requests"]["memory"] == res["limits"]["memory"] == "64Gi"
-    cfg = docs["ConfigMap"]["data"]
+    cfg = next(d for d in all_docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lookalike-config")["data"]
     assert cfg["LOOKALIKE_SHARDS"] == str(p.shards) and cfg["LOOKALIKE_SHARD_MEMORY"] == "62Gi"
