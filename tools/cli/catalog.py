@@ -16,7 +16,7 @@ from jobs import cluster_space
 from protos import lookalike_pb2
 from tools.catalog_report import draw_map, groups_sheet, project, write_groups
 from tools.cli.common import UserError, metric_name, open_client
-from tools.cli.flags import non_negative_int, number, positive_int, with_target
+from tools.cli.flags import non_negative_int, number, positive_int, search_param_flags, with_target
 from tools.sheet import read_uri
 
 
@@ -157,10 +157,7 @@ def add_catalog(sub) -> None:
     dd.add_argument("--threshold", type=number(float), required=True,
                     help="l2: squared distance at most T; hamming: bits at most T; ip/cosine: similarity at least T")
     dd.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours looked at per item (default %(default)s)")
-    dd.add_argument("--nprobe", type=non_negative_int, default=0,
-                    help="IVF indexes: inverted lists to probe (default 0: the collection's)")
-    dd.add_argument("--ef-search", type=non_negative_int, default=0,
-                    help="HNSW indexes: search breadth (default 0: the collection's)")
+    search_param_flags(dd)
     dd.add_argument("--batch", type=non_negative_int, default=0, help="items per search batch (default 0: 4096)")
     dd.add_argument("--out", help="write OUT.csv, OUT.jsonl and OUT.png (default dedup-NAME)")
     dd.add_argument("--sheet", help="contact sheet PNG path (default OUT.png; 'none': no sheet)")

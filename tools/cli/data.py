@@ -20,7 +20,7 @@ from tqdm import tqdm
 from encoder.ingest import ingest
 from encoder.match import default_match
 from tools.cli.common import UserError, load_npy, one_line, open_client, os_error, read_lines, read_payloads
-from tools.cli.flags import non_negative_int, number, positive_int, with_target
+from tools.cli.flags import number, positive_int, search_param_flags, with_target
 from tools.sheet import contact_sheet, read_uri
 
 
@@ -206,10 +206,7 @@ def add_items(sub) -> None:
                    help="query image (repeatable); the collection's encoder turns it into a vector")
     q.add_argument("--sheet", metavar="OUT.png", help="write a contact sheet of the queries and their neighbours")
     q.add_argument("-k", type=positive_int, default=10, help="neighbours per query (default %(default)s)")
-    q.add_argument("--nprobe", type=non_negative_int, default=0,
-                   help="IVF indexes: inverted lists to probe (default 0: the collection's)")
-    q.add_argument("--ef-search", type=non_negative_int, default=0,
-                   help="HNSW indexes: search breadth (default 0: the collection's)")
+    search_param_flags(q)
     q.add_argument("--min-coverage", type=number(float, low=0, high=1), default=None,
                    help="fraction of buckets that must answer, 0 to 1, else the search fails with UNAVAILABLE "
                         "(default: all, 1)")

@@ -110,6 +110,14 @@ positive_float = number(float, above=0)
 port_number = number(int, low=0, high=65535)
 
 
+def search_param_flags(sp) -> None:
+    """--nprobe and --ef-search: a search's breadth, 0 meaning the collection's own."""
+    sp.add_argument("--nprobe", type=non_negative_int, default=0,
+                    help="IVF indexes: inverted lists to probe (default 0: the collection's)")
+    sp.add_argument("--ef-search", type=non_negative_int, default=0,
+                    help="HNSW indexes: search breadth (default 0: the collection's)")
+
+
 def byte_size(text: str) -> int:
     """argparse type of a memory size: '8Gi', '512Mi', '2G', '1000000' -> bytes."""
     try:

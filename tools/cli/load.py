@@ -13,7 +13,7 @@ import numpy as np
 from bench import loadtest
 from bench.cluster_bench import main as cluster_bench_main
 from tools.cli.common import UserError, connection, load_npy, metric_name, open_client, os_error, read_lines
-from tools.cli.flags import Parser, non_negative_int, number, positive_float, positive_int, with_target
+from tools.cli.flags import Parser, non_negative_int, number, positive_float, positive_int, search_param_flags, with_target
 
 
 def cmd_loadtest(args) -> int:
@@ -108,10 +108,7 @@ def add_loadtest(sub) -> None:
                          "delete=0.02")
     lt.add_argument("-k", type=positive_int, default=10, help="neighbours per search (default %(default)s)")
     lt.add_argument("--batch", type=positive_int, default=1, help="queries (or items) per request (default %(default)s)")
-    lt.add_argument("--nprobe", type=non_negative_int, default=0,
-                    help="IVF indexes: inverted lists to probe (default 0: the collection's)")
-    lt.add_argument("--ef-search", type=non_negative_int, default=0,
-                    help="HNSW indexes: search breadth (default 0: the collection's)")
+    search_param_flags(lt)
     lt.add_argument("--processes", type=positive_int, default=2, help="client processes (default %(default)s)")
     lt.add_argument("--timeout", type=positive_float, default=10.0,
                     help="deadline of each request in seconds (default %(default)s)")
