@@ -7,6 +7,8 @@ Plain classes (shard, router, controller) raise these; servicers turn them into 
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 
 class LookalikeError(Exception):
@@ -36,6 +38,20 @@ class FailedPrecondition(LookalikeError):
 
 class ResourceExhausted(LookalikeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Busy(ResourceExhausted):
+    """A refusal that passes: the server holds as much of this kind of work as it takes (a shard's write gate), and
+    the same call a moment later may succeed. Sent as RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer (see
+    :func:`retry_trailers`); a RESOURCE_EXHAUSTED without one (a full disk, a shard at its capacity) does not pass.
+
+    Args:
+        retry_after_s: how long to wait before trying again.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 0.05):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(LookalikeError):
@@ -73,6 +89,34 @@ def error_for_code(code: grpc.StatusCode, message: str) -> LookalikeError:
 
 
 def from_rpc_error(err: grpc.RpcError) -> LookalikeError:
-    """The typed error for a status received from another server (so the router can pass it through)."""
+    """The typed error for a status received from another server (so the router can pass it through): :class:`Busy`
+    for a RESOURCE_EXHAUSTED that carries a ``retry-after-ms`` trailer."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    return error_for_code(code, err.details() if hasattr(err, "details") else str(err))
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        wait = retry_after_s(err.trailing_metadata() if hasattr(err, "trailing_metadata") else None)
+        if wait is not None:
+            return Busy(details, wait)
+    return error_for_code(code, details)
+
+
+def retry_after_s(metadata) -> float | None:
+    """The ``retry-after-ms`` of trailing metadata, in seconds; None without one (or a malformed one)."""
+    for key, value in metadata or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def retry_trailers(code: grpc.StatusCode, message: str, wait_s: float):
+    """Trailing metadata of a RESOURCE_EXHAUSTED answer that passes: ``retry-after-ms`` and a google.rpc.Status with
+    RetryInfo (what grpc-status's ``rpc_status.from_call`` and other gRPC clients read)."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(wait_s * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    st = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return (("retry-after-ms", str(max(1, int(wait_s * 1000)))), ("grpc-status-details-bin", st.SerializeToString()))

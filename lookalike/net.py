@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from lookalike import tracing
 from lookalike.config import LIMITS, RPC
-from lookalike.errors import InvalidArgument, LookalikeError
+from lookalike.errors import Busy, InvalidArgument, LookalikeError, retry_trailers
 from lookalike.logs import log_failed
 from lookalike.security import AioTokenMetadata, TokenMetadata, is_loopback
 
@@ -423,11 +423,16 @@ def wait_for_serving(target: str, timeout: float = 30.0, service: str = "", tls=
                     time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
+def _trailers(err: LookalikeError) -> tuple:
+    """The trailing metadata an error is answered with: a retry hint for :class:`lookalike.errors.Busy`."""
+    return retry_trailers(err.code, str(err), err.retry_after_s) if isinstance(err, Busy) else ()
+
+
 async def _abort_async(context, method, err: Exception) -> None:
     """Ends a grpc.aio call the way :func:`abort_on_error` does; re-raises what is not an error to report."""
     if isinstance(err, LookalikeError):
         log_failed(log, method.__name__, err.code, err)
-        await context.abort(err.code, str(err))
+        await context.abort(err.code, str(err), trailing_metadata=_trailers(err))
     if isinstance(err, DecodeError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")
     if isinstance(err, (grpc.RpcError, asyncio.CancelledError)):
@@ -470,6 +475,8 @@ def abort_on_error(method):
             return method(self, request, context)
         except LookalikeError as err:
             log_failed(log, method.__name__, err.code, err)
+            if isinstance(err, Busy):
+                context.set_trailing_metadata(_trailers(err))
             context.abort(err.code, str(err))
         except DecodeError as err:  # bytes inside a request that should hold a message (a payload)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message inside the request does not parse: {err}")

@@ -27,7 +27,7 @@ import time
 
 import grpc
 
-from lookalike.errors import InvalidArgument
+from lookalike.errors import InvalidArgument, retry_trailers
 
 log = logging.getLogger(__name__)
 
@@ -244,20 +244,6 @@ class RateLimiter:
             return (1.0 - level) / rate
 
 
-def _retry_trailers(code: grpc.StatusCode, message: str, wait_s: float):
-    """Trailing metadata of a RESOURCE_EXHAUSTED answer: ``retry-after-ms`` and a google.rpc.Status with RetryInfo
-    (what grpc-status's ``rpc_status.from_call`` and other gRPC clients read)."""
-    from google.protobuf import any_pb2, duration_pb2
-    from google.rpc import error_details_pb2, status_pb2
-
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(wait_s * 1e9))
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    st = status_pb2.Status(code=code.value[0], message=message, details=[detail])
-    return (("retry-after-ms", str(max(1, int(wait_s * 1000)))), ("grpc-status-details-bin", st.SerializeToString()))
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks every call of the public server: the bearer token (UNAUTHENTICATED without a valid one), its scope
     for the method (PERMISSION_DENIED), its request rate (RESOURCE_EXHAUSTED with a retry hint). Health and
@@ -299,7 +285,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if wait > 0:
                 who = f"token {name!r}" if name else "this server"
                 msg = f"request rate over {rate:g}/s for {who}; retry in {wait:.3f} s"
-                return grpc.StatusCode.RESOURCE_EXHAUSTED, msg, _retry_trailers(
+                return grpc.StatusCode.RESOURCE_EXHAUSTED, msg, retry_trailers(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, msg, wait)
         return None
 

@@ -15,8 +15,8 @@ from typing import Protocol
 import grpc
 
 from lookalike.config import RPC
-from lookalike.errors import (FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
-                              from_rpc_error)
+from lookalike.errors import (Busy, FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
+                              from_rpc_error, retry_after_s)
 from lookalike.net import create_aio_channel, create_channel
 from protos import shard_pb2_grpc
 
@@ -105,8 +105,15 @@ class GrpcShardClient:
 class _LocalContext:
     """The slice of grpc.ServicerContext the servicers use, raising typed errors instead of aborting an RPC."""
 
+    def __init__(self):
+        self._trailers = ()
+
+    def set_trailing_metadata(self, metadata):
+        self._trailers = tuple(metadata)
+
     def abort(self, code, details):
-        raise _shard_error(error_for_code(code, details))
+        wait = retry_after_s(self._trailers) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        raise Busy(details, wait) if wait is not None else _shard_error(error_for_code(code, details))
 
     def is_active(self):
         return True

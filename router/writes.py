@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from lookalike.errors import DeadlineExceeded, LookalikeError, StaleShardMap, Unavailable
+from lookalike.errors import Busy, DeadlineExceeded, LookalikeError, StaleShardMap, Unavailable
 from lookalike.ids import buckets_of
 from lookalike.retry import Retry
 from lookalike.wire import vectors_to_proto
@@ -42,33 +42,44 @@ class Writes:
 
     def _write(self, name: str, ids: list[str], build: Callable[[np.ndarray, int], object], method: str,
                timeout: float | None) -> list:
-        """Sends a write to every owner of each id's bucket, retrying stale maps and restarting shards until the
-        deadline. Returns the responses of the replica-0 owners."""
+        """Sends a write to every holder of each id's bucket, retrying stale maps, restarting shards and busy ones
+        (a full write gate) until the deadline. A holder that stored it is not asked again while the map stays the
+        same. Returns the responses of the replica-0 owners."""
         retry = self._retry(timeout)
+        done: dict[str, object] = {}    # holder -> its response, under the map of epoch `epoch`
+        epoch = None
         for attempt in retry:
             smap = self.shards.shard_map(name, refresh=attempt > 0)
+            if smap.epoch != epoch:      # other holders, or other items each: all of them again
+                done, epoch = {}, smap.epoch
             buckets = buckets_of(ids, smap.collection.buckets)
             holders = smap.write_mask[buckets]              # (n, shards): owners, joining and leaving
-            requests = {smap.shard_ids[j]: build(np.flatnonzero(holders[:, j]), smap.epoch)
-                        for j in np.flatnonzero(holders.any(axis=0)).tolist()}
+            targets = {smap.shard_ids[j]: j for j in np.flatnonzero(holders.any(axis=0)).tolist()}
+            requests = {sid: build(np.flatnonzero(holders[:, j]), smap.epoch)
+                        for sid, j in targets.items() if sid not in done}
             primary = {smap.owners[b][0] for b in np.unique(buckets).tolist()}
             remaining = retry.left()
             if remaining <= 0:
                 raise DeadlineExceeded(f"write to collection {name!r} did not complete before the deadline")
             calls = self.shards.fan_out(smap, list(requests), method, requests, remaining)
-            responses, retry_err = [], None
+            retry_err, busy = None, None
             for sid, fut in calls:
                 try:
-                    resp = fut.result()
-                    if sid in primary:
-                        responses.append(resp)
+                    done[sid] = fut.result()
+                except Busy as err:         # the others may have stored it: this one must too, or they differ
+                    retry_err = busy = err
                 except (StaleShardMap, Unavailable, DeadlineExceeded) as err:
                     retry_err = err
             if retry_err is None:
-                return responses
-            # Some owner did not take it: the map may be stale (a move, a restarted shard's new address).
-            # Writes are idempotent, so the whole batch is sent again.
-            if retry.left() <= retry.delay:
+                return [done[sid] for sid in targets if sid in primary]
+            # Some holder did not take it: the map may be stale (a move, a restarted shard's new address), or the
+            # shard is busy. Writes are idempotent, so the holders that did not store it are sent it again.
+            if retry.left() <= max(retry.delay, busy.retry_after_s if busy else 0):
+                if busy is not None:
+                    raise Busy(f"write to collection {name!r} was stored by {len(done)} of the {len(targets)} shards "
+                               f"holding its items; the others stayed busy until its deadline ({busy}). Send it "
+                               "again: writes are idempotent, and the shards that have it keep it once",
+                               busy.retry_after_s)
                 raise Unavailable(f"write to collection {name!r} could not reach every owner: {retry_err}")
             log.info("retrying write to %s after: %s", name, retry_err)
             retry.pause()

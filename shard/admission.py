@@ -14,7 +14,7 @@ import contextlib
 import threading
 
 from lookalike.config import RPC
-from lookalike.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from lookalike.errors import Busy, Cancelled, DeadlineExceeded, ResourceExhausted
 
 
 def time_left(context) -> float | None:
@@ -37,6 +37,8 @@ def check_call(context, what: str) -> None:
     left = time_left(context)
     if left is not None and left <= 0:
         raise DeadlineExceeded(f"{what} was not run: its deadline passed while it waited on the shard")
+
+_RETRY_AFTER_S = 0.05  # the retry hint of a write refused by a full gate (writes take milliseconds to tens of them)
 
 
 class WriteGate:
@@ -64,14 +66,16 @@ class WriteGate:
         deadline, lookalike.config.RpcPolicy.default_deadline_s, for a call without one).
 
         Raises:
-            ResourceExhausted: ``running`` writes run and ``waiting`` wait already, or no slot freed in time.
+            Busy: ``running`` writes run and ``waiting`` wait already (a RESOURCE_EXHAUSTED that passes: the router
+                tries that shard again within the write's deadline).
+            ResourceExhausted: no slot freed in time.
         """
         if not self._slots.acquire(blocking=False):
             with self._lock:
                 if self._queued >= self.waiting:
-                    raise ResourceExhausted(
+                    raise Busy(
                         f"{self.what} has {self.running} writes running and {self.waiting} waiting (its storage is "
-                        "slow or writes come faster than it stores them): retry with backoff")
+                        "slow or writes come faster than it stores them): retry with backoff", _RETRY_AFTER_S)
                 self._queued += 1
             try:
                 left = time_left(context)
