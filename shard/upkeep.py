@@ -26,6 +26,10 @@ _REPACK_MIN = 10_000  # vectors below which compressed IVF lists are not worth p
 # into a buffer twice its size, so even a little growth costs much (10M x 128 IVF4096,Flat on 4 shards: the last 18%
 # of a load, left unpacked under a threshold of 20%, cost 220 bytes a vector of resident memory).
 _REPACK_GROWTH = 0.05
+# Less growth than that is packed too, once this long after the last pack (and at least 30 times as long as that
+# pack took): the end of a load that came after the last pack (10M x 128 on 4 shards: 2.4% of it, 110 bytes a vector
+# more than on 8 shards) or a trickle of writes, without copying the lists at every pause.
+_REPACK_EVERY_S = 60.0
 _REPACK_IDLE_S = 5.0  # seconds without writes before lists are packed (see Upkeep._trim_when_idle)
 
 
@@ -42,6 +46,8 @@ class Upkeep:
         self._last_write = 0.0
         self._trim_pending = False  # a thread waits for the writes to stop, then trims
         self.packed_at = 0  # vectors the index held when its lists were last packed (see repack_if_due)
+        self._packed_t = 0.0  # time.monotonic() when they were, and how long that took
+        self._pack_s = 0.0
 
     def refresh_gpu(self) -> None:
         """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
@@ -83,7 +89,7 @@ class Upkeep:
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
-        than that, and every pack copies the whole index). Not while buckets are copied in: a move must not stall
+        than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Not while buckets are copied in: a move must not stall
         searches, and a trim holds the allocator's locks (copy_in never trims)."""
         sc = self.sc
         wait = _TRIM_IDLE_S
@@ -97,7 +103,8 @@ class Upkeep:
                 if sc.joining or idle < _TRIM_IDLE_S:
                     wait = _TRIM_IDLE_S if sc.joining else _TRIM_IDLE_S - idle
                     continue
-                pack_later = self.repack_due() and idle < _REPACK_IDLE_S
+                pack_in = self.repack_in()
+                pack_later = pack_in is not None and (idle < _REPACK_IDLE_S or pack_in > 0)
                 packed = False if pack_later else self.repack_if_due()
                 release = bool(self._written_since_trim) or packed  # what was trimmed on the way stays trimmed
                 self._written_since_trim = 0
@@ -107,20 +114,30 @@ class Upkeep:
                 release_memory()
             if not pack_later:
                 return
-            wait = _REPACK_IDLE_S - idle
+            wait = max(_REPACK_IDLE_S - idle, pack_in)
 
-    def repack_due(self) -> bool:
-        """Whether the IVF lists grew enough since they were last packed to be packed again (see
-        :meth:`repack_if_due`)."""
+    def repack_in(self) -> float | None:
+        """Seconds until the IVF lists are due to be packed again (0: now; see :meth:`repack_if_due`); None when
+        they hold what they held when last packed (or are not lists that need it)."""
         sc = self.sc
         n = sc.index.ntotal
-        return sc.index.repackable and n >= _REPACK_MIN and n >= (1 + _REPACK_GROWTH) * self.packed_at
+        if not sc.index.repackable or n < _REPACK_MIN or n == self.packed_at:
+            return None
+        if n >= (1 + _REPACK_GROWTH) * self.packed_at:
+            return 0.0
+        return max(0.0, max(_REPACK_EVERY_S, 30 * self._pack_s) - (time.monotonic() - self._packed_t))
+
+    def repack_due(self) -> bool:
+        """Whether the IVF lists changed enough since they were last packed, or long enough ago, to be packed again
+        (see :meth:`repack_if_due`)."""
+        return self.repack_in() == 0.0
 
     def repack_if_due(self) -> bool:
         """IVF lists grow by doubling as items arrive, and the buffers they outgrow stay behind in the heap between
         longer-lived allocations: 50-150 bytes a vector on a shard (bench/memory_bench.py), more than a PQ16 code
-        and its id. Once the writes stop, an index that grew by _REPACK_GROWTH since it was last packed is copied into
-        lists of exactly their size (VectorIndex.repacked) and swapped in; the old one is freed. Measured on a shard
+        and its id. Once the writes stop, an index that grew by _REPACK_GROWTH since it was last packed (or by anything,
+        _REPACK_EVERY_S after the last pack) has its lists copied into lists of exactly their size
+        (VectorIndex.repacked) and swapped in; the old ones are freed. Measured on a shard
         (bench/memory_bench.py, 300k x 128, batches of 10k): IVF1024,Flat 710 -> 597 bytes a vector resident
         (FAISS: 522), IVF1024,PQ16 packed to 38 a vector beside its fixed tables (FAISS: 26). The copy needs the
         index's bytes once more for a moment: it is skipped when that would pass the shard's capacity or the
@@ -143,5 +160,7 @@ class Upkeep:
             old = index.install_repacked(new)
         self.packed_at = n
         del old
-        log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", sc.coll.name, n, time.monotonic() - t0)
+        self._packed_t = time.monotonic()
+        self._pack_s = self._packed_t - t0
+        log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", sc.coll.name, n, self._pack_s)
         return True

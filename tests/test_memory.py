@@ -120,13 +120,13 @@ def test_compressed_ivf_lists_are_packed_once_writes_stop_and_answers_stay_the_s
     shard, sc = _load(tmp_path, "IVF64,PQ8", xb)
     try:
         before = sc.search(xq, 10, nprobe=8)
-        old = sc.index._main
+        old = int(sc.index._ivf.invlists.this)
         assert wait_for(lambda: sc.upkeep.packed_at == N, 20)  # the idle trim packed the lists
-        assert sc.index._main is not old
+        assert int(sc.index._ivf.invlists.this) != old  # new lists, in the same index
         after = sc.search(xq, 10, nprobe=8)
         np.testing.assert_array_equal(after[0], before[0])
         assert after[2] == before[2]
-        sc.upsert(_uids(10, N), xb[:10], [None] * 10)  # a few more: not worth packing again
+        sc.upsert(_uids(10, N), xb[:10], [None] * 10)  # a few more: not worth packing again so soon
         time.sleep(1.5 + shard_upkeep._REPACK_IDLE_S)
         assert sc.upkeep.packed_at == N
     finally:
@@ -159,6 +159,27 @@ def test_lists_grown_a_little_after_a_pack_are_packed_again(tmp_path):
         assert wait_for(lambda: sc.upkeep.packed_at == N, 20)
         sc.upsert(_uids(N // 10, N), xb[N:], [None] * (N // 10))
         assert wait_for(lambda: sc.upkeep.packed_at == N + N // 10, 20)
+    finally:
+        shard_.close()
+
+
+def test_a_little_growth_after_a_pack_is_packed_a_while_later(tmp_path, monkeypatch):
+    """Growth under _REPACK_GROWTH (the end of a load that came after the last pack, a trickle of writes) is packed
+    too, _REPACK_EVERY_S after the last pack: every list it grew sits in a buffer twice its size until then. The
+    packed lists answer as the grown ones did."""
+    from conftest import wait_for
+
+    monkeypatch.setattr(shard_upkeep, "_REPACK_EVERY_S", 1.0, raising=False)
+    xb, _ = make_data("l2", N + N // 100, DIM, seed=10)
+    shard_, sc = _load(tmp_path, "IVF64,Flat", xb[:N])
+    try:
+        assert wait_for(lambda: sc.upkeep.packed_at == N, 20)
+        sc.upsert(_uids(N // 100, N), xb[N:], [None] * (N // 100))
+        before = sc.search(xb[:20], 10, nprobe=8)
+        assert wait_for(lambda: sc.upkeep.packed_at == N + N // 100, 20)
+        after = sc.search(xb[:20], 10, nprobe=8)
+        assert np.array_equal(before[1], after[1]) and before[2] == after[2]
+        assert np.array_equal(before[0], after[0])
     finally:
         shard_.close()
 
