@@ -23,7 +23,8 @@ import numpy as np
 import psutil
 import ray
 
-from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
+from control.link import ControlPlaneLink
+from control.ray_cluster import connect_router, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
 from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
 from lookalike import logs, tracing
@@ -163,23 +164,29 @@ def cmd_serve(args) -> int:
         _refresh_ray_auth_mode()
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
                  num_cpus=_embedded_num_cpus(args, data_dir))
+        embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address)
+        link = None
+        try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
+            handle, control = start_cluster(cfg)
+        except TimeoutError as err:  # its message names the shards that cannot be placed, and why
+            print(f"error: {err}", file=sys.stderr)
+            _within(ray.shutdown, 15.0)
+            return 1
+        jobs = start_jobs(cfg)
+        encoders = RayEncoderPool(args.encoders) if args.encoders else None
     else:
+        # Joined to a cluster, the router keeps its link to the control plane up: lost (the Ray head restarted), it
+        # reports NOT_SERVING, answers searches from the shard maps it holds, and connects again (control/link.py).
+        link = ControlPlaneLink(functools.partial(connect_router, args.address, cfg, args.encoders, args.verbose),
+                                f"the Ray cluster at {args.address}")
         try:
-            join_ray(args.address, cfg.namespace, log_to_driver=args.verbose)
-        except (ConnectionError, RuntimeError) as err:
+            link.start()
+        except (ConnectionError, RuntimeError, TimeoutError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
-    try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
-        handle, control = start_cluster(cfg)
-    except TimeoutError as err:  # its message names the shards that cannot be placed, and why
-        print(f"error: {err}", file=sys.stderr)
-        if embedded:
-            _within(ray.shutdown, 15.0)
-        return 1
-    jobs = start_jobs(cfg)
-    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
-                    connect=functools.partial(GrpcShardClient, tls=cfg.tls))
+        control, jobs = link.control, link.jobs
+        encoders = link.encoders if args.encoders else None
+    router = Router(control, encoders=encoders, connect=functools.partial(GrpcShardClient, tls=cfg.tls))
     server, port, health = create_router_server(router, f"{host}:{args.port}", args.router_threads,
                                                 batch_wait_s=args.batch_wait_us * 1e-6,
                                                 batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth,
@@ -216,6 +223,8 @@ def cmd_serve(args) -> int:
         metrics.close()
     if args.health_port:
         probe_server.stop(None)
+    if link is not None:
+        link.close()
     router.close()
     tracing.flush()
     if embedded:
