@@ -15,6 +15,9 @@ No network: kubectl (for `kubectl kustomize`) where it is installed, else those 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pathlib
 import re
 import shutil
@@ -188,3 +191,47 @@ def test_headless_service_and_the_hpa_on_the_request_rate():
     router_job = next(j for j in scrape if j["job_name"] == "lookalike-router")
     targets = {r.get("target_label") for r in router_job["relabel_configs"]}
     assert set(rule["resources"]["overrides"]) <= targets, "the scrape config does not label pod and namespace"
+
+
+def test_release_builds_pushes_and_pins_both_overlays(tmp_path):
+    """docker/release.sh end to end on a copy of docker/ and k8s/, with a `docker` on PATH that records its calls and
+    answers as buildx does (the digest of what it pushed in --metadata-file): both images are built from their
+    Dockerfiles for linux/amd64 and pushed under REPOSITORY:VERSION-FLAVOUR, and each overlay is pinned to the
+    digest pushed for it."""
+    _render(ROOT / "k8s" / "base")  # skips without kubectl
+    repo = tmp_path / "repo"
+    shutil.copytree(DOCKER, repo / "docker")
+    shutil.copytree(ROOT / "k8s", repo / "k8s")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "docker-calls"
+    fake = bin_dir / "docker"
+    fake.write_text(f"""#!/usr/bin/env python3
+import hashlib, json, sys
+args = sys.argv[1:]
+with open({str(calls)!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[:3] == ["buildx", "imagetools", "inspect"]:
+    print(json.dumps("sha256:" + "ab" * 32))
+elif args[:2] == ["buildx", "build"]:
+    tag = args[args.index("-t") + 1]
+    meta = args[args.index("--metadata-file") + 1]
+    json.dump({{"containerimage.digest": "sha256:" + hashlib.sha256(tag.encode()).hexdigest()}}, open(meta, "w"))
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["bash", str(repo / "docker" / "release.sh"), "registry.example.com/acme/lookalike",
+                          "0.2.0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    builds = [json.loads(line) for line in calls.read_text().splitlines() if '"build"' in line]
+    assert len(builds) == 2
+    for flavour, args in zip(FLAVOURS, builds):
+        tag = f"registry.example.com/acme/lookalike:0.2.0-{flavour}"
+        assert args[args.index("-f") + 1] == f"docker/Dockerfile.{flavour}" and args[-1] == "."
+        assert args[args.index("-t") + 1] == tag and "--push" in args
+        assert args[args.index("--platform") + 1] == "linux/amd64"
+        digest = "sha256:" + hashlib.sha256(tag.encode()).hexdigest()
+        pinned = _images(_render(repo / "k8s" / "overlays" / flavour))
+        assert pinned == {f"registry.example.com/acme/lookalike@{digest}"}
+        assert f"{flavour}: {tag} = registry.example.com/acme/lookalike@{digest}" in res.stdout
+    assert "is now sha256:abab" in res.stdout  # the base image's tag moved since the Dockerfile's digest
