@@ -3,23 +3,27 @@
 - :func:`start_cluster` starts (or finds) the controller actor (``control.ray_actors.ControllerActor``), which
   places one ``ShardActor`` per shard (``control.ray_shard``, ``control.ray_placer``), and waits until they serve;
   :func:`start_jobs` the jobs actor. The router reaches them through ``RayControlPlane`` and ``RayJobs``.
-- :func:`join_ray` connects a process to a running Ray cluster.
+- :func:`join_ray` connects a process to a running Ray cluster; :func:`connect_router` (again and again, through
+  control.link.ControlPlaneLink) joins it and gets what a router needs there.
 
 Uses ray, lookalike (the package itself, to check that the cluster's nodes have it; config) and control
-(ray_actors, ray_common, state).
+(link, ray_actors, ray_common, ray_encoders, state).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import ray
 
 import lookalike
+from control.link import Connection
 from control.ray_actors import ControllerActor, JobsActor, RayControlPlane, RayJobs
 from control.ray_common import controller_name, jobs_name, unwrap
+from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
 from lookalike.config import ClusterConfig
 from lookalike.retry import Retry
@@ -61,6 +65,32 @@ def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout:
         raise RuntimeError(f"the Ray cluster at {address} cannot import lookalike: install it on every node "
                            f"(the images in docker/ have it) ({str(err.cause)[:200]})") from None
     log.info("joined Ray cluster at %s (lookalike on its nodes at %s)", address, where)
+
+
+def _shutdown_within(timeout: float = 15.0) -> None:
+    """ray.shutdown, abandoned after ``timeout`` seconds: a Ray Client whose server is gone can wait on it."""
+    done = threading.Thread(target=ray.shutdown, daemon=True, name="ray-shutdown")
+    done.start()
+    done.join(timeout)
+
+
+def connect_router(address: str, cfg: ClusterConfig, encoders: int = 0, log_to_driver: bool = False,
+                   timeout: float = 120.0) -> Connection:
+    """Joins the Ray cluster at ``address`` (after shutting down what is left of an earlier connection: a Ray Client
+    session whose head restarted), gets the cluster's controller (or starts it again: it reloads the cluster from
+    storage) and jobs actor, waits for the shards, and starts ``encoders`` encoder actors: a router's
+    control.link.Connection.
+
+    Raises:
+        ConnectionError, RuntimeError: as :func:`join_ray`.
+        TimeoutError: as :func:`start_cluster`.
+    """
+    if ray.is_initialized():
+        _shutdown_within()
+    join_ray(address, cfg.namespace, log_to_driver=log_to_driver, timeout=timeout)
+    _handle, control = start_cluster(cfg)
+    jobs = start_jobs(cfg)
+    return Connection(control, jobs, RayEncoderPool(encoders) if encoders else None, close=_shutdown_within)
 
 
 def shards_phrase(shards) -> str:

@@ -57,18 +57,23 @@ class Client:
     """A connection to a lookalike router.
 
     Args:
-        target: "host:port" of the router.
+        target: "host:port" of the router (one connection: gRPC's pick_first), or a target that names every
+            router, e.g. ``dns:///lookalike-router-headless.lookalike.svc:50051`` (a Kubernetes headless Service):
+            calls are then spread over all of them (round_robin), and routers that come and go are followed.
         timeout: default deadline per call, seconds.
         tls: lookalike.security.TLSConfig: ``ca`` verifies the router, ``cert``/``key`` are this client's for
             mutual TLS; None: plaintext.
         token: the bearer token sent with every call (a router with a tokens file needs one; see
             lookalike.security.read_token).
+        load_balancing: "auto" (round_robin for ``dns:``, ``ipv4:`` and ``ipv6:`` targets, else one connection),
+            "round_robin" or "pick_first" (lookalike.balancing.balancing_options).
     """
 
-    def __init__(self, target: str = "localhost:50051", timeout: float = 60.0, tls=None, token: str | None = None):
+    def __init__(self, target: str = "localhost:50051", timeout: float = 60.0, tls=None, token: str | None = None,
+                 load_balancing: str = "auto"):
         self.target = target
         self.timeout = timeout
-        self._channel = create_channel(target, tls, token)
+        self._channel = create_channel(target, tls, token, load_balancing)
         self.stub = lookalike_pb2_grpc.LookalikeStub(self._channel)
 
     def __enter__(self):

@@ -58,6 +58,11 @@ class RpcPolicy:
         health_interval_s: how often the health checker probes (the control plane for a router, the storage for
             a shard).
         health_timeout_s: a probe slower than this counts as failed.
+        max_connection_age_s: the public server (the router) sends GOAWAY to a client connection this old, and the
+            client connects again (re-resolving its target): so that long-lived clients reach routers the
+            autoscaler added (0: never; docs/DEPLOY.md, "Load balancing").
+        max_connection_age_grace_s: calls in flight on a connection so ended get this long to finish (None: as long
+            as they take; a shorter grace cuts a bulk load's stream).
     """
 
     default_deadline_s: float = 60.0
@@ -67,6 +72,8 @@ class RpcPolicy:
     max_concurrent_rpcs: int | None = 1000
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float | None = None
 
 
 RPC = RpcPolicy()

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from lookalike import tracing
+from lookalike.balancing import balancing_options, connection_age_options, target_hosts
 from lookalike.config import LIMITS, RPC
 from lookalike.errors import Busy, InvalidArgument, LookalikeError, retry_trailers
 from lookalike.logs import log_failed
@@ -57,7 +58,8 @@ def _bind(server, address: str, tls) -> int:
 
 
 def create_server(address: str, register, service_names: list[str], max_workers: int = 16, tls=None,
-                  interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
+                  interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs,
+                  connection_age: tuple[float, float | None] = (0.0, None)):
     """Builds and starts a gRPC server with health and reflection.
 
     Args:
@@ -68,13 +70,15 @@ def create_server(address: str, register, service_names: list[str], max_workers:
         tls: lookalike.security.TLSConfig to serve TLS (mutual when its ``client_auth``); None: plaintext.
         interceptors: grpc.ServerInterceptors (e.g. lookalike.metrics.ServerMetrics).
         max_concurrent_rpcs: calls it runs or queues at once; beyond, they get RESOURCE_EXHAUSTED (None: no bound).
+        connection_age: (max age, grace) of client connections, seconds (:func:`connection_age_options`; 0: none).
 
     Returns:
         (server, port, health_servicer): the started server, the bound port, and the health servicer whose
         status starts NOT_SERVING for every service; call ``set_serving`` when ready.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=_SERVER_OPTIONS, maximum_concurrent_rpcs=max_concurrent_rpcs,
+                         options=_SERVER_OPTIONS + connection_age_options(*connection_age),
+                         maximum_concurrent_rpcs=max_concurrent_rpcs,
                          interceptors=[*tracing.server_interceptors(), *interceptors] or None)  # the span first
     register(server)
     health_servicer = _add_health_and_reflection(server, service_names)
@@ -330,11 +334,14 @@ class _Registering:
 
 
 def create_aio_server(address: str, register, service_names: list[str], max_workers: int = 32, tls=None,
-                      interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs):
+                      interceptors=(), max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs,
+                      connection_age: tuple[float, float | None] = (0.0, None)):
     """Like :func:`create_server`, for a server whose hot handlers are coroutines (``async def``): it runs on an
     asyncio event loop in a thread of its own; plain handlers (and health) run on ``max_workers`` threads.
     ``register(server)`` is called on that loop; ``interceptors`` are grpc.aio server interceptors (the
-    public server's lookalike.security.AuthInterceptor). Returns (AioServer, port, health_servicer)."""
+    public server's lookalike.security.AuthInterceptor); ``connection_age``: as for :func:`create_server`.
+    Returns (AioServer, port, health_servicer)."""
+    options = _SERVER_OPTIONS + connection_age_options(*connection_age)  # raises before a thread starts
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-aio", daemon=True)
     thread.start()
@@ -343,7 +350,7 @@ def create_aio_server(address: str, register, service_names: list[str], max_work
 
     async def start():
         interceptors_ = [*tracing.aio_server_interceptors(), *interceptors] or None  # the trace's span first
-        server = grpc.aio.server(migration_thread_pool=pool, options=_SERVER_OPTIONS, interceptors=interceptors_,
+        server = grpc.aio.server(migration_thread_pool=pool, options=options, interceptors=interceptors_,
                                  maximum_concurrent_rpcs=max_concurrent_rpcs)
         register(_Registering(server))
         health_servicer = _add_health_and_reflection(server, service_names, _AioHealth(loop))
@@ -366,26 +373,28 @@ def set_serving(health_servicer, service_names: list[str], serving: bool = True)
 
 
 def _plain_token_ok(target: str, token) -> None:
-    if token and not is_loopback(target.rsplit(":", 1)[0]):
+    if token and not all(is_loopback(h) for h in target_hosts(target)):
         raise ValueError(f"refusing to send a bearer token in plaintext to {target}: use TLS (--tls-ca)")
 
 
-def create_channel(target: str, tls=None, token: str | None = None) -> grpc.Channel:
+def create_channel(target: str, tls=None, token: str | None = None, load_balancing: str = "auto") -> grpc.Channel:
     """A channel to a lookalike server (router or shard) with the project's message limits.
 
     Args:
+        target: "host:port", or a gRPC target with a resolver ("dns:///router-headless:50051").
         tls: lookalike.security.TLSConfig (its ``ca`` verifies the server; its cert and key are this client's in
             mutual TLS); None: plaintext.
         token: a bearer token sent with every call (in plaintext only to a loopback address).
+        load_balancing: see :func:`balancing_options`.
     """
+    options = _CHANNEL_OPTIONS + balancing_options(target, load_balancing)
     # The token goes as call metadata added by an interceptor, not as call credentials: gRPC runs a credentials
     # plugin on a thread of its own for every call (about 9 ms a call here, bench/security_bench.py).
     if tls is None:
         _plain_token_ok(target, token)
-        channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target, options=options)
     else:
-        channel = grpc.secure_channel(target, tls.channel_credentials(),
-                                      options=_CHANNEL_OPTIONS + tls.channel_options())
+        channel = grpc.secure_channel(target, tls.channel_credentials(), options=options + tls.channel_options())
     channel = tracing.traced_channel(channel)
     return grpc.intercept_channel(channel, TokenMetadata(token)) if token else channel
 

@@ -385,7 +385,9 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,
                          batch_wait_s: float = MAX_WAIT_S, batch_inflight: int = MAX_INFLIGHT, jobs=None,
                          tls=None, auth=None, max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs,
-                         health_check: dict | None = None):
+                         health_check: dict | None = None,
+                         connection_age: tuple[float, float | None] = (RPC.max_connection_age_s,
+                                                                RPC.max_connection_age_grace_s)):
     """Starts the public gRPC server: an asyncio server whose searches are batched (``batch_wait_s`` < 0: not
     batched; see router/batcher.py) and whose other calls run on ``max_workers`` threads.
 
@@ -394,7 +396,8 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
     ``auth``: lookalike.security.AuthInterceptor (bearer tokens, scopes, request rates; None: open).
 
     ``max_concurrent_rpcs``: calls beyond it get RESOURCE_EXHAUSTED (None: no bound). ``health_check``: keyword
-    arguments of its lookalike.health.HealthChecker (interval_s, timeout_s).
+    arguments of its lookalike.health.HealthChecker (interval_s, timeout_s). ``connection_age``: (max age, grace)
+    of client connections in seconds (lookalike.balancing.connection_age_options; age 0: connections live on).
 
     Returns (server, port, health): ``server.stop(grace)`` stops it; health is SERVING while the control plane
     answers (``server.health_checker``), and the service ``liveness`` SERVING until it stops.
@@ -413,7 +416,8 @@ def create_router_server(router: Router, address: str = "[::]:0", max_workers: i
 
     interceptors = [AioServerMetrics(None)] + ([auth] if auth is not None else [])  # metrics first: refusals count
     server, port, health = create_aio_server(address, register, [SERVICE_NAME], max_workers, tls=tls,
-                                             interceptors=interceptors, max_concurrent_rpcs=max_concurrent_rpcs)
+                                             interceptors=interceptors, max_concurrent_rpcs=max_concurrent_rpcs,
+                                             connection_age=connection_age)
     health_check = health_check or {}
     server.servicer = holder["servicer"]
     server.executors.append(executor)

@@ -23,10 +23,12 @@ import numpy as np
 import psutil
 import ray
 
-from control.ray_cluster import join_ray, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
+from control.link import ControlPlaneLink
+from control.ray_cluster import connect_router, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
 from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
 from lookalike import logs, tracing
+from lookalike.balancing import connection_age_options
 from lookalike.config import RPC, ClusterConfig, MovePolicy, storage_path
 from lookalike.datadir import DataDirInUse, DataDirLock, embedded_ray_env
 from lookalike.metrics import check_metrics_bind
@@ -132,6 +134,8 @@ def cmd_serve(args) -> int:
         log_format = logs.log_format(args.log_format)
         tracing.setup("lookalike-router")  # the OTEL_* environment (off when it names no exporter)
         metrics_port, metrics_host = metrics_flags(args, os.environ, tls)
+        connection_age = (args.max_connection_age, args.max_connection_age_grace)
+        connection_age_options(*connection_age)  # within bounds (a sentence if not), before anything starts
         # One storage, one server: the embedded cluster's shards write this directory. (Routers joining a Ray
         # cluster share its storage with the cluster's other routers: the cluster's controller owns it there.)
         lock = DataDirLock(data_dir).acquire() if embedded else None
@@ -160,27 +164,34 @@ def cmd_serve(args) -> int:
         _refresh_ray_auth_mode()
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
                  num_cpus=_embedded_num_cpus(args, data_dir))
+        embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address)
+        link = None
+        try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
+            handle, control = start_cluster(cfg)
+        except TimeoutError as err:  # its message names the shards that cannot be placed, and why
+            print(f"error: {err}", file=sys.stderr)
+            _within(ray.shutdown, 15.0)
+            return 1
+        jobs = start_jobs(cfg)
+        encoders = RayEncoderPool(args.encoders) if args.encoders else None
     else:
+        # Joined to a cluster, the router keeps its link to the control plane up: lost (the Ray head restarted), it
+        # reports NOT_SERVING, answers searches from the shard maps it holds, and connects again (control/link.py).
+        link = ControlPlaneLink(functools.partial(connect_router, args.address, cfg, args.encoders, args.verbose),
+                                f"the Ray cluster at {args.address}")
         try:
-            join_ray(args.address, cfg.namespace, log_to_driver=args.verbose)
-        except (ConnectionError, RuntimeError) as err:
+            link.start()
+        except (ConnectionError, RuntimeError, TimeoutError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address) if embedded else None
-    try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
-        handle, control = start_cluster(cfg)
-    except TimeoutError as err:  # its message names the shards that cannot be placed, and why
-        print(f"error: {err}", file=sys.stderr)
-        if embedded:
-            _within(ray.shutdown, 15.0)
-        return 1
-    jobs = start_jobs(cfg)
-    router = Router(control, encoders=RayEncoderPool(args.encoders) if args.encoders else None,
-                    connect=functools.partial(GrpcShardClient, tls=cfg.tls))
+        control, jobs = link.control, link.jobs
+        encoders = link.encoders if args.encoders else None
+    router = Router(control, encoders=encoders, connect=functools.partial(GrpcShardClient, tls=cfg.tls))
     server, port, health = create_router_server(router, f"{host}:{args.port}", args.router_threads,
                                                 batch_wait_s=args.batch_wait_us * 1e-6,
                                                 batch_inflight=args.batch_inflight, jobs=jobs, tls=tls, auth=auth,
-                                                max_concurrent_rpcs=args.max_concurrent_rpcs or None)
+                                                max_concurrent_rpcs=args.max_concurrent_rpcs or None,
+                                                connection_age=connection_age)
     healths = [health]
     metrics = serve_router_metrics(router, metrics_host, metrics_port, tls) if metrics_port >= 0 else None
     if metrics is not None:
@@ -212,6 +223,8 @@ def cmd_serve(args) -> int:
         metrics.close()
     if args.health_port:
         probe_server.stop(None)
+    if link is not None:
+        link.close()
     router.close()
     tracing.flush()
     if embedded:
@@ -410,6 +423,14 @@ def add_serve(sub) -> None:
     s.add_argument("--max-concurrent-rpcs", type=non_negative_int, default=RPC.max_concurrent_rpcs,
                    help="calls the router runs or queues at once; beyond, they get RESOURCE_EXHAUSTED at once "
                         "(default %(default)s; 0: no bound)")
+    s.add_argument("--max-connection-age", type=number(float, low=0), default=RPC.max_connection_age_s,
+                   metavar="SECONDS",
+                   help="send GOAWAY to a client connection this old: the client reconnects, so that routers added "
+                        "behind a Service get calls too (default %(default)g; 0: never; docs/DEPLOY.md)")
+    s.add_argument("--max-connection-age-grace", type=number(float, low=0), default=RPC.max_connection_age_grace_s,
+                   metavar="SECONDS",
+                   help="how long calls in flight on such a connection may still run (default: as long as they take; "
+                        "a shorter grace cuts long bulk-load streams)")
     s.add_argument("--router-threads", type=positive_int, default=64,
                    help="threads serving the router's calls other than searches (default %(default)s)")
     s.set_defaults(func=cmd_serve)
