@@ -460,6 +460,29 @@ def ray_tls(docs):
                     yield f"{where} {c['name']}: {k}={env.get(k)} is on no volume it mounts"
 
 
+@_check
+def public_key_off_ray_pods(docs):
+    """The router's public certificate and key (the Secret of its LOOKALIKE_TLS_KEY) are on no Ray pod, where Ray
+    runs whatever code it is given: the shard hop has its own certificate (LOOKALIKE_INTERNAL_TLS_*)."""
+    for where, t in pod_templates(docs):
+        if _component(t) != "router":
+            continue
+        volumes = {v["name"]: v for v in t["spec"].get("volumes", [])}
+        for c in t["spec"]["containers"]:
+            env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
+            if not env.get("LOOKALIKE_TLS_KEY"):
+                continue
+            if not env.get("LOOKALIKE_INTERNAL_TLS_KEY"):
+                yield f"{where} {c['name']}: the shard hop has no certificate of its own (LOOKALIKE_INTERNAL_TLS_*)"
+            for m in c.get("volumeMounts", []):
+                secret = volumes.get(m["name"], {}).get("secret", {}).get("secretName")
+                if secret and env["LOOKALIKE_TLS_KEY"].startswith(m["mountPath"].rstrip("/") + "/"):
+                    for other, ot in pod_templates(docs):
+                        if _component(ot) in RAY_COMPONENTS and any(
+                                v.get("secret", {}).get("secretName") == secret for v in ot["spec"].get("volumes", [])):
+                            yield f"{other} mounts {secret}, the router's public certificate and key"
+
+
 def production_violations(docs) -> dict[str, list[str]]:
     """Every check's violations, by check name (empty: none)."""
     return {fn.__name__: v for fn in CHECKS if (v := list(fn(docs)))}
@@ -468,7 +491,7 @@ def production_violations(docs) -> dict[str, list[str]]:
 def check_production_invariants(docs) -> None:
     """Asserts every check of this module on one render (its documents): ServiceAccounts, pod security, writable
     paths and ephemeral storage, Guaranteed Ray pods, NetworkPolicies, topology spread, disruption budgets, the
-    head's fault tolerance, PriorityClasses, Ray's TLS."""
+    head's fault tolerance, PriorityClasses, Ray's TLS, the public key off the Ray pods."""
     bad = production_violations(docs)
     assert not bad, "production invariants violated:\n" + "\n".join(
         f"  {name}: {msg}" for name, msgs in bad.items() for msg in msgs)

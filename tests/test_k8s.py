@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import os
 import pathlib
 import re
 import shlex
@@ -544,6 +545,8 @@ MUTATIONS = [
     ("a missing PriorityClass", "priority_classes", lambda d: _drop(d, "PriorityClass", "lookalike-shards")),
     ("autoscaler without Ray's TLS", "ray_tls", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
      .pop("env")),
+    ("the public key on the workers", "public_key_off_ray_pods", lambda d: _worker(d)["template"]["spec"]["volumes"]
+     .append({"name": "tls", "secret": {"secretName": "lookalike-tls"}})),
     ("router without Ray's TLS", "ray_tls", lambda d: _router_spec(d)["containers"][0].update(
         env=[e for e in _router_spec(d)["containers"][0]["env"] if e["name"] != "RAY_USE_TLS"])),
 ]
@@ -577,7 +580,7 @@ def test_ray_tls_init_script_makes_a_certificate_the_ray_ca_signed(tmp_path):
     (init,) = [c for c in ray["spec"]["headGroupSpec"]["template"]["spec"]["initContainers"] if c["name"] == "ray-tls"]
     env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
     env.update(RAY_CA_DIR=str(ca), RAY_TLS_DIR=str(out), POD_NAME="lookalike-head-x", POD_NAMESPACE=NAMESPACE,
-               POD_IP="10.1.2.3", PATH="/usr/bin:/bin")
+               POD_IP="10.1.2.3", PATH=os.environ.get("PATH", "/usr/bin:/bin"))
     run = subprocess.run(["/bin/sh", ROOT / "k8s" / "base" / "ray-tls" / "gencert.sh"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
