@@ -79,3 +79,19 @@ def test_internal_certificate_needs_all_three_files():
            "LOOKALIKE_INTERNAL_TLS_SERVER_NAME": "shards"}
     assert internal_tls_from_env(env) == TLSConfig("c", "k", "a", True, "shards")
     assert TLSConfig("x", "y", "z", server_name="other").internal(env).server_name == "shards"
+
+
+def test_serve_refuses_an_incomplete_or_unreadable_internal_certificate(tmp_path, pki, capsys, monkeypatch):
+    from tools.cli import main
+
+    public, internal = pki["public"], pki["internal"]
+    data = tmp_path / "d"
+    flags = ["serve", "--data", str(data), "--tls-cert", public.cert, "--tls-key", public.key, "--tls-ca", public.ca]
+    monkeypatch.setenv("LOOKALIKE_INTERNAL_TLS_CERT", internal.cert)
+    monkeypatch.setenv("LOOKALIKE_INTERNAL_TLS_CA", internal.ca)
+    assert main(flags) == 2
+    assert "LOOKALIKE_INTERNAL_TLS_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("LOOKALIKE_INTERNAL_TLS_KEY", str(tmp_path / "missing.key"))
+    assert main(flags) == 2
+    assert "cannot read the TLS key" in capsys.readouterr().err
+    assert not data.exists()  # refused before anything started
