@@ -268,6 +268,26 @@ def writable_paths_and_ephemeral_storage(docs):
 
 
 @_check
+def volumes_resolve(docs):
+    """Every mount (the autoscaler's included) names a volume of its pod, once per path; volume names are unique.
+    The API server checks this only when the pod is made, long after `kubectl apply` succeeded."""
+    claims = {f"StatefulSet/{d['metadata']['name']}": [c["metadata"]["name"] for c in
+                                                        d["spec"].get("volumeClaimTemplates", [])]
+              for d in docs if d["kind"] == "StatefulSet"}
+    for where, t in pod_templates(docs):
+        names = [v["name"] for v in t["spec"].get("volumes", [])] + claims.get(where, [])
+        if len(names) != len(set(names)):
+            yield f"{where}: volume names repeat: {names}"
+        for c in containers(docs, where, t):
+            paths = [m["mountPath"].rstrip("/") for m in c.get("volumeMounts", [])]
+            if len(paths) != len(set(paths)):
+                yield f"{where} {c['name']}: a path is mounted twice: {paths}"
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in names:
+                    yield f"{where} {c['name']}: mounts {m['name']}, which is no volume of the pod"
+
+
+@_check
 def guaranteed_ray_pods(docs):
     """The Ray head's and workers' containers (init containers and the autoscaler sidecar included) have requests
     equal to limits: Guaranteed QoS."""
@@ -490,8 +510,8 @@ def production_violations(docs) -> dict[str, list[str]]:
 
 def check_production_invariants(docs) -> None:
     """Asserts every check of this module on one render (its documents): ServiceAccounts, pod security, writable
-    paths and ephemeral storage, Guaranteed Ray pods, NetworkPolicies, topology spread, disruption budgets, the
-    head's fault tolerance, PriorityClasses, Ray's TLS, the public key off the Ray pods."""
+    paths and ephemeral storage, volumes that resolve, Guaranteed Ray pods, NetworkPolicies, topology spread,
+    disruption budgets, the head's fault tolerance, PriorityClasses, Ray's TLS, the public key off the Ray pods."""
     bad = production_violations(docs)
     assert not bad, "production invariants violated:\n" + "\n".join(
         f"  {name}: {msg}" for name, msgs in bad.items() for msg in msgs)

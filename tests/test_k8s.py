@@ -518,6 +518,9 @@ MUTATIONS = [
      lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]["resources"]["limits"].pop("ephemeral-storage")),
     ("worker /tmp/ray on the root filesystem", "writable_paths_and_ephemeral_storage",
      lambda d: _worker(d)["template"]["spec"]["containers"][0]["volumeMounts"].pop(2)),
+    ("autoscaler mounts a volume the head lacks", "volumes_resolve", lambda d: _get(d, "RayCluster")["spec"]
+     ["autoscalerOptions"]["volumeMounts"].append({"name": "nothing", "mountPath": "/nothing"})),
+    ("worker group loses a volume", "volumes_resolve", lambda d: _worker(d)["template"]["spec"]["volumes"].pop()),
     ("worker burstable", "guaranteed_ray_pods", lambda d: _worker(d)["template"]["spec"]["containers"][0]
      ["resources"]["requests"].update(cpu="2")),
     ("autoscaler burstable", "guaranteed_ray_pods", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
