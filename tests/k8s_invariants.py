@@ -411,7 +411,8 @@ def disruption_budgets(docs):
 def head_fault_tolerance(docs):
     """The RayCluster's GCS is fault tolerant (gcsFaultToleranceOptions, or KubeRay's older ray.io/ft-enabled
     annotation) and its Redis is deployed here: a Service at redisAddress selecting a pod that listens on that port,
-    its password from the same Secret key as the head's."""
+    its password from the same Secret key as the head's, over TLS (rediss://, the head checking Redis' certificate
+    with RAY_REDIS_CA_CERT)."""
     for ray in _rayclusters(docs):
         ft = ray["spec"].get("gcsFaultToleranceOptions")
         if ft is None:
@@ -428,6 +429,10 @@ def head_fault_tolerance(docs):
                 continue  # embedded RocksDB on the head's own volume: no Redis to deploy
             address = ft.get("redisAddress", "")
             secret = ft.get("redisPassword", {}).get("valueFrom", {}).get("secretKeyRef")
+        head_env = {e["name"] for e in ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+                    .get("env", [])}
+        if not address.startswith("rediss://") or "RAY_REDIS_CA_CERT" not in head_env:
+            yield f"the GCS reaches its Redis {address!r} without TLS (rediss:// and RAY_REDIS_CA_CERT on the head)"
         host, _, port = address.removeprefix("redis://").removeprefix("rediss://").partition(":")
         host = host.split(".")[0]
         svc = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == host), None)

@@ -544,6 +544,8 @@ MUTATIONS = [
     ("no Redis budget", "disruption_budgets", lambda d: _drop(d, "PodDisruptionBudget", "lookalike-redis")),
     ("no GCS fault tolerance", "head_fault_tolerance", lambda d: _get(d, "RayCluster")["spec"]
      .pop("gcsFaultToleranceOptions")),
+    ("Redis in plaintext", "head_fault_tolerance", lambda d: _get(d, "RayCluster")["spec"]
+     ["gcsFaultToleranceOptions"].update(redisAddress="lookalike-redis:6379")),
     ("no Redis deployed", "head_fault_tolerance", lambda d: _drop(d, "StatefulSet", "lookalike-redis")),
     ("a missing PriorityClass", "priority_classes", lambda d: _drop(d, "PriorityClass", "lookalike-shards")),
     ("autoscaler without Ray's TLS", "ray_tls", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
@@ -596,6 +598,7 @@ def test_ray_tls_init_script_makes_a_certificate_the_ray_ca_signed(tmp_path):
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = set(sans.get_values_for_type(x509.DNSName)) | {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
     svc = f"{ray['metadata']['name']}-head-svc"  # KubeRay's name of the head's Service, which Ray peers dial
+    assert env["TLS_SERVICE"] == svc
     assert {"10.1.2.3", "127.0.0.1", "localhost", svc, f"{svc}.{NAMESPACE}.svc.cluster.local"} <= names
     usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     assert {x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH} <= usages

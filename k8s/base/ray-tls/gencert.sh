@@ -3,12 +3,12 @@
 # signed by the Ray CA of the lookalike-ray-ca Secret (keys ca.crt and ca.key; docs/DEPLOY.md, "Network and pod
 # security"). Only this init container mounts the CA's key; the pod's other containers read the files written
 # here, in the pod's emptyDir at $OUT (0600, owned by the pod's user): tls.key, tls.crt and ca.crt.
-# The names are those Ray's peers dial: the pod's IP (raylets, workers), the head's Service (GCS, Ray Client) and
-# loopback. Needs the openssl command (the lookalike image's Debian base has it).
+# The names are those its peers dial: the pod's IP (raylets, workers), its Service, $TLS_SERVICE (the head's: GCS,
+# Ray Client; Redis' for Redis) and loopback. Needs the openssl command (the lookalike image's Debian base has it).
 set -eu
 CA=${RAY_CA_DIR:-/etc/ray/ca}
 OUT=${RAY_TLS_DIR:-/etc/ray/tls}
-SVC="${RAY_HEAD_SERVICE}"
+SVC="${TLS_SERVICE}"
 NS="${POD_NAMESPACE}"
 umask 077
 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=${POD_NAME}" \
