@@ -65,6 +65,8 @@ def pod_templates(docs) -> list[tuple[str, dict]]:
         name = f"{d['kind']}/{d['metadata']['name']}"
         if d["kind"] in WORKLOADS:
             out.append((name, d["spec"]["template"]))
+        elif d["kind"] == "CronJob":
+            out.append((name, d["spec"]["jobTemplate"]["spec"]["template"]))
         elif d["kind"] == "RayCluster":
             out.append((f"{name} head", d["spec"]["headGroupSpec"]["template"]))
             out += [(f"{name} group {g['groupName']}", g["template"]) for g in d["spec"].get("workerGroupSpecs", [])]
@@ -398,9 +400,11 @@ def topology_spread(docs):
 
 @_check
 def disruption_budgets(docs):
-    """One PodDisruptionBudget per component, selecting its pods."""
+    """One PodDisruptionBudget per component, selecting its pods (batch pods, Jobs and CronJobs, need none)."""
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     for where, t in pod_templates(docs):
+        if where.split("/")[0] in ("Job", "CronJob"):
+            continue
         hits = [p["metadata"]["name"] for p in pdbs
                 if matches(p["spec"]["selector"], t["metadata"].get("labels", {}))]
         if len(hits) != 1:
