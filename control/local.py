@@ -3,6 +3,7 @@ router. For tests and benchmarks that need no Ray; `lookalike serve` uses contro
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 from jobs import JobManager
@@ -24,14 +25,16 @@ class LocalPlacer:
         gpu: a GPU backend (``lookalike.gpu``) every shard uses, or None: CPU shards.
         metrics: each shard also serves its own metrics over HTTP on 127.0.0.1 (a free port; the samples of the
             process registry labelled with its id).
+        tls: the internal hop's mutual TLS (lookalike.security.TLSConfig) the shards serve with; None: plaintext.
     """
 
     def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0, gpu=None,
-                 metrics: bool = False):
+                 metrics: bool = False, tls=None):
         self.data_dir = pathlib.Path(data_dir)
         self.segment_bytes = segment_bytes
         self.capacity_bytes = capacity_bytes
         self.gpu = gpu
+        self.tls = tls
         self.shards: dict[str, Shard] = {}
         self.servers: dict[str, tuple] = {}
         self.metrics = {} if metrics else None  # shard id -> lookalike.metrics.MetricsServer
@@ -42,7 +45,7 @@ class LocalPlacer:
             return
         shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes, capacity_bytes=self.capacity_bytes,
                       gpu=self.gpu)
-        server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8)
+        server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8, tls=self.tls)
         self.shards[shard_id] = shard
         self.servers[shard_id] = (server, port, servicer, health)
         if self.metrics is not None:
@@ -119,12 +122,14 @@ class LocalCluster:
         gpu: a GPU backend the shards share (``lookalike.gpu.GpuBackend``, or ``EmulatedGpuBackend`` in tests);
             None: CPU shards.
         metrics: each shard serves its metrics on a port of its own (:class:`LocalPlacer`).
+        tls: the internal hop's mutual TLS (lookalike.security.TLSConfig, e.g. ``TLSConfig.internal()``): the shards
+            serve with it and the router connects with it (transport "grpc"); None: plaintext on loopback.
     """
 
     def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
                  refresh_interval: float = 0.1, policy: MovePolicy = MovePolicy(grace_s=0.3),
-                 capacity_bytes: int = 0, gpu=None, metrics: bool = False):
-        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu, metrics)
+                 capacity_bytes: int = 0, gpu=None, metrics: bool = False, tls=None):
+        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu, metrics, tls)
         self.controller = Controller(data_dir, shards, self.placer, policy)
         self.placer.controller = self.controller
         self.controller.start()
@@ -135,7 +140,7 @@ class LocalCluster:
                         return InProcessShardClient(servicer)
                 raise Unavailable(f"no shard listens at {address}")
         else:
-            connect = GrpcShardClient
+            connect = functools.partial(GrpcShardClient, tls=tls)
         self.router = Router(self.controller, connect, refresh_interval=refresh_interval)
         self.jobs = JobManager(self.router, data_dir)
 

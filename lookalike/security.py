@@ -5,8 +5,9 @@ Hops (docs/SECURITY.md):
 
 - client -> router: TLS (``TLSConfig`` with cert and key; mutual TLS when ``client_auth``), and a bearer token in
   the ``authorization`` metadata, checked by :class:`AuthInterceptor` against a :class:`TokenTable`.
-- router -> shard: mutual TLS with the cluster's certificate: a shard accepts calls only from a peer whose
-  certificate its CA signed (no tokens on this hop: the shards' service is internal).
+- router -> shard: mutual TLS with the cluster's internal certificate (``LOOKALIKE_INTERNAL_TLS_*``, else the
+  public one): a shard accepts calls only from a peer whose certificate its CA signed (no tokens on this hop: the
+  shards' service is internal).
 - router -> encoders, controller, jobs: Ray's own RPC, under Ray's token auth (on in cluster mode).
 
 Secrets (keys, tokens) come from files or environment variables, never from the command line; they are never
@@ -112,12 +113,38 @@ class TLSConfig:
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
-    def internal(self) -> TLSConfig:
-        """The config of the cluster's internal hop (router -> shards) from this one: the same files, mutual TLS."""
+    def internal(self, env=None) -> TLSConfig:
+        """The config of the cluster's internal hop (router -> shards, mutual TLS).
+
+        The internal certificate of ``LOOKALIKE_INTERNAL_TLS_CERT``, ``_KEY``, ``_CA`` when they are set (its own
+        CA: the shards then accept only peers holding it, and the public key stays off the shards' nodes;
+        ``LOOKALIKE_INTERNAL_TLS_SERVER_NAME``, else this config's server name, is the name the router checks);
+        else this config's own files (one certificate for both hops)."""
+        own = internal_tls_from_env(env)
+        if own is not None:
+            return own if own.server_name else dataclasses.replace(own, server_name=self.server_name)
         if not (self.cert and self.key and self.ca):
             raise InvalidArgument("TLS inside the cluster (router -> shards, mutual) needs a certificate, its key "
                                   "and the CA that signed it (--tls-cert, --tls-key, --tls-ca)")
         return dataclasses.replace(self, client_auth=True)
+
+
+def internal_tls_from_env(env=None) -> TLSConfig | None:
+    """The internal hop's own certificate: ``LOOKALIKE_INTERNAL_TLS_CERT``, ``_KEY``, ``_CA`` (all three) and
+    ``_SERVER_NAME`` (optional), as a mutual-TLS config; None when none of the three is set.
+
+    Raises:
+        InvalidArgument: some of the three set, not all.
+    """
+    env = os.environ if env is None else env
+    names = [f"{ENV_PREFIX}INTERNAL_TLS_{k}" for k in ("CERT", "KEY", "CA")]
+    values = [env.get(n, "") for n in names]
+    if not any(values):
+        return None
+    if not all(values):
+        missing = ", ".join(n for n, v in zip(names, values) if not v)
+        raise InvalidArgument(f"the internal certificate needs {', '.join(names)}: {missing} is not set")
+    return TLSConfig(*values, client_auth=True, server_name=env.get(f"{ENV_PREFIX}INTERNAL_TLS_SERVER_NAME", ""))
 
 
 # --- tokens -----------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ Needs `kubectl` (for `kubectl kustomize`) and kubernetes-validate; the KubeRay C
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
+import os
 import pathlib
 import re
 import shlex
@@ -19,6 +21,7 @@ import tomllib
 import pytest
 import yaml
 
+from k8s_invariants import CLUSTER_SCOPED, check_production_invariants, production_violations
 from tools.cli import build_parser
 from tools.cli.common import parse_bytes
 from tools.cli.serve import serve_port
@@ -219,24 +222,33 @@ def _mounted_file(pod_spec, container, path):
     return None
 
 
+INTERNAL_TLS = ("LOOKALIKE_INTERNAL_TLS_CERT", "LOOKALIKE_INTERNAL_TLS_KEY", "LOOKALIKE_INTERNAL_TLS_CA")
+
+
 def test_tls_and_tokens_files_are_mounted_where_router_and_shards_read_them(docs):
-    """The router's LOOKALIKE_TLS_* and tokens file are files of Secrets it mounts; the shards (Ray pods) read the
-    same TLS paths on their nodes (the cluster config carries paths), so every Ray pod mounts the same Secret
-    there; plaintext is not asked for."""
+    """The router's LOOKALIKE_TLS_* (public), LOOKALIKE_INTERNAL_TLS_* (the shard hop's) and tokens file are files
+    of Secrets it mounts; the shards (Ray pods) read the internal paths on their nodes (the cluster config carries
+    paths), so every Ray pod mounts the same internal Secret there, and no Ray pod mounts the public one; plaintext
+    is not asked for."""
     dep, container = _router(docs)
     env = _env(docs, container)
     args = _serve_args(docs)
     assert not args.insecure, "the router serves plaintext (--insecure)"
     paths = {k: env[k] for k in ("LOOKALIKE_TLS_CERT", "LOOKALIKE_TLS_KEY", "LOOKALIKE_TLS_CA",
-                                 "LOOKALIKE_TOKENS_FILE")}
+                                 "LOOKALIKE_TOKENS_FILE", *INTERNAL_TLS)}
     pod = dep["spec"]["template"]["spec"]
     for k, path in paths.items():
         assert _mounted_file(pod, container, path), f"{k}={path} is not in a Secret the router mounts"
     assert pod["securityContext"].get("fsGroup"), "the router's user cannot read Secret files of mode 0440"
-    assert env.get("LOOKALIKE_TLS_SERVER_NAME"), "shards listen on pod addresses: name their certificate"
+    assert env.get("LOOKALIKE_INTERNAL_TLS_SERVER_NAME"), "shards listen on pod addresses: name their certificate"
+    public = _mounted_file(pod, container, paths["LOOKALIKE_TLS_KEY"])[0]
+    internal = _mounted_file(pod, container, paths["LOOKALIKE_INTERNAL_TLS_KEY"])[0]
+    assert public != internal, "the shard hop has no certificate of its own: the public key would be on Ray pods"
     for where, template in _ray_templates(docs):
+        secrets = {v["secret"]["secretName"] for v in template["spec"].get("volumes", []) if "secret" in v}
+        assert public not in secrets, f"{where} mounts the router's public certificate and key ({public})"
         for c in template["spec"]["containers"]:
-            for k in ("LOOKALIKE_TLS_CERT", "LOOKALIKE_TLS_KEY", "LOOKALIKE_TLS_CA"):
+            for k in INTERNAL_TLS:
                 assert _mounted_file(template["spec"], c, paths[k]) == _mounted_file(pod, container, paths[k]), \
                     f"{where}: {paths[k]} is not the router's Secret file"
 
@@ -319,7 +331,10 @@ def test_storage_is_one_shared_volume_at_the_data_path_on_every_ray_node(docs):
 def test_names_labels_and_namespace(docs):
     for d in docs:
         meta = d["metadata"]
-        assert meta.get("namespace") == NAMESPACE, f"{d['kind']}/{meta['name']} is not in {NAMESPACE}"
+        if d["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in meta, f"{d['kind']}/{meta['name']} is cluster-scoped"
+        else:
+            assert meta.get("namespace") == NAMESPACE, f"{d['kind']}/{meta['name']} is not in {NAMESPACE}"
         assert meta["name"].startswith("lookalike"), meta["name"]
         assert meta["labels"]["app.kubernetes.io/name"] == "lookalike", f"{d['kind']}/{meta['name']}"
         assert meta["labels"].get("app.kubernetes.io/component"), f"{d['kind']}/{meta['name']} has no component"
@@ -375,7 +390,9 @@ def test_worker_pods_fit_the_shards_and_the_growth_bound(docs):
     assert args.max_shards <= capacity, (f"growth up to {args.max_shards} shards needs more worker pods than "
                                          f"maxReplicas allow ({capacity} shards)")
     assert ray["spec"]["rayVersion"] == _pins()["ray"], "Ray's version differs between the RayCluster and the images"
-    images = {c["image"] for _, t in _pod_templates(docs) for c in _containers(t)}
+    images = {c["image"] for _, t in _ray_templates(docs) + [("router", _one(docs, "Deployment",
+                                                                          "lookalike-router")["spec"]["template"])]
+              for c in _containers(t)}
     assert len(images) == 1, f"Ray Client needs the router and the Ray nodes on one Ray and Python: {images}"
 
 
@@ -441,3 +458,148 @@ def test_serve_commands_in_the_docs_parse():
     assert commands, "docs/DEPLOY.md shows no lookalike command"
     for line in commands:
         parser.parse_args(shlex.split(line))
+
+
+# --- production: no single point of failure, a closed network, hardened pods (tests/k8s_invariants.py) -----------
+def test_production_invariants(docs):
+    """Every shipped render holds every production invariant (k8s_invariants.check_production_invariants, which
+    generated overlays go through too)."""
+    check_production_invariants(docs)
+
+
+def _get(docs, kind, name=None):
+    return next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+
+
+def _head(docs):
+    return _get(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _worker(docs):
+    return _get(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]
+
+
+def _router_spec(docs):
+    return _get(docs, "Deployment", "lookalike-router")["spec"]["template"]["spec"]
+
+
+def _redis_spec(docs):
+    return _get(docs, "StatefulSet", "lookalike-redis")["spec"]["template"]["spec"]
+
+
+def _policy(docs, name):
+    return _get(docs, "NetworkPolicy", name)["spec"]
+
+
+def _drop(docs, kind, name):
+    docs[:] = [d for d in docs if not (d["kind"] == kind and d["metadata"]["name"] == name)]
+
+
+# (what breaks, the check that must say so, the change)
+MUTATIONS = [
+    ("router as the default account", "service_accounts", lambda d: _router_spec(d).pop("serviceAccountName")),
+    ("worker token mounted", "service_accounts", lambda d: _worker(d)["template"]["spec"].update(
+        automountServiceAccountToken=True)),
+    ("head container gets the API token", "service_accounts", lambda d: _head(d)["containers"][0]["volumeMounts"]
+     .append({"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"})),
+    ("autoscaler's Role reads Secrets", "service_accounts", lambda d: _get(d, "Role")["rules"].append(
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})),
+    ("router and redis share an account", "service_accounts", lambda d: _redis_spec(d).update(
+        serviceAccountName="lookalike-router")),
+    ("autoscaler sidecar unhardened", "pod_security", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
+     .pop("securityContext")),
+    ("init container writes its root", "pod_security", lambda d: _router_spec(d)["initContainers"][0].update(
+        securityContext={**_router_spec(d)["initContainers"][0]["securityContext"], "readOnlyRootFilesystem": False})),
+    ("redis pod without seccomp", "pod_security", lambda d: _redis_spec(d)["securityContext"].pop("seccompProfile")),
+    ("an unsafe sysctl", "pod_security", lambda d: _head(d)["securityContext"]["sysctls"].append(
+        {"name": "net.core.somaxconn", "value": "1024"})),
+    ("unbounded emptyDir", "writable_paths_and_ephemeral_storage", lambda d: _head(d)["volumes"][1].update(
+        emptyDir={})),
+    ("autoscaler without ephemeral storage", "writable_paths_and_ephemeral_storage",
+     lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]["resources"]["limits"].pop("ephemeral-storage")),
+    ("worker /tmp/ray on the root filesystem", "writable_paths_and_ephemeral_storage",
+     lambda d: _worker(d)["template"]["spec"]["containers"][0]["volumeMounts"].pop(2)),
+    ("autoscaler mounts a volume the head lacks", "volumes_resolve", lambda d: _get(d, "RayCluster")["spec"]
+     ["autoscalerOptions"]["volumeMounts"].append({"name": "nothing", "mountPath": "/nothing"})),
+    ("worker group loses a volume", "volumes_resolve", lambda d: _worker(d)["template"]["spec"]["volumes"].pop()),
+    ("worker burstable", "guaranteed_ray_pods", lambda d: _worker(d)["template"]["spec"]["containers"][0]
+     ["resources"]["requests"].update(cpu="2")),
+    ("autoscaler burstable", "guaranteed_ray_pods", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
+     ["resources"]["requests"].update(memory="512Mi")),
+    ("no default deny", "network_policies", lambda d: _drop(d, "NetworkPolicy", "lookalike-default-deny")),
+    ("router's health port opened", "network_policies", lambda d: _policy(d, "lookalike-router")["ingress"][0]
+     ["ports"].append({"protocol": "TCP", "port": 8081})),
+    ("Redis open to the workers", "network_policies", lambda d: _policy(d, "lookalike-redis")["ingress"][0]["from"]
+     [0]["podSelector"]["matchLabels"].update({"app.kubernetes.io/component": "ray-worker"})),
+    ("the public port open to every namespace", "network_policies", lambda d: _policy(d, "lookalike-router")
+     ["ingress"][0]["from"][0].update(namespaceSelector={})),
+    ("an unpinned Ray port", "network_policies", lambda d: _worker(d)["rayStartParams"].pop("node-manager-port")),
+    ("the dashboard on all interfaces", "network_policies", lambda d: _get(d, "RayCluster")["spec"]
+     ["headGroupSpec"]["rayStartParams"].update({"dashboard-host": "0.0.0.0"})),
+    ("the kernel's ports", "network_policies", lambda d: _worker(d)["template"]["spec"]["securityContext"]
+     .pop("sysctls")),
+    ("routers stacked in a zone", "topology_spread", lambda d: _router_spec(d)["topologySpreadConstraints"].pop()),
+    ("workers stacked on a node", "topology_spread", lambda d: _worker(d)["template"]["spec"]
+     ["topologySpreadConstraints"][0].update(whenUnsatisfiable="ScheduleAnyway")),
+    ("no head budget", "disruption_budgets", lambda d: _drop(d, "PodDisruptionBudget", "lookalike-ray-head")),
+    ("no Redis budget", "disruption_budgets", lambda d: _drop(d, "PodDisruptionBudget", "lookalike-redis")),
+    ("no GCS fault tolerance", "head_fault_tolerance", lambda d: _get(d, "RayCluster")["spec"]
+     .pop("gcsFaultToleranceOptions")),
+    ("Redis in plaintext", "head_fault_tolerance", lambda d: _get(d, "RayCluster")["spec"]
+     ["gcsFaultToleranceOptions"].update(redisAddress="lookalike-redis:6379")),
+    ("no Redis deployed", "head_fault_tolerance", lambda d: _drop(d, "StatefulSet", "lookalike-redis")),
+    ("a missing PriorityClass", "priority_classes", lambda d: _drop(d, "PriorityClass", "lookalike-shards")),
+    ("autoscaler without Ray's TLS", "ray_tls", lambda d: _get(d, "RayCluster")["spec"]["autoscalerOptions"]
+     .pop("env")),
+    ("the public key on the workers", "public_key_off_ray_pods", lambda d: _worker(d)["template"]["spec"]["volumes"]
+     .append({"name": "tls", "secret": {"secretName": "lookalike-tls"}})),
+    ("router without Ray's TLS", "ray_tls", lambda d: _router_spec(d)["containers"][0].update(
+        env=[e for e in _router_spec(d)["containers"][0]["env"] if e["name"] != "RAY_USE_TLS"])),
+]
+
+
+@pytest.mark.parametrize("what,check,mutate", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_each_invariant_catches_what_it_guards(what, check, mutate):
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the kustomize renders of k8s/ are not checked")
+    docs = copy.deepcopy(list(_render("base")))
+    assert production_violations(docs) == {}
+    mutate(docs)
+    found = production_violations(docs)
+    assert check in found, f"{what}: {check} saw nothing wrong ({found})"
+
+
+def test_ray_tls_init_script_makes_a_certificate_the_ray_ca_signed(tmp_path):
+    """ray-tls/gencert.sh (the ray-tls init containers) with openssl: a key and a certificate for the pod's IP,
+    the head's Service and loopback, signed by the Ray CA, server and client usage; the CA's key is not copied."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: the Ray TLS init script is not run")
+    x509 = pytest.importorskip("cryptography.x509")
+    ca, out = tmp_path / "ca", tmp_path / "tls"
+    ca.mkdir()
+    out.mkdir()
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", ca / "ca.key", "-out", ca / "ca.crt", "-subj", "/CN=ray-ca", "-days", "2"],
+                   check=True, capture_output=True)
+    ray = _get(_render("base"), "RayCluster")
+    (init,) = [c for c in ray["spec"]["headGroupSpec"]["template"]["spec"]["initContainers"] if c["name"] == "ray-tls"]
+    env = {e["name"]: e["value"] for e in init["env"] if "value" in e}
+    env.update(RAY_CA_DIR=str(ca), RAY_TLS_DIR=str(out), POD_NAME="lookalike-head-x", POD_NAMESPACE=NAMESPACE,
+               POD_IP="10.1.2.3", PATH=os.environ.get("PATH", "/usr/bin:/bin"))
+    run = subprocess.run(["/bin/sh", ROOT / "k8s" / "base" / "ray-tls" / "gencert.sh"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in out.iterdir()), "the pod's key is readable by others"
+    verify = subprocess.run([openssl, "verify", "-CAfile", ca / "ca.crt", out / "tls.crt"], capture_output=True,
+                            text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    cert = x509.load_pem_x509_certificate((out / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = set(sans.get_values_for_type(x509.DNSName)) | {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+    svc = f"{ray['metadata']['name']}-head-svc"  # KubeRay's name of the head's Service, which Ray peers dial
+    assert env["TLS_SERVICE"] == svc
+    assert {"10.1.2.3", "127.0.0.1", "localhost", svc, f"{svc}.{NAMESPACE}.svc.cluster.local"} <= names
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert {x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH} <= usages

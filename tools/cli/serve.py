@@ -58,7 +58,7 @@ def _serve_security(args):
     if tls is not None:
         tls.server_credentials()  # readable, and a key with the certificate
         _check_key_pair(tls.cert, tls.key)
-        tls.internal()            # the shards' mutual TLS needs the CA too
+        tls.internal().server_credentials()  # the shards' mutual TLS (LOOKALIKE_INTERNAL_TLS_*, else these files)
     elif args.tls_client_auth:
         raise ValueError("--tls-client-auth needs TLS: give --tls-cert, --tls-key and --tls-ca")
     host = args.host or ("[::]" if tls or args.insecure else "127.0.0.1")
