@@ -235,9 +235,11 @@ class Client:
         return list(resp.ids), vectors, [payload_to_dict(p) for p in resp.payloads]
 
     def start_dedup(self, collection: str, threshold: float, k: int = 10, nprobe: int = 0, ef_search: int = 0,
-                    batch: int = 0, job_id: str = "") -> lookalike_pb2.Job:
-        """Starts (or resumes, or returns) a near-duplicate job; see :meth:`wait_job` and :meth:`dedup_groups`."""
-        spec = lookalike_pb2.DedupSpec(collection=collection, threshold=threshold, k=k, batch=batch)
+                    batch: int = 0, job_id: str = "", filter=None) -> lookalike_pb2.Job:
+        """Starts (or resumes, or returns) a near-duplicate job; see :meth:`wait_job` and :meth:`dedup_groups`.
+        ``filter`` (as in :meth:`search`): only matching items, grouped among themselves (dedup within a category)."""
+        spec = lookalike_pb2.DedupSpec(collection=collection, threshold=threshold, k=k, batch=batch,
+                                       filter=to_filter(filter))
         spec.params.nprobe = nprobe
         spec.params.ef_search = ef_search
         return self.stub.StartJob(lookalike_pb2.StartJobRequest(job_id=job_id, dedup=spec), timeout=self.timeout)

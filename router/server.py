@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import functools
 import json
@@ -86,8 +87,11 @@ def job_spec(request: lookalike_pb2.StartJobRequest) -> tuple[str, dict]:
     which = request.WhichOneof("spec")
     if which == "dedup":
         d = request.dedup
-        return "dedup", {"collection": d.collection, "threshold": d.threshold, "k": d.k,
-                         "nprobe": d.params.nprobe, "ef_search": d.params.ef_search, "batch": d.batch}
+        spec = {"collection": d.collection, "threshold": d.threshold, "k": d.k, "nprobe": d.params.nprobe,
+                "ef_search": d.params.ef_search, "batch": d.batch}
+        if d.HasField("filter"):  # kept in the job's JSON spec as base64 (jobs.dedup.filter_of)
+            spec["filter"] = base64.b64encode(d.filter.SerializeToString(deterministic=True)).decode()
+        return "dedup", spec
     if which == "cluster":
         c = request.cluster
         return "cluster", {"collection": c.collection, "k": c.k, "sample": c.sample, "field": c.field,

@@ -232,3 +232,89 @@ def test_the_client_builds_filters_from_dicts_and_text():
     ts = parse_filter("created>=2026-01-01")
     assert ts.condition.range.gte.timestamp_micros == to_micros(T0)
     assert parse_filter("sku=123", {"sku": "string"}).condition.eq.string_value == "123"
+
+
+def test_the_cli_creates_filterable_collections_and_searches_with_a_filter(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    xb, xq = make_data("l2", 300, 8, nq=2)
+    np.save(tmp_path / "xb.npy", xb)
+    np.save(tmp_path / "xq.npy", xq)
+    rows = [{"category": ["shoes", "hats", "bags"][i % 3], "price": i % 150, "seller": f"s{i % 4}",
+             "added": f"2026-01-{1 + i % 28:02d}", "sku": str(1000 + i)} for i in range(300)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with served_local_cluster(tmp_path / "data", shards=2) as (_cl, client):
+        target = client.target
+        create = run_cli("collection", "create", "cat", "--dim", "8", "--filterable",
+                         "category:string,price:float,seller:string,added:timestamp,sku:string", target=target)
+        assert create.returncode == 0, create.stderr
+        desc = json.loads(run_cli("collection", "describe", "cat", target=target).stdout)
+        assert {"name": "price", "type": "TYPE_FLOAT"} in desc["filterable"]
+        up = run_cli("upsert", "cat", str(tmp_path / "xb.npy"), "--payload", str(tmp_path / "p.jsonl"), target=target)
+        assert up.returncode == 0, up.stderr
+        res = run_cli("search", "cat", str(tmp_path / "xq.npy"), "-k", "5", "--json", "--payloads", "--filter",
+                      "category=shoes and price<100 and seller!=s1 and added>=2026-01-10", target=target)
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        mask = np.array([r["category"] == "shoes" and r["price"] < 100 and r["seller"] != "s1"
+                         and r["added"] >= "2026-01-10" for r in rows])
+        want, _ = _brute("l2", xb, xq, 5, mask)
+        assert [r["ids"] for r in out["results"]] == want and out["plans"]
+        assert out["results"][0]["payloads"][0]["category"] == "shoes"
+        one = run_cli("search", "cat", str(tmp_path / "xq.npy"), "-k", "3", "--json", "--filter", "sku=1003",
+                      target=target)
+        assert json.loads(one.stdout)["results"][0]["ids"] == ["3"], one.stdout + one.stderr
+        for flags, words in [(["--filter", "colour=red"], "not a filterable field"),
+                             (["--filter", "price <"], "--filter: the filter ends")]:
+            bad = run_cli("search", "cat", str(tmp_path / "xq.npy"), *flags, target=target)
+            assert bad.returncode != 0 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        bad = run_cli("collection", "create", "x", "--dim", "4", "--filterable", "price:money", target=target)
+        assert bad.returncode != 0 and "unknown type 'money'" in bad.stderr, bad.stderr
+
+
+def test_dedup_within_a_category_and_a_filtered_sample(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    ids = [f"i{i}" for i in range(400)]
+    cats = ["shoes" if i % 2 else "hats" for i in range(400)]
+    # planted near-copies: i0 ~ i1 cross categories (hats, shoes); i3 ~ i5 both shoes
+    x[1] = x[0] + 0.001
+    x[5] = x[3] + 0.001
+    with served_local_cluster(tmp_path, shards=2, jobs=True) as (_cl, client):
+        client.create_collection("d", dim=16, buckets=16, filterable="category:string")
+        client.upsert("d", ids, x, [{"category": c} for c in cats])
+        every = client.wait_job(client.start_dedup("d", 0.01, k=4).id, poll_s=0.05, timeout=120)
+        assert sorted(sorted(g.ids) for g in client.dedup_groups(every.id)) == [["i0", "i1"], ["i3", "i5"]]
+        job = client.start_dedup("d", 0.01, k=4, filter="category=shoes")
+        assert job.id != every.id
+        job = client.wait_job(job.id, poll_s=0.05, timeout=120)
+        assert job.state == job.SUCCEEDED and job.total == 200, job.message
+        assert [sorted(g.ids) for g in client.dedup_groups(job.id)] == [["i3", "i5"]]
+        got, vecs, payloads = client.sample("d", 50, seed=3, filter={"category": "hats"})
+        assert len(got) == 50 and all(p["category"] == "hats" for p in payloads) and vecs.shape == (50, 16)
+        with pytest.raises(grpc.RpcError) as err:
+            client.start_dedup("d", 0.01, filter="colour=red")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_loadtest_sends_filtered_searches(tmp_path):
+    import json
+
+    from tools import cli
+
+    xb, _ = make_data("l2", 500, 8, seed=4)
+    np.save(tmp_path / "xb.npy", xb)
+    with served_local_cluster(tmp_path / "data", shards=2) as (cl, client):
+        client.create_collection("c", dim=8, buckets=16, filterable="category:string")
+        client.upsert("c", [str(i) for i in range(500)], xb, [{"category": f"c{i % 4}"} for i in range(500)])
+        out = tmp_path / "lt.json"
+        rc = cli.main(["loadtest", "c", "--target", client.target, "--rate", "40", "--processes", "1", "--duration",
+                       "1", "--data", str(tmp_path / "xb.npy"), "--filter", "category=c1", "--out", str(out),
+                       "--plot", "", "--quiet"])
+        report = json.loads(out.read_text())
+        assert rc == 0 and report["ok"] == report["requests"] == 40 and report["errors"] == {}
+        assert report["recall"]["recall_at_k"] is None and "--filter" in report["recall"]["why"]
+        assert cli.main(["loadtest", "c", "--target", client.target, "--filter", "colour=red", "--duration",
+                         "1", "--out", str(out), "--plot", ""]) == 2
