@@ -20,6 +20,8 @@ Uses faiss, numpy and the shard's index modules.
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import faiss
 import numpy as np
@@ -30,6 +32,66 @@ from shard.specs import FAISS_METRIC, FLAT_TYPES
 EXACT_MAX_MATCHES = 2048
 EXACT_MAX_FRACTION = 0.01
 MAX_EF_SEARCH = 4096
+
+
+class Matches:
+    """The labels a filter matched (sorted int64), with the FAISS selectors over them built once and kept while
+    the collection does not change (see :class:`MatchCache`)."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+        self._batch = None
+        self._bitmap = None  # (key of the graph it was built for, selector, its bits)
+        self._lock = threading.Lock()
+
+    def batch(self):
+        """An IDSelectorBatch over the labels."""
+        with self._lock:
+            if self._batch is None:
+                self._batch = faiss.IDSelectorBatch(self.labels)
+            return self._batch
+
+    def bitmap(self, vindex):
+        """An IDSelectorBitmap over the graph positions of the labels in ``vindex``'s graph."""
+        key = (id(vindex._main), vindex._main.ntotal, vindex._labels.dead)
+        with self._lock:
+            if self._bitmap is None or self._bitmap[0] != key:
+                pos, _ = vindex._labels.positions_of(self.labels)
+                bits = np.zeros(vindex._main.ntotal, dtype=bool)
+                bits[pos] = True
+                packed = np.packbits(bits, bitorder="little")
+                self._bitmap = (key, faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(packed)), packed)
+            return self._bitmap[1]
+
+
+class MatchCache:
+    """The matches of the last ``size`` filters of a collection, while its payload index is at the same version
+    (any write changes it): repeated filters (a category page, a load test) resolve and build selectors once."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._lock = threading.Lock()
+        self._version = None
+        self._entries: OrderedDict[bytes, Matches] = OrderedDict()
+
+    def get(self, version: int, filt, resolve) -> Matches:
+        """The Matches of ``filt`` at payload-index ``version``; ``resolve()`` gives its labels when not cached."""
+        key = filt.SerializeToString(deterministic=True)
+        with self._lock:
+            if self._version != version:
+                self._entries.clear()
+                self._version = version
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+        m = Matches(resolve())
+        with self._lock:
+            if self._version == version:
+                self._entries[key] = m
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return m
 
 
 def _empty(nq: int, k: int, larger_is_better: bool):
@@ -77,15 +139,16 @@ def _exact(vindex, xq: np.ndarray, k: int, labels: np.ndarray):
     return search_tie_ordered(search, xq, k, len(labels), coll.larger_is_better)
 
 
-def plan_and_search(vindex, xq: np.ndarray, k: int, labels: np.ndarray, nprobe: int = 0,
+def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: int = 0,
                     ef_search: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """The top k among ``labels`` (sorted int64, the items a filter matched) for queries ``xq`` (as given).
+    """The top k among ``matches`` (the items a filter matched) for queries ``xq`` (as given).
 
     Returns:
         (D, L, plan): shapes (nq, k) as VectorIndex.search gives them (-1 labels past the matches), and the plan
         used, as a short line (see the module docstring).
     """
     coll = vindex.coll
+    labels = matches.labels
     xq = vindex._prepare(xq)
     n = max(vindex.ntotal, 1)
     m = len(labels)
@@ -102,8 +165,7 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, labels: np.ndarray, nprobe: 
     if ivf is not None:
         base = nprobe or coll.nprobe
         probe = int(ivf.nlist) if few else min(int(ivf.nlist), max(base, math.ceil(base / frac)))
-        sel = faiss.IDSelectorBatch(labels)
-        params = faiss.SearchParametersIVF(nprobe=probe, sel=sel)
+        params = faiss.SearchParametersIVF(nprobe=probe, sel=matches.batch())
 
         def search(q, kk, _coarse):
             D, L = vindex._main.search(q, kk, params=params)
@@ -111,24 +173,18 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, labels: np.ndarray, nprobe: 
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
         return D, L, f"selector-ivf nprobe={probe}{' (all lists)' if probe == ivf.nlist else ''} ({note})"
     if vindex._graph and vindex._buffer is None:
-        pos, _ = vindex._labels.positions_of(labels)
-        bitmap = np.zeros(vindex._main.ntotal, dtype=bool)
-        bitmap[pos] = True
-        packed = np.packbits(bitmap, bitorder="little")
         base = ef_search or coll.ef_search
         ef = min(MAX_EF_SEARCH, max(base, k, math.ceil(base / frac)))
-        params = faiss.SearchParametersHNSW(efSearch=ef, sel=faiss.IDSelectorBitmap(len(bitmap),
-                                                                                     faiss.swig_ptr(packed)))
+        params = faiss.SearchParametersHNSW(efSearch=ef, sel=matches.bitmap(vindex))
 
         def search(q, kk, _coarse):
             params.efSearch = max(ef, kk)
             D, P = vindex._main.search(q, kk, params=params)
             return D.astype(np.float32, copy=False), vindex._labels.labels_at(P)
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
-        del packed  # kept alive above for the selector's lifetime
         return D, L, f"selector-hnsw ef={ef} ({note})"
     main = vindex._buffer if vindex._buffer is not None else vindex._main
-    params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(labels))
+    params = faiss.SearchParameters(sel=matches.batch())
 
     def search(q, kk, _coarse):
         D, L = main.search(q, kk, params=params)

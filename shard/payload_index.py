@@ -113,6 +113,7 @@ class PayloadIndex:
         self.schema = dict(schema)
         self.types: dict[str, str] = dict(schema)  # every field's type: declared, or fixed by its first value
         self._fields = {name: _Numeric() if t in NUMERIC else _Keyword() for name, t in schema.items()}
+        self.version = getattr(self, "version", 0) + 1  # changes with every write: caches of matches key on it
 
     # --- writes ---------------------------------------------------------------------------------------------
     def check(self, ids: list[str], payloads: list[bytes | None]) -> None:
@@ -127,6 +128,7 @@ class PayloadIndex:
 
     def put(self, labels: np.ndarray, payloads: list[bytes | None]) -> None:
         """Indexes items written under ``labels`` (replacing what those labels had)."""
+        self.version += 1
         for label, b in zip(labels.tolist(), payloads):
             p = _decode(b)
             fields = {} if p is None else {name: (kind, value) for name, kind, value in typed_items(p)}
@@ -143,6 +145,7 @@ class PayloadIndex:
                     idx.put(label, got[1] if want in LISTS else (got[1],))
 
     def remove(self, labels: np.ndarray) -> None:
+        self.version += 1
         for label in np.asarray(labels).tolist():
             for idx in self._fields.values():
                 idx.remove(label)

@@ -15,7 +15,7 @@ import numpy as np
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import bucket_of_labels, buckets_and_labels
 from shard.bucket_reader import read_buckets
-from shard.filtered import plan_and_search
+from shard.filtered import MatchCache, plan_and_search
 
 
 def _spread(values, mask: np.ndarray, empty) -> list:
@@ -34,6 +34,7 @@ class Reads:
 
     def __init__(self, sc):
         self.sc = sc
+        self._matches = MatchCache()  # the labels (and selectors) of recent filters, until the next write
 
     def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
         """(found ids, vectors or None, payloads) for the ids stored here, in request order.
@@ -126,8 +127,8 @@ class Reads:
         with sc._rw.read():
             sc._check_live()
             sc._check_epoch(epoch)
-            labels = sc.payloads.resolve(filt, sc.table.labels)
-            D, L, plan = plan_and_search(sc.index, xq, k, labels, nprobe, ef_search)
+            matches = self._matches.get(sc.payloads.version, filt, lambda: sc.payloads.resolve(filt, sc.table.labels))
+            D, L, plan = plan_and_search(sc.index, xq, k, matches, nprobe, ef_search)
             return (*self._answer(D, L, include_payloads), plan)
 
     def _answer(self, D: np.ndarray, L: np.ndarray, include_payloads: bool):

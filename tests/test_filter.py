@@ -318,3 +318,21 @@ def test_loadtest_sends_filtered_searches(tmp_path):
         assert report["recall"]["recall_at_k"] is None and "--filter" in report["recall"]["why"]
         assert cli.main(["loadtest", "c", "--target", client.target, "--filter", "colour=red", "--duration",
                          "1", "--out", str(out), "--plot", ""]) == 2
+
+
+def test_a_write_changes_what_a_repeated_filter_matches(tmp_path):
+    from shard.shard import Shard
+
+    cfg = CollectionConfig("c", 4, "l2", buckets=4, filterable="category:string").validated()
+    shard = Shard("s", tmp_path)
+    shard.open_collection(cfg, range(4))
+    sc = shard.collection("c")
+    x = np.eye(4, dtype=np.float32)
+    sc.upsert(["a", "b"], x[:2], [payload_to_proto({"category": c}).SerializeToString() for c in ("x", "y")])
+    f = parse_filter("category=x")
+    assert sc.reads.search_filtered(x[:1], 2, f)[2] == ["a", ""]
+    sc.upsert(["b"], x[1:2], [payload_to_proto({"category": "x"}).SerializeToString()])
+    assert sc.reads.search_filtered(x[:1], 2, f)[2] == ["a", "b"]
+    sc.delete(["a"])
+    assert sc.reads.search_filtered(x[:1], 2, f)[2] == ["b", ""]
+    shard.close()
