@@ -171,15 +171,15 @@ class ShardCollection:
             f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); nothing of it was stored") from None
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
-        """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while
-        searches go on; the write lock covers only the index update and the swap."""
+        """Applies an upsert (caller holds the write order): tables built while searches go on, then swapped in."""
         labels, existing = self.table.assign(home, ids)
         table = self.table.with_put(labels, ids, payloads, existing)
+        fields = self.payloads.decode(payloads)  # outside the lock, as the table
         with self._rw.write():
             if existing.any():
                 self.index.remove(labels[existing])
             self.index.add(labels, x)
-            self.payloads.put(labels, payloads)
+            self.payloads.put_fields(labels, fields)
             table, self.table = self.table, table  # the old table is freed after the lock
 
     def delete(self, ids: list[str], epoch: int = 0) -> tuple[int, int]:

@@ -126,12 +126,23 @@ class PayloadIndex:
         items = [(uid, _decode(p)) for uid, p in zip(ids, payloads) if p]
         self.types.update(check_types(items, self.types))
 
+    @staticmethod
+    def decode(payloads: list[bytes | None]) -> list[dict]:
+        """Serialized payloads as {name: (type, value)} for :meth:`put_fields` (done before taking the write lock)."""
+        out = []
+        for b in payloads:
+            p = _decode(b)
+            out.append({} if p is None else {name: (kind, value) for name, kind, value in typed_items(p)})
+        return out
+
     def put(self, labels: np.ndarray, payloads: list[bytes | None]) -> None:
         """Indexes items written under ``labels`` (replacing what those labels had)."""
+        self.put_fields(labels, self.decode(payloads))
+
+    def put_fields(self, labels: np.ndarray, decoded: list[dict]) -> None:
+        """:meth:`put` of payloads :meth:`decode` gave."""
         self.version += 1
-        for label, b in zip(labels.tolist(), payloads):
-            p = _decode(b)
-            fields = {} if p is None else {name: (kind, value) for name, kind, value in typed_items(p)}
+        for label, fields in zip(labels.tolist(), decoded):
             for name, kind in ((n, k) for n, (k, _) in fields.items() if n not in self.types):
                 self.types[name] = kind
             for name, idx in self._fields.items():

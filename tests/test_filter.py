@@ -336,3 +336,18 @@ def test_a_write_changes_what_a_repeated_filter_matches(tmp_path):
     sc.delete(["a"])
     assert sc.reads.search_filtered(x[:1], 2, f)[2] == ["b", ""]
     shard.close()
+
+
+def test_search_by_image_takes_a_filter(tmp_path):
+    from test_encoder import picture, to_bytes
+
+    images = [to_bytes(picture(i), "PNG") for i in range(8)]
+    with served_local_cluster(tmp_path, shards=2) as (_cl, client):
+        client.create_collection("p", encoder="phash", buckets=8, filterable="shop:string")
+        count, failed = client.upsert_images("p", [(f"img{i}", b, {"shop": f"s{i % 2}"})
+                                                   for i, b in enumerate(images)])
+        assert count == 8 and not failed
+        hits = client.search_by_image("p", [images[2]], k=8, include_payloads=True, filter="shop=s1")
+        assert len(hits.ids[0]) == 4 and all(p["shop"] == "s1" for p in hits.payloads[0]) and hits.plans
+        assert "img2" not in hits.ids[0]
+        assert client.search_by_image("p", [images[2]], k=1, filter="shop=s0").ids == [["img2"]]
