@@ -351,3 +351,20 @@ def test_search_by_image_takes_a_filter(tmp_path):
         assert len(hits.ids[0]) == 4 and all(p["shop"] == "s1" for p in hits.payloads[0]) and hits.plans
         assert "img2" not in hits.ids[0]
         assert client.search_by_image("p", [images[2]], k=1, filter="shop=s0").ids == [["img2"]]
+
+
+def test_filtered_searches_on_a_gpu_shard_run_on_its_cpu_index(tmp_path):
+    from lookalike.gpu import EmulatedGpuBackend
+
+    xb, xq = make_data("l2", 3000, 16, seed=5, nq=4)
+    cl = LocalCluster(tmp_path, shards=2, transport="inprocess", gpu=EmulatedGpuBackend())
+    try:
+        cl.router.create_collection(CollectionConfig("g", 16, "l2", buckets=8, filterable=FIELDS).validated())
+        _load(cl.router, "g", xb)
+        payloads = [_payload(i) for i in range(len(xb))]
+        for text, pred in CASES[:6]:
+            mask = np.array([pred(p) for p in payloads])
+            res = cl.router.search("g", xq, 10, filt=parse_filter(text))
+            assert res.ids == _brute("l2", xb, xq, 10, mask)[0], text
+    finally:
+        cl.close()
