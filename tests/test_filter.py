@@ -2,18 +2,24 @@
 filter for every index type (shard.filtered), against a brute force over the matching items."""
 
 import datetime as dt
+import json
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import exact_knn, make_data, served_local_cluster
+from conftest import exact_knn, make_data, run_cli, served_local_cluster
 from control.local import LocalCluster
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.filters import parse_filter, to_filter
-from lookalike.payloads import payload_to_proto, to_micros
+from lookalike.gpu import EmulatedGpuBackend
+from lookalike.payloads import payload_to_dict, payload_to_proto, to_micros
+from protos.common_pb2 import Payload
 from shard import filtered
+from shard.shard import Shard
+from test_encoder import picture, to_bytes
+from tools import cli
 
 FIELDS = ("category:string,price:float,seller:string,rank:int,created:timestamp,on_sale:bool,tags:string_list,"
           "codes:int_list")
@@ -186,8 +192,6 @@ def test_bad_filters_get_invalid_argument_with_a_sentence(tmp_path):
 
 
 def test_payload_indexes_survive_a_crash_and_a_restart(tmp_path):
-    from shard.shard import Shard
-
     cfg = CollectionConfig("c", 8, "l2", buckets=8, filterable="category:string,price:float").validated()
     xb, xq = make_data("l2", 600, 8, nq=3)
     ids = [str(i) for i in range(600)]
@@ -219,6 +223,9 @@ def test_payload_indexes_survive_a_crash_and_a_restart(tmp_path):
     sc2 = again.collection("c")
     assert sc2.loaded_from_checkpoint and sc2.replayed_records == 3
     assert answers(sc2) == want
+    stored = [payload_to_dict(Payload.FromString(b)) for b in sc2.get(["5", "400"], False)[2]]
+    assert stored == [{"category": "c1", "price": 5.0}, {"category": "c0", "price": 0.0}]  # types kept
+    assert type(stored[0]["price"]) is float
     cat = {i: (i + (1 if i < 100 else 0)) % 5 for i in range(600)}
     live = [i for i in range(600) if not 100 <= i < 150]
     assert all(cat[int(u)] == 1 and int(u) % 50 < 20 and int(u) in live for u in want)
@@ -235,10 +242,6 @@ def test_the_client_builds_filters_from_dicts_and_text():
 
 
 def test_the_cli_creates_filterable_collections_and_searches_with_a_filter(tmp_path):
-    import json
-
-    from conftest import run_cli
-
     xb, xq = make_data("l2", 300, 8, nq=2)
     np.save(tmp_path / "xb.npy", xb)
     np.save(tmp_path / "xq.npy", xq)
@@ -300,10 +303,6 @@ def test_dedup_within_a_category_and_a_filtered_sample(tmp_path):
 
 
 def test_loadtest_sends_filtered_searches(tmp_path):
-    import json
-
-    from tools import cli
-
     xb, _ = make_data("l2", 500, 8, seed=4)
     np.save(tmp_path / "xb.npy", xb)
     with served_local_cluster(tmp_path / "data", shards=2) as (cl, client):
@@ -321,8 +320,6 @@ def test_loadtest_sends_filtered_searches(tmp_path):
 
 
 def test_a_write_changes_what_a_repeated_filter_matches(tmp_path):
-    from shard.shard import Shard
-
     cfg = CollectionConfig("c", 4, "l2", buckets=4, filterable="category:string").validated()
     shard = Shard("s", tmp_path)
     shard.open_collection(cfg, range(4))
@@ -339,8 +336,6 @@ def test_a_write_changes_what_a_repeated_filter_matches(tmp_path):
 
 
 def test_search_by_image_takes_a_filter(tmp_path):
-    from test_encoder import picture, to_bytes
-
     images = [to_bytes(picture(i), "PNG") for i in range(8)]
     with served_local_cluster(tmp_path, shards=2) as (_cl, client):
         client.create_collection("p", encoder="phash", buckets=8, filterable="shop:string")
@@ -354,8 +349,6 @@ def test_search_by_image_takes_a_filter(tmp_path):
 
 
 def test_filtered_searches_on_a_gpu_shard_run_on_its_cpu_index(tmp_path):
-    from lookalike.gpu import EmulatedGpuBackend
-
     xb, xq = make_data("l2", 3000, 16, seed=5, nq=4)
     cl = LocalCluster(tmp_path, shards=2, transport="inprocess", gpu=EmulatedGpuBackend())
     try:
