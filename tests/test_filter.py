@@ -361,3 +361,22 @@ def test_filtered_searches_on_a_gpu_shard_run_on_its_cpu_index(tmp_path):
             assert res.ids == _brute("l2", xb, xq, 10, mask)[0], text
     finally:
         cl.close()
+
+
+def test_the_filter_benchmark_counts_what_post_filtering_misses():
+    from bench.filter_bench import FILTERS, payloads_of, post_filter, report  # here: it imports Ray
+
+    cat, price = payloads_of(20000, 0)
+    shares = [pred(cat, price).mean() for _, _, pred in FILTERS]
+    assert np.allclose(shares, [0.5, 0.1, 0.01, 0.001], rtol=0.25)  # the four selectivities
+    mask = np.array([True, False, True, False, True, True])
+    got, short = post_filter(np.array([[0, 1, 2, 3], [1, 3, 5, -1]]), mask, 2)
+    assert got.tolist() == [[0, 2], [5, -1]] and short == 1
+    out = {"config": {"k": 10, "n": 100, "dim": 8, "shards": 2, "batch": 1, "command": "x"},
+           "results": [{"index": "Flat", "selectivity": "none", "qps": 10.0, "p50_ms": 1.0, "p99_ms": 2.0,
+                        "recall": 1.0},
+                       {"index": "Flat", "selectivity": "1%", "filter": "category=c0", "qps": 5.0, "p50_ms": 1.0,
+                        "p99_ms": 2.0, "recall": 1.0, "qps_vs_unfiltered": 0.5, "post_filter_recall": 0.1,
+                        "post_filter_short": 1.0, "post_filter_10x_recall": 0.2, "post_filter_10x_short": 0.9,
+                        "plans": ["shard-0: exact (1/50 match)"]}]}
+    assert "| Flat | 1% | `category=c0` | 5 | 0.50 |" in report(out)
