@@ -256,7 +256,8 @@ def check_types(items, types: dict[str, str]) -> dict[str, str]:
         for name, kind, value in typed_items(p):
             want = types.get(name) or new.get(name)
             if want is None:
-                new[name] = kind
+                if not (kind in LISTS and not value):  # an empty list is of either list type: it fixes none
+                    new[name] = kind
             elif kind != want and not (kind in LISTS and want in LISTS and not value):
                 raise InvalidArgument(f"item {uid!r}: field {name!r} is of type {want}, got a {kind}")
     return new

@@ -143,8 +143,9 @@ class PayloadIndex:
         """:meth:`put` of payloads :meth:`decode` gave."""
         self.version += 1
         for label, fields in zip(labels.tolist(), decoded):
-            for name, kind in ((n, k) for n, (k, _) in fields.items() if n not in self.types):
-                self.types[name] = kind
+            for name, (kind, value) in fields.items():
+                if name not in self.types and not (kind in LISTS and not value):
+                    self.types[name] = kind
             for name, idx in self._fields.items():
                 got = fields.get(name)
                 want = self.schema[name]
