@@ -9,6 +9,8 @@ Uses lookalike (limits, errors) and jobs.base; the router it runs over is passed
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import threading
@@ -18,11 +20,24 @@ import numpy as np
 from jobs.base import CatalogJob, JobCancelled, JobStatus, write_atomic
 from lookalike.config import max_search_rows
 from lookalike.errors import InvalidArgument
+from lookalike.filters import check_filter
+from protos import common_pb2
 
 
 def within(D: np.ndarray, larger_is_better: bool, threshold: float) -> np.ndarray:
     """Distances that count as duplicates: similarity >= threshold (ip, cosine), distance <= threshold."""
     return D >= threshold if larger_is_better else D <= threshold
+
+
+def filter_of(spec: dict) -> common_pb2.Filter | None:
+    """The job's filter (kept in its spec as base64 of the serialized Filter), or None."""
+    text = spec.get("filter")
+    if not text:
+        return None
+    try:
+        return common_pb2.Filter.FromString(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError) as err:
+        raise InvalidArgument(f"the dedup job's filter is not a serialized Filter ({err})") from None
 
 
 def group_pairs(a, b, d, larger_is_better: bool) -> list[tuple[list[str], list[float]]]:
@@ -70,22 +85,27 @@ class DedupJob(CatalogJob):
     kind = "dedup"
 
     @staticmethod
-    def check(spec: dict, coll) -> dict:
-        spec = {"collection": coll.name, "threshold": float(spec["threshold"]), "k": int(spec.get("k") or 10),
-                "nprobe": int(spec.get("nprobe") or 0), "ef_search": int(spec.get("ef_search") or 0),
-                "batch": int(spec.get("batch") or 4096)}
+    def check(raw: dict, coll) -> dict:
+        spec = {"collection": coll.name, "threshold": float(raw["threshold"]), "k": int(raw.get("k") or 10),
+                "nprobe": int(raw.get("nprobe") or 0), "ef_search": int(raw.get("ef_search") or 0),
+                "batch": int(raw.get("batch") or 4096)}
         if not np.isfinite(spec["threshold"]):
             raise InvalidArgument("the dedup threshold must be a finite number")
         if not 1 <= spec["k"] <= 1023:
             raise InvalidArgument(f"dedup k must be between 1 and 1023, got {spec['k']}")
         if not 1 <= spec["batch"] <= 10000:
             raise InvalidArgument(f"dedup batch must be between 1 and 10000, got {spec['batch']}")
+        filt = filter_of(raw)
+        if filt is not None:  # only matching items, searched against each other (dedup within a category)
+            check_filter(filt, coll.schema, coll.name)
+            spec["filter"] = raw["filter"]
         return spec
 
     def run(self, router, status: JobStatus, stop: threading.Event) -> dict:
         sp = self.spec
         name = sp["collection"]
         coll = router.shard_map(name).collection
+        filt = filter_of(sp)
         pages = self._plan(router, sp["batch"] * 4)
         status.total = int(router.bucket_counts(name, timeout=60).sum())
         k = sp["k"] + 1  # the item itself comes back too
@@ -98,13 +118,13 @@ class DedupJob(CatalogJob):
                     status.done += int(z["n"])
                     pairs += len(z["d"])
                 continue
-            ids, x, _ = router.scan(name, buckets, include_vectors=True, timeout=600)
+            ids, x, _ = router.scan(name, buckets, include_vectors=True, timeout=600, filt=filt)
             qa, qb, qd = [], [], []
             for s in range(0, len(ids), batch):
                 if stop.is_set():
                     raise JobCancelled()
                 q_ids = np.array(ids[s:s + batch], dtype=object)
-                res = router.search(name, x[s:s + batch], k, sp["nprobe"], sp["ef_search"], timeout=600)
+                res = router.search(name, x[s:s + batch], k, sp["nprobe"], sp["ef_search"], timeout=600, filt=filt)
                 nbr = np.array([row + [""] * (k - len(row)) for row in res.ids], dtype=object)
                 hit = within(res.D, coll.larger_is_better, sp["threshold"]) & (nbr != "") & (nbr != q_ids[:, None])
                 rows, cols = np.nonzero(hit)

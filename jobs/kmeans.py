@@ -53,7 +53,9 @@ def set_payload_field(payload: bytes | None, field: str, value: str) -> bytes:
     """A serialized Payload with ``field`` set to ``value`` (the other fields kept)."""
     msg = common_pb2.Payload.FromString(payload) if payload else common_pb2.Payload()
     msg.fields[field] = value
-    return msg.SerializeToString()
+    if field in msg.values:  # a typed value of the same name is replaced (a name lives in one map only)
+        del msg.values[field]
+    return msg.SerializeToString(deterministic=True)
 
 
 class ClusterJob(CatalogJob):
@@ -70,6 +72,10 @@ class ClusterJob(CatalogJob):
             raise InvalidArgument("niter must be between 1 and 1000")
         if len(spec["field"].encode()) > 64:
             raise InvalidArgument("the payload field name is at most 64 bytes")
+        declared = coll.schema.get(spec["field"], "string")
+        if declared != "string":  # labels are strings ("3")
+            raise InvalidArgument(f"payload field {spec['field']!r} is declared {declared}; cluster labels are "
+                                  "strings: name another field, or one declared string")
         return spec
 
     def _centroids(self, router, coll) -> np.ndarray:

@@ -6,6 +6,13 @@
         client.upsert("products", ["a", "b"], xb, payloads=[{"uri": "s3://a.jpg"}, {"uri": "s3://b.jpg"}])
         res = client.search("products", xq, k=10)   # res.ids[q], res.D[q], res.coverage
 
+Payloads are dicts of str, int, float, bool, datetime, or lists of str or int (lookalike.payloads); a search's
+``filter`` is a dict, the text form or a ``Filter`` message (lookalike.filters.to_filter):
+
+        client.create_collection("products", dim=128, filterable="category:string,price:float")
+        client.search("products", xq, k=10, filter={"category": "shoes", "price": {"lt": 100}})
+        client.search("products", xq, k=10, filter="category=shoes and price<100")
+
 Errors arrive as ``grpc.RpcError`` with the server's status code and message.
 """
 
@@ -17,7 +24,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from lookalike.config import max_search_rows
+from lookalike.filters import to_filter
 from lookalike.net import create_channel
+from lookalike.payloads import payload_to_dict, payload_to_proto, schema_to_proto
 from lookalike.wire import vectors_from_proto_raw, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
 
@@ -33,24 +42,26 @@ class Hits:
         D: shape (nq, k) float32 distances (NaN where no result). L2/hamming: smaller is better; ip/cosine: larger.
         payloads: nq lists of dicts, when asked for.
         coverage: fraction of buckets that answered.
+        plans: filtered searches: how each shard ran the filter (debug; see docs/API.md).
     """
 
     ids: list[list[str]]
     D: np.ndarray
     payloads: list[list[dict]] | None
     coverage: float
+    plans: list[str] = dataclasses.field(default_factory=list)
 
 
 def _hits(resp: lookalike_pb2.SearchResponse, k: int, include_payloads: bool) -> Hits:
     D = np.full((len(resp.results), k), np.nan, dtype=np.float32)
     for q, nb in enumerate(resp.results):
         D[q, :len(nb.distances)] = nb.distances
-    payloads = [[dict(p.fields) for p in nb.payloads] for nb in resp.results] if include_payloads else None
-    return Hits([list(nb.ids) for nb in resp.results], D, payloads, resp.coverage)
+    payloads = [[payload_to_dict(p) for p in nb.payloads] for nb in resp.results] if include_payloads else None
+    return Hits([list(nb.ids) for nb in resp.results], D, payloads, resp.coverage, list(resp.plans))
 
 
 def _payload(d: dict | None) -> common_pb2.Payload:
-    return common_pb2.Payload(fields={str(k): str(v) for k, v in (d or {}).items()})
+    return payload_to_proto(d)
 
 
 class Client:
@@ -88,14 +99,16 @@ class Client:
     # --- collections ----------------------------------------------------------------------------------------
     def create_collection(self, name: str, dim: int = 0, metric: str = "", index: str = "Flat", buckets: int = 0,
                           replication: int = 0, nprobe: int = 0, ef_search: int = 0,
-                          encoder: str = "", gpu_float16: bool = False) -> lookalike_pb2.CollectionInfo:
-        """Creates a collection. metric "" means l2, or the encoder's; with an encoder, dim 0 means the encoder's."""
+                          encoder: str = "", gpu_float16: bool = False,
+                          filterable: str = "") -> lookalike_pb2.CollectionInfo:
+        """Creates a collection. metric "" means l2, or the encoder's; with an encoder, dim 0 means the encoder's.
+        ``filterable``: the payload fields to index for filters, "name:type,..." (types: lookalike.payloads.TYPES)."""
         if metric and metric not in _METRICS:
             raise ValueError(f"metric must be one of {', '.join(_METRICS)}, got {metric!r}")
         spec = common_pb2.CollectionSpec(
             name=name, dim=dim, metric=_METRICS[metric] if metric else common_pb2.METRIC_UNSPECIFIED, index=index,
             buckets=buckets, replication=replication, nprobe=nprobe, ef_search=ef_search, encoder=encoder,
-            gpu_float16=gpu_float16)
+            gpu_float16=gpu_float16, filterable=schema_to_proto(filterable))
         return self.stub.CreateCollection(lookalike_pb2.CreateCollectionRequest(spec=spec), timeout=self.timeout)
 
     def list_collections(self) -> list[lookalike_pb2.CollectionInfo]:
@@ -143,29 +156,32 @@ class Client:
         resp = self.stub.Get(lookalike_pb2.GetRequest(collection=collection, ids=[str(i) for i in ids],
                                                       include_vectors=include_vectors), timeout=self.timeout)
         vectors = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
-        return list(resp.ids), vectors, [dict(p.fields) for p in resp.payloads]
+        return list(resp.ids), vectors, [payload_to_dict(p) for p in resp.payloads]
 
     # --- search ---------------------------------------------------------------------------------------------
     def search(self, collection: str, xq: np.ndarray, k: int = 10, nprobe: int = 0, ef_search: int = 0,
                min_coverage: float | None = None, include_payloads: bool = False,
-               timeout: float | None = None) -> Hits:
+               timeout: float | None = None, filter=None) -> Hits:
         """k-NN search for a batch of queries, shape (nq, d) float32 (or (nq, d/8) uint8 codes).
 
         A batch whose answer could pass the message limit (``lookalike.config.max_search_rows``: e.g. more than
         2,476 queries at k=100, or 402 at k=10 with payloads) is sent as several requests, one after the other;
-        ``coverage`` is then the lowest of theirs."""
+        ``coverage`` is then the lowest of theirs. ``filter``: only items matching it (a dict, the text form or a
+        Filter message: lookalike.filters.to_filter); the k best of them are returned."""
         xq = np.asarray(xq)
+        filt = to_filter(filter)
         step = max(1, max_search_rows(k, include_payloads))
         parts = [self._search(collection, xq[s:s + step], k, nprobe, ef_search, min_coverage, include_payloads,
-                              timeout) for s in range(0, max(len(xq), 1), step)]
+                              timeout, filt) for s in range(0, max(len(xq), 1), step)]
         if len(parts) == 1:
             return parts[0]
         return Hits([row for h in parts for row in h.ids], np.concatenate([h.D for h in parts]),
                     [row for h in parts for row in h.payloads] if include_payloads else None,
-                    min(h.coverage for h in parts))
+                    min(h.coverage for h in parts), [p for h in parts for p in h.plans])
 
-    def _search(self, collection, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout) -> Hits:
-        req = lookalike_pb2.SearchRequest(collection=collection, k=k, include_payloads=include_payloads)
+    def _search(self, collection, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout,
+                filt=None) -> Hits:
+        req = lookalike_pb2.SearchRequest(collection=collection, k=k, include_payloads=include_payloads, filter=filt)
         req.queries.CopyFrom(vectors_to_proto(xq))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
@@ -190,10 +206,11 @@ class Client:
 
     def search_by_image(self, collection: str, images: list[bytes], k: int = 10, nprobe: int = 0,
                         ef_search: int = 0, min_coverage: float | None = None, include_payloads: bool = False,
-                        timeout: float | None = None) -> Hits:
-        """k-NN search with query images (encoded files), through the collection's encoder."""
+                        timeout: float | None = None, filter=None) -> Hits:
+        """k-NN search with query images (encoded files), through the collection's encoder (``filter`` as in
+        :meth:`search`)."""
         req = lookalike_pb2.SearchByImageRequest(collection=collection, images=images, k=k,
-                                                 include_payloads=include_payloads)
+                                                 include_payloads=include_payloads, filter=to_filter(filter))
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
         if min_coverage is not None:
@@ -213,18 +230,21 @@ class Client:
                                    timeout=max(self.timeout or 0, 600))
 
     # --- catalog jobs ---------------------------------------------------------------------------------------
-    def sample(self, collection: str, size: int, seed: int = 0, include_vectors: bool = True):
-        """A random sample of up to ``size`` (<= 10000) items: (ids, vectors or None, payload dicts)."""
+    def sample(self, collection: str, size: int, seed: int = 0, include_vectors: bool = True, filter=None):
+        """A random sample of up to ``size`` (<= 10000) items (matching ``filter``, as in :meth:`search`):
+        (ids, vectors or None, payload dicts)."""
         resp = self.stub.Sample(lookalike_pb2.SampleRequest(collection=collection, size=size, seed=seed,
-                                                            include_vectors=include_vectors),
+                                                            include_vectors=include_vectors, filter=to_filter(filter)),
                                 timeout=max(self.timeout or 0, 300))
         vectors = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
-        return list(resp.ids), vectors, [dict(p.fields) for p in resp.payloads]
+        return list(resp.ids), vectors, [payload_to_dict(p) for p in resp.payloads]
 
     def start_dedup(self, collection: str, threshold: float, k: int = 10, nprobe: int = 0, ef_search: int = 0,
-                    batch: int = 0, job_id: str = "") -> lookalike_pb2.Job:
-        """Starts (or resumes, or returns) a near-duplicate job; see :meth:`wait_job` and :meth:`dedup_groups`."""
-        spec = lookalike_pb2.DedupSpec(collection=collection, threshold=threshold, k=k, batch=batch)
+                    batch: int = 0, job_id: str = "", filter=None) -> lookalike_pb2.Job:
+        """Starts (or resumes, or returns) a near-duplicate job; see :meth:`wait_job` and :meth:`dedup_groups`.
+        ``filter`` (as in :meth:`search`): only matching items, grouped among themselves (dedup within a category)."""
+        spec = lookalike_pb2.DedupSpec(collection=collection, threshold=threshold, k=k, batch=batch,
+                                       filter=to_filter(filter))
         spec.params.nprobe = nprobe
         spec.params.ef_search = ef_search
         return self.stub.StartJob(lookalike_pb2.StartJobRequest(job_id=job_id, dedup=spec), timeout=self.timeout)

@@ -10,6 +10,7 @@ import re
 
 from lookalike.errors import InvalidArgument, ResourceExhausted
 from lookalike.indexspec import check_spec
+from lookalike.payloads import parse_schema, schema_text
 
 METRICS = ("l2", "ip", "cosine", "hamming")
 # Which direction is better, per metric: True when larger distances are better (similarities).
@@ -149,6 +150,13 @@ class CollectionConfig:
     # Set by the controller, not by users: the version of the collection's trained index (shard.trained) every shard
     # starts its index from; 0 while the collection is untrained (or its spec needs no training).
     trained_version: int = 0
+    # Payload fields the shards index for filters, "name:type,..." (lookalike.payloads; "" for none).
+    filterable: str = ""
+
+    @property
+    def schema(self) -> dict[str, str]:
+        """The filterable fields: name -> type name (lookalike.payloads.TYPES)."""
+        return dict(parse_schema(self.filterable))
 
     @property
     def binary(self) -> bool:
@@ -198,7 +206,7 @@ class CollectionConfig:
         if self.binary and not index.startswith("B"):
             index = "B" + index  # "Flat" -> "BFlat", "IVF1024" -> "BIVF1024"
         check_spec(index, self.dim, self.binary)  # the grammar: before FAISS sees it (it aborts on some specs)
-        return dataclasses.replace(self, index=index)
+        return dataclasses.replace(self, index=index, filterable=schema_text(parse_schema(self.filterable)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import numpy as np
 
 from lookalike.config import LIMITS, CollectionConfig
 from lookalike.errors import InvalidArgument
+from lookalike.payloads import canonical
 from protos import common_pb2
 
 _DTYPES = {common_pb2.Vectors.FLOAT32: np.dtype("<f4"), common_pb2.Vectors.UINT8: np.dtype("u1")}
@@ -103,16 +104,21 @@ def vectors_from_proto(msg: common_pb2.Vectors, coll: CollectionConfig, what: st
     return x
 
 
-def payloads_from_proto(payloads, n: int) -> list[bytes | None]:
-    """Serialized payloads aligned with n items (None where empty).
+def payloads_from_proto(payloads, n: int, schema: dict[str, str] | None = None,
+                        ids: list[str] | None = None) -> list[bytes | None]:
+    """Serialized payloads aligned with n items (None where empty), in their stored form (lookalike.payloads.canonical,
+    with the collection's declared ``schema``).
 
     Raises:
-        InvalidArgument: a count that is neither 0 nor n, or a payload over the size limit.
+        InvalidArgument: a count that is neither 0 nor n, a payload over the size limit, or one that does not fit
+            its declared types (naming the item, from ``ids``, and the field).
     """
     check_payloads(payloads, n)
     if len(payloads) == 0:
         return [None] * n
-    return [p.SerializeToString(deterministic=True) if p.fields else None for p in payloads]
+    ids = ids or [""] * n
+    return [canonical(p, schema, uid).SerializeToString(deterministic=True) if p.fields or p.values else None
+            for p, uid in zip(payloads, ids)]
 
 
 def check_payloads(payloads, n: int) -> None:

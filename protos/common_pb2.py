@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0clookalike.v1\"\x7f\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12*\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1b.lookalike.v1.Vectors.DType\"\x1f\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\"k\n\x07Payload\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.lookalike.v1.Payload.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcf\x01\n\x0e\x43ollectionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x06metric\x18\x03 \x01(\x0e\x32\x14.lookalike.v1.Metric\x12\r\n\x05index\x18\x04 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x11\n\tef_search\x18\x08 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\x12\x13\n\x0bgpu_float16\x18\n \x01(\x08\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x06\n\x02L2\x10\x01\x12\x06\n\x02IP\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x0b\n\x07HAMMING\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\x0clookalike.v1\"\x7f\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12*\n\x05\x64type\x18\x04 \x01(\x0e\x32\x1b.lookalike.v1.Vectors.DType\"\x1f\n\x05\x44Type\x12\x0b\n\x07\x46LOAT32\x10\x00\x12\t\n\x05UINT8\x10\x01\"\xe2\x01\n\x07Payload\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.lookalike.v1.Payload.FieldsEntry\x12\x31\n\x06values\x18\x02 \x03(\x0b\x32!.lookalike.v1.Payload.ValuesEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x42\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.lookalike.v1.Value:\x02\x38\x01\"\xe1\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x12H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x1a\n\x10timestamp_micros\x18\x05 \x01(\x12H\x00\x12/\n\x0bstring_list\x18\x06 \x01(\x0b\x32\x18.lookalike.v1.StringListH\x00\x12)\n\x08int_list\x18\x07 \x01(\x0b\x32\x15.lookalike.v1.IntListH\x00\x42\x06\n\x04kind\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x12\"B\n\x0b\x46ieldSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.lookalike.v1.FieldType\"\xb8\x01\n\x06\x46ilter\x12,\n\tcondition\x18\x01 \x01(\x0b\x32\x17.lookalike.v1.ConditionH\x00\x12\'\n\x03\x61ll\x18\x02 \x01(\x0b\x32\x18.lookalike.v1.FilterListH\x00\x12\'\n\x03\x61ny\x18\x03 \x01(\x0b\x32\x18.lookalike.v1.FilterListH\x00\x12&\n\x06negate\x18\x04 \x01(\x0b\x32\x14.lookalike.v1.FilterH\x00\x42\x06\n\x04kind\"3\n\nFilterList\x12%\n\x07\x66ilters\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Filter\"\xcd\x01\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12!\n\x02\x65q\x18\x02 \x01(\x0b\x32\x13.lookalike.v1.ValueH\x00\x12%\n\x02in\x18\x03 \x01(\x0b\x32\x17.lookalike.v1.ValueListH\x00\x12)\n\x06not_in\x18\x04 \x01(\x0b\x32\x17.lookalike.v1.ValueListH\x00\x12$\n\x05range\x18\x05 \x01(\x0b\x32\x13.lookalike.v1.RangeH\x00\x12\x10\n\x06\x65xists\x18\x06 \x01(\x08H\x00\x42\x04\n\x02op\"0\n\tValueList\x12#\n\x06values\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Value\"\x8d\x01\n\x05Range\x12\x1f\n\x02gt\x18\x01 \x01(\x0b\x32\x13.lookalike.v1.Value\x12 \n\x03gte\x18\x02 \x01(\x0b\x32\x13.lookalike.v1.Value\x12\x1f\n\x02lt\x18\x03 \x01(\x0b\x32\x13.lookalike.v1.Value\x12 \n\x03lte\x18\x04 \x01(\x0b\x32\x13.lookalike.v1.Value\"\xfe\x01\n\x0e\x43ollectionSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x06metric\x18\x03 \x01(\x0e\x32\x14.lookalike.v1.Metric\x12\r\n\x05index\x18\x04 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x05 \x01(\r\x12\x13\n\x0breplication\x18\x06 \x01(\r\x12\x0e\n\x06nprobe\x18\x07 \x01(\r\x12\x11\n\tef_search\x18\x08 \x01(\r\x12\x0f\n\x07\x65ncoder\x18\t \x01(\t\x12\x13\n\x0bgpu_float16\x18\n \x01(\x08\x12-\n\nfilterable\x18\x0b \x03(\x0b\x32\x19.lookalike.v1.FieldSchema\"1\n\x0cSearchParams\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12\x11\n\tef_search\x18\x02 \x01(\r*\xa2\x01\n\tFieldType\x12\x1a\n\x16\x46IELD_TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTYPE_STRING\x10\x01\x12\x0c\n\x08TYPE_INT\x10\x02\x12\x0e\n\nTYPE_FLOAT\x10\x03\x12\r\n\tTYPE_BOOL\x10\x04\x12\x12\n\x0eTYPE_TIMESTAMP\x10\x05\x12\x14\n\x10TYPE_STRING_LIST\x10\x06\x12\x11\n\rTYPE_INT_LIST\x10\x07*I\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x06\n\x02L2\x10\x01\x12\x06\n\x02IP\x10\x02\x12\n\n\x06\x43OSINE\x10\x03\x12\x0b\n\x07HAMMING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PAYLOAD_FIELDSENTRY']._loaded_options = None
   _globals['_PAYLOAD_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_METRIC']._serialized_start=536
-  _globals['_METRIC']._serialized_end=609
+  _globals['_PAYLOAD_VALUESENTRY']._loaded_options = None
+  _globals['_PAYLOAD_VALUESENTRY']._serialized_options = b'8\001'
+  _globals['_FIELDTYPE']._serialized_start=1699
+  _globals['_FIELDTYPE']._serialized_end=1861
+  _globals['_METRIC']._serialized_start=1863
+  _globals['_METRIC']._serialized_end=1936
   _globals['_VECTORS']._serialized_start=37
   _globals['_VECTORS']._serialized_end=164
   _globals['_VECTORS_DTYPE']._serialized_start=133
   _globals['_VECTORS_DTYPE']._serialized_end=164
-  _globals['_PAYLOAD']._serialized_start=166
-  _globals['_PAYLOAD']._serialized_end=273
-  _globals['_PAYLOAD_FIELDSENTRY']._serialized_start=228
-  _globals['_PAYLOAD_FIELDSENTRY']._serialized_end=273
-  _globals['_COLLECTIONSPEC']._serialized_start=276
-  _globals['_COLLECTIONSPEC']._serialized_end=483
-  _globals['_SEARCHPARAMS']._serialized_start=485
-  _globals['_SEARCHPARAMS']._serialized_end=534
+  _globals['_PAYLOAD']._serialized_start=167
+  _globals['_PAYLOAD']._serialized_end=393
+  _globals['_PAYLOAD_FIELDSENTRY']._serialized_start=280
+  _globals['_PAYLOAD_FIELDSENTRY']._serialized_end=325
+  _globals['_PAYLOAD_VALUESENTRY']._serialized_start=327
+  _globals['_PAYLOAD_VALUESENTRY']._serialized_end=393
+  _globals['_VALUE']._serialized_start=396
+  _globals['_VALUE']._serialized_end=621
+  _globals['_STRINGLIST']._serialized_start=623
+  _globals['_STRINGLIST']._serialized_end=651
+  _globals['_INTLIST']._serialized_start=653
+  _globals['_INTLIST']._serialized_end=678
+  _globals['_FIELDSCHEMA']._serialized_start=680
+  _globals['_FIELDSCHEMA']._serialized_end=746
+  _globals['_FILTER']._serialized_start=749
+  _globals['_FILTER']._serialized_end=933
+  _globals['_FILTERLIST']._serialized_start=935
+  _globals['_FILTERLIST']._serialized_end=986
+  _globals['_CONDITION']._serialized_start=989
+  _globals['_CONDITION']._serialized_end=1194
+  _globals['_VALUELIST']._serialized_start=1196
+  _globals['_VALUELIST']._serialized_end=1244
+  _globals['_RANGE']._serialized_start=1247
+  _globals['_RANGE']._serialized_end=1388
+  _globals['_COLLECTIONSPEC']._serialized_start=1391
+  _globals['_COLLECTIONSPEC']._serialized_end=1645
+  _globals['_SEARCHPARAMS']._serialized_start=1647
+  _globals['_SEARCHPARAMS']._serialized_end=1696
 # @@protoc_insertion_point(module_scope)

@@ -9,30 +9,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SampleRequest(_message.Message):
-    __slots__ = ("collection", "size", "seed", "include_vectors")
+    __slots__ = ("collection", "size", "seed", "include_vectors", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     size: int
     seed: int
     include_vectors: bool
-    def __init__(self, collection: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., include_vectors: _Optional[bool] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class DedupSpec(_message.Message):
-    __slots__ = ("collection", "threshold", "k", "params", "batch")
+    __slots__ = ("collection", "threshold", "k", "params", "batch", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     threshold: float
     k: int
     params: _common_pb2.SearchParams
     batch: int
-    def __init__(self, collection: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., batch: _Optional[int] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., batch: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class ClusterSpec(_message.Message):
     __slots__ = ("collection", "k", "sample", "field", "niter", "seed")
@@ -269,20 +273,22 @@ class GetResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "params", "min_coverage", "include_payloads")
+    __slots__ = ("collection", "queries", "k", "params", "min_coverage", "include_payloads", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     MIN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Vectors
     k: int
     params: _common_pb2.SearchParams
     min_coverage: float
     include_payloads: bool
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., min_coverage: _Optional[float] = ..., include_payloads: _Optional[bool] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., min_coverage: _Optional[float] = ..., include_payloads: _Optional[bool] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class Neighbors(_message.Message):
     __slots__ = ("ids", "distances", "payloads")
@@ -295,14 +301,16 @@ class Neighbors(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., distances: _Optional[_Iterable[float]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "coverage", "epoch")
+    __slots__ = ("results", "coverage", "epoch", "plans")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[Neighbors]
     coverage: float
     epoch: int
-    def __init__(self, results: _Optional[_Iterable[_Union[Neighbors, _Mapping]]] = ..., coverage: _Optional[float] = ..., epoch: _Optional[int] = ...) -> None: ...
+    plans: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[Neighbors, _Mapping]]] = ..., coverage: _Optional[float] = ..., epoch: _Optional[int] = ..., plans: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("id", "data", "payload")
@@ -341,20 +349,22 @@ class UpsertImagesResponse(_message.Message):
     def __init__(self, count: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ImageFailure, _Mapping]]] = ...) -> None: ...
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("collection", "images", "k", "params", "min_coverage", "include_payloads")
+    __slots__ = ("collection", "images", "k", "params", "min_coverage", "include_payloads", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     MIN_COVERAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     k: int
     params: _common_pb2.SearchParams
     min_coverage: float
     include_payloads: bool
-    def __init__(self, collection: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., min_coverage: _Optional[float] = ..., include_payloads: _Optional[bool] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., min_coverage: _Optional[float] = ..., include_payloads: _Optional[bool] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

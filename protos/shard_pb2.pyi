@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardScanRequest(_message.Message):
-    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch")
+    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     buckets: _containers.RepeatedScalarFieldContainer[int]
     include_vectors: bool
     include_payloads: bool
     epoch: int
-    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class ShardScanResponse(_message.Message):
     __slots__ = ("ids", "vectors", "payloads")
@@ -110,7 +112,7 @@ class ShardGetResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch", "coarse")
+    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch", "coarse", "filter")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,7 @@ class ShardSearchRequest(_message.Message):
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COARSE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Vectors
     k: int
@@ -125,7 +128,8 @@ class ShardSearchRequest(_message.Message):
     include_payloads: bool
     epoch: int
     coarse: CoarseAssignment
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., coarse: _Optional[_Union[CoarseAssignment, _Mapping]] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., coarse: _Optional[_Union[CoarseAssignment, _Mapping]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class CoarseAssignment(_message.Message):
     __slots__ = ("version", "nprobe", "lists", "distances")
@@ -154,20 +158,22 @@ class ShardQuantizerResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., centroids: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
-    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k")
+    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k", "plan")
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     NQ_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     distances: bytes
     labels: bytes
     ids: _containers.RepeatedScalarFieldContainer[str]
     payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
     nq: int
     k: int
-    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    plan: str
+    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
 
 class ShardStatsRequest(_message.Message):
     __slots__ = ()

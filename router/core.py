@@ -137,16 +137,16 @@ class Router:
     # --- search (router.search) -----------------------------------------------------------------------------
     def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
                min_coverage: float = 1.0, include_payloads: bool = False,
-               timeout: float | None = None) -> SearchResult:
+               timeout: float | None = None, filt=None) -> SearchResult:
         """k-NN over all buckets, blocking this thread (see :meth:`router.search.Search.search`)."""
-        return self._search.search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout)
+        return self._search.search(name, xq, k, nprobe, ef_search, min_coverage, include_payloads, timeout, filt)
 
     async def search_async(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
                            min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
-                           executor=None) -> SearchResult:
+                           executor=None, filt=None) -> SearchResult:
         """:meth:`search` as a coroutine on the running loop (see :meth:`router.search.Search.search_async`)."""
         return await self._search.search_async(name, xq, k, nprobe, ef_search, min_coverage, include_payloads,
-                                               timeout, executor)
+                                               timeout, executor, filt)
 
     # --- writes (router.writes) -----------------------------------------------------------------------------
     def upsert(self, name: str, ids: list[str], x: np.ndarray, payloads=None, timeout: float | None = None) -> int:
@@ -169,14 +169,14 @@ class Router:
         return self._reads.get(name, ids, include_vectors, timeout)
 
     def scan(self, name: str, buckets, include_vectors: bool = False, include_payloads: bool = False,
-             timeout: float | None = None):
+             timeout: float | None = None, filt=None):
         """The items of some buckets: (ids, vectors or None, payloads or None) (:meth:`router.reads.Reads.scan`)."""
-        return self._reads.scan(name, buckets, include_vectors, include_payloads, timeout)
+        return self._reads.scan(name, buckets, include_vectors, include_payloads, timeout, filt)
 
     def sample(self, name: str, size: int, seed: int = 0, include_vectors: bool = False,
-               timeout: float | None = None):
+               timeout: float | None = None, filt=None):
         """About ``size`` items drawn uniformly, by whole buckets (:meth:`router.reads.Reads.sample`)."""
-        return self._reads.sample(name, size, seed, include_vectors, timeout)
+        return self._reads.sample(name, size, seed, include_vectors, timeout, filt)
 
     # --- status (router.status) -----------------------------------------------------------------------------
     def count(self, name: str, timeout: float | None = 5.0) -> int:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from lookalike.errors import DeadlineExceeded, InvalidArgument, LookalikeError, StaleShardMap, Unavailable
+from lookalike.filters import check_filter
 from lookalike.ids import buckets_of
 from lookalike.retry import Retry
 from lookalike.wire import vectors_from_proto_raw
@@ -131,13 +132,16 @@ class Reads:
         return out
 
     def scan(self, name: str, buckets, include_vectors: bool = False, include_payloads: bool = False,
-             timeout: float | None = None):
-        """The items of some buckets, each read from one owner: (ids, vectors (n, d) or None, payloads or None)."""
+             timeout: float | None = None, filt=None):
+        """The items of some buckets, each read from one owner: (ids, vectors (n, d) or None, payloads or None);
+        only those matching ``filt`` (a Filter message) if given."""
         coll = self.shards.shard_map(name).collection
+        if filt is not None:
+            check_filter(filt, coll.schema, name)
 
         def build(sid, bs, epoch):
             return shard_pb2.ShardScanRequest(collection=name, buckets=bs, include_vectors=include_vectors,
-                                              include_payloads=include_payloads, epoch=epoch)
+                                              include_payloads=include_payloads, epoch=epoch, filter=filt)
 
         ids, vectors, payloads = [], [], []
         for _sid, _bs, resp in self._per_owner(name, buckets, "Scan", build, timeout):
@@ -152,12 +156,19 @@ class Reads:
         return ids, (vecs if include_vectors else None), (payloads if include_payloads else None)
 
     def sample(self, name: str, size: int, seed: int = 0, include_vectors: bool = False,
-               timeout: float | None = None):
+               timeout: float | None = None, filt=None):
         """About ``size`` items from whole buckets drawn in a seeded random order (an id's bucket is a hash of it,
-        so this is a uniform sample of items); as :meth:`scan`, cut to ``size``."""
+        so this is a uniform sample of items); as :meth:`scan`, cut to ``size``. With ``filt``, the matching items
+        of the buckets drawn, drawing more buckets until ``size`` match (or all were drawn)."""
         counts = self._bucket_counts(name, timeout)
         order = np.random.default_rng(seed).permutation(len(counts))
         upto = int(np.searchsorted(np.cumsum(counts[order]), size)) + 1
-        ids, x, payloads = self.scan(name, order[:upto].tolist(), include_vectors, True, timeout)
+        ids, x, payloads = self.scan(name, order[:upto].tolist(), include_vectors, True, timeout, filt)
+        while filt is not None and len(ids) < size and upto < len(order):  # few match: draw more buckets
+            more = order[upto:upto * 2 + 1].tolist()
+            upto += len(more)
+            ids2, x2, payloads2 = self.scan(name, more, include_vectors, True, timeout, filt)
+            ids, payloads = ids + ids2, payloads + payloads2
+            x = np.concatenate([x, x2]) if x is not None else None
         keep = min(size, len(ids))
         return ids[:keep], (x[:keep] if x is not None else None), payloads[:keep]

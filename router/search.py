@@ -30,6 +30,7 @@ import numpy as np
 
 from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, LookalikeError, StaleShardMap, Unavailable
+from lookalike.filters import check_filter
 from lookalike.metrics import FANOUT_SHARDS, PARTIAL_ANSWERS
 from lookalike.retry import Retry
 from lookalike.wire import vectors_to_proto
@@ -63,6 +64,7 @@ class SearchResult:
         payloads: nq lists of serialized Payload (None where empty), when asked for.
         coverage: fraction of buckets that answered (1.0: complete).
         epoch: shard-map epoch used.
+        plans: filtered searches: "<shard>: <plan>" for each shard answer (shard.filtered); empty otherwise.
     """
 
     D: np.ndarray
@@ -70,6 +72,7 @@ class SearchResult:
     payloads: list[list] | None
     coverage: float
     epoch: int
+    plans: list[str] = dataclasses.field(default_factory=list)
 
 
 class Search:
@@ -86,12 +89,13 @@ class Search:
         self._turn = itertools.count()
 
     def search(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
-               min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None):
+               min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None, filt=None):
         """k-NN over all buckets: each shard answers for the buckets it holds; one merge.
 
         Args:
             xq: shape (nq, d) float32 (or (nq, d/8) uint8 codes), already validated.
             min_coverage: fraction of buckets that must answer, in (0, 1].
+            filt: a ``Filter`` message (lookalike.filters), or None: only the items matching it are returned.
 
         Returns:
             SearchResult; its ``payloads`` hold protobuf Payload messages when asked for.
@@ -100,20 +104,21 @@ class Search:
             Unavailable: fewer buckets answered than min_coverage.
         """
         return _run_to_end(self._search(_Blocking(self.shards), name, xq, k, nprobe, ef_search, min_coverage,
-                                        include_payloads, timeout))
+                                        include_payloads, timeout, filt))
 
     async def search_async(self, name: str, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0,
                            min_coverage: float = 1.0, include_payloads: bool = False, timeout: float | None = None,
-                           executor=None):
+                           executor=None, filt=None):
         """:meth:`search` as a coroutine, for the router's asyncio server: the shard calls are made on the running
         loop (``ShardClient.acall``), so a search waits on no thread. What can block runs on a thread: a big merge on
         ``executor`` (None: the loop's default), fetching a shard map from the control plane on the loop's default
         executor."""
         return await self._search(_OnLoop(self.shards, executor), name, xq, k, nprobe, ef_search, min_coverage,
-                                  include_payloads, timeout)
+                                  include_payloads, timeout, filt)
 
     async def _search(self, io, name: str, xq: np.ndarray, k: int, nprobe: int, ef_search: int,
-                      min_coverage: float, include_payloads: bool, timeout: float | None) -> SearchResult:
+                      min_coverage: float, include_payloads: bool, timeout: float | None,
+                      filt=None) -> SearchResult:
         """The search, once for both wrappers; ``io`` does what it waits for (:class:`_OnLoop`, :class:`_Blocking`)."""
         check_search_params(nprobe, ef_search)
         check_answer_size(len(xq), k, include_payloads)  # refused before every shard runs the whole search
@@ -131,7 +136,10 @@ class Search:
         req.params.nprobe = nprobe
         req.params.ef_search = ef_search
         cfg = smap.collection
-        quantizer = self._coarse.ready(cfg)
+        if filt is not None:  # each shard plans its own filtered search (shard.filtered): no coarse lists
+            check_filter(filt, cfg.schema, name)
+            req.filter.CopyFrom(filt)
+        quantizer = self._coarse.ready(cfg) if filt is None else None
         if quantizer is not None:  # the IVF lists each query probes, chosen here once for all shards
             req.coarse.CopyFrom(await io.compute(lambda: CoarseQuantizers.assign(quantizer, cfg, xq, nprobe),
                                                  len(xq) * quantizer.index.ntotal * cfg.dim > QUANTIZE_ON_LOOP))
@@ -139,7 +147,7 @@ class Search:
         n_buckets = smap.collection.buckets
         covered = np.zeros(n_buckets, dtype=bool)
         answered: set[str] = set()
-        responses, failures = [], {}
+        responses, failures, plans = [], {}, []
         rotation = next(self._turn)
         control_away = False  # a fresh map was asked for and the control plane did not answer in time
         calls = 0
@@ -166,6 +174,8 @@ class Search:
                 answered.add(sid)
                 answered_now.append(sid)
                 responses.append(resp)
+                if resp.plan:
+                    plans.append(f"{sid}: {resp.plan}")
             if first and not failures:  # the usual case: the whole cover answered, every owned bucket is covered
                 covered = smap.owned
                 break
@@ -208,7 +218,7 @@ class Search:
 
         def finish():
             D, out_ids, out_pl = _merge_responses(responses, nq, k, larger_is_better, include_payloads)
-            return SearchResult(D, out_ids, out_pl, coverage, smap.epoch)
+            return SearchResult(D, out_ids, out_pl, coverage, smap.epoch, plans)
         return await io.compute(finish, nq * k * len(responses) > _MERGE_ON_LOOP)
 
 

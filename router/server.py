@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import functools
 import json
@@ -13,6 +14,7 @@ from lookalike.errors import FailedPrecondition, InvalidArgument, Unavailable
 from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
 from lookalike.metrics import SEARCH_QUERIES, AioServerMetrics
+from lookalike.payloads import canonical, schema_from_proto, schema_to_proto
 from lookalike.net import abort_on_error, abort_on_error_async, create_aio_server
 from lookalike.wire import LIMITS, check_k, check_payloads, vectors_from_proto, vectors_to_proto
 from protos import common_pb2, lookalike_pb2, lookalike_pb2_grpc
@@ -38,13 +40,14 @@ def spec_to_config(spec: common_pb2.CollectionSpec) -> CollectionConfig:
         name=spec.name, dim=spec.dim, metric=_METRIC_FROM_PROTO.get(spec.metric, ""), index=spec.index,
         buckets=spec.buckets or defaults.buckets, replication=spec.replication or defaults.replication,
         nprobe=spec.nprobe or defaults.nprobe, ef_search=spec.ef_search or defaults.ef_search, encoder=spec.encoder,
-        gpu_float16=spec.gpu_float16)
+        gpu_float16=spec.gpu_float16, filterable=schema_from_proto(spec.filterable))
 
 
 def config_to_spec(cfg: CollectionConfig) -> common_pb2.CollectionSpec:
     return common_pb2.CollectionSpec(name=cfg.name, dim=cfg.dim, metric=_METRIC_TO_PROTO[cfg.metric], index=cfg.index,
                                      buckets=cfg.buckets, replication=cfg.replication, nprobe=cfg.nprobe,
-                                     ef_search=cfg.ef_search, encoder=cfg.encoder, gpu_float16=cfg.gpu_float16)
+                                     ef_search=cfg.ef_search, encoder=cfg.encoder, gpu_float16=cfg.gpu_float16,
+                                     filterable=schema_to_proto(cfg.filterable))
 
 
 def _search_response(res) -> lookalike_pb2.SearchResponse:
@@ -54,7 +57,15 @@ def _search_response(res) -> lookalike_pb2.SearchResponse:
         if res.payloads is not None:
             nb.payloads.extend(res.payloads[q])
         results.append(nb)
-    return lookalike_pb2.SearchResponse(results=results, coverage=res.coverage, epoch=res.epoch)
+    return lookalike_pb2.SearchResponse(results=results, coverage=res.coverage, epoch=res.epoch, plans=res.plans)
+
+
+def typed_payloads(payloads, ids: list[str], coll: CollectionConfig) -> list:
+    """A request's payloads in their stored form (lookalike.payloads.canonical, with the collection's declared
+    fields); raises InvalidArgument naming the item and field of a value of the wrong type."""
+    check_payloads(payloads, len(ids))
+    schema = coll.schema
+    return [canonical(p, schema, uid) for p, uid in zip(payloads, ids)] if len(payloads) else payloads
 
 
 def _timeout(context) -> float | None:
@@ -76,8 +87,11 @@ def job_spec(request: lookalike_pb2.StartJobRequest) -> tuple[str, dict]:
     which = request.WhichOneof("spec")
     if which == "dedup":
         d = request.dedup
-        return "dedup", {"collection": d.collection, "threshold": d.threshold, "k": d.k,
-                         "nprobe": d.params.nprobe, "ef_search": d.params.ef_search, "batch": d.batch}
+        spec = {"collection": d.collection, "threshold": d.threshold, "k": d.k, "nprobe": d.params.nprobe,
+                "ef_search": d.params.ef_search, "batch": d.batch}
+        if d.HasField("filter"):  # kept in the job's JSON spec as base64 (jobs.dedup.filter_of)
+            spec["filter"] = base64.b64encode(d.filter.SerializeToString(deterministic=True)).decode()
+        return "dedup", spec
     if which == "cluster":
         c = request.cluster
         return "cluster", {"collection": c.collection, "k": c.k, "sample": c.sample, "field": c.field,
@@ -219,8 +233,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         x = vectors_from_proto(request.vectors, coll)
         if len(x) != len(ids):
             raise InvalidArgument(f"the request has {len(ids)} ids but {len(x)} vectors: send one vector per id")
-        check_payloads(request.payloads, len(ids))
-        return self.router.upsert(request.collection, ids, x, request.payloads, timeout=_timeout(context))
+        return self.router.upsert(request.collection, ids, x, typed_payloads(request.payloads, ids, coll),
+                                  timeout=_timeout(context))
 
     @abort_on_error
     def Upsert(self, request, context):
@@ -273,7 +287,9 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         args = (request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
                 check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
                 request.include_payloads, _timeout(context))
-        if self.batcher is not None:
+        if request.HasField("filter"):  # not batched: a batch shares one filter (router.batcher)
+            res = await self.router.search_async(*args, executor=self._executor, filt=request.filter)
+        elif self.batcher is not None:
             res = await self.batcher.search(*args)
         else:
             res = await self.router.search_async(*args, executor=self._executor)
@@ -291,8 +307,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         good = [i for i, r in enumerate(reasons) if r is None]
         count = 0
         if good:
-            payloads = [request.images[i].payload for i in good]
-            check_payloads(payloads, len(good))
+            payloads = typed_payloads([request.images[i].payload for i in good], [ids[i] for i in good],
+                                      self._coll(request.collection))
             count = self.router.upsert(request.collection, [ids[i] for i in good], vectors, payloads,
                                        timeout=_timeout(context))
         return lookalike_pb2.UpsertImagesResponse(count=count, failures=failures)
@@ -310,7 +326,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         return _search_response(self.router.search(
             request.collection, xq, request.k, request.params.nprobe, request.params.ef_search,
             check_min_coverage(request.min_coverage if request.HasField("min_coverage") else None),
-            request.include_payloads, timeout=_timeout(context)))
+            request.include_payloads, timeout=_timeout(context),
+            filt=request.filter if request.HasField("filter") else None))
 
     @abort_on_error
     def ClusterStatus(self, request, context):
@@ -340,7 +357,8 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
         if not 1 <= request.size <= LIMITS.max_batch:
             raise InvalidArgument(f"sample size must be between 1 and {LIMITS.max_batch}, got {request.size}")
         ids, vectors, payloads = self.router.sample(request.collection, request.size, request.seed,
-                                                    request.include_vectors, timeout=_timeout(context))
+                                                    request.include_vectors, timeout=_timeout(context),
+                                                    filt=request.filter if request.HasField("filter") else None)
         resp = lookalike_pb2.GetResponse(ids=ids, payloads=payloads)
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))

@@ -62,6 +62,7 @@ def assign_clusters(sc, centroids: np.ndarray, field: str, buckets, count_bucket
                     pay = np.empty(int(ok.sum()), dtype=object)
                     pay[:] = [p for p, o in zip(payloads, ok.tolist()) if o]
                     sc.table.payloads[sc.table.positions(labels[ok])] = pay
+                    sc.payloads.put(labels[ok], list(pay))
                 sc._note_joining(ids, buckets)
                 sizes += np.bincount(assign[counted[buckets]], minlength=len(centroids))
                 labelled += len(ids)

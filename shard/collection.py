@@ -23,6 +23,7 @@ from shard.idtable import IdTable
 from shard.cpu_index import VectorIndex
 from shard.locks import RWLock
 from shard.moves import COPY_NICE, BucketMoves
+from shard.payload_index import PayloadIndex
 from shard.reads import Reads
 from shard.manifest import LogPosition
 from shard.records import DELETE, UPSERT
@@ -72,6 +73,7 @@ class ShardCollection:
         self._gpu = gpu
         self.index = VectorIndex(coll, gpu, template)
         self.table = IdTable()
+        self.payloads = PayloadIndex(coll.schema)  # follows the table: see shard.payload_index
         # Index checkpoints (see shard.checkpointing).
         self.loaded_from_checkpoint = ""  # the checkpoint the last load started from ("": a full replay)
         self.replayed_records = 0         # log records the last load replayed (on top of it)
@@ -143,6 +145,7 @@ class ShardCollection:
             self._check_live()
             self._check_epoch(epoch, write=True)
             self._check_owned(buckets)
+            self.payloads.check(ids, payloads)  # a value of another type than its field's is refused
             self.store.append(UPSERT, ids, x, payloads)
             try:
                 self._apply_upsert(ids, home, x, payloads)
@@ -168,14 +171,15 @@ class ShardCollection:
             f"{str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}); nothing of it was stored") from None
 
     def _apply_upsert(self, ids, home, x, payloads) -> None:
-        """Applies an upsert (caller holds the write order, not the lock). The new id table is built first, while
-        searches go on; the write lock covers only the index update and the swap."""
+        """Applies an upsert (caller holds the write order): tables built while searches go on, then swapped in."""
         labels, existing = self.table.assign(home, ids)
         table = self.table.with_put(labels, ids, payloads, existing)
+        fields = self.payloads.decode(payloads)  # outside the lock, as the table
         with self._rw.write():
             if existing.any():
                 self.index.remove(labels[existing])
             self.index.add(labels, x)
+            self.payloads.put_fields(labels, fields)
             table, self.table = self.table, table  # the old table is freed after the lock
 
     def delete(self, ids: list[str], epoch: int = 0) -> tuple[int, int]:
@@ -201,6 +205,7 @@ class ShardCollection:
         labels = labels[labels >= 0]
         self.index.remove(labels)
         self.table.remove(np.sort(labels))
+        self.payloads.remove(labels)
         return len(labels)
 
     def _labels_of(self, buckets) -> np.ndarray:
@@ -214,6 +219,7 @@ class ShardCollection:
         if len(labels):
             self.index.remove(labels)
             self.table.remove(labels)
+            self.payloads.remove(labels)
         return len(labels)
 
     def bucket_counts(self) -> np.ndarray:
@@ -255,8 +261,9 @@ class ShardCollection:
     def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
         return self.reads.coarse_quantizer()
 
-    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
-        return self.reads.scan(buckets, include_vectors, include_payloads, epoch)
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
+             filt=None):
+        return self.reads.scan(buckets, include_vectors, include_payloads, epoch, filt)
 
     def assign_clusters(self, centroids: np.ndarray, field: str, buckets, count_buckets=(), epoch: int = 0,
                         group: int = 32) -> tuple[np.ndarray, int]:

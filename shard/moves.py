@@ -155,6 +155,7 @@ class BucketMoves:
                     sc.index.remove(labels)
                 if table is not None:
                     table, sc.table = sc.table, table
+                sc.payloads.remove(labels)
                 n = len(labels)
                 sc._owned[buckets] = False
                 for b in buckets:

@@ -15,6 +15,7 @@ import numpy as np
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import bucket_of_labels, buckets_and_labels
 from shard.bucket_reader import read_buckets
+from shard.filtered import MatchCache, plan_and_search
 
 
 def _spread(values, mask: np.ndarray, empty) -> list:
@@ -33,6 +34,7 @@ class Reads:
 
     def __init__(self, sc):
         self.sc = sc
+        self._matches = MatchCache()  # the labels (and selectors) of recent filters, until the next write
 
     def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
         """(found ids, vectors or None, payloads) for the ids stored here, in request order.
@@ -100,7 +102,7 @@ class Reads:
         return out if len(uniq) == len(uids) else out[[row_of[u] for u in uids]]
 
     def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
-               epoch: int = 0, coarse=None):
+               epoch: int = 0, coarse=None, filt=None):
         """Top-k over every item this shard holds (all its buckets, joining ones included: what they hold is
         current, the router just does not count them as answered).
 
@@ -115,17 +117,34 @@ class Reads:
             if coarse is not None:  # (version, nprobe, lists, distances): the IVF lists the router chose
                 coarse = sc.index.check_coarse(coarse[0], len(xq), coarse[1], coarse[2], coarse[3])
             D, L = sc.index.search(xq, k, nprobe, ef_search, coarse)
-            valid = L.ravel() >= 0
-            if not len(sc.table) or not valid.any():
-                return D, L, [""] * L.size, [None] * L.size if include_payloads else None
-            # Ids of the results only: k past the collection's size leaves most slots empty (-1).
-            full = bool(valid.all())
-            pos = np.minimum(sc.table.positions(L.ravel() if full else L.ravel()[valid]), len(sc.table) - 1)
-            ids = sc.table.uids_at(pos)
-            payloads = sc.table.payloads[pos].tolist() if include_payloads else None
-            if not full:
-                ids = _spread(ids, valid, "")
-                payloads = _spread(payloads, valid, None) if include_payloads else None
+            return self._answer(D, L, include_payloads)
+
+    def search_filtered(self, xq: np.ndarray, k: int, filt, nprobe: int = 0, ef_search: int = 0,
+                        include_payloads: bool = False, epoch: int = 0):
+        """The top k of the items matching ``filt`` (a Filter, checked already: lookalike.filters), as
+        :meth:`search`, plus the plan it ran (shard.filtered): (D, L, ids, payloads, plan)."""
+        sc = self.sc
+        with sc._rw.read():
+            sc._check_live()
+            sc._check_epoch(epoch)
+            matches = self._matches.get(sc.payloads.version, filt, lambda: sc.payloads.resolve(filt, sc.table.labels))
+            D, L, plan = plan_and_search(sc.index, xq, k, matches, nprobe, ef_search)
+            return (*self._answer(D, L, include_payloads), plan)
+
+    def _answer(self, D: np.ndarray, L: np.ndarray, include_payloads: bool):
+        """(D, L, ids, payloads) of a search's labels (the caller holds the read lock)."""
+        sc = self.sc
+        valid = L.ravel() >= 0
+        if not len(sc.table) or not valid.any():
+            return D, L, [""] * L.size, [None] * L.size if include_payloads else None
+        # Ids of the results only: k past the collection's size leaves most slots empty (-1).
+        full = bool(valid.all())
+        pos = np.minimum(sc.table.positions(L.ravel() if full else L.ravel()[valid]), len(sc.table) - 1)
+        ids = sc.table.uids_at(pos)
+        payloads = sc.table.payloads[pos].tolist() if include_payloads else None
+        if not full:
+            ids = _spread(ids, valid, "")
+            payloads = _spread(payloads, valid, None) if include_payloads else None
         return D, L, ids, payloads
 
     def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
@@ -136,8 +155,10 @@ class Reads:
             sc._check_live()
             return sc.index.coarse_quantizer()
 
-    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
-        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order."""
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
+             filt=None):
+        """The items of some held buckets (only those matching ``filt``, a checked Filter, if given): (ids, vectors
+        (n, d) or None, payloads or None), in label order."""
         sc = self.sc
         buckets = np.asarray(sorted({int(b) for b in buckets}), dtype=np.int64)
         if len(buckets) and (buckets.min() < 0 or buckets.max() >= sc.coll.buckets):
@@ -147,6 +168,8 @@ class Reads:
             sc._check_epoch(epoch)
             sc._check_owned(buckets)
             labels = sc._labels_of(buckets.tolist())
+            if filt is not None:
+                labels = sc.payloads.resolve(filt, labels)
             pos = sc.table.positions(labels)
             ids = sc.table.uids_at(pos) if len(pos) else []
             vectors = self._vectors(labels, ids) if include_vectors else None

@@ -11,6 +11,7 @@ from jobs import check_centroids
 from lookalike import tracing
 from lookalike.config import RPC, check_answer_size, check_search_params
 from lookalike.errors import InvalidArgument, Unavailable
+from lookalike.filters import check_filter
 from lookalike.health import HealthChecker
 from lookalike.ids import check_ids
 from lookalike.metrics import ServerMetrics
@@ -45,7 +46,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         x = vectors_from_proto(request.vectors, sc.coll)
         if len(x) != len(ids):
             raise InvalidArgument(f"{len(ids)} ids but {len(x)} vectors: send one vector per id")
-        payloads = payloads_from_proto(request.payloads, len(ids))
+        payloads = payloads_from_proto(request.payloads, len(ids), sc.coll.schema, ids)
         check_call(context, "the upsert")
         with self.writes.admit(context):
             return shard_pb2.ShardWriteResponse(count=sc.upsert(ids, x, payloads, request.epoch))
@@ -83,13 +84,22 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                       np.frombuffer(c.distances, dtype="<f4") if len(c.distances) % 4 == 0 else None)
             if coarse[2] is None or coarse[3] is None:
                 raise InvalidArgument("coarse assignment: lists must be int64s and distances float32s")
+        filt = request.filter if request.HasField("filter") else None
+        if filt is not None:
+            check_filter(filt, sc.coll.schema, sc.coll.name)
         check_call(context, "the search")  # it may have waited for a thread: is its caller still there?
-        D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
-                                        request.include_payloads, request.epoch, coarse)
+        plan = ""
+        if filt is not None:  # the shard picks its own plan (shard.filtered): the router's coarse lists are ignored
+            D, L, ids, payloads, plan = sc.reads.search_filtered(xq, request.k, filt, request.params.nprobe,
+                                                           request.params.ef_search, request.include_payloads,
+                                                           request.epoch)
+        else:
+            D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
+                                            request.include_payloads, request.epoch, coarse)
         check_call(context, "the search's answer")  # nobody to send it to
         resp = shard_pb2.ShardSearchResponse(
             distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
-            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k)
+            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k, plan=plan)
         if payloads is not None:
             resp.payloads.extend(payload_from_bytes(p) for p in payloads)
         return resp
@@ -105,8 +115,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     @abort_on_error
     def Scan(self, request, context):
         sc = self._collection(request.collection)
+        filt = request.filter if request.HasField("filter") else None
+        if filt is not None:
+            check_filter(filt, sc.coll.schema, sc.coll.name)
         ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
-                                         request.epoch)
+                                         request.epoch, filt)
         resp = shard_pb2.ShardScanResponse(ids=ids)
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))

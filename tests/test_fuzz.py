@@ -399,7 +399,11 @@ def _fill(m, fields: dict):
     for k, v in fields.items():
         fd = m.DESCRIPTOR.fields_by_name[k]
         if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-            getattr(m, k).update(v)
+            if fd.message_type.fields_by_name["value"].message_type is not None:  # map<string, Value>
+                for key, item in v.items():
+                    _fill(getattr(m, k)[key], item)
+            else:
+                getattr(m, k).update(v)
         elif fd.is_repeated and fd.message_type is not None:
             for item in v:
                 _fill(getattr(m, k).add(), item)

@@ -96,7 +96,10 @@ def _write_inputs(work: pathlib.Path) -> dict:
     # every product has a photo (cycled), so `map --thumbnails` has something to draw
     (work / "payloads.jsonl").write_text(
         "\n".join(json.dumps({"uri": str(files[i % len(files)]), "sku": ids[i]}) for i in range(N)) + "\n")
-    return {"xb": xb, "xq": xq, "ids": ids}
+    products = [{"category": ["shoes", "hats", "bags"][i % 3], "price": float(i * 37 % 200) + 0.5,
+                 "seller": f"s{i % 5}"} for i in range(N)]
+    (work / "products.jsonl").write_text("\n".join(json.dumps(p) for p in products) + "\n")
+    return {"xb": xb, "xq": xq, "ids": ids, "products": products}
 
 
 def _shim(bin_dir: pathlib.Path) -> None:
@@ -118,6 +121,11 @@ def _check(cmd: str, res: subprocess.CompletedProcess, data: dict, work: pathlib
         assert json.loads(out.strip().splitlines()[-1])["name"] == words[3]
     elif words[:2] == ["lookalike", "upsert"] and words[3] == "vectors.npy":
         assert f"upserted {N}" in out
+    elif words[:2] == ["lookalike", "search"] and "--filter" in words:  # the filtered search's --filterable example
+        rank_lines = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+        products = [data["products"][data["ids"].index(parts[1])] for parts in rank_lines]
+        assert len(products) == 10 * len(data["xq"]), out
+        assert all(p["category"] == "shoes" and p["price"] < 100 and p["seller"] != "s1" for p in products), out
     elif words[:2] == ["lookalike", "search"] and "queries.npy" in words:
         _, I = exact_knn("l2", data["xb"], data["xq"], 10)
         for q in range(len(data["xq"])):  # the table names every query's exact nearest neighbour

@@ -32,6 +32,7 @@ class LoadConfig:
     batch: int = 1
     nprobe: int = 0
     ef_search: int = 0
+    filter: bytes = b""  # searches: a serialized Filter (lookalike.filters), b"" for none
     processes: int = 1
     timeout: float = 10.0
     arrivals: str = "uniform"

@@ -79,6 +79,8 @@ class _Worker:
         req.queries.CopyFrom(vectors_to_proto(self.inp.queries[rows]))
         req.params.nprobe = self.cfg.nprobe
         req.params.ef_search = self.cfg.ef_search
+        if self.cfg.filter:  # a serialized Filter (--filter)
+            req.filter.ParseFromString(self.cfg.filter)
         return req
 
     def _new_ids(self, n: int) -> list[str]:

@@ -1,8 +1,8 @@
 """Catalog jobs, run by the cluster: `lookalike dedup` (near-duplicate groups, a CSV, JSON lines and a contact sheet),
 `cluster` (k-means into a payload field), `job` (list, status, cancel) and `map` (a 2-D picture of a sample).
 
-May use: protos, jobs (the space k-means and maps work in), tools.catalog_report, tools.sheet, tools.cli.common and
-tools.cli.flags.
+May use: protos, jobs (the space k-means and maps work in), tools.catalog_report, tools.sheet, tools.cli.common,
+tools.cli.filtering and tools.cli.flags.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from jobs import cluster_space
 from protos import lookalike_pb2
 from tools.catalog_report import draw_map, groups_sheet, project, write_groups
 from tools.cli.common import UserError, metric_name, open_client
+from tools.cli.filtering import cli_filter, filter_flag
 from tools.cli.flags import non_negative_int, number, positive_int, search_param_flags, with_target
 from tools.sheet import read_uri
 
@@ -54,7 +55,8 @@ def _started(c, args, job):
 def cmd_dedup(args) -> int:
     with open_client(args) as c:
         job = _started(c, args, c.start_dedup(args.name, args.threshold, k=args.k, nprobe=args.nprobe,
-                                              ef_search=args.ef_search, batch=args.batch, job_id=args.job or ""))
+                                              ef_search=args.ef_search, batch=args.batch, job_id=args.job or "",
+                                              filter=cli_filter(c, args.name, args.filter)))
         if job is None or job.state != lookalike_pb2.Job.SUCCEEDED:
             return 0 if job is None else 1
         groups = list(c.dedup_groups(job.id))
@@ -159,6 +161,7 @@ def add_catalog(sub) -> None:
     dd.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours looked at per item (default %(default)s)")
     search_param_flags(dd)
     dd.add_argument("--batch", type=non_negative_int, default=0, help="items per search batch (default 0: 4096)")
+    filter_flag(dd)  # dedup within a category: --filter category=shoes
     dd.add_argument("--out", help="write OUT.csv, OUT.jsonl and OUT.png (default dedup-NAME)")
     dd.add_argument("--sheet", help="contact sheet PNG path (default OUT.png; 'none': no sheet)")
     dd.add_argument("--sheet-groups", type=positive_int, default=12, help="largest groups on the sheet (default %(default)s)")

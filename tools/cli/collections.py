@@ -1,6 +1,6 @@
 """`lookalike collection`: create, list, describe and drop collections.
 
-May use: tools.cli.common and tools.cli.flags (and protobuf's JSON form of messages).
+May use: the base package, tools.cli.common and tools.cli.flags (and protobuf's JSON form of messages).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
+from lookalike.errors import InvalidArgument
+from lookalike.payloads import parse_schema
 from tools.cli.common import UserError, metric_name, open_client
 from tools.cli.flags import non_negative_int, positive_int, with_target
 
@@ -18,11 +20,16 @@ def cmd_collection(args) -> int:
         raise UserError(f"--dim is required for a collection without --encoder: the components of each vector (bits "
                         f"for --metric hamming), e.g. `lookalike collection create {args.name} --dim 128`; or give "
                         "--encoder (its dimension is the encoder's)")
+    if args.action == "create":
+        try:
+            parse_schema(args.filterable)
+        except InvalidArgument as err:
+            raise UserError(f"--filterable: {err}") from None
     with open_client(args) as c:
         if args.action == "create":
             info = c.create_collection(args.name, args.dim, args.metric, args.index, args.buckets, args.replication,
                                        nprobe=args.nprobe, ef_search=args.ef_search, encoder=args.encoder,
-                                       gpu_float16=args.gpu_float16)
+                                       gpu_float16=args.gpu_float16, filterable=args.filterable)
             print(json.dumps(MessageToDict(info.spec)))
         elif args.action == "list":
             for info in c.list_collections():
@@ -64,6 +71,10 @@ def add_collection(sub) -> None:
                          "0: the server's, 16)")
     cc.add_argument("--ef-search", type=non_negative_int, default=0,
                     help="HNSW indexes: search breadth unless a search asks for another (default 0: the server's, 64)")
+    cc.add_argument("--filterable", default="", metavar="NAME:TYPE,...",
+                    help="payload fields the shards index for search --filter, e.g. category:string,price:float,"
+                         "seller:string; types string, int, float, bool, timestamp, string_list, int_list (default: "
+                         "none)")
     cc.add_argument("--gpu-float16", action="store_true",
                     help="on GPU shards: float16 vectors (Flat) or lookup tables (IVF-PQ)")
     with_target(csub.add_parser("list", help="one line per collection"))

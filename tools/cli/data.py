@@ -20,6 +20,7 @@ from tqdm import tqdm
 from encoder.ingest import ingest
 from encoder.match import default_match
 from tools.cli.common import UserError, load_npy, one_line, open_client, os_error, read_lines, read_payloads
+from tools.cli.filtering import check_payload_file, cli_filter, filter_flag
 from tools.cli.flags import number, positive_int, search_param_flags, with_target
 from tools.sheet import contact_sheet, read_uri
 
@@ -36,6 +37,8 @@ def cmd_upsert(args) -> int:
     if payloads is not None and len(payloads) != n:
         raise UserError(f"--payload {args.payload}: {len(payloads)} payload lines for the {n} vectors of "
                         f"{args.vectors}; give one JSON object a line")
+    if payloads is not None:
+        check_payload_file(payloads, args.payload)
     # no bar where stderr is not a terminal (a log, a pipe): it would be a line per update among the errors
     bar = tqdm(total=n, unit="vec", desc=f"upsert {args.name}", disable=True if args.quiet else None)
 
@@ -84,11 +87,11 @@ def _read_images(paths: list[str]) -> list[bytes]:
     return out
 
 
-def _search_images(c, args, images: list[bytes], include_payloads: bool):
+def _search_images(c, args, images: list[bytes], include_payloads: bool, filt=None):
     """search_by_image; the server's "query image N: ..." becomes "--image FILE: ..." (the file the user named)."""
     try:
         return c.search_by_image(args.name, images, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
-                                 include_payloads=include_payloads, min_coverage=args.min_coverage)
+                                 include_payloads=include_payloads, min_coverage=args.min_coverage, filter=filt)
     except grpc.RpcError as err:
         m = re.match(r"query image (\d+): (.*)", err.details() or "", re.S)
         if err.code() == grpc.StatusCode.INVALID_ARGUMENT and m and int(m[1]) < len(args.image):
@@ -111,13 +114,14 @@ def cmd_search(args) -> int:
         xq = xq if xq.dtype == np.uint8 else xq.astype(np.float32)
     encoder_spec = ""  # the collection's encoder: its rule of what counts as a match, drawn on the sheet
     with open_client(args) as c:
+        filt = cli_filter(c, args.name, args.filter)
         if images is not None:
-            res = _search_images(c, args, images, include_payloads)
+            res = _search_images(c, args, images, include_payloads, filt)
             if args.sheet:
                 encoder_spec = c.describe_collection(args.name).spec.encoder
         else:
             res = c.search(args.name, xq, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search,
-                           include_payloads=include_payloads, min_coverage=args.min_coverage)
+                           include_payloads=include_payloads, min_coverage=args.min_coverage, filter=filt)
     if args.sheet:
         rows = [[(uid, float(res.D[q, j]), read_uri(res.payloads[q][j].get("uri"))) for j, uid in enumerate(ids)]
                 for q, ids in enumerate(res.ids)]
@@ -131,12 +135,16 @@ def cmd_search(args) -> int:
     if args.json:
         out = [{"ids": ids, "distances": [float(d) for d in res.D[q, :len(ids)]],
                 **({"payloads": res.payloads[q]} if args.payloads else {})} for q, ids in enumerate(res.ids)]
-        print(json.dumps({"coverage": res.coverage, "results": out}))
+        print(json.dumps({"coverage": res.coverage, "results": out, **({"plans": res.plans} if res.plans else {})},
+                         default=str))
         return 0
+    if args.explain:
+        for plan in res.plans:
+            print(f"plan {plan}", file=sys.stderr)
     for q, ids in enumerate(res.ids):
         print(f"query {q}" + (f": {args.image[q]}" if args.image else ""))
         for rank, uid in enumerate(ids):
-            extra = f"\t{json.dumps(res.payloads[q][rank])}" if args.payloads else ""
+            extra = f"\t{json.dumps(res.payloads[q][rank], default=str)}" if args.payloads else ""
             print(f"  {rank + 1:>3}  {uid:<24} {res.D[q, rank]:.6g}{extra}")
     if res.coverage < 1:
         print(f"coverage {res.coverage:.3f}: some shards did not answer", file=sys.stderr)
@@ -150,7 +158,7 @@ def cmd_get(args) -> int:
         row = {"id": uid, "payload": payloads[i]}
         if vectors is not None:
             row["vector"] = vectors[i].tolist()
-        print(json.dumps(row))
+        print(json.dumps(row, default=str))  # timestamps as "2026-01-01 00:00:00+00:00"
     return 0
 
 
@@ -182,7 +190,8 @@ def add_items(sub) -> None:
     u.add_argument("vectors", help=".npy of shape (n, d) float32 (or uint8 codes for hamming)")
     u.add_argument("--ids", metavar="FILE", help="text file, one id per line (default: row numbers 0, 1, ...)")
     u.add_argument("--payload", metavar="FILE.jsonl",
-                   help="JSON lines, one object of fields per vector (default: no payloads)")
+                   help="JSON lines, one object of fields per vector: strings, numbers, true/false, lists of strings "
+                        "or integers; ISO-8601 strings for timestamp fields (default: no payloads)")
     u.add_argument("--batch", type=positive_int, default=5000, help="vectors per message of the stream (default %(default)s)")
     u.add_argument("--quiet", action="store_true", help="no progress bar")
     u.set_defaults(func=cmd_upsert)
@@ -210,6 +219,9 @@ def add_items(sub) -> None:
     q.add_argument("--min-coverage", type=number(float, low=0, high=1), default=None,
                    help="fraction of buckets that must answer, 0 to 1, else the search fails with UNAVAILABLE "
                         "(default: all, 1)")
+    filter_flag(q)
+    q.add_argument("--explain", action="store_true",
+                   help="with --filter: print the plan each shard used to stderr (default: off)")
     q.add_argument("--payloads", action="store_true", help="show each neighbour's payload")
     q.add_argument("--json", action="store_true", help="print JSON (coverage, ids, distances) instead of a table")
     q.set_defaults(func=cmd_search)

@@ -1,7 +1,7 @@
 """Load and benchmarks: `lookalike loadtest` (a running cluster under an open or closed loop of searches and
 writes: rate, latency, errors, recall) and `lookalike bench` (bench.cluster_bench, with its own flags).
 
-May use: bench (the load tester and the cluster benchmark), tools.cli.common and tools.cli.flags.
+May use: bench (the load tester and the cluster benchmark), tools.cli.common, tools.cli.filtering and tools.cli.flags.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from bench import loadtest
 from bench.cluster_bench import main as cluster_bench_main
 from tools.cli.common import UserError, connection, load_npy, metric_name, open_client, os_error, read_lines
+from tools.cli.filtering import cli_filter, filter_flag
 from tools.cli.flags import Parser, non_negative_int, number, positive_float, positive_int, search_param_flags, with_target
 
 
@@ -40,6 +41,8 @@ def cmd_loadtest(args) -> int:
                         "give the ids file the vectors were loaded with (one id a line)")
     with open_client(args, conn) as client:
         spec = client.describe_collection(args.name).spec
+        filt = cli_filter(client, args.name, args.filter)
+        cfg.filter = filt.SerializeToString(deterministic=True) if filt is not None else b""
         metric = metric_name(spec.metric) if spec.metric else "l2"  # METRIC_UNSPECIFIED: the default, l2
         for what, x in (("queries", queries), ("data", data)):
             if x is not None and (x.ndim != 2 or x.shape[1] != (spec.dim // 8 if metric == "hamming" else spec.dim)):
@@ -48,7 +51,9 @@ def cmd_loadtest(args) -> int:
         recall_off = None
         if data is not None and cfg.recall_sample > 0 and cfg.mix.get("search", 0) > 0:
             recall_off = loadtest.recall_ids_problem(client, args.name, len(data), data_ids, args.ids, args.seed)
-    if recall_off:
+    if args.filter is not None:  # exact search over --data knows nothing of the items' payloads
+        recall_off = "not measured under --filter (the vectors of --data carry no payloads to filter)"
+    elif recall_off:
         print(f"warning: {recall_off}", file=sys.stderr)
     if data is not None:
         data = np.ascontiguousarray(data)
@@ -109,6 +114,7 @@ def add_loadtest(sub) -> None:
     lt.add_argument("-k", type=positive_int, default=10, help="neighbours per search (default %(default)s)")
     lt.add_argument("--batch", type=positive_int, default=1, help="queries (or items) per request (default %(default)s)")
     search_param_flags(lt)
+    filter_flag(lt)  # recall is then not measured (--data holds no payloads)
     lt.add_argument("--processes", type=positive_int, default=2, help="client processes (default %(default)s)")
     lt.add_argument("--timeout", type=positive_float, default=10.0,
                     help="deadline of each request in seconds (default %(default)s)")
