@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"y\n\x10ShardScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\x18\n\x10include_payloads\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"q\n\x11ShardScanResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\x98\x01\n\x12ShardAssignRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rcount_buckets\x18\x04 \x03(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\"6\n\x13ShardAssignResponse\x12\r\n\x05sizes\x18\x01 \x03(\x04\x12\x10\n\x08labelled\x18\x02 \x01(\x04\"\x95\x01\n\x12ShardUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"D\n\x12ShardDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12ShardWriteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"Z\n\x0fShardGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"p\n\x10ShardGetResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\xe0\x01\n\x12ShardSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\t\n\x01k\x18\x03 \x01(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.lookalike.v1.SearchParams\x12\x18\n\x10include_payloads\x18\x05 \x01(\x08\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12.\n\x06\x63oarse\x18\x07 \x01(\x0b\x32\x1e.lookalike.v1.CoarseAssignment\"U\n\x10\x43oarseAssignment\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06nprobe\x18\x02 \x01(\r\x12\r\n\x05lists\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"+\n\x15ShardQuantizerRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"S\n\x16ShardQuantizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\"\x85\x01\n\x13ShardSearchResponse\x12\x11\n\tdistances\x18\x01 \x01(\x0c\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\n\n\x02nq\x18\x05 \x01(\r\x12\t\n\x01k\x18\x06 \x01(\r\"\x13\n\x11ShardStatsRequest\"\xf3\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07trained\x18\x05 \x01(\x08\x12\x15\n\rbucket_counts\x18\x06 \x01(\x0c\x12\x0f\n\x07joining\x18\x07 \x01(\x04\x12\x0f\n\x07\x64\x61maged\x18\x08 \x03(\t\x12\x17\n\x0ftrained_version\x18\t \x01(\x04\x12\x1e\n\x16loaded_from_checkpoint\x18\n \x01(\x08\x12\x18\n\x10replayed_records\x18\x0b \x01(\x04\"\xb2\x01\n\x12ShardStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x32\n\x0b\x63ollections\x18\x02 \x03(\x0b\x32\x1d.lookalike.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t2\xfc\x04\n\x05Shard\x12L\n\x06Upsert\x12 .lookalike.v1.ShardUpsertRequest\x1a .lookalike.v1.ShardWriteResponse\x12L\n\x06\x44\x65lete\x12 .lookalike.v1.ShardDeleteRequest\x1a .lookalike.v1.ShardWriteResponse\x12\x44\n\x03Get\x12\x1d.lookalike.v1.ShardGetRequest\x1a\x1e.lookalike.v1.ShardGetResponse\x12M\n\x06Search\x12 .lookalike.v1.ShardSearchRequest\x1a!.lookalike.v1.ShardSearchResponse\x12V\n\tQuantizer\x12#.lookalike.v1.ShardQuantizerRequest\x1a$.lookalike.v1.ShardQuantizerResponse\x12J\n\x05Stats\x12\x1f.lookalike.v1.ShardStatsRequest\x1a .lookalike.v1.ShardStatsResponse\x12G\n\x04Scan\x12\x1e.lookalike.v1.ShardScanRequest\x1a\x1f.lookalike.v1.ShardScanResponse\x12U\n\x0e\x41ssignClusters\x12 .lookalike.v1.ShardAssignRequest\x1a!.lookalike.v1.ShardAssignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"\x9a\x01\n\x10ShardScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\x18\n\x10include_payloads\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x10\n\x08\x61\x66ter_id\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\r\"q\n\x11ShardScanResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\x98\x01\n\x12ShardAssignRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rcount_buckets\x18\x04 \x03(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\"6\n\x13ShardAssignResponse\x12\r\n\x05sizes\x18\x01 \x03(\x04\x12\x10\n\x08labelled\x18\x02 \x01(\x04\"\x95\x01\n\x12ShardUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"D\n\x12ShardDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12ShardWriteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"Z\n\x0fShardGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"p\n\x10ShardGetResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\xe0\x01\n\x12ShardSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\t\n\x01k\x18\x03 \x01(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.lookalike.v1.SearchParams\x12\x18\n\x10include_payloads\x18\x05 \x01(\x08\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12.\n\x06\x63oarse\x18\x07 \x01(\x0b\x32\x1e.lookalike.v1.CoarseAssignment\"U\n\x10\x43oarseAssignment\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06nprobe\x18\x02 \x01(\r\x12\r\n\x05lists\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"+\n\x15ShardQuantizerRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"S\n\x16ShardQuantizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\"\x85\x01\n\x13ShardSearchResponse\x12\x11\n\tdistances\x18\x01 \x01(\x0c\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\n\n\x02nq\x18\x05 \x01(\r\x12\t\n\x01k\x18\x06 \x01(\r\"\x13\n\x11ShardStatsRequest\"\xf3\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07trained\x18\x05 \x01(\x08\x12\x15\n\rbucket_counts\x18\x06 \x01(\x0c\x12\x0f\n\x07joining\x18\x07 \x01(\x04\x12\x0f\n\x07\x64\x61maged\x18\x08 \x03(\t\x12\x17\n\x0ftrained_version\x18\t \x01(\x04\x12\x1e\n\x16loaded_from_checkpoint\x18\n \x01(\x08\x12\x18\n\x10replayed_records\x18\x0b \x01(\x04\"\xb2\x01\n\x12ShardStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x32\n\x0b\x63ollections\x18\x02 \x03(\x0b\x32\x1d.lookalike.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t2\xfc\x04\n\x05Shard\x12L\n\x06Upsert\x12 .lookalike.v1.ShardUpsertRequest\x1a .lookalike.v1.ShardWriteResponse\x12L\n\x06\x44\x65lete\x12 .lookalike.v1.ShardDeleteRequest\x1a .lookalike.v1.ShardWriteResponse\x12\x44\n\x03Get\x12\x1d.lookalike.v1.ShardGetRequest\x1a\x1e.lookalike.v1.ShardGetResponse\x12M\n\x06Search\x12 .lookalike.v1.ShardSearchRequest\x1a!.lookalike.v1.ShardSearchResponse\x12V\n\tQuantizer\x12#.lookalike.v1.ShardQuantizerRequest\x1a$.lookalike.v1.ShardQuantizerResponse\x12J\n\x05Stats\x12\x1f.lookalike.v1.ShardStatsRequest\x1a .lookalike.v1.ShardStatsResponse\x12G\n\x04Scan\x12\x1e.lookalike.v1.ShardScanRequest\x1a\x1f.lookalike.v1.ShardScanResponse\x12U\n\x0e\x41ssignClusters\x12 .lookalike.v1.ShardAssignRequest\x1a!.lookalike.v1.ShardAssignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SHARDSCANREQUEST']._serialized_start=57
-  _globals['_SHARDSCANREQUEST']._serialized_end=178
-  _globals['_SHARDSCANRESPONSE']._serialized_start=180
-  _globals['_SHARDSCANRESPONSE']._serialized_end=293
-  _globals['_SHARDASSIGNREQUEST']._serialized_start=296
-  _globals['_SHARDASSIGNREQUEST']._serialized_end=448
-  _globals['_SHARDASSIGNRESPONSE']._serialized_start=450
-  _globals['_SHARDASSIGNRESPONSE']._serialized_end=504
-  _globals['_SHARDUPSERTREQUEST']._serialized_start=507
-  _globals['_SHARDUPSERTREQUEST']._serialized_end=656
-  _globals['_SHARDDELETEREQUEST']._serialized_start=658
-  _globals['_SHARDDELETEREQUEST']._serialized_end=726
-  _globals['_SHARDWRITERESPONSE']._serialized_start=728
-  _globals['_SHARDWRITERESPONSE']._serialized_end=780
-  _globals['_SHARDGETREQUEST']._serialized_start=782
-  _globals['_SHARDGETREQUEST']._serialized_end=872
-  _globals['_SHARDGETRESPONSE']._serialized_start=874
-  _globals['_SHARDGETRESPONSE']._serialized_end=986
-  _globals['_SHARDSEARCHREQUEST']._serialized_start=989
-  _globals['_SHARDSEARCHREQUEST']._serialized_end=1213
-  _globals['_COARSEASSIGNMENT']._serialized_start=1215
-  _globals['_COARSEASSIGNMENT']._serialized_end=1300
-  _globals['_SHARDQUANTIZERREQUEST']._serialized_start=1302
-  _globals['_SHARDQUANTIZERREQUEST']._serialized_end=1345
-  _globals['_SHARDQUANTIZERRESPONSE']._serialized_start=1347
-  _globals['_SHARDQUANTIZERRESPONSE']._serialized_end=1430
-  _globals['_SHARDSEARCHRESPONSE']._serialized_start=1433
-  _globals['_SHARDSEARCHRESPONSE']._serialized_end=1566
-  _globals['_SHARDSTATSREQUEST']._serialized_start=1568
-  _globals['_SHARDSTATSREQUEST']._serialized_end=1587
-  _globals['_COLLECTIONSTATS']._serialized_start=1590
-  _globals['_COLLECTIONSTATS']._serialized_end=1833
-  _globals['_SHARDSTATSRESPONSE']._serialized_start=1836
-  _globals['_SHARDSTATSRESPONSE']._serialized_end=2014
-  _globals['_SHARD']._serialized_start=2017
-  _globals['_SHARD']._serialized_end=2653
+  _globals['_SHARDSCANREQUEST']._serialized_start=58
+  _globals['_SHARDSCANREQUEST']._serialized_end=212
+  _globals['_SHARDSCANRESPONSE']._serialized_start=214
+  _globals['_SHARDSCANRESPONSE']._serialized_end=327
+  _globals['_SHARDASSIGNREQUEST']._serialized_start=330
+  _globals['_SHARDASSIGNREQUEST']._serialized_end=482
+  _globals['_SHARDASSIGNRESPONSE']._serialized_start=484
+  _globals['_SHARDASSIGNRESPONSE']._serialized_end=538
+  _globals['_SHARDUPSERTREQUEST']._serialized_start=541
+  _globals['_SHARDUPSERTREQUEST']._serialized_end=690
+  _globals['_SHARDDELETEREQUEST']._serialized_start=692
+  _globals['_SHARDDELETEREQUEST']._serialized_end=760
+  _globals['_SHARDWRITERESPONSE']._serialized_start=762
+  _globals['_SHARDWRITERESPONSE']._serialized_end=814
+  _globals['_SHARDGETREQUEST']._serialized_start=816
+  _globals['_SHARDGETREQUEST']._serialized_end=906
+  _globals['_SHARDGETRESPONSE']._serialized_start=908
+  _globals['_SHARDGETRESPONSE']._serialized_end=1020
+  _globals['_SHARDSEARCHREQUEST']._serialized_start=1023
+  _globals['_SHARDSEARCHREQUEST']._serialized_end=1247
+  _globals['_COARSEASSIGNMENT']._serialized_start=1249
+  _globals['_COARSEASSIGNMENT']._serialized_end=1334
+  _globals['_SHARDQUANTIZERREQUEST']._serialized_start=1336
+  _globals['_SHARDQUANTIZERREQUEST']._serialized_end=1379
+  _globals['_SHARDQUANTIZERRESPONSE']._serialized_start=1381
+  _globals['_SHARDQUANTIZERRESPONSE']._serialized_end=1464
+  _globals['_SHARDSEARCHRESPONSE']._serialized_start=1467
+  _globals['_SHARDSEARCHRESPONSE']._serialized_end=1600
+  _globals['_SHARDSTATSREQUEST']._serialized_start=1602
+  _globals['_SHARDSTATSREQUEST']._serialized_end=1621
+  _globals['_COLLECTIONSTATS']._serialized_start=1624
+  _globals['_COLLECTIONSTATS']._serialized_end=1867
+  _globals['_SHARDSTATSRESPONSE']._serialized_start=1870
+  _globals['_SHARDSTATSRESPONSE']._serialized_end=2048
+  _globals['_SHARD']._serialized_start=2051
+  _globals['_SHARD']._serialized_end=2687
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardScanRequest(_message.Message):
-    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch")
+    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch", "after_id", "limit")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     buckets: _containers.RepeatedScalarFieldContainer[int]
     include_vectors: bool
     include_payloads: bool
     epoch: int
-    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    after_id: str
+    limit: int
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., after_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ShardScanResponse(_message.Message):
     __slots__ = ("ids", "vectors", "payloads")

@@ -136,8 +136,11 @@ class Reads:
             sc._check_live()
             return sc.index.coarse_quantizer()
 
-    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
-        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order."""
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
+             after_id: str = "", limit: int = 0):
+        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order; with
+        ``limit`` > 0, a page: the first ``limit`` items whose id sorts after ``after_id`` (UTF-8 byte order), in
+        id order."""
         sc = self.sc
         buckets = np.asarray(sorted({int(b) for b in buckets}), dtype=np.int64)
         if len(buckets) and (buckets.min() < 0 or buckets.max() >= sc.coll.buckets):
@@ -149,6 +152,16 @@ class Reads:
             labels = sc._labels_of(buckets.tolist())
             pos = sc.table.positions(labels)
             ids = sc.table.uids_at(pos) if len(pos) else []
+            if limit > 0:
+                labels, pos, ids = _page(labels, pos, ids, after_id, limit)
             vectors = self._vectors(labels, ids) if include_vectors else None
             payloads = list(sc.table.payloads[pos]) if include_payloads else None
         return ids, vectors, payloads
+
+
+def _page(labels: np.ndarray, pos: np.ndarray, ids: list[str], after_id: str, limit: int):
+    """The first ``limit`` of the items (labels, table positions, ids) whose id sorts after ``after_id``, in id
+    order. UTF-8 byte order is code point order, which is how Python compares str."""
+    order = sorted((i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)[:limit]
+    take = np.asarray(order, dtype=np.int64)
+    return labels[take], pos[take], [ids[i] for i in order]

@@ -106,7 +106,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     def Scan(self, request, context):
         sc = self._collection(request.collection)
         ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
-                                         request.epoch)
+                                         request.epoch, request.after_id, request.limit)
         resp = shard_pb2.ShardScanResponse(ids=ids)
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))

@@ -1,0 +1,121 @@
+"""`lookalike backup` and `lookalike restore`: a restore drill on real local clusters (shards and a router behind
+gRPC), from one cluster into a fresh one with another shard count, and a damaged backup refused with a sentence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import served_local_cluster
+from tools import cli
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def _items(n: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ids = [f"item-{i}" if i % 7 else f"é-{i}/ü" for i in range(n)]
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    payloads = [{"uri": f"s3://b/{i}.jpg", "tag": str(i % 5)} if i % 3 else {} for i in range(n)]
+    return ids, x, payloads
+
+
+def test_backup_then_restore_into_a_fresh_cluster_gives_every_acknowledged_item_back(tmp_path, capsys):
+    n, dim = 3000, 24
+    ids, x, payloads = _items(n, dim, seed=1)
+    backup = tmp_path / "backup"
+    with served_local_cluster(tmp_path / "a", shards=3) as (_cluster, client):
+        client.create_collection("items", dim=dim, metric="l2", index="Flat", buckets=32, replication=2,
+                                 nprobe=3, ef_search=40)
+        assert client.upsert("items", ids[:2000], x[:2000], payloads[:2000]) == 2000
+        assert client.upsert("items", ids[2000:], x[2000:], payloads[2000:]) == n - 2000
+        client.upsert("items", ids[:10], x[10:20], [{"replaced": "yes"}] * 10)  # replaced: the new value counts
+        x[:10], payloads[:10] = x[10:20], [{"replaced": "yes"}] * 10
+        client.delete("items", ids[-5:])  # deleted before the backup: not in it
+        kept = n - 5
+        spec = client.describe_collection("items").spec
+        target = client.target
+        status, out, err = _run(capsys, "backup", "items", str(backup), "--target", target, "--page", "37",
+                                "--chunk-items", "500", "--quiet")
+        assert status == 0, err
+        assert f"backed up {kept} items of items" in out
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["items"] == kept and len(manifest["chunks"]) > 3
+    assert sorted(b for ch in manifest["chunks"] for b in ch["buckets"]) == list(range(32))
+
+    with served_local_cluster(tmp_path / "b", shards=2) as (_cluster, client):
+        status, out, err = _run(capsys, "restore", str(backup), "--target", client.target, "--batch", "333",
+                                "--quiet")
+        assert status == 0, err
+        assert f"restored {kept} items of items" in out
+        assert client.describe_collection("items").spec == spec  # dim, metric, index, buckets, replication, ...
+        got_ids, got_x, got_payloads = client.get("items", ids, include_vectors=True)
+        assert got_ids == ids[:kept]
+        np.testing.assert_array_equal(got_x, x[:kept])
+        assert got_payloads == payloads[:kept]
+        assert client.get("items", ids[kept:])[0] == []
+        # Run again (an interrupted restore goes on): it skips the chunks done and changes nothing.
+        status, out, err = _run(capsys, "restore", str(backup), "--target", client.target, "--quiet")
+        assert status == 0, err
+        assert client.describe_collection("items").count == kept
+
+
+def test_a_damaged_or_unfinished_backup_is_refused_with_a_sentence(tmp_path, capsys):
+    ids, x, payloads = _items(400, 8, seed=2)
+    backup = tmp_path / "backup"
+    with served_local_cluster(tmp_path / "a", shards=2) as (_cluster, client):
+        client.create_collection("small", dim=8, buckets=8)
+        client.upsert("small", ids, x, payloads)
+        status, _, err = _run(capsys, "backup", "small", str(backup), "--target", client.target, "--quiet",
+                              "--chunk-items", "100")
+        assert status == 0, err
+        status, _, err = _run(capsys, "backup", "small", str(backup), "--target", client.target, "--quiet")
+        assert status == 2 and "holds a finished backup of 'small'" in err
+
+        chunk = sorted(backup.glob("chunk-*.npy"))[1]
+        data = bytearray(chunk.read_bytes())
+        data[-3] ^= 0x40  # one bit of one vector
+        chunk.write_bytes(bytes(data))
+        status, _, err = _run(capsys, "restore", str(backup), "--name", "again", "--target", client.target,
+                              "--quiet")
+        assert status == 2, err
+        assert err.strip() == (f"error: backup {backup} is damaged: {chunk.name} does not match its SHA-256 in "
+                               "manifest.json (changed or corrupted since the backup)")
+        assert "again" not in [c.spec.name for c in client.list_collections()]  # checked before anything is made
+
+        manifest = json.loads((backup / "manifest.json").read_text())
+        manifest["finished"] = None
+        (backup / "manifest.json").write_text(json.dumps(manifest))
+        status, _, err = _run(capsys, "restore", str(backup), "--target", client.target, "--quiet")
+        assert status == 2 and "unfinished backup of 'small'" in err
+
+
+@pytest.mark.parametrize("metric,dim", [("hamming", 64), ("cosine", 12)])
+def test_backup_keeps_binary_codes_and_cosine_vectors(tmp_path, capsys, metric, dim):
+    rng = np.random.default_rng(3)
+    n = 300
+    ids = [str(i) for i in range(n)]
+    x = (rng.integers(0, 256, (n, dim // 8), dtype=np.uint8) if metric == "hamming"
+         else rng.standard_normal((n, dim)).astype(np.float32))
+    with served_local_cluster(tmp_path / "a", shards=2) as (_cluster, client):
+        client.create_collection("c", dim=dim, metric=metric, index="BFlat" if metric == "hamming" else "Flat",
+                                 buckets=4)
+        client.upsert("c", ids, x)
+        before = client.get("c", ids, include_vectors=True)[1]
+        status, _, err = _run(capsys, "backup", "c", str(tmp_path / "bk"), "--target", client.target, "--quiet")
+        assert status == 0, err
+        status, _, err = _run(capsys, "restore", str(tmp_path / "bk"), "--name", "c2", "--target", client.target,
+                              "--quiet")
+        assert status == 0, err
+        after = client.get("c2", ids, include_vectors=True)[1]
+        assert client.describe_collection("c2").spec.metric == client.describe_collection("c").spec.metric
+    if metric == "hamming":
+        np.testing.assert_array_equal(after, before)
+    else:  # the stored vectors are normalised; the restore's upsert normalises them again: a float32 rounding
+        np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
