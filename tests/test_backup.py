@@ -10,6 +10,8 @@ import pytest
 
 from conftest import served_local_cluster
 from tools import cli
+from tools.cli import build_parser
+from tools.cli.flags import connection_defaults
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -119,3 +121,47 @@ def test_backup_keeps_binary_codes_and_cosine_vectors(tmp_path, capsys, metric, 
         np.testing.assert_array_equal(after, before)
     else:  # the stored vectors are normalised; the restore's upsert normalises them again: a float32 rounding
         np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
+
+
+def test_every_item_acknowledged_before_the_backup_is_in_it_while_writes_and_moves_go_on(tmp_path):
+    """The backup runs while buckets move onto an added shard and new writes, replacements of other items and
+    deletions of others land: every item acknowledged before it started, and left alone since, is in it with its
+    vector and payload, once."""
+    import threading
+
+    from tools.cli import backup as backup_cli
+
+    n, dim = 2400, 8
+    ids, x, payloads = _items(n, dim, seed=4)
+    kept = ids[:1600]  # the rest are replaced or deleted while the backup runs
+    with served_local_cluster(tmp_path / "a", shards=2) as (cluster, client):
+        client.create_collection("live", dim=dim, buckets=16)
+        client.upsert("live", ids, x, payloads)
+        parser = build_parser()
+        args = parser.parse_args(["backup", "live", str(tmp_path / "bk"), "--target", client.target, "--page", "7",
+                                  "--chunk-items", "300", "--quiet"])
+        connection_defaults(parser, args)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(status=backup_cli.cmd_backup(args)))
+        worker.start()
+        client.rebalance("live", add_shards=1)
+        rng = np.random.default_rng(5)
+        for i in range(1600, n, 100):
+            client.upsert("live", ids[i:i + 50], rng.standard_normal((50, dim)).astype(np.float32))
+            client.delete("live", ids[i + 50:i + 100])
+            client.upsert("live", [f"new-{i}-{j}" for j in range(20)], rng.standard_normal((20, dim)).astype(
+                np.float32))
+        worker.join(timeout=300)
+        assert result.get("status") == 0
+        assert cluster.controller.wait_moves(120)
+    rows = [json.loads(line) for f in sorted((tmp_path / "bk").glob("chunk-*.jsonl"))
+            for line in f.read_text("utf-8").splitlines()]
+    vectors = np.concatenate([np.load(f) for f in sorted((tmp_path / "bk").glob("chunk-*.npy"))])
+    got = [r["id"] for r in rows]
+    assert len(got) == len(set(got)), "an item was backed up twice"
+    where = {u: i for i, u in enumerate(got)}
+    missing = [u for u in kept if u not in where]
+    assert not missing, f"{len(missing)} acknowledged items are not in the backup: {missing[:5]}"
+    rows_of = np.array([where[u] for u in kept])
+    np.testing.assert_array_equal(vectors[rows_of], x[:1600])
+    assert [rows[i]["payload"] for i in rows_of] == payloads[:1600]

@@ -190,3 +190,20 @@ def test_the_volume_model_matches_what_a_real_cluster_writes():
     snap, ckpt = storage_sizing.item_bytes(32, "Flat", id_bytes=16, payload_bytes=40)
     assert m["per_copy"]["snapshots and log"] == pytest.approx(snap, rel=0.03), m
     assert m["per_copy"]["checkpoints"] == pytest.approx(ckpt, rel=0.03), m
+
+
+def test_the_deploy_guide_shows_real_size_output_and_commands_that_parse(tmp_path, capsys):
+    from tools import cli
+
+    doc = (ROOT / "docs" / "DEPLOY.md").read_text()
+    section = doc.split("## Storage, sizing, backup and restore", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"^\s*lookalike ((?:size|backup|restore)\b[^\n#`]*)", section, flags=re.M)
+    assert {c.split()[0] for c in commands} == {"size", "backup", "restore"}
+    for line in commands:
+        build_parser().parse_args(shlex.split(line))
+    m = re.search(r"^lookalike (size [^\n]*)\n((?:# [^\n]*\n)+)", section, flags=re.M)
+    argv = shlex.split(m.group(1))
+    argv[argv.index("--kustomize") + 1] = str(tmp_path / "sized")
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line[2:] for line in m.group(2).splitlines()] == printed[:len(m.group(2).splitlines())]
