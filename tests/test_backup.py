@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import numpy as np
 import pytest
 
@@ -79,6 +80,13 @@ def test_a_damaged_or_unfinished_backup_is_refused_with_a_sentence(tmp_path, cap
         assert status == 0, err
         status, _, err = _run(capsys, "backup", "small", str(backup), "--target", client.target, "--quiet")
         assert status == 2 and "holds a finished backup of 'small'" in err
+        for kwargs, code, words in [({"buckets": [1, 1]}, grpc.StatusCode.INVALID_ARGUMENT, "each at most once"),
+                                    ({"buckets": [8]}, grpc.StatusCode.INVALID_ARGUMENT, "from 0 to 7"),
+                                    ({"page": 10001}, grpc.StatusCode.INVALID_ARGUMENT, "page must be"),
+                                    ({"collection": "nope"}, grpc.StatusCode.NOT_FOUND, "nope")]:
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.export(**{"collection": "small", **kwargs}))
+            assert e.value.code() == code and words in e.value.details(), e.value.details()
 
         chunk = sorted(backup.glob("chunk-*.npy"))[1]
         data = bytearray(chunk.read_bytes())
