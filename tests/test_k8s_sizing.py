@@ -50,6 +50,7 @@ def repo(tmp_path):
     return tmp_path / "repo"
 
 
+_write_kustomize_orig = sizing.write_kustomize
 CASES = {  # argv of `lookalike size`, and the overlay
     "cpu-4-per-node": ["--vectors", "40000000", "--dim", "128", "--replication", "2", "--node-memory", "64Gi",
                        "--shards-per-node", "4", "--node-cpus", "16"],
@@ -109,9 +110,6 @@ def test_generated_overlays_pass_the_checks_of_the_shipped_ones(case, repo, tmp_
     assert pvc["spec"]["resources"]["requests"]["storage"] == storage_sizing.k8s_storage(vol.size)
     assert pvc["spec"]["storageClassName"] == "lookalike-rwx"
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-
-
-_write_kustomize_orig = sizing.write_kustomize
 
 
 def test_sizes_come_from_node_allocatable_and_max_shards_from_what_pods_hold():

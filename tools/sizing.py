@@ -25,8 +25,10 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 against it for Flat and IVF-PQ (within 15%).
 
 Then: a shard is sized to stay under the controller's growth threshold (80% of ``--shard-memory``, see
-``MovePolicy.high_water``) with ``--headroom`` left for growth; each node holds ``--shards-per-node`` shards and
-keeps ``--reserve`` for Ray's own processes and the object store.
+``MovePolicy.high_water``) with ``--headroom`` left for growth, less its training peak (:func:`training_peak`);
+each node runs one worker pod of the node's allocatable memory (:func:`node_allocatable`) less the DaemonSets', which
+holds ``--shards-per-node`` shards of ``--shard-cpus`` each and keeps ``--reserve`` for Ray's own processes and the
+object store. :func:`write_kustomize` writes that as kustomize patches. The volume is tools.storage_sizing's.
 
 May use: the base package (lookalike) and shard (a real shard, for ``measure_shard``).
 """
