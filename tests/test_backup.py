@@ -173,3 +173,60 @@ def test_every_item_acknowledged_before_the_backup_is_in_it_while_writes_and_mov
     rows_of = np.array([where[u] for u in kept])
     np.testing.assert_array_equal(vectors[rows_of], x[:1600])
     assert [rows[i]["payload"] for i in rows_of] == payloads[:1600]
+
+
+def test_an_interrupted_backup_or_restore_goes_on_where_it_stopped(tmp_path, capsys, monkeypatch):
+    from tools.cli import backup as backup_cli
+
+    ids, x, payloads = _items(900, 8, seed=6)
+    bk = tmp_path / "bk"
+    calls = {"save": 0, "load": 0}
+    save, load = backup_cli._save_chunk, backup_cli._chunk
+
+    def save_then_stop(*a, **kw):
+        calls["save"] += 1
+        if calls["save"] == 3:
+            raise KeyboardInterrupt
+        return save(*a, **kw)
+
+    def load_then_stop(*a, **kw):
+        calls["load"] += 1
+        if calls["load"] == 2:
+            raise KeyboardInterrupt
+        return load(*a, **kw)
+
+    with served_local_cluster(tmp_path / "a", shards=2) as (_cluster, client):
+        client.create_collection("r", dim=8, buckets=12)
+        client.upsert("r", ids, x, payloads)
+        client.create_collection("empty", dim=8, buckets=4)
+        argv = ["backup", "r", str(bk), "--target", client.target, "--chunk-items", "100", "--quiet"]
+        monkeypatch.setattr(backup_cli, "_save_chunk", save_then_stop)
+        status, _, err = _run(capsys, *argv)
+        assert status == 130 and "2 chunk(s) written; run the same command again" in err
+        monkeypatch.setattr(backup_cli, "_save_chunk", save)
+        status, out, err = _run(capsys, *argv)
+        assert status == 0 and "backed up 900 items of r" in out, err
+        manifest = json.loads((bk / "manifest.json").read_text())
+        assert sorted(b for ch in manifest["chunks"] for b in ch["buckets"]) == list(range(12))
+
+        argv = ["restore", str(bk), "--name", "r2", "--target", client.target, "--quiet"]
+        monkeypatch.setattr(backup_cli, "_chunk", load_then_stop)
+        status, _, err = _run(capsys, *argv)
+        assert status == 130 and "1 of" in err and "run the same command again" in err
+        monkeypatch.setattr(backup_cli, "_chunk", load)
+        loaded = []
+        monkeypatch.setattr(backup_cli, "_chunk", lambda out, chunk, spec: loaded.append(chunk["name"]) or
+                            load(out, chunk, spec))
+        status, out, err = _run(capsys, *argv)
+        assert status == 0 and "restored 900 items of r" in out, err
+        assert manifest["chunks"][0]["name"] not in loaded and len(loaded) == len(manifest["chunks"]) - 1
+        got = client.get("r2", ids, include_vectors=True)
+        assert got[0] == ids and got[2] == payloads
+        np.testing.assert_array_equal(got[1], x)
+
+        status, out, err = _run(capsys, "backup", "empty", str(tmp_path / "e"), "--target", client.target, "--quiet")
+        assert status == 0 and "backed up 0 items of empty" in out, err
+        status, out, err = _run(capsys, "restore", str(tmp_path / "e"), "--name", "empty2", "--target", client.target,
+                                "--quiet")
+        assert status == 0, err
+        assert client.describe_collection("empty2").count == 0

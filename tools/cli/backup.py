@@ -209,7 +209,8 @@ def cmd_restore(args) -> int:
                 ids, x, payloads = _chunk(out, chunk, spec)
                 batches = ((ids[i:i + args.batch], x[i:i + args.batch], payloads[i:i + args.batch])
                            for i in range(0, len(ids), args.batch))
-                c.upsert_stream(spec.name, batches)
+                if ids:
+                    c.upsert_stream(spec.name, batches)
                 bar.update(len(ids))
                 done.add(chunk["name"])
                 try:  # progress for a run that goes on after an interruption; a read-only backup just has none
