@@ -293,7 +293,8 @@ class LookalikeServicer:
     def Export(self, request, context):
         """Every item of some buckets of a collection, for a backup (`lookalike backup`): each bucket is read from one of
         its owners, page by page in id order, bucket after bucket in the order asked; each message holds the items of
-        one bucket (ExportRequest.page at most), with their original vectors (normalised for cosine) and payloads.
+        one bucket (ExportRequest.page at most, fewer where they would pass half the message limit), with their
+        original vectors (normalised for cosine) and payloads.
         Every item stored before the call and not deleted or replaced during it is sent exactly once. Needs the admin
         scope.
         """

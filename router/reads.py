@@ -169,7 +169,7 @@ class Reads:
                 vectors = vectors_from_proto_raw(resp.vectors) if ids else np.empty((0, cols), dtype=dtype)
                 if ids:
                     yield ids, vectors, list(resp.payloads)
-                if len(ids) < page:
+                if not resp.more:
                     break
                 after = ids[-1]
 

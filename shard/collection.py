@@ -255,9 +255,11 @@ class ShardCollection:
     def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
         return self.reads.coarse_quantizer()
 
-    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
-             after_id: str = "", limit: int = 0):
-        return self.reads.scan(buckets, include_vectors, include_payloads, epoch, after_id, limit)
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
+        return self.reads.scan(buckets, include_vectors, include_payloads, epoch)
+
+    def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
+        return self.reads.scan_page(bucket, after_id, limit, epoch)
 
     def assign_clusters(self, centroids: np.ndarray, field: str, buckets, count_buckets=(), epoch: int = 0,
                         group: int = 32) -> tuple[np.ndarray, int]:

@@ -8,13 +8,18 @@ vectors come from storage); uses shard.bucket_reader (read_buckets) and the base
 from __future__ import annotations
 
 import contextlib
+import heapq
 
 import faiss
 import numpy as np
 
+from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, Unavailable
 from lookalike.ids import bucket_of_labels, buckets_and_labels
 from shard.bucket_reader import read_buckets
+
+# Bytes of a page of Reads.scan_page at most (vectors, ids and payloads), well under the message limit.
+PAGE_BYTES = LIMITS.max_message_bytes // 2
 
 
 def _spread(values, mask: np.ndarray, empty) -> list:
@@ -136,11 +141,8 @@ class Reads:
             sc._check_live()
             return sc.index.coarse_quantizer()
 
-    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
-             after_id: str = "", limit: int = 0):
-        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order; with
-        ``limit`` > 0, a page: the first ``limit`` items whose id sorts after ``after_id`` (UTF-8 byte order), in
-        id order."""
+    def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0):
+        """The items of some held buckets: (ids, vectors (n, d) or None, payloads or None), in label order."""
         sc = self.sc
         buckets = np.asarray(sorted({int(b) for b in buckets}), dtype=np.int64)
         if len(buckets) and (buckets.min() < 0 or buckets.max() >= sc.coll.buckets):
@@ -152,16 +154,31 @@ class Reads:
             labels = sc._labels_of(buckets.tolist())
             pos = sc.table.positions(labels)
             ids = sc.table.uids_at(pos) if len(pos) else []
-            if limit > 0:
-                labels, pos, ids = _page(labels, pos, ids, after_id, limit)
             vectors = self._vectors(labels, ids) if include_vectors else None
             payloads = list(sc.table.payloads[pos]) if include_payloads else None
         return ids, vectors, payloads
 
-
-def _page(labels: np.ndarray, pos: np.ndarray, ids: list[str], after_id: str, limit: int):
-    """The first ``limit`` of the items (labels, table positions, ids) whose id sorts after ``after_id``, in id
-    order. UTF-8 byte order is code point order, which is how Python compares str."""
-    order = sorted((i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)[:limit]
-    take = np.asarray(order, dtype=np.int64)
-    return labels[take], pos[take], [ids[i] for i in order]
+    def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
+        """A page of a held bucket, in id order (a backup reads buckets of any size this way): the first ``limit``
+        items whose id sorts after ``after_id`` (UTF-8 byte order, which is Python's str order), fewer when they
+        would pass ``PAGE_BYTES``. Returns (ids, vectors (n, d), serialized payloads, whether items remain after
+        the last id). Each page costs a pass over the bucket's ids."""
+        sc = self.sc
+        if not 0 <= bucket < sc.coll.buckets:
+            raise InvalidArgument(f"bucket numbers of {sc.coll.name!r} run from 0 to {sc.coll.buckets - 1}")
+        with self._vector_source(True), sc._rw.read():
+            sc._check_live()
+            sc._check_epoch(epoch)
+            sc._check_owned(np.asarray([bucket], dtype=np.int64))
+            labels = sc._labels_of([bucket])
+            pos = sc.table.positions(labels)
+            ids = sc.table.uids_at(pos) if len(pos) else []
+            first = heapq.nsmallest(limit + 1, (i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)
+            payloads = sc.table.payloads[pos[first]] if first else []
+            sizes = [sc.coll.code_size + len(ids[i]) * 4 + len(p or b"") + 16 for i, p in zip(first, payloads)]
+            take = max(1, int(np.searchsorted(np.cumsum(sizes), PAGE_BYTES, side="right"))) if first else 0
+            take = min(take, limit)
+            sel = np.asarray(first[:take], dtype=np.int64)
+            page_ids = [ids[i] for i in first[:take]]
+            vectors = self._vectors(labels[sel], page_ids)
+        return page_ids, vectors, list(payloads[:take]), len(first) > take

@@ -105,9 +105,16 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     @abort_on_error
     def Scan(self, request, context):
         sc = self._collection(request.collection)
-        ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
-                                         request.epoch, request.after_id, request.limit)
-        resp = shard_pb2.ShardScanResponse(ids=ids)
+        more = False
+        if request.limit:  # a page of one bucket, in id order, with its vectors and payloads
+            if len(request.buckets) != 1:
+                raise InvalidArgument(f"a page (limit {request.limit}) is of one bucket, not {len(request.buckets)}")
+            ids, vectors, payloads, more = sc.scan_page(request.buckets[0], request.after_id, request.limit,
+                                                        request.epoch)
+        else:
+            ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
+                                             request.epoch)
+        resp = shard_pb2.ShardScanResponse(ids=ids, more=more)
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
         if payloads is not None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import served_local_cluster
+from lookalike.ids import buckets_of
 from tools import cli
 from tools.cli import build_parser
 from tools.cli.flags import connection_defaults
@@ -230,3 +231,24 @@ def test_an_interrupted_backup_or_restore_goes_on_where_it_stopped(tmp_path, cap
                                 "--quiet")
         assert status == 0, err
         assert client.describe_collection("empty2").count == 0
+
+
+def test_pages_are_cut_by_bytes_as_well_as_by_count(tmp_path, monkeypatch):
+    """Large items make shorter pages (a page stays under the message limit), and the bucket is still read whole."""
+    from shard import reads
+
+    monkeypatch.setattr(reads, "PAGE_BYTES", 3000)  # about 10 items of 64-d with their payloads
+    ids, x, payloads = _items(500, 64, seed=7)
+    with served_local_cluster(tmp_path / "a", shards=2) as (_cluster, client):
+        client.create_collection("big", dim=64, buckets=2, replication=2)
+        client.upsert("big", ids, x, payloads)
+        pages = list(client.export("big", page=100))
+    assert max(len(p[0]) for p in pages) < 15 and len(pages) > 40
+    got = [u for p in pages for u in p[0]]
+    assert sorted(got) == sorted(ids) and len(got) == len(ids)
+    home = buckets_of(got, 2).tolist()
+    assert home == sorted(home)  # bucket after bucket, each in id order
+    assert all(got[i] < got[i + 1] for i in range(len(got) - 1) if home[i] == home[i + 1])
+    by_id = dict(zip(ids, range(len(ids))))
+    rows = np.concatenate([p[1] for p in pages])
+    np.testing.assert_array_equal(rows, x[[by_id[u] for u in got]])

@@ -233,8 +233,9 @@ def add_backup(sub) -> None:
     bk = with_target(sub.add_parser("backup", help="write every item of a collection and its spec to a directory"))
     bk.add_argument("name", help="the collection")
     bk.add_argument("dir", help="the backup directory (created; an unfinished backup there is carried on)")
-    bk.add_argument("--page", type=number(int, low=1, high=LIMITS.max_batch), default=1000,
-                    help="items per message from the router (default %(default)s)")
+    bk.add_argument("--page", type=number(int, low=1, high=LIMITS.max_batch), default=LIMITS.max_batch,
+                    help="items per message from the router, at most; fewer where they would pass half the message "
+                         "limit (default %(default)s)")
     bk.add_argument("--chunk-items", type=positive_int, default=100_000,
                     help="items per chunk file, about (a chunk ends with a bucket) (default %(default)s)")
     bk.add_argument("--quiet", action="store_true", help="no progress bar")
