@@ -15,7 +15,7 @@ import numpy as np
 
 from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, Unavailable
-from lookalike.ids import bucket_of_labels, buckets_and_labels
+from lookalike.ids import LABEL_SHIFT, bucket_of_labels, buckets_and_labels
 from shard.bucket_reader import read_buckets
 
 # Bytes of a page of Reads.scan_page at most (vectors, ids and payloads), well under the message limit.
@@ -170,8 +170,10 @@ class Reads:
             sc._check_live()
             sc._check_epoch(epoch)
             sc._check_owned(np.asarray([bucket], dtype=np.int64))
-            labels = sc._labels_of([bucket])
-            pos = sc.table.positions(labels)
+            # the table is sorted by label, and a label's high bits are its bucket: the bucket is one slice of it
+            lo, hi = np.searchsorted(sc.table.labels, [bucket << LABEL_SHIFT, (bucket + 1) << LABEL_SHIFT])
+            pos = np.arange(lo, hi)
+            labels = sc.table.labels[lo:hi]
             ids = sc.table.uids_at(pos) if len(pos) else []
             first = heapq.nsmallest(limit + 1, (i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)
             payloads = sc.table.payloads[pos[first]] if first else []
