@@ -158,6 +158,14 @@ class Client:
         vectors = vectors_from_proto_raw(resp.vectors) if include_vectors and resp.ids else None
         return list(resp.ids), vectors, [payload_to_dict(p) for p in resp.payloads]
 
+    def export(self, collection: str, buckets: Iterable[int] = (), page: int = 1000,
+               timeout: float | None = None) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
+        """Every item of some buckets (all: empty), bucket after bucket, for a backup: yields (ids, vectors shape
+        (n, d) float32 or (n, d/8) uint8, payload dicts) pages of at most ``page`` items. Needs the admin scope."""
+        req = lookalike_pb2.ExportRequest(collection=collection, buckets=list(buckets), page=page)
+        for resp in self.stub.Export(req, timeout=timeout):
+            yield list(resp.ids), vectors_from_proto_raw(resp.vectors), [dict(p.fields) for p in resp.payloads]
+
     # --- search ---------------------------------------------------------------------------------------------
     def search(self, collection: str, xq: np.ndarray, k: int = 10, nprobe: int = 0, ef_search: int = 0,
                min_coverage: float | None = None, include_payloads: bool = False,

@@ -42,7 +42,7 @@ METHOD_SCOPES = {
     "DedupGroups": "read",
     "Upsert": "write", "UpsertStream": "write", "Delete": "write", "UpsertImages": "write",
     "CreateCollection": "admin", "DropCollection": "admin", "Rebalance": "admin", "TrainIndex": "admin", "StartJob": "admin",
-    "CancelJob": "admin",
+    "CancelJob": "admin", "Export": "admin",  # Export: the whole catalog, for a backup
 }
 # Reachable without a token: Kubernetes probes and tools (grpcurl) need them.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",

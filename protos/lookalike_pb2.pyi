@@ -465,3 +465,13 @@ class RebalanceResponse(_message.Message):
     shards: int
     epoch: int
     def __init__(self, moves: _Optional[int] = ..., shards: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("collection", "buckets", "page")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    page: int
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., page: _Optional[int] = ...) -> None: ...

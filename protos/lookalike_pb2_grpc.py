@@ -134,6 +134,11 @@ class LookalikeStub:
                 request_serializer=protos_dot_lookalike__pb2.DedupGroupsRequest.SerializeToString,
                 response_deserializer=protos_dot_lookalike__pb2.DedupGroup.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/lookalike.v1.Lookalike/Export',
+                request_serializer=protos_dot_lookalike__pb2.ExportRequest.SerializeToString,
+                response_deserializer=protos_dot_lookalike__pb2.GetResponse.FromString,
+                _registered_method=True)
 
 
 class LookalikeServicer:
@@ -285,6 +290,18 @@ class LookalikeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Every item of some buckets of a collection, for a backup (`lookalike backup`): each bucket is read from one of
+        its owners, page by page in id order, bucket after bucket in the order asked; each message holds the items of
+        one bucket (ExportRequest.page at most, fewer where they would pass half the message limit), with their
+        original vectors (normalised for cosine) and payloads.
+        Every item stored before the call and not deleted or replaced during it is sent exactly once. Needs the admin
+        scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookalikeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -387,6 +404,11 @@ def add_LookalikeServicer_to_server(servicer, server):
                     servicer.DedupGroups,
                     request_deserializer=protos_dot_lookalike__pb2.DedupGroupsRequest.FromString,
                     response_serializer=protos_dot_lookalike__pb2.DedupGroup.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=protos_dot_lookalike__pb2.ExportRequest.FromString,
+                    response_serializer=protos_dot_lookalike__pb2.GetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -929,6 +951,33 @@ class Lookalike:
             '/lookalike.v1.Lookalike/DedupGroups',
             protos_dot_lookalike__pb2.DedupGroupsRequest.SerializeToString,
             protos_dot_lookalike__pb2.DedupGroup.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lookalike.v1.Lookalike/Export',
+            protos_dot_lookalike__pb2.ExportRequest.SerializeToString,
+            protos_dot_lookalike__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"\x9f\x01\n\x10ShardScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\x18\n\x10include_payloads\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12$\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x14.lookalike.v1.Filter\"q\n\x11ShardScanResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\x98\x01\n\x12ShardAssignRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rcount_buckets\x18\x04 \x03(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\"6\n\x13ShardAssignResponse\x12\r\n\x05sizes\x18\x01 \x03(\x04\x12\x10\n\x08labelled\x18\x02 \x01(\x04\"\x95\x01\n\x12ShardUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"D\n\x12ShardDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12ShardWriteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"Z\n\x0fShardGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"p\n\x10ShardGetResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\x86\x02\n\x12ShardSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\t\n\x01k\x18\x03 \x01(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.lookalike.v1.SearchParams\x12\x18\n\x10include_payloads\x18\x05 \x01(\x08\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12.\n\x06\x63oarse\x18\x07 \x01(\x0b\x32\x1e.lookalike.v1.CoarseAssignment\x12$\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x14.lookalike.v1.Filter\"U\n\x10\x43oarseAssignment\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06nprobe\x18\x02 \x01(\r\x12\r\n\x05lists\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"+\n\x15ShardQuantizerRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"S\n\x16ShardQuantizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\"\x93\x01\n\x13ShardSearchResponse\x12\x11\n\tdistances\x18\x01 \x01(\x0c\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\n\n\x02nq\x18\x05 \x01(\r\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0c\n\x04plan\x18\x07 \x01(\t\"\x13\n\x11ShardStatsRequest\"\xf3\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07trained\x18\x05 \x01(\x08\x12\x15\n\rbucket_counts\x18\x06 \x01(\x0c\x12\x0f\n\x07joining\x18\x07 \x01(\x04\x12\x0f\n\x07\x64\x61maged\x18\x08 \x03(\t\x12\x17\n\x0ftrained_version\x18\t \x01(\x04\x12\x1e\n\x16loaded_from_checkpoint\x18\n \x01(\x08\x12\x18\n\x10replayed_records\x18\x0b \x01(\x04\"\xb2\x01\n\x12ShardStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x32\n\x0b\x63ollections\x18\x02 \x03(\x0b\x32\x1d.lookalike.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t2\xfc\x04\n\x05Shard\x12L\n\x06Upsert\x12 .lookalike.v1.ShardUpsertRequest\x1a .lookalike.v1.ShardWriteResponse\x12L\n\x06\x44\x65lete\x12 .lookalike.v1.ShardDeleteRequest\x1a .lookalike.v1.ShardWriteResponse\x12\x44\n\x03Get\x12\x1d.lookalike.v1.ShardGetRequest\x1a\x1e.lookalike.v1.ShardGetResponse\x12M\n\x06Search\x12 .lookalike.v1.ShardSearchRequest\x1a!.lookalike.v1.ShardSearchResponse\x12V\n\tQuantizer\x12#.lookalike.v1.ShardQuantizerRequest\x1a$.lookalike.v1.ShardQuantizerResponse\x12J\n\x05Stats\x12\x1f.lookalike.v1.ShardStatsRequest\x1a .lookalike.v1.ShardStatsResponse\x12G\n\x04Scan\x12\x1e.lookalike.v1.ShardScanRequest\x1a\x1f.lookalike.v1.ShardScanResponse\x12U\n\x0e\x41ssignClusters\x12 .lookalike.v1.ShardAssignRequest\x1a!.lookalike.v1.ShardAssignResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clookalike.v1\x1a\x13protos/common.proto\"\xc0\x01\n\x10ShardScanRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x03(\r\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\x18\n\x10include_payloads\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12$\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x14.lookalike.v1.Filter\x12\x10\n\x08\x61\x66ter_id\x18\x07 \x01(\t\x12\r\n\x05limit\x18\x08 \x01(\r\"\x7f\n\x11ShardScanResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\x0c\n\x04more\x18\x04 \x01(\x08\"\x98\x01\n\x12ShardAssignRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x15\n\rcount_buckets\x18\x04 \x03(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07\x62uckets\x18\x06 \x03(\r\"6\n\x13ShardAssignResponse\x12\r\n\x05sizes\x18\x01 \x03(\x04\x12\x10\n\x08labelled\x18\x02 \x01(\x04\"\x95\x01\n\x12ShardUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12&\n\x07vectors\x18\x03 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"D\n\x12ShardDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"4\n\x12ShardWriteResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"Z\n\x0fShardGetRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"p\n\x10ShardGetResponse\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12&\n\x07vectors\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\'\n\x08payloads\x18\x03 \x03(\x0b\x32\x15.lookalike.v1.Payload\"\x86\x02\n\x12ShardSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\x12\t\n\x01k\x18\x03 \x01(\r\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.lookalike.v1.SearchParams\x12\x18\n\x10include_payloads\x18\x05 \x01(\x08\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12.\n\x06\x63oarse\x18\x07 \x01(\x0b\x32\x1e.lookalike.v1.CoarseAssignment\x12$\n\x06\x66ilter\x18\x08 \x01(\x0b\x32\x14.lookalike.v1.Filter\"U\n\x10\x43oarseAssignment\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06nprobe\x18\x02 \x01(\r\x12\r\n\x05lists\x18\x03 \x01(\x0c\x12\x11\n\tdistances\x18\x04 \x01(\x0c\"+\n\x15ShardQuantizerRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"S\n\x16ShardQuantizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12(\n\tcentroids\x18\x02 \x01(\x0b\x32\x15.lookalike.v1.Vectors\"\x93\x01\n\x13ShardSearchResponse\x12\x11\n\tdistances\x18\x01 \x01(\x0c\x12\x0e\n\x06labels\x18\x02 \x01(\x0c\x12\x0b\n\x03ids\x18\x03 \x03(\t\x12\'\n\x08payloads\x18\x04 \x03(\x0b\x32\x15.lookalike.v1.Payload\x12\n\n\x02nq\x18\x05 \x01(\r\x12\t\n\x01k\x18\x06 \x01(\r\x12\x0c\n\x04plan\x18\x07 \x01(\t\"\x13\n\x11ShardStatsRequest\"\xf3\x01\n\x0f\x43ollectionStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x02 \x01(\x04\x12\x0f\n\x07vectors\x18\x03 \x01(\x04\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x0f\n\x07trained\x18\x05 \x01(\x08\x12\x15\n\rbucket_counts\x18\x06 \x01(\x0c\x12\x0f\n\x07joining\x18\x07 \x01(\x04\x12\x0f\n\x07\x64\x61maged\x18\x08 \x03(\t\x12\x17\n\x0ftrained_version\x18\t \x01(\x04\x12\x1e\n\x16loaded_from_checkpoint\x18\n \x01(\x08\x12\x18\n\x10replayed_records\x18\x0b \x01(\x04\"\xb2\x01\n\x12ShardStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x32\n\x0b\x63ollections\x18\x02 \x03(\x0b\x32\x1d.lookalike.v1.CollectionStats\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fmetrics_address\x18\x06 \x01(\t2\xfc\x04\n\x05Shard\x12L\n\x06Upsert\x12 .lookalike.v1.ShardUpsertRequest\x1a .lookalike.v1.ShardWriteResponse\x12L\n\x06\x44\x65lete\x12 .lookalike.v1.ShardDeleteRequest\x1a .lookalike.v1.ShardWriteResponse\x12\x44\n\x03Get\x12\x1d.lookalike.v1.ShardGetRequest\x1a\x1e.lookalike.v1.ShardGetResponse\x12M\n\x06Search\x12 .lookalike.v1.ShardSearchRequest\x1a!.lookalike.v1.ShardSearchResponse\x12V\n\tQuantizer\x12#.lookalike.v1.ShardQuantizerRequest\x1a$.lookalike.v1.ShardQuantizerResponse\x12J\n\x05Stats\x12\x1f.lookalike.v1.ShardStatsRequest\x1a .lookalike.v1.ShardStatsResponse\x12G\n\x04Scan\x12\x1e.lookalike.v1.ShardScanRequest\x1a\x1f.lookalike.v1.ShardScanResponse\x12U\n\x0e\x41ssignClusters\x12 .lookalike.v1.ShardAssignRequest\x1a!.lookalike.v1.ShardAssignResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.shard_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDSCANREQUEST']._serialized_start=58
-  _globals['_SHARDSCANREQUEST']._serialized_end=217
-  _globals['_SHARDSCANRESPONSE']._serialized_start=219
-  _globals['_SHARDSCANRESPONSE']._serialized_end=332
-  _globals['_SHARDASSIGNREQUEST']._serialized_start=335
-  _globals['_SHARDASSIGNREQUEST']._serialized_end=487
-  _globals['_SHARDASSIGNRESPONSE']._serialized_start=489
-  _globals['_SHARDASSIGNRESPONSE']._serialized_end=543
-  _globals['_SHARDUPSERTREQUEST']._serialized_start=546
-  _globals['_SHARDUPSERTREQUEST']._serialized_end=695
-  _globals['_SHARDDELETEREQUEST']._serialized_start=697
-  _globals['_SHARDDELETEREQUEST']._serialized_end=765
-  _globals['_SHARDWRITERESPONSE']._serialized_start=767
-  _globals['_SHARDWRITERESPONSE']._serialized_end=819
-  _globals['_SHARDGETREQUEST']._serialized_start=821
-  _globals['_SHARDGETREQUEST']._serialized_end=911
-  _globals['_SHARDGETRESPONSE']._serialized_start=913
-  _globals['_SHARDGETRESPONSE']._serialized_end=1025
-  _globals['_SHARDSEARCHREQUEST']._serialized_start=1028
-  _globals['_SHARDSEARCHREQUEST']._serialized_end=1290
-  _globals['_COARSEASSIGNMENT']._serialized_start=1292
-  _globals['_COARSEASSIGNMENT']._serialized_end=1377
-  _globals['_SHARDQUANTIZERREQUEST']._serialized_start=1379
-  _globals['_SHARDQUANTIZERREQUEST']._serialized_end=1422
-  _globals['_SHARDQUANTIZERRESPONSE']._serialized_start=1424
-  _globals['_SHARDQUANTIZERRESPONSE']._serialized_end=1507
-  _globals['_SHARDSEARCHRESPONSE']._serialized_start=1510
-  _globals['_SHARDSEARCHRESPONSE']._serialized_end=1657
-  _globals['_SHARDSTATSREQUEST']._serialized_start=1659
-  _globals['_SHARDSTATSREQUEST']._serialized_end=1678
-  _globals['_COLLECTIONSTATS']._serialized_start=1681
-  _globals['_COLLECTIONSTATS']._serialized_end=1924
-  _globals['_SHARDSTATSRESPONSE']._serialized_start=1927
-  _globals['_SHARDSTATSRESPONSE']._serialized_end=2105
-  _globals['_SHARD']._serialized_start=2108
-  _globals['_SHARD']._serialized_end=2744
+  _globals['_SHARDSCANREQUEST']._serialized_end=250
+  _globals['_SHARDSCANRESPONSE']._serialized_start=252
+  _globals['_SHARDSCANRESPONSE']._serialized_end=379
+  _globals['_SHARDASSIGNREQUEST']._serialized_start=382
+  _globals['_SHARDASSIGNREQUEST']._serialized_end=534
+  _globals['_SHARDASSIGNRESPONSE']._serialized_start=536
+  _globals['_SHARDASSIGNRESPONSE']._serialized_end=590
+  _globals['_SHARDUPSERTREQUEST']._serialized_start=593
+  _globals['_SHARDUPSERTREQUEST']._serialized_end=742
+  _globals['_SHARDDELETEREQUEST']._serialized_start=744
+  _globals['_SHARDDELETEREQUEST']._serialized_end=812
+  _globals['_SHARDWRITERESPONSE']._serialized_start=814
+  _globals['_SHARDWRITERESPONSE']._serialized_end=866
+  _globals['_SHARDGETREQUEST']._serialized_start=868
+  _globals['_SHARDGETREQUEST']._serialized_end=958
+  _globals['_SHARDGETRESPONSE']._serialized_start=960
+  _globals['_SHARDGETRESPONSE']._serialized_end=1072
+  _globals['_SHARDSEARCHREQUEST']._serialized_start=1075
+  _globals['_SHARDSEARCHREQUEST']._serialized_end=1337
+  _globals['_COARSEASSIGNMENT']._serialized_start=1339
+  _globals['_COARSEASSIGNMENT']._serialized_end=1424
+  _globals['_SHARDQUANTIZERREQUEST']._serialized_start=1426
+  _globals['_SHARDQUANTIZERREQUEST']._serialized_end=1469
+  _globals['_SHARDQUANTIZERRESPONSE']._serialized_start=1471
+  _globals['_SHARDQUANTIZERRESPONSE']._serialized_end=1554
+  _globals['_SHARDSEARCHRESPONSE']._serialized_start=1557
+  _globals['_SHARDSEARCHRESPONSE']._serialized_end=1704
+  _globals['_SHARDSTATSREQUEST']._serialized_start=1706
+  _globals['_SHARDSTATSREQUEST']._serialized_end=1725
+  _globals['_COLLECTIONSTATS']._serialized_start=1728
+  _globals['_COLLECTIONSTATS']._serialized_end=1971
+  _globals['_SHARDSTATSRESPONSE']._serialized_start=1974
+  _globals['_SHARDSTATSRESPONSE']._serialized_end=2152
+  _globals['_SHARD']._serialized_start=2155
+  _globals['_SHARD']._serialized_end=2791
 # @@protoc_insertion_point(module_scope)

@@ -8,30 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardScanRequest(_message.Message):
-    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch", "filter")
+    __slots__ = ("collection", "buckets", "include_vectors", "include_payloads", "epoch", "filter", "after_id", "limit")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     buckets: _containers.RepeatedScalarFieldContainer[int]
     include_vectors: bool
     include_payloads: bool
     epoch: int
     filter: _common_pb2.Filter
-    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
+    after_id: str
+    limit: int
+    def __init__(self, collection: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., include_vectors: _Optional[bool] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., after_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ShardScanResponse(_message.Message):
-    __slots__ = ("ids", "vectors", "payloads")
+    __slots__ = ("ids", "vectors", "payloads", "more")
     IDS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
     vectors: _common_pb2.Vectors
     payloads: _containers.RepeatedCompositeFieldContainer[_common_pb2.Payload]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class ShardAssignRequest(_message.Message):
     __slots__ = ("collection", "centroids", "field", "count_buckets", "epoch", "buckets")

@@ -173,6 +173,10 @@ class Router:
         """The items of some buckets: (ids, vectors or None, payloads or None) (:meth:`router.reads.Reads.scan`)."""
         return self._reads.scan(name, buckets, include_vectors, include_payloads, timeout, filt)
 
+    def export(self, name: str, buckets, page: int, timeout: float | None = None):
+        """Yields (ids, vectors, payloads) pages of ``buckets`` in order (:meth:`router.reads.Reads.export`)."""
+        return self._reads.export(name, buckets, page, timeout)
+
     def sample(self, name: str, size: int, seed: int = 0, include_vectors: bool = False,
                timeout: float | None = None, filt=None):
         """About ``size`` items drawn uniformly, by whole buckets (:meth:`router.reads.Reads.sample`)."""

@@ -155,6 +155,28 @@ class Reads:
             vecs = np.concatenate(vectors) if vectors else np.empty((0, cols), dtype=dtype)
         return ids, (vecs if include_vectors else None), (payloads if include_payloads else None)
 
+    def export(self, name: str, buckets, page: int, timeout: float | None = None):
+        """Yields the items of ``buckets``, bucket after bucket in that order, each bucket page by page in id order
+        (at most ``page`` items a page, from one owner; another owner or a fresh map when one fails): (ids,
+        vectors (n, d), payloads) per page. ``timeout`` bounds each page's call (its retries included)."""
+        coll = self.shards.shard_map(name).collection
+        cols, dtype = (coll.dim // 8, np.uint8) if coll.metric == "hamming" else (coll.dim, np.float32)
+        for bucket in buckets:
+            after = ""
+            while True:
+                def build(sid, bs, epoch, after=after):
+                    return shard_pb2.ShardScanRequest(collection=name, buckets=bs, include_vectors=True,
+                                                      include_payloads=True, epoch=epoch, after_id=after, limit=page)
+
+                ((_sid, _bs, resp),) = self._per_owner(name, [bucket], "Scan", build, timeout)
+                ids = list(resp.ids)
+                vectors = vectors_from_proto_raw(resp.vectors) if ids else np.empty((0, cols), dtype=dtype)
+                if ids:
+                    yield ids, vectors, list(resp.payloads)
+                if not resp.more:
+                    break
+                after = ids[-1]
+
     def sample(self, name: str, size: int, seed: int = 0, include_vectors: bool = False,
                timeout: float | None = None, filt=None):
         """About ``size`` items from whole buckets drawn in a seeded random order (an id's bucket is a hash of it,

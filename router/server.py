@@ -74,6 +74,17 @@ def _timeout(context) -> float | None:
     return None if remaining is None or remaining > 1e8 else max(0.0, remaining)
 
 
+def _export_args(request, coll: CollectionConfig) -> tuple[list[int], int]:
+    """(buckets, page) of an ExportRequest, checked."""
+    page = request.page or 1000
+    if not 1 <= page <= LIMITS.max_batch:
+        raise InvalidArgument(f"page must be between 1 and {LIMITS.max_batch}, got {request.page}")
+    buckets = list(request.buckets) or list(range(coll.buckets))
+    if len(set(buckets)) != len(buckets) or max(buckets) >= coll.buckets:
+        raise InvalidArgument(f"buckets of {coll.name!r} are numbers from 0 to {coll.buckets - 1}, each at most once")
+    return buckets, page
+
+
 def job_to_proto(st) -> lookalike_pb2.Job:
     """A :class:`jobs.JobStatus` as the API's Job."""
     return lookalike_pb2.Job(id=st.id, kind=st.kind, collection=st.collection,
@@ -398,6 +409,19 @@ class RouterServicer(lookalike_pb2_grpc.LookalikeServicer):
             offset += len(page)
             if len(page) < per:
                 return
+
+    @abort_on_error_async
+    async def Export(self, request, context):
+        loop = asyncio.get_running_loop()
+        coll = await loop.run_in_executor(None, self._coll, request.collection)
+        pages = self.router.export(coll.name, *_export_args(request, coll), timeout=_timeout(context))
+        done = object()
+        while (got := await loop.run_in_executor(None, next, pages, done)) is not done:  # off the event loop
+            ids, vectors, payloads = got
+            resp = lookalike_pb2.GetResponse(ids=ids, payloads=payloads)
+            if ids:
+                resp.vectors.CopyFrom(vectors_to_proto(vectors))
+            yield resp
 
 
 def create_router_server(router: Router, address: str = "[::]:0", max_workers: int = 64,

@@ -265,6 +265,9 @@ class ShardCollection:
              filt=None):
         return self.reads.scan(buckets, include_vectors, include_payloads, epoch, filt)
 
+    def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
+        return self.reads.scan_page(bucket, after_id, limit, epoch)
+
     def assign_clusters(self, centroids: np.ndarray, field: str, buckets, count_buckets=(), epoch: int = 0,
                         group: int = 32) -> tuple[np.ndarray, int]:
         return assign_clusters(self, centroids, field, buckets, count_buckets, epoch, group)

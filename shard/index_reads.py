@@ -68,8 +68,13 @@ def reconstruct_keys(index, keys: np.ndarray, cols: int, binary: bool) -> np.nda
 def reconstruct_idmap(idmap, labels: np.ndarray, cols: int, binary: bool) -> np.ndarray:
     """The vectors of ``labels`` (all present) in an ``IndexIDMap`` (or its binary kind)."""
     id_map = faiss.rev_swig_ptr(idmap.id_map.data(), idmap.id_map.size())  # position -> label, no copy
-    order = np.argsort(id_map, kind="stable")
-    pos = order[np.searchsorted(id_map, labels, sorter=order)]
+    if not len(labels):
+        return reconstruct_keys(idmap.index, labels, cols, binary)
+    # Only the positions whose label lies in the labels' range are sorted: for a page of one bucket (its labels
+    # share their high bits) that is the bucket, not the whole index.
+    near = np.flatnonzero((id_map >= labels.min()) & (id_map <= labels.max()))
+    order = np.argsort(id_map[near], kind="stable")
+    pos = near[order[np.searchsorted(id_map[near], labels, sorter=order)]]
     return reconstruct_keys(idmap.index, pos, cols, binary)
 
 

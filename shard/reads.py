@@ -8,14 +8,19 @@ vectors come from storage); uses shard.bucket_reader (read_buckets) and the base
 from __future__ import annotations
 
 import contextlib
+import heapq
 
 import faiss
 import numpy as np
 
+from lookalike.config import LIMITS
 from lookalike.errors import InvalidArgument, Unavailable
-from lookalike.ids import bucket_of_labels, buckets_and_labels
+from lookalike.ids import LABEL_SHIFT, bucket_of_labels, buckets_and_labels
 from shard.bucket_reader import read_buckets
 from shard.filtered import MatchCache, plan_and_search
+
+# Bytes of a page of Reads.scan_page at most (vectors, ids and payloads), well under the message limit.
+PAGE_BYTES = LIMITS.max_message_bytes // 2
 
 
 def _spread(values, mask: np.ndarray, empty) -> list:
@@ -175,3 +180,30 @@ class Reads:
             vectors = self._vectors(labels, ids) if include_vectors else None
             payloads = list(sc.table.payloads[pos]) if include_payloads else None
         return ids, vectors, payloads
+
+    def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
+        """A page of a held bucket, in id order (a backup reads buckets of any size this way): the first ``limit``
+        items whose id sorts after ``after_id`` (UTF-8 byte order, which is Python's str order), fewer when they
+        would pass ``PAGE_BYTES``. Returns (ids, vectors (n, d), serialized payloads, whether items remain after
+        the last id). Each page costs a pass over the bucket's ids."""
+        sc = self.sc
+        if not 0 <= bucket < sc.coll.buckets:
+            raise InvalidArgument(f"bucket numbers of {sc.coll.name!r} run from 0 to {sc.coll.buckets - 1}")
+        with self._vector_source(True), sc._rw.read():
+            sc._check_live()
+            sc._check_epoch(epoch)
+            sc._check_owned(np.asarray([bucket], dtype=np.int64))
+            # the table is sorted by label, and a label's high bits are its bucket: the bucket is one slice of it
+            lo, hi = np.searchsorted(sc.table.labels, [bucket << LABEL_SHIFT, (bucket + 1) << LABEL_SHIFT])
+            pos = np.arange(lo, hi)
+            labels = sc.table.labels[lo:hi]
+            ids = sc.table.uids_at(pos) if len(pos) else []
+            first = heapq.nsmallest(limit + 1, (i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)
+            payloads = sc.table.payloads[pos[first]] if first else []
+            sizes = [sc.coll.code_size + len(ids[i]) * 4 + len(p or b"") + 16 for i, p in zip(first, payloads)]
+            take = max(1, int(np.searchsorted(np.cumsum(sizes), PAGE_BYTES, side="right"))) if first else 0
+            take = min(take, limit)
+            sel = np.asarray(first[:take], dtype=np.int64)
+            page_ids = [ids[i] for i in first[:take]]
+            vectors = self._vectors(labels[sel], page_ids)
+        return page_ids, vectors, list(payloads[:take]), len(first) > take

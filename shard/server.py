@@ -118,9 +118,18 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         filt = request.filter if request.HasField("filter") else None
         if filt is not None:
             check_filter(filt, sc.coll.schema, sc.coll.name)
-        ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
-                                         request.epoch, filt)
-        resp = shard_pb2.ShardScanResponse(ids=ids)
+        more = False
+        if request.limit:  # a page of one bucket, in id order, with its vectors and payloads
+            if len(request.buckets) != 1:
+                raise InvalidArgument(f"a page (limit {request.limit}) is of one bucket, not {len(request.buckets)}")
+            if filt is not None:
+                raise InvalidArgument("a page of a bucket (limit) takes no filter: scan without a limit to filter")
+            ids, vectors, payloads, more = sc.scan_page(request.buckets[0], request.after_id, request.limit,
+                                                        request.epoch)
+        else:
+            ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
+                                             request.epoch, filt)
+        resp = shard_pb2.ShardScanResponse(ids=ids, more=more)
         if vectors is not None and len(ids):
             resp.vectors.CopyFrom(vectors_to_proto(vectors))
         if payloads is not None:

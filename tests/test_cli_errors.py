@@ -261,6 +261,10 @@ def test_every_subcommand_answers_mistakes_with_one_line_and_a_nonzero_exit(tmp_
         (["size", "--vectors", "10", "--dim", "8", "--node-memory", "64XB"], "argument --node-memory"),
         (["bench", "--n", "many"], "argument --n"),
         (["bench", "--k", "0"], "argument --k: must be at least 1"),
+        # backup, restore
+        (["backup", "c", str(tmp_path / "bk"), "--page", "0", *T], "argument --page: must be at least 1"),
+        (["backup", "c", str(tmp_path / "bk"), *T], "cannot reach the router"),
+        (["restore", missing, *T], f"{missing} holds no backup"),
         # the command line itself
         ([], "the following arguments are required: COMMAND"),
         (["serch"], "invalid choice: 'serch'"),

@@ -177,6 +177,7 @@ def test_tokens_and_scopes(tmp_path, tokens):
             assert "read-svc" in e.details() and "'write'" in e.details() and toks["read"] not in e.details()
             _refused(lambda: c.drop_collection("t"), grpc.StatusCode.PERMISSION_DENIED)
             _refused(lambda: c.start_dedup("t", 0.1), grpc.StatusCode.PERMISSION_DENIED)
+            _refused(lambda: list(c.export("t")), grpc.StatusCode.PERMISSION_DENIED)  # a backup: the whole catalog
             # revoked: the table follows its file
             doc = json.loads(path.read_text())
             doc["tokens"] = [t for t in doc["tokens"] if t["name"] != "read-svc"]
@@ -184,6 +185,7 @@ def test_tokens_and_scopes(tmp_path, tokens):
             _refused(c.list_collections, grpc.StatusCode.UNAUTHENTICATED)
         with _client(cl.port, token=toks["admin"]) as c:  # admin holds every scope
             assert c.get("t", ["a"])[0] == ["a"]
+            assert sorted(u for ids, _, _ in c.export("t") for u in ids) == ["a", "b"]
             c.drop_collection("t")
     finally:
         _stop(cl)

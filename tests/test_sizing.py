@@ -47,7 +47,8 @@ def test_per_vector_parts():
 
 def test_plan_arithmetic():
     p = sizing.plan(10_000_000, 128, "Flat", replicas=2, node_memory=16 * sizing.GiB, shards_per_node=2,
-                    headroom=0.25, reserve=2 * sizing.GiB)
+                    headroom=0.25, reserve=2 * sizing.GiB, allocatable=17 * sizing.GiB)
+    assert p.node_memory_request == 16 * sizing.GiB  # allocatable less 1Gi of DaemonSets
     assert p.shard_memory == 7 * sizing.GiB
     fill = 7 * sizing.GiB * 0.8 * 0.75 - sizing.SHARD_OVERHEAD - sizing.COLLECTION_OVERHEAD
     assert p.shards == -(-int(10_000_000 * 2 * p.per_vector.resident) // int(fill))
@@ -81,6 +82,7 @@ def test_size_command_and_overlay(tmp_path, capsys):
     group = docs["RayCluster"]["spec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == p.nodes and group["maxReplicas"] >= p.nodes
     res = group["template"]["spec"]["containers"][0]["resources"]
-    assert res["requests"]["memory"] == res["limits"]["memory"] == "64Gi"
+    # a 64 GiB node: 58.4 GiB allocatable, less 1 GiB of DaemonSets, rounded down
+    assert res["requests"]["memory"] == res["limits"]["memory"] == "57Gi"
     cfg = next(d for d in all_docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lookalike-config")["data"]
-    assert cfg["LOOKALIKE_SHARDS"] == str(p.shards) and cfg["LOOKALIKE_SHARD_MEMORY"] == "62Gi"
+    assert cfg["LOOKALIKE_SHARDS"] == str(p.shards) and cfg["LOOKALIKE_SHARD_MEMORY"] == "55Gi"

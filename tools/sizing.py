@@ -25,8 +25,10 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 against it for Flat and IVF-PQ (within 15%).
 
 Then: a shard is sized to stay under the controller's growth threshold (80% of ``--shard-memory``, see
-``MovePolicy.high_water``) with ``--headroom`` left for growth; each node holds ``--shards-per-node`` shards and
-keeps ``--reserve`` for Ray's own processes and the object store.
+``MovePolicy.high_water``) with ``--headroom`` left for growth, less its training peak (:func:`training_peak`);
+each node runs one worker pod of the node's allocatable memory (:func:`node_allocatable`) less the DaemonSets', which
+holds ``--shards-per-node`` shards of ``--shard-cpus`` each and keeps ``--reserve`` for Ray's own processes and the
+object store. :func:`write_kustomize` writes that as kustomize patches. The volume is tools.storage_sizing's.
 
 May use: the base package (lookalike) and shard (a real shard, for ``measure_shard``).
 """
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import pathlib
 import re
 import tempfile
 
@@ -137,30 +141,105 @@ class Plan:
     shards: int
     shards_per_node: int
     nodes: int
-    node_memory_request: int  # memory request of each shard node (pod)
+    node_memory_request: int  # memory request and limit of each shard node's worker pod
     gpu: dict | None
+    allocatable: int = 0  # memory the kubelet lets pods have on a node
+    node_memory: int = 0  # the node's memory, as given
+    shard_cpus: float = 2.0
+    training: tuple[float, int] = (0.0, 0)  # training peak of a shard: (bytes per item it holds, bytes once)
+
+    @property
+    def pod_cpus(self) -> int:
+        """CPUs of each worker pod (its request, limit and Ray's num-cpus): one share per shard."""
+        return round(self.shards_per_node * self.shard_cpus)
+
+    @property
+    def max_nodes(self) -> int:
+        """The worker group's maxReplicas: room to grow to twice the shards."""
+        return max(2 * self.nodes, self.nodes + 1)
+
+
+# The kubelet's and the system's reserve and the eviction threshold, as GKE and AKS compute them (EKS and others
+# are close; `kubectl get node NODE -o jsonpath='{.status.allocatable}'` gives a node's exact figure, for
+# --node-allocatable): of the memory, 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the
+# next 112 and 2% above 128 GiB, plus 100 MiB; of the CPUs, 6% of the first, 1% of the second, 0.5% of the next
+# two and 0.25% of the rest.
+_MEMORY_RESERVE = ((4 * GiB, 0.25), (4 * GiB, 0.20), (8 * GiB, 0.10), (112 * GiB, 0.06), (math.inf, 0.02))
+_CPU_RESERVE = ((1, 0.06), (1, 0.01), (2, 0.005), (math.inf, 0.0025))
+EVICTION_THRESHOLD = 100 * MiB
+
+
+def _tiers(amount: float, tiers) -> float:
+    out, left = 0.0, amount
+    for size, share in tiers:
+        take = min(left, size)
+        out, left = out + take * share, left - take
+    return out
+
+
+def node_allocatable(node_memory: int) -> int:
+    """The memory a node of ``node_memory`` bytes lets pods have (see _MEMORY_RESERVE)."""
+    return int(node_memory - _tiers(node_memory, _MEMORY_RESERVE) - EVICTION_THRESHOLD)
+
+
+def node_allocatable_cpus(node_cpus: float) -> float:
+    return node_cpus - _tiers(node_cpus, _CPU_RESERVE)
+
+
+def training_peak(dim: int, index: str, metric: str, pv: PerVector) -> tuple[float, int]:
+    """What training an index adds to a shard's memory at its peak, for a spec that needs training (else (0, 0)):
+    (bytes per item the shard holds, bytes once). Per item: moving into a new trained version builds the new index
+    beside the old one (shard.training.adopt_trained), a second copy of the codes and index structures. Once: the
+    shard that trains reads the training sample from storage (lookalike.indexspec.training_points: up to 500k
+    vectors) in parts and joins them, two copies of it."""
+    needed, sample = training_points(("B" + index) if metric == "hamming" and not index.startswith("B") else index)
+    if not needed:
+        return 0.0, 0
+    vec = dim // 8 if metric == "hamming" else 4 * dim
+    return (pv.code + pv.index) * ALLOCATOR_FACTOR, 2 * sample * vec
 
 
 def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int = 1, node_memory: int = 64 * GiB,
          shards_per_node: int = 1, headroom: float = 0.3, reserve: int = 2 * GiB, id_bytes: int = 16,
-         payload_bytes: int = 0, gpu_memory: int = 0, gpu_float16: bool = False, high_water: float = 0.8) -> Plan:
+         payload_bytes: int = 0, gpu_memory: int = 0, gpu_float16: bool = False, high_water: float = 0.8,
+         allocatable: int | None = None, daemonset_memory: int = 1 * GiB, shard_cpus: float = 2.0,
+         node_cpus: float | None = None, daemonset_cpus: float = 0.5) -> Plan:
     """Shards and nodes for ``vectors`` items of ``dim`` in ``index``, ``replicas`` copies each.
 
-    A node's memory, less ``reserve``, is split between ``shards_per_node`` shards: that is each shard's capacity
-    (``--shard-memory``). A shard is filled to ``high_water`` x capacity x (1 - headroom) at most, so that the data
-    can grow by ``headroom`` before the controller's automatic growth (at ``high_water``) adds shards.
+    Each node runs one worker pod, which gets the node's allocatable memory (``allocatable``, else
+    :func:`node_allocatable` of ``node_memory``) less ``daemonset_memory`` (the DaemonSets' pods on every node);
+    that, less ``reserve`` for Ray's own processes, is split between ``shards_per_node`` shards: each shard's
+    capacity (``--shard-memory``). A shard is filled to ``high_water`` x capacity x (1 - headroom) at most, less its
+    training peak (:func:`training_peak`), so that the data can grow by ``headroom`` before the controller's
+    automatic growth (at ``high_water``) adds shards. The pod has ``shard_cpus`` CPUs per shard; with
+    ``node_cpus``, they must fit the node's allocatable CPUs less ``daemonset_cpus``.
     """
     if vectors < 0 or dim <= 0 or replicas < 1 or shards_per_node < 1 or not 0 <= headroom < 1:
         raise ValueError("vectors >= 0, dim > 0, replicas >= 1, shards per node >= 1, 0 <= headroom < 1")
+    pod_cpus = shards_per_node * shard_cpus
+    if shard_cpus <= 0 or abs(pod_cpus - round(pod_cpus)) > 1e-9:
+        raise ValueError(f"--shards-per-node {shards_per_node} x --shard-cpus {shard_cpus:g} is {pod_cpus:g} CPUs: "
+                         "Ray counts a pod's CPUs in whole numbers; make it one")
+    if node_cpus is not None and pod_cpus > node_allocatable_cpus(node_cpus) - daemonset_cpus:
+        raise ValueError(f"{shards_per_node} shard(s) of {shard_cpus:g} CPUs need {pod_cpus:g} CPUs, more than a node "
+                         f"of {node_cpus:g} CPUs gives a pod ({node_allocatable_cpus(node_cpus):.2f} allocatable, "
+                         f"less {daemonset_cpus:g} for DaemonSets): fewer --shards-per-node, fewer --shard-cpus or "
+                         "bigger nodes")
     pv = per_vector(dim, index, metric, id_bytes, payload_bytes)
-    data = vectors * replicas * pv.resident
-    shard_memory = int((node_memory - reserve) / shards_per_node)
+    allocatable = node_allocatable(node_memory) if allocatable is None else allocatable
+    pod_memory = parse_quantity(k8s_quantity(allocatable - daemonset_memory, floor=True))
+    shard_memory = parse_quantity(k8s_quantity((pod_memory - reserve) / shards_per_node, floor=True))
+    per_item_peak, once_peak = training_peak(dim, index, metric, pv)
     fill = (shard_memory * high_water * (1 - headroom) - SHARD_OVERHEAD - COLLECTION_OVERHEAD
-            - fixed_bytes(dim, index, metric))
-    if fill <= 0:
-        raise ValueError(f"a node of {node_memory / GiB:.1f} GiB leaves no room for data after {reserve / GiB:.1f} GiB "
-                         f"reserved and {shards_per_node} shard process(es): give --node-memory more")
-    shards = max(replicas, math.ceil(data / fill))
+            - fixed_bytes(dim, index, metric) - once_peak)
+    if fill <= 0 or pod_memory <= reserve:
+        raise ValueError(f"a node of {node_memory / GiB:.1f} GiB ({allocatable / GiB:.1f} GiB allocatable, less "
+                         f"{daemonset_memory / GiB:.1f} GiB for DaemonSets) leaves no room for data after "
+                         f"{reserve / GiB:.1f} GiB reserved for Ray and {shards_per_node} shard process(es)"
+                         + (f" with a training peak of {format_bytes(once_peak)}" if once_peak else "")
+                         + ": give --node-memory more")
+    data = vectors * replicas * pv.resident
+    shards = max(replicas, math.ceil(vectors * replicas * (pv.resident + per_item_peak) / fill))
     gpu = None
     if gpu_memory:
         # On GPU shards the GPU holds a mirror of the index (the vectors' codes, float16 when asked, and its ids).
@@ -171,7 +250,8 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
         shards = max(shards, gpu_shards)
         gpu = {"bytes_per_vector": gpu_pv, "gpu_memory": gpu_memory, "shards_for_gpu_memory": gpu_shards}
     nodes = math.ceil(shards / shards_per_node)
-    return Plan(vectors, replicas, pv, data, shard_memory, shards, shards_per_node, nodes, node_memory, gpu)
+    return Plan(vectors, replicas, pv, data, shard_memory, shards, shards_per_node, nodes, pod_memory, gpu,
+                allocatable, node_memory, shard_cpus, (per_item_peak, once_peak))
 
 
 def shard_resident_estimate(vectors: int, dim: int, index: str, metric: str = "l2", id_bytes: int = 16,
@@ -188,16 +268,23 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def k8s_quantity(n: float) -> str:
-    """Bytes as a Kubernetes quantity, rounded up to a MiB (or a GiB above 16 GiB)."""
+def k8s_quantity(n: float, floor: bool = False) -> str:
+    """Bytes as a Kubernetes quantity, rounded up (``floor``: down) to a MiB, or a GiB above 16 GiB."""
+    step = math.floor if floor else math.ceil
     if n >= 16 * GiB:
-        return f"{math.ceil(n / GiB)}Gi"
-    return f"{math.ceil(n / MiB)}Mi"
+        return f"{step(n / GiB)}Gi"
+    return f"{step(n / MiB)}Mi"
+
+
+def parse_quantity(q: str) -> int:
+    """A quantity of :func:`k8s_quantity` back in bytes."""
+    return int(q[:-2]) * (GiB if q.endswith("Gi") else MiB)
 
 
 def report(p: Plan, dim: int, index: str) -> str:
     pv = p.per_vector
     fixed = fixed_bytes(dim, index)
+    per_item_peak, once_peak = p.training
     lines = [
         f"{p.vectors:,} vectors of dim {dim} in {index!r}, {p.replicas} cop{'y' if p.replicas == 1 else 'ies'} each",
         f"  bytes per vector: {pv.code} code + {pv.index:g} index + {pv.ids} id table"
@@ -206,15 +293,23 @@ def report(p: Plan, dim: int, index: str) -> str:
         f"  data in memory, all copies: {format_bytes(p.data_bytes)}"
         + (f", plus {format_bytes(fixed)} of index a shard holds whatever its vectors (IVF centroids, PQ tables)"
            if fixed else ""),
+    ]
+    if once_peak:
+        lines.append(f"  training peak of a shard: {per_item_peak:.0f} bytes per vector (the new trained index beside "
+                     f"the old) + {format_bytes(once_peak)} (the training sample, on the shard that trains)")
+    lines += [
         f"  shards: {p.shards} ({p.shards_per_node} per node), each with --shard-memory {k8s_quantity(p.shard_memory)}"
-        f" (filled to about {format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD + fixed)}"
-        " now)",
-        f"  nodes: {p.nodes} shard node(s) with memory request {k8s_quantity(p.node_memory_request)} each",
+        f" and --shard-cpus {p.shard_cpus:g} (filled to about "
+        f"{format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD + fixed)} now)",
+        f"  nodes: {p.nodes} shard node(s) of {format_bytes(p.node_memory)} ({format_bytes(p.allocatable)} "
+        f"allocatable), one worker pod each: memory {k8s_quantity(p.node_memory_request)}, {p.pod_cpus} CPUs; "
+        f"growth up to {p.max_nodes * p.shards_per_node} shards on {p.max_nodes} nodes",
     ]
     if p.gpu:
         lines.append(f"  GPU: {p.gpu['bytes_per_vector']:g} bytes per vector on the GPU; "
                      f"{p.gpu['shards_for_gpu_memory']} shard(s) for {format_bytes(p.gpu['gpu_memory'])} GPUs")
-    lines.append(f"  serve with: lookalike serve --shards {p.shards} --shard-memory {k8s_quantity(p.shard_memory)}")
+    lines.append(f"  serve with: lookalike serve --shards {p.shards} --shard-memory {k8s_quantity(p.shard_memory)} "
+                 f"--shard-cpus {p.shard_cpus:g} --max-shards {p.max_nodes * p.shards_per_node}")
     return "\n".join(lines)
 
 
@@ -255,40 +350,59 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
     return out
 
 
-def write_kustomize(p: Plan, out_dir: str, overlay: str = "cpu", repo_root: str | None = None) -> list[str]:
-    """Writes an overlay over ``k8s/overlays/<overlay>`` that sizes the shard worker group and the settings for
-    plan ``p``: worker pods (replicas = min = the nodes, max = twice that), each pod's memory request and limit,
-    and the ConfigMap's shard count, shard memory and growth bound. Returns the files written."""
-    import os
-    import pathlib
-
+def write_kustomize(p: Plan, out_dir: str, overlay: str = "cpu", repo_root: str | None = None,
+                    volume: str | None = None) -> list[str]:
+    """Writes an overlay over ``k8s/overlays/<overlay>`` (kustomize patches: the rest, its hardening included, is
+    the overlay's) that sizes the shard worker group and the settings for plan ``p`` together: worker pods
+    (replicas = min = the nodes, max = :attr:`Plan.max_nodes`), each pod's memory and CPUs (requests = limits, and
+    Ray's num-cpus; its GPUs in the GPU overlay, one per shard), and the ConfigMap's shard count, shard memory and
+    CPUs, and growth bound (max-shards = maxReplicas x shards per pod, what the pods can hold). With ``volume`` (a
+    quantity), also ``<out_dir>/storage``: an overlay over ``k8s/storage`` that sizes the data's claim. Returns the
+    files written."""
     root = pathlib.Path(repo_root or pathlib.Path(__file__).resolve().parent.parent)
     base = root / "k8s" / "overlays" / overlay
     if not base.is_dir():
         raise ValueError(f"no overlay {overlay!r} under {root / 'k8s' / 'overlays'}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    memory = k8s_quantity(p.node_memory_request)
-    max_nodes = max(2 * p.nodes, p.nodes + 1)
-    ops = [("replicas", p.nodes), ("minReplicas", p.nodes), ("maxReplicas", max_nodes)]
-    lines = [f"# written by `lookalike size`: {p.vectors:,} vectors x {p.replicas} copies, {p.shards} shards on "
-             f"{p.nodes} node(s)"]
-    for field, value in ops:
-        lines += ["- op: replace", f"  path: /spec/workerGroupSpecs/0/{field}", f"  value: {value}"]
+    group = "/spec/workerGroupSpecs/0"
+    ops = [("replicas", p.nodes), ("minReplicas", p.nodes), ("maxReplicas", p.max_nodes),
+           ("rayStartParams/num-cpus", f'"{p.pod_cpus}"')]
+    resources = f"template/spec/containers/0/resources"
     for kind in ("requests", "limits"):
-        path = f"/spec/workerGroupSpecs/0/template/spec/containers/0/resources/{kind}/memory"
-        lines += ["- op: replace", f"  path: {path}", f"  value: {memory}"]
+        ops += [(f"{resources}/{kind}/memory", k8s_quantity(p.node_memory_request)),
+                (f"{resources}/{kind}/cpu", f'"{p.pod_cpus}"')]
+        if overlay == "gpu":  # one GPU per shard (LOOKALIKE_SHARD_GPUS is 1 there)
+            ops.append((f"{resources}/{kind}/nvidia.com~1gpu", f'"{p.shards_per_node}"'))
+    lines = [f"# written by `lookalike size`: {p.vectors:,} vectors x {p.replicas} copies, {p.shards} shards on "
+             f"{p.nodes} node(s), {p.shards_per_node} per pod"]
+    for path, value in ops:
+        lines += ["- op: replace", f"  path: {group}/{path}", f"  value: {value}"]
     (out / "raycluster-size.yaml").write_text("\n".join(lines) + "\n")
     (out / "config-size.yaml").write_text(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lookalike-config\ndata:\n"
         f'  LOOKALIKE_SHARDS: "{p.shards}"\n  LOOKALIKE_SHARD_MEMORY: {k8s_quantity(p.shard_memory)}\n'
-        f'  LOOKALIKE_MAX_SHARDS: "{max_nodes * p.shards_per_node}"\n')
-    rel = os.path.relpath(base, out)
+        f'  LOOKALIKE_SHARD_CPUS: "{p.shard_cpus:g}"\n'
+        f'  LOOKALIKE_MAX_SHARDS: "{p.max_nodes * p.shards_per_node}"\n')
     (out / "kustomization.yaml").write_text(
-        "# written by `lookalike size --kustomize`: apply with `kubectl apply -k` on this folder\n"
+        "# written by `lookalike size --kustomize`: apply with `kubectl apply -k` on this folder (the data's claim:\n"
+        "# `kubectl apply -k storage` in it, first)\n"
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
-        f"resources:\n  - {rel}\n"
+        f"resources:\n  - {os.path.relpath(base, out)}\n"
         "patches:\n  - path: raycluster-size.yaml\n"
         "    target: {group: ray.io, version: v1, kind: RayCluster, name: lookalike}\n"
         "  - path: config-size.yaml\n")
-    return [str(out / f) for f in ("kustomization.yaml", "raycluster-size.yaml", "config-size.yaml")]
+    files = [out / f for f in ("kustomization.yaml", "raycluster-size.yaml", "config-size.yaml")]
+    if volume:
+        storage = out / "storage"
+        storage.mkdir(exist_ok=True)
+        (storage / "kustomization.yaml").write_text(
+            "# written by `lookalike size --kustomize`: the data's claim of k8s/storage (its class from\n"
+            "# k8s/storage/storage.env) with the volume `lookalike size` computed. Apply it before the app.\n"
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources:\n  - {os.path.relpath(root / 'k8s' / 'storage', storage)}\n"
+            "patches:\n  - target: {version: v1, kind: PersistentVolumeClaim, name: lookalike-data}\n"
+            "    patch: |\n      - op: replace\n        path: /spec/resources/requests/storage\n"
+            f"        value: {volume}\n")
+        files.append(storage / "kustomization.yaml")
+    return [str(f) for f in files]

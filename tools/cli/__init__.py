@@ -20,7 +20,7 @@ import sys
 import grpc
 
 from lookalike import logs
-from tools.cli import catalog, cluster, collections, data, load, security, serve, training
+from tools.cli import backup, catalog, cluster, collections, data, load, security, serve, training
 from tools.cli.common import UserError, one_line, os_error, rpc_error_line
 from tools.cli.flags import Parser, VersionAction, connection_defaults, connection_flags
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_loadtest(sub)
     cluster.add_size(sub)
     load.add_bench(sub)
+    backup.add_backup(sub)
     return p
 
 

@@ -1,7 +1,7 @@
 """The cluster as a whole: `lookalike status` (shards, buckets, moves), `rebalance` (add shards, move buckets, follow
 the moves) and `size` (shards, nodes and memory for a catalog, and a kustomize overlay).
 
-May use: tools.sizing, tools.cli.common and tools.cli.flags (and protobuf's JSON form of messages).
+May use: tools.sizing, tools.storage_sizing, tools.cli.common and tools.cli.flags (and protobuf's JSON form of messages).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from tools import sizing
+from tools import sizing, storage_sizing
 from tools.cli.common import UserError, metric_name, one_line, open_client
 from tools.cli.flags import byte_size, non_negative_int, number, positive_float, positive_int, with_target
 
@@ -122,16 +122,23 @@ def cmd_size(args) -> int:
     try:
         p = sizing.plan(args.vectors, args.dim, args.index, args.metric, args.replication, args.node_memory,
                         args.shards_per_node, args.headroom, args.reserve, args.id_bytes, args.payload_bytes,
-                        args.gpu_memory, args.gpu_float16)
+                        args.gpu_memory, args.gpu_float16, allocatable=args.node_allocatable,
+                        daemonset_memory=args.daemonset_memory,
+                        shard_cpus=args.shard_cpus or (8.0 if args.overlay == "gpu" else 2.0), node_cpus=args.node_cpus,
+                        daemonset_cpus=args.daemonset_cpus)
+        vol = storage_sizing.volume(args.vectors, args.dim, args.index, args.metric, args.replication, p.shards,
+                                    args.id_bytes, args.payload_bytes, args.buckets, args.disk_headroom)
     except ValueError as err:  # lookalike.errors.InvalidArgument (a spec outside the grammar) is a ValueError
         raise UserError(one_line(err)) from None
     print(sizing.report(p, args.dim, args.index))
+    print("\n".join(storage_sizing.report(vol, args.vectors, args.replication)))
     if args.kustomize:
         try:
-            files = sizing.write_kustomize(p, args.kustomize, args.overlay)
+            files = sizing.write_kustomize(p, args.kustomize, args.overlay, volume=storage_sizing.k8s_storage(vol.size))
         except ValueError as err:
             raise UserError(one_line(err)) from None
-        print(f"overlay: {', '.join(files)} (kubectl apply -k {args.kustomize})")
+        print(f"overlay: {', '.join(files)} (kubectl apply -k {args.kustomize}/storage, then kubectl apply -k "
+              f"{args.kustomize})")
     return 0
 
 
@@ -167,10 +174,25 @@ def add_size(sub) -> None:
                     help="copies of each item, as `collection create --replication` (default %(default)s); "
                          "--replicas is the same flag")
     sz.add_argument("--node-memory", type=byte_size, default="64Gi",
-                    help="memory of each shard node (pod) (default %(default)s)")
+                    help="memory of each shard node (the machine); its pod gets the node's allocatable memory less "
+                         "--daemonset-memory (default %(default)s)")
+    sz.add_argument("--node-allocatable", type=byte_size, default=None,
+                    help="allocatable memory of each shard node (kubectl get node NODE -o "
+                         "jsonpath='{.status.allocatable.memory}') (default: --node-memory less the kubelet's and "
+                         "the system's reserve as GKE and AKS compute it)")
+    sz.add_argument("--daemonset-memory", type=byte_size, default="1Gi",
+                    help="memory the DaemonSets' pods take on each node: CNI, logs, monitoring (default %(default)s)")
     sz.add_argument("--shards-per-node", type=positive_int, default=1, help="shards on each node (default %(default)s)")
+    sz.add_argument("--shard-cpus", type=number(float, above=0), default=None,
+                    help="CPUs of each shard, as `serve --shard-cpus` (default: the overlay's, 2 for cpu and 8 for "
+                         "gpu)")
+    sz.add_argument("--node-cpus", type=number(float, above=0), default=None,
+                    help="CPUs of each shard node, to check that --shards-per-node x --shard-cpus fits its "
+                         "allocatable CPUs less --daemonset-cpus (default: not checked)")
+    sz.add_argument("--daemonset-cpus", type=number(float, low=0), default=0.5,
+                    help="CPUs the DaemonSets' pods take on each node (default %(default)s)")
     sz.add_argument("--reserve", type=byte_size, default="2Gi",
-                    help="memory of a node kept for Ray itself (default %(default)s)")
+                    help="memory of a worker pod kept for Ray itself (default %(default)s)")
     sz.add_argument("--headroom", type=number(float, low=0, high=0.99), default=0.3,
                     help="share of room left for growth, 0 to 0.99 (default %(default)s)")
     sz.add_argument("--id-bytes", type=non_negative_int, default=16, help="mean id length in bytes (default %(default)s)")
@@ -179,7 +201,13 @@ def add_size(sub) -> None:
     sz.add_argument("--gpu-memory", type=byte_size, default="0",
                     help="memory of each GPU, for GPU shards, e.g. 80Gi (default 0: CPU shards)")
     sz.add_argument("--gpu-float16", action="store_true", help="float16 vectors on the GPU (Flat)")
-    sz.add_argument("--kustomize", metavar="DIR", help="write a kustomize overlay with these sizes to DIR")
+    sz.add_argument("--buckets", type=positive_int, default=1024,
+                    help="buckets of the collection, for the room bucket moves take on the volume (default "
+                         "%(default)s)")
+    sz.add_argument("--disk-headroom", type=number(float, low=0, high=0.99), default=0.3,
+                    help="share of the volume left free at its peak, 0 to 0.99 (default %(default)s)")
+    sz.add_argument("--kustomize", metavar="DIR",
+                    help="write a kustomize overlay with these sizes to DIR, and the data's claim to DIR/storage")
     sz.add_argument("--overlay", choices=["cpu", "gpu"], default="cpu",
                     help="the overlay it builds on (default %(default)s)")
     sz.set_defaults(func=cmd_size)
