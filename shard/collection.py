@@ -258,15 +258,9 @@ class ShardCollection:
                epoch: int = 0, coarse=None):
         return self.reads.search(xq, k, nprobe, ef_search, include_payloads, epoch, coarse)
 
-    def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
-        return self.reads.coarse_quantizer()
-
     def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
              filt=None):
         return self.reads.scan(buckets, include_vectors, include_payloads, epoch, filt)
-
-    def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
-        return self.reads.scan_page(bucket, after_id, limit, epoch)
 
     def assign_clusters(self, centroids: np.ndarray, field: str, buckets, count_buckets=(), epoch: int = 0,
                         group: int = 32) -> tuple[np.ndarray, int]:

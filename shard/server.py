@@ -106,7 +106,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Quantizer(self, request, context):
-        got = self._collection(request.collection).coarse_quantizer()
+        got = self._collection(request.collection).reads.coarse_quantizer()
         if got is None:
             return shard_pb2.ShardQuantizerResponse()
         version, centroids = got
@@ -124,8 +124,8 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                 raise InvalidArgument(f"a page (limit {request.limit}) is of one bucket, not {len(request.buckets)}")
             if filt is not None:
                 raise InvalidArgument("a page of a bucket (limit) takes no filter: scan without a limit to filter")
-            ids, vectors, payloads, more = sc.scan_page(request.buckets[0], request.after_id, request.limit,
-                                                        request.epoch)
+            ids, vectors, payloads, more = sc.reads.scan_page(request.buckets[0], request.after_id, request.limit,
+                                                              request.epoch)
         else:
             ids, vectors, payloads = sc.scan(request.buckets, request.include_vectors, request.include_payloads,
                                              request.epoch, filt)
