@@ -9,9 +9,11 @@ planner"):
 - ``selector-ivf nprobe=P``: IVF indexes search with the selector and nprobe raised to nprobe / selectivity (all
   lists below EXACT_MAX_FRACTION: every matching code is compared);
 - ``selector-hnsw ef=E``: graphs search with an ``IDSelectorBitmap`` over their positions and efSearch raised to
-  efSearch / selectivity, up to MAX_EF_SEARCH; unless that search would visit more vectors than match (about E x
-  the graph's neighbours per node at its base layer, EXACT_BY_COST): then ``exact``. At 1M x 128 HNSW32 on 4
-  shards, a filter matching 1% (2,500 a shard) answered 32 QPS as selector-hnsw ef=4096 (bench/filter_bench.py).
+  efSearch / selectivity, up to MAX_EF_SEARCH; unless comparing the matches costs less (EXACT_BY_COST): the search
+  visits about E x the graph's neighbours per node at its base layer, and gathering and comparing a match costs
+  about EXACT_MATCH_COST of those visits (measured: 1M x 128 HNSW32 on 4 shards, bench/filter_bench.py: 2,500
+  matches a shard answered 32 QPS as selector-hnsw ef=4096 and 88 QPS exact; 25,000 matches 81 QPS as
+  selector-hnsw ef=636 and 18 QPS exact).
 
 Answers are tie-ordered by label as unfiltered ones are (shard.index_reads.search_tie_ordered). Searches run on the
 CPU index (a GPU mirror takes no selector here).
@@ -35,6 +37,7 @@ EXACT_MAX_MATCHES = 2048
 EXACT_MAX_FRACTION = 0.01
 MAX_EF_SEARCH = 4096
 EXACT_BY_COST = True  # graphs: compare the matches when that costs less than the search (see the module docstring)
+EXACT_MATCH_COST = 8  # a match gathered and compared, in graph visits
 
 
 class Matches:
@@ -165,7 +168,7 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: in
     if graph:
         base = ef_search or coll.ef_search
         ef = min(MAX_EF_SEARCH, max(base, k, math.ceil(base / frac)))
-        few = few or (EXACT_BY_COST and m <= ef * vindex._main.hnsw.nb_neighbors(0))
+        few = few or (EXACT_BY_COST and m * EXACT_MATCH_COST <= ef * vindex._main.hnsw.nb_neighbors(0))
     ivf = vindex._ivf if vindex._buffer is None else None
     if vindex._binary or (few and ivf is None):  # binary indexes here take no selector
         D, L = _exact(vindex, xq, k, labels)

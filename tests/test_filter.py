@@ -111,7 +111,7 @@ def test_a_flat_collection_filtered_by_each_operator_answers_as_a_brute_force(tm
         cl.close()
 
 
-def test_a_graph_compares_the_matches_when_its_search_would_visit_more(tmp_path):
+def test_a_graph_compares_the_matches_when_its_search_would_visit_more(tmp_path, monkeypatch):
     """HNSW under a selective filter: efSearch raised by 1/selectivity would visit more vectors than match (1M x 128
     on 4 shards, 1%: 32 QPS as selector-hnsw ef=4096, against 183 QPS comparing the 0.1%'s matches)."""
     n, dim = 20000, 16
@@ -122,11 +122,12 @@ def test_a_graph_compares_the_matches_when_its_search_would_visit_more(tmp_path)
                                                      filterable="sel:int").validated())
         _load(cl.router, "g", xb, payload=lambda i: {"sel": (i * 7919) % 1000}, batch=5000)
         sel = (np.arange(n) * 7919) % 1000
-        # 15%: 3,000 items, over EXACT_MAX_MATCHES and EXACT_MAX_FRACTION; efSearch 32 / 0.15 = 214 would visit
-        # about 214 x 64 vectors
-        res = cl.router.search("g", xq, 10, filt=parse_filter("sel<150"))
+        # 2.5% (500 items): over EXACT_MAX_FRACTION; with EXACT_MAX_MATCHES off only the cost decides: efSearch
+        # 32 / 0.025 = 1280 would visit about 1280 x 64 vectors, comparing the matches costs about 500 x 8
+        monkeypatch.setattr(filtered, "EXACT_MAX_MATCHES", 0)
+        res = cl.router.search("g", xq, 10, filt=parse_filter("sel<25"))
         assert res.plans[0].startswith("shard-0: exact"), res.plans
-        want, _ = _brute("l2", xb, xq, 10, sel < 150)
+        want, _ = _brute("l2", xb, xq, 10, sel < 25)
         assert res.ids == want
         broad = cl.router.search("g", xq, 10, filt=parse_filter("sel<500"))
         assert "selector-hnsw" in broad.plans[0], broad.plans
