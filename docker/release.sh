@@ -3,7 +3,8 @@
 #
 #   docker/release.sh REPOSITORY VERSION      e.g.  docker/release.sh ghcr.io/acme/lookalike 0.1.0
 #
-# pushes REPOSITORY:VERSION-cpu and REPOSITORY:VERSION-gpu (linux/amd64), then writes REPOSITORY@sha256:... into
+# checks that the third-party images k8s/base pins by digest (Redis) are in their registry, pushes
+# REPOSITORY:VERSION-cpu and REPOSITORY:VERSION-gpu (linux/amd64), then writes REPOSITORY@sha256:... into
 # k8s/overlays/cpu and k8s/overlays/gpu (`kustomize edit set image`, or docker/pin_image.py without kustomize) and
 # prints the digests. Commit the overlays: a deployment then runs exactly the images this release built, whatever
 # happens to the tags later. Needs docker with buildx, logged in to the registry (docker login).
@@ -29,6 +30,14 @@ fi
 repo=$1 version=$2
 meta=$(mktemp -d)
 trap 'rm -rf "$meta"' EXIT
+# The third-party images of k8s/base (Redis) are pinned there by tag and digest: the digest must exist in the
+# registry (else the pods could not pull it: stop here); say when the tag has moved since, as for the base image.
+for ref in $(sed -n 's/^ *image: \([^ ]*@sha256:[0-9a-f]*\).*/\1/p' k8s/base/*.yaml); do
+  docker buildx imagetools inspect "$ref" >/dev/null \
+    || { echo "error: $ref (k8s/base) is not in its registry: pin it to a digest the registry serves" >&2; exit 1; }
+  now=$(docker buildx imagetools inspect "${ref%@*}" --format '{{json .Manifest.Digest}}' 2>/dev/null | tr -d '"' || true)
+  if [ -n "$now" ] && [ "$now" != "${ref#*@}" ]; then echo "note: ${ref%@*} is now $now (k8s/base pins ${ref#*@})"; fi
+done
 for flavour in cpu gpu; do
   # the base image's digest in the Dockerfile is checked by the build itself (a FROM by digest pulls those bytes or
   # fails); say when the tag has moved since, so that the next release can take the new base on purpose

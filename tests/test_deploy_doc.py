@@ -3,9 +3,9 @@
 Every ```` ```bash ```` block of the runbook runs here, in order, in one scratch directory, as an operator's shell on
 a workstation would: the certificate recipe (openssl), the tokens (`lookalike token create`), the checks (grpcurl
 with the CA and the token, the CLI with LOOKALIKE_TLS_CA and LOOKALIKE_TOKEN_FILE) and the first load. The router
-they talk to is a `lookalike serve` started here the way k8s/base/router.yaml starts it: the certificate, key and
-CA the recipe made (LOOKALIKE_TLS_*), the internal name `lookalike-internal`, the tokens file, a plaintext health
-port. Only the address is replaced: ``localhost:50051`` (the port-forward of the router's port) by the router's.
+they talk to is a `lookalike serve` started here the way k8s/base/router.yaml starts it: the public certificate, key
+and CA the recipe made (LOOKALIKE_TLS_*), the internal certificate's files of the internal recipe for the hop to
+the shards (LOOKALIKE_INTERNAL_TLS_*, with router.yaml's server name), the tokens file, a plaintext health port. Only the address is replaced: ``localhost:50051`` (the port-forward of the router's port) by the router's.
 Blocks marked ```` ```bash cluster ```` need a real
 Kubernetes cluster (helm, kubectl) and are not run; the test keeps them few and keeps kubectl and helm out of the
 others. Each block starts with the ``export`` lines of the blocks before it (an operator's shell keeps them).
@@ -24,6 +24,7 @@ import sysconfig
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import free_port, make_data, stop_serve
 
@@ -133,15 +134,39 @@ def test_runbook_commands_run_against_a_router_with_tls_and_tokens(tmp_path):
             assert proc.returncode == 0, out[-3000:]
 
 
+def _router_env() -> dict[str, str]:
+    """The LOOKALIKE_* variables with a literal value of k8s/base/router.yaml's router container, but the
+    ConfigMap's (serve's flags, which the command line below gives) and Ray's."""
+    docs = [d for d in yaml.safe_load_all((REPO / "k8s" / "base" / "router.yaml").read_text()) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    router = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "router")
+    return {e["name"]: e["value"] for e in router.get("env", [])
+            if e["name"].startswith("LOOKALIKE_") and "value" in e and "RAY" not in e["name"]}
+
+
 def _serve(work: pathlib.Path, port: int, health_port: int, env: dict) -> subprocess.Popen:
-    """`lookalike serve` with what k8s/base/router.yaml gives the router: TLS files, internal name, tokens file,
-    plaintext health port (embedded Ray here: the manifests' Ray cluster is what this machine lacks)."""
+    """`lookalike serve` with what k8s/base/router.yaml gives the router: the public TLS files, the internal
+    certificate's (the Secret lookalike-internal-tls maps the recipe's internal.crt, internal.key and internal-ca.crt
+    to tls.crt, tls.key and ca.crt under /etc/lookalike/internal-tls), tokens file, plaintext health port (embedded
+    Ray here: the manifests' Ray cluster is what this machine lacks)."""
     from lookalike.net import wait_for_serving
     from lookalike.security import TLSConfig
 
-    serve_env = {**env, "LOOKALIKE_TLS_CERT": str(work / "tls.crt"), "LOOKALIKE_TLS_KEY": str(work / "tls.key"),
-                 "LOOKALIKE_TLS_CA": str(work / "ca.crt"), "LOOKALIKE_TLS_SERVER_NAME": "lookalike-internal",
-                 "LOOKALIKE_TOKENS_FILE": str(work / "tokens.json")}
+    files = {"/etc/lookalike/tls/": {n: work / n for n in ("tls.crt", "tls.key", "ca.crt")},
+             "/etc/lookalike/internal-tls/": {"tls.crt": work / "internal.crt", "tls.key": work / "internal.key",
+                                               "ca.crt": work / "internal-ca.crt"},
+             "/etc/lookalike/tokens/": {"tokens.json": work / "tokens.json"}}
+    serve_env = dict(env)
+    for name, value in _router_env().items():  # router.yaml's LOOKALIKE_* values, its mounted paths mapped here
+        for mount, names in files.items():
+            if value.startswith(mount):
+                value = str(names[value[len(mount):]])
+        serve_env[name] = value
+    assert {"LOOKALIKE_TLS_CERT", "LOOKALIKE_INTERNAL_TLS_CERT", "LOOKALIKE_INTERNAL_TLS_SERVER_NAME",
+            "LOOKALIKE_TOKENS_FILE"} <= serve_env.keys()
+    assert "LOOKALIKE_TLS_SERVER_NAME" not in serve_env, "the internal name is the internal certificate's"
+    for name in ("LOOKALIKE_TLS_CERT", "LOOKALIKE_INTERNAL_TLS_CERT", "LOOKALIKE_INTERNAL_TLS_KEY"):
+        assert pathlib.Path(serve_env[name]).exists(), f"{name}: the runbook's recipes made no {serve_env[name]}"
     proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "serve", "--data", str(work / "data"), "--port",
                              str(port), "--host", "127.0.0.1", "--health-port", str(health_port), "--shards", "2"],
                             cwd=REPO, env=serve_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

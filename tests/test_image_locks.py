@@ -4,8 +4,10 @@ routers are reachable by a headless Service and scale on their request rate (doc
 - docker/requirements-{cpu,gpu}.lock: every requirement pinned (==) with its sha256 hashes, at the versions of
   docker/constraints.txt, covering pyproject.toml's dependencies; the Dockerfiles install them with
   ``--require-hashes --no-deps`` and the project itself with ``--no-deps``, from a base pinned by digest.
-- docker/release.sh's pinning step, on a copy of k8s/, makes every container's image REPOSITORY@sha256:... and the
-  render validates; the shipped overlays carry no digest (none has been released from this checkout).
+- docker/release.sh's pinning step, on a copy of k8s/, makes every lookalike container's image
+  REPOSITORY@sha256:... and the render validates; the shipped overlays carry no digest of lookalike (none has been
+  released from this checkout), and every third-party image (Redis) is pinned by tag and digest in k8s/base, which
+  docker/release.sh checks against the registry.
 - k8s: the headless Service selects the router pods on their gRPC port; the HPA's custom metric is the one the
   prometheus-adapter rule in docs/DEPLOY.md defines, from a series the shipped scrape config labels by pod and
   namespace.
@@ -136,10 +138,19 @@ def _images(docs) -> set[str]:
     return images
 
 
+def _third_party(images: set[str]) -> set[str]:
+    """The images that are not lookalike's own: each must be pinned by tag and digest."""
+    return {i for i in images if not re.match(r"(lookalike:|registry\.example\.com/acme/lookalike@)", i)}
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_release_pins_the_overlay_by_digest_and_the_shipped_one_carries_none(flavour, tmp_path):
     shipped = _images(_render(ROOT / "k8s" / "overlays" / flavour))
-    assert shipped == {f"lookalike:0.1.0-{flavour}"}, "the shipped overlays name the local tag: no digest is faked"
+    third = _third_party(shipped)
+    assert shipped - third == {f"lookalike:0.1.0-{flavour}"}, "the shipped overlays name lookalike's local tag"
+    assert third, "the Redis of the head's GCS fault tolerance"
+    for image in third:
+        assert re.fullmatch(r"[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), f"{image} is not pinned by digest"
     copy = tmp_path / "k8s"
     shutil.copytree(ROOT / "k8s", copy)
     digest = "sha256:" + "0123456789abcdef" * 4
@@ -148,7 +159,7 @@ def test_release_pins_the_overlay_by_digest_and_the_shipped_one_carries_none(fla
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     docs = _render(copy / "overlays" / flavour)
-    assert _images(docs) == {ref}
+    assert _images(docs) == {ref} | third
     kustomization = yaml.safe_load((copy / "overlays" / flavour / "kustomization.yaml").read_text())
     assert kustomization["images"] == [{"name": "lookalike", "newName": "registry.example.com/acme/lookalike",
                                         "digest": digest}]
@@ -232,6 +243,11 @@ elif args[:2] == ["buildx", "build"]:
         assert args[args.index("--platform") + 1] == "linux/amd64"
         digest = "sha256:" + hashlib.sha256(tag.encode()).hexdigest()
         pinned = _images(_render(repo / "k8s" / "overlays" / flavour))
-        assert pinned == {f"registry.example.com/acme/lookalike@{digest}"}
+        third = _third_party(pinned)
+        assert pinned - third == {f"registry.example.com/acme/lookalike@{digest}"}
         assert f"{flavour}: {tag} = registry.example.com/acme/lookalike@{digest}" in res.stdout
     assert "is now sha256:abab" in res.stdout  # the base image's tag moved since the Dockerfile's digest
+    # every third-party image pinned in k8s/base is looked up by its digest before anything is built
+    inspected = [json.loads(line)[-1] for line in calls.read_text().splitlines() if '"imagetools"' in line]
+    for image in third:
+        assert image in inspected and f"note: {image.split('@')[0]} is now" in res.stdout

@@ -80,6 +80,8 @@ def test_generated_overlays_pass_the_checks_of_the_shipped_ones(case, repo, tmp_
 
     docs = _render(out)
     assert len(DOCS_CHECKS) >= 10, [f.__name__ for f in DOCS_CHECKS]
+    # the production invariants (k8s_invariants.check_production_invariants) hold on the generated overlays too
+    assert test_k8s.test_production_invariants in DOCS_CHECKS
     for check in DOCS_CHECKS:  # strict schemas, KubeRay's CRD, shards per pod vs max-shards, storage, labels...
         check(docs)
     group = test_k8s._one(docs, "RayCluster")["spec"]["workerGroupSpecs"][0]
