@@ -4,18 +4,19 @@ A job works page by page (a page is a group of consecutive buckets) and writes e
 under ``<storage>/jobs/<job id>/``, so a job that is interrupted resumes where it stopped: the plan (the pages) is
 fixed when the job starts.
 
-Uses numpy and the standard library only.
+Uses numpy, the standard library and the base package (lookalike.files).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import threading
 
 import numpy as np
+
+from lookalike.files import write_atomic
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 
@@ -52,16 +53,6 @@ class JobStatus:
     started: float = 0.0
     elapsed: float = 0.0
     summary: dict = dataclasses.field(default_factory=dict)
-
-
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Writes ``path`` whole or not at all (a temporary file, fsynced, then renamed over it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CatalogJob:

@@ -17,7 +17,8 @@ import threading
 
 import numpy as np
 
-from jobs.base import CatalogJob, JobCancelled, JobStatus, write_atomic
+from lookalike.files import write_atomic
+from jobs.base import CatalogJob, JobCancelled, JobStatus
 from lookalike.config import max_search_rows
 from lookalike.errors import InvalidArgument
 from lookalike.filters import check_filter

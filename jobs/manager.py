@@ -23,7 +23,8 @@ import shutil
 import threading
 import time
 
-from jobs.base import CANCELLED, FAILED, SUCCEEDED, CatalogJob, JobCancelled, JobStatus, write_atomic
+from lookalike.files import write_atomic
+from jobs.base import CANCELLED, FAILED, SUCCEEDED, CatalogJob, JobCancelled, JobStatus
 from jobs.dedup import DedupJob
 from jobs.kmeans import ClusterJob
 from lookalike.errors import FailedPrecondition, InvalidArgument, LookalikeError, NotFound

@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from shard.manifest import LogPosition
-from shard.osutil import fsync_dir
+from lookalike.files import fsync_dir
 from shard.specs import faiss_reason
 
 log = logging.getLogger(__name__)

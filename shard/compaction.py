@@ -21,7 +21,8 @@ from lookalike.ids import buckets_of
 from shard.damage import DamageLog
 from shard.frames import Tally
 from shard.manifest import LogPosition, ManifestFile, seal_of, seq_of
-from shard.osutil import fsync_dir, release_memory
+from lookalike.files import fsync_dir
+from shard.osutil import release_memory
 from shard.records import DELETE, RESET, Batch
 from shard.snapshots import reject_snapshot, snapshot_gone, snapshot_path, write_snapshot
 from shard.store_reader import StoreReader

@@ -18,7 +18,7 @@ import shutil
 from dataclasses import asdict, dataclass
 
 from shard.frames import Gap, Tally
-from shard.osutil import fsync_dir
+from lookalike.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 
 from shard.frames import HEADER, Tally
-from shard.osutil import fsync_dir
+from lookalike.files import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -7,18 +7,6 @@ Uses the standard library only.
 from __future__ import annotations
 
 import ctypes
-import os
-import pathlib
-
-
-def fsync_dir(path: pathlib.Path) -> None:
-    """fsyncs ``path``: a directory (its entries: renames, new and deleted files), or any file it can open
-    read-only."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def release_memory() -> None:

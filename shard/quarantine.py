@@ -10,7 +10,7 @@ import json
 import os
 import pathlib
 
-from shard.osutil import fsync_dir as _fsync_dir
+from lookalike.files import fsync_dir as _fsync_dir
 
 
 class ReplayGuard:

@@ -19,7 +19,7 @@ from shard.damage import DamageLog, assess
 from shard.frames import Gap, Tally, scan_frames
 from shard.manifest import (MANIFEST, MARK, Manifest, ManifestFile, read_mark, seal_of, segment_files, segment_name,
                             seq_of)
-from shard.osutil import fsync_dir
+from lookalike.files import fsync_dir
 from shard.records import parse_record
 from shard.snapshots import reject_snapshot, snapshot_gone
 

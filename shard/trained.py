@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
 import shutil
 import zlib
@@ -34,7 +33,7 @@ import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
-from shard.osutil import fsync_dir
+from lookalike.files import fsync_dir, write_atomic
 
 _CHUNK = 1 << 24
 
@@ -68,26 +67,17 @@ def _crc(data) -> int:
     return crc
 
 
-def _write_atomic(path: pathlib.Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(data).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_template(storage_root, coll: CollectionConfig, version: int, index, trained_on: int,
                    seconds: float) -> dict:
     """Writes ``index`` (trained, empty) as version ``version`` of the collection's trained index; returns its note."""
     data = _serialize(index)
     path, note_path = _paths(storage_root, coll.name, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    write_atomic(path, data, sync_dir=False)
     note = {"version": version, "spec": coll.index, "dim": coll.dim, "metric": coll.metric, "bytes": int(data.size),
             "crc32": _crc(data), "trained_on": int(trained_on), "seconds": round(float(seconds), 3),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(note_path, json.dumps(note, indent=1).encode())
+    write_atomic(note_path, json.dumps(note, indent=1).encode(), sync_dir=False)
     fsync_dir(path.parent)
     return note
 

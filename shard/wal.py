@@ -17,9 +17,9 @@ from dataclasses import replace
 
 from lookalike.errors import ResourceExhausted
 from lookalike.metrics import WAL_FSYNC_SECONDS
+from lookalike.files import fsync_dir
 from shard.frames import HEADER, Tally, frame
 from shard.manifest import MARK, LogPosition, ManifestFile, pack_mark, segment_name
-from shard.osutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

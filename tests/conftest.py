@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -291,3 +292,14 @@ def trained_config(root, cfg, xb):
         return cfg
     write_template(root, cfg, 1, VectorIndex(cfg).train_template(xb), len(xb), 0.0)
     return dataclasses.replace(cfg, trained_version=1)
+
+
+def cli_shim(bin_dir: pathlib.Path) -> None:
+    """A `lookalike` on PATH (put ``bin_dir`` first) that runs this checkout's CLI, not whatever an earlier pip
+    install put there."""
+    bin_dir.mkdir()
+    exe = bin_dir / "lookalike"
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(repo)!r})\n"
+                   "from tools.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    exe.chmod(0o755)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import free_port, make_data, stop_serve
+from conftest import cli_shim, free_port, make_data, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -71,15 +71,6 @@ def _tool(name: str) -> str:
     return found
 
 
-def _shim(bin_dir: pathlib.Path) -> None:
-    """`lookalike` on PATH that runs this checkout's CLI."""
-    bin_dir.mkdir()
-    exe = bin_dir / "lookalike"
-    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                   "from tools.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
-    exe.chmod(0o755)
-
-
 def _write_inputs(work: pathlib.Path) -> None:
     """The files the first load names: vectors.npy, ids.txt, payloads.jsonl, queries.npy."""
     xb, xq = make_data("l2", N, DIM, seed=4, nq=3)
@@ -99,7 +90,7 @@ def test_runbook_commands_run_against_a_router_with_tls_and_tokens(tmp_path):
     _tool("openssl")
     work = tmp_path / "ops"
     work.mkdir()
-    _shim(tmp_path / "bin")
+    cli_shim(tmp_path / "bin")
     env = {**os.environ, "PATH": os.pathsep.join([str(tmp_path / "bin"), str(pathlib.Path(grpcurl).parent),
                                                   os.environ["PATH"]])}
     for name in [k for k in env if k.startswith("LOOKALIKE_")]:

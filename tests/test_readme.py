@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import exact_knn, free_port, make_data, stop_serve
+from conftest import cli_shim, exact_knn, free_port, make_data, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +102,6 @@ def _write_inputs(work: pathlib.Path) -> dict:
     return {"xb": xb, "xq": xq, "ids": ids, "products": products}
 
 
-def _shim(bin_dir: pathlib.Path) -> None:
-    """`lookalike` on PATH that runs this checkout's CLI (not whatever an earlier pip install put there)."""
-    bin_dir.mkdir()
-    exe = bin_dir / "lookalike"
-    exe.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                   "from tools.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
-    exe.chmod(0o755)
-
-
 def _check(cmd: str, res: subprocess.CompletedProcess, data: dict, work: pathlib.Path) -> None:
     """What each README command must print; a command not listed here must exit 0 without a traceback."""
     out, err = res.stdout, res.stderr
@@ -164,7 +155,7 @@ def test_every_readme_example_runs_as_written(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     data = _write_inputs(work)
-    _shim(tmp_path / "bin")
+    cli_shim(tmp_path / "bin")
     port = free_port()
     target = f"127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's token authentication as shipped

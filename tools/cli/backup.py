@@ -24,7 +24,6 @@ import datetime
 import hashlib
 import io
 import json
-import os
 import pathlib
 import sys
 
@@ -33,6 +32,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from tqdm import tqdm
 
 from lookalike.config import LIMITS
+from lookalike.files import write_atomic
 from protos import common_pb2, lookalike_pb2
 from tools.cli.common import UserError, open_client
 from tools.cli.flags import number, positive_int, with_target
@@ -53,21 +53,6 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """``data`` in ``path`` or, after a crash, the file as it was: a temporary file, fsynced, renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _save_chunk(out: pathlib.Path, n: int, ids: list[str], vectors: list[np.ndarray], payloads: list[dict],
                 cols: tuple[int, type]) -> dict:
     """Writes chunk ``n`` (its .npy and .jsonl) and returns its manifest entry, without the buckets."""
@@ -75,9 +60,9 @@ def _save_chunk(out: pathlib.Path, n: int, ids: list[str], vectors: list[np.ndar
     x = np.concatenate(vectors) if vectors else np.empty((0, cols[0]), dtype=cols[1])
     buf = io.BytesIO()
     np.save(buf, x, allow_pickle=False)
-    _write_atomic(out / f"{name}.npy", buf.getvalue())
+    write_atomic(out / f"{name}.npy", buf.getvalue())
     lines = "".join(json.dumps({"id": i, "payload": p}, ensure_ascii=False) + "\n" for i, p in zip(ids, payloads))
-    _write_atomic(out / f"{name}.jsonl", lines.encode("utf-8"))
+    write_atomic(out / f"{name}.jsonl", lines.encode("utf-8"))
     return {"name": name, "items": len(ids),
             "files": {f"{name}.npy": _sha256(out / f"{name}.npy"), f"{name}.jsonl": _sha256(out / f"{name}.jsonl")}}
 
@@ -130,7 +115,7 @@ def cmd_backup(args) -> int:
                 if len(ids) >= args.chunk_items or i == len(todo) - 1:
                     chunk = _save_chunk(out, len(manifest["chunks"]), ids, vectors, payloads, cols)
                     manifest["chunks"].append({"buckets": buckets, **chunk})
-                    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+                    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
                     ids, vectors, payloads, buckets = [], [], [], []
         except KeyboardInterrupt:
             bar.close()
@@ -141,7 +126,7 @@ def cmd_backup(args) -> int:
             bar.close()
     manifest["finished"] = _now()
     manifest["items"] = sum(ch["items"] for ch in manifest["chunks"])
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     print(f"backed up {manifest['items']} items of {args.name} in {len(manifest['chunks'])} chunk(s) to {out}")
     return 0
 
@@ -214,7 +199,7 @@ def cmd_restore(args) -> int:
                 bar.update(len(ids))
                 done.add(chunk["name"])
                 try:  # progress for a run that goes on after an interruption; a read-only backup just has none
-                    _write_atomic(progress, json.dumps({"chunks": sorted(done)}).encode())
+                    write_atomic(progress, json.dumps({"chunks": sorted(done)}).encode())
                 except OSError:
                     pass
         except KeyboardInterrupt:
