@@ -463,6 +463,8 @@ def seed_requests(fz: Fuzz) -> dict[str, list[bytes]]:
         "ListJobs": [b""],
         "CancelJob": s(L.GetJobRequest(job_id="fz-job")),
         "DedupGroups": s(L.DedupGroupsRequest(job_id="fz-job", offset=1, limit=2)),
+        "Export": s(L.ExportRequest(collection="keep-l2", page=2)) + s(L.ExportRequest(collection="keep-ham",
+                                                                                      buckets=[0, 1], page=5)),
     }
 
 
