@@ -156,6 +156,7 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
             old, sc.index = sc.index, new
             sc.coll = coll
         sc.checkpointer.soon()  # the next start loads the new version's index, not the old one's
+        sc.upkeep.index_replaced()
         log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
                  coll.trained_version, time.monotonic() - t0)
     del old

@@ -86,6 +86,17 @@ class Upkeep:
             self._trim_pending = True
             threading.Thread(target=self._trim_when_idle, name=f"trim-{sc.coll.name}", daemon=True).start()
 
+    def index_replaced(self) -> None:
+        """A new index took the old one's place (a new trained version, shard.training.adopt_trained): its lists
+        grew by doubling as the items went in, whatever their count, so they are packed once the writes stop. The
+        caller holds the write order."""
+        self.packed_at = 0
+        self._packed_t = 0.0
+        self._last_write = time.monotonic()
+        if not self._trim_pending:
+            self._trim_pending = True
+            threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True).start()
+
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter

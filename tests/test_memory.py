@@ -184,6 +184,29 @@ def test_a_little_growth_after_a_pack_is_packed_a_while_later(tmp_path, monkeypa
         shard_.close()
 
 
+def test_the_lists_of_a_new_trained_version_are_packed(tmp_path, monkeypatch):
+    """Moving a shard's items into a new trained version builds new lists by doubling, with as many items as before:
+    the 10M IVF-PQ run on 8 shards measured 273 bytes a vector after its second training, against 214 packed."""
+    import dataclasses
+
+    from conftest import wait_for
+    from shard.training import adopt_trained
+
+    packs = []
+    orig = VectorIndex.repacked
+    monkeypatch.setattr(VectorIndex, "repacked", lambda self: packs.append(self.ntotal) or orig(self))
+    xb, _ = make_data("l2", N, DIM, seed=11)
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb)
+    try:
+        assert wait_for(lambda: packs == [N], 20)
+        template = VectorIndex(sc.coll).train_template(xb[-4000:])
+        assert adopt_trained(sc, dataclasses.replace(sc.coll, trained_version=2), template)
+        assert wait_for(lambda: packs == [N, N], 20), packs
+        assert sc.index.trained_version == 2
+    finally:
+        shard_.close()
+
+
 def test_short_pauses_of_a_load_do_not_pack_the_lists(tmp_path, monkeypatch):
     """Packing copies the whole index while writes wait: a load that pauses for less than _REPACK_IDLE_S (a slow
     client, a busy machine) is packed once, after its end, not at every pause."""
