@@ -83,8 +83,7 @@ class Upkeep:
         if trim and not self._trim_pending:
             # What the last writes of a burst freed (up to _TRIM_EVERY_BYTES of request buffers: a quarter of a
             # 250k x 128 shard's vectors) is handed back once the writes stop, and grown IVF lists are packed.
-            self._trim_pending = True
-            threading.Thread(target=self._trim_when_idle, name=f"trim-{sc.coll.name}", daemon=True).start()
+            self._trim_later()
 
     def index_replaced(self) -> None:
         """A new index took the old one's place (a new trained version, shard.training.adopt_trained): its lists
@@ -94,8 +93,12 @@ class Upkeep:
         self._packed_t = 0.0
         self._last_write = time.monotonic()
         if not self._trim_pending:
-            self._trim_pending = True
-            threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True).start()
+            self._trim_later()
+
+    def _trim_later(self) -> None:
+        """Starts the thread that waits for the writes to stop, then trims and packs (:meth:`_trim_when_idle`)."""
+        self._trim_pending = True
+        threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True).start()
 
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
