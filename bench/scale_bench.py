@@ -20,9 +20,10 @@ the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster with e
   (``stop_cluster``, Ray too), started again on the same storage, and timed until a search returns a full answer
   (k ids for every query) with coverage 1.
 
-Ratios: cluster / FAISS QPS (FAISS: the faster of its all-cores and 1-thread runs), cluster / FAISS bytes per
-vector, restart / build time, and 8-shard / 4-shard QPS. Where an index cannot reach the target (PQ codes cap
-recall), both systems are taken at the start of their recall plateau and the table says so.
+Ratios: cluster / FAISS QPS (FAISS: the fastest of its all-cores and 1-thread runs, for IVF-PQ each with and
+without precomputed tables), cluster / FAISS bytes per vector, restart / build time, and 8-shard / 4-shard QPS.
+Where an index cannot reach the target (PQ codes cap recall), both systems are taken at the start of their recall
+plateau and the table says so.
 
 Memory: the vectors are generated in chunks into a memory-mapped .npy under ``--data-dir`` (reused by later runs
 with the same data flags) and exact ground truth is computed from it in chunks with ``faiss.knn`` and cached next
@@ -233,13 +234,21 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
     res["param"] = param
     p = res["sweep"]["value"]
     res["qps"] = {}
-    for batch in args.batches:
-        for label, nthreads in (("all cores", threads), ("1 thread", 1)):
-            faiss.omp_set_num_threads(nthreads)
-            r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
-            res["qps"].setdefault(str(batch), {})[label] = r
-            log(f"  FAISS {spec} batch {batch} {label}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
-        faiss.omp_set_num_threads(threads)
+    # IVF-PQ with and without precomputed tables (shard.specs.drop_precomputed_tables): the faster one is compared
+    ivfpq = faiss.try_extract_index_ivf(idx)
+    ivfpq = faiss.downcast_index(ivfpq) if ivfpq is not None else None
+    tables = ((1, ""), (-1, ", no tables")) if isinstance(ivfpq, faiss.IndexIVFPQ) else ((None, ""),)
+    for mode, suffix in tables:
+        if mode is not None:
+            ivfpq.use_precomputed_table = mode
+            ivfpq.precompute_table()
+        for batch in args.batches:
+            for label, nthreads in (("all cores", threads), ("1 thread", 1)):
+                faiss.omp_set_num_threads(nthreads)
+                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
+                res["qps"].setdefault(str(batch), {})[label + suffix] = r
+                log(f"  FAISS {spec} batch {batch} {label}{suffix}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
+            faiss.omp_set_num_threads(threads)
     idx.reset()  # frees the vectors now; the rest goes with this frame
     gc.collect()
     return res

@@ -8,6 +8,17 @@ May use: nothing else of the project.
 from __future__ import annotations
 
 
+def _faiss_qps(q: dict, batch: str, fmt: str) -> str:
+    """FAISS's QPS at a batch size, all cores / 1 thread (and without precomputed tables, when measured)."""
+    if batch not in q:
+        return "-"
+    r = q[batch]
+    text = f"{r['all cores']['qps']:{fmt}} / {r['1 thread']['qps']:{fmt}}"
+    if "all cores, no tables" in r:
+        text += f" (no tables: {r['all cores, no tables']['qps']:{fmt}} / {r['1 thread, no tables']['qps']:{fmt}})"
+    return text
+
+
 def _best_faiss(f: dict, batch: int) -> dict:
     return max(f["qps"][str(batch)].values(), key=lambda r: r["qps"])
 
@@ -71,8 +82,7 @@ def markdown(out: dict) -> str:
         f = e["faiss"]
         q = f["qps"]
         fb = f"{f['read_seconds']:.1f} + {f.get('train_seconds', 0.0):.1f} + {f['add_seconds']:.1f}"
-        q1 = f"{q['1']['all cores']['qps']:.1f} / {q['1']['1 thread']['qps']:.1f}" if "1" in q else "-"
-        q100 = f"{q['100']['all cores']['qps']:.0f} / {q['100']['1 thread']['qps']:.0f}" if "100" in q else "-"
+        q1, q100 = _faiss_qps(q, "1", ".1f"), _faiss_qps(q, "100", ".0f")
         for c in e["cluster"]:
             tr = c["trained"]
             add(f"| {e['spec']} | {fb} | {q1} | {q100} | {c['shards']} | {c['start_seconds']:.1f} | "

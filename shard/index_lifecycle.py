@@ -17,7 +17,8 @@ import numpy as np
 from lookalike.config import CollectionConfig
 from shard.graph_labels import GraphLabels
 from shard.index_reads import reconstruct_idmap, reconstruct_ivf, reconstruct_keys
-from shard.specs import FAISS_METRIC, FLAT_TYPES, build_index, extract_ivf, faiss_reason, is_graph, train_threshold
+from shard.specs import (FAISS_METRIC, FLAT_TYPES, build_index, drop_precomputed_tables, extract_ivf, faiss_reason,
+                         is_graph, train_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ class IndexLifecycle:
         map (see shard.cpu_index's docstring: removal and reconstruction scan the lists instead)."""
         if self._graph:
             return index  # positions are ids; see GraphLabels
-        ivf = extract_ivf(index)
-        if ivf is not None:
+        drop_precomputed_tables(index)
+        if (ivf := extract_ivf(index)) is not None:
             ivf.set_direct_map_type(faiss.DirectMap.NoMap)
             return index
         return self._idmap(index)
@@ -242,8 +243,8 @@ class IndexLifecycle:
             packed.this.disown()  # the index owns it from here
             self._ivf.replace_invlists(packed, True)
             return None
-        old, self._main = self._main, packed
-        self._ivf = extract_ivf(packed)
+        drop_precomputed_tables(packed)  # FAISS computes them again as it reads the copy
+        old, self._main, self._ivf = self._main, packed, extract_ivf(packed)
         return old
 
     # --- checkpoints (shard.checkpoint) ----------------------------------------------------------------------
@@ -289,8 +290,8 @@ class IndexLifecycle:
         self._buffer = None
         self.trained = True
         self.trained_version = coll.trained_version  # a checkpoint of another version is not used (shard.checkpointing)
-        self._main = index
-        self._ivf = extract_ivf(index)
+        drop_precomputed_tables(index)  # FAISS computes them as it reads an IVF-PQ file
+        self._main, self._ivf = index, extract_ivf(index)
         if self._graph:
             self._labels = GraphLabels.restore(np.asarray(arrays.get("pos_label", np.empty(0)), dtype=np.int64),
                                                index.ntotal)

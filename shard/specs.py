@@ -97,6 +97,27 @@ def extract_ivf(index):
     return faiss.try_extract_index_ivf(index)
 
 
+def drop_precomputed_tables(index) -> None:
+    """Frees IVF-PQ's precomputed distance tables in ``index`` (if it has an ``IndexIVFPQ``): searches then build
+    each probed list's table from the query's residual, as FAISS does past ``precomputed_table_max_bytes``.
+
+    The tables are nlist x M x 2^nbits floats (128 MiB at IVF4096,PQ32) and the same on every shard holding the
+    trained index, so 8 shards of one node held 8 copies (107 bytes a vector at 10M). Measured in-process at
+    2M x 128 (docs/BENCHMARKS.md, "IVF-PQ's precomputed tables"), computing the tables per list cost 0.68-1.17x the
+    CPU of reading them; on this VM reading a 32 KiB table row per probed list from RAM is rarely cheaper.
+    Distances differ from the precomputed ones by float rounding only.
+    """
+    if isinstance(index, faiss.IndexBinary):
+        return
+    ivf = extract_ivf(index)
+    if ivf is None:
+        return
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.use_precomputed_table != -1:
+        ivf.use_precomputed_table = -1
+        ivf.precompute_table()  # with -1: resizes the table to nothing
+
+
 def train_threshold(spec: str) -> int:
     """Vectors a collection needs before its index is trained (see lookalike.indexspec.training_points); 0 for
     indexes that need no training."""

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import make_data, trained_config
 from lookalike.config import CollectionConfig
+from lookalike.ids import order_by_distance_then_label
 import shard.upkeep as shard_upkeep
 from shard.shard import Shard
 from shard.cpu_index import VectorIndex
@@ -227,3 +228,42 @@ def test_short_pauses_of_a_load_do_not_pack_the_lists(tmp_path, monkeypatch):
         assert packs == [30_000], packs
     finally:
         shard_.close()
+
+
+def _precomputed_floats(sc) -> int:
+    from shard.specs import extract_ivf
+
+    return int(faiss.downcast_index(extract_ivf(sc.index._main)).precomputed_table.size())
+
+
+def test_shards_hold_no_precomputed_ivf_pq_tables_and_answer_as_faiss_with_them(tmp_path):
+    """IVF-PQ's precomputed tables (nlist x M x 256 floats: 128 MiB at IVF4096,PQ32) are the same on every shard:
+    at 10M on 8 shards they were 107 bytes a vector. Shards compute each probed list's table instead, from the
+    template, from a checkpoint, and after a new trained version alike; the answers are FAISS's with the tables."""
+    xb, xq = make_data("l2", N, DIM, seed=12)
+    xq = xq[:50]
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb)
+    cfg = sc.coll
+    try:
+        assert sc.index.trained and _precomputed_floats(sc) == 0
+        D, L = sc.index.search(xq, 10, nprobe=8)
+        clone = faiss.clone_index(sc.index._main)  # kept: the downcast proxy does not own it
+        with_tables = faiss.downcast_index(clone)
+        with_tables.use_precomputed_table = 1
+        with_tables.precompute_table()
+        assert with_tables.precomputed_table.size() == 64 * 8 * 256
+        D1, L1 = with_tables.search(xq, 200, params=faiss.SearchParametersIVF(nprobe=8))
+        order = order_by_distance_then_label(D1, L1, False)  # the shards' tie order (PQ8 codes coincide often)
+        D1, L1 = np.take_along_axis(D1, order, axis=1)[:, :10], np.take_along_axis(L1, order, axis=1)[:, :10]
+        np.testing.assert_allclose(D, D1, rtol=1e-5, atol=1e-4)
+        assert (L == L1).mean() > 0.99  # equal up to float rounding of near ties
+    finally:
+        shard_.close()
+    reopened = Shard("mem-0", tmp_path)  # from the checkpoint written at close
+    try:
+        reopened.open_collection(cfg, range(16))
+        sc = reopened.collection("m")
+        assert sc.index.ntotal == N and _precomputed_floats(sc) == 0
+        np.testing.assert_array_equal(sc.index.search(xq, 10, nprobe=8)[1], L)
+    finally:
+        reopened.close()
