@@ -97,15 +97,21 @@ def extract_ivf(index):
     return faiss.try_extract_index_ivf(index)
 
 
+# IVF-PQ precomputed distance tables larger than this are not kept (FAISS's own cap is 2 GB, for one index).
+PRECOMPUTED_TABLE_MAX_BYTES = 16 << 20
+
+
 def drop_precomputed_tables(index) -> None:
-    """Frees IVF-PQ's precomputed distance tables in ``index`` (if it has an ``IndexIVFPQ``): searches then build
-    each probed list's table from the query's residual, as FAISS does past ``precomputed_table_max_bytes``.
+    """Frees IVF-PQ's precomputed distance tables in ``index`` (if it has an ``IndexIVFPQ``) when they are larger
+    than ``PRECOMPUTED_TABLE_MAX_BYTES``: searches then build each probed list's table from the query's residual,
+    as FAISS does past its own ``precomputed_table_max_bytes``.
 
     The tables are nlist x M x 2^nbits floats (128 MiB at IVF4096,PQ32) and the same on every shard holding the
     trained index, so 8 shards of one node held 8 copies (107 bytes a vector at 10M). Measured in-process at
-    2M x 128 (docs/BENCHMARKS.md, "IVF-PQ's precomputed tables"), computing the tables per list cost 0.68-1.17x the
-    CPU of reading them; on this VM reading a 32 KiB table row per probed list from RAM is rarely cheaper.
-    Distances differ from the precomputed ones by float rounding only.
+    2M x 128 over 1, 2, 4 and 8 shards (docs/BENCHMARKS.md, "IVF-PQ's precomputed tables"): past 16 MiB, computing
+    each list's table cost 0.68-1.17x the CPU of reading it from a table that does not fit the caches; at 1 MiB
+    (IVF64,PQ16) the tables made searches 3.5x faster, so small ones are kept. Distances differ from the
+    precomputed ones by float rounding only.
     """
     if isinstance(index, faiss.IndexBinary):
         return
@@ -113,7 +119,9 @@ def drop_precomputed_tables(index) -> None:
     if ivf is None:
         return
     ivf = faiss.downcast_index(ivf)
-    if isinstance(ivf, faiss.IndexIVFPQ) and ivf.use_precomputed_table != -1:
+    if not isinstance(ivf, faiss.IndexIVFPQ) or ivf.use_precomputed_table == -1:
+        return
+    if int(ivf.nlist) * int(ivf.pq.M) * int(ivf.pq.ksub) * 4 > PRECOMPUTED_TABLE_MAX_BYTES:
         ivf.use_precomputed_table = -1
         ivf.precompute_table()  # with -1: resizes the table to nothing
 

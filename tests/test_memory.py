@@ -236,10 +236,24 @@ def _precomputed_floats(sc) -> int:
     return int(faiss.downcast_index(extract_ivf(sc.index._main)).precomputed_table.size())
 
 
-def test_shards_hold_no_precomputed_ivf_pq_tables_and_answer_as_faiss_with_them(tmp_path):
+def test_small_precomputed_ivf_pq_tables_are_kept(tmp_path):
+    """Tables that fit the caches make searches faster (3.5x at IVF64,PQ16): IVF64,PQ8 here is 512 KiB."""
+    xb, _ = make_data("l2", N, DIM, seed=12)
+    shard_, sc = _load(tmp_path, "IVF64,PQ8", xb[:8000])
+    try:
+        assert _precomputed_floats(sc) == 64 * 8 * 256
+    finally:
+        shard_.close()
+
+
+def test_shards_hold_no_large_precomputed_ivf_pq_tables_and_answer_as_faiss_with_them(tmp_path, monkeypatch):
     """IVF-PQ's precomputed tables (nlist x M x 256 floats: 128 MiB at IVF4096,PQ32) are the same on every shard:
-    at 10M on 8 shards they were 107 bytes a vector. Shards compute each probed list's table instead, from the
-    template, from a checkpoint, and after a new trained version alike; the answers are FAISS's with the tables."""
+    at 10M on 8 shards they were 107 bytes a vector. Past a size (0 here) shards compute each probed list's table
+    instead, from the template (a new trained version too) and from a checkpoint alike; the answers are FAISS's
+    with the tables."""
+    import shard.specs
+
+    monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
     xb, xq = make_data("l2", N, DIM, seed=12)
     xq = xq[:50]
     shard_, sc = _load(tmp_path, "IVF64,PQ8", xb)

@@ -16,8 +16,9 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 - the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
 - plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (6 MiB: storage buffers; 8 MiB measured for
-  IVF256,PQ16 less its fixed part) and the index's fixed part (:func:`fixed_bytes`: the IVF centroids; shards keep no IVF-PQ precomputed
-  distance tables, see shard.specs.drop_precomputed_tables), and
+  IVF256,PQ16 less its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
+  nlist x M x 256 floats up to 16 MiB, 16 MiB for IVF1024,PQ16; larger ones are not kept, see
+  shard.specs.drop_precomputed_tables), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
   shard measured 128-138 MiB).
 
@@ -50,7 +51,7 @@ from lookalike.indexspec import check_spec, training_points
 from shard.cpu_index import VectorIndex
 from shard.osutil import release_memory
 from shard.shard import Shard
-from shard.specs import build_index
+from shard.specs import PRECOMPUTED_TABLE_MAX_BYTES, build_index
 from shard.trained import write_template
 
 GiB = 1 << 30
@@ -117,15 +118,20 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
 
 def fixed_bytes(dim: int, index: str, metric: str = "l2") -> int:
     """Bytes of an index that do not grow with its vectors, on every shard holding the collection: the IVF coarse
-    centroids. (IVF-PQ's precomputed distance tables, nlist x M x 256 floats, are not kept by shards:
-    shard.specs.drop_precomputed_tables.)"""
+    centroids, and IVF-PQ's precomputed distance tables (nlist x M x 2^bits floats, L2 only) where a shard keeps
+    them (up to ``shard.specs.PRECOMPUTED_TABLE_MAX_BYTES``)."""
     m = re.search(r"(^|,)B?IVF(\d+)", index)
     if not m:
         return 0
     nlist = int(m.group(2))
     if metric == "hamming":
         return nlist * dim // 8
-    return nlist * dim * 4
+    out = nlist * dim * 4
+    pq = re.search(r"IVF\d+(?:_HNSW\d+)?,PQ(\d+)(?:x(\d+))?", index)
+    if pq and metric == "l2":
+        tables = nlist * int(pq.group(1)) * (1 << int(pq.group(2) or 8)) * 4
+        out += tables if tables <= PRECOMPUTED_TABLE_MAX_BYTES else 0
+    return out
 
 
 @dataclasses.dataclass
