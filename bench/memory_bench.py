@@ -92,8 +92,7 @@ def _index_bytes(vi) -> int:
 
 
 def _table_bytes(table) -> int:
-    objs = sum(sys.getsizeof(p) for p in table.payloads.tolist() if p is not None)
-    return table.labels.nbytes + table.offsets.nbytes + table.blob.nbytes + table.payloads.nbytes + objs
+    return table.nbytes + sum(sys.getsizeof(p) for p in table.payload_items()[1])
 
 
 def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool) -> dict:

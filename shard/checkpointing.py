@@ -141,7 +141,7 @@ class Loader:
         except CheckpointDamaged as err:
             return damaged(err)
         sc.index, sc.table = vindex, table
-        sc.payloads.rebuild(table.labels, table.payloads)  # derived from the table's payloads (shard.payload_index)
+        sc.payloads.rebuild(*table.payload_items())  # derived from the table's payloads (shard.payload_index)
         sc.store.checkpointed(position)  # compaction keeps the log from its position on
         sc._checkpoint_at = position
         sc.loaded_from_checkpoint = name

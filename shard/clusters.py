@@ -59,10 +59,9 @@ def assign_clusters(sc, centroids: np.ndarray, field: str, buckets, count_bucket
                 ok = labels >= 0  # all of them: memory and storage hold the same items under the write order
                 with sc._rw.write():
                     # the vectors are those already indexed: only the payloads change
-                    pay = np.empty(int(ok.sum()), dtype=object)
-                    pay[:] = [p for p, o in zip(payloads, ok.tolist()) if o]
-                    sc.table.payloads[sc.table.positions(labels[ok])] = pay
-                    sc.payloads.put(labels[ok], list(pay))
+                    pay = [p for p, o in zip(payloads, ok.tolist()) if o]
+                    sc.table.set_payloads(sc.table.positions(labels[ok]), pay)
+                    sc.payloads.put(labels[ok], pay)
                 sc._note_joining(ids, buckets)
                 sizes += np.bincount(assign[counted[buckets]], minlength=len(centroids))
                 labelled += len(ids)

@@ -55,7 +55,7 @@ class Reads:
             hit = np.flatnonzero(labels >= 0)
             pos = sc.table.positions(labels[hit])
             found = [ids[i] for i in hit]
-            payloads = list(sc.table.payloads[pos])
+            payloads = sc.table.payloads_at(pos)
             vectors = self._vectors(labels[hit], found) if include_vectors else None
         return found, vectors, payloads
 
@@ -146,7 +146,7 @@ class Reads:
         full = bool(valid.all())
         pos = np.minimum(sc.table.positions(L.ravel() if full else L.ravel()[valid]), len(sc.table) - 1)
         ids = sc.table.uids_at(pos)
-        payloads = sc.table.payloads[pos].tolist() if include_payloads else None
+        payloads = sc.table.payloads_at(pos) if include_payloads else None
         if not full:
             ids = _spread(ids, valid, "")
             payloads = _spread(payloads, valid, None) if include_payloads else None
@@ -178,7 +178,7 @@ class Reads:
             pos = sc.table.positions(labels)
             ids = sc.table.uids_at(pos) if len(pos) else []
             vectors = self._vectors(labels, ids) if include_vectors else None
-            payloads = list(sc.table.payloads[pos]) if include_payloads else None
+            payloads = sc.table.payloads_at(pos) if include_payloads else None
         return ids, vectors, payloads
 
     def scan_page(self, bucket: int, after_id: str, limit: int, epoch: int = 0):
@@ -199,7 +199,7 @@ class Reads:
             labels = sc.table.labels[lo:hi]
             ids = sc.table.uids_at(pos) if len(pos) else []
             first = heapq.nsmallest(limit + 1, (i for i, u in enumerate(ids) if u > after_id), key=ids.__getitem__)
-            payloads = sc.table.payloads[pos[first]] if first else []
+            payloads = sc.table.payloads_at(pos[first]) if first else []
             sizes = [sc.coll.code_size + len(ids[i]) * 4 + len(p or b"") + 16 for i, p in zip(first, payloads)]
             take = max(1, int(np.searchsorted(np.cumsum(sizes), PAGE_BYTES, side="right"))) if first else 0
             take = min(take, limit)

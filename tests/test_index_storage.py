@@ -1,15 +1,20 @@
 """Plain classes, no Ray, no gRPC: the FAISS index wrapper, the id table, the merge and durable storage."""
 
+import gc
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from conftest import exact_knn, make_data
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
+from lookalike.ids import buckets_and_labels
 from protos.common_pb2 import Payload
 from router.merge import merge_topk
 from shard.shard import Shard
 from shard.cpu_index import VectorIndex
+from shard.idtable import IdTable
 from shard.records import DELETE, UPSERT
 from shard.store import CollectionStore
 
@@ -163,9 +168,118 @@ def test_id_table_collisions_unicode_and_removal():
     t.remove(np.array([100]))  # the first of the chain goes: the others are still found past the hole
     assert t.find(home, uids).tolist() == [-1, 101, 102, 7 << 40]
     assert t.uids_at(t.positions(np.array([101, 102]))) == uids[1:3]
-    assert t.payloads[t.positions(np.array([101]))][0] == b"p"
+    assert t.payloads_at(t.positions(np.array([101]))) == [b"p"]
     relabel, existing = t.assign(home[:1], ["a"])  # a comes back into the free label
     assert relabel.tolist() == [100] and not existing.any()
+
+
+def _built_table(ids, payloads=None, batch=50_000):
+    """An id table holding ``ids`` (and their payloads), written in batches as a shard writes them."""
+    t = IdTable()
+    _, home = buckets_and_labels(ids, 64)
+    for s in range(0, len(ids), batch):
+        labels, existing = t.assign(home[s:s + batch], ids[s:s + batch])
+        pay = [None] * len(labels) if payloads is None else payloads[s:s + batch]
+        t = t.with_put(labels, ids[s:s + batch], pay, existing)
+    return t
+
+
+def _contents(t):
+    rows = np.arange(len(t))
+    return dict(zip(t.uids_at(rows), t.payloads_at(rows)))
+
+
+def test_id_table_without_payloads_holds_a_label_an_offset_and_the_id_bytes():
+    n = 200_000
+    ids = [f"item-{i:07d}" for i in range(n)]  # 12 bytes each
+    _built_table(ids[:1000], batch=300)  # what a first write imports and caches is not the table's
+    gc.collect()
+    tracemalloc.start()
+    try:
+        t = _built_table(ids)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(t) == n
+    _, home = buckets_and_labels(ids[-3:], 64)
+    assert t.uids_at(t.positions(t.find(home, ids[-3:]))) == ids[-3:]
+    # a label (8), an offset (4) and the id's 12 bytes, plus a little: no per-row pointer while no item has a payload
+    assert held / n <= 8 + 4 + 12 + 1, f"{held / n:.1f} bytes a row"
+
+
+def test_id_table_payloads_round_trip_and_old_tables_stay_as_they_were():
+    ids = [f"id-{i}" for i in range(50)]
+    t = _built_table(ids, batch=20)
+    assert set(_contents(t).values()) == {None} and t.payload_items()[1] == []
+    _, home = buckets_and_labels(ids, 64)
+    # a payload put over stored ids: a new table has it, the old one (searches may read it) does not
+    labels, existing = t.assign(home[:10], ids[:10])
+    assert existing.all()
+    pays = [None if i % 3 else f"p{i}".encode() for i in range(10)]
+    t2 = t.with_put(labels, ids[:10], pays, existing)
+    want = dict(zip(ids, [None] * 50)) | dict(zip(ids[:10], pays))
+    assert _contents(t2) == want and set(_contents(t).values()) == {None}
+    # new ids with and without payloads; then payloads replaced (to None too) over the ones stored
+    more = [f"new-{i}" for i in range(5)]
+    _, mhome = buckets_and_labels(more, 64)
+    labels, existing = t2.assign(mhome, more)
+    t3 = t2.with_put(labels, more, [b"m0", None, b"m2", None, None], existing)
+    want |= dict(zip(more, [b"m0", None, b"m2", None, None]))
+    labels, existing = t3.assign(home[:4], ids[:4])
+    t4 = t3.with_put(labels, ids[:4], [b"x", None, None, None], existing)
+    assert _contents(t3) == want
+    want |= dict(zip(ids[:4], [b"x", None, None, None]))
+    assert _contents(t4) == want
+    t4.set_payloads(t4.positions(t4.find(mhome[1:2], more[1:2])), [b"set"])  # in place (the write lock held)
+    want[more[1]] = b"set"
+    assert _contents(t4) == want and _contents(t3)[more[1]] is None
+    # removal, also of rows with payloads; the old table keeps them
+    gone = t4.find(np.concatenate([home[:4], mhome[:1]]), ids[:4] + more[:1])
+    t5 = t4.without(np.sort(gone))
+    for uid in ids[:4] + more[:1]:
+        del want[uid]
+    assert _contents(t5) == want and _contents(t4)[ids[0]] == b"x"
+    got_labels, got = t5.payload_items()
+    assert dict(zip(t5.uids_at(t5.positions(got_labels)), got)) == {u: p for u, p in want.items() if p is not None}
+    # checkpoint arrays, with the uint32 offsets written now and the int64 ones older versions wrote
+    arrays = t5.to_arrays()
+    assert arrays["offsets"].dtype == np.uint32
+    for offsets in (arrays["offsets"], arrays["offsets"].astype(np.int64)):
+        back = IdTable.from_arrays(arrays | {"offsets": offsets})
+        assert _contents(back) == want and back.offsets.dtype == np.uint32
+        np.testing.assert_array_equal(back.labels, t5.labels)
+    # a table of no payloads keeps no per-row payload array, after a checkpoint too
+    bare = IdTable.from_arrays(t.to_arrays())
+    assert _contents(bare) == _contents(t) and bare.nbytes == bare.labels.nbytes + bare.offsets.nbytes + len(bare.blob)
+    bad = arrays["offsets"].copy()
+    bad[[1, 2]] = bad[[2, 1]]  # decreasing (a uint32 difference would wrap around)
+    with pytest.raises(ValueError, match="do not hold together"):
+        IdTable.from_arrays(arrays | {"offsets": bad})
+
+
+def test_id_table_offsets_are_uint32_under_the_limit_and_int64_past_it(monkeypatch):
+    monkeypatch.setattr(IdTable, "OFFSETS_LIMIT", 100)
+    ids = [f"{i:04d}" for i in range(40)]  # 4 bytes each
+    small = _built_table(ids[:20], batch=7)  # 80 bytes
+    assert small.offsets.dtype == np.uint32 and len(small.blob) == 80
+    big = _built_table(ids, batch=7)  # 160 bytes
+    assert big.offsets.dtype == np.int64 and big.offsets[-1] == 160
+    assert sorted(_contents(big)) == ids and sorted(_contents(small)) == ids[:20]
+    _, home = buckets_and_labels(ids, 64)
+    labels, existing = small.assign(home[20:], ids[20:])  # crossing the limit in one write
+    grown = small.with_put(labels, ids[20:], [b"p"] * 20, existing)
+    assert grown.offsets.dtype == np.int64 and small.offsets.dtype == np.uint32
+    assert _contents(grown) == dict(zip(ids, [None] * 20 + [b"p"] * 20))
+    shrunk = grown.without(np.sort(grown.find(home[:10], ids[:10])))  # back under it: 120 -> 30 ids of 4 bytes
+    assert shrunk.offsets.dtype == np.int64
+    shrunk = shrunk.without(np.sort(shrunk.find(home[10:20], ids[10:20])))
+    assert shrunk.offsets.dtype == np.uint32 and sorted(_contents(shrunk)) == ids[20:]
+    for table, dtype in ((grown, np.int64), (shrunk, np.uint32)):
+        arrays = table.to_arrays()
+        for offsets in (arrays["offsets"], arrays["offsets"].astype(np.uint32), arrays["offsets"].astype(np.int64)):
+            back = IdTable.from_arrays(arrays | {"offsets": offsets})
+            assert back.offsets.dtype == dtype and _contents(back) == _contents(table)
 
 
 def test_pq_trains_at_its_threshold_and_finds_neighbours():

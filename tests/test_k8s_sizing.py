@@ -149,7 +149,7 @@ def test_the_volume_holds_snapshots_checkpoints_log_and_move_slack():
     v = storage_sizing.volume(100_000_000, 512, "Flat", replicas=2, shards=14)
     assert 410e9 < v.snapshots < 420e9  # the figure: 100M x 512-d x 2 copies of raw vectors
     snap, ckpt = storage_sizing.item_bytes(512, "Flat")
-    assert (snap, ckpt) == (2048 + 16 + 2, 2048 + 8 + 24 + 16)
+    assert (snap, ckpt) == (2048 + 16 + 2, 2048 + 8 + 20 + 16)  # table row: label, offset (uint32), payload length
     assert v.checkpoints == v.checkpoint_rewrite == 2e8 * ckpt
     assert v.size == pytest.approx(v.peak / 0.7) and v.peak > v.steady + v.log
     pq_snap, pq_ckpt = storage_sizing.item_bytes(512, "IVF4096,PQ64", payload_bytes=100)

@@ -37,9 +37,9 @@ def test_estimate_is_within_15_percent_of_a_real_shard(index, n):
 
 def test_per_vector_parts():
     flat = sizing.per_vector(128, "Flat", id_bytes=10)
-    assert (flat.code, flat.index, flat.ids, flat.payload) == (512, 8, 34, 0)
+    assert (flat.code, flat.index, flat.ids, flat.payload) == (512, 8, 22, 0)
     pq = sizing.per_vector(128, "IVF1024,PQ16", id_bytes=10, payload_bytes=100)
-    assert pq.code == 18 and pq.index > 8 and pq.payload == 133  # PQ16 + the 2-byte list number FAISS counts
+    assert pq.code == 18 and pq.index > 8 and pq.payload == 141  # PQ16 + the 2-byte list number FAISS counts
     assert sizing.per_vector(256, "Flat", metric="hamming").code == 32
     hnsw = sizing.per_vector(64, "HNSW32")
     assert hnsw.code == 256 and hnsw.index >= 2 * 32 * 4

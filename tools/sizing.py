@@ -12,8 +12,9 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   its items arrived, as in a cluster (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k
   and 1M vectors; IVF1024,Flat at d=128: 597 against FAISS's 522, bench/memory_bench.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
   item), 8 bytes of position -> label and 4 of positions sorted by label;
-- the id table: 24 bytes an item (label, offset, payload pointer) plus the id's UTF-8 bytes;
-- the payload: its serialized bytes plus 33 bytes of Python bytes object, when there is one;
+- the id table: 12 bytes an item (label, offset) plus the id's UTF-8 bytes;
+- the payload: its serialized bytes plus 33 bytes of Python bytes object and 8 of pointer in the id table, when
+  there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
 - plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (6 MiB: storage buffers; 8 MiB measured for
   IVF256,PQ16 less its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
@@ -61,8 +62,9 @@ SHARD_OVERHEAD = 150 * MiB
 COLLECTION_OVERHEAD = 6 * MiB
 IVF_LIST_SLACK = 0.05
 IVF_LIST_HEAP = 8
-_IDTABLE = 24
+_IDTABLE = 12  # label (int64) and offset (uint32) in shard.idtable.IdTable
 _BYTES_OBJECT = 33
+_PAYLOAD_POINTER = 8  # the id table's payload array, once any item has a payload
 
 
 @dataclasses.dataclass
@@ -112,7 +114,7 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
         # level-0 links, upper levels (about 1/M of the items with M links), position -> label (8), positions
         # sorted by label (4)
         idx = 2 * links * 4 + 4 + 8 + 4
-    payload = payload_bytes + _BYTES_OBJECT if payload_bytes else 0
+    payload = payload_bytes + _BYTES_OBJECT + _PAYLOAD_POINTER if payload_bytes else 0
     return PerVector(code=code, index=idx, ids=_IDTABLE + id_bytes, payload=payload)
 
 

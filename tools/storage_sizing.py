@@ -8,7 +8,8 @@ What a shard writes for each copy of an item (shard.store, shard.checkpoint; eve
   the index (4 x dim bytes; dim / 8 for hamming), its id, its serialized payload, and 2 bytes of framing each
   (``SNAPSHOT_FRAMING``): 100M x 512-d with 2 copies is 413 GB here whatever the index;
 - the newest index checkpoint (``ckpt-<n>.index`` and ``.table``): the index's code and per-item structures
-  (sizing.per_vector, without the allocator's slack) and the id table (24 bytes, the id, the payload);
+  (sizing.per_vector, without the allocator's slack) and the id table (20 bytes: label, offset and payload
+  length; the id, the payload);
 - and, at its peak, a second checkpoint (a new one is written in full before the old one goes) and the log a
   checkpoint has not covered yet, which shard.checkpointing bounds by half the index's bytes (at least
   ``CHECKPOINT_EVERY_BYTES``) plus the active segment and one being compacted (``segment_bytes`` each).
@@ -41,6 +42,7 @@ from tools.sizing import GiB, MiB, fixed_bytes, format_bytes, per_vector
 
 SNAPSHOT_FRAMING = 2  # protobuf's tag and length of the id (and of the payload, when there is one), per item
 SEGMENT_BYTES = 64 << 20  # shard.shard.Shard's segment_bytes
+CHECKPOINT_TABLE = 20  # an id table row in a checkpoint (IdTable.to_arrays): label 8, offset 4, payload length 8
 
 
 @dataclasses.dataclass
@@ -78,7 +80,7 @@ def item_bytes(dim: int, index: str, metric: str = "l2", id_bytes: int = 16,
     snapshot = vec + id_bytes + SNAPSHOT_FRAMING + payload
     pv = per_vector(dim, index, metric, id_bytes, payload_bytes)
     index_part = pv.code + (8 if re.search(r"(^|,)B?IVF\d+", index) else pv.index)  # no list slack on disk
-    return snapshot, index_part + pv.ids + payload
+    return snapshot, index_part + CHECKPOINT_TABLE + id_bytes + payload
 
 
 def volume(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int = 1, shards: int = 1,
@@ -89,7 +91,7 @@ def volume(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int
         raise ValueError("vectors >= 0, replicas >= 1, shards >= 1, 0 <= headroom < 1")
     snap, ckpt = item_bytes(dim, index, metric, id_bytes, payload_bytes)
     copies = vectors * replicas
-    index_bytes = copies * (ckpt - per_vector(dim, index, metric, id_bytes, payload_bytes).ids)
+    index_bytes = copies * (ckpt - CHECKPOINT_TABLE - id_bytes)
     # The log a checkpoint has not covered: per shard, max(CHECKPOINT_EVERY_BYTES, half its index) of written
     # vectors (as log records), plus the active segment and one being compacted.
     vec = dim // 8 if metric == "hamming" else 4 * dim
