@@ -107,11 +107,11 @@ def drop_precomputed_tables(index) -> None:
     as FAISS does past its own ``precomputed_table_max_bytes``.
 
     The tables are nlist x M x 2^nbits floats (128 MiB at IVF4096,PQ32) and the same on every shard holding the
-    trained index, so 8 shards of one node held 8 copies (107 bytes a vector at 10M). Measured in-process at
-    2M x 128 over 1, 2, 4 and 8 shards (docs/BENCHMARKS.md, "IVF-PQ's precomputed tables"): past 16 MiB, computing
-    each list's table cost 0.68-1.17x the CPU of reading it from a table that does not fit the caches; at 1 MiB
-    (IVF64,PQ16) the tables made searches 3.5x faster, so small ones are kept. Distances differ from the
-    precomputed ones by float rounding only.
+    trained index, so 8 shards of one node held 8 copies (107 bytes a vector at 10M). Measured in-process over 1-8
+    shards (``python -m bench.pqtables_bench``, docs/BENCHMARKS.md "IVF-PQ's precomputed tables"): at 2M x 128,
+    past 16 MiB, computing each list's table cost 0.65-1.14x the CPU of reading it from a table the caches do not
+    hold; small tables stay in the caches, and with short lists (20k vectors, IVF64,PQ16 and IVF256,PQ32) going
+    without them cost 1.3-2.2x, so tables up to the cap are kept. Distances differ by float rounding only.
     """
     if isinstance(index, faiss.IndexBinary):
         return
