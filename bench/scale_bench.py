@@ -5,13 +5,12 @@
         [--out bench/out/scale.json]
 
 For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{pq}``, ``IVF{nlist},PQ{pq}x4fs``
-(fast-scan), ``HNSW{hnsw-m}`` over
-the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster with each shard count:
+(fast-scan), ``HNSW{hnsw-m}`` over the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster:
 
 - in-process: build time (read the vectors from the .npy + train + add), index bytes per vector (the size of
   ``faiss.write_index``'s file, the same bytes as ``faiss.serialize_index``, over n), then the cheapest nprobe
   (IVF) / efSearch (HNSW) reaching recall@k >= ``--target`` against exact ground truth, and QPS there at batch 1
-  and 100 (FAISS on all cores, and on 1 thread); the index is freed before the cluster runs;
+  and 100 (FAISS on all cores, on 1 thread, and from ``--concurrency`` callers of 1 thread); then freed;
 - cluster (embedded Ray, ``shards`` shard actors, the router's gRPC server in this process; the collection uses
   the same spec string): load rate (vectors/s through the router, one ``upsert_stream``), then the wait until the
   collection is trained (:func:`wait_trained`) and the shards are idle; RAM per vector (the growth of the shards'
@@ -20,8 +19,9 @@ the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster with e
   (``stop_cluster``, Ray too), started again on the same storage, and timed until a search returns a full answer
   (k ids for every query) with coverage 1.
 
-Ratios: cluster / FAISS QPS (FAISS: the fastest of its all-cores and 1-thread runs, for IVF-PQ each with and
-without precomputed tables), cluster / FAISS bytes per vector, restart / build time, and 8-shard / 4-shard QPS.
+Ratios: cluster / FAISS QPS (each at its fastest: FAISS over its thread and caller settings, for IVF-PQ with and
+without precomputed tables; the cluster over ``--concurrency`` requests in flight), cluster / FAISS bytes per
+vector, restart / build time, and 8-shard / 4-shard QPS.
 Where an index cannot reach the target (PQ codes cap recall), both systems are taken at the start of their recall
 plateau and the table says so.
 
@@ -126,8 +126,7 @@ def cheapest(grid: tuple, recall_of, target: float) -> dict:
             log(f"    {grid[i]}: recall {seen[grid[i]]:.4f}")
         return seen[grid[i]]
 
-    lo, hi, goal, met = -1, None, target, True
-    i = 0
+    lo, hi, goal, met, i = -1, None, target, True, 0
     while True:
         if r(i) >= goal:
             hi = i
@@ -143,12 +142,8 @@ def cheapest(grid: tuple, recall_of, target: float) -> dict:
         lo, i = i, j
     while hi - lo > 1:  # r(lo) < goal <= r(hi) (lo = -1: nothing below tried)
         mid = (lo + hi) // 2
-        if r(mid) >= goal:
-            hi = mid
-        else:
-            lo = mid
-    return {"value": grid[hi], "recall": r(hi), "met": met and r(hi) >= target,
-            "curve": sorted(seen.items())}
+        hi, lo = (mid, lo) if r(mid) >= goal else (hi, mid)
+    return {"value": grid[hi], "recall": r(hi), "met": met and r(hi) >= target, "curve": sorted(seen.items())}
 
 
 # --- the cluster's training state ---------------------------------------------------------------------------------
@@ -243,9 +238,10 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
             ivfpq.use_precomputed_table = mode
             ivfpq.precompute_table()
         for batch in args.batches:
-            for label, nthreads in (("all cores", threads), ("1 thread", 1)):
+            for label, nthreads, conc in (("all cores", threads, 1), ("1 thread", 1, 1),
+                                          *[(f"{c} callers x 1 thread", 1, c) for c in args.concurrency if c > 1]):
                 faiss.omp_set_num_threads(nthreads)
-                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
+                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc)
                 res["qps"].setdefault(str(batch), {})[label + suffix] = r
                 log(f"  FAISS {spec} batch {batch} {label}{suffix}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
             faiss.omp_set_num_threads(threads)
@@ -329,11 +325,13 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
             res["sweep"] = {"value": 0, "recall": recall_of(0), "met": True, "curve": []}
         res["param"] = param
         p = res["sweep"]["value"]
-        res["qps"] = {}
-        for batch in args.batches:
-            r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests)
-            res["qps"][str(batch)] = r
-            log(f"  cluster {spec} batch {batch}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
+        res["qps"], res["qps_by_concurrency"] = {}, {}
+        for batch in args.batches:  # the best of the concurrencies is compared (each in qps_by_concurrency)
+            for conc in args.concurrency:
+                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc)
+                res["qps_by_concurrency"].setdefault(str(batch), {})[str(conc)] = r
+                log(f"  cluster {spec} batch {batch} x {conc} in flight: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
+            res["qps"][str(batch)] = max(res["qps_by_concurrency"][str(batch)].values(), key=lambda r: r["qps"])
         before = search(xq[:100], p)
 
         # --- restart on the same storage ------------------------------------------------------------------------
@@ -452,18 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=ints, default=[4, 8], help="shard counts, comma-separated (default 4,8)")
     p.add_argument("--indexes", type=lambda s: [x for x in s.split(",") if x], default=list(FAMILIES),
                    help=f"index families, comma-separated, from {','.join(FAMILIES)} (default all)")
-    p.add_argument("--hnsw-n", type=int, default=2_000_000,
-                   help="vectors of the HNSW family (the first ones; default 2000000)")
+    p.add_argument("--hnsw-n", type=int, default=2_000_000, help="vectors of the HNSW family (the first ones)")
     p.add_argument("--hnsw-m", type=int, default=32, help="HNSW graph degree M (default 32)")
     p.add_argument("--nlist", type=int, default=4096, help="IVF lists of the collection, as for one index (4096)")
     p.add_argument("--pq", type=int, default=32, help="PQ sub-quantizers m of the ivfpq family (default 32)")
-    p.add_argument("--queries", type=int, default=1000,
-                   help="queries, for ground truth, recall and the QPS runs (default 1000)")
+    p.add_argument("--queries", type=int, default=1000, help="queries: ground truth, recall and QPS (default 1000)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--target", type=float, default=0.95, help="recall@k each system must reach (default 0.95)")
     p.add_argument("--batches", type=ints, default=[1, 100], help="queries per search request (default 1,100)")
     p.add_argument("--seconds", type=float, default=10.0, help="time bound of each QPS measurement (default 10)")
     p.add_argument("--max-requests", type=int, default=10_000, help="request bound of each QPS measurement")
+    p.add_argument("--concurrency", type=ints, default=[1, 2], help="requests in flight, each measured, the best "
+                   "compared (FAISS: that many callers on 1 thread each; default 1,2)")
     p.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor (default 0.5)")
     p.add_argument("--load-batch", type=int, default=10_000, help="vectors per upsert message (default 10000)")
     p.add_argument("--load-timeout", type=float, default=None, help="deadline of each bulk load, seconds (none)")

@@ -90,6 +90,15 @@ def markdown(out: dict) -> str:
                 f"| {c['idle_wait_seconds']:.0f} | {c['stop_seconds']:.1f} | {c['restart_ray_seconds']:.1f} / "
                 f"{c['restart_cluster_seconds']:.1f} / {c['restart']['seconds']:.1f} | "
                 f"{'yes' if c['restart']['same_ids_as_before'] else 'no'} |")
+    add("")
+    add("| index | shards | batch | cluster QPS by requests in flight | FAISS QPS by setting |")
+    add("|---|---:|---:|---|---|")
+    for e in out["families"]:
+        for c in e["cluster"]:
+            for b, by in c.get("qps_by_concurrency", {}).items():
+                ours = ", ".join(f"{k}: {r['qps']:.0f}" for k, r in by.items())
+                theirs = ", ".join(f"{k}: {r['qps']:.0f}" for k, r in e["faiss"]["qps"].get(b, {}).items())
+                add(f"| {e['spec']} | {c['shards']} | {b} | {ours} | {theirs} |")
     for e in out["families"]:
         for c in e["cluster"]:
             if c.get("note"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import threading
 import time
 
 import numpy as np
@@ -106,29 +107,44 @@ def watch_foreign_cpu() -> ForeignCpu:
     return MONITOR
 
 
-def measure(search, xq: np.ndarray, batch: int, seconds: float, max_requests: int, warmup: int = 1) -> dict:
-    """Sequential requests of ``batch`` queries (cycling over xq) until ``seconds`` pass or ``max_requests`` ran."""
+def measure(search, xq: np.ndarray, batch: int, seconds: float, max_requests: int, warmup: int = 1,
+            concurrency: int = 1) -> dict:
+    """Requests of ``batch`` queries (cycling over xq) until ``seconds`` pass or ``max_requests`` ran, from
+    ``concurrency`` threads each sending its next request when its last one is answered (1: sequential requests,
+    a latency-bound throughput; more: what a server does with several callers, as in production)."""
     starts = list(range(0, max(1, len(xq) - batch + 1), batch))
     for i in range(warmup):
         s = starts[i % len(starts)]
         search(xq[s:s + batch])
-    lat = []
+    lat: list[float] = []
+    issued = [0]
+    lock = threading.Lock()
     snap = MONITOR.snapshot() if MONITOR else None
     t0 = time.perf_counter()
-    while True:
-        s = starts[len(lat) % len(starts)]
-        q = xq[s:s + batch]
-        t = time.perf_counter()
-        search(q)
-        lat.append(time.perf_counter() - t)
-        if time.perf_counter() - t0 >= seconds or len(lat) >= max_requests:
-            break
+
+    def caller() -> None:
+        while True:
+            with lock:
+                if issued[0] and (time.perf_counter() - t0 >= seconds or issued[0] >= max_requests):
+                    return
+                s = starts[issued[0] % len(starts)]
+                issued[0] += 1
+            t = time.perf_counter()
+            search(xq[s:s + batch])
+            with lock:
+                lat.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(max(1, concurrency))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1e3
     nq = len(lat) * len(xq[starts[0]:starts[0] + batch])
-    return {"batch": batch, "requests": len(lat), "queries": nq, "seconds": round(wall, 3),
-            "qps": nq / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()),
+    return {"batch": batch, "concurrency": max(1, concurrency), "requests": len(lat), "queries": nq,
+            "seconds": round(wall, 3), "qps": nq / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
             "foreign_cpu_cores": round(ForeignCpu.cores(snap, MONITOR.snapshot()), 3) if snap else None}
 
 
