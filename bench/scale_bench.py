@@ -241,7 +241,8 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
             for label, nthreads, conc in (("all cores", threads, 1), ("1 thread", 1, 1),
                                           *[(f"{c} callers x 1 thread", 1, c) for c in args.concurrency if c > 1]):
                 faiss.omp_set_num_threads(nthreads)
-                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc)
+                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc,
+                            thread_setup=lambda n=nthreads: faiss.omp_set_num_threads(n))
                 res["qps"].setdefault(str(batch), {})[label + suffix] = r
                 log(f"  FAISS {spec} batch {batch} {label}{suffix}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
             faiss.omp_set_num_threads(threads)

@@ -108,10 +108,11 @@ def watch_foreign_cpu() -> ForeignCpu:
 
 
 def measure(search, xq: np.ndarray, batch: int, seconds: float, max_requests: int, warmup: int = 1,
-            concurrency: int = 1) -> dict:
+            concurrency: int = 1, thread_setup=None) -> dict:
     """Requests of ``batch`` queries (cycling over xq) until ``seconds`` pass or ``max_requests`` ran, from
-    ``concurrency`` threads each sending its next request when its last one is answered (1: sequential requests,
-    a latency-bound throughput; more: what a server does with several callers, as in production)."""
+    ``concurrency`` callers each sending its next request when its last one is answered (1: sequential requests
+    from this thread, a latency-bound throughput; more: threads, what a server does with several callers, as in
+    production). ``thread_setup``: called first in each caller thread (OpenMP's thread count is per thread)."""
     starts = list(range(0, max(1, len(xq) - batch + 1), batch))
     for i in range(warmup):
         s = starts[i % len(starts)]
@@ -134,11 +135,19 @@ def measure(search, xq: np.ndarray, batch: int, seconds: float, max_requests: in
             with lock:
                 lat.append(time.perf_counter() - t)
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(max(1, concurrency))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    def setup_and_call() -> None:
+        if thread_setup is not None:
+            thread_setup()
+        caller()
+
+    if concurrency <= 1:
+        caller()
+    else:
+        threads = [threading.Thread(target=setup_and_call, daemon=True) for _ in range(concurrency)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1e3
     nq = len(lat) * len(xq[starts[0]:starts[0] + batch])
