@@ -164,7 +164,7 @@ class ShardQuantizerResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., centroids: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
-    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k", "plan")
+    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k", "plan", "id_bytes", "id_lengths")
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,8 @@ class ShardSearchResponse(_message.Message):
     NQ_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    ID_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ID_LENGTHS_FIELD_NUMBER: _ClassVar[int]
     distances: bytes
     labels: bytes
     ids: _containers.RepeatedScalarFieldContainer[str]
@@ -179,7 +181,9 @@ class ShardSearchResponse(_message.Message):
     nq: int
     k: int
     plan: str
-    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
+    id_bytes: bytes
+    id_lengths: bytes
+    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ..., plan: _Optional[str] = ..., id_bytes: _Optional[bytes] = ..., id_lengths: _Optional[bytes] = ...) -> None: ...
 
 class ShardStatsRequest(_message.Message):
     __slots__ = ()

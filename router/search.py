@@ -283,20 +283,50 @@ def _merge_responses(responses, nq: int, k: int, larger_is_better: bool, include
     """One top-k from the shards' answers: (D (nq, k), nq lists of ids, nq lists of payloads or None)."""
     Ds = [np.frombuffer(r.distances, dtype="<f4").reshape(nq, k) for r in responses]
     Ls = [np.frombuffer(r.labels, dtype="<i8").reshape(nq, k) for r in responses]
-    ids, payloads = [], []
-    for r in responses:
-        ids.extend(r.ids)
-        if include_payloads:
+    payloads = []
+    if include_payloads:
+        for r in responses:
             payloads.extend(r.payloads)
     D, I = merge_topk(np.stack(Ds), np.stack(Ls), larger_is_better)
-    ids_arr = np.array(ids, dtype=object)
+    counts = (I >= 0).sum(axis=1)
+    kept = I[I >= 0]  # row by row, best first
+    ids = _kept_ids(responses, kept, nq * k)
     out_ids, out_pl = [], [] if include_payloads else None
-    for q in range(nq):
-        row = I[q][I[q] >= 0]
-        out_ids.append(ids_arr[row].tolist())
+    at = 0
+    for q, c in enumerate(counts.tolist()):
+        out_ids.append(ids[at:at + c])
         if include_payloads:
-            out_pl.append([payloads[i] for i in row.tolist()])
+            out_pl.append([payloads[i] for i in kept[at:at + c].tolist()])
+        at += c
     return D, out_ids, out_pl
+
+
+def _kept_ids(responses, kept: np.ndarray, slots: int) -> list[str]:
+    """The ids at ``kept`` (indexes into the responses' slots, ``slots`` per response, one after the other): decoded
+    from the shards' packed ids (only these, not the (S - 1) x nq x k others), or taken from the repeated ``ids``
+    of a shard that sent them instead (an older version)."""
+    if not all(len(r.id_lengths) == 2 * slots or (not r.id_lengths and len(r.ids) == slots) for r in responses):
+        raise Unavailable(f"a shard answered a search with ids for other than its {slots} result slots")
+    if any(not r.id_lengths for r in responses):  # an older shard among them: the ids as strings
+        every = [u for r in responses for u in (r.ids if not r.id_lengths else _unpack(r.id_bytes, r.id_lengths))]
+        return [every[i] for i in kept.tolist()]
+    lengths = np.concatenate([np.frombuffer(r.id_lengths, dtype="<u2") for r in responses]).astype(np.int64)
+    ends = np.cumsum(lengths)
+    blob = b"".join(r.id_bytes for r in responses)
+    if len(ends) and ends[-1] != len(blob):
+        raise Unavailable("a shard answered a search with id lengths that do not add up to its id bytes")
+    stops = ends[kept].tolist()
+    starts = (ends[kept] - lengths[kept]).tolist()
+    if blob.isascii():  # one decode, then slices of the string (one byte is one character)
+        text = blob.decode("ascii")
+        return [text[a:b] for a, b in zip(starts, stops)]
+    return [blob[a:b].decode("utf-8") for a, b in zip(starts, stops)]
+
+
+def _unpack(id_bytes: bytes, id_lengths: bytes) -> list[str]:
+    """Every id of a shard's packed answer."""
+    ends = np.cumsum(np.frombuffer(id_lengths, dtype="<u2").astype(np.int64)).tolist()
+    return [id_bytes[a:b].decode("utf-8") for a, b in zip([0] + ends[:-1], ends)]
 
 
 def check_min_coverage(value: float | None) -> float:

@@ -255,8 +255,8 @@ class ShardCollection:
         return self.reads.get(ids, include_vectors, epoch)
 
     def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
-               epoch: int = 0, coarse=None):
-        return self.reads.search(xq, k, nprobe, ef_search, include_payloads, epoch, coarse)
+               epoch: int = 0, coarse=None, packed: bool = False):
+        return self.reads.search(xq, k, nprobe, ef_search, include_payloads, epoch, coarse, packed)
 
     def scan(self, buckets, include_vectors: bool = False, include_payloads: bool = False, epoch: int = 0,
              filt=None):

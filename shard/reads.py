@@ -30,6 +30,13 @@ def _spread(values, mask: np.ndarray, empty) -> list:
     return out.tolist()
 
 
+def _spread_positions(pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Row positions ``pos`` at the True places of ``mask``, 0 elsewhere."""
+    out = np.zeros(len(mask), dtype=np.int64)
+    out[mask] = pos
+    return out
+
+
 class Reads:
     """The reads of one collection.
 
@@ -107,13 +114,15 @@ class Reads:
         return out if len(uniq) == len(uids) else out[[row_of[u] for u in uids]]
 
     def search(self, xq: np.ndarray, k: int, nprobe: int = 0, ef_search: int = 0, include_payloads: bool = False,
-               epoch: int = 0, coarse=None, filt=None):
+               epoch: int = 0, coarse=None, packed: bool = False):
         """Top-k over every item this shard holds (all its buckets, joining ones included: what they hold is
         current, the router just does not count them as answered).
 
         Returns:
             (D, L, ids, payloads): D shape (nq, k) float32; L shape (nq, k) int64 labels (-1: none);
-            ids, a flat list of nq*k strings ("" for none); payloads, flat list (None where empty) or None.
+            ids, a flat list of nq*k strings ("" for none), or with ``packed`` the same as (UTF-8 bytes back to
+            back, uint16 lengths) (IdTable.packed_at: what a shard answers the router); payloads, flat list (None
+            where empty) or None.
         """
         sc = self.sc
         with sc._rw.read():
@@ -122,10 +131,10 @@ class Reads:
             if coarse is not None:  # (version, nprobe, lists, distances): the IVF lists the router chose
                 coarse = sc.index.check_coarse(coarse[0], len(xq), coarse[1], coarse[2], coarse[3])
             D, L = sc.index.search(xq, k, nprobe, ef_search, coarse)
-            return self._answer(D, L, include_payloads)
+            return self._answer(D, L, include_payloads, packed)
 
     def search_filtered(self, xq: np.ndarray, k: int, filt, nprobe: int = 0, ef_search: int = 0,
-                        include_payloads: bool = False, epoch: int = 0):
+                        include_payloads: bool = False, epoch: int = 0, packed: bool = False):
         """The top k of the items matching ``filt`` (a Filter, checked already: lookalike.filters), as
         :meth:`search`, plus the plan it ran (shard.filtered): (D, L, ids, payloads, plan)."""
         sc = self.sc
@@ -134,21 +143,26 @@ class Reads:
             sc._check_epoch(epoch)
             matches = self._matches.get(sc.payloads.version, filt, lambda: sc.payloads.resolve(filt, sc.table.labels))
             D, L, plan = plan_and_search(sc.index, xq, k, matches, nprobe, ef_search)
-            return (*self._answer(D, L, include_payloads), plan)
+            return (*self._answer(D, L, include_payloads, packed), plan)
 
-    def _answer(self, D: np.ndarray, L: np.ndarray, include_payloads: bool):
-        """(D, L, ids, payloads) of a search's labels (the caller holds the read lock)."""
+    def _answer(self, D: np.ndarray, L: np.ndarray, include_payloads: bool, packed: bool = False):
+        """(D, L, ids, payloads) of a search's labels, ids packed or not as :meth:`search` says (the caller holds
+        the read lock)."""
         sc = self.sc
         valid = L.ravel() >= 0
         if not len(sc.table) or not valid.any():
-            return D, L, [""] * L.size, [None] * L.size if include_payloads else None
+            ids = (b"", np.zeros(L.size, dtype=np.uint16)) if packed else [""] * L.size
+            return D, L, ids, [None] * L.size if include_payloads else None
         # Ids of the results only: k past the collection's size leaves most slots empty (-1).
         full = bool(valid.all())
         pos = np.minimum(sc.table.positions(L.ravel() if full else L.ravel()[valid]), len(sc.table) - 1)
-        ids = sc.table.uids_at(pos)
+        if packed:
+            ids = sc.table.packed_at(pos) if full else sc.table.packed_at(_spread_positions(pos, valid), valid)
+        else:
+            ids = sc.table.uids_at(pos)
         payloads = sc.table.payloads_at(pos) if include_payloads else None
         if not full:
-            ids = _spread(ids, valid, "")
+            ids = ids if packed else _spread(ids, valid, "")
             payloads = _spread(payloads, valid, None) if include_payloads else None
         return D, L, ids, payloads
 

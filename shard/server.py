@@ -92,14 +92,16 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         if filt is not None:  # the shard picks its own plan (shard.filtered): the router's coarse lists are ignored
             D, L, ids, payloads, plan = sc.reads.search_filtered(xq, request.k, filt, request.params.nprobe,
                                                            request.params.ef_search, request.include_payloads,
-                                                           request.epoch)
+                                                           request.epoch, packed=True)
         else:
             D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
-                                            request.include_payloads, request.epoch, coarse)
+                                            request.include_payloads, request.epoch, coarse, packed=True)
         check_call(context, "the search's answer")  # nobody to send it to
+        id_bytes, id_lengths = ids  # packed: the router decodes only the ids it keeps
         resp = shard_pb2.ShardSearchResponse(
             distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
-            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), ids=ids, nq=len(xq), k=request.k, plan=plan)
+            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), id_bytes=id_bytes,
+            id_lengths=id_lengths.astype("<u2", copy=False).tobytes(), nq=len(xq), k=request.k, plan=plan)
         if payloads is not None:
             resp.payloads.extend(payload_from_bytes(p) for p in payloads)
         return resp

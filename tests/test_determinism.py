@@ -72,3 +72,51 @@ def test_the_same_query_through_replicas_gives_the_same_ids_every_time(tmp_path)
         assert list(seen.pop()) == [u for _, u in smallest]
     finally:
         cl.close()
+
+
+def _shard_answer(D, L, ids, packed=True):
+    from protos import shard_pb2
+
+    nq, k = D.shape
+    r = shard_pb2.ShardSearchResponse(distances=D.astype("<f4").tobytes(), labels=L.astype("<i8").tobytes(),
+                                      nq=nq, k=k)
+    if packed:
+        raw = [u.encode("utf-8") for u in ids]
+        r.id_bytes = b"".join(raw)
+        r.id_lengths = np.array([len(b) for b in raw], dtype="<u2").tobytes()
+    else:
+        r.ids.extend(ids)
+    return r
+
+
+def test_the_router_decodes_the_ids_it_keeps_from_packed_shard_answers_and_reads_older_shards_too():
+    """Shards answer with packed ids (ShardSearchResponse.id_bytes/id_lengths); the router keeps the merged top-k's
+    ids, unicode and empty slots included, and still reads a shard that sends the repeated ``ids`` field."""
+    import pytest
+
+    from lookalike.errors import Unavailable
+    from router.search import _merge_responses
+
+    D0 = np.array([[0.1, 0.4, 9.0], [0.2, 0.0, 0.0]], dtype=np.float32)
+    L0 = np.array([[5, 7, -1], [8, -1, -1]])
+    D1 = np.array([[0.2, 0.3, 0.5], [0.1, 0.3, 0.0]], dtype=np.float32)
+    L1 = np.array([[6, 9, 11], [12, 13, -1]])
+    ids0 = ["a", "ü-ид", "", "画像", "", ""]
+    ids1 = ["b", "c", "d", "e", "f", ""]
+    want = [["a", "b", "c", "ü-ид"], ["e", "画像", "f"]]
+    for packed0, packed1 in ((True, True), (True, False), (False, True), (False, False)):
+        rs = [_shard_answer(D0, L0, ids0, packed0), _shard_answer(D1, L1, ids1, packed1)]
+        D, got, _ = _merge_responses(rs, 2, 3, False, False)
+        assert [g[:4] for g in got] == [want[0][:3], want[1]], (packed0, packed1)
+    ascii_ids = ["a", "x", "", "q", "", ""]
+    D, got, _ = _merge_responses([_shard_answer(D0, L0, ascii_ids), _shard_answer(D1, L1, ids1)], 2, 3, False, False)
+    assert got == [["a", "b", "c"], ["e", "q", "f"]]
+
+    bad = _shard_answer(D0, L0, ids0)
+    bad.id_lengths = bad.id_lengths[:-2]  # one slot short
+    with pytest.raises(Unavailable):
+        _merge_responses([bad, _shard_answer(D1, L1, ids1)], 2, 3, False, False)
+    bad = _shard_answer(D0, L0, ids0)
+    bad.id_bytes = bad.id_bytes[:-1]  # lengths past the bytes
+    with pytest.raises(Unavailable):
+        _merge_responses([bad, _shard_answer(D1, L1, ids1)], 2, 3, False, False)

@@ -360,3 +360,33 @@ def test_freed_memory_is_handed_back_once_writes_stop(tmp_path, monkeypatch):
         time.sleep(0.02)
     assert len(trims) == 2
     shard.close()
+
+
+def test_id_table_packs_the_ids_of_result_slots_and_looks_up_many_labels_in_order():
+    """What a shard answers a search with (IdTable.packed_at: bytes back to back, uint16 lengths), and the sorted
+    lookup of many labels (IdTable.positions past _SORT_LOOKUPS labels) giving what a plain binary search gives."""
+    from shard.idtable import IdTable
+
+    rng = np.random.default_rng(3)
+    t = IdTable()
+    uids = [f"id-{i}" for i in range(500)] + ["ü-ид-画像", "x" * 256, "z", "y"]
+    home = np.sort(rng.choice(1 << 40, len(uids), replace=False)).astype(np.int64)
+    labels, existing = t.assign(home, uids)
+    t.put(labels, uids, [None] * len(uids), existing)
+    want = dict(zip(labels.tolist(), uids))
+
+    probe = rng.permutation(np.concatenate([labels, labels[:50], [-1, -1]]))  # repeats, and -1 (no result)
+    assert len(probe) > IdTable._SORT_LOOKUPS
+    np.testing.assert_array_equal(t.positions(probe), np.searchsorted(t.labels, np.maximum(probe, 0)))
+    np.testing.assert_array_equal(t.positions(probe.reshape(-1, 2)), t.positions(probe).reshape(-1, 2))
+
+    present = probe >= 0
+    blob, lengths = t.packed_at(t.positions(probe), present)
+    assert lengths.dtype == np.uint16 and len(lengths) == len(probe)
+    ends = np.cumsum(lengths.astype(np.int64)).tolist()
+    got = [blob[a:b].decode("utf-8") for a, b in zip([0] + ends[:-1], ends)]
+    assert got == [want[x] if x >= 0 else "" for x in probe.tolist()]
+    assert len(blob) == sum(len(want[x].encode()) for x in probe.tolist() if x >= 0)
+    whole, _ = t.packed_at(t.positions(labels))  # every slot present
+    assert whole == "".join(uids).encode("utf-8")
+    assert t.packed_at(np.zeros(0, dtype=np.int64))[0] == b""
