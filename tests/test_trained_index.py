@@ -414,3 +414,28 @@ def test_a_training_asked_for_while_one_runs_comes_after_it(tmp_path, monkeypatc
     finally:
         release.set()
         cl.close()
+
+
+def test_the_router_quantizes_on_one_openmp_thread_and_gives_the_thread_its_setting_back():
+    """OpenMP's idle workers spin after a parallel search and take CPU from the shards beside the router (see
+    router.coarse): the router's coarse quantization runs on one thread, and leaves the thread's setting as it was."""
+    from router.coarse import CoarseQuantizers, _Quantizer
+
+    seen = []
+
+    class Recording(faiss.IndexFlatL2):
+        def search(self, x, k, **kw):
+            seen.append(faiss.omp_get_max_threads())
+            return super().search(x, k, **kw)
+
+    index = Recording(8)
+    index.add(np.random.default_rng(0).random((16, 8), dtype=np.float32))
+    cfg = CollectionConfig(name="c", dim=8, index="IVF16,Flat", nprobe=4)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        got = CoarseQuantizers.assign(_Quantizer(1, index), cfg, np.zeros((3, 8), np.float32), 0)
+        assert seen == [1] and faiss.omp_get_max_threads() == 2
+        assert np.frombuffer(got.lists, dtype="<i8").shape == (12,) and got.nprobe == 4
+    finally:
+        faiss.omp_set_num_threads(before)
