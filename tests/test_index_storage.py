@@ -365,7 +365,7 @@ def test_freed_memory_is_handed_back_once_writes_stop(tmp_path, monkeypatch):
 def test_id_table_packs_the_ids_of_result_slots_and_looks_up_many_labels_in_order():
     """What a shard answers a search with (IdTable.packed_at: bytes back to back, uint16 lengths), and the sorted
     lookup of many labels (IdTable.positions past _SORT_LOOKUPS labels) giving what a plain binary search gives."""
-    from shard.idtable import IdTable
+    from shard.idtable import _SORT_LOOKUPS, IdTable
 
     rng = np.random.default_rng(3)
     t = IdTable()
@@ -376,7 +376,7 @@ def test_id_table_packs_the_ids_of_result_slots_and_looks_up_many_labels_in_orde
     want = dict(zip(labels.tolist(), uids))
 
     probe = rng.permutation(np.concatenate([labels, labels[:50], [-1, -1]]))  # repeats, and -1 (no result)
-    assert len(probe) > IdTable._SORT_LOOKUPS
+    assert len(probe) > _SORT_LOOKUPS
     np.testing.assert_array_equal(t.positions(probe), np.searchsorted(t.labels, np.maximum(probe, 0)))
     np.testing.assert_array_equal(t.positions(probe.reshape(-1, 2)), t.positions(probe).reshape(-1, 2))
 
