@@ -34,7 +34,7 @@ _RETRY_S = 1.0  # a fetch that found no shard on the collection's trained versio
 # _ONE_THREAD: a router quantizes on one core. On all of them, OpenMP's idle workers spin for a while after each
 # parallel search, and where the router shares the cores with shards (the embedded cluster, a small node) that spin
 # takes the shards' CPU: measured at 500k x 128, IVF1024, 8 shards on 2 cores, batch 100: the router's CPU 19 -> 13
-# ms a batch, cluster QPS +12% (docs/BENCHMARKS.md, "The router's coarse quantization on one thread"). On one core
+# ms a batch, cluster QPS +12% (docs/BENCHMARKS.md, "Where a batch of searches spends its CPU"). On one core
 # a batch of 100 at IVF4096 x 128 takes 7 ms (4.3 on two): the same work FAISS's own search does.
 # Quantizations of up to this many multiply-adds (queries x nlist x dim) run on the router's event loop; larger ones
 # go to a thread (a millisecond or more).
