@@ -31,11 +31,6 @@ log = logging.getLogger(__name__)
 
 _PLAIN_IVF = re.compile(r"IVF(\d+),(Flat|PQ\S*|SQ\S*)")
 _RETRY_S = 1.0  # a fetch that found no shard on the collection's trained version is tried again after this
-# _ONE_THREAD: a router quantizes on one core. On all of them, OpenMP's idle workers spin for a while after each
-# parallel search, and where the router shares the cores with shards (the embedded cluster, a small node) that spin
-# takes the shards' CPU: measured at 500k x 128, IVF1024, 8 shards on 2 cores, batch 100: the router's CPU 19 -> 13
-# ms a batch, cluster QPS +12% (docs/BENCHMARKS.md, "Where a batch of searches spends its CPU"). On one core
-# a batch of 100 at IVF4096 x 128 takes 7 ms (4.3 on two): the same work FAISS's own search does.
 # Quantizations of up to this many multiply-adds (queries x nlist x dim) run on the router's event loop; larger ones
 # go to a thread (a millisecond or more).
 QUANTIZE_ON_LOOP = 2_000_000
@@ -110,11 +105,21 @@ class CoarseQuantizers:
         if cfg.metric == "cosine":
             x = x.copy()
             faiss.normalize_L2(x)
-        threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only: see _ONE_THREAD
-        try:
-            D, I = q.index.search(x, nprobe)
-        finally:
-            faiss.omp_set_num_threads(threads)
+        D, I = _search_on_one_thread(q.index, x, nprobe)
         return shard_pb2.CoarseAssignment(version=q.version, nprobe=nprobe, lists=I.astype("<i8").tobytes(),
                                           distances=D.astype("<f4").tobytes())
+
+
+def _search_on_one_thread(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(x, k)`` on one OpenMP thread; the calling thread's setting (OpenMP's is per thread) is given
+    back after. On all cores, OpenMP's idle workers spin for a while after each parallel search, and where the
+    router shares the cores with shards (the embedded cluster, a small node) that spin is the shards' CPU: measured
+    with bench/cpu_split_bench.py (500k x 128, IVF1024, 8 shards on 2 cores, batch 100), the router's process 13.0-13.5
+    -> 9.4-10.0 ms of CPU a batch (docs/BENCHMARKS.md, "Where a batch of searches spends its CPU"). On one core a
+    batch of 100 at IVF4096 x 128 takes 7 ms (4.3 on two): the same work FAISS's own search does."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(x, k)
+    finally:
+        faiss.omp_set_num_threads(threads)

@@ -307,8 +307,8 @@ def _kept_ids(responses, kept: np.ndarray, slots: int) -> list[str]:
     of a shard that sent them instead (an older version)."""
     if not all(len(r.id_lengths) == 2 * slots or (not r.id_lengths and len(r.ids) == slots) for r in responses):
         raise Unavailable(f"a shard answered a search with ids for other than its {slots} result slots")
-    if any(not r.id_lengths for r in responses):  # an older shard among them: the ids as strings
-        every = [u for r in responses for u in answer_ids(r)]
+    if any(not r.id_lengths for r in responses):  # an older shard among them: every id, then the kept ones
+        every = [u for r in responses for u in (_kept_ids([r], np.arange(slots), slots) if r.id_lengths else r.ids)]
         return [every[i] for i in kept.tolist()]
     lengths = np.concatenate([np.frombuffer(r.id_lengths, dtype="<u2") for r in responses]).astype(np.int64)
     ends = np.cumsum(lengths)
@@ -323,15 +323,10 @@ def _kept_ids(responses, kept: np.ndarray, slots: int) -> list[str]:
     return [blob[a:b].decode("utf-8") for a, b in zip(starts, stops)]
 
 
-def _unpack(id_bytes: bytes, id_lengths: bytes) -> list[str]:
-    """Every id of a shard's packed answer."""
-    ends = np.cumsum(np.frombuffer(id_lengths, dtype="<u2").astype(np.int64)).tolist()
-    return [id_bytes[a:b].decode("utf-8") for a, b in zip([0] + ends[:-1], ends)]
-
-
 def answer_ids(resp: shard_pb2.ShardSearchResponse) -> list[str]:
     """Every slot's id of a shard's search answer ("" for none), packed or not."""
-    return _unpack(resp.id_bytes, resp.id_lengths) if resp.id_lengths else list(resp.ids)
+    slots = resp.nq * resp.k
+    return _kept_ids([resp], np.arange(slots), slots)
 
 
 def check_min_coverage(value: float | None) -> float:

@@ -171,10 +171,8 @@ class IdTable:
     def packed_at(self, pos: np.ndarray, present: np.ndarray | None = None) -> tuple[bytes, np.ndarray]:
         """The ids at row positions (1-d) packed, as a shard answers a search (protos/shard.proto
         ``ShardSearchResponse.id_bytes``): (their UTF-8 bytes back to back, each one's length as uint16). Where
-        ``present`` is False the slot's id is empty (its position is not read)."""
-        flat = np.asarray(pos, dtype=np.int64).ravel()
-        return _pack(self.offsets, self.blob, flat if present is None else np.where(present, flat, 0), present,
-                     self._GATHER_ROWS)
+        ``present`` is False the slot's id is empty (its position must still be a row, e.g. 0)."""
+        return _pack(self.offsets, self.blob, np.asarray(pos, dtype=np.int64).ravel(), present, self._GATHER_ROWS)
 
     # --- payloads -------------------------------------------------------------------------------------------
     def payloads_at(self, pos) -> list:

@@ -30,13 +30,6 @@ def _spread(values, mask: np.ndarray, empty) -> list:
     return out.tolist()
 
 
-def _spread_positions(pos: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Row positions ``pos`` at the True places of ``mask``, 0 elsewhere."""
-    out = np.zeros(len(mask), dtype=np.int64)
-    out[mask] = pos
-    return out
-
-
 class Reads:
     """The reads of one collection.
 
@@ -156,15 +149,16 @@ class Reads:
         # Ids of the results only: k past the collection's size leaves most slots empty (-1).
         full = bool(valid.all())
         pos = np.minimum(sc.table.positions(L.ravel() if full else L.ravel()[valid]), len(sc.table) - 1)
-        if packed:
-            ids = sc.table.packed_at(pos) if full else sc.table.packed_at(_spread_positions(pos, valid), valid)
-        else:
-            ids = sc.table.uids_at(pos)
         payloads = sc.table.payloads_at(pos) if include_payloads else None
         if not full:
-            ids = ids if packed else _spread(ids, valid, "")
             payloads = _spread(payloads, valid, None) if include_payloads else None
-        return D, L, ids, payloads
+        if packed:
+            slot_pos = pos if full else np.zeros(len(valid), dtype=np.int64)
+            if not full:
+                slot_pos[valid] = pos
+            return D, L, sc.table.packed_at(slot_pos, None if full else valid), payloads
+        ids = sc.table.uids_at(pos)
+        return D, L, ids if full else _spread(ids, valid, ""), payloads
 
     def coarse_quantizer(self) -> tuple[int, np.ndarray] | None:
         """(trained version, coarse centroids) for a router that chooses the IVF lists to probe once per query
