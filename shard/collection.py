@@ -239,10 +239,12 @@ class ShardCollection:
                     "replayed_records": self.replayed_records}
 
     def close(self) -> None:
-        """A graceful stop: writes a checkpoint (so that the next start loads it), then closes the storage."""
+        """A graceful stop: writes a checkpoint (so that the next start loads it), then closes the storage. Its
+        upkeep ends: a closed collection's lists are not packed, nor its memory trimmed, any more."""
         with self._write_order:
             self.checkpointer.write()
             self.store.close()
+            self.upkeep.stop()
 
     # --- its parts' calls -----------------------------------------------------------------------------------
     def load(self, distrust_checkpoint: str = "") -> int:

@@ -205,6 +205,7 @@ class Shard:
         if sc is not None:
             with sc._write_order:
                 sc.dropped = True
+                sc.upkeep.stop()
                 sc.store.destroy()
             with sc._rw.write():  # searches in flight finish first
                 sc.index = None

@@ -48,6 +48,12 @@ class Upkeep:
         self.packed_at = 0  # vectors the index held when its lists were last packed (see repack_if_due)
         self._packed_t = 0.0  # time.monotonic() when they were, and how long that took
         self._pack_s = 0.0
+        self._stop = threading.Event()  # set when the collection closes: the waiting thread ends at once
+        self.thread: threading.Thread | None = None  # the latest thread that waits for the writes to stop
+
+    def stop(self) -> None:
+        """The collection closed: the upkeep ends (a pending trim or pack is dropped)."""
+        self._stop.set()
 
     def refresh_gpu(self) -> None:
         """On a GPU shard, (re)builds the index's GPU mirror when it has none (loaded, just trained) or too many
@@ -98,7 +104,8 @@ class Upkeep:
     def _trim_later(self) -> None:
         """Starts the thread that waits for the writes to stop, then trims and packs (:meth:`_trim_when_idle`)."""
         self._trim_pending = True
-        threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True).start()
+        self.thread = threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True)
+        self.thread.start()
 
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
@@ -108,9 +115,10 @@ class Upkeep:
         sc = self.sc
         wait = _TRIM_IDLE_S
         while True:
-            time.sleep(max(0.05, wait))
+            if self._stop.wait(max(0.05, wait)):
+                return
             with sc._write_order:
-                if sc.dropped:
+                if sc.dropped or self._stop.is_set():
                     self._trim_pending = False
                     return
                 idle = time.monotonic() - self._last_write
