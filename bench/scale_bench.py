@@ -17,7 +17,11 @@ For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist
   RSS, summed over shard processes, from the empty collection to the loaded and idle one, over n), the same
   cheapest-parameter sweep and QPS; then the restart: the router and the cluster are stopped gracefully
   (``stop_cluster``, Ray too), started again on the same storage, and timed until a search returns a full answer
-  (k ids for every query) with coverage 1.
+  (k ids for every query) with coverage 1;
+- FAISS from the cluster's own training (``--same-training``, on by default; bench/scale_faiss.py): for a trained
+  spec, in-process FAISS is filled from the trained index that cluster run used (read from its storage), then swept
+  and measured as above. It holds the lists the shards hold together, so at the same nprobe it answers as the
+  cluster does, and the ratio against it leaves out the difference two trainings on two samples make.
 
 Ratios: cluster / FAISS QPS (each at its fastest: FAISS over its thread and caller settings, for IVF-PQ with and
 without precomputed tables; the cluster over ``--concurrency`` requests in flight), cluster / FAISS bytes per
@@ -37,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import pathlib
@@ -49,102 +52,10 @@ import time
 import numpy as np
 
 from bench.common import init_ray, load, shard_memory, start_local, teardown, total_memory_gib, wait_idle
+from bench.scale_common import EF_SEARCHES, NPROBES, cheapest, data_tag, dataset, ground_truth, log  # noqa: F401
+from bench.scale_faiss import faiss_family, faiss_with_cluster_training
 from bench.scale_report import markdown, summarize
-from bench.timing import ids_to_array, make_data, measure, recall_at_k, watch_foreign_cpu, write_results
-from lookalike.indexspec import training_points
-
-_T0 = time.perf_counter()
-
-NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-EF_SEARCHES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
-PLATEAU_GAIN = 0.003  # recall gained by doubling the parameter below which recall has stopped growing
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# --- data -------------------------------------------------------------------------------------------------------
-def dataset(args) -> tuple[np.ndarray, np.ndarray]:
-    """(xb memory-mapped, shape (n, dim) float32; xq shape (queries, dim)) under ``args.data_dir``, generated once
-    with ``make_data`` (chunk by chunk into the map) and reused while the data flags are the same."""
-    from tqdm import tqdm
-
-    root = pathlib.Path(args.data_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tag = data_tag(args)
-    xb_path, xq_path = root / f"xb-{tag}.npy", root / f"xq-{tag}.npy"
-    if xb_path.exists() and xq_path.exists():
-        log(f"data: reusing {xb_path}")
-        return np.load(xb_path, mmap_mode="r"), np.load(xq_path)
-    tmp = xb_path.with_suffix(".partial.npy")
-    xb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(args.n, args.dim))
-    with tqdm(total=args.n, unit="vec", unit_scale=True, desc="generate", mininterval=2.0, file=sys.stderr) as bar:
-        _, xq = make_data(args.n, args.dim, args.queries, args.seed, clusters=args.clusters, noise=args.noise,
-                          out=xb, progress=bar.update)
-    xb.flush()
-    del xb
-    np.save(xq_path, xq)
-    tmp.rename(xb_path)
-    log(f"data: generated {args.n} x {args.dim} into {xb_path}")
-    return np.load(xb_path, mmap_mode="r"), xq
-
-
-def data_tag(args) -> str:
-    """Names the generated data by the flags it depends on."""
-    return f"{args.n}x{args.dim}-q{args.queries}-s{args.seed}-c{args.clusters}-z{args.noise:g}"
-
-
-def ground_truth(xb: np.ndarray, xq: np.ndarray, k: int, cache: pathlib.Path, chunk: int = 1_000_000) -> np.ndarray:
-    """Exact k nearest neighbours (L2) of xq in xb: I shape (nq, k) int64, from ``faiss.knn`` over chunks of xb
-    merged with a ``ResultHeap``; cached in ``cache`` (.npy)."""
-    import faiss
-    from tqdm import tqdm
-
-    if cache.exists():
-        return np.load(cache)
-    heap = faiss.ResultHeap(len(xq), k)
-    for s in tqdm(range(0, len(xb), chunk), desc="ground truth", unit="chunk", file=sys.stderr):
-        D, I = faiss.knn(xq, np.ascontiguousarray(xb[s:s + chunk]), k)
-        heap.add_result(D, I + s)
-    heap.finalize()
-    np.save(cache, heap.I)
-    return heap.I
-
-
-# --- choosing nprobe / efSearch ----------------------------------------------------------------------------------
-def cheapest(grid: tuple, recall_of, target: float) -> dict:
-    """The smallest value of ``grid`` at which ``recall_of(value)`` >= target, found by doubling the value through
-    the grid and then bisecting; where recall stops growing below the target (gain under PLATEAU_GAIN over a doubling),
-    the smallest value reaching the plateau's recall minus PLATEAU_GAIN. Returns {"value", "recall", "met",
-    "curve": [(value, recall), ...]}."""
-    seen: dict[int, float] = {}
-
-    def r(i: int) -> float:
-        if grid[i] not in seen:
-            seen[grid[i]] = recall_of(grid[i])
-            log(f"    {grid[i]}: recall {seen[grid[i]]:.4f}")
-        return seen[grid[i]]
-
-    lo, hi, goal, met, i = -1, None, target, True, 0
-    while True:
-        if r(i) >= goal:
-            hi = i
-            break
-        if i == len(grid) - 1:  # the grid's end: take it
-            hi, met = i, False
-            break
-        j = next((x for x in range(i + 1, len(grid)) if grid[x] >= 2 * grid[i]), len(grid) - 1)
-        if r(j) - r(i) < PLATEAU_GAIN and grid[j] >= 2 * grid[i]:
-            goal, met = r(j) - PLATEAU_GAIN, False  # a plateau below the target: bisect for its start
-            lo, hi = -1, j
-            break
-        lo, i = i, j
-    while hi - lo > 1:  # r(lo) < goal <= r(hi) (lo = -1: nothing below tried)
-        mid = (lo + hi) // 2
-        hi, lo = (mid, lo) if r(mid) >= goal else (hi, mid)
-    return {"value": grid[hi], "recall": r(hi), "met": met and r(hi) >= target, "curve": sorted(seen.items())}
-
+from bench.timing import ids_to_array, measure, recall_at_k, watch_foreign_cpu, write_results
 
 # --- the cluster's training state ---------------------------------------------------------------------------------
 def needs_training(spec: str) -> bool:
@@ -165,90 +76,6 @@ def wait_trained(client, name: str, spec: str, timeout: float) -> dict:
         if done or waited >= timeout:
             return {"seconds": round(waited, 2), "trained": done, "version": t.version, "trained_on": t.trained_on}
         time.sleep(0.5)
-
-
-# --- in-process FAISS ---------------------------------------------------------------------------------------------
-def train_size(spec: str, dim: int, n: int) -> int:
-    """Vectors the in-process index trains on: the sample the cluster trains the same spec on
-    (lookalike.indexspec.training_points: about 100 per list, at most 500k)."""
-    return min(n, training_points(spec)[1])
-
-
-def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args, scratch: pathlib.Path) -> dict:
-    """Builds ``spec`` over xb in-process, then sweeps and measures it. Returns its results; frees the index."""
-    import faiss
-
-    n, dim, k = len(xb), xb.shape[1], args.k
-    threads = os.cpu_count() or 1
-    faiss.omp_set_num_threads(threads)
-    res: dict = {"spec": spec, "n": n}
-    idx = faiss.index_factory(dim, spec)
-    if not idx.is_trained:
-        ntrain = train_size(spec, dim, n)
-        t = time.perf_counter()
-        sample = np.ascontiguousarray(xb[np.sort(np.random.default_rng(args.seed + 1).choice(n, ntrain, replace=False))])
-        res["train_read_seconds"] = time.perf_counter() - t
-        t = time.perf_counter()
-        idx.train(sample)
-        res.update(train_vectors=ntrain, train_seconds=time.perf_counter() - t)
-        del sample
-        log(f"  FAISS {spec}: trained on {ntrain} in {res['train_seconds']:.1f}s")
-    read_s = add_s = 0.0
-    from tqdm import tqdm
-
-    for s in tqdm(range(0, n, args.chunk), desc=f"FAISS add {spec}", unit="chunk", file=sys.stderr, mininterval=2.0):
-        t = time.perf_counter()
-        x = np.ascontiguousarray(xb[s:s + args.chunk])
-        read_s += time.perf_counter() - t
-        t = time.perf_counter()
-        idx.add(x)
-        add_s += time.perf_counter() - t
-    res.update(read_seconds=read_s + res.get("train_read_seconds", 0.0), add_seconds=add_s)
-    res["build_seconds"] = res["read_seconds"] + res.get("train_seconds", 0.0) + add_s
-    log(f"  FAISS {spec}: built in {res['build_seconds']:.1f}s (read {res['read_seconds']:.1f}s, "
-        f"train {res.get('train_seconds', 0.0):.1f}s, add {add_s:.1f}s)")
-    path = scratch / "faiss-index.tmp"
-    faiss.write_index(idx, str(path))  # the bytes of serialize_index, without a second copy in RAM
-    res["index_bytes"] = path.stat().st_size
-    res["bytes_per_vector"] = res["index_bytes"] / n
-    path.unlink()
-
-    if "IVF" in spec:
-        param, grid = "nprobe", tuple(p for p in NPROBES if p <= args.nlist)
-        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersIVF(nprobe=p))  # noqa: E731
-    elif "HNSW" in spec:
-        param, grid = "efSearch", tuple(e for e in EF_SEARCHES if e >= k)
-        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersHNSW(efSearch=p))  # noqa: E731
-    else:
-        param, grid, search = None, (0,), (lambda q, p: idx.search(q, k))
-    if param:
-        log(f"  FAISS {spec}: cheapest {param} for recall@{k} >= {args.target}")
-        res["sweep"] = cheapest(grid, lambda p: recall_at_k(search(xq, p)[1], gt), args.target)
-    else:
-        res["sweep"] = {"value": 0, "recall": recall_at_k(search(xq, 0)[1], gt), "met": True, "curve": []}
-    res["param"] = param
-    p = res["sweep"]["value"]
-    res["qps"] = {}
-    # IVF-PQ with and without precomputed tables (shard.specs.drop_precomputed_tables): the faster one is compared
-    ivfpq = faiss.try_extract_index_ivf(idx)
-    ivfpq = faiss.downcast_index(ivfpq) if ivfpq is not None else None
-    tables = ((1, ""), (-1, ", no tables")) if isinstance(ivfpq, faiss.IndexIVFPQ) else ((None, ""),)
-    for mode, suffix in tables:
-        if mode is not None:
-            ivfpq.use_precomputed_table = mode
-            ivfpq.precompute_table()
-        for batch in args.batches:
-            for label, nthreads, conc in (("all cores", threads, 1), ("1 thread", 1, 1),
-                                          *[(f"{c} callers x 1 thread", 1, c) for c in args.concurrency if c > 1]):
-                faiss.omp_set_num_threads(nthreads)
-                r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc,
-                            thread_setup=lambda n=nthreads: faiss.omp_set_num_threads(n))
-                res["qps"].setdefault(str(batch), {})[label + suffix] = r
-                log(f"  FAISS {spec} batch {batch} {label}{suffix}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
-            faiss.omp_set_num_threads(threads)
-    idx.reset()  # frees the vectors now; the rest goes with this frame
-    gc.collect()
-    return res
 
 
 # --- the cluster ----------------------------------------------------------------------------------------------------
@@ -422,6 +249,10 @@ def run(args) -> dict:
             try:
                 cluster_family(spec, S, xb, xq, gt, args, storage, res)
                 entry["cluster"].append(res)
+                if args.same_training and res.get("trained", {}).get("version"):
+                    _save(out, args.out)
+                    res["faiss_same_training"] = faiss_with_cluster_training(
+                        spec, storage, "scale", res["trained"]["version"], xb, xq, gt, args)
             except Exception as err:  # noqa: BLE001: one failed cluster run is a result; the others still run
                 log(f"{spec}: the {S}-shard run failed: {type(err).__name__}: {err}")
                 entry.setdefault("failed", []).append({"shards": S, "error": f"{type(err).__name__}: {err}",
@@ -463,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=10_000, help="request bound of each QPS measurement")
     p.add_argument("--concurrency", type=ints, default=[1, 2], help="requests in flight, each measured, the best "
                    "compared (FAISS: that many callers on 1 thread each; default 1,2)")
+    p.add_argument("--same-training", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each trained cluster run, also measure in-process FAISS filled from that cluster's own "
+                        "trained index (the same lists, so the same answers at the same nprobe; default on)")
     p.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor (default 0.5)")
     p.add_argument("--load-batch", type=int, default=10_000, help="vectors per upsert message (default 10000)")
     p.add_argument("--load-timeout", type=float, default=None, help="deadline of each bulk load, seconds (none)")

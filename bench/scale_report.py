@@ -48,6 +48,10 @@ def summarize(out: dict) -> list[dict]:
                 four = by_s.get(4)
                 if c["shards"] == 8 and four:
                     row[f"qps_8_over_4_b{b}"] = cq / four["qps"][str(b)]["qps"]
+                same = c.get("faiss_same_training")
+                if same and str(b) in same.get("qps", {}):
+                    row[f"same_training_qps_b{b}"] = _best_faiss(same, b)["qps"]
+                    row[f"same_training_ratio_b{b}"] = cq / row[f"same_training_qps_b{b}"]
             rows.append(row)
     return rows
 
@@ -99,6 +103,27 @@ def markdown(out: dict) -> str:
                 ours = ", ".join(f"{k}: {r['qps']:.0f}" for k, r in by.items())
                 theirs = ", ".join(f"{k}: {r['qps']:.0f}" for k, r in e["faiss"]["qps"].get(b, {}).items())
                 add(f"| {e['spec']} | {c['shards']} | {b} | {ours} | {theirs} |")
+    same = [(e, c) for e in out["families"] for c in e["cluster"] if c.get("faiss_same_training")]
+    if same:
+        add("")
+        add("FAISS filled from each cluster's own trained index (the same lists: the same answers at the same nprobe):")
+        add("")
+        add("| index | shards | trained version | param cluster / FAISS | recall cluster / FAISS | "
+            "QPS b1 cluster / FAISS | ratio | QPS b100 cluster / FAISS | ratio | FAISS QPS b100 by setting |")
+        add("|---|---:|---:|---|---|---|---:|---|---:|---|")
+        for e, c in same:
+            f = c["faiss_same_training"]
+            cells = []
+            for b in ("1", "100"):
+                if b in f["qps"] and b in c["qps"]:
+                    fq, cq = _best_faiss(f, int(b))["qps"], c["qps"][b]["qps"]
+                    cells += [f"{cq:.1f} / {fq:.1f}", f"{cq / fq:.2f}"]
+                else:
+                    cells += ["-", "-"]
+            by = ", ".join(f"{k}: {r['qps']:.0f}" for k, r in f["qps"].get("100", {}).items())
+            add(f"| {e['spec']} | {c['shards']} | {f['trained_version']} | {c['param']} {c['sweep']['value']} / "
+                f"{f['sweep']['value']} | {c['sweep']['recall']:.3f} / {f['sweep']['recall']:.3f} | "
+                f"{' | '.join(cells)} | {by} |")
     for e in out["families"]:
         for c in e["cluster"]:
             if c.get("note"):
