@@ -56,9 +56,10 @@ def load(client, name: str, xb: np.ndarray, batch: int, timeout: float | None) -
             "foreign_cpu_cores": round(ForeignCpu.cores(snap, timing.MONITOR.snapshot()), 3) if snap else None}
 
 
-def wait_idle(pids: list[int], max_s: float = 180.0, window: float = 1.0, cores: float = 0.15) -> float:
-    """Waits until the shard processes together use less than ``cores`` CPUs over two consecutive windows (the
-    background WAL compaction that follows a bulk load has finished). Returns the seconds waited."""
+def wait_idle(pids: list[int], max_s: float = 180.0, window: float = 1.0, cores: float = 0.15,
+              windows: int = 2) -> float:
+    """Waits until the shard processes together use less than ``cores`` CPUs over ``windows`` consecutive windows
+    (the background WAL compaction that follows a bulk load has finished). Returns the seconds waited."""
     import psutil
 
     procs = []
@@ -80,7 +81,7 @@ def wait_idle(pids: list[int], max_s: float = 180.0, window: float = 1.0, cores:
 
     t0 = time.perf_counter()
     quiet, last = 0, cpu()
-    while time.perf_counter() - t0 < max_s and quiet < 2:
+    while time.perf_counter() - t0 < max_s and quiet < windows:
         time.sleep(window)
         now = cpu()
         quiet = quiet + 1 if (now - last) / window < cores else 0

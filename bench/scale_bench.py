@@ -122,7 +122,9 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         res["trained"] = wait_trained(client, name, spec, wait_s)
         log(f"  cluster {spec}: trained {res['trained']}")
         pids = list(ray.get(handle.shard_pids.remote()).values())
-        res["idle_wait_seconds"] = wait_idle(pids, max_s=args.idle_timeout)
+        # Quiet for longer than a shard waits before packing its lists (shard.upkeep._REPACK_IDLE_S, 5 s): a new
+        # trained version's lists are packed only then, and RSS measured before that counted them unpacked.
+        res["idle_wait_seconds"] = wait_idle(pids, max_s=args.idle_timeout, windows=8)
         settled = shard_memory(client)
         base = {s["shard_id"]: s["memory_bytes"] for s in empty}
         growth = sum(s["memory_bytes"] - base.get(s["shard_id"], 0) for s in settled)
