@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from bench.common import init_ray, load, shard_memory, start_local, teardown, total_memory_gib, wait_idle
-from bench.scale_common import EF_SEARCHES, NPROBES, cheapest, data_tag, dataset, ground_truth, log  # noqa: F401
+from bench.scale_common import EF_SEARCHES, NPROBES, cheapest, data_tag, dataset, ground_truth, log
 from bench.scale_faiss import faiss_family, faiss_with_cluster_training
 from bench.scale_report import markdown, summarize
 from bench.timing import ids_to_array, measure, recall_at_k, watch_foreign_cpu, write_results

@@ -52,7 +52,7 @@ class Upkeep:
         self.thread: threading.Thread | None = None  # the latest thread that waits for the writes to stop
 
     def stop(self) -> None:
-        """The collection closed: the upkeep ends (a pending trim or pack is dropped)."""
+        """The collection closed or was dropped: the upkeep ends (a pending trim or pack is dropped, none starts)."""
         self._stop.set()
 
     def refresh_gpu(self) -> None:
@@ -103,6 +103,8 @@ class Upkeep:
 
     def _trim_later(self) -> None:
         """Starts the thread that waits for the writes to stop, then trims and packs (:meth:`_trim_when_idle`)."""
+        if self._stop.is_set():
+            return
         self._trim_pending = True
         self.thread = threading.Thread(target=self._trim_when_idle, name=f"trim-{self.sc.coll.name}", daemon=True)
         self.thread.start()
@@ -118,7 +120,7 @@ class Upkeep:
             if self._stop.wait(max(0.05, wait)):
                 return
             with sc._write_order:
-                if sc.dropped or self._stop.is_set():
+                if self._stop.is_set():  # closed or dropped meanwhile (both stop the upkeep)
                     self._trim_pending = False
                     return
                 idle = time.monotonic() - self._last_write
