@@ -40,13 +40,13 @@ import numpy as np
 from lookalike.config import CollectionConfig
 from lookalike.indexspec import training_points
 from shard.cpu_index import VectorIndex
-from shard.osutil import release_memory
+from shard.osutil import SHARD_PROCESS_ENV, release_memory
 from shard.shard import Shard
 from shard.specs import build_index
 from shard.trained import write_template
 
 DEFAULT_SPECS = ["Flat", "IVF1024,Flat", "IVF1024,PQ16", "HNSW32"]
-_SHARD_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "OMP_NUM_THREADS": "1"}
+_SHARD_ENV = {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": "1"}  # as a shard actor runs (control/ray_placer.py)
 _BATCH = 10_000
 _CENTERS = 256
 

@@ -16,6 +16,7 @@ from control.ray_common import shard_threads, unwrap
 from control.ray_shard import ShardActor
 from lookalike.config import ClusterConfig, CollectionConfig
 from lookalike.gpu import shard_num_gpus
+from shard.osutil import SHARD_PROCESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,8 @@ class RayPlacer:
             get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
             scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
             num_cpus=cfg.shard_num_cpus, num_gpus=self.num_gpus, memory=cfg.shard_memory or None,
-            # Few malloc arenas: each gRPC thread would otherwise keep its own heap of freed request buffers.
-            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-                                      "OMP_NUM_THREADS": str(shard_threads(cfg))}},
+            # the allocator settings of a shard's process (shard.osutil) and its FAISS threads
+            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(shard_threads(cfg))}},
         )
 
     def _handle(self, shard_id: str):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from shard.osutil import SHARD_PROCESS_ENV
 from tools import sizing
 
 _MEASURE = """
@@ -21,7 +22,7 @@ print(json.dumps(measure_shard(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]))
 
 def _measure(n: int, dim: int, index: str) -> dict:
     """A real shard in a fresh process, with the allocator settings shard actors run with (control/ray_placer.py)."""
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_=str(1 << 20), OMP_NUM_THREADS="1")
+    env = dict(os.environ, **SHARD_PROCESS_ENV, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(n), str(dim), index], env=env, capture_output=True,
                          text=True, timeout=240, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -31,8 +32,11 @@ def _measure(n: int, dim: int, index: str) -> dict:
 def test_estimate_is_within_15_percent_of_a_real_shard(index, n):
     m = _measure(n, 64, index)
     assert m["trained"]
-    est = sizing.shard_resident_estimate(n, 64, index, id_bytes=len(str(n // 2)))
+    # what the items add: the collection's fixed part and buffers (COLLECTION_OVERHEAD) came with its opening,
+    # before the shard's memory was first read
+    est = n * sizing.per_vector(64, index, id_bytes=len(str(n // 2))).resident
     assert abs(est - m["grew"]) / m["grew"] < 0.15, (index, m, est)
+    assert m["opened"] <= sizing.COLLECTION_OVERHEAD + sizing.fixed_bytes(64, index) * 1.1 + 256 * 1024, m
 
 
 def test_per_vector_parts():

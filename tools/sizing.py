@@ -8,16 +8,18 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
   no more (no IVF direct map: removal and Get do not need one, see shard/cpu_index.py); for IVF, what growing lists
   cost beyond their contents once a shard has packed them (it does when the writes stop): ``IVF_LIST_SLACK`` of their
-  codes and ids and ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before
-  its items arrived, as in a cluster (IVF256,PQ16 at d=64: 72 bytes a vector in all, id table included, between 300k
-  and 1M vectors; IVF1024,Flat at d=128: 597 against FAISS's 522, bench/memory_bench.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels (about 4 bytes an
-  item), 8 bytes of position -> label and 4 of positions sorted by label;
+  codes and ids (none: packed lists are exactly their length) and ``IVF_LIST_HEAP`` bytes of heap, measured on a
+  shard whose collection's index was trained before its items arrived, as in a cluster, in a shard process's
+  environment (shard.osutil.SHARD_PROCESS_ENV): IVF1024,Flat at d=128, 300k vectors: 564 bytes a vector against
+  FAISS's 522 and 580 here; IVF1024,PQ16: 66 against 61 here; IVF256,PQ16 at d=64: 49 against 54 here
+  (bench/memory_bench.py, tests/test_sizing.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels
+  (about 4 bytes an item), 8 bytes of position -> label and 4 of positions sorted by label;
 - the id table: 12 bytes an item (label, offset) plus the id's UTF-8 bytes;
 - the payload: its serialized bytes plus 33 bytes of Python bytes object and 8 of pointer in the id table, when
   there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
-- plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (6 MiB: storage buffers; 8 MiB measured for
-  IVF256,PQ16 less its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
+- plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (1 MiB: storage buffers; opening one measured 0.5-0.85
+  MiB beyond its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
   nlist x M x 256 floats up to 16 MiB, 16 MiB for IVF1024,PQ16; larger ones are not kept, see
   shard.specs.drop_precomputed_tables), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
@@ -59,8 +61,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
-COLLECTION_OVERHEAD = 6 * MiB
-IVF_LIST_SLACK = 0.05
+COLLECTION_OVERHEAD = 1 * MiB
+IVF_LIST_SLACK = 0.0
 IVF_LIST_HEAP = 8
 _IDTABLE = 12  # label (int64) and offset (uint32) in shard.idtable.IdTable
 _BYTES_OBJECT = 33
@@ -330,8 +332,12 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
             x = rng.standard_normal((min(sample, vectors), dim)).astype(np.float32)
             write_template(tmp, cfg, 1, VectorIndex(cfg).train_template(x), len(x), 0.0)
             cfg = dataclasses.replace(cfg, trained_version=1)
+        release_memory()
+        unopened = shard.memory_bytes()
         shard.open_collection(cfg, range(16))
         sc = shard.collection("sized")
+        release_memory()
+        opened = shard.memory_bytes()
         # one warm-up write, and BLAS's and OpenMP's per-thread buffers (k-means, large searches), so that what
         # every shard pays once is not counted as data
         sc.upsert(["warm"], rng.standard_normal((1, dim)).astype(np.float32), [None])
@@ -349,8 +355,8 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
         sc.store.compact()  # what a background compaction would do (waits for one that is running)
         release_memory()
         after = shard.memory_bytes()
-        out = {"vectors": vectors, "before": before, "after": after, "grew": after - before,
-               "index_bytes": sc.index.nbytes, "trained": sc.index.trained}
+        out = {"vectors": vectors, "before": before, "after": after, "grew": after - before, "opened": opened - unopened,
+               "index_bytes": sc.index.nbytes, "table_bytes": sc.table.nbytes, "trained": sc.index.trained}
         shard.close()
     return out
 
