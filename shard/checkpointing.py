@@ -255,7 +255,8 @@ class Checkpointer:
                 name = self.write()
             if name is not None:
                 sc.store.trim_log()  # the log segments it covers, kept since compaction folded them
-                release_memory()  # what writing it allocated and freed (about a tenth of the index's bytes)
+                if not sc.joining:  # no trim while buckets are copied in (it stalls searches: see shard.moves)
+                    release_memory()  # what writing it allocated and freed (about a tenth of the index's bytes)
         except Exception:  # noqa: BLE001: background work: logged, the next one tries again
             log.exception("%s: background checkpoint failed", sc.coll.name)
         finally:

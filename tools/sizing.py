@@ -7,8 +7,8 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   SQ8: dim...);
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
   no more (no IVF direct map: removal and Get do not need one, see shard/cpu_index.py); for IVF, what growing lists
-  cost beyond their contents once a shard has packed them (it does when the writes stop): ``IVF_LIST_SLACK`` of their
-  codes and ids (none: packed lists are exactly their length) and ``IVF_LIST_HEAP`` bytes of heap, measured on a
+  cost beyond their contents once a shard has packed them (it does when the writes stop, to exactly their length):
+  ``IVF_LIST_HEAP`` bytes of heap, measured on a
   shard whose collection's index was trained before its items arrived, as in a cluster, in a shard process's
   environment (shard.osutil.SHARD_PROCESS_ENV): IVF1024,Flat at d=128, 300k vectors: 564 bytes a vector against
   FAISS's 522 and 580 here; IVF1024,PQ16: 66 against 61 here; IVF256,PQ16 at d=64: 49 against 54 here
@@ -62,7 +62,6 @@ MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
 COLLECTION_OVERHEAD = 1 * MiB
-IVF_LIST_SLACK = 0.0
 IVF_LIST_HEAP = 8
 _IDTABLE = 12  # label (int64) and offset (uint32) in shard.idtable.IdTable
 _BYTES_OBJECT = 33
@@ -109,7 +108,7 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
             code = int(storage.sa_code_size()) if storage is not None else 4 * dim
     idx: float = 8.0  # the id in IndexIDMap, or in an inverted list
     if re.search(r"(^|,)B?IVF\d+", spec):
-        idx += IVF_LIST_SLACK * (code + 8) + IVF_LIST_HEAP
+        idx += IVF_LIST_HEAP
     m = re.search(r"HNSW(\d+)", spec)
     if m:
         links = int(m.group(1))
@@ -355,7 +354,8 @@ def measure_shard(vectors: int, dim: int, index: str, metric: str = "l2", seed: 
         sc.store.compact()  # what a background compaction would do (waits for one that is running)
         release_memory()
         after = shard.memory_bytes()
-        out = {"vectors": vectors, "before": before, "after": after, "grew": after - before, "opened": opened - unopened,
+        out = {"vectors": vectors, "before": before, "after": after, "grew": after - before,
+               "opened": opened - unopened,  # what opening the collection cost (its fixed part and buffers)
                "index_bytes": sc.index.nbytes, "table_bytes": sc.table.nbytes, "trained": sc.index.trained}
         shard.close()
     return out
