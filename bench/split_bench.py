@@ -27,15 +27,20 @@ from bench.timing import write_results
 from shard.specs import drop_precomputed_tables
 
 
+def _ready(index, nprobe: int):
+    """``index`` filled, set to probe ``nprobe`` lists, its IVF-PQ tables kept or freed as a shard's are."""
+    index.nprobe = nprobe
+    drop_precomputed_tables(index)
+    return index
+
+
 def _filled(template: bytes, xb: np.ndarray, ids: np.ndarray, lists: np.ndarray, mask: np.ndarray, nprobe: int):
     import faiss
 
     index = faiss.deserialize_index(template)
     x, i, a = np.ascontiguousarray(xb[mask]), ids[mask], np.ascontiguousarray(lists[mask])
     index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(i), faiss.swig_ptr(a))
-    index.nprobe = nprobe
-    drop_precomputed_tables(index)
-    return index
+    return _ready(index, nprobe)
 
 
 def _one_view(template: bytes, parts: list, nprobe: int):
@@ -50,9 +55,7 @@ def _one_view(template: bytes, parts: list, nprobe: int):
     stack = faiss.HStackInvertedLists(ils.size(), ils.data())
     view.replace_invlists(stack, False)
     view.ntotal = sum(p.ntotal for p in parts)
-    view.nprobe = nprobe
-    drop_precomputed_tables(view)
-    return view, (ils, stack)
+    return _ready(view, nprobe), (ils, stack)
 
 
 def _cpu_ms(quantizer, indexes, xq: np.ndarray, batch: int, nprobe: int, threads: int, k: int):

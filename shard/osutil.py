@@ -13,7 +13,8 @@ import ctypes
 # - PYTHONMALLOC=malloc: Python's objects come from the C allocator rather than Python's own 1 MiB arenas. A load's
 #   transient objects (request ids, log records, compaction's rows) fill arenas that a few long-lived objects born
 #   meanwhile then keep resident: 16-29 bytes a vector at 300k-500k vectors a shard (docs/BENCHMARKS.md,
-#   "Python's arenas and the checkpoint's freed heap"). The C allocator hands freed pages back at each trim (release_memory).
+#   "Python's arenas and the checkpoint's freed heap"). The C allocator hands freed pages back at each trim
+#   (release_memory).
 # - MALLOC_ARENA_MAX=2: each gRPC thread would otherwise keep its own heap of freed request buffers.
 # - MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB: large buffers are mapped and unmapped rather than kept in the heap.
 SHARD_PROCESS_ENV = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}

@@ -8,10 +8,9 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
 - the index's per-item structures: 8 bytes of id in ``IndexIDMap`` (Flat, PQ, SQ) or in the inverted list (IVF),
   no more (no IVF direct map: removal and Get do not need one, see shard/cpu_index.py); for IVF, what growing lists
   cost beyond their contents once a shard has packed them (it does when the writes stop, to exactly their length):
-  ``IVF_LIST_HEAP`` bytes of heap, measured on a
-  shard whose collection's index was trained before its items arrived, as in a cluster, in a shard process's
-  environment (shard.osutil.SHARD_PROCESS_ENV): IVF1024,Flat at d=128, 300k vectors: 564 bytes a vector against
-  FAISS's 522 and 580 here; IVF1024,PQ16: 66 against 61 here; IVF256,PQ16 at d=64: 49 against 54 here
+  ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before its items
+  arrived, as in a cluster, in a shard process's environment (shard.osutil.SHARD_PROCESS_ENV): IVF1024,Flat at
+  d=128, 300k vectors: 564 bytes a vector against FAISS's 522 and 580 here; IVF1024,PQ16: 66 against 61 here; IVF256,PQ16 at d=64: 49 against 54 here
   (bench/memory_bench.py, tests/test_sizing.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels
   (about 4 bytes an item), 8 bytes of position -> label and 4 of positions sorted by label;
 - the id table: 12 bytes an item (label, offset) plus the id's UTF-8 bytes;
@@ -19,8 +18,8 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   there is one;
 - x ``ALLOCATOR_FACTOR`` (1.05): allocator slack;
 - plus, per collection on a shard, ``COLLECTION_OVERHEAD`` (1 MiB: storage buffers; opening one measured 0.5-0.85
-  MiB beyond its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed distance tables of
-  nlist x M x 256 floats up to 16 MiB, 16 MiB for IVF1024,PQ16; larger ones are not kept, see
+  MiB beyond its fixed part) and the index's fixed part (:func:`fixed_bytes`: IVF centroids, IVF-PQ's precomputed
+  distance tables of nlist x M x 256 floats up to 16 MiB, 16 MiB for IVF1024,PQ16; larger ones are not kept, see
   shard.specs.drop_precomputed_tables), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
   shard measured 128-138 MiB).
