@@ -11,8 +11,9 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   ``IVF_LIST_HEAP`` bytes of heap, measured on a shard whose collection's index was trained before its items
   arrived, as in a cluster, in a shard process's environment (shard.osutil.SHARD_PROCESS_ENV): IVF1024,Flat at
   d=128, 300k vectors: 564 bytes a vector against FAISS's 522 and 580 here; IVF1024,PQ16: 66 against 61 here;
-  IVF256,PQ16 at d=64: 49 against 54 here (bench/memory_bench.py, tests/test_sizing.py); for HNSW, the level-0 links (2 x M x 4 bytes), the upper levels
-  (about 4 bytes an item), 8 bytes of position -> label and 4 of positions sorted by label;
+  IVF256,PQ16 at d=64: 49 against 54 here (bench/memory_bench.py, tests/test_sizing.py); for HNSW, the level-0
+  links (2 x M x 4 bytes), the upper levels (about 4 bytes an item), 8 bytes of position -> label and 4 of
+  positions sorted by label;
 - the id table: 12 bytes an item (label, offset) plus the id's UTF-8 bytes;
 - the payload: its serialized bytes plus 33 bytes of Python bytes object and 8 of pointer in the id table, when
   there is one;
