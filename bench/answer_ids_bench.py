@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from protos import shard_pb2
-from router.merge import merge_topk
+from lookalike.topk import merge_topk
 from router.search import _merge_responses
 from shard.idtable import IdTable
 

@@ -14,6 +14,8 @@ from lookalike.metrics import serve_metrics, shard_registry
 from lookalike.net import set_serving
 from router.core import Router
 from router.shard_client import GrpcShardClient, InProcessShardClient
+from control.placer import process_of
+from shard.host import HostServicer, create_host_server, host_shard
 from shard.shard import Shard
 from shard.server import SERVICE_NAME, create_shard_server
 
@@ -26,10 +28,12 @@ class LocalPlacer:
         metrics: each shard also serves its own metrics over HTTP on 127.0.0.1 (a free port; the samples of the
             process registry labelled with its id).
         tls: the internal hop's mutual TLS (lookalike.security.TLSConfig) the shards serve with; None: plaintext.
+        per_process: shards per gRPC server (shard.host), as processes would hold them (control.placer
+            ``process_of``; ``initial`` shards to start with); 1: a server each.
     """
 
     def __init__(self, data_dir: pathlib.Path, segment_bytes: int = 64 << 20, capacity_bytes: int = 0, gpu=None,
-                 metrics: bool = False, tls=None):
+                 metrics: bool = False, tls=None, per_process: int = 1, initial: int = 1):
         self.data_dir = pathlib.Path(data_dir)
         self.segment_bytes = segment_bytes
         self.capacity_bytes = capacity_bytes
@@ -39,13 +43,19 @@ class LocalPlacer:
         self.servers: dict[str, tuple] = {}
         self.metrics = {} if metrics else None  # shard id -> lookalike.metrics.MetricsServer
         self.controller: Controller | None = None
+        self.per_process = per_process
+        self.initial = initial
+        self.hosts: dict[int, tuple] = {}  # process number -> (HostServicer, server, port, health checker)
 
     def ensure_shard(self, shard_id: str) -> None:
         if shard_id in self.shards:
             return
         shard = Shard(shard_id, self.data_dir, segment_bytes=self.segment_bytes, capacity_bytes=self.capacity_bytes,
                       gpu=self.gpu)
-        server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8, tls=self.tls)
+        if self.per_process > 1:
+            server, port, servicer, health = self._host_shard(shard)
+        else:
+            server, port, servicer, health = create_shard_server(shard, "127.0.0.1:0", max_workers=8, tls=self.tls)
         self.shards[shard_id] = shard
         self.servers[shard_id] = (server, port, servicer, health)
         if self.metrics is not None:
@@ -57,6 +67,16 @@ class LocalPlacer:
         shard.serving = True
         set_serving(health, [SERVICE_NAME])
         self.controller.register_shard(shard_id, f"127.0.0.1:{port}", "local")
+
+    def _host_shard(self, shard: Shard) -> tuple:
+        """Serves ``shard`` from the server of its process's number (started with its first shard)."""
+        number = process_of(shard.shard_id, self.per_process, self.initial)
+        if number not in self.hosts:
+            host = HostServicer(f"proc-{number}")
+            server, port, health, checker = create_host_server(host, "127.0.0.1:0", max_workers=8, tls=self.tls)
+            self.hosts[number] = (host, server, port, health, checker)
+        host, server, port, health, _checker = self.hosts[number]
+        return server, port, host_shard(host, shard), health
 
     def open_collection(self, shard_id: str, cfg: CollectionConfig, buckets: list[int]) -> None:
         self.shards[shard_id].open_collection(cfg, buckets)
@@ -98,10 +118,20 @@ class LocalPlacer:
         return self._shard(shard_id).stats()
 
     def stop_shard(self, shard_id: str) -> None:
-        """Stops a shard as a crash would (no flush beyond what was acknowledged)."""
+        """Stops a shard as a crash would (no flush beyond what was acknowledged); a shard sharing a server with
+        others leaves it (calls for it are then UNAVAILABLE), and the server stops with its last shard."""
         server, _port, servicer, _health = self.servers.pop(shard_id)
-        servicer.health_checker.stop()
-        server.stop(None)
+        if self.per_process > 1:
+            number = process_of(shard_id, self.per_process, self.initial)
+            host, _server, _port, _health, checker = self.hosts[number]
+            host.remove(shard_id)
+            if not host.servicers():
+                checker.stop()
+                server.stop(None)
+                del self.hosts[number]
+        else:
+            servicer.health_checker.stop()
+            server.stop(None)
         if self.metrics and shard_id in self.metrics:
             self.metrics.pop(shard_id).close()
         self.shards.pop(shard_id).close()
@@ -124,12 +154,17 @@ class LocalCluster:
         metrics: each shard serves its metrics on a port of its own (:class:`LocalPlacer`).
         tls: the internal hop's mutual TLS (lookalike.security.TLSConfig, e.g. ``TLSConfig.internal()``): the shards
             serve with it and the router connects with it (transport "grpc"); None: plaintext on loopback.
+        shards_per_process: shards sharing one gRPC server (shard.host; transport "grpc"), as ``lookalike serve
+            --shards-per-process`` puts them in one process.
     """
 
     def __init__(self, data_dir, shards: int = 2, transport: str = "grpc", segment_bytes: int = 64 << 20,
                  refresh_interval: float = 0.1, policy: MovePolicy = MovePolicy(grace_s=0.3),
-                 capacity_bytes: int = 0, gpu=None, metrics: bool = False, tls=None):
-        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu, metrics, tls)
+                 capacity_bytes: int = 0, gpu=None, metrics: bool = False, tls=None, shards_per_process: int = 1):
+        if shards_per_process > 1 and transport != "grpc":
+            raise ValueError("shards share a process's server over gRPC only (transport 'grpc')")
+        self.placer = LocalPlacer(data_dir, segment_bytes, capacity_bytes, gpu, metrics, tls, shards_per_process,
+                                  shards)
         self.controller = Controller(data_dir, shards, self.placer, policy)
         self.placer.controller = self.controller
         self.controller.start()

@@ -44,3 +44,21 @@ class ShardPlacer(Protocol):
     # def train_collection(self, shard_id: str, cfg: CollectionConfig, version: int, sources: list, sample: int)
     #     -> dict: trains the next version on that shard (see control.training)
     # def use_trained(self, shard_id: str, cfg: CollectionConfig) -> bool: moves the shard into cfg's version
+
+
+def process_of(shard_id: str, per_process: int, initial_shards: int) -> int:
+    """The number of the process that holds a shard when processes hold ``per_process`` shards each (shard.host).
+
+    The cluster's first shards are dealt out over the first ceil(initial_shards / per_process) processes in turn
+    (shard-0 to process 0, shard-1 to process 1, ...), so that consecutive shards, which hold the replicas of a
+    bucket (lookalike.shardmap.assign_buckets), sit in different processes while there are enough of them. Shards
+    added later fill new processes, ``per_process`` consecutive shards each: growth adds processes, and with them
+    the memory Ray reserves for them. 1 shard per process: the shard's own number.
+    """
+    number = int(shard_id.rpartition("-")[2])
+    if per_process <= 1:
+        return number
+    first = max(1, -(-initial_shards // per_process))
+    if number < first * per_process:
+        return number % first
+    return first + (number - first * per_process) // per_process

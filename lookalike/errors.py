@@ -88,6 +88,15 @@ def error_for_code(code: grpc.StatusCode, message: str) -> LookalikeError:
     return exc
 
 
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_for_number(code: int, message: str) -> LookalikeError:
+    """:func:`error_for_code` for a status code sent as its number (a shard's failure within a multi-shard answer);
+    UNKNOWN for a number gRPC does not have."""
+    return error_for_code(_CODES.get(code, grpc.StatusCode.UNKNOWN), message)
+
+
 def from_rpc_error(err: grpc.RpcError) -> LookalikeError:
     """The typed error for a status received from another server (so the router can pass it through): :class:`Busy`
     for a RESOURCE_EXHAUSTED that carries a ``retry-after-ms`` trailer."""

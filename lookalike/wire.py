@@ -12,6 +12,9 @@ from lookalike.errors import InvalidArgument
 from lookalike.payloads import canonical
 from protos import common_pb2
 
+# gRPC metadata of a call to a shard process: the shard it is for (a process may hold several: shard.host).
+SHARD_KEY = "lookalike-shard"
+
 _DTYPES = {common_pb2.Vectors.FLOAT32: np.dtype("<f4"), common_pb2.Vectors.UINT8: np.dtype("u1")}
 
 

@@ -118,7 +118,7 @@ class ShardGetResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ...) -> None: ...
 
 class ShardSearchRequest(_message.Message):
-    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch", "coarse", "filter")
+    __slots__ = ("collection", "queries", "k", "params", "include_payloads", "epoch", "coarse", "filter", "shards")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ShardSearchRequest(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     COARSE_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     collection: str
     queries: _common_pb2.Vectors
     k: int
@@ -135,7 +136,8 @@ class ShardSearchRequest(_message.Message):
     epoch: int
     coarse: CoarseAssignment
     filter: _common_pb2.Filter
-    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., coarse: _Optional[_Union[CoarseAssignment, _Mapping]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
+    shards: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., queries: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ..., k: _Optional[int] = ..., params: _Optional[_Union[_common_pb2.SearchParams, _Mapping]] = ..., include_payloads: _Optional[bool] = ..., epoch: _Optional[int] = ..., coarse: _Optional[_Union[CoarseAssignment, _Mapping]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CoarseAssignment(_message.Message):
     __slots__ = ("version", "nprobe", "lists", "distances")
@@ -164,7 +166,7 @@ class ShardQuantizerResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., centroids: _Optional[_Union[_common_pb2.Vectors, _Mapping]] = ...) -> None: ...
 
 class ShardSearchResponse(_message.Message):
-    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k", "plan", "id_bytes", "id_lengths")
+    __slots__ = ("distances", "labels", "ids", "payloads", "nq", "k", "plan", "id_bytes", "id_lengths", "failures")
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,7 @@ class ShardSearchResponse(_message.Message):
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ID_BYTES_FIELD_NUMBER: _ClassVar[int]
     ID_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     distances: bytes
     labels: bytes
     ids: _containers.RepeatedScalarFieldContainer[str]
@@ -183,7 +186,18 @@ class ShardSearchResponse(_message.Message):
     plan: str
     id_bytes: bytes
     id_lengths: bytes
-    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ..., plan: _Optional[str] = ..., id_bytes: _Optional[bytes] = ..., id_lengths: _Optional[bytes] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[ShardFailure]
+    def __init__(self, distances: _Optional[bytes] = ..., labels: _Optional[bytes] = ..., ids: _Optional[_Iterable[str]] = ..., payloads: _Optional[_Iterable[_Union[_common_pb2.Payload, _Mapping]]] = ..., nq: _Optional[int] = ..., k: _Optional[int] = ..., plan: _Optional[str] = ..., id_bytes: _Optional[bytes] = ..., id_lengths: _Optional[bytes] = ..., failures: _Optional[_Iterable[_Union[ShardFailure, _Mapping]]] = ...) -> None: ...
+
+class ShardFailure(_message.Message):
+    __slots__ = ("shard", "code", "message")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    shard: str
+    code: int
+    message: str
+    def __init__(self, shard: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ShardStatsRequest(_message.Message):
     __slots__ = ()

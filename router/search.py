@@ -36,8 +36,8 @@ from lookalike.retry import Retry
 from lookalike.wire import vectors_to_proto
 from protos import shard_pb2
 from router.coarse import QUANTIZE_ON_LOOP, CoarseQuantizers
-from router.merge import merge_topk
-from router.shards import CALLER_ERRORS, Shards, outcome
+from lookalike.topk import merge_topk
+from router.shards import CALLER_ERRORS, Shards
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +164,26 @@ class Search:
             req.epoch = smap.epoch
             calls += len(targets)
             answered_now = []
-            for sid, resp in await io.call(smap, targets, req, left):
+            for sids, resp, failed in await io.call(smap, targets, req, left):  # one call per shard process
                 if isinstance(resp, CALLER_ERRORS):
                     raise resp
                 if isinstance(resp, LookalikeError):
-                    failures[sid] = resp
+                    failures.update(dict.fromkeys(sids, resp))
                     continue
-                failures.pop(sid, None)
-                answered.add(sid)
-                answered_now.append(sid)
+                for err in failed.values():
+                    if isinstance(err, CALLER_ERRORS):
+                        raise err
+                failures.update(failed)
+                ok = [sid for sid in sids if sid not in failed]
+                for sid in ok:
+                    failures.pop(sid, None)
+                    answered.add(sid)
+                    answered_now.append(sid)
+                if not ok:
+                    continue
                 responses.append(resp)
-                if resp.plan:
-                    plans.append(f"{sid}: {resp.plan}")
+                if resp.plan:  # a process of several shards names each in its plan's lines
+                    plans.extend([f"{ok[0]}: {resp.plan}"] if len(sids) == 1 else resp.plan.split("\n"))
             if first and not failures:  # the usual case: the whole cover answered, every owned bucket is covered
                 covered = smap.owned
                 break
@@ -237,8 +245,8 @@ class _OnLoop:
         return await asyncio.wait_for(fut, max(0.0, RPC.default_deadline_s if timeout is None else timeout))
 
     async def call(self, smap, shard_ids, request, timeout):
-        """A Search to each shard, concurrently: [(shard_id, response or LookalikeError)]."""
-        return await self.shards.fan_out_async(smap, shard_ids, "Search", request, timeout)
+        """A Search to each shard process, concurrently (router.shards ``Shards.search``)."""
+        return await self.shards.search_async(smap, shard_ids, request, timeout)
 
     async def pause(self, retry: Retry) -> None:
         await retry.pause_async()
@@ -259,7 +267,7 @@ class _Blocking:
         return self.shards.shard_map(name, refresh=refresh)
 
     async def call(self, smap, shard_ids, request, timeout):
-        return [(sid, outcome(fut)) for sid, fut in self.shards.fan_out(smap, shard_ids, "Search", request, timeout)]
+        return self.shards.search(smap, shard_ids, request, timeout)
 
     async def pause(self, retry: Retry) -> None:
         retry.pause()

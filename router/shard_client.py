@@ -2,7 +2,8 @@
 
 Both take the internal request protos. ``call`` returns a future whose ``result()`` gives the response proto or
 raises a typed :class:`lookalike.errors.LookalikeError`; ``acall`` is the same call as a coroutine, for the
-router's asyncio server (searches), which then waits on no thread at all.
+router's asyncio server (searches), which then waits on no thread at all. ``shard`` names the shard a call is for
+(metadata ``lookalike-shard``): a process may hold several (shard.host); one client per process address.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from lookalike.config import RPC
 from lookalike.errors import (Busy, FailedPrecondition, LookalikeError, StaleShardMap, Unavailable, error_for_code,
                               from_rpc_error, retry_after_s)
 from lookalike.net import create_aio_channel, create_channel
+from lookalike.wire import SHARD_KEY
 from protos import shard_pb2_grpc
 
 
 class ShardClient(Protocol):
-    def call(self, method: str, request, timeout: float | None) -> "concurrent.futures.Future": ...
+    def call(self, method: str, request, timeout: float | None, shard: str = "") -> "concurrent.futures.Future": ...
 
-    async def acall(self, method: str, request, timeout: float | None): ...
+    async def acall(self, method: str, request, timeout: float | None, shard: str = ""): ...
 
     def close(self) -> None: ...
 
@@ -37,6 +39,10 @@ _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix
 def _deadline(timeout: float | None) -> float:
     """A shard call's timeout: the caller's, else the default deadline (a shard that hangs fails the call then)."""
     return RPC.default_deadline_s if timeout is None else timeout
+
+
+def _metadata(shard: str):
+    return ((SHARD_KEY, shard),) if shard else None
 
 
 def _shard_error(exc: LookalikeError) -> LookalikeError:
@@ -61,15 +67,15 @@ class GrpcShardClient:
             exc = Unavailable(f"shard at {self.address} is unavailable: {err.details()}")
         return _shard_error(exc)
 
-    def _blocking(self, method: str, request, timeout: float | None):
+    def _blocking(self, method: str, request, timeout: float | None, shard: str):
         try:
-            return getattr(self._stub, method)(request, timeout=_deadline(timeout))
+            return getattr(self._stub, method)(request, timeout=_deadline(timeout), metadata=_metadata(shard))
         except grpc.RpcError as err:
             raise self._error(err) from None
 
-    def call(self, method: str, request, timeout: float | None):
+    def call(self, method: str, request, timeout: float | None, shard: str = ""):
         # in the caller's context: the call's span is a child of the caller's (lookalike.tracing)
-        return _POOL.submit(contextvars.copy_context().run, self._blocking, method, request, timeout)
+        return _POOL.submit(contextvars.copy_context().run, self._blocking, method, request, timeout, shard)
 
     def _aio_stub(self) -> shard_pb2_grpc.ShardStub:
         """The stub on the running loop's asyncio channel, made on first use."""
@@ -82,9 +88,10 @@ class GrpcShardClient:
             entry = self._aio[loop] = (channel, shard_pb2_grpc.ShardStub(channel))
         return entry[1]
 
-    async def acall(self, method: str, request, timeout: float | None):
+    async def acall(self, method: str, request, timeout: float | None, shard: str = ""):
         try:
-            return await getattr(self._aio_stub(), method)(request, timeout=_deadline(timeout))
+            return await getattr(self._aio_stub(), method)(request, timeout=_deadline(timeout),
+                                                           metadata=_metadata(shard))
         except grpc.RpcError as err:
             raise self._error(err) from None
 
@@ -129,7 +136,7 @@ class InProcessShardClient:
         self._servicer = servicer
         self.address = f"inprocess:{servicer.shard.shard_id}"
 
-    def call(self, method: str, request, timeout: float | None):
+    def call(self, method: str, request, timeout: float | None, shard: str = ""):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         try:
             fut.set_result(getattr(self._servicer, method)(request, _LocalContext()))
@@ -137,7 +144,7 @@ class InProcessShardClient:
             fut.set_exception(err)
         return fut
 
-    async def acall(self, method: str, request, timeout: float | None):
+    async def acall(self, method: str, request, timeout: float | None, shard: str = ""):
         # On a thread, as a real call would be: the shard's work must not hold up the caller's event loop.
         done = await asyncio.wrap_future(_POOL.submit(self.call, method, request, timeout))
         return done.result()  # self.call returns a finished future: its response, or it raises the typed error

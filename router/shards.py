@@ -1,5 +1,6 @@
-"""The router's view of the shards: the cached shard maps, one client per shard address, and calls fanned out to
-many shards at once (futures for threads, or gathered on an event loop).
+"""The router's view of the shards: the cached shard maps, one client per shard process (address), and calls fanned
+out to many shards at once (futures for threads, or gathered on an event loop). A process may hold several shards
+(shard.host): each call names its shard, and a search asks each process once for all of its shards it needs.
 
 Used by every part of the router (router.search, router.writes, router.reads, router.status). It may use the base
 package (lookalike), the shard protocol (protos) and router.shard_client.
@@ -14,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from lookalike.errors import InvalidArgument, LookalikeError, NotFound, ResourceExhausted, Unavailable
+from lookalike.errors import (FailedPrecondition, InvalidArgument, LookalikeError, NotFound, ResourceExhausted,
+                              StaleShardMap, Unavailable, error_for_number)
 from lookalike.shardmap import ShardMap
 from lookalike.wire import vectors_from_proto_raw
 from protos import shard_pb2
@@ -101,11 +103,12 @@ class Shards:
         return smap
 
     # --- clients --------------------------------------------------------------------------------------------
-    def client(self, smap: ShardMap, shard_id: str) -> ShardClient:
+    def client(self, smap: ShardMap, shard_id: str) -> "_ForShard":
+        """The client of the shard's process, its calls naming the shard (a process may hold several)."""
         info = smap.shards[shard_id]
         if not info.address:
             raise Unavailable(f"shard {shard_id} is (re)starting and has no address yet")
-        return self.client_at(info.address)
+        return _ForShard(self.client_at(info.address), shard_id)
 
     def client_at(self, address: str) -> ShardClient:
         """One cached client per shard address."""
@@ -155,10 +158,87 @@ class Shards:
         outcomes = await asyncio.gather(*(one(sid) for sid in shard_ids))
         return list(zip(shard_ids, outcomes))
 
+    # --- searches: one call per shard process ---------------------------------------------------------------
+    def search(self, smap: ShardMap, shard_ids, request, timeout: float | None) -> list[tuple]:
+        """A Search of every shard in ``shard_ids``, one call per process (shards that share one: shard.host),
+        concurrently. Returns [(shard ids, response or LookalikeError, {shard id: its LookalikeError})]: a call's
+        answer is the merged top k of its shards but those in the dict."""
+        calls = [(sids, self._search_call(smap, sids, request, timeout)) for sids in _by_process(smap, shard_ids)]
+        return [(sids, *_answered(sids, outcome(fut))) for sids, fut in calls]
+
+    async def search_async(self, smap: ShardMap, shard_ids, request, timeout: float | None) -> list[tuple]:
+        """:meth:`search` on the running loop."""
+        async def one(sids):
+            try:
+                if len(sids) == 1:
+                    return await self.client(smap, sids[0]).acall("Search", request, timeout)
+                return await self.client_at(smap.shards[sids[0]].address).acall(
+                    "Search", _for_shards(request, sids), timeout)
+            except LookalikeError as err:
+                return err
+        groups = _by_process(smap, shard_ids)
+        outcomes = await asyncio.gather(*(one(sids) for sids in groups))
+        return [(sids, *_answered(sids, out)) for sids, out in zip(groups, outcomes)]
+
+    def _search_call(self, smap: ShardMap, sids: list[str], request, timeout: float | None):
+        try:
+            if len(sids) == 1:
+                return self.client(smap, sids[0]).call("Search", request, timeout)
+            return self.client_at(smap.shards[sids[0]].address).call("Search", _for_shards(request, sids), timeout)
+        except LookalikeError as err:
+            return _Failed(err)
+
     def close(self) -> None:
         self._stop.set()
         for c in list(self._clients.values()):
             c.close()
+
+
+class _ForShard:
+    """A process's client whose calls name one shard."""
+
+    __slots__ = ("_client", "shard_id")
+
+    def __init__(self, client: ShardClient, shard_id: str):
+        self._client = client
+        self.shard_id = shard_id
+
+    def call(self, method: str, request, timeout: float | None):
+        return self._client.call(method, request, timeout, self.shard_id)
+
+    async def acall(self, method: str, request, timeout: float | None):
+        return await self._client.acall(method, request, timeout, self.shard_id)
+
+
+def _by_process(smap: ShardMap, shard_ids) -> list[list[str]]:
+    """``shard_ids`` grouped by the address of their process, in first-seen order (one with no address yet alone:
+    its call fails as unavailable)."""
+    groups: dict[str, list[str]] = {}
+    for sid in shard_ids:
+        address = smap.shards[sid].address
+        groups.setdefault(address or f"\0{sid}", []).append(sid)
+    return list(groups.values())
+
+
+def _for_shards(request, sids: list[str]):
+    """The search request naming the shards of one process."""
+    req = type(request)()
+    req.CopyFrom(request)
+    req.shards.extend(sids)
+    return req
+
+
+def _answered(sids: list[str], resp) -> tuple:
+    """(response or error, {shard id: error}) of one process's search: a multi-shard answer's failures as the
+    errors each shard's own call would have raised (FAILED_PRECONDITION: a stale map)."""
+    if isinstance(resp, LookalikeError) or not resp.failures:
+        return resp, {}
+    failed = {}
+    for f in resp.failures:
+        if f.shard in sids:
+            err = error_for_number(f.code, f.message)
+            failed[f.shard] = StaleShardMap(str(err)) if type(err) is FailedPrecondition else err
+    return resp, failed
 
 
 class _Failed:

@@ -88,7 +88,8 @@ class Status:
         calls = []
         for info in infos:
             try:
-                fut = (self.shards.client_at(info.address).call("Stats", shard_pb2.ShardStatsRequest(), timeout)
+                fut = (self.shards.client_at(info.address).call("Stats", shard_pb2.ShardStatsRequest(), timeout,
+                                                                 info.shard_id)
                        if info.address else None)
             except LookalikeError:
                 fut = None

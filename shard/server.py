@@ -5,6 +5,8 @@ Uses the shard, jobs (checks of a clustering job's centroids), protos and the ba
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from jobs import check_centroids
@@ -24,6 +26,32 @@ from shard.health import shard_probe
 from shard.shard import Shard
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
+
+
+@dataclasses.dataclass
+class Answer:
+    """A search's top k on a shard (or merged over several): D (nq, k) float32, L (nq, k) int64 labels (-1: none),
+    the slots' ids packed (UTF-8 bytes back to back, uint16 byte lengths: IdTable.packed_at), payloads (a flat
+    list, None where empty) or None, the plan of a filtered search, and the metric's direction."""
+
+    D: np.ndarray
+    L: np.ndarray
+    id_bytes: bytes
+    id_lengths: np.ndarray
+    payloads: list | None
+    plan: str
+    larger_is_better: bool
+
+
+def answer_proto(a: Answer, k: int) -> shard_pb2.ShardSearchResponse:
+    """The ShardSearchResponse of an answer."""
+    resp = shard_pb2.ShardSearchResponse(
+        distances=np.ascontiguousarray(a.D, dtype="<f4").tobytes(),
+        labels=np.ascontiguousarray(a.L, dtype="<i8").tobytes(), id_bytes=a.id_bytes,
+        id_lengths=a.id_lengths.astype("<u2", copy=False).tobytes(), nq=len(a.D), k=k, plan=a.plan)
+    if a.payloads is not None:
+        resp.payloads.extend(payload_from_bytes(p) for p in a.payloads)
+    return resp
 
 
 class ShardServicer(shard_pb2_grpc.ShardServicer):
@@ -71,6 +99,15 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Search(self, request, context):
+        return answer_proto(self.search_parts(request, context), request.k)
+
+    def search_parts(self, request, context) -> Answer:
+        """This shard's top k for a ShardSearchRequest (checked here), as arrays: what Search answers, and what a
+        shard host (shard.host) merges with its other shards' answers.
+
+        Raises:
+            LookalikeError: the status of this shard's answer.
+        """
         sc = self._collection(request.collection)
         check_k(request.k)
         check_search_params(request.params.nprobe, request.params.ef_search)
@@ -97,14 +134,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             D, L, ids, payloads = sc.search(xq, request.k, request.params.nprobe, request.params.ef_search,
                                             request.include_payloads, request.epoch, coarse, packed=True)
         check_call(context, "the search's answer")  # nobody to send it to
-        id_bytes, id_lengths = ids  # packed: the router decodes only the ids it keeps
-        resp = shard_pb2.ShardSearchResponse(
-            distances=np.ascontiguousarray(D, dtype="<f4").tobytes(),
-            labels=np.ascontiguousarray(L, dtype="<i8").tobytes(), id_bytes=id_bytes,
-            id_lengths=id_lengths.astype("<u2", copy=False).tobytes(), nq=len(xq), k=request.k, plan=plan)
-        if payloads is not None:
-            resp.payloads.extend(payload_from_bytes(p) for p in payloads)
-        return resp
+        return Answer(D, L, ids[0], ids[1], payloads, plan, sc.coll.larger_is_better)
 
     @abort_on_error
     def Quantizer(self, request, context):

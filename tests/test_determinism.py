@@ -6,7 +6,7 @@ import numpy as np
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_and_labels
 from control.local import LocalCluster
-from router.merge import merge_topk
+from lookalike.topk import merge_topk
 from shard.cpu_index import VectorIndex
 
 

@@ -11,7 +11,7 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
 from lookalike.ids import buckets_and_labels
 from protos.common_pb2 import Payload
-from router.merge import merge_topk
+from lookalike.topk import merge_topk
 from shard.shard import Shard
 from shard.cpu_index import VectorIndex
 from shard.idtable import IdTable

@@ -51,13 +51,13 @@ class _CountingClient:
 
         self._inner = GrpcShardClient(address)
 
-    def call(self, method, request, timeout):
+    def call(self, method, request, timeout, shard=""):
         if method == "Stats":
             self.calls.append(method)
-        return self._inner.call(method, request, timeout)
+        return self._inner.call(method, request, timeout, shard)
 
-    async def acall(self, method, request, timeout):
-        return await self._inner.acall(method, request, timeout)
+    async def acall(self, method, request, timeout, shard=""):
+        return await self._inner.acall(method, request, timeout, shard)
 
     def close(self):
         self._inner.close()

@@ -4,6 +4,9 @@ Ties are broken by label (the int64 an id hashes to, the same on every shard and
 by the order the shards answered in: the same query on the same data returns the same ids in the same order
 whichever shards or replicas answer. Each shard does the same inside its own top-k (shard.cpu_index
 ``VectorIndex.search``), so a tie group cut at the k-th place is cut the same way everywhere.
+
+The router merges the answers of the shard processes it called (router.search); a process holding several shards
+(shard.host) merges theirs first, the same way. Uses lookalike.ids.
 """
 
 from __future__ import annotations

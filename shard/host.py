@@ -1,0 +1,216 @@
+"""A shard host: several shards in one process, behind one gRPC server (``shards_per_process`` > 1).
+
+Searched through the router, every shard process costs each batch its own call: gRPC, decoding the queries, Python,
+and the kernel switching between the processes. At 1M x 128, IVF1024, 8 shards on 2 cores, batch 100, that was
+about 3 ms of CPU a shard a batch beyond FAISS's work (docs/BENCHMARKS.md, "Shards sharing one process"). Shards
+that share a process answer one Search for all of them: the queries are decoded once per shard, each shard's index
+is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer goes
+back, its ids packed for the merged slots only.
+
+Everything else stays each shard's own: its storage, log, checkpoints, buckets, epoch, load, training and memory
+capacity. Calls other than a Search of several shards name their shard in the metadata key ``lookalike-shard``
+(:data:`SHARD_KEY`); a process holding one shard answers for it without. A shard a call names that this process
+does not hold (it is still starting here, or the router's map is stale) is UNAVAILABLE, so the router asks again
+with a fresh map, as for a shard that is down.
+
+Uses the shard's servicer (shard.server) and the base package.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from lookalike.config import RPC
+from lookalike.errors import InvalidArgument, LookalikeError, Unavailable
+from lookalike.health import HealthChecker, Report
+from lookalike.metrics import ServerMetrics
+from lookalike.net import create_server
+from lookalike.topk import merge_topk
+from lookalike.wire import SHARD_KEY
+from protos import shard_pb2, shard_pb2_grpc
+from shard.admission import WriteGate
+from shard.health import shard_probe
+from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto
+
+# Shards one Search may name: more than any process holds (each shard costs its own memory), so that a request
+# cannot make a process loop over a list of any length.
+MAX_SHARDS_PER_CALL = 1024
+
+
+def shard_of_call(context) -> str:
+    """The shard a call names in its metadata ("" when none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SHARD_KEY:
+            return value
+    return ""
+
+
+class HostServicer(shard_pb2_grpc.ShardServicer):
+    """The Shard service of a process holding several shards: each call goes to its shard's
+    :class:`shard.server.ShardServicer`; a Search naming several shards is answered for all of them at once."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._shards: dict[str, ShardServicer] = {}
+        self._lock = threading.Lock()
+        self.writes: WriteGate | None = None  # the writes of all its shards (create_host_server)
+
+    def add(self, servicer: ShardServicer) -> None:
+        with self._lock:
+            self._shards = {**self._shards, servicer.shard.shard_id: servicer}
+
+    def remove(self, shard_id: str) -> None:
+        with self._lock:
+            self._shards = {s: v for s, v in self._shards.items() if s != shard_id}
+
+    def servicers(self) -> dict[str, ShardServicer]:
+        return self._shards
+
+    def _held(self, shard_id: str) -> ShardServicer:
+        sv = self._shards.get(shard_id)
+        if sv is None:
+            raise Unavailable(f"shard {shard_id} is not held by the shard process {self.name} (it is starting, or "
+                              "the shard map is stale)")
+        return sv
+
+    def _target(self, context) -> ShardServicer:
+        sid = shard_of_call(context)
+        if sid:
+            return self._held(sid)
+        shards = self._shards
+        if len(shards) == 1:
+            return next(iter(shards.values()))
+        raise InvalidArgument(f"the shard process {self.name} holds {len(shards)} shards: name one in the call's "
+                              f"metadata {SHARD_KEY!r}")
+
+    def _forward(self, method: str, request, context):
+        try:
+            sv = self._target(context)
+        except LookalikeError as err:
+            context.abort(err.code, str(err))
+        return getattr(sv, method)(request, context)
+
+    def Upsert(self, request, context):
+        return self._forward("Upsert", request, context)
+
+    def Delete(self, request, context):
+        return self._forward("Delete", request, context)
+
+    def Get(self, request, context):
+        return self._forward("Get", request, context)
+
+    def Quantizer(self, request, context):
+        return self._forward("Quantizer", request, context)
+
+    def Stats(self, request, context):
+        return self._forward("Stats", request, context)
+
+    def Scan(self, request, context):
+        return self._forward("Scan", request, context)
+
+    def AssignClusters(self, request, context):
+        return self._forward("AssignClusters", request, context)
+
+    def Search(self, request, context):
+        if not request.shards:
+            return self._forward("Search", request, context)
+        try:
+            return self.search_shards(request, context)
+        except LookalikeError as err:
+            context.abort(err.code, str(err))
+
+    def search_shards(self, request, context) -> shard_pb2.ShardSearchResponse:
+        """A Search of the shards the request names: their merged top k, and why each that did not answer did
+        not (``failures``; every shard's own error, as its own call would have had it).
+
+        Raises:
+            InvalidArgument: more than MAX_SHARDS_PER_CALL shards named.
+        """
+        if len(request.shards) > MAX_SHARDS_PER_CALL:
+            raise InvalidArgument(f"a search names {len(request.shards)} shards; at most {MAX_SHARDS_PER_CALL}")
+        parts, failures = [], []
+        for sid in dict.fromkeys(request.shards):
+            try:
+                a = self._held(sid).search_parts(request, context)
+            except LookalikeError as err:
+                failures.append(shard_pb2.ShardFailure(shard=sid, code=err.code.value[0], message=str(err)))
+                continue
+            parts.append((sid, a))
+        if not parts:  # nobody answered: an empty answer, the failures say why
+            resp = shard_pb2.ShardSearchResponse(nq=0, k=request.k)
+        else:
+            resp = answer_proto(merge_answers(parts), request.k)
+        resp.failures.extend(failures)
+        return resp
+
+
+def merge_answers(parts: list[tuple[str, Answer]]) -> Answer:
+    """One top k of several shards' answers (as the router merges: lookalike.topk), their ids packed for the
+    merged slots only; plan: one line "<shard>: <plan>" per shard that ran one."""
+    plan = "\n".join(f"{sid}: {a.plan}" for sid, a in parts if a.plan)
+    if len(parts) == 1:
+        a = parts[0][1]
+        return Answer(a.D, a.L, a.id_bytes, a.id_lengths, a.payloads, plan, a.larger_is_better)
+    answers = [a for _, a in parts]
+    lib = answers[0].larger_is_better
+    L = np.stack([a.L for a in answers])
+    D, I = merge_topk(np.stack([a.D for a in answers]), L, lib)
+    flat = I.ravel()
+    valid = flat >= 0
+    src = flat[valid]
+    labels = np.full(flat.shape, -1, dtype=np.int64)
+    labels[valid] = L.reshape(-1)[src]
+    lengths = np.concatenate([np.asarray(a.id_lengths) for a in answers]).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    out_len = np.zeros(flat.shape, dtype=np.int64)
+    out_len[valid] = lengths[src]
+    blob = np.frombuffer(b"".join(a.id_bytes for a in answers), dtype=np.uint8)
+    take = out_len[valid]
+    # the bytes of each kept slot's id, one slot after the other: each slot's start, then 0, 1, ... within it
+    at = np.repeat(starts[src] - (np.cumsum(take) - take), take) + np.arange(int(take.sum()))
+    payloads = None
+    if answers[0].payloads is not None:
+        every = [p for a in answers for p in a.payloads]
+        payloads = [every[i] if i >= 0 else None for i in flat.tolist()]
+    return Answer(D, labels.reshape(I.shape), blob[at].tobytes(), out_len.astype(np.uint16), payloads, plan, lib)
+
+
+def host_probe(host: HostServicer):
+    """The health probe of a shard process (lookalike.health): NOT_SERVING while one of its shards loads or fails
+    its storage (the first such, named); a collection one of them does not serve, under
+    ``lookalike.v1.Shard/<collection>``, with the shard named."""
+
+    def probe() -> Report:
+        report: Report = {"": None}
+        for sid, sv in sorted(host.servicers().items()):
+            for key, problem in shard_probe(sv.shard, SERVICE_NAME)().items():
+                if problem and not report.get(key):
+                    report[key] = problem if key == "" else f"{sid}: {problem}"
+                else:
+                    report.setdefault(key, None)
+        return report
+
+    return probe
+
+
+def create_host_server(host: HostServicer, address: str = "[::]:0", max_workers: int = 16, tls=None,
+                       max_concurrent_rpcs: int | None = RPC.max_concurrent_rpcs, health_check: dict | None = None):
+    """Starts the gRPC server of a shard process holding several shards (as shard.server.create_shard_server
+    does for one). Returns (server, port, health, checker); shards join with :func:`host_shard`."""
+    server, port, health = create_server(
+        address, lambda s: shard_pb2_grpc.add_ShardServicer_to_server(host, s), [SERVICE_NAME], max_workers,
+        tls=tls, interceptors=[ServerMetrics(host.name)], max_concurrent_rpcs=max_concurrent_rpcs)
+    # its writes, all shards together, take at most 3/4 of the threads (shard/admission.py)
+    host.writes = WriteGate(max(1, max_workers // 4), max(1, max_workers // 2), f"shard process {host.name}")
+    checker = HealthChecker(host_probe(host), [health], [SERVICE_NAME], f"shard process {host.name}",
+                            **(health_check or {})).start()
+    return server, port, health, checker
+
+
+def host_shard(host: HostServicer, shard) -> ShardServicer:
+    """Serves ``shard`` (shard.shard.Shard) from the host's server; returns its servicer."""
+    sv = ShardServicer(shard, host.writes)
+    host.add(sv)
+    return sv

@@ -1,0 +1,123 @@
+"""Shards sharing one process (shard.host): one Search call per process for all of its shards, answers equal to one
+FAISS index, calls that name their shard, and a shard of the process that cannot answer reported as that shard's
+failure while the others answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_trained_index import _data, _load, _one_faiss_index, _top_k_by_distance_then_label
+
+from control.local import LocalCluster
+from control.placer import process_of
+from lookalike.config import CollectionConfig, MovePolicy
+from lookalike.errors import InvalidArgument, StaleShardMap, Unavailable
+from protos import shard_pb2
+from router.shard_client import GrpcShardClient
+from router.shards import _answered
+from shard.host import HostServicer
+
+
+def _cluster(tmp_path, shards: int = 4, per_process: int = 2):
+    return LocalCluster(tmp_path / "data", shards=shards, shards_per_process=per_process,
+                        policy=MovePolicy(grace_s=0.3, train_check_s=0.05))
+
+
+def test_consecutive_shards_go_to_different_processes_and_added_shards_to_new_ones():
+    assert [process_of(f"shard-{i}", 2, 4) for i in range(6)] == [0, 1, 0, 1, 2, 2]
+    assert [process_of(f"shard-{i}", 4, 6) for i in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 2, 2]
+    assert [process_of(f"shard-{i}", 1, 4) for i in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("spec", ["IVF32,Flat", "IVF16,PQ8x4"])
+def test_shards_sharing_processes_answer_as_one_index_with_one_call_per_process(tmp_path, spec, monkeypatch):
+    calls = []
+    real = HostServicer.search_shards
+
+    def counting(self, request, context):
+        calls.append(list(request.shards))
+        return real(self, request, context)
+
+    monkeypatch.setattr(HostServicer, "search_shards", counting)
+    cl = _cluster(tmp_path)
+    try:
+        cfg = CollectionConfig("w", 32, index=spec, nprobe=4, buckets=64).validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(6000, seed=5)
+        ids = _load(cl, "w", xb)
+        assert cl.controller._wait_trained("w", 30), cl.router.training_status("w")
+        smap = cl.controller.shard_map("w")
+        addresses = {sid: info.address for sid, info in smap.shards.items()}
+        assert addresses["shard-0"] == addresses["shard-2"] != addresses["shard-1"] == addresses["shard-3"]
+        one, by_label = _one_faiss_index(cl, cfg, ids, xb)
+        D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=4)
+        calls.clear()
+        res = cl.router.search("w", xq, k=10, nprobe=4, include_payloads=True)
+        assert sorted(map(sorted, calls)) == [["shard-0", "shard-2"], ["shard-1", "shard-3"]]
+        assert res.ids == [[by_label[lab] for lab in row if lab >= 0] for row in L1.tolist()]
+        np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-4)
+        assert res.coverage == 1.0 and len(res.payloads) == len(xq)
+        assert all(cl.router.search("w", xq[:5], k=10, nprobe=4).ids == res.ids[:5] for _ in range(10))
+        # the other calls name their shard: writes, reads and stats reach the right one in its process
+        found, vectors, _ = cl.router.get("w", ids[:50], include_vectors=True)
+        assert found == ids[:50] and vectors.shape == (50, 32)
+        cl.router.delete("w", ids[:20])
+        after = cl.router.search("w", xb[:20], k=3, nprobe=4)
+        assert not set(ids[:20]) & {i for row in after.ids for i in row}
+        stats = {info.shard_id: st for info, st in cl.router.shard_stats()}
+        assert sorted(stats) == ["shard-0", "shard-1", "shard-2", "shard-3"]
+        assert all(st.shard_id == sid for sid, st in stats.items())
+        assert sum(c.vectors for st in stats.values() for c in st.collections) == len(xb) - 20
+    finally:
+        cl.close()
+
+
+def test_a_shard_that_cannot_answer_fails_alone_while_the_others_of_its_process_answer(tmp_path):
+    cl = _cluster(tmp_path)
+    try:
+        cl.router.create_collection(CollectionConfig("f", 32, buckets=16))
+        xb, xq = _data(2000, seed=2)
+        ids = _load(cl, "f", xb)
+        cl.placer.shards["shard-3"].serving = False  # answers UNAVAILABLE ("still loading"); shard-1 shares its process
+        with pytest.raises(Unavailable, match="shard-3"):
+            cl.router.search("f", xq, k=5)
+        res = cl.router.search("f", xq, k=5, min_coverage=0.5)
+        smap = cl.controller.shard_map("f")
+        assert res.coverage == pytest.approx(1 - smap.served_by("shard-3").sum() / 16)
+        held = set(cl.placer.shards["shard-3"].collection("f").table.uids_at(np.arange(len(
+            cl.placer.shards["shard-3"].collection("f").table))))
+        found = {i for row in res.ids for i in row}
+        assert held and found and not found & held
+        # the shard of the same process still answers: what it holds is found
+        other = cl.placer.shards["shard-1"].collection("f").table
+        assert set(other.uids_at(np.arange(len(other)))) & found
+    finally:
+        cl.close()
+
+
+def test_a_process_of_several_shards_needs_each_call_to_name_one_it_holds(tmp_path):
+    cl = _cluster(tmp_path)
+    try:
+        cl.router.create_collection(CollectionConfig("m", 32, buckets=16))
+        address = cl.controller.shard_map("m").shards["shard-0"].address
+        client = GrpcShardClient(address)
+        try:
+            with pytest.raises(InvalidArgument, match="lookalike-shard"):
+                client.call("Stats", shard_pb2.ShardStatsRequest(), 5).result()
+            with pytest.raises(Unavailable, match="shard-1 is not held"):
+                client.call("Stats", shard_pb2.ShardStatsRequest(), 5, "shard-1").result()
+            assert client.call("Stats", shard_pb2.ShardStatsRequest(), 5, "shard-2").result().shard_id == "shard-2"
+            req = shard_pb2.ShardSearchRequest(collection="m", k=3, shards=["shard-0"] * 2000)
+            with pytest.raises(InvalidArgument, match="at most"):
+                client.call("Search", req, 5).result()
+        finally:
+            client.close()
+    finally:
+        cl.close()
+
+
+def test_a_stale_map_reported_for_one_shard_of_a_process_is_that_shards_stale_map():
+    resp = shard_pb2.ShardSearchResponse(failures=[shard_pb2.ShardFailure(shard="shard-2", code=9, message="old"),
+                                                   shard_pb2.ShardFailure(shard="shard-9", code=14, message="?")])
+    got, failed = _answered(["shard-0", "shard-2"], resp)
+    assert got is resp and list(failed) == ["shard-2"] and isinstance(failed["shard-2"], StaleShardMap)
