@@ -43,9 +43,9 @@ class ControllerActor:
         threading.Thread(target=self._rediscover, daemon=True, name="rediscover").start()
 
     def _rediscover(self) -> None:
-        for sid, handle in self._placer.handles().items():
+        for sid in self._placer.shard_ids():
             try:
-                info = ray.get(handle.info.remote(), timeout=60)
+                info = ray.get(self._placer.info(sid), timeout=60)
             except Exception as err:  # starting or dead: it registers itself once it serves
                 log.info("shard %s not reachable yet: %s", sid, err)
                 continue
@@ -59,7 +59,7 @@ class ControllerActor:
         return os.getpid()
 
     def shard_pids(self) -> dict[str, int]:
-        return {sid: ray.get(h.pid.remote()) for sid, h in self._placer.handles().items()}
+        return {sid: ray.get(self._placer.pid(sid)) for sid in self._placer.shard_ids()}
 
     def shutdown(self) -> None:
         self._ctl.stop()

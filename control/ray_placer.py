@@ -1,7 +1,9 @@
-"""RayPlacer: places one ShardActor per shard id with Ray resources, forwards the controller's calls to them, and
-says why Ray cannot place one.
+"""RayPlacer: places one ShardActor per shard id with Ray resources (or, with ``shards_per_process`` > 1, one
+ShardHostActor per group of shards: control.ray_host), forwards the controller's calls to them, and says why Ray
+cannot place one.
 
-Uses ray, lookalike (config, gpu) and control (ray_common, ray_shard); implements ``control.placer.ShardPlacer``.
+Uses ray, lookalike (config, gpu) and control (placer, ray_common, ray_host, ray_shard); implements
+``control.placer.ShardPlacer``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import time
 
 import ray
 
+from control.placer import process_of
 from control.ray_common import shard_threads, unwrap
+from control.ray_host import ShardHostActor
 from control.ray_shard import ShardActor
 from lookalike.config import ClusterConfig, CollectionConfig
 from lookalike.gpu import shard_num_gpus
@@ -41,82 +45,113 @@ class RayPlacer:
         self.num_gpus = shard_num_gpus(cfg.shard_gpus, cluster_gpus, cfg.shards)
         if self.num_gpus:
             log.info("shards placed with %g GPU each (the cluster has %g GPUs)", self.num_gpus, cluster_gpus)
-        self._handles: dict[str, ray.actor.ActorHandle] = {}
+        self.per_process = max(1, int(cfg.shards_per_process))
+        self._handles: dict[str, ray.actor.ActorHandle] = {}   # shard id -> its actor
+        self._hosts: dict[int, ray.actor.ActorHandle] = {}     # process number -> its ShardHostActor
         self._ready: dict[str, ray.ObjectRef] = {}       # shard id -> its actor's __ray_ready__
         self._waiting_since: dict[str, float] = {}       # shard id -> when it was first seen waiting for resources
 
     def actor_options(self, shard_id: str) -> dict:
-        """Ray options of a shard's actor."""
+        """Ray options of a shard's actor (of its process's, holding ``shards_per_process`` shards: their
+        resources together)."""
         cfg = self.cfg
+        g = self.per_process
+        name = shard_id if g == 1 else f"proc-{process_of(shard_id, g, cfg.shards)}" if shard_id else ""
         return dict(
-            name=f"{cfg.cluster_name}-{shard_id}", namespace=cfg.namespace, lifetime="detached",
-            get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8,
+            name=f"{cfg.cluster_name}-{name}", namespace=cfg.namespace, lifetime="detached",
+            get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8 * g,
             scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
-            num_cpus=cfg.shard_num_cpus, num_gpus=self.num_gpus, memory=cfg.shard_memory or None,
+            num_cpus=cfg.shard_num_cpus * g, num_gpus=self.num_gpus * g, memory=cfg.shard_memory * g or None,
             # the allocator settings of a shard's process (shard.osutil) and its FAISS threads
-            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(shard_threads(cfg))}},
+            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(self._threads())}},
         )
 
     def _handle(self, shard_id: str):
         h = self._handles.get(shard_id)
         if h is None:
             cfg = self.cfg
-            h = ShardActor.options(**self.actor_options(shard_id)).remote(
-                shard_id, os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace,
-                shard_threads(cfg), cfg.shard_host, self.segment_bytes, cfg.shard_memory,
-                self.num_gpus, cfg.tls, cfg.shard_metrics_port)
+            args = (os.path.abspath(cfg.data_dir), cfg.cluster_name, cfg.namespace, self._threads(), cfg.shard_host,
+                    self.segment_bytes, cfg.shard_memory, self.num_gpus, cfg.tls, cfg.shard_metrics_port)
+            if self.per_process == 1:
+                h = ShardActor.options(**self.actor_options(shard_id)).remote(shard_id, *args)
+            else:
+                number = process_of(shard_id, self.per_process, cfg.shards)
+                h = self._hosts.get(number)
+                if h is None:
+                    h = self._hosts[number] = ShardHostActor.options(**self.actor_options(shard_id)).remote(
+                        number, self.per_process, cfg.shards, *args)
+                h.add_shard.remote(shard_id)
             self._handles[shard_id] = h
             self._ready[shard_id] = h.__ray_ready__.remote()
         return h
 
+    def _threads(self) -> int:
+        """FAISS threads of a shard's process: its Ray CPUs (those of its shards together), at least one."""
+        g = self.per_process
+        return shard_threads(self.cfg) if g == 1 else max(1, int(self.cfg.shard_num_cpus * g))
+
+    def _call(self, shard_id: str, method: str, *args):
+        """A call of the shard's actor (naming the shard to a process of several)."""
+        m = getattr(self._handle(shard_id), method)
+        return m.remote(*args) if self.per_process == 1 else m.remote(shard_id, *args)
+
     def ensure_shard(self, shard_id: str) -> None:
         self._handle(shard_id)
 
-    def handles(self) -> dict[str, ray.actor.ActorHandle]:
-        """The actors of the shards this placer started (or found), by shard id."""
-        return dict(self._handles)
+    def shard_ids(self) -> list[str]:
+        """The shards this placer started (or found)."""
+        return list(self._handles)
+
+    def info(self, shard_id: str):
+        """A ref to the shard's info (its address, whether it serves, its process's pid, ...)."""
+        return self._call(shard_id, "info")
+
+    def pid(self, shard_id: str):
+        """A ref to the pid of the shard's process."""
+        return self._call(shard_id, "pid")
 
     def open_collection(self, shard_id: str, cfg: CollectionConfig, buckets: list[int]) -> None:
         try:
-            unwrap(self._handle(shard_id).open_collection.remote(cfg, buckets), timeout=600)
+            unwrap(self._call(shard_id, "open_collection", cfg, buckets), timeout=600)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             # A shard that is down loads its assignments itself when it comes back.
             log.warning("could not reach %s to open %s: %s", shard_id, cfg.name, err)
 
     def drop_collection(self, shard_id: str, name: str) -> None:
         try:
-            unwrap(self._handle(shard_id).drop_collection.remote(name), timeout=120)
+            unwrap(self._call(shard_id, "drop_collection", name), timeout=120)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
             log.warning("could not reach %s to drop %s: %s", shard_id, name, err)
 
     # bucket moves: errors propagate (the controller rolls the move back)
     def join_buckets(self, shard_id, cfg, buckets, epoch):
-        unwrap(self._handle(shard_id).join_buckets.remote(cfg, buckets, epoch), timeout=120)
+        unwrap(self._call(shard_id, "join_buckets", cfg, buckets, epoch), timeout=120)
 
     def fence(self, shard_id, name, epoch):
-        unwrap(self._handle(shard_id).fence.remote(name, epoch), timeout=120)
+        unwrap(self._call(shard_id, "fence", name, epoch), timeout=120)
 
     def copy_in(self, shard_id, name, buckets, source, rate_bytes_s=0):
-        return unwrap(self._handle(shard_id).copy_in.remote(name, buckets, source, rate_bytes_s), timeout=3600)
+        return unwrap(self._call(shard_id, "copy_in", name, buckets, source, rate_bytes_s), timeout=3600)
 
     def finish_join(self, shard_id, name, buckets):
-        unwrap(self._handle(shard_id).finish_join.remote(name, buckets), timeout=120)
+        unwrap(self._call(shard_id, "finish_join", name, buckets), timeout=120)
 
     def drop_buckets(self, shard_id, name, buckets, epoch):
-        return unwrap(self._handle(shard_id).drop_buckets.remote(name, buckets, epoch), timeout=300)
+        return unwrap(self._call(shard_id, "drop_buckets", name, buckets, epoch), timeout=300)
 
     def bucket_counts(self, shard_id, name):
-        return unwrap(self._handle(shard_id).bucket_counts.remote(name), timeout=60)
+        return unwrap(self._call(shard_id, "bucket_counts", name), timeout=60)
 
     def stats(self, shard_id):
-        return unwrap(self._handle(shard_id).stats.remote(), timeout=30)
+        return unwrap(self._call(shard_id, "stats"), timeout=30)
 
     # training: hours at most (a k-means over a large sample on a CPU node; encoding a shard's items)
     def train_collection(self, shard_id, cfg, version, sources, sample):
-        return unwrap(self._handle(shard_id).train_collection.remote(cfg, version, sources, sample), timeout=4 * 3600)
+        return unwrap(self._call(shard_id, "train_collection", cfg, version, sources, sample),
+                      timeout=4 * 3600)
 
     def use_trained(self, shard_id, cfg):
-        return unwrap(self._handle(shard_id).use_trained.remote(cfg), timeout=4 * 3600)
+        return unwrap(self._call(shard_id, "use_trained", cfg), timeout=4 * 3600)
 
     def needs(self) -> dict[str, float]:
         """Ray resources one shard actor takes (those it asks for), e.g. {"CPU": 1.0}."""
@@ -153,7 +188,8 @@ class RayPlacer:
         start loads instead of rebuilding; at most ``close_timeout`` seconds for all of them together: a checkpoint
         cut short is never used), then kills the actors."""
         closing = []
-        for h in self._handles.values():
+        actors = list({id(h): h for h in self._handles.values()}.values())  # a process of several shards once
+        for h in actors:
             try:
                 closing.append(h.close.remote())
             except Exception as err:  # noqa: BLE001: a dead actor: nothing to close
@@ -163,7 +199,7 @@ class RayPlacer:
             if pending:
                 log.warning("%d shard(s) did not finish their checkpoints in %.0fs; stopping them anyway (their next "
                             "start replays what the last checkpoint does not cover)", len(pending), close_timeout)
-        for h in self._handles.values():
+        for h in actors:
             ray.kill(h, no_restart=True)
 
 

@@ -258,6 +258,9 @@ class ClusterConfig:
         shard_metrics_port: the port each shard serves its Prometheus metrics on, on the address its gRPC server
             binds (beyond loopback only with ``tls``: HTTPS, client certificates its CA signed); 0: a free port
             (shards report it in Stats, the router's service discovery lists it); -1: none.
+        shards_per_process: shards that share one process (shard.host): each process answers one search call
+            for all of its shards and pays a call's costs once; it holds their resources together (CPUs, memory,
+            GPUs), and a process that fails takes its shards with it until Ray restarts it. 1: a process each.
     """
 
     data_dir: str = "./lookalike-data"
@@ -271,6 +274,7 @@ class ClusterConfig:
     policy: MovePolicy = MovePolicy()
     tls: object = None
     shard_metrics_port: int = -1
+    shards_per_process: int = 1
 
 
 def storage_path(uri: str) -> str:

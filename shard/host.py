@@ -210,7 +210,20 @@ def create_host_server(host: HostServicer, address: str = "[::]:0", max_workers:
 
 
 def host_shard(host: HostServicer, shard) -> ShardServicer:
-    """Serves ``shard`` (shard.shard.Shard) from the host's server; returns its servicer."""
+    """Serves ``shard`` (shard.shard.Shard) from the host's server; returns its servicer. The shard's memory is
+    then its part of the process's (:func:`memory_share`)."""
     sv = ShardServicer(shard, host.writes)
+    shard.process_share = lambda: memory_share(host, shard.shard_id)
     host.add(sv)
     return sv
+
+
+def memory_share(host: HostServicer, shard_id: str) -> float:
+    """A shard's part of its process's resident memory: its indexes' bytes over those of all the process's
+    shards (an equal part while they hold none). What a process holds beyond the indexes (the id tables, the
+    interpreter, buffers) grows with them, so the part follows it; the shards' parts add up to the process."""
+    sizes = {sid: sv.shard.index_bytes() for sid, sv in host.servicers().items()}
+    total = sum(sizes.values())
+    if shard_id not in sizes:
+        return 0.0
+    return sizes[shard_id] / total if total else 1.0 / len(sizes)

@@ -13,6 +13,7 @@ import logging
 import pathlib
 import shutil
 import threading
+from collections.abc import Callable
 
 import psutil
 
@@ -61,11 +62,15 @@ class Shard:
         self._lock = threading.Lock()
         self.serving = False
         self.metrics_address = ""  # host:port of its Prometheus metrics, when it serves them (shard.proto)
+        self.process_share: Callable[[], float] | None = None  # sharing a process (shard.host): its part, 0-1
         SHARDS.watch(self)
 
     def memory_bytes(self) -> int:
-        """Resident memory of this process."""
-        return psutil.Process().memory_info().rss
+        """Resident memory of this process; in a process holding several shards, this shard's part of it."""
+        return int(psutil.Process().memory_info().rss * (1.0 if self.process_share is None else self.process_share()))
+
+    def index_bytes(self) -> int:  # its collections' indexes
+        return sum(sc.index.nbytes for sc in list(self._collections.values()) if sc.index is not None)
 
     def gpu_memory_bytes(self) -> int:
         """GPU memory in use: what the device reports (a whole GPU), else the bytes of this shard's mirrors."""

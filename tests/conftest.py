@@ -118,7 +118,7 @@ def ray_session():
 class RayTestCluster:
     """A lookalike cluster on the session's Ray: controller, shard actors, a router and its gRPC server."""
 
-    def __init__(self, data_dir, shards: int, name: str | None = None, jobs: bool = False):
+    def __init__(self, data_dir, shards: int, name: str | None = None, jobs: bool = False, per_process: int = 1):
         from lookalike.config import ClusterConfig
         from control.ray_cluster import start_cluster, start_jobs
         from lookalike.client import Client
@@ -126,7 +126,8 @@ class RayTestCluster:
         from router.server import create_router_server
 
         self.cfg = ClusterConfig(data_dir=str(data_dir), shards=shards,
-                                 cluster_name=name or f"t{uuid.uuid4().hex[:8]}", shard_num_cpus=0.5)
+                                 cluster_name=name or f"t{uuid.uuid4().hex[:8]}", shard_num_cpus=0.5,
+                                 shards_per_process=per_process)
         self.handle, self.control = start_cluster(self.cfg, segment_bytes=1 << 20)
         self.router = Router(self.control, refresh_interval=0.2)
         self.jobs = start_jobs(self.cfg) if jobs else None
@@ -148,8 +149,8 @@ class RayTestCluster:
 def ray_cluster_factory(ray_session, tmp_path):
     started = []
 
-    def start(shards: int = 2, data_dir=None, name=None, jobs: bool = False):
-        c = RayTestCluster(data_dir or tmp_path / f"data{len(started)}", shards, name, jobs)
+    def start(shards: int = 2, data_dir=None, name=None, jobs: bool = False, per_process: int = 1):
+        c = RayTestCluster(data_dir or tmp_path / f"data{len(started)}", shards, name, jobs, per_process)
         started.append(c)
         return c
 

@@ -4,6 +4,7 @@ import os
 import signal
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import assert_same_as_exact, exact_knn, make_data, wait_for
@@ -193,3 +194,33 @@ def test_a_shard_searches_with_as_many_faiss_threads_as_its_ray_cpus(cpus):
     got = subprocess.run([sys.executable, "-c", code], env={**env, **env_vars}, capture_output=True, text=True,
                          check=True).stdout
     assert int(got) == max(1, int(cpus))
+
+
+def test_shards_sharing_processes_answer_exactly_and_come_back_together_after_a_kill_9(ray_cluster_factory):
+    import ray
+
+    cluster = ray_cluster_factory(4, per_process=2)
+    client = cluster.client
+    xb, xq = make_data("l2", 3000, 16, seed=12)
+    client.create_collection("h", dim=16, metric="l2", buckets=32)
+    client.upsert("h", [str(i) for i in range(2000)], xb[:2000])
+    pids = ray.get(cluster.handle.shard_pids.remote())
+    # shard-0 and shard-2 share process 0, shard-1 and shard-3 process 1: two processes, two addresses
+    assert pids["shard-0"] == pids["shard-2"] != pids["shard-1"] == pids["shard-3"]
+    status = client.status()
+    assert len({s.address for s in status.shards}) == 2 and all(s.serving for s in status.shards)
+    # each shard reports its part of its process's memory: the parts add up to the processes
+    rss = sum(psutil.Process(p).memory_info().rss for p in set(pids.values()))
+    assert 0.8 * rss < sum(s.memory_bytes for s in status.shards) < 1.2 * rss
+    _, I = exact_knn("l2", xb[:2000], xq, 10)
+    assert client.search("h", xq, k=10).ids == [[str(i) for i in row] for row in I]
+    os.kill(pids["shard-1"], signal.SIGKILL)
+    # writes during the restart wait for its two shards to come back (the router retries until the deadline)
+    client.upsert("h", [str(i) for i in range(2000, 3000)], xb[2000:3000])
+    assert _wait(lambda: all(s.serving for s in client.status().shards))
+    after = ray.get(cluster.handle.shard_pids.remote())
+    assert after["shard-1"] == after["shard-3"] != pids["shard-1"] and after["shard-0"] == pids["shard-0"]
+    hits = client.search("h", xq, k=10)
+    _, I = exact_knn("l2", xb, xq, 10)
+    assert hits.coverage == 1.0 and hits.ids == [[str(i) for i in row] for row in I]
+    assert client.describe_collection("h").count == 3000

@@ -157,7 +157,8 @@ def cmd_serve(args) -> int:
                         shard_gpus=args.shard_gpus if args.shard_gpus == "auto" else float(args.shard_gpus),
                         policy=MovePolicy(max_shards=args.max_shards, copy_mb_s=args.copy_mb_s,
                                           autoscale_s=args.autoscale if shard_memory else 0.0),
-                        tls=tls.internal() if tls else None, shard_metrics_port=0 if metrics_port >= 0 else -1)
+                        tls=tls.internal() if tls else None, shard_metrics_port=0 if metrics_port >= 0 else -1,
+                        shards_per_process=args.shards_per_process)
     if embedded:
         # Ray's token authentication on, whatever the environment said: the GCS, the raylet and every worker listen
         # on all interfaces (docs/SECURITY.md, "What listens where"), and the token is what keeps others out.
@@ -392,6 +393,10 @@ def add_serve(sub) -> None:
     s.add_argument("--shards", type=positive_int, default=2, help="shards to start on new storage (default %(default)s)")
     s.add_argument("--shard-cpus", type=number(float, above=0), default=1.0,
                    help="Ray CPUs per shard actor (default %(default)s)")
+    s.add_argument("--shards-per-process", type=positive_int, default=1,
+                   help="shards that share one process: one search call per process for all of its shards, which "
+                        "costs less CPU a search the more shards a node holds; a process that fails takes its shards "
+                        "with it until Ray restarts it (default %(default)s: a process each)")
     s.add_argument("--address", default=None,
                    help="join this Ray cluster (host:port or ray://host:port) instead of starting a local one "
                         "(default: start one)")
