@@ -44,13 +44,14 @@ def cluster(args, xb: np.ndarray, xq: np.ndarray) -> dict:
     shutil.rmtree(storage, ignore_errors=True)
     init_ray(max(2, args.shards + 1))
     handle, router, server, port, client = start_local(str(storage), args.shards, args.shard_cpus,
-                                                       cluster_name="cpusplit")
+                                                       cluster_name="cpusplit", per_process=args.per_process)
     res: dict = {}
     try:
         client.create_collection("split", dim=xb.shape[1], metric="l2", index=args.index)
         res["load"] = load(client, "split", xb, 10_000, None)
         res["trained"] = wait_trained(client, "split", args.index, 900)
-        pids = list(ray.get(handle.shard_pids.remote()).values())
+        # a process of several shards once
+        pids = list(dict.fromkeys(ray.get(handle.shard_pids.remote()).values()))
         res["idle_wait_seconds"] = wait_idle(pids, max_s=900)
         procs = [("router", psutil.Process(os.getpid()))] + [(f"shard{i}", psutil.Process(p))
                                                               for i, p in enumerate(pids)]
@@ -100,9 +101,10 @@ def in_process(args, xb: np.ndarray, xq: np.ndarray) -> dict:
 
 def report(out: dict) -> str:
     f = min(r["cpu_ms"] for r in out["faiss"]["runs"])
-    lines = [f"{out['index']}, n={out['n']}, nprobe {out['nprobe']}, {out['shards']} shards, batch {out['batch']}",
+    lines = [f"{out['index']}, n={out['n']}, nprobe {out['nprobe']}, {out['shards']} shards "
+             f"({out.get('per_process', 1)} a process), batch {out['batch']}",
              "",
-             "| run | cluster QPS | router ms | shards ms (each) | cluster ms | FAISS 1-thread ms, same nprobe "
+             "| run | cluster QPS | router ms | shards ms (each process) | cluster ms | FAISS 1-thread ms, same nprobe "
              "| FAISS / cluster |",
              "|---|---:|---:|---|---:|---:|---:|"]
     for i, r in enumerate(out["cluster"]["runs"]):
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists probed (default 8)")
     p.add_argument("--shards", type=int, default=8, help="shard actors (default 8)")
     p.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard actor (default 0.5)")
+    p.add_argument("--per-process", type=int, default=1,
+                   help="shards sharing one process (lookalike serve --shards-per-process; default 1)")
     p.add_argument("--batch", type=int, default=100, help="queries per request (default 100)")
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each measurement (default 10)")
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     data = argparse.Namespace(n=args.n, dim=128, queries=1000, seed=0, clusters=1000, noise=1.5,
                               data_dir=args.data_dir)
     xb, xq = dataset(data)
-    out = {"index": args.index, "n": args.n, "nprobe": args.nprobe, "shards": args.shards, "batch": args.batch}
+    out = {"index": args.index, "n": args.n, "nprobe": args.nprobe, "shards": args.shards, "batch": args.batch,
+           "per_process": args.per_process}
     out["cluster"] = cluster(args, xb, xq)
     out["faiss"] = in_process(args, xb, xq)
     write_results(out, args.out)

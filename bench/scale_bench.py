@@ -104,12 +104,13 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
 
     n, dim, k = len(xb), xb.shape[1], args.k
     res = {} if res is None else res
-    res.update({"spec": spec, "shards": shards, "n": n})
+    res.update({"spec": spec, "shards": shards, "n": n, "per_process": _per_process(args, shards)})
     name = "scale"
     threads = os.cpu_count() or 1
     t = time.perf_counter()
     _init_ray_retrying(max(threads, shards + 1))
-    handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus, cluster_name="scale0")
+    handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus, cluster_name="scale0",
+                                                       per_process=_per_process(args, shards))
     res["start_seconds"] = time.perf_counter() - t
     log(f"  cluster: {shards} shards up in {res['start_seconds']:.1f}s")
     try:
@@ -121,7 +122,7 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         wait_s = args.train_timeout
         res["trained"] = wait_trained(client, name, spec, wait_s)
         log(f"  cluster {spec}: trained {res['trained']}")
-        pids = list(ray.get(handle.shard_pids.remote()).values())
+        pids = list(dict.fromkeys(ray.get(handle.shard_pids.remote()).values()))  # a shared process once
         # Quiet for longer than a shard waits before packing its lists (shard.upkeep._REPACK_IDLE_S, 5 s): a new
         # trained version's lists are packed only then, and RSS measured before that counted them unpacked.
         res["idle_wait_seconds"] = wait_idle(pids, max_s=args.idle_timeout, windows=8)
@@ -174,7 +175,8 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         _init_ray_retrying(max(threads, shards + 1))
         res["restart_ray_seconds"] = time.perf_counter() - t0
         handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus,
-                                                           cluster_name="scale1", ready_timeout=args.restart_timeout)
+                                                           cluster_name="scale1", ready_timeout=args.restart_timeout,
+                                                           per_process=_per_process(args, shards))
         res["restart_cluster_seconds"] = time.perf_counter() - t0
         res["restart"] = first_full_answer(client, name, xq[:100], k, p, param, t0, args.restart_timeout)
         after = search(xq[:100], p)
@@ -186,6 +188,11 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
     finally:
         teardown(client, server, router, handle)
     return res
+
+
+def _per_process(args, shards: int) -> int:
+    """Shards a process of the cluster holds: ``--per-process`` (0: all of them in one)."""
+    return shards if args.per_process == 0 else min(args.per_process, shards)
 
 
 def first_full_answer(client, name: str, xq: np.ndarray, k: int, p: int, param: str | None, t0: float,
@@ -282,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10_000_000, help="vectors (default 10000000)")
     p.add_argument("--dim", type=int, default=128, help="vector dimension (default 128)")
     p.add_argument("--shards", type=ints, default=[4, 8], help="shard counts, comma-separated (default 4,8)")
+    p.add_argument("--per-process", type=int, default=1,
+                   help="shards sharing one process (lookalike serve --shards-per-process; 0: all; default 1)")
     p.add_argument("--indexes", type=lambda s: [x for x in s.split(",") if x], default=list(FAMILIES),
                    help=f"index families, comma-separated, from {','.join(FAMILIES)} (default all)")
     p.add_argument("--hnsw-n", type=int, default=2_000_000, help="vectors of the HNSW family (the first ones)")

@@ -46,6 +46,9 @@ from shard.specs import FLAT_TYPES, build_index, gpu_kind
 
 log = logging.getLogger(__name__)
 
+# IndexIVF.parallel_mode for a search of the lists the router chose: split the queries over the OpenMP threads
+PREASSIGNED_PARALLEL_MODE = 3
+
 
 class VectorIndex(IndexLifecycle):
     """The vectors of one collection on one shard: writes, searches and the GPU mirror over the FAISS index that
@@ -249,6 +252,9 @@ class VectorIndex(IndexLifecycle):
                 lists, dis = coarse
                 D = np.empty((len(xq), k), dtype=np.float32)
                 L = np.empty((len(xq), k), dtype=np.int64)
+                # FAISS's search() splits a batch over its threads; search_preassigned only in mode 3 (the same
+                # answer: each query is answered alone). search() runs the same in either mode.
+                self._main.parallel_mode = PREASSIGNED_PARALLEL_MODE
                 self._main.search_preassigned_c(
                     len(xq), faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(dis), faiss.swig_ptr(D),
                     faiss.swig_ptr(L), False, faiss.SearchParametersIVF(nprobe=lists.shape[1]))

@@ -308,11 +308,12 @@ def test_a_gpu_shard_trains_the_coarse_kmeans_on_its_gpu_and_searches_a_mirror_o
 
 
 def test_the_router_chooses_the_lists_once_and_the_answer_stays_that_of_one_index(tmp_path, monkeypatch):
-    used = []
+    used, modes = [], set()
     real = faiss.IndexIVFFlat.search_preassigned_c
 
     def counting(self, n, *args):
         used.append(n)
+        modes.add(self.parallel_mode)  # 3: the batch split over the shard's threads (FAISS's default 0: one)
         return real(self, n, *args)
 
     monkeypatch.setattr(faiss.IndexIVFFlat, "search_preassigned_c", counting)
@@ -329,6 +330,7 @@ def test_the_router_chooses_the_lists_once_and_the_answer_stays_that_of_one_inde
         used.clear()
         res = cl.router.search("q", xq, k=10, nprobe=5)
         assert used and sum(used) >= 3 * len(xq)  # every shard searched the lists the router chose
+        assert modes == {3}
         one, by_label = _one_faiss_index(cl, trained, ids, _normalized(xb))
         D1, L1 = _top_k_by_distance_then_label(one, _normalized(xq), 10, nprobe=5, larger_is_better=True)
         assert res.ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
