@@ -300,3 +300,46 @@ class VectorIndex(IndexLifecycle):
             raise InvalidArgument(f"coarse assignment names lists outside 0..{nlist - 1}")
         return (np.ascontiguousarray(lists.reshape(nq, nprobe), dtype=np.int64),
                 np.ascontiguousarray(dis.reshape(nq, nprobe), dtype=np.float32))
+
+
+def search_stacked(indexes: list[VectorIndex], xq: np.ndarray, k: int, version: int, nprobe: int,
+                   lists: np.ndarray, dis: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The top k over several shards' IVF-PQ indexes of one trained version, their lists searched as one index
+    (``HStackInvertedLists``): each probed list's distance table is built once for all of them, not once per
+    shard (shard.stacked says when and why). Ties in label order, as :meth:`VectorIndex.search`. The caller holds
+    every index's read lock. None when one of them cannot be searched so: not a CPU IVF-PQ of ``version`` whose
+    lists the router chose, or one that keeps precomputed tables (their sums round differently)."""
+    ivfs = []
+    for index in indexes:
+        if index._gpu is not None or index.trained_version != version or not index._router_may_choose_lists:
+            return None
+        ivf = faiss.downcast_index(index._main)
+        if type(ivf) is not faiss.IndexIVFPQ or (ivf.by_residual and ivf.use_precomputed_table != -1):
+            return None
+        ivfs.append(ivf)
+    first = indexes[0]
+    coarse = first.check_coarse(version, len(xq), nprobe, lists, dis)
+    if coarse is None:
+        return None
+    one = ivfs[0]
+    view = faiss.IndexIVFPQ(one.quantizer, one.d, one.nlist, one.pq.M, one.pq.nbits, one.metric_type)
+    view.pq = one.pq
+    view.by_residual, view.use_precomputed_table, view.polysemous_ht = one.by_residual, -1, one.polysemous_ht
+    view.is_trained, view.parallel_mode = True, PREASSIGNED_PARALLEL_MODE
+    parts = faiss.InvertedListsPtrVector()
+    for ivf in ivfs:
+        parts.push_back(ivf.invlists)
+    stack = faiss.HStackInvertedLists(parts.size(), parts.data())  # copies a probed list's codes together
+    view.replace_invlists(stack, False)
+    view.ntotal = sum(int(ivf.ntotal) for ivf in ivfs)
+
+    def search(x, kk, cs):
+        D = np.empty((len(x), kk), dtype=np.float32)
+        L = np.empty((len(x), kk), dtype=np.int64)
+        view.search_preassigned_c(len(x), faiss.swig_ptr(x), kk, faiss.swig_ptr(cs[0]), faiss.swig_ptr(cs[1]),
+                                  faiss.swig_ptr(D), faiss.swig_ptr(L), False,
+                                  faiss.SearchParametersIVF(nprobe=cs[0].shape[1]))
+        return D, L
+
+    return search_tie_ordered(search, first._prepare(xq), k, sum(i.ntotal for i in indexes),
+                              first.coll.larger_is_better, coarse)

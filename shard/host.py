@@ -5,7 +5,8 @@ and the kernel switching between the processes. At 1M x 128, IVF1024, 8 shards o
 about 3 ms of CPU a shard a batch beyond FAISS's work (docs/BENCHMARKS.md, "Shards sharing one process"). Shards
 that share a process answer one Search for all of them: the queries are decoded once per shard, each shard's index
 is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer goes
-back, its ids packed for the merged slots only.
+back, its ids packed for the merged slots only. Shards whose IVF-PQ lists can be searched as one index are
+(shard.stacked): each probed list's distance table is then built once for all of them.
 
 Everything else stays each shard's own: its storage, log, checkpoints, buckets, epoch, load, training and memory
 capacity. Calls other than a Search of several shards name their shard in the metadata key ``lookalike-shard``
@@ -33,6 +34,7 @@ from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
 from shard.health import shard_probe
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto
+from shard.stacked import search_as_one
 
 # Shards one Search may name: more than any process holds (each shard costs its own memory), so that a request
 # cannot make a process loop over a list of any length.
@@ -130,8 +132,14 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         """
         if len(request.shards) > MAX_SHARDS_PER_CALL:
             raise InvalidArgument(f"a search names {len(request.shards)} shards; at most {MAX_SHARDS_PER_CALL}")
+        sids = list(dict.fromkeys(request.shards))
+        servicers = self._shards
+        if all(sid in servicers for sid in sids):  # their IVF-PQ lists as one index, when that is the same answer
+            one = search_as_one([(sid, servicers[sid]) for sid in sids], request)
+            if one is not None:
+                return answer_proto(one, request.k)
         parts, failures = [], []
-        for sid in dict.fromkeys(request.shards):
+        for sid in sids:
             try:
                 a = self._held(sid).search_parts(request, context)
             except LookalikeError as err:

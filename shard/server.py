@@ -62,14 +62,14 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self.writes = writes or WriteGate(4, 8, f"shard {shard.shard_id}")  # see shard/admission.py
         self.health_checker = None  # lookalike.health.HealthChecker, set by create_shard_server
 
-    def _collection(self, name: str):
+    def collection_of(self, name: str):
         if not self.shard.serving:
             raise Unavailable(f"shard {self.shard.shard_id} is still loading its data")
         return self.shard.collection(name)
 
     @abort_on_error
     def Upsert(self, request, context):
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         ids = check_ids(request.ids)
         x = vectors_from_proto(request.vectors, sc.coll)
         if len(x) != len(ids):
@@ -81,7 +81,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Delete(self, request, context):
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         ids = check_ids(request.ids)
         check_call(context, "the delete")
         with self.writes.admit(context):
@@ -90,7 +90,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Get(self, request, context):
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         ids, vectors, payloads = sc.get(check_ids(request.ids, unique=False), request.include_vectors, request.epoch)
         resp = shard_pb2.ShardGetResponse(ids=ids, payloads=[payload_from_bytes(p) for p in payloads])
         if vectors is not None and len(ids):
@@ -108,7 +108,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         Raises:
             LookalikeError: the status of this shard's answer.
         """
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         check_k(request.k)
         check_search_params(request.params.nprobe, request.params.ef_search)
         xq = vectors_from_proto(request.queries, sc.coll, "queries")
@@ -138,7 +138,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Quantizer(self, request, context):
-        got = self._collection(request.collection).reads.coarse_quantizer()
+        got = self.collection_of(request.collection).reads.coarse_quantizer()
         if got is None:
             return shard_pb2.ShardQuantizerResponse()
         version, centroids = got
@@ -146,7 +146,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def Scan(self, request, context):
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         filt = request.filter if request.HasField("filter") else None
         if filt is not None:
             check_filter(filt, sc.coll.schema, sc.coll.name)
@@ -170,7 +170,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def AssignClusters(self, request, context):
-        sc = self._collection(request.collection)
+        sc = self.collection_of(request.collection)
         centroids = check_centroids(vectors_from_proto_raw(request.centroids), sc.coll)
         if not request.field:
             raise InvalidArgument("name the payload field that takes the cluster number")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_trained_index import _data, _load, _one_faiss_index, _top_k_by_distance_then_label
+from conftest import wait_for
+from test_trained_index import _data, _load, _normalized, _one_faiss_index, _top_k_by_distance_then_label
 
 from control.local import LocalCluster
 from control.placer import process_of
@@ -121,3 +122,55 @@ def test_a_stale_map_reported_for_one_shard_of_a_process_is_that_shards_stale_ma
                                                    shard_pb2.ShardFailure(shard="shard-9", code=14, message="?")])
     got, failed = _answered(["shard-0", "shard-2"], resp)
     assert got is resp and list(failed) == ["shard-2"] and isinstance(failed["shard-2"], StaleShardMap)
+
+
+def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one_by_one(tmp_path, monkeypatch):
+    import shard.host
+    import shard.specs
+    from shard.specs import drop_precomputed_tables
+
+    # without precomputed tables, as shards keep IVF-PQ past 16 MiB of them (IVF4096,PQ32: 128 MiB)
+    monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
+    stacked = []
+    real = shard.host.search_as_one
+
+    def counting(parts, request):
+        got = real(parts, request)
+        stacked.append(got is not None)
+        return got
+
+    monkeypatch.setattr(shard.host, "search_as_one", counting)
+    cl = _cluster(tmp_path, shards=4, per_process=4)
+    try:
+        cfg = CollectionConfig("p", 32, index="IVF16,PQ8x4", nprobe=4, buckets=64, metric="cosine").validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(6000, seed=9)
+        ids = _load(cl, "p", xb)
+        assert cl.controller._wait_trained("p", 30), cl.router.training_status("p")
+        trained = cl.controller.shard_map("p").collection
+        cl.router.search("p", xq, k=10)  # the first search asks a shard for the centroids, in the background
+        assert wait_for(lambda: cl.router._coarse.ready(trained) is not None, 10)
+        stacked.clear()
+        res = cl.router.search("p", xq, k=10, nprobe=5, include_payloads=True)
+        assert stacked == [True]  # one process, its four shards' lists as one index
+        one, by_label = _one_faiss_index(cl, trained, ids, _normalized(xb))
+        drop_precomputed_tables(one)
+        D1, L1 = _top_k_by_distance_then_label(one, _normalized(xq), 10, nprobe=5, larger_is_better=True)
+        assert res.ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
+        np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-5)
+        # the same answer, bit for bit, as the shards searched one by one
+        monkeypatch.setattr(shard.host, "search_as_one", lambda parts, request: None)
+        alone = cl.router.search("p", xq, k=10, nprobe=5, include_payloads=True)
+        assert alone.ids == res.ids and (alone.D == res.D).all() and alone.payloads == res.payloads
+        # a move between two shards of the process (a bucket on both) is searched one by one
+        monkeypatch.setattr(shard.host, "search_as_one", counting)
+        stacked.clear()
+        sc0, sc1 = (cl.placer.shards[s].collection("p") for s in ("shard-0", "shard-1"))
+        b = int(np.flatnonzero(sc0._owned)[0])
+        sc1._owned[b] = True
+        try:
+            assert cl.router.search("p", xq, k=10, nprobe=5).ids == res.ids and stacked == [False]
+        finally:
+            sc1._owned[b] = False
+    finally:
+        cl.close()

@@ -1,0 +1,96 @@
+"""A search of several shards of one process whose IVF-PQ lists are searched as one index.
+
+Shards of a collection hold one trained index (shard.trained), so their list ``l`` is the same list, split over
+them. Searched one by one, each shard builds the distance table of every list a query probes (nlist x M x 256
+floats, the residual of the query to the list's centroid against the PQ codebooks): S shards, S tables. Searched
+as one index (``HStackInvertedLists`` over their lists), each table is built once. Measured in-process at 5M x 128,
+IVF4096,PQ32, nprobe 12, batch 100 (docs/BENCHMARKS.md, "Shards sharing one process"): 8 parts one by one 1.99x
+one index's CPU, as one view 1.27x (the view copies each probed list's codes out of the parts as it reads them).
+For IVF-Flat the copy costs more than the tables it saves, so those shards are searched one by one.
+
+Taken only when it gives what the shards one by one would: no filter, the router's lists, every shard a CPU
+IVF-PQ of the same trained version without precomputed tables (shard.specs.drop_precomputed_tables: they sum
+their terms in another order) and no bucket held by two of them (a move between them); otherwise, or when a shard
+cannot answer, the caller searches them one by one (each failure is then that shard's own).
+
+Uses the shard's index (shard.cpu_index ``search_stacked``), its servicer's answer (shard.server) and the base
+package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from lookalike.config import check_answer_size, check_search_params
+from lookalike.errors import LookalikeError
+from lookalike.ids import bucket_of_labels
+from lookalike.wire import check_k, vectors_from_proto
+from shard.cpu_index import search_stacked
+from shard.server import Answer, ShardServicer
+
+
+def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
+    """The merged top k of ``parts`` (shard id, servicer) for a ShardSearchRequest, their IVF-PQ lists searched as
+    one index; None when they cannot be (see the module docstring)."""
+    if len(parts) < 2 or request.HasField("filter") or not request.HasField("coarse"):
+        return None
+    c = request.coarse
+    if len(c.lists) % 8 or len(c.distances) % 4:
+        return None
+    with contextlib.ExitStack() as held:
+        try:
+            scs = []
+            for _sid, sv in parts:
+                sc = sv.collection_of(request.collection)
+                held.enter_context(sc._rw.read())
+                sc._check_live()
+                sc._check_epoch(request.epoch)
+                scs.append(sc)
+            coll = scs[0].coll
+            owned = np.stack([sc._owned for sc in scs])
+            if (owned.sum(axis=0) > 1).any():  # a bucket on two of them: its items would come twice
+                return None
+            check_k(request.k)
+            check_search_params(request.params.nprobe, request.params.ef_search)
+            xq = vectors_from_proto(request.queries, coll, "queries")
+            check_answer_size(len(xq), request.k, request.include_payloads)
+            found = search_stacked([sc.index for sc in scs], xq, request.k, c.version, c.nprobe,
+                                   np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4"))
+        except LookalikeError:  # each shard's own search says what is wrong, as its own failure
+            return None
+        if found is None:
+            return None
+        D, L = found
+        owner = np.full(coll.buckets, -1, dtype=np.int64)
+        for j in range(len(scs)):
+            owner[owned[j]] = j
+        of = np.where(L >= 0, owner[bucket_of_labels(np.maximum(L, 0))], -1)
+        return _answer(scs, D, L, of, request.include_payloads, coll.larger_is_better)
+
+
+def _answer(scs, D: np.ndarray, L: np.ndarray, of: np.ndarray, include_payloads: bool, lib: bool) -> Answer:
+    """The answer of labels ``L`` whose shards are ``of`` (index into ``scs``, -1: none): each shard packs the ids
+    of its own slots (shard.reads), then the slots' ids are put back in slot order (the caller holds the locks)."""
+    slots = L.size
+    lengths = np.zeros(slots, dtype=np.int64)
+    byte_slot, chunks, payloads = [], [], [None] * slots if include_payloads else None
+    for j, sc in enumerate(scs):
+        mine = of == j
+        if not mine.any():
+            continue
+        _, _, (id_bytes, id_lengths), pl = sc.reads._answer(D, np.where(mine, L, -1), include_payloads, True)
+        n = np.asarray(id_lengths, dtype=np.int64)
+        lengths += n
+        byte_slot.append(np.repeat(np.arange(slots), n))
+        chunks.append(np.frombuffer(id_bytes, dtype=np.uint8))
+        if include_payloads:
+            for i in np.flatnonzero(mine.ravel()).tolist():
+                payloads[i] = pl[i]
+    if chunks:  # every slot's bytes come from one shard, in order: a stable sort by slot puts them together
+        order = np.argsort(np.concatenate(byte_slot), kind="stable")
+        id_bytes = np.concatenate(chunks)[order].tobytes()
+    else:
+        id_bytes = b""
+    return Answer(D, L, id_bytes, lengths.astype(np.uint16), payloads, "", lib)
