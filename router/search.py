@@ -33,10 +33,10 @@ from lookalike.errors import InvalidArgument, LookalikeError, StaleShardMap, Una
 from lookalike.filters import check_filter
 from lookalike.metrics import FANOUT_SHARDS, PARTIAL_ANSWERS
 from lookalike.retry import Retry
+from lookalike.topk import merge_topk
 from lookalike.wire import vectors_to_proto
 from protos import shard_pb2
 from router.coarse import QUANTIZE_ON_LOOP, CoarseQuantizers
-from lookalike.topk import merge_topk
 from router.shards import CALLER_ERRORS, Shards
 
 log = logging.getLogger(__name__)

@@ -19,15 +19,17 @@ Uses the shard's servicer (shard.server) and the base package.
 
 from __future__ import annotations
 
+import logging
 import threading
 
+import grpc
 import numpy as np
 
 from lookalike.config import RPC
 from lookalike.errors import InvalidArgument, LookalikeError, Unavailable
 from lookalike.health import HealthChecker, Report
 from lookalike.metrics import ServerMetrics
-from lookalike.net import create_server
+from lookalike.net import abort_on_error, create_server
 from lookalike.topk import merge_topk
 from lookalike.wire import SHARD_KEY
 from protos import shard_pb2, shard_pb2_grpc
@@ -35,6 +37,8 @@ from shard.admission import WriteGate
 from shard.health import shard_probe
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto
 from shard.stacked import search_as_one
+
+log = logging.getLogger(__name__)
 
 # Shards one Search may name: more than any process holds (each shard costs its own memory), so that a request
 # cannot make a process loop over a list of any length.
@@ -118,10 +122,11 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
     def Search(self, request, context):
         if not request.shards:
             return self._forward("Search", request, context)
-        try:
-            return self.search_shards(request, context)
-        except LookalikeError as err:
-            context.abort(err.code, str(err))
+        return self._search_shards(request, context)
+
+    @abort_on_error
+    def _search_shards(self, request, context):
+        return self.search_shards(request, context)
 
     def search_shards(self, request, context) -> shard_pb2.ShardSearchResponse:
         """A Search of the shards the request names: their merged top k, and why each that did not answer did
@@ -135,7 +140,11 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         sids = list(dict.fromkeys(request.shards))
         servicers = self._shards
         if all(sid in servicers for sid in sids):  # their IVF-PQ lists as one index, when that is the same answer
-            one = search_as_one([(sid, servicers[sid]) for sid in sids], request)
+            try:
+                one = search_as_one([(sid, servicers[sid]) for sid in sids], request)
+            except Exception:  # a bug: searched one by one below, each shard failing alone if it fails
+                log.exception("%s: searching %s as one index failed", self.name, ", ".join(sids))
+                one = None
             if one is not None:
                 return answer_proto(one, request.k)
         parts, failures = [], []
@@ -144,6 +153,11 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
                 a = self._held(sid).search_parts(request, context)
             except LookalikeError as err:
                 failures.append(shard_pb2.ShardFailure(shard=sid, code=err.code.value[0], message=str(err)))
+                continue
+            except Exception as err:  # a bug in one shard's search fails that shard's part only
+                log.exception("%s: internal error in the search of %s", self.name, sid)
+                failures.append(shard_pb2.ShardFailure(shard=sid, code=grpc.StatusCode.INTERNAL.value[0],
+                                                       message=f"internal error: {type(err).__name__}: {err}"))
                 continue
             parts.append((sid, a))
         if not parts:  # nobody answered: an empty answer, the failures say why

@@ -174,3 +174,23 @@ def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one
             sc1._owned[b] = False
     finally:
         cl.close()
+
+
+def test_a_bug_in_one_shards_search_fails_that_shard_alone(tmp_path, monkeypatch):
+    cl = _cluster(tmp_path)
+    try:
+        cl.router.create_collection(CollectionConfig("b", 32, buckets=16))
+        xb, xq = _data(1000, seed=4)
+        _load(cl, "b", xb)
+        sv = cl.placer.servers["shard-3"][2]
+
+        def broken(request, context):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(sv, "search_parts", broken)
+        with pytest.raises(Unavailable, match="shard-3: internal error: RuntimeError: boom"):
+            cl.router.search("b", xq, k=5)
+        res = cl.router.search("b", xq, k=5, min_coverage=0.5)
+        assert res.coverage == pytest.approx(1 - cl.controller.shard_map("b").served_by("shard-3").sum() / 16)
+    finally:
+        cl.close()
