@@ -48,12 +48,15 @@ class ShardHostActor:
             tracing.setup("lookalike-shard")
         except ValueError as err:  # a node's own environment naming no installed exporter: serve without traces
             log.warning("tracing off: %s", err)
-        faiss.omp_set_num_threads(max(1, threads))
+        # no more FAISS threads than the node has cores: Ray's CPUs may be more (the embedded cluster counts its
+        # shards' CPUs whatever the machine), and OpenMP threads past the cores spin for the ones that work
+        threads = max(1, min(threads, len(os.sched_getaffinity(0))))
+        faiss.omp_set_num_threads(threads)
         self.number, self.per_process, self.initial = number, per_process, initial
         self.name = f"proc-{number}"
         self._shard_args = dict(storage_root=data_dir, segment_bytes=segment_bytes, capacity_bytes=capacity_bytes)
         self._gpus = gpus
-        self.host = HostServicer(self.name)
+        self.host = HostServicer(self.name, threads)
         self.shards: dict[str, Shard] = {}
         self._locks: dict[str, threading.Lock] = {}  # per shard: its collections open and drop one at a time
         self._lock = threading.Lock()

@@ -63,7 +63,10 @@ class RayPlacer:
             scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
             num_cpus=cfg.shard_num_cpus * g, num_gpus=self.num_gpus * g, memory=cfg.shard_memory * g or None,
             # the allocator settings of a shard's process (shard.osutil) and its FAISS threads
-            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(self._threads())}},
+            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(self._threads()),
+                                      # a process of several shards runs FAISS calls of several at once:
+                                      # OpenMP threads that wait sleep rather than spin on the cores
+                                      **({"OMP_WAIT_POLICY": "PASSIVE"} if g > 1 else {})}},
         )
 
     def _handle(self, shard_id: str):

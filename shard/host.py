@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 
+import faiss
 import grpc
 import numpy as np
 
@@ -57,8 +58,10 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
     """The Shard service of a process holding several shards: each call goes to its shard's
     :class:`shard.server.ShardServicer`; a Search naming several shards is answered for all of them at once."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, threads: int = 0):
         self.name = name
+        # FAISS threads of every call (OpenMP's count is per calling thread); 0: OpenMP's default
+        self.threads = threads
         self._shards: dict[str, ShardServicer] = {}
         self._lock = threading.Lock()
         self.writes: WriteGate | None = None  # the writes of all its shards (create_host_server)
@@ -96,7 +99,12 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
             sv = self._target(context)
         except LookalikeError as err:
             context.abort(err.code, str(err))
+        self._set_threads()
         return getattr(sv, method)(request, context)
+
+    def _set_threads(self) -> None:
+        if self.threads:
+            faiss.omp_set_num_threads(self.threads)
 
     def Upsert(self, request, context):
         return self._forward("Upsert", request, context)
@@ -126,6 +134,7 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def _search_shards(self, request, context):
+        self._set_threads()
         return self.search_shards(request, context)
 
     def search_shards(self, request, context) -> shard_pb2.ShardSearchResponse:

@@ -4,6 +4,7 @@ failure while the others answer."""
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from conftest import wait_for
@@ -194,3 +195,24 @@ def test_a_bug_in_one_shards_search_fails_that_shard_alone(tmp_path, monkeypatch
         assert res.coverage == pytest.approx(1 - cl.controller.shard_map("b").served_by("shard-3").sum() / 16)
     finally:
         cl.close()
+
+
+def test_a_process_of_several_shards_gets_their_resources_and_faiss_threads_no_more_than_the_cores():
+    from control.ray_placer import RayPlacer
+    from lookalike.config import ClusterConfig
+
+    one = RayPlacer(ClusterConfig(shards=8, shard_num_cpus=0.5), 1 << 20, cluster_gpus=0).actor_options("shard-3")
+    four = RayPlacer(ClusterConfig(shards=8, shard_num_cpus=0.5, shards_per_process=4, shard_memory=1 << 30),
+                     1 << 20, cluster_gpus=0).actor_options("shard-3")
+    assert one["name"].endswith("-shard-3") and four["name"].endswith("-proc-1")  # shard-3: process 3 % 2
+    assert four["num_cpus"] == 2.0 and four["memory"] == 4 << 30
+    assert four["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    assert four["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in one["runtime_env"]["env_vars"]
+    # every call of a shard process runs FAISS on its threads, whatever thread of the server takes it
+    before = faiss.omp_get_max_threads()
+    try:
+        HostServicer("p", threads=1)._set_threads()
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
