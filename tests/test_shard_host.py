@@ -25,6 +25,11 @@ def _cluster(tmp_path, shards: int = 4, per_process: int = 2):
                         policy=MovePolicy(grace_s=0.3, train_check_s=0.05))
 
 
+def _ids_held(cl, shard_id: str, name: str) -> set[str]:
+    table = cl.placer.shards[shard_id].collection(name).table
+    return set(table.uids_at(np.arange(len(table))))
+
+
 def test_consecutive_shards_go_to_different_processes_and_added_shards_to_new_ones():
     assert [process_of(f"shard-{i}", 2, 4) for i in range(6)] == [0, 1, 0, 1, 2, 2]
     assert [process_of(f"shard-{i}", 4, 6) for i in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 2, 2]
@@ -86,13 +91,10 @@ def test_a_shard_that_cannot_answer_fails_alone_while_the_others_of_its_process_
         res = cl.router.search("f", xq, k=5, min_coverage=0.5)
         smap = cl.controller.shard_map("f")
         assert res.coverage == pytest.approx(1 - smap.served_by("shard-3").sum() / 16)
-        held = set(cl.placer.shards["shard-3"].collection("f").table.uids_at(np.arange(len(
-            cl.placer.shards["shard-3"].collection("f").table))))
         found = {i for row in res.ids for i in row}
+        held = _ids_held(cl, "shard-3", "f")
         assert held and found and not found & held
-        # the shard of the same process still answers: what it holds is found
-        other = cl.placer.shards["shard-1"].collection("f").table
-        assert set(other.uids_at(np.arange(len(other)))) & found
+        assert _ids_held(cl, "shard-1", "f") & found  # the other shard of its process still answers
     finally:
         cl.close()
 
