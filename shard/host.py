@@ -35,7 +35,7 @@ from lookalike.topk import merge_topk
 from lookalike.wire import SHARD_KEY
 from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
-from shard.health import shard_probe
+from shard.health import storage_problem
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto
 from shard.stacked import search_as_one
 
@@ -209,16 +209,25 @@ def merge_answers(parts: list[tuple[str, Answer]]) -> Answer:
 
 
 def host_probe(host: HostServicer):
-    """The health probe of a shard process (lookalike.health): NOT_SERVING while one of its shards loads or fails
-    its storage (the first such, named); a collection one of them does not serve, under
-    ``lookalike.v1.Shard/<collection>``, with the shard named."""
+    """The health probe of a shard process (lookalike.health): NOT_SERVING while one of its shards loads or its
+    storage fails a durable write; a collection one of them does not serve, under ``lookalike.v1.Shard/<collection>``,
+    with the shard named.
+
+    The storage is written once a probe, under the first shard's directory, not once a shard: the shards of a
+    process keep their directories on one volume (the data directory), and a probe of several fsyncs in turn did
+    not answer within its 2 s under a load of 8 shards (docs/BENCHMARKS.md, "Shards sharing one process")."""
 
     def probe() -> Report:
-        report: Report = {"": None}
-        for sid, sv in sorted(host.servicers().items()):
-            for key, problem in shard_probe(sv.shard, SERVICE_NAME)().items():
+        servicers = sorted(host.servicers().items())
+        loading = [sid for sid, sv in servicers if not sv.shard.serving]
+        report: Report = {"": f"shard {loading[0]} is loading its data" if loading else None}
+        if servicers and not loading:
+            report[""] = storage_problem(servicers[0][1].shard.root)
+        for sid, sv in servicers:
+            for name, problem in sv.shard.collection_problems().items():
+                key = f"{SERVICE_NAME}/{name}"
                 if problem and not report.get(key):
-                    report[key] = problem if key == "" else f"{sid}: {problem}"
+                    report[key] = f"{sid}: {problem}"
                 else:
                     report.setdefault(key, None)
         return report

@@ -218,3 +218,21 @@ def test_a_process_of_several_shards_gets_their_resources_and_faiss_threads_no_m
         assert faiss.omp_get_max_threads() == 1
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_a_process_probes_its_storage_once_and_names_the_shard_of_a_collection_it_does_not_serve(tmp_path,
+                                                                                                 monkeypatch):
+    import shard.host
+
+    cl = _cluster(tmp_path)
+    try:
+        cl.router.create_collection(CollectionConfig("h", 32, buckets=16))
+        writes = []
+        monkeypatch.setattr(shard.host, "storage_problem", lambda root: writes.append(root))
+        host = cl.placer.hosts[0][0]  # shard-0 and shard-2
+        report = shard.host.host_probe(host)()
+        assert report[""] is None and len(writes) == 1  # one durable write for the process's two shards
+        monkeypatch.setattr(cl.placer.shards["shard-2"], "collection_problems", lambda: {"h": "it is broken"})
+        assert shard.host.host_probe(host)()["lookalike.v1.Shard/h"] == "shard-2: it is broken"
+    finally:
+        cl.close()
