@@ -163,30 +163,33 @@ class Shards:
         """A Search of every shard in ``shard_ids``, one call per process (shards that share one: shard.host),
         concurrently. Returns [(shard ids, response or LookalikeError, {shard id: its LookalikeError})]: a call's
         answer is the merged top k of its shards but those in the dict."""
-        calls = [(sids, self._search_call(smap, sids, request, timeout)) for sids in _by_process(smap, shard_ids)]
+        calls = []
+        for sids in _by_process(smap, shard_ids):
+            try:
+                client, req = self._search_call(smap, sids, request)
+                calls.append((sids, client.call("Search", req, timeout)))
+            except LookalikeError as err:
+                calls.append((sids, _Failed(err)))
         return [(sids, *_answered(sids, outcome(fut))) for sids, fut in calls]
 
     async def search_async(self, smap: ShardMap, shard_ids, request, timeout: float | None) -> list[tuple]:
         """:meth:`search` on the running loop."""
         async def one(sids):
             try:
-                if len(sids) == 1:
-                    return await self.client(smap, sids[0]).acall("Search", request, timeout)
-                return await self.client_at(smap.shards[sids[0]].address).acall(
-                    "Search", _for_shards(request, sids), timeout)
+                client, req = self._search_call(smap, sids, request)
+                return await client.acall("Search", req, timeout)
             except LookalikeError as err:
                 return err
         groups = _by_process(smap, shard_ids)
         outcomes = await asyncio.gather(*(one(sids) for sids in groups))
         return [(sids, *_answered(sids, out)) for sids, out in zip(groups, outcomes)]
 
-    def _search_call(self, smap: ShardMap, sids: list[str], request, timeout: float | None):
-        try:
-            if len(sids) == 1:
-                return self.client(smap, sids[0]).call("Search", request, timeout)
-            return self.client_at(smap.shards[sids[0]].address).call("Search", _for_shards(request, sids), timeout)
-        except LookalikeError as err:
-            return _Failed(err)
+    def _search_call(self, smap: ShardMap, sids: list[str], request):
+        """(client, request) of one process's search: a lone shard's own call, or the process's naming its
+        shards."""
+        if len(sids) == 1:
+            return self.client(smap, sids[0]), request
+        return self.client_at(smap.shards[sids[0]].address), _for_shards(request, sids)
 
     def close(self) -> None:
         self._stop.set()

@@ -36,7 +36,7 @@ from lookalike.wire import SHARD_KEY
 from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
 from shard.health import storage_problem
-from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto
+from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto, pick_slots
 from shard.stacked import search_as_one
 
 log = logging.getLogger(__name__)
@@ -188,24 +188,10 @@ def merge_answers(parts: list[tuple[str, Answer]]) -> Answer:
     lib = answers[0].larger_is_better
     L = np.stack([a.L for a in answers])
     D, I = merge_topk(np.stack([a.D for a in answers]), L, lib)
-    flat = I.ravel()
-    valid = flat >= 0
-    src = flat[valid]
-    labels = np.full(flat.shape, -1, dtype=np.int64)
-    labels[valid] = L.reshape(-1)[src]
-    lengths = np.concatenate([np.asarray(a.id_lengths) for a in answers]).astype(np.int64)
-    starts = np.cumsum(lengths) - lengths
-    out_len = np.zeros(flat.shape, dtype=np.int64)
-    out_len[valid] = lengths[src]
-    blob = np.frombuffer(b"".join(a.id_bytes for a in answers), dtype=np.uint8)
-    take = out_len[valid]
-    # the bytes of each kept slot's id, one slot after the other: each slot's start, then 0, 1, ... within it
-    at = np.repeat(starts[src] - (np.cumsum(take) - take), take) + np.arange(int(take.sum()))
-    payloads = None
-    if answers[0].payloads is not None:
-        every = [p for a in answers for p in a.payloads]
-        payloads = [every[i] if i >= 0 else None for i in flat.tolist()]
-    return Answer(D, labels.reshape(I.shape), blob[at].tobytes(), out_len.astype(np.uint16), payloads, plan, lib)
+    src = I.ravel()
+    labels = np.where(src >= 0, L.reshape(-1)[np.maximum(src, 0)], -1)
+    id_bytes, id_lengths, payloads = pick_slots(answers, src)
+    return Answer(D, labels.reshape(I.shape), id_bytes, id_lengths, payloads, plan, lib)
 
 
 def host_probe(host: HostServicer):

@@ -43,6 +43,25 @@ class Answer:
     larger_is_better: bool
 
 
+def pick_slots(answers: list[Answer], src: np.ndarray) -> tuple[bytes, np.ndarray, list | None]:
+    """The packed ids (bytes, uint16 lengths) and payloads of the slots ``src`` of several answers: indexes into
+    their slots end to end (-1: none), one output slot each."""
+    lengths = np.concatenate([np.asarray(a.id_lengths) for a in answers]).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    valid = src >= 0
+    out_len = np.zeros(len(src), dtype=np.int64)
+    out_len[valid] = lengths[src[valid]]
+    take = out_len[valid]
+    blob = np.frombuffer(b"".join(a.id_bytes for a in answers), dtype=np.uint8)
+    # the bytes of each kept slot's id, one slot after the other: each slot's start, then 0, 1, ... within it
+    at = np.repeat(starts[src[valid]] - (np.cumsum(take) - take), take) + np.arange(int(take.sum()))
+    payloads = None
+    if answers[0].payloads is not None:
+        every = [p for a in answers for p in a.payloads]
+        payloads = [every[i] if i >= 0 else None for i in src.tolist()]
+    return blob[at].tobytes(), out_len.astype(np.uint16), payloads
+
+
 def answer_proto(a: Answer, k: int) -> shard_pb2.ShardSearchResponse:
     """The ShardSearchResponse of an answer."""
     resp = shard_pb2.ShardSearchResponse(

@@ -28,7 +28,7 @@ from lookalike.errors import LookalikeError
 from lookalike.ids import bucket_of_labels
 from lookalike.wire import check_k, vectors_from_proto
 from shard.cpu_index import search_stacked
-from shard.server import Answer, ShardServicer
+from shard.server import Answer, ShardServicer, pick_slots
 
 
 def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
@@ -72,25 +72,12 @@ def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | N
 
 def _answer(scs, D: np.ndarray, L: np.ndarray, of: np.ndarray, include_payloads: bool, lib: bool) -> Answer:
     """The answer of labels ``L`` whose shards are ``of`` (index into ``scs``, -1: none): each shard packs the ids
-    of its own slots (shard.reads), then the slots' ids are put back in slot order (the caller holds the locks)."""
-    slots = L.size
-    lengths = np.zeros(slots, dtype=np.int64)
-    byte_slot, chunks, payloads = [], [], [None] * slots if include_payloads else None
+    of its own slots (shard.reads), and each slot takes its shard's (the caller holds the locks)."""
+    parts = []
     for j, sc in enumerate(scs):
-        mine = of == j
-        if not mine.any():
-            continue
-        _, _, (id_bytes, id_lengths), pl = sc.reads._answer(D, np.where(mine, L, -1), include_payloads, True)
-        n = np.asarray(id_lengths, dtype=np.int64)
-        lengths += n
-        byte_slot.append(np.repeat(np.arange(slots), n))
-        chunks.append(np.frombuffer(id_bytes, dtype=np.uint8))
-        if include_payloads:
-            for i in np.flatnonzero(mine.ravel()).tolist():
-                payloads[i] = pl[i]
-    if chunks:  # every slot's bytes come from one shard, in order: a stable sort by slot puts them together
-        order = np.argsort(np.concatenate(byte_slot), kind="stable")
-        id_bytes = np.concatenate(chunks)[order].tobytes()
-    else:
-        id_bytes = b""
-    return Answer(D, L, id_bytes, lengths.astype(np.uint16), payloads, "", lib)
+        _, _, (id_bytes, id_lengths), pl = sc.reads._answer(D, np.where(of == j, L, -1), include_payloads, True)
+        parts.append(Answer(D, L, id_bytes, id_lengths, pl, "", lib))
+    slots = np.arange(L.size)
+    src = np.where(of.ravel() >= 0, of.ravel() * L.size + slots, -1)
+    id_bytes, id_lengths, payloads = pick_slots(parts, src)
+    return Answer(D, L, id_bytes, id_lengths, payloads, "", lib)
