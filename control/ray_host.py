@@ -65,6 +65,7 @@ class ShardHostActor:
             self.host, bind, max_workers=max(16, 4 * per_process), tls=tls)
         ip = ray.util.get_node_ip_address() if host in ("", "auto") else host
         self.address = f"{ip}:{port}"
+        self._metrics = None  # its Prometheus endpoint, when it serves one
         self.metrics_address = self._serve_metrics(bind.rpartition(":")[0], ip, metrics_port, tls)
         self.node = ray.get_runtime_context().get_node_id()
         self._controller = ray.get_actor(controller_name(cluster), namespace=namespace)
@@ -121,6 +122,12 @@ class ShardHostActor:
             log.exception("%s failed to load; exiting so that Ray restarts process %s", shard.shard_id, self.name)
             os._exit(1)
 
+    def _lock_of(self, shard_id: str) -> threading.Lock:
+        """The shard's open lock, the shard started first: Ray runs the calls of a threaded actor in any order, so
+        the controller's first call for a new shard may come before the placer's ``add_shard``."""
+        self.add_shard(shard_id)
+        return self._locks[shard_id]
+
     def _shard(self, shard_id: str) -> Shard:
         shard = self.shards.get(shard_id)
         if shard is None:
@@ -128,16 +135,16 @@ class ShardHostActor:
         return shard
 
     def open_collection(self, shard_id: str, cfg: CollectionConfig, buckets: list[int], epoch: int = 0) -> int:
-        with self._locks[shard_id]:
+        with self._lock_of(shard_id):
             return self._shard(shard_id).open_collection(cfg, buckets, epoch)
 
     def drop_collection(self, shard_id: str, name: str) -> None:
-        with self._locks[shard_id]:
+        with self._lock_of(shard_id):
             self._shard(shard_id).drop_collection(name)
 
     # bucket moves (see control.controller)
     def join_buckets(self, shard_id: str, cfg: CollectionConfig, buckets: list[int], epoch: int) -> None:
-        with self._locks[shard_id]:
+        with self._lock_of(shard_id):
             self._shard(shard_id).join_buckets(cfg, buckets, epoch)
 
     def fence(self, shard_id: str, name: str, epoch: int) -> None:
