@@ -20,7 +20,7 @@ from control.ray_host import ShardHostActor
 from control.ray_shard import ShardActor
 from lookalike.config import ClusterConfig, CollectionConfig
 from lookalike.gpu import shard_num_gpus
-from shard.osutil import SHARD_PROCESS_ENV
+from shard.osutil import SHARD_PROCESS_ENV, host_process_env
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,16 @@ class RayPlacer:
         cfg = self.cfg
         g = self.per_process
         name = shard_id if g == 1 else f"proc-{process_of(shard_id, g, cfg.shards)}" if shard_id else ""
+        # A process of several shards runs FAISS calls of several at once: OpenMP threads that wait sleep rather
+        # than spin on the cores. It allocates with jemalloc (shard.osutil.host_process_env).
+        host = {"OMP_WAIT_POLICY": "PASSIVE", **host_process_env(os.environ.get("LD_PRELOAD", ""))} if g > 1 else {}
         return dict(
             name=f"{cfg.cluster_name}-{name}", namespace=cfg.namespace, lifetime="detached",
             get_if_exists=True, max_restarts=-1, max_task_retries=3, max_concurrency=8 * g,
             scheduling_strategy="SPREAD",  # shards on as many nodes as there are: a lost node costs few
             num_cpus=cfg.shard_num_cpus * g, num_gpus=self.num_gpus * g, memory=cfg.shard_memory * g or None,
             # the allocator settings of a shard's process (shard.osutil) and its FAISS threads
-            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(self._threads()),
-                                      # a process of several shards runs FAISS calls of several at once:
-                                      # OpenMP threads that wait sleep rather than spin on the cores
-                                      **({"OMP_WAIT_POLICY": "PASSIVE"} if g > 1 else {})}},
+            runtime_env={"env_vars": {**SHARD_PROCESS_ENV, "OMP_NUM_THREADS": str(self._threads()), **host}},
         )
 
     def _handle(self, shard_id: str):

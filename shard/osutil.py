@@ -7,6 +7,8 @@ Uses the standard library only.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import os
 
 # The environment of a shard's process (control/ray_placer.py gives it to every shard actor; the memory benchmarks
 # and tests measure shards under it):
@@ -19,11 +21,52 @@ import ctypes
 # - MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB: large buffers are mapped and unmapped rather than kept in the heap.
 SHARD_PROCESS_ENV = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
+# jemalloc's settings in a process of several shards (host_process_env): freed pages go back to the OS after a
+# second (a background thread purges them), none are kept half-freed.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
-def release_memory() -> None:
+
+def bundled_jemalloc() -> str | None:
+    """The jemalloc library Ray ships (``ray/core/libjemalloc.so``), or None without one. Ray is not imported."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "core", "libjemalloc.so")
+    return path if os.path.isfile(path) else None
+
+
+def host_process_env(preload: str = "") -> dict[str, str]:
+    """What a process of several shards (shard.host) adds to :data:`SHARD_PROCESS_ENV`: jemalloc in place of
+    glibc's allocator, where Ray ships one. ``preload``: the LD_PRELOAD the process would otherwise have.
+
+    Its shards' IVF-PQ lists are searched as one index (shard.stacked), and FAISS's view of them allocates a buffer
+    for each probed list, of its length (hundreds of KB at 10M x 128, IVF4096), 1,200 of them a batch of 100 at
+    nprobe 12. In glibc's heap after a load, with the holes that the lists' growth and packing leave behind, each of
+    those allocations walked the free lists: ``_int_malloc`` took 15-17% of the process's CPU (perf). Measured at 3M
+    x 128, IVF4096,PQ32, 8 shards in one process, batch 100, right after the load (docs/BENCHMARKS.md, "Shards
+    sharing one process"): 50-68 ms of the process's CPU a batch with glibc, 38-45 with jemalloc.
+    ``LOOKALIKE_SHARD_ALLOCATOR=glibc`` in the controller's environment keeps glibc's."""
+    lib = bundled_jemalloc()
+    if lib is None or os.environ.get("LOOKALIKE_SHARD_ALLOCATOR", "jemalloc") == "glibc":
+        return {}
+    return {"LD_PRELOAD": " ".join(p for p in (lib, preload) if p), "MALLOC_CONF": JEMALLOC_CONF}
+
+
+def release_memory() -> str:
     """Hands freed heap pages back to the OS. glibc keeps them after large transient work (loading, compaction,
-    dropping a collection), which would otherwise show as resident memory the shard does not use."""
+    dropping a collection), which would otherwise show as resident memory the shard does not use; jemalloc (a
+    process of several shards: host_process_env) keeps them until its decay. Returns the allocator that was asked
+    ("jemalloc", "glibc", or "" for none)."""
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # jemalloc loaded in this process
+    except (OSError, AttributeError):
+        mallctl = None
+    if mallctl is not None:
+        # "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages go back to the OS
+        mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        return "jemalloc"
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return "glibc"
     except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+        return ""

@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from conftest import assert_same_as_exact, exact_knn, make_data, wait_for
+from shard.osutil import bundled_jemalloc
 
 pytestmark = pytest.mark.slow
 
@@ -207,6 +208,9 @@ def test_shards_sharing_processes_answer_exactly_and_come_back_together_after_a_
     pids = ray.get(cluster.handle.shard_pids.remote())
     # shard-0 and shard-2 share process 0, shard-1 and shard-3 process 1: two processes, two addresses
     assert pids["shard-0"] == pids["shard-2"] != pids["shard-1"] == pids["shard-3"]
+    # a process of several shards allocates with the jemalloc Ray ships (shard.osutil.host_process_env)
+    jemalloc = bundled_jemalloc()
+    assert jemalloc and all(jemalloc in open(f"/proc/{p}/maps").read() for p in set(pids.values()))
     status = client.status()
     assert len({s.address for s in status.shards}) == 2 and all(s.serving for s in status.shards)
     # each shard reports its part of its process's memory: the parts add up to the processes

@@ -211,6 +211,9 @@ def test_a_process_of_several_shards_gets_their_resources_and_faiss_threads_no_m
     assert four["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     assert four["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     assert "OMP_WAIT_POLICY" not in one["runtime_env"]["env_vars"]
+    # jemalloc in a process of several shards only (shard.osutil.host_process_env): one shard keeps glibc's
+    assert four["runtime_env"]["env_vars"]["LD_PRELOAD"].endswith("libjemalloc.so")
+    assert "LD_PRELOAD" not in one["runtime_env"]["env_vars"]
     # every call of a shard process runs FAISS on its threads, whatever thread of the server takes it
     before = faiss.omp_get_max_threads()
     try:
@@ -236,3 +239,27 @@ def test_a_process_probes_its_storage_once_and_names_the_shard_of_a_collection_i
         assert shard.host.host_probe(host)()["lookalike.v1.Shard/h"] == "shard-2: it is broken"
     finally:
         cl.close()
+
+
+def test_a_process_of_several_shards_runs_jemalloc_and_hands_its_freed_pages_back():
+    """shard.osutil.host_process_env: Ray's jemalloc in place of glibc's allocator; release_memory then purges
+    jemalloc's arenas (glibc's malloc_trim would free nothing of them)."""
+    import os
+    import subprocess
+    import sys
+
+    from shard.osutil import SHARD_PROCESS_ENV, host_process_env
+
+    env = host_process_env("")
+    assert env["LD_PRELOAD"].endswith("libjemalloc.so") and os.path.isfile(env["LD_PRELOAD"])
+    code = ("import numpy as np, psutil\n"
+            "from shard.osutil import release_memory\n"
+            "rss = lambda: psutil.Process().memory_info().rss\n"
+            "base = rss(); a = [np.ones(100_000) for _ in range(1000)]; del a\n"
+            "held = rss() - base; print(release_memory(), held > 400 << 20, rss() - base < 100 << 20)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **SHARD_PROCESS_ENV, **env,
+                                                            "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+                         capture_output=True, text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split() == ["jemalloc", "True", "True"], out.stderr
+    # an LD_PRELOAD the process already has is kept, after jemalloc
+    assert host_process_env("/x/libother.so")["LD_PRELOAD"] == env["LD_PRELOAD"] + " /x/libother.so"
