@@ -43,8 +43,9 @@ def host_process_env(preload: str = "") -> dict[str, str]:
     for each probed list, of its length (hundreds of KB at 10M x 128, IVF4096), 1,200 of them a batch of 100 at
     nprobe 12. In glibc's heap after a load, with the holes that the lists' growth and packing leave behind, each of
     those allocations walked the free lists: ``_int_malloc`` took 15-17% of the process's CPU (perf). Measured at 3M
-    x 128, IVF4096,PQ32, 8 shards in one process, batch 100, right after the load (docs/BENCHMARKS.md, "Shards
-    sharing one process"): 50-68 ms of the process's CPU a batch with glibc, 38-45 with jemalloc.
+    x 128, IVF4096,PQ32, 8 shards in one process, batch 100, right after the load (bench/host_bench.py;
+    docs/BENCHMARKS.md, "What the shared process lost at 10M"): 60-65 ms of the process's CPU a batch with glibc,
+    35-38 with jemalloc; at 10M 1.46x the QPS, at 25 bytes a vector more RAM.
     ``LOOKALIKE_SHARD_ALLOCATOR=glibc`` in the controller's environment keeps glibc's."""
     lib = bundled_jemalloc()
     if lib is None or os.environ.get("LOOKALIKE_SHARD_ALLOCATOR", "jemalloc") == "glibc":
