@@ -29,25 +29,28 @@ from bench.scale_bench import _init_ray_retrying, wait_trained
 from bench.scale_common import dataset, log
 
 
-def _rss(handle) -> int:
-    """The shard processes' resident bytes together."""
-    import psutil
+def _processes(handle) -> list:
+    """The shard processes (psutil), each once."""
+    import psutil  # deferred with ray, as the other benches do: --help needs neither
     import ray
 
-    return sum(psutil.Process(p).memory_info().rss for p in set(ray.get(handle.shard_pids.remote()).values()))
+    return [psutil.Process(p) for p in dict.fromkeys(ray.get(handle.shard_pids.remote()).values())]
+
+
+def _rss(processes: list) -> int:
+    return sum(p.memory_info().rss for p in processes)
 
 
 def _measure(client, handle, label: str, xq: np.ndarray, nprobe: int, seconds: float, n: int,
              empty: int) -> list[dict]:
-    import psutil
-    import ray
+    import psutil  # deferred: see _processes
 
-    pids = list(dict.fromkeys(ray.get(handle.shard_pids.remote()).values()))
-    rss = (_rss(handle) - empty) / n
+    shard_procs = _processes(handle)
+    rss = (_rss(shard_procs) - empty) / n
     log(f"  {label}: shard processes' RSS growth {rss:.0f} B/vector")
     for _ in range(5):  # warm-up
         client.search("host", xq[:100], k=10, nprobe=nprobe)
-    procs = [psutil.Process(p) for p in pids] + [psutil.Process()]
+    procs = shard_procs + [psutil.Process()]
     batches = max(1, len(xq) // 100)
     out = []
     end = time.time() + seconds
@@ -85,14 +88,12 @@ def run(args) -> list[dict]:
                                                                 ready_timeout=3600, per_process=args.per_process)
             try:
                 if state == "after the load":
-                    empty = _rss(handle)  # the processes with no collection: what the vectors add is over this
+                    empty = _rss(_processes(handle))  # no collection yet: the vectors' growth is over this
                     client.create_collection("host", dim=128, metric="l2", index=args.spec)
                     r = load(client, "host", xb, 10000, None)
                     log(f"  loaded in {r['seconds']:.0f}s ({r['vectors_per_s']:.0f} vectors/s)")
                     wait_trained(client, "host", args.spec, 3600)
-                    import ray
-
-                    pids = list(dict.fromkeys(ray.get(handle.shard_pids.remote()).values()))
+                    pids = [p.pid for p in _processes(handle)]
                     log(f"  idle after {wait_idle(pids, max_s=900, windows=8):.0f}s")
                 else:
                     while client.search("host", xq[:100], k=10, nprobe=args.nprobe).coverage < 1:

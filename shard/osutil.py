@@ -53,18 +53,26 @@ def host_process_env(preload: str = "") -> dict[str, str]:
     return {"LD_PRELOAD": " ".join(p for p in (lib, preload) if p), "MALLOC_CONF": JEMALLOC_CONF}
 
 
+def _jemalloc_mallctl():
+    """jemalloc's ``mallctl`` when this process allocates with jemalloc (preloaded: its symbols are global), else
+    None. The allocator is chosen at the process's start, so this is looked up once."""
+    try:
+        return ctypes.CDLL(None).mallctl
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLCTL = _jemalloc_mallctl()
+
+
 def release_memory() -> str:
     """Hands freed heap pages back to the OS. glibc keeps them after large transient work (loading, compaction,
     dropping a collection), which would otherwise show as resident memory the shard does not use; jemalloc (a
     process of several shards: host_process_env) keeps them until its decay. Returns the allocator that was asked
     ("jemalloc", "glibc", or "" for none)."""
-    try:
-        mallctl = ctypes.CDLL(None).mallctl  # jemalloc loaded in this process
-    except (OSError, AttributeError):
-        mallctl = None
-    if mallctl is not None:
+    if _MALLCTL is not None:
         # "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages go back to the OS
-        mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        _MALLCTL(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
         return "jemalloc"
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
