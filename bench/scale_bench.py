@@ -132,9 +132,11 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         res["memory"] = {"empty": empty, "settled": settled, "rss_growth_bytes": growth,
                          "bytes_per_vector": growth / n,
                          "index_bytes_per_vector": sum(s["index_bytes"] for s in settled) / n,
-                         "vectors": sum(s["vectors"] for s in settled)}
+                         "vectors": sum(s["vectors"] for s in settled),
+                         "allocators": process_allocators(handle)}
         log(f"  cluster {spec}: idle after {res['idle_wait_seconds']:.0f}s; RSS growth {growth / n:.0f} B/vector "
-            f"(shards' index bytes {res['memory']['index_bytes_per_vector']:.0f} B/vector)")
+            f"(shards' index bytes {res['memory']['index_bytes_per_vector']:.0f} B/vector); allocators "
+            f"{res['memory']['allocators']}")
 
         if "IVF" in spec:
             param, grid = "nprobe", tuple(p for p in NPROBES if p <= args.nlist)
@@ -188,6 +190,15 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
     finally:
         teardown(client, server, router, handle)
     return res
+
+
+def process_allocators(handle) -> list[dict[str, int]]:
+    """The allocator statistics of each shard process (shard.osutil.allocator_stats), a shared process once."""
+    import ray  # deferred, as in cluster_family: Ray starts only for the cluster's runs
+
+    by_shard = ray.get(handle.shard_allocators.remote())
+    pids = ray.get(handle.shard_pids.remote())
+    return [{"pid": pid, **by_shard[sid]} for pid, sid in {pids[s]: s for s in sorted(by_shard)}.items()]
 
 
 def _per_process(args, shards: int) -> int:

@@ -61,6 +61,10 @@ class ControllerActor:
     def shard_pids(self) -> dict[str, int]:
         return {sid: ray.get(self._placer.pid(sid)) for sid in self._placer.shard_ids()}
 
+    def shard_allocators(self) -> dict[str, dict[str, int]]:
+        """Each shard's process's allocator statistics (shard.osutil.allocator_stats), by shard."""
+        return {sid: ray.get(self._placer.info(sid))["allocator"] for sid in self._placer.shard_ids()}
+
     def shutdown(self) -> None:
         self._ctl.stop()
         self._placer.kill_all()

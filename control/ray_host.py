@@ -27,6 +27,7 @@ from lookalike.gpu import backend_for_shard
 from lookalike.metrics import serve_metrics
 from lookalike.security import is_loopback
 from shard.host import HostServicer, create_host_server, host_shard
+from shard.osutil import allocator_stats
 from shard.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -188,4 +189,5 @@ class ShardHostActor:
         shard = self._shard(shard_id)
         return {"shard_id": shard_id, "address": self.address,
                 "serving": shard.serving and shard_id in self.host.servicers(), "pid": os.getpid(),
-                "node": self.node, "gpu": getattr(shard.gpu, "name", ""), "process": self.name}
+                "node": self.node, "gpu": getattr(shard.gpu, "name", ""), "process": self.name,
+                "allocator": allocator_stats()}

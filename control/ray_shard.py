@@ -25,6 +25,7 @@ from lookalike.gpu import backend_for_shard
 from lookalike.metrics import serve_metrics
 from lookalike.net import set_serving
 from lookalike.security import is_loopback
+from shard.osutil import allocator_stats
 from shard.shard import Shard
 from shard.server import SERVICE_NAME, create_shard_server
 
@@ -138,5 +139,5 @@ class ShardActor:
 
     def info(self) -> dict:
         return {"shard_id": self.shard_id, "address": self.address, "serving": self.shard.serving, "pid": os.getpid(),
-                "node": self.node, "gpu": getattr(self.shard.gpu, "name", "")}
+                "node": self.node, "gpu": getattr(self.shard.gpu, "name", ""), "allocator": allocator_stats()}
 

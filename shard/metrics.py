@@ -1,6 +1,7 @@
 """The shards' state as Prometheus gauges, read from each shard's stats when Prometheus scrapes (nothing is updated
 on writes): vectors, index bytes, buckets, training, WAL bytes per shard and collection; memory, capacity and
-serving per shard. Every Shard of the process registers itself (weakly: a shard that is gone drops out).
+serving per shard; the process's allocator (what its live allocations hold and what it keeps
+free). Every Shard of the process registers itself (weakly: a shard that is gone drops out).
 
 Uses prometheus_client and the base package's registry (lookalike.metrics).
 """
@@ -14,6 +15,8 @@ import weakref
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from shard.osutil import allocator_stats
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,13 @@ class ShardCollector(Collector):
                     per_coll[name].add_metric(labels, value)
         yield from per_shard.values()
         yield from per_coll.values()
+        if shards:  # the process's allocator, once for all its shards
+            alloc = GaugeMetricFamily("lookalike_shard_process_allocator_bytes",
+                                      "The shard process's allocator: bytes by stat (shard.osutil.allocator_stats)",
+                                      labels=["stat"])
+            for stat, value in allocator_stats().items():
+                alloc.add_metric([stat], value)
+            yield alloc
 
 
 SHARDS = ShardCollector()

@@ -79,3 +79,40 @@ def release_memory() -> str:
         return "glibc"
     except (OSError, AttributeError):  # not glibc: nothing to do
         return ""
+
+
+# jemalloc's process-wide statistics (bytes; "stats.<name>" after an "epoch" refresh): what live allocations hold
+# (allocated), the pages of their extents (active), what is resident, mapped, kept for reuse without pages (retained)
+# and jemalloc's own bookkeeping (metadata)
+_JEMALLOC_STATS = ("allocated", "active", "resident", "mapped", "retained", "metadata")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocator_stats() -> dict[str, int]:
+    """Where the allocator's memory goes, in bytes, to tell the process's resident memory apart: what its live
+    allocations hold and what it keeps free. jemalloc: ``allocated``, ``active``, ``resident``, ``mapped``,
+    ``retained``, ``metadata`` (its "stats." names). glibc (``mallinfo2``): ``heap`` (its arenas' bytes from the
+    OS), ``heap_in_use`` and ``heap_free`` (of those), ``mapped`` (large blocks mapped one by one). Empty for
+    another allocator."""
+    if _MALLCTL is not None:
+        epoch = ctypes.c_uint64(1)
+        _MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(ctypes.sizeof(epoch)))  # refresh
+        out = {}
+        for name in _JEMALLOC_STATS:
+            value, size = ctypes.c_size_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+            if _MALLCTL(f"stats.{name}".encode(), ctypes.byref(value), ctypes.byref(size), None,
+                        ctypes.c_size_t(0)) == 0:
+                out[name] = int(value.value)
+        return out
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or one before 2.33
+        return {}
+    mallinfo2.restype = _MallInfo2
+    mi = mallinfo2()
+    return {"heap": int(mi.arena), "heap_in_use": int(mi.uordblks), "heap_free": int(mi.fordblks),
+            "mapped": int(mi.hblkhd)}
