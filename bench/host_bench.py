@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from bench.common import load, start_local, teardown, wait_idle
-from bench.scale_bench import _init_ray_retrying, wait_trained
+from bench.scale_bench import _init_ray_retrying, process_allocators, wait_trained
 from bench.scale_common import dataset, log
 
 
@@ -47,7 +47,9 @@ def _measure(client, handle, label: str, xq: np.ndarray, nprobe: int, seconds: f
 
     shard_procs = _processes(handle)
     rss = (_rss(shard_procs) - empty) / n
-    log(f"  {label}: shard processes' RSS growth {rss:.0f} B/vector")
+    alloc = process_allocators(handle)
+    log(f"  {label}: shard processes' RSS growth {rss:.0f} B/vector; allocators (MiB) "
+        f"{[{k: v >> 20 for k, v in a.items() if k != 'pid'} for a in alloc]}")
     for _ in range(5):  # warm-up
         client.search("host", xq[:100], k=10, nprobe=nprobe)
     procs = shard_procs + [psutil.Process()]
@@ -63,6 +65,7 @@ def _measure(client, handle, label: str, xq: np.ndarray, nprobe: int, seconds: f
             k += 1
         c1 = [sum(p.cpu_times()[:2]) for p in procs]
         row = {"state": label, "qps": 100 * k / (time.perf_counter() - t0), "rss_bytes_per_vector": rss,
+               "allocators": alloc,
                "shard_process_ms": [round(1e3 * (b - a) / k, 1) for a, b in zip(c0[:-1], c1[:-1])],
                "router_and_client_ms": round(1e3 * (c1[-1] - c0[-1]) / k, 1)}
         log(f"  {label}: {row['qps']:.0f} QPS; CPU ms a batch: shard processes {row['shard_process_ms']}, "

@@ -108,6 +108,10 @@ def test_metrics_move_with_calls_by_status_on_both_hops(metered):
     assert total(after, "lookalike_shard_wal_bytes", collection="m") > 0
     assert total(after, "lookalike_shard_wal_fsync_seconds_count", collection="m") >= 1
     assert total(after, "lookalike_shard_serving") == 2
+    # the process's allocator (glibc here): what its heap holds in use, once for the process, not per shard
+    assert total(after, "lookalike_shard_process_allocator_bytes", stat="heap_in_use") > 0
+    assert sum(1 for n, lab in after if n == "lookalike_shard_process_allocator_bytes"
+               and dict(lab).get("stat") == "heap_in_use") == 1
 
 
 def test_answers_with_partial_coverage_are_counted(metered):
