@@ -19,6 +19,7 @@ Uses the shard's servicer (shard.server) and the base package.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -62,6 +63,7 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         self.name = name
         # FAISS threads of every call (OpenMP's count is per calling thread); 0: OpenMP's default
         self.threads = threads
+        self._searching = 0  # Search calls running now: they share the threads (see _search_threads)
         self._shards: dict[str, ShardServicer] = {}
         self._lock = threading.Lock()
         self.writes: WriteGate | None = None  # the writes of all its shards (create_host_server)
@@ -99,12 +101,34 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
             sv = self._target(context)
         except LookalikeError as err:
             context.abort(err.code, str(err))
-        self._set_threads()
+        if method == "Search":
+            with self._search_threads():
+                return sv.Search(request, context)
+        self._set_threads(self.threads)
         return getattr(sv, method)(request, context)
 
-    def _set_threads(self) -> None:
+    def _set_threads(self, n: int) -> None:
         if self.threads:
-            faiss.omp_set_num_threads(self.threads)
+            faiss.omp_set_num_threads(max(1, n))
+
+    @contextlib.contextmanager
+    def _search_threads(self):
+        """The FAISS threads of a Search: the process's threads shared by the searches running as it starts (one
+        alone takes them all; two at once take half each). Each search's OpenMP threads split its queries and
+        wait for the last, so two searches of all the threads each ran twice the threads of the cores, each
+        waiting on its descheduled ones. Measured at 10M x 128, IVF4096,PQ32, 8 shards in this process on 2 cores,
+        2 searches of 100 in flight (the router's ``--batch-inflight 2``): the process's CPU a batch 0.88-0.90x
+        that of one search at a time, against 0.98x before (docs/BENCHMARKS.md, "4 and 8 shards in one process
+        at 10M"). The same answer on any count: each query is answered by one thread."""
+        with self._lock:
+            self._searching += 1
+            running = self._searching
+        try:
+            self._set_threads(self.threads // running)
+            yield
+        finally:
+            with self._lock:
+                self._searching -= 1
 
     def Upsert(self, request, context):
         return self._forward("Upsert", request, context)
@@ -134,8 +158,8 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
 
     @abort_on_error
     def _search_shards(self, request, context):
-        self._set_threads()
-        return self.search_shards(request, context)
+        with self._search_threads():
+            return self.search_shards(request, context)
 
     def search_shards(self, request, context) -> shard_pb2.ShardSearchResponse:
         """A Search of the shards the request names: their merged top k, and why each that did not answer did
