@@ -217,10 +217,41 @@ def test_a_process_of_several_shards_gets_their_resources_and_faiss_threads_no_m
     # every call of a shard process runs FAISS on its threads, whatever thread of the server takes it
     before = faiss.omp_get_max_threads()
     try:
-        HostServicer("p", threads=1)._set_threads()
+        HostServicer("p", threads=1)._set_threads(1)
         assert faiss.omp_get_max_threads() == 1
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_searches_running_at_once_in_a_process_share_its_threads():
+    """shard.host HostServicer._search_threads: a search alone takes the process's FAISS threads; one that starts
+    while another runs takes its share; once they end, a search takes them all again."""
+    import threading
+
+    host = HostServicer("p", threads=4)
+    seen, started, release = [], threading.Event(), threading.Event()
+
+    def search_shards(request, context):
+        seen.append(faiss.omp_get_max_threads())
+        if len(seen) == 1:
+            started.set()
+            assert release.wait(10)
+        return "answer"
+
+    host.search_shards = search_shards
+    first = threading.Thread(target=host._search_shards, args=(None, None))
+    first.start()
+    assert started.wait(10)
+    second = []
+    t = threading.Thread(target=lambda: second.append(host._search_shards(None, None)))  # while the first runs
+    t.start()
+    t.join(10)
+    release.set()
+    first.join(10)
+    third = threading.Thread(target=host._search_shards, args=(None, None))  # alone again, on a new thread
+    third.start()
+    third.join(10)
+    assert seen == [4, 2, 4] and second == ["answer"] and host._searching == 0
 
 
 def test_a_process_probes_its_storage_once_and_names_the_shard_of_a_collection_it_does_not_serve(tmp_path,
@@ -263,3 +294,27 @@ def test_a_process_of_several_shards_runs_jemalloc_and_hands_its_freed_pages_bac
     assert out.stdout.split() == ["jemalloc", "True", "True"], out.stderr
     # an LD_PRELOAD the process already has is kept, after jemalloc
     assert host_process_env("/x/libother.so")["LD_PRELOAD"] == env["LD_PRELOAD"] + " /x/libother.so"
+
+
+def test_a_process_tells_what_its_allocator_holds_in_use_and_free():
+    """shard.osutil.allocator_stats: jemalloc's statistics where it allocates (a process of several shards), glibc's
+    otherwise; 400 MB allocated shows (381 MiB), and leaves once freed."""
+    import os
+    import subprocess
+    import sys
+
+    from shard.osutil import SHARD_PROCESS_ENV, allocator_stats, host_process_env
+
+    code = ("import numpy as np\n"
+            "from shard.osutil import allocator_stats, release_memory\n"
+            "key = 'allocated' if 'allocated' in allocator_stats() else 'heap_in_use'\n"
+            "live = lambda: allocator_stats()[key] + allocator_stats().get('mapped', 0) * (key != 'allocated')\n"
+            "base = live(); a = [np.ones(100_000) for _ in range(500)]; held = live() - base; del a\n"
+            "release_memory(); print(key, held > 380 << 20, live() - base < 10 << 20)\n")
+    for env, key in ((host_process_env(""), "allocated"), ({}, "heap_in_use")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **SHARD_PROCESS_ENV, **env},
+                             capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert out.stdout.split() == [key, "True", "True"], out.stdout + out.stderr
+    stats = allocator_stats()  # pytest's process: glibc
+    assert stats["heap"] >= stats["heap_in_use"] > 0 and stats["heap_free"] >= 0
