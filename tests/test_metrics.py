@@ -371,3 +371,20 @@ def test_serve_metrics_port_serves_the_router_and_lists_its_shards(tmp_path):
         assert proc.returncode == 0 and f"Prometheus metrics on http://127.0.0.1:{mport}/metrics" in out, out
     finally:
         _stop([proc], started)
+
+
+def test_the_allocators_statistics_are_read_at_most_every_30_s(monkeypatch):
+    """shard.metrics ShardCollector._allocator: glibc's statistics walk its free lists under the arenas' locks, so
+    scrapes in between reuse the last reading."""
+    import shard.metrics as sm
+
+    reads = []
+    monkeypatch.setattr(sm, "allocator_stats", lambda: reads.append(1) or {"heap_in_use": len(reads)})
+    now = [1000.0]
+    monkeypatch.setattr(sm, "_clock", lambda: now[0])
+    col = sm.ShardCollector()
+    assert col._allocator() == {"heap_in_use": 1}
+    now[0] += sm.ALLOCATOR_EVERY_S - 1
+    assert col._allocator() == {"heap_in_use": 1} and len(reads) == 1
+    now[0] += 1
+    assert col._allocator() == {"heap_in_use": 2}
