@@ -58,6 +58,8 @@ CASES = {  # argv of `lookalike size`, and the overlay
                    "--node-memory", "128Gi", "--node-allocatable", "120Gi", "--shards-per-node", "2"],
     "gpu-2-per-node": ["--vectors", "50000000", "--dim", "128", "--node-memory", "96Gi", "--shards-per-node", "2",
                        "--overlay", "gpu", "--gpu-memory", "24Gi"],
+    "cpu-shared-process": ["--vectors", "100000000", "--dim", "128", "--index", "IVF4096,PQ32", "--node-memory",
+                           "64Gi", "--shards-per-node", "4", "--shards-per-process", "4"],
 }
 
 
@@ -75,7 +77,7 @@ def test_generated_overlays_pass_the_checks_of_the_shipped_ones(case, repo, tmp_
     shard_cpus = args.shard_cpus or (8.0 if args.overlay == "gpu" else 2.0)
     p = sizing.plan(args.vectors, args.dim, args.index, args.metric, args.replication, args.node_memory,
                     args.shards_per_node, gpu_memory=args.gpu_memory, allocatable=args.node_allocatable,
-                    shard_cpus=shard_cpus, node_cpus=args.node_cpus)
+                    shard_cpus=shard_cpus, node_cpus=args.node_cpus, shards_per_process=args.shards_per_process)
     vol = storage_sizing.volume(args.vectors, args.dim, args.index, args.metric, args.replication, p.shards)
 
     docs = _render(out)
@@ -104,6 +106,7 @@ def test_generated_overlays_pass_the_checks_of_the_shipped_ones(case, repo, tmp_
                   int(float(group["rayStartParams"]["num-cpus"]) // float(cfg["LOOKALIKE_SHARD_CPUS"])))
     assert per_pod == p.shards_per_node, "each pod holds exactly --shards-per-node shards"
     assert int(cfg["LOOKALIKE_MAX_SHARDS"]) == group["maxReplicas"] * per_pod
+    assert int(cfg["LOOKALIKE_SHARDS_PER_PROCESS"]) == args.shards_per_process <= per_pod
     assert int(cfg["LOOKALIKE_SHARDS"]) == p.shards <= group["replicas"] * per_pod
     assert f"volume: {storage_sizing.k8s_storage(vol.size)}" in text
 
@@ -127,6 +130,26 @@ def test_sizes_come_from_node_allocatable_and_max_shards_from_what_pods_hold():
         sizing.plan(1000, 16, "Flat", shards_per_node=4, node_cpus=8)
     with pytest.raises(ValueError, match="whole numbers"):
         sizing.plan(1000, 16, "Flat", shards_per_node=3, shard_cpus=0.5)
+
+
+def test_shards_sharing_a_process_share_its_fixed_memory_and_pay_jemallocs_bytes():
+    """tools.sizing: with --shards-per-process, the process's fixed memory is counted once for its shards, and each
+    vector pays JEMALLOC_EXTRA (measured at 10M: docs/BENCHMARKS.md)."""
+    one = sizing.plan(100_000_000, 128, "IVF4096,PQ32", node_memory=64 * sizing.GiB, shards_per_node=4)
+    four = sizing.plan(100_000_000, 128, "IVF4096,PQ32", node_memory=64 * sizing.GiB, shards_per_node=4,
+                       shards_per_process=4)
+    assert four.per_vector.resident == pytest.approx(one.per_vector.resident + sizing.JEMALLOC_EXTRA)
+    assert sizing.process_overhead(4) == (sizing.SHARD_OVERHEAD + 3 * sizing.HOSTED_SHARD_OVERHEAD) / 4
+    assert sizing.process_overhead(1) == sizing.SHARD_OVERHEAD
+    assert "--shards-per-process 4" in sizing.report(four, 128, "IVF4096,PQ32")
+    assert "--shards-per-process" not in sizing.report(one, 128, "IVF4096,PQ32")
+    # within 15% of what 4 and 8 shards in one process held at 10M x 128 (83.3 and 87.8 bytes a vector)
+    for shards, measured in ((4, 83.3), (8, 87.8)):
+        est = shards * sizing.shard_resident_estimate(10_000_000 // shards, 128, "IVF4096,PQ32", id_bytes=7,
+                                                      shards_per_process=shards) / 10_000_000
+        assert abs(est / measured - 1) < 0.15, (shards, est)
+    with pytest.raises(ValueError, match="from 1 to --shards-per-node"):
+        sizing.plan(1000, 16, "Flat", shards_per_node=2, shards_per_process=4)
 
 
 def test_the_training_peak_is_in_the_memory_plan():

@@ -23,7 +23,13 @@ The estimate of a shard's resident memory is what a shard holds per item (shard/
   distance tables of nlist x M x 256 floats up to 16 MiB, 16 MiB for IVF1024,PQ16; larger ones are not kept, see
   shard.specs.drop_precomputed_tables), and
   ``SHARD_OVERHEAD`` per shard process (Python, numpy, FAISS, gRPC, Ray's worker, BLAS buffers: 150 MiB; an empty
-  shard measured 128-138 MiB).
+  shard measured 128-138 MiB);
+- shards sharing a process (``shards_per_process`` > 1, serve ``--shards-per-process``): ``SHARD_OVERHEAD`` once a
+  process plus ``HOSTED_SHARD_OVERHEAD`` for each further shard (8 empty shards in one process measured 145-157
+  MiB), and ``JEMALLOC_EXTRA`` bytes a vector: such a process allocates with jemalloc (shard.osutil), which held
+  155-161 MB beyond its live allocations at 10M x 128 IVF4096,PQ32 on 4 and 8 shards (its metadata over the
+  address space a load used, size-class rounding and part-used slabs; docs/BENCHMARKS.md, "4 and 8 shards in one
+  process at 10M").
 
 ``measure_shard`` loads a known number of vectors into a real shard; tests/test_sizing.py checks the estimate
 against it for Flat and IVF-PQ (within 15%).
@@ -61,6 +67,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 ALLOCATOR_FACTOR = 1.05
 SHARD_OVERHEAD = 150 * MiB
+HOSTED_SHARD_OVERHEAD = 2 * MiB
+JEMALLOC_EXTRA = 16
 COLLECTION_OVERHEAD = 1 * MiB
 IVF_LIST_HEAP = 8
 _IDTABLE = 12  # label (int64) and offset (uint32) in shard.idtable.IdTable
@@ -76,6 +84,7 @@ class PerVector:
     index: float
     ids: int
     payload: int
+    allocator: float = 0.0  # bytes a vector the allocator holds beyond its slack (jemalloc: shards sharing a process)
 
     @property
     def raw(self) -> float:
@@ -84,11 +93,13 @@ class PerVector:
     @property
     def resident(self) -> float:
         """With the allocator's slack: what the shard's resident memory grows by per item."""
-        return self.raw * ALLOCATOR_FACTOR
+        return self.raw * ALLOCATOR_FACTOR + self.allocator
 
 
-def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, payload_bytes: int = 0) -> PerVector:
-    """Bytes per item on a shard for a FAISS factory string (see the module docstring).
+def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, payload_bytes: int = 0,
+               shards_per_process: int = 1) -> PerVector:
+    """Bytes per item on a shard for a FAISS factory string (see the module docstring); ``shards_per_process`` > 1
+    adds jemalloc's ``JEMALLOC_EXTRA``.
 
     Raises:
         lookalike.errors.InvalidArgument: a spec lookalike does not support (lookalike.indexspec), with its sentence.
@@ -116,7 +127,14 @@ def per_vector(dim: int, index: str, metric: str = "l2", id_bytes: int = 16, pay
         # sorted by label (4)
         idx = 2 * links * 4 + 4 + 8 + 4
     payload = payload_bytes + _BYTES_OBJECT + _PAYLOAD_POINTER if payload_bytes else 0
-    return PerVector(code=code, index=idx, ids=_IDTABLE + id_bytes, payload=payload)
+    return PerVector(code=code, index=idx, ids=_IDTABLE + id_bytes, payload=payload,
+                     allocator=JEMALLOC_EXTRA if shards_per_process > 1 else 0.0)
+
+
+def process_overhead(shards_per_process: int = 1) -> float:
+    """A shard's part of its process's fixed memory: ``SHARD_OVERHEAD``, or shared with the other shards of its
+    process (see the module docstring)."""
+    return (SHARD_OVERHEAD + (shards_per_process - 1) * HOSTED_SHARD_OVERHEAD) / shards_per_process
 
 
 def fixed_bytes(dim: int, index: str, metric: str = "l2") -> int:
@@ -153,6 +171,7 @@ class Plan:
     node_memory: int = 0  # the node's memory, as given
     shard_cpus: float = 2.0
     training: tuple[float, int] = (0.0, 0)  # training peak of a shard: (bytes per item it holds, bytes once)
+    shards_per_process: int = 1
 
     @property
     def pod_cpus(self) -> int:
@@ -209,7 +228,7 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
          shards_per_node: int = 1, headroom: float = 0.3, reserve: int = 2 * GiB, id_bytes: int = 16,
          payload_bytes: int = 0, gpu_memory: int = 0, gpu_float16: bool = False, high_water: float = 0.8,
          allocatable: int | None = None, daemonset_memory: int = 1 * GiB, shard_cpus: float = 2.0,
-         node_cpus: float | None = None, daemonset_cpus: float = 0.5) -> Plan:
+         node_cpus: float | None = None, daemonset_cpus: float = 0.5, shards_per_process: int = 1) -> Plan:
     """Shards and nodes for ``vectors`` items of ``dim`` in ``index``, ``replicas`` copies each.
 
     Each node runs one worker pod, which gets the node's allocatable memory (``allocatable``, else
@@ -218,10 +237,14 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
     capacity (``--shard-memory``). A shard is filled to ``high_water`` x capacity x (1 - headroom) at most, less its
     training peak (:func:`training_peak`), so that the data can grow by ``headroom`` before the controller's
     automatic growth (at ``high_water``) adds shards. The pod has ``shard_cpus`` CPUs per shard; with
-    ``node_cpus``, they must fit the node's allocatable CPUs less ``daemonset_cpus``.
+    ``node_cpus``, they must fit the node's allocatable CPUs less ``daemonset_cpus``. ``shards_per_process``: shards
+    sharing one process (at most a pod's), which share its fixed memory and allocate with jemalloc.
     """
     if vectors < 0 or dim <= 0 or replicas < 1 or shards_per_node < 1 or not 0 <= headroom < 1:
         raise ValueError("vectors >= 0, dim > 0, replicas >= 1, shards per node >= 1, 0 <= headroom < 1")
+    if not 1 <= shards_per_process <= shards_per_node:
+        raise ValueError(f"--shards-per-process {shards_per_process}: from 1 to --shards-per-node "
+                         f"({shards_per_node}); a process holds its shards' CPUs and memory together, on one node")
     pod_cpus = shards_per_node * shard_cpus
     if shard_cpus <= 0 or abs(pod_cpus - round(pod_cpus)) > 1e-9:
         raise ValueError(f"--shards-per-node {shards_per_node} x --shard-cpus {shard_cpus:g} is {pod_cpus:g} CPUs: "
@@ -231,12 +254,12 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
                          f"of {node_cpus:g} CPUs gives a pod ({node_allocatable_cpus(node_cpus):.2f} allocatable, "
                          f"less {daemonset_cpus:g} for DaemonSets): fewer --shards-per-node, fewer --shard-cpus or "
                          "bigger nodes")
-    pv = per_vector(dim, index, metric, id_bytes, payload_bytes)
+    pv = per_vector(dim, index, metric, id_bytes, payload_bytes, shards_per_process)
     allocatable = node_allocatable(node_memory) if allocatable is None else allocatable
     pod_memory = parse_quantity(k8s_quantity(allocatable - daemonset_memory, floor=True))
     shard_memory = parse_quantity(k8s_quantity((pod_memory - reserve) / shards_per_node, floor=True))
     per_item_peak, once_peak = training_peak(dim, index, metric, pv)
-    fill = (shard_memory * high_water * (1 - headroom) - SHARD_OVERHEAD - COLLECTION_OVERHEAD
+    fill = (shard_memory * high_water * (1 - headroom) - process_overhead(shards_per_process) - COLLECTION_OVERHEAD
             - fixed_bytes(dim, index, metric) - once_peak)
     if fill <= 0 or pod_memory <= reserve:
         raise ValueError(f"a node of {node_memory / GiB:.1f} GiB ({allocatable / GiB:.1f} GiB allocatable, less "
@@ -257,14 +280,14 @@ def plan(vectors: int, dim: int, index: str, metric: str = "l2", replicas: int =
         gpu = {"bytes_per_vector": gpu_pv, "gpu_memory": gpu_memory, "shards_for_gpu_memory": gpu_shards}
     nodes = math.ceil(shards / shards_per_node)
     return Plan(vectors, replicas, pv, data, shard_memory, shards, shards_per_node, nodes, pod_memory, gpu,
-                allocatable, node_memory, shard_cpus, (per_item_peak, once_peak))
+                allocatable, node_memory, shard_cpus, (per_item_peak, once_peak), shards_per_process)
 
 
 def shard_resident_estimate(vectors: int, dim: int, index: str, metric: str = "l2", id_bytes: int = 16,
-                            payload_bytes: int = 0) -> float:
+                            payload_bytes: int = 0, shards_per_process: int = 1) -> float:
     """Resident memory a collection of ``vectors`` items adds to a shard (bytes)."""
     return (COLLECTION_OVERHEAD + fixed_bytes(dim, index, metric)
-            + vectors * per_vector(dim, index, metric, id_bytes, payload_bytes).resident)
+            + vectors * per_vector(dim, index, metric, id_bytes, payload_bytes, shards_per_process).resident)
 
 
 def format_bytes(n: float) -> str:
@@ -295,7 +318,9 @@ def report(p: Plan, dim: int, index: str) -> str:
         f"{p.vectors:,} vectors of dim {dim} in {index!r}, {p.replicas} cop{'y' if p.replicas == 1 else 'ies'} each",
         f"  bytes per vector: {pv.code} code + {pv.index:g} index + {pv.ids} id table"
         + (f" + {pv.payload} payload" if pv.payload else "")
-        + f" = {pv.raw:g}; resident with allocator slack (x{ALLOCATOR_FACTOR}): {pv.resident:.0f}",
+        + f" = {pv.raw:g}; resident with allocator slack (x{ALLOCATOR_FACTOR}"
+        + (f", + {pv.allocator:g} of jemalloc's, shards sharing a process" if pv.allocator else "")
+        + f"): {pv.resident:.0f}",
         f"  data in memory, all copies: {format_bytes(p.data_bytes)}"
         + (f", plus {format_bytes(fixed)} of index a shard holds whatever its vectors (IVF centroids, PQ tables)"
            if fixed else ""),
@@ -306,7 +331,8 @@ def report(p: Plan, dim: int, index: str) -> str:
     lines += [
         f"  shards: {p.shards} ({p.shards_per_node} per node), each with --shard-memory {k8s_quantity(p.shard_memory)}"
         f" and --shard-cpus {p.shard_cpus:g} (filled to about "
-        f"{format_bytes(p.data_bytes / p.shards + SHARD_OVERHEAD + COLLECTION_OVERHEAD + fixed)} now)",
+        f"{format_bytes(p.data_bytes / p.shards + process_overhead(p.shards_per_process) + COLLECTION_OVERHEAD + fixed)}"
+        " now)" + (f", {p.shards_per_process} a process" if p.shards_per_process > 1 else ""),
         f"  nodes: {p.nodes} shard node(s) of {format_bytes(p.node_memory)} ({format_bytes(p.allocatable)} "
         f"allocatable), one worker pod each: memory {k8s_quantity(p.node_memory_request)}, {p.pod_cpus} CPUs; "
         f"growth up to {p.max_nodes * p.shards_per_node} shards on {p.max_nodes} nodes",
@@ -315,7 +341,8 @@ def report(p: Plan, dim: int, index: str) -> str:
         lines.append(f"  GPU: {p.gpu['bytes_per_vector']:g} bytes per vector on the GPU; "
                      f"{p.gpu['shards_for_gpu_memory']} shard(s) for {format_bytes(p.gpu['gpu_memory'])} GPUs")
     lines.append(f"  serve with: lookalike serve --shards {p.shards} --shard-memory {k8s_quantity(p.shard_memory)} "
-                 f"--shard-cpus {p.shard_cpus:g} --max-shards {p.max_nodes * p.shards_per_node}")
+                 f"--shard-cpus {p.shard_cpus:g} --max-shards {p.max_nodes * p.shards_per_node}"
+                 + (f" --shards-per-process {p.shards_per_process}" if p.shards_per_process > 1 else ""))
     return "\n".join(lines)
 
 
@@ -394,7 +421,8 @@ def write_kustomize(p: Plan, out_dir: str, overlay: str = "cpu", repo_root: str 
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: lookalike-config\ndata:\n"
         f'  LOOKALIKE_SHARDS: "{p.shards}"\n  LOOKALIKE_SHARD_MEMORY: {k8s_quantity(p.shard_memory)}\n'
         f'  LOOKALIKE_SHARD_CPUS: "{p.shard_cpus:g}"\n'
-        f'  LOOKALIKE_MAX_SHARDS: "{p.max_nodes * p.shards_per_node}"\n')
+        f'  LOOKALIKE_MAX_SHARDS: "{p.max_nodes * p.shards_per_node}"\n'
+        f'  LOOKALIKE_SHARDS_PER_PROCESS: "{p.shards_per_process}"\n')
     (out / "kustomization.yaml").write_text(
         "# written by `lookalike size --kustomize`: apply with `kubectl apply -k` on this folder (the data's claim:\n"
         "# `kubectl apply -k storage` in it, first)\n"

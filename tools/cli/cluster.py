@@ -125,7 +125,7 @@ def cmd_size(args) -> int:
                         args.gpu_memory, args.gpu_float16, allocatable=args.node_allocatable,
                         daemonset_memory=args.daemonset_memory,
                         shard_cpus=args.shard_cpus or (8.0 if args.overlay == "gpu" else 2.0), node_cpus=args.node_cpus,
-                        daemonset_cpus=args.daemonset_cpus)
+                        daemonset_cpus=args.daemonset_cpus, shards_per_process=args.shards_per_process)
         vol = storage_sizing.volume(args.vectors, args.dim, args.index, args.metric, args.replication, p.shards,
                                     args.id_bytes, args.payload_bytes, args.buckets, args.disk_headroom)
     except ValueError as err:  # lookalike.errors.InvalidArgument (a spec outside the grammar) is a ValueError
@@ -183,6 +183,9 @@ def add_size(sub) -> None:
     sz.add_argument("--daemonset-memory", type=byte_size, default="1Gi",
                     help="memory the DaemonSets' pods take on each node: CNI, logs, monitoring (default %(default)s)")
     sz.add_argument("--shards-per-node", type=positive_int, default=1, help="shards on each node (default %(default)s)")
+    sz.add_argument("--shards-per-process", type=positive_int, default=1,
+                    help="shards sharing one process, as `serve --shards-per-process`, at most --shards-per-node: "
+                         "they share its fixed memory, and it allocates with jemalloc (default %(default)s)")
     sz.add_argument("--shard-cpus", type=number(float, above=0), default=None,
                     help="CPUs of each shard, as `serve --shard-cpus` (default: the overlay's, 2 for cpu and 8 for "
                          "gpu)")
