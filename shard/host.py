@@ -117,8 +117,8 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         alone takes them all; two at once take half each). Each search's OpenMP threads split its queries and
         wait for the last, so two searches of all the threads each ran twice the threads of the cores, each
         waiting on its descheduled ones. Measured at 10M x 128, IVF4096,PQ32, 8 shards in this process on 2 cores,
-        2 searches of 100 in flight (the router's ``--batch-inflight 2``): the process's CPU a batch 0.88-0.90x
-        that of one search at a time, against 0.98x before (docs/BENCHMARKS.md, "4 and 8 shards in one process
+        2 searches of 100 in flight (the router's ``--batch-inflight 2``): the process's CPU a batch 0.90-0.94x
+        that of one search at a time, against 0.98-1.02x before (docs/BENCHMARKS.md, "4 and 8 shards in one process
         at 10M"). The same answer on any count: each query is answered by one thread."""
         with self._lock:
             self._searching += 1
