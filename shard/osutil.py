@@ -62,7 +62,16 @@ def _jemalloc_mallctl():
         return None
 
 
+def _glibc():
+    """glibc, where it is the C library (its ``malloc_trim`` and ``mallinfo2``), else None; looked up once."""
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 _MALLCTL = _jemalloc_mallctl()
+_LIBC = _glibc()
 
 
 def release_memory() -> str:
@@ -74,11 +83,11 @@ def release_memory() -> str:
         # "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages go back to the OS
         _MALLCTL(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
         return "jemalloc"
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return "glibc"
-    except (OSError, AttributeError):  # not glibc: nothing to do
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:  # not glibc: nothing to do
         return ""
+    trim(0)
+    return "glibc"
 
 
 # jemalloc's process-wide statistics (bytes; "stats.<name>" after an "epoch" refresh): what live allocations hold
@@ -97,8 +106,7 @@ def allocator_stats() -> dict[str, int]:
     allocations hold and what it keeps free. jemalloc: ``allocated``, ``active``, ``resident``, ``mapped``,
     ``retained``, ``metadata`` (its "stats." names). glibc (``mallinfo2``): ``heap`` (its arenas' bytes from the
     OS), ``heap_in_use`` and ``heap_free`` (of those), ``mapped`` (large blocks mapped one by one); glibc's walks
-    its free lists under each arena's lock (25 ms for a million free chunks here). Empty for
-    another allocator."""
+    its free lists under each arena's lock (25 ms for a million free chunks here). Empty for another allocator."""
     if _MALLCTL is not None:
         epoch = ctypes.c_uint64(1)
         _MALLCTL(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(ctypes.sizeof(epoch)))  # refresh
@@ -109,9 +117,8 @@ def allocator_stats() -> dict[str, int]:
                         ctypes.c_size_t(0)) == 0:
                 out[name] = int(value.value)
         return out
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):  # not glibc, or one before 2.33
+    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
+    if mallinfo2 is None:  # not glibc, or one before 2.33
         return {}
     mallinfo2.restype = _MallInfo2
     mi = mallinfo2()
