@@ -98,18 +98,19 @@ def init_ray(num_cpus: int) -> None:
 
 
 def start_local(data_dir: str, shards: int, shard_cpus: float, cluster_name: str = "bench",
-                ready_timeout: float = 180.0, per_process: int = 1):
+                ready_timeout: float = 180.0, per_process: int = 1, batch_inflight: int = 1):
     """On the connected Ray: a cluster of ``shards`` shard actors on ``data_dir`` (waits until every shard serves)
     and a router gRPC server in this process. Returns (controller handle, router, server, port, client); on a
     failure, stops what it had started (not Ray) and raises. ``ready_timeout``: seconds the shards may take to
-    serve (loading their storage); ``per_process``: shards sharing one process (shard.host)."""
+    serve (loading their storage); ``per_process``: shards sharing one process (shard.host); ``batch_inflight``:
+    the router's batches of one kind running at once (serve ``--batch-inflight``)."""
     handle, control = start_cluster(ClusterConfig(data_dir=data_dir, shards=shards, cluster_name=cluster_name,
                                                   shard_num_cpus=shard_cpus, shards_per_process=per_process),
                                     ready_timeout=ready_timeout)
     router = server = None
     try:
         router = Router(control)
-        server, port, _health = create_router_server(router, "127.0.0.1:0")
+        server, port, _health = create_router_server(router, "127.0.0.1:0", batch_inflight=batch_inflight)
         return handle, router, server, port, Client(f"127.0.0.1:{port}", timeout=600)
     except BaseException:
         if server is not None:

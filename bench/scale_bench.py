@@ -2,7 +2,7 @@
 
     python -m bench.scale_bench --n 10000000 --nlist 4096 --hnsw-n 2000000 --data-dir /data/scale \\
         [--dim 128] [--shards 4,8] [--indexes flat,ivf,ivfpq,ivfpqfs,hnsw] [--pq 32] [--queries 1000] [--seconds 10] \\
-        [--out bench/out/scale.json]
+        [--per-process 1] [--batch-inflight 1] [--out bench/out/scale.json]
 
 For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist},PQ{pq}``, ``IVF{nlist},PQ{pq}x4fs``
 (fast-scan), ``HNSW{hnsw-m}`` over the first ``--hnsw-n`` vectors), first in-process FAISS, then the cluster:
@@ -110,7 +110,8 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
     t = time.perf_counter()
     _init_ray_retrying(max(threads, shards + 1))
     handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus, cluster_name="scale0",
-                                                       per_process=_per_process(args, shards))
+                                                       per_process=_per_process(args, shards),
+                                                       batch_inflight=args.batch_inflight)
     res["start_seconds"] = time.perf_counter() - t
     log(f"  cluster: {shards} shards up in {res['start_seconds']:.1f}s")
     try:
@@ -178,7 +179,8 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
         res["restart_ray_seconds"] = time.perf_counter() - t0
         handle, router, server, port, client = start_local(str(storage), shards, args.shard_cpus,
                                                            cluster_name="scale1", ready_timeout=args.restart_timeout,
-                                                           per_process=_per_process(args, shards))
+                                                           per_process=_per_process(args, shards),
+                                                           batch_inflight=args.batch_inflight)
         res["restart_cluster_seconds"] = time.perf_counter() - t0
         res["restart"] = first_full_answer(client, name, xq[:100], k, p, param, t0, args.restart_timeout)
         after = search(xq[:100], p)
@@ -316,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=10_000, help="request bound of each QPS measurement")
     p.add_argument("--concurrency", type=ints, default=[1, 2], help="requests in flight, each measured, the best "
                    "compared (FAISS: that many callers on 1 thread each; default 1,2)")
+    p.add_argument("--batch-inflight", type=int, default=1,
+                   help="the router's batches of one kind running at once (lookalike serve --batch-inflight; with "
+                        "1 a second caller's batch waits for the first to end; default 1)")
     p.add_argument("--same-training", action=argparse.BooleanOptionalAction, default=True,
                    help="after each trained cluster run, also measure in-process FAISS filled from that cluster's own "
                         "trained index (the same lists, so the same answers at the same nprobe; default on)")
