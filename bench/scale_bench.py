@@ -24,8 +24,8 @@ For each index family (one at a time: ``Flat``, ``IVF{nlist},Flat``, ``IVF{nlist
   cluster does, and the ratio against it leaves out the difference two trainings on two samples make.
 
 Ratios: cluster / FAISS QPS (each at its fastest: FAISS over its thread and caller settings, for IVF-PQ with and
-without precomputed tables; the cluster over ``--concurrency`` requests in flight), cluster / FAISS bytes per
-vector, restart / build time, and 8-shard / 4-shard QPS.
+without precomputed tables; the cluster over ``--concurrency`` requests in flight, of which the router runs
+``--batch-inflight`` at once), cluster / FAISS bytes per vector, restart / build time, and 8-shard / 4-shard QPS.
 Where an index cannot reach the target (PQ codes cap recall), both systems are taken at the start of their recall
 plateau and the table says so.
 
