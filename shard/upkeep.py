@@ -112,8 +112,8 @@ class Upkeep:
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
-        than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Not while buckets are copied in: a move must not stall
-        searches, and a trim holds the allocator's locks (copy_in never trims)."""
+        than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Not while buckets are
+        copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
         sc = self.sc
         wait = _TRIM_IDLE_S
         while True:
@@ -138,7 +138,10 @@ class Upkeep:
                 release_memory()
             if not pack_later:
                 return
-            wait = max(_REPACK_IDLE_S - idle, pack_in)
+            # A pack deferred by a little growth (pack_in > 0) is looked at again within _REPACK_IDLE_S: writes that
+            # come meanwhile may make it due now, and the thread sleeping until the deferred time let the end of a
+            # 10M load wait unpacked for a minute or more (up to 30 x a pack's time) after its last write.
+            wait = max(_REPACK_IDLE_S - idle, min(pack_in, _REPACK_IDLE_S))
 
     def repack_in(self) -> float | None:
         """Seconds until the IVF lists are due to be packed again (0: now; see :meth:`repack_if_due`); None when
