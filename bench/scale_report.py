@@ -59,8 +59,9 @@ def summarize(out: dict) -> list[dict]:
 def markdown(out: dict) -> str:
     cfg, m = out["config"], out["machine"]
     lines = [f"n={cfg['n']} (HNSW: {min(cfg['hnsw_n'], cfg['n'])}) d={cfg['dim']}, shards {cfg['shards']} (Ray CPUs "
-             f"{cfg['shard_cpus']} each, 1 FAISS thread; shards a process: {cfg.get('per_process', 1) or 'all'}; the router's "
-             f"batches in flight {cfg.get('batch_inflight', 1)}), {cfg['queries']} queries, k={cfg['k']}, target recall@"
+             f"{cfg['shard_cpus']} each, 1 FAISS thread; shards a process: {cfg.get('per_process', 1) or 'all'}; "
+             f"the router's batches in flight {cfg.get('batch_inflight', 1)}), {cfg['queries']} queries, "
+             f"k={cfg['k']}, target recall@"
              f"{cfg['k']} >= {cfg['target']}; {m['cpus']} CPUs, {m['memory_gib']} GiB; faiss {m['faiss']}, "
              f"ray {m['ray']}, numpy {m['numpy']}, Python {m['python']}; {m['date']}", ""]
     add = lines.append
