@@ -129,10 +129,11 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool, shards
         for i in range(0, n, _BATCH):
             m = min(_BATCH, n - i)
             ids = [f"img-{j:08d}" for j in range(i, i + m)]
-            x, owner = batch_of(i, m, dim, seed), buckets_of(ids, buckets) % shards
+            xb, owner = batch_of(i, m, dim, seed), buckets_of(ids, buckets) % shards
             for j, s in enumerate(scs):
                 rows = np.flatnonzero(owner == j)
-                s.upsert([ids[r] for r in rows], x[rows], [None] * len(rows))
+                s.upsert([ids[r] for r in rows], xb[rows], [None] * len(rows))
+            del xb  # (the training sample ``x`` stays held to the end: freeing it here would count against the load)
         load_s = time.monotonic() - t0
         for s in scs:
             with s._write_order:
