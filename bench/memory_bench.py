@@ -11,7 +11,7 @@ every bucket b with b % S == i; ``--allocator jemalloc``: the allocator of such 
 host_process_env, whose ``allocated`` and ``metadata`` statistics are then printed per vector too), upserts of 10k
 items (ids ``img-00000000``, 12 bytes, no payload) of a clustered synthetic set (a seeded
 mixture of Gaussians, generated batch by batch so the data itself is not resident). After the load the store is
-compacted and ``release_memory`` (malloc_trim) is called, then:
+compacted and ``release_memory`` (malloc_trim; jemalloc's purge) is called, then:
 
 - ``rss/vec``: the process's resident memory growth per vector since just before the load;
 - ``faiss/vec``: ``len(faiss.serialize_index(idx)) / n`` for the same spec built in-process over the same data,
@@ -42,9 +42,9 @@ import time
 import numpy as np
 
 from lookalike.config import CollectionConfig
+from lookalike.ids import buckets_of
 from lookalike.indexspec import training_points
 from shard.cpu_index import VectorIndex
-from lookalike.ids import buckets_of
 from shard.osutil import SHARD_PROCESS_ENV, allocator_stats, host_process_env, release_memory
 from shard.shard import Shard
 from shard.specs import build_index
@@ -133,7 +133,7 @@ def child(spec: str, n: int, dim: int, metric: str, seed: int, ops: bool, shards
             for j, s in enumerate(scs):
                 rows = np.flatnonzero(owner == j)
                 s.upsert([ids[r] for r in rows], xb[rows], [None] * len(rows))
-            del xb  # (the training sample ``x`` stays held to the end: freeing it here would count against the load)
+            del xb  # not ``x``: the training sample stays held to the end, or its freeing would read as less growth
         load_s = time.monotonic() - t0
         for s in scs:
             with s._write_order:
