@@ -26,6 +26,7 @@ import numpy as np
 from bench.common import init_ray, load, start_local, teardown, wait_idle
 from bench.scale_bench import dataset, wait_trained
 from bench.timing import measure, write_results
+from shard.specs import without_polysemous_training
 
 
 def _cpu(procs) -> dict[str, float]:
@@ -80,7 +81,7 @@ def cluster(args, xb: np.ndarray, xq: np.ndarray) -> dict:
 def in_process(args, xb: np.ndarray, xq: np.ndarray) -> dict:
     import faiss
 
-    index = faiss.index_factory(xb.shape[1], args.index)
+    index = without_polysemous_training(faiss.index_factory(xb.shape[1], args.index))  # as the shards train it
     nlist = faiss.extract_index_ivf(index).nlist if "IVF" in args.index else 0
     if not index.is_trained:
         rng = np.random.default_rng(0)

@@ -29,6 +29,7 @@ import numpy as np
 
 from bench.preassign_bench import add_assigned, clone_empty, log, shard_of
 from bench.timing import make_data, write_results
+from shard.specs import without_polysemous_training
 
 
 def _set_tables(shards: list, mode: int) -> None:
@@ -66,7 +67,7 @@ def run(args) -> dict:
     sh = shard_of(args.n, args.buckets, max(args.shards))
     for spec in args.specs.split(";"):
         faiss.omp_set_num_threads(threads)
-        trained = faiss.index_factory(args.dim, spec)
+        trained = without_polysemous_training(faiss.index_factory(args.dim, spec))  # as the shards train it
         ivf = faiss.extract_index_ivf(trained)
         ntrain = min(args.n, args.train_per_list * ivf.nlist)
         trained.train(xb[np.sort(np.random.default_rng(args.seed).choice(args.n, ntrain, replace=False))])

@@ -22,6 +22,7 @@ from bench.scale_common import EF_SEARCHES, NPROBES, cheapest, log
 from bench.timing import measure, recall_at_k
 from lookalike.config import CollectionConfig
 from lookalike.indexspec import training_points
+from shard.specs import without_polysemous_training
 from shard.trained import read_template
 
 
@@ -98,7 +99,7 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
     n, dim = len(xb), xb.shape[1]
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     res: dict = {"spec": spec, "n": n}
-    idx = faiss.index_factory(dim, spec)
+    idx = without_polysemous_training(faiss.index_factory(dim, spec))  # trained as the shards train it
     if not idx.is_trained:
         ntrain = train_size(spec, dim, n)
         t = time.perf_counter()

@@ -24,7 +24,7 @@ import numpy as np
 
 from bench.scale_common import dataset, log
 from bench.timing import write_results
-from shard.specs import drop_precomputed_tables
+from shard.specs import drop_precomputed_tables, without_polysemous_training
 
 
 def _ready(index, nprobe: int):
@@ -94,7 +94,7 @@ def run(args) -> dict:
     n = len(xb)
     faiss.omp_set_num_threads(2)
     spec = f"IVF{args.nlist},{args.codes}"
-    one = faiss.index_factory(xb.shape[1], spec)
+    one = without_polysemous_training(faiss.index_factory(xb.shape[1], spec))  # trained as the shards train it
     rows = np.sort(np.random.default_rng(1).choice(n, min(n, 100 * args.nlist), replace=False))
     t = time.perf_counter()
     one.train(np.ascontiguousarray(xb[rows]))

@@ -44,7 +44,24 @@ def build_index(dim: int, metric: str, spec: str):
         return faiss.index_binary_factory(dim, spec)
     if cagra_degree(spec) is not None:
         return faiss.IndexFlat(dim, FAISS_METRIC[metric])  # exact on CPU; the graph lives on the GPU
-    return faiss.index_factory(dim, spec, FAISS_METRIC[metric])
+    return without_polysemous_training(faiss.index_factory(dim, spec, FAISS_METRIC[metric]))
+
+
+def without_polysemous_training(index):
+    """``index`` with FAISS's polysemous training turned off in every PQ it holds, and returned. FAISS's factory
+    asks for it on each "PQ<m>" code unless the spec ends in "np": it orders a PQ's centroids so that Hamming
+    distances between codes filter candidates (``polysemous_ht``), which no lookalike search sets, and it costs
+    about 10 times the rest of the training (IVF1024,PQ32 on 102,400 x 128: 50 s against 4.9 on this 2-core
+    machine; docs/BENCHMARKS.md, "Training IVF-PQ without polysemous training"). The codes are the same up to
+    the order of each codebook's centroids, so searches find what they found."""
+    part = index
+    while part is not None:
+        part = faiss.downcast_index(part)
+        if hasattr(part, "do_polysemous_training"):  # IndexPQ, IndexIVFPQ (and IVFPQR)
+            part.do_polysemous_training = False
+        # inside a transform or an id map (index), a graph (storage), a refinement (base_index)
+        part = next((getattr(part, a) for a in ("index", "storage", "base_index") if getattr(part, a, None)), None)
+    return index
 
 
 def gpu_kind(spec: str, metric: str, index) -> str | None:

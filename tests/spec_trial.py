@@ -47,6 +47,11 @@ def _exercise(spec: str, dim: int, metric: str) -> None:
 
 def main() -> int:
     cases = json.load(sys.stdin)
+    # What every child imports, imported once here before the forks (each child would import it again: about 0.3 s
+    # a spec). Importing FAISS starts none of OpenMP's threads, so forking after it is safe.
+    import shard.cpu_index  # noqa: F401
+    import shard.specs  # noqa: F401
+
     out = []
     for spec, dim, metric in cases:
         r, w = os.pipe()

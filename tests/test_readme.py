@@ -7,7 +7,8 @@ traceback). What is not run, and why, is in ``NOT_RUN``.
 `lookalike serve` runs as the README writes it, in a scratch directory (``./lookalike-data`` there), with Ray's
 token authentication on, as a user gets it. The client commands reach it through ``LOOKALIKE_TARGET`` and serve
 listens on ``LOOKALIKE_PORT`` (a free port: tests never bind a fixed one); ``localhost:50051`` in a command (grpcurl)
-is replaced by that target. ``lookalike`` on PATH runs this checkout's CLI.
+is replaced by that target, and a loadtest's ``--duration`` by ``LOADTEST_SECONDS``. ``lookalike`` on PATH runs this
+checkout's CLI.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ NOT_RUN = {
 }
 
 N, DIM = 3000, 128
+# A loadtest's `--duration` here (the README's are 10 s): the commands and their checks are the same, shorter.
+LOADTEST_SECONDS = 3
 
 
 def readme_blocks(text: str) -> list[tuple[str, str]]:
@@ -172,7 +175,8 @@ def test_every_readme_example_runs_as_written(tmp_path):
             if skipped(cmd):
                 continue
             t = time.monotonic()
-            res = subprocess.run(cmd.replace("localhost:50051", target), shell=True, cwd=work, env=env,
+            run = re.sub(r"--duration \d+", f"--duration {LOADTEST_SECONDS}", cmd.replace("localhost:50051", target))
+            res = subprocess.run(run, shell=True, cwd=work, env=env,
                                  capture_output=True, text=True, timeout=300)
             print(f"{time.monotonic() - t:6.1f}s  exit {res.returncode}  {cmd}", flush=True)
             _check(cmd, res, data, work)
