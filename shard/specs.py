@@ -50,10 +50,10 @@ def build_index(dim: int, metric: str, spec: str):
 def without_polysemous_training(index):
     """``index`` with FAISS's polysemous training turned off in every PQ it holds, and returned. FAISS's factory
     asks for it on each "PQ<m>" code unless the spec ends in "np": it orders a PQ's centroids so that Hamming
-    distances between codes filter candidates (``polysemous_ht``), which no lookalike search sets, and it costs
-    about 10 times the rest of the training (IVF1024,PQ32 on 102,400 x 128: 50 s against 4.9 on this 2-core
-    machine; docs/BENCHMARKS.md, "Training IVF-PQ without polysemous training"). The codes are the same up to
-    the order of each codebook's centroids, so searches find what they found."""
+    distances between codes filter candidates (``polysemous_ht``), which no lookalike search sets. It cost a
+    minute or more of each IVF-PQ32 training on this 2-core machine, 1.6-7 times the rest (bench/train_bench.py;
+    docs/BENCHMARKS.md, "Training IVF-PQ without polysemous training"). The codes are the same up to the order of
+    each codebook's centroids, so searches find what they found."""
     part = index
     while part is not None:
         part = faiss.downcast_index(part)
