@@ -46,11 +46,15 @@ def host_process_env(preload: str = "") -> dict[str, str]:
     x 128, IVF4096,PQ32, 8 shards in one process, batch 100, right after the load (bench/host_bench.py;
     docs/BENCHMARKS.md, "What the shared process lost at 10M"): 60-65 ms of the process's CPU a batch with glibc,
     35-38 with jemalloc; at 10M 1.46x the QPS, at 25 bytes a vector more RAM.
-    ``LOOKALIKE_SHARD_ALLOCATOR=glibc`` in the controller's environment keeps glibc's."""
+    ``LOOKALIKE_SHARD_ALLOCATOR=glibc`` in the controller's environment keeps glibc's;
+    ``LOOKALIKE_SHARD_MALLOC_CONF`` replaces :data:`JEMALLOC_CONF` (jemalloc's own syntax, e.g. that plus
+    ",tcache:false": no thread caches, 15-30 bytes a vector less after a 2M load; docs/BENCHMARKS.md, "What a load
+    leaves in a process of 8 shards")."""
     lib = bundled_jemalloc()
     if lib is None or os.environ.get("LOOKALIKE_SHARD_ALLOCATOR", "jemalloc") == "glibc":
         return {}
-    return {"LD_PRELOAD": " ".join(p for p in (lib, preload) if p), "MALLOC_CONF": JEMALLOC_CONF}
+    conf = os.environ.get("LOOKALIKE_SHARD_MALLOC_CONF") or JEMALLOC_CONF
+    return {"LD_PRELOAD": " ".join(p for p in (lib, preload) if p), "MALLOC_CONF": conf}
 
 
 def _jemalloc_mallctl():

@@ -296,6 +296,28 @@ def test_a_process_of_several_shards_runs_jemalloc_and_hands_its_freed_pages_bac
     assert host_process_env("/x/libother.so")["LD_PRELOAD"] == env["LD_PRELOAD"] + " /x/libother.so"
 
 
+def test_the_shard_processes_jemalloc_settings_can_be_replaced(monkeypatch):
+    """LOOKALIKE_SHARD_MALLOC_CONF replaces jemalloc's settings of a process of several shards, and the process
+    runs with them (here: no thread caches)."""
+    import os
+    import subprocess
+    import sys
+
+    from shard.osutil import JEMALLOC_CONF, host_process_env
+
+    assert host_process_env("")["MALLOC_CONF"] == JEMALLOC_CONF
+    monkeypatch.setenv("LOOKALIKE_SHARD_MALLOC_CONF", JEMALLOC_CONF + ",tcache:false")
+    env = host_process_env("")
+    assert env["MALLOC_CONF"] == JEMALLOC_CONF + ",tcache:false"
+    code = ("import ctypes\n"
+            "v, n = ctypes.c_bool(True), ctypes.c_size_t(1)\n"
+            "ctypes.CDLL(None).mallctl(b'opt.tcache', ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0))\n"
+            "print(v.value)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["False"], out.stderr
+
+
 def test_a_process_tells_what_its_allocator_holds_in_use_and_free():
     """shard.osutil.allocator_stats: jemalloc's statistics where it allocates (a process of several shards), glibc's
     otherwise; 400 MB allocated shows (381 MiB), and leaves once freed."""
