@@ -14,12 +14,15 @@ import pathlib
 import subprocess
 import sys
 
+import faiss
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lookalike.errors import InvalidArgument
 from lookalike.indexspec import check_spec
+from shard.specs import build_index
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,11 +49,6 @@ def test_specs_faiss_aborts_on_are_refused_from_their_text(spec):
 def test_pq_specs_train_as_their_np_form(spec):
     """A "PQ" spec trains without FAISS's polysemous training (no lookalike search uses it, and it is most of the
     training's time): the same trained index, byte for byte, as FAISS's spec ending in "np"."""
-    import faiss
-    import numpy as np
-
-    from shard.specs import build_index
-
     x = np.random.default_rng(0).standard_normal((2000, 32)).astype("float32")
     ours, faiss_np = build_index(32, "l2", spec), faiss.index_factory(32, spec + "np")
     ours.train(x)
