@@ -14,8 +14,21 @@ from bench.timing import make_data
 
 _T0 = time.perf_counter()
 
-NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-EF_SEARCHES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+def _grid(low: int, high: int) -> tuple[int, ...]:
+    """1, 2, 3, then four steps a doubling (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ...) from ``low`` to ``high``: each
+    value at most 1.25x the one before, so the cheapest value reaching a recall overshoots by at most that much, and
+    two systems' cheapest settings are read at about the same recall (a grid of 1.33-1.5x steps put one system up to
+    half a step further past the target than the other)."""
+    values, base = [1, 2, 3], 4
+    while base <= high:
+        values += [base * q // 4 for q in (4, 5, 6, 7)]
+        base *= 2
+    return tuple(v for v in values if low <= v <= high)
+
+
+NPROBES = _grid(1, 2048)
+EF_SEARCHES = _grid(8, 1024)
 PLATEAU_GAIN = 0.003  # recall gained by doubling the parameter below which recall has stopped growing
 
 
