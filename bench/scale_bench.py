@@ -53,8 +53,9 @@ import numpy as np
 
 from bench.common import init_ray, load, shard_memory, start_local, teardown, total_memory_gib, wait_idle
 from bench.scale_common import EF_SEARCHES, NPROBES, cheapest, data_tag, dataset, ground_truth, log
-from bench.scale_faiss import faiss_family, faiss_with_cluster_training
+from bench.scale_faiss import faiss_family, faiss_with_cluster_training, free, searcher
 from bench.scale_report import markdown, summarize
+from bench.scale_turns import faiss_setting, fastest, in_turns
 from bench.timing import ids_to_array, measure, recall_at_k, watch_foreign_cpu, write_results
 
 # --- the cluster's training state ---------------------------------------------------------------------------------
@@ -97,9 +98,10 @@ def _init_ray_retrying(cpus: int, attempts: int = 3) -> None:
 
 
 def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args,
-                   storage: pathlib.Path, res: dict | None = None) -> dict:
+                   storage: pathlib.Path, res: dict | None = None, own: tuple | None = None) -> dict:
     """Loads xb into a fresh ``shards``-shard cluster on ``storage``, measures it, restarts it. Returns results,
-    gathered in ``res`` (given by the caller: what was measured before a failure is kept)."""
+    gathered in ``res`` (given by the caller: what was measured before a failure is kept). ``own``: (results,
+    index) of in-process FAISS trained on its own, the index kept for ``--turns`` (else None)."""
     import ray
 
     n, dim, k = len(xb), xb.shape[1], args.k
@@ -166,6 +168,8 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
                 res["qps_by_concurrency"].setdefault(str(batch), {})[str(conc)] = r
                 log(f"  cluster {spec} batch {batch} x {conc} in flight: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
             res["qps"][str(batch)] = max(res["qps_by_concurrency"][str(batch)].values(), key=lambda r: r["qps"])
+        if args.turns:
+            res["turns"] = _turns(spec, storage, name, xb, xq, gt, args, res, own, lambda q: search(q, p))
         before = search(xq[:100], p)
 
         # --- restart on the same storage ------------------------------------------------------------------------
@@ -192,6 +196,42 @@ def cluster_family(spec: str, shards: int, xb: np.ndarray, xq: np.ndarray, gt: n
     finally:
         teardown(client, server, router, handle)
     return res
+
+
+def _turns(spec: str, storage: pathlib.Path, name: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args,
+           res: dict, own: tuple | None, cluster_search) -> dict | None:
+    """The cluster (up, loaded, swept) and in-process FAISS searched in turns at the largest batch
+    (bench.scale_turns), each at its cheapest parameter and fastest setting: against FAISS filled from this run's
+    trained index where there is one (built now, beside the cluster; its results become ``faiss_same_training``),
+    else against ``own``. None when there is neither."""
+    import faiss  # deferred, as in run()
+
+    batch, version = max(args.batches), res.get("trained", {}).get("version")
+    kept = None
+    if args.same_training and version:
+        fres, kept = faiss_with_cluster_training(spec, storage, name, version, xb, xq, gt, args, keep=True)
+        res["faiss_same_training"] = fres
+        fres, idx, against = fres, kept, "FAISS filled from the cluster's trained index"
+    elif own is not None and own[1] is not None:
+        (fres, idx), against = own, "FAISS's own index"
+    else:
+        return None
+    try:
+        setting = fastest(fres["qps"][str(batch)])
+        threads, callers = faiss_setting(idx, setting)
+        fp, search = fres["sweep"]["value"], searcher(idx, spec, args.k)
+        conc = res["qps"][str(batch)]["concurrency"]
+        log(f"  cluster {spec}: in turns with {against} ({setting}, {res['param'] or 'no parameter'} {fp}), "
+            f"batch {batch}, {args.turns} rounds")
+        t = in_turns(cluster_search, conc, lambda q: search(q, fp), threads, callers, xq, batch, args.seconds,
+                     args.max_requests, args.turns, set_threads=faiss.omp_set_num_threads)
+        t.update(against=against, faiss_setting=setting, faiss_param=fp, cluster_param=res["sweep"]["value"])
+        rounds = ", ".join(f"{r['ratio']:.2f}" for r in t["rounds"])
+        log(f"  cluster {spec}: in turns, cluster / FAISS {t['ratio_median']:.2f} (rounds {rounds})")
+        return t
+    finally:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        free(kept)
 
 
 def process_allocators(handle) -> list[dict[str, int]]:
@@ -258,8 +298,11 @@ def run(args) -> dict:
         xb = xb_all[:n]
         log(f"{spec} over {n} vectors")
         gt = ground_truth(xb, xq, args.k, root / f"gt-k{args.k}-first{n}-of-{data_tag(args)}.npy")
-        entry = {"family": fam, "spec": spec, "n": n, "faiss": faiss_family(spec, xb, xq, gt, args, root),
-                 "cluster": []}
+        # --turns searches the cluster and FAISS in turns: FAISS's own index is kept for that where no trained
+        # index of the cluster's will be (a trained spec compares with FAISS filled from the cluster's: _turns)
+        keep = bool(args.turns) and not (args.same_training and needs_training(spec))
+        fres, own_idx = faiss_family(spec, xb, xq, gt, args, root, keep=keep)
+        entry = {"family": fam, "spec": spec, "n": n, "faiss": fres, "cluster": []}
         out["families"].append(entry)
         _save(out, args.out)
         for S in args.shards:
@@ -269,11 +312,11 @@ def run(args) -> dict:
             log(f"{spec}: cluster of {S} shards on {storage}")
             res: dict = {}
             try:
-                cluster_family(spec, S, xb, xq, gt, args, storage, res)
+                cluster_family(spec, S, xb, xq, gt, args, storage, res, own=(fres, own_idx))
                 entry["cluster"].append(res)
-                if args.same_training and res.get("trained", {}).get("version"):
+                if args.same_training and res.get("trained", {}).get("version") and "faiss_same_training" not in res:
                     _save(out, args.out)
-                    res["faiss_same_training"] = faiss_with_cluster_training(
+                    res["faiss_same_training"], _ = faiss_with_cluster_training(
                         spec, storage, "scale", res["trained"]["version"], xb, xq, gt, args)
             except Exception as err:  # noqa: BLE001: one failed cluster run is a result; the others still run
                 log(f"{spec}: the {S}-shard run failed: {type(err).__name__}: {err}")
@@ -283,6 +326,8 @@ def run(args) -> dict:
                 if not args.keep_storage:
                     shutil.rmtree(storage, ignore_errors=True)
             _save(out, args.out)
+        free(own_idx)
+        own_idx = None
     out["machine"]["loadavg_at_end"] = list(os.getloadavg())
     out["summary"] = summarize(out)
     return out
@@ -321,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-inflight", type=int, default=1,
                    help="the router's batches of one kind running at once (lookalike serve --batch-inflight; with "
                         "1 a second caller's batch waits for the first to end; default 1)")
+    p.add_argument("--turns", type=int, default=0,
+                   help="rounds of the cluster and in-process FAISS searched in turns at the largest batch, each "
+                        "round a window of each (bench/scale_turns.py; default 0: none)")
     p.add_argument("--same-training", action=argparse.BooleanOptionalAction, default=True,
                    help="after each trained cluster run, also measure in-process FAISS filled from that cluster's own "
                         "trained index (the same lists, so the same answers at the same nprobe; default on)")

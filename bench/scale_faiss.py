@@ -51,6 +51,17 @@ def _fill(idx, xb: np.ndarray, args, res: dict, spec: str) -> None:
         f"train {res.get('train_seconds', 0.0):.1f}s, add {add_s:.1f}s)")
 
 
+def searcher(idx, spec: str, k: int):
+    """``search(queries, p)`` of ``idx`` at nprobe (IVF) / efSearch (HNSW) ``p`` (other specs: p unused)."""
+    import faiss
+
+    if "IVF" in spec:
+        return lambda q, p: idx.search(q, k, params=faiss.SearchParametersIVF(nprobe=p))
+    if "HNSW" in spec:
+        return lambda q, p: idx.search(q, k, params=faiss.SearchParametersHNSW(efSearch=p))
+    return lambda q, p: idx.search(q, k)
+
+
 def _measure(idx, spec: str, xq: np.ndarray, gt: np.ndarray, args, res: dict, label: str = "FAISS") -> None:
     """The cheapest parameter reaching the target recall, then QPS there: on all cores, on 1 thread and from
     ``--concurrency`` callers of 1 thread, at every batch size; IVF-PQ with and without its precomputed tables."""
@@ -59,12 +70,11 @@ def _measure(idx, spec: str, xq: np.ndarray, gt: np.ndarray, args, res: dict, la
     k, threads = args.k, os.cpu_count() or 1
     if "IVF" in spec:
         param, grid = "nprobe", tuple(p for p in NPROBES if p <= args.nlist)
-        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersIVF(nprobe=p))  # noqa: E731
     elif "HNSW" in spec:
         param, grid = "efSearch", tuple(e for e in EF_SEARCHES if e >= k)
-        search = lambda q, p: idx.search(q, k, params=faiss.SearchParametersHNSW(efSearch=p))  # noqa: E731
     else:
-        param, grid, search = None, (0,), (lambda q, p: idx.search(q, k))
+        param, grid = None, (0,)
+    search = searcher(idx, spec, k)
     if param:
         log(f"  {label} {spec}: cheapest {param} for recall@{k} >= {args.target}")
         res["sweep"] = cheapest(grid, lambda p: recall_at_k(search(xq, p)[1], gt), args.target)
@@ -92,8 +102,10 @@ def _measure(idx, spec: str, xq: np.ndarray, gt: np.ndarray, args, res: dict, la
             faiss.omp_set_num_threads(threads)
 
 
-def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args, scratch: pathlib.Path) -> dict:
-    """Builds ``spec`` over xb in-process, then sweeps and measures it. Returns its results; frees the index."""
+def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args, scratch: pathlib.Path,
+                 keep: bool = False) -> tuple[dict, object]:
+    """Builds ``spec`` over xb in-process, then sweeps and measures it. Returns its results and, with ``keep``,
+    the index (for bench.scale_turns); without, None: the index is freed."""
     import faiss
 
     n, dim = len(xb), xb.shape[1]
@@ -117,16 +129,18 @@ def faiss_family(spec: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, args
     res["bytes_per_vector"] = res["index_bytes"] / n
     path.unlink()
     _measure(idx, spec, xq, gt, args, res)
+    if keep:
+        return res, idx
     idx.reset()  # frees the vectors now; the rest goes with this frame
     gc.collect()
-    return res
+    return res, None
 
 
 def faiss_with_cluster_training(spec: str, storage: pathlib.Path, name: str, version: int, xb: np.ndarray,
-                                xq: np.ndarray, gt: np.ndarray, args) -> dict:
+                                xq: np.ndarray, gt: np.ndarray, args, keep: bool = False) -> tuple[dict, object]:
     """In-process FAISS from the cluster's trained index ``version`` of collection ``name`` (read from the
     cluster's ``storage``, checked: shard.trained.read_template), filled with xb, swept and measured as
-    :func:`faiss_family` does. Returns its results; frees the index."""
+    :func:`faiss_family` does. Returns its results and, with ``keep``, the index (else None: freed)."""
     import faiss
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
@@ -135,6 +149,15 @@ def faiss_with_cluster_training(spec: str, storage: pathlib.Path, name: str, ver
     res: dict = {"spec": spec, "n": len(xb), "trained_version": version}
     _fill(idx, xb, args, res, spec)
     _measure(idx, spec, xq, gt, args, res, label="FAISS (the cluster's training)")
+    if keep:
+        return res, idx
     idx.reset()
     gc.collect()
-    return res
+    return res, None
+
+
+def free(idx) -> None:
+    """Frees a kept index's vectors now (its object goes with the caller's last reference)."""
+    if idx is not None:
+        idx.reset()
+        gc.collect()

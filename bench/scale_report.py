@@ -52,6 +52,8 @@ def summarize(out: dict) -> list[dict]:
                 if same and str(b) in same.get("qps", {}):
                     row[f"same_training_qps_b{b}"] = _best_faiss(same, b)["qps"]
                     row[f"same_training_ratio_b{b}"] = cq / row[f"same_training_qps_b{b}"]
+            if c.get("turns"):
+                row["turns_ratio"] = c["turns"]["ratio_median"]
             rows.append(row)
     return rows
 
@@ -126,6 +128,21 @@ def markdown(out: dict) -> str:
             add(f"| {e['spec']} | {c['shards']} | {f['trained_version']} | {c['param']} {c['sweep']['value']} / "
                 f"{f['sweep']['value']} | {c['sweep']['recall']:.3f} / {f['sweep']['recall']:.3f} | "
                 f"{' | '.join(cells)} | {by} |")
+    turns = [(e, c) for e in out["families"] for c in e["cluster"] if c.get("turns")]
+    if turns:
+        add("")
+        add("The cluster and FAISS searched in turns (bench/scale_turns.py: each round a window of each, seconds "
+            "apart):")
+        add("")
+        add("| index | shards | against | batch | param cluster / FAISS | FAISS setting | QPS each round cluster / "
+            "FAISS | ratio: median (lowest - highest) |")
+        add("|---|---:|---|---:|---|---|---|---|")
+        for e, c in turns:
+            t = c["turns"]
+            qps = ", ".join(f"{r['cluster_qps']:.0f} / {r['faiss_qps']:.0f}" for r in t["rounds"])
+            param = f"{c['param']} {t['cluster_param']} / {t['faiss_param']}" if c["param"] else "-"
+            add(f"| {e['spec']} | {c['shards']} | {t['against']} | {t['batch']} | {param} | {t['faiss_setting']} | "
+                f"{qps} | **{t['ratio_median']:.2f}** ({t['ratio_min']:.2f} - {t['ratio_max']:.2f}) |")
     for e in out["families"]:
         for c in e["cluster"]:
             if c.get("note"):
