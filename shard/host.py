@@ -3,10 +3,11 @@
 Searched through the router, every shard process costs each batch its own call: gRPC, decoding the queries, Python,
 and the kernel switching between the processes. At 1M x 128, IVF1024, 8 shards on 2 cores, batch 100, that was
 about 3 ms of CPU a shard a batch beyond FAISS's work (docs/BENCHMARKS.md, "Shards sharing one process"). Shards
-that share a process answer one Search for all of them: the queries are decoded once per shard, each shard's index
-is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer goes
-back, its ids packed for the merged slots only. Shards whose IVF-PQ lists can be searched as one index are
-(shard.stacked): each probed list's distance table is then built once for all of them.
+that share a process answer one Search for all of them (shard.stacked): the queries are decoded once, each shard's
+index is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer
+goes back, its ids packed for the merged slots only. Shards whose IVF-PQ lists can be searched as one index are:
+each probed list's distance table is then built once for all of them. Where that cannot be (a filter, a move
+between two of them, a shard that fails), each shard answers on its own and the answers are merged.
 
 Everything else stays each shard's own: its storage, log, checkpoints, buckets, epoch, load, training and memory
 capacity. Calls other than a Search of several shards name their shard in the metadata key ``lookalike-shard``
@@ -38,7 +39,7 @@ from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
 from shard.health import storage_problem
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto, pick_slots
-from shard.stacked import search_as_one
+from shard.stacked import search_as_one, search_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +173,15 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
             raise InvalidArgument(f"a search names {len(request.shards)} shards; at most {MAX_SHARDS_PER_CALL}")
         sids = list(dict.fromkeys(request.shards))
         servicers = self._shards
-        if all(sid in servicers for sid in sids):  # their IVF-PQ lists as one index, when that is the same answer
-            try:
-                one = search_as_one([(sid, servicers[sid]) for sid in sids], request)
-            except Exception:  # a bug: searched one by one below, each shard failing alone if it fails
-                log.exception("%s: searching %s as one index failed", self.name, ", ".join(sids))
-                one = None
-            if one is not None:
-                return answer_proto(one, request.k)
+        if all(sid in servicers for sid in sids):  # answered once (shard.stacked), when that is the same answer
+            for way in (search_as_one, search_one_by_one):
+                try:
+                    one = way([(sid, servicers[sid]) for sid in sids], request)
+                except Exception:  # a bug: searched one by one below, each shard failing alone if it fails
+                    log.exception("%s: searching %s at once failed (%s)", self.name, ", ".join(sids), way.__name__)
+                    one = None
+                if one is not None:
+                    return answer_proto(one, request.k)
         parts, failures = [], []
         for sid in sids:
             try:

@@ -1,4 +1,5 @@
-"""A search of several shards of one process whose IVF-PQ lists are searched as one index.
+"""A search of several shards of one process answered once: their IVF-PQ lists searched as one index
+(:func:`search_as_one`), or each shard's index in turn (:func:`search_one_by_one`).
 
 Shards of a collection hold one trained index (shard.trained), so their list ``l`` is the same list, split over
 them. Searched one by one, each shard builds the distance table of every list a query probes (nlist x M x 256
@@ -13,6 +14,12 @@ IVF-PQ of the same trained version without precomputed tables (shard.specs.drop_
 their terms in another order) and no bucket held by two of them (a move between them); otherwise, or when a shard
 cannot answer, the caller searches them one by one (each failure is then that shard's own).
 
+Other searches without a filter are searched shard by shard under all their read locks, and answered once: the
+queries decoded and checked once, the top k merged, and the ids packed for the merged slots only. Each shard's own
+answer (shard.server ``search_parts``) decodes the queries and packs the ids of all its k results of every query,
+and S of them made S answers for one merged one: at 10M on 8 shards about 0.4 ms of id packing a shard a batch of
+100, and as much again of the rest of a shard's call.
+
 Uses the shard's index (shard.cpu_index ``search_stacked``), its servicer's answer (shard.server) and the base
 package.
 """
@@ -26,6 +33,7 @@ import numpy as np
 from lookalike.config import check_answer_size, check_search_params
 from lookalike.errors import LookalikeError
 from lookalike.ids import bucket_of_labels
+from lookalike.topk import merge_topk
 from lookalike.wire import check_k, vectors_from_proto
 from shard.cpu_index import search_stacked
 from shard.server import Answer, ShardServicer, pick_slots
@@ -41,21 +49,10 @@ def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | N
         return None
     with contextlib.ExitStack() as held:
         try:
-            scs = []
-            for _sid, sv in parts:
-                sc = sv.collection_of(request.collection)
-                held.enter_context(sc._rw.read())
-                sc._check_live()
-                sc._check_epoch(request.epoch)
-                scs.append(sc)
-            coll = scs[0].coll
-            owned = np.stack([sc._owned for sc in scs])
-            if (owned.sum(axis=0) > 1).any():  # a bucket on two of them: its items would come twice
+            got = _checked(held, parts, request)
+            if got is None:
                 return None
-            check_k(request.k)
-            check_search_params(request.params.nprobe, request.params.ef_search)
-            xq = vectors_from_proto(request.queries, coll, "queries")
-            check_answer_size(len(xq), request.k, request.include_payloads)
+            scs, owned, xq = got
             found = search_stacked([sc.index for sc in scs], xq, request.k, c.version, c.nprobe,
                                    np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4"))
         except LookalikeError:  # each shard's own search says what is wrong, as its own failure
@@ -63,11 +60,74 @@ def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | N
         if found is None:
             return None
         D, L = found
+        coll = scs[0].coll
         owner = np.full(coll.buckets, -1, dtype=np.int64)
         for j in range(len(scs)):
             owner[owned[j]] = j
         of = np.where(L >= 0, owner[bucket_of_labels(np.maximum(L, 0))], -1)
         return _answer(scs, D, L, of, request.include_payloads, coll.larger_is_better)
+
+
+def search_one_by_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
+    """The merged top k of ``parts`` for a ShardSearchRequest without a filter, each shard's index searched in turn
+    (as its own Search would: the same ``VectorIndex.search``) and the answer made once: the queries decoded and
+    checked once, not once a shard, and the ids packed for the merged slots only, not for every shard's k of every
+    query. None when a shard cannot be searched so (the caller then searches them one by one, each failure that
+    shard's own)."""
+    if len(parts) < 2 or request.HasField("filter"):
+        return None
+    coarse = None
+    if request.HasField("coarse"):
+        c = request.coarse
+        if len(c.lists) % 8 or len(c.distances) % 4:
+            return None
+        coarse = (c.version, c.nprobe, np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4"))
+    with contextlib.ExitStack() as held:
+        try:
+            got = _checked(held, parts, request)
+            if got is None:
+                return None
+            scs, _owned, xq = got
+            Ds, Ls = [], []
+            for sc in scs:
+                lists = None if coarse is None else sc.index.check_coarse(coarse[0], len(xq), *coarse[1:])
+                D, L = sc.index.search(xq, request.k, request.params.nprobe, request.params.ef_search, lists)
+                Ds.append(D)
+                Ls.append(L)
+        except LookalikeError:
+            return None
+        lib = scs[0].coll.larger_is_better
+        Ls = np.stack(Ls)
+        D, I = merge_topk(np.stack(Ds), Ls, lib)  # as shard.host.merge_answers and the router merge
+        src = I.ravel()
+        L = np.where(src >= 0, Ls.reshape(-1)[np.maximum(src, 0)], -1).reshape(I.shape)
+        of = np.where(src >= 0, src // Ls[0].size, -1).reshape(I.shape)
+        return _answer(scs, D, L, of, request.include_payloads, lib)
+
+
+def _checked(held: contextlib.ExitStack, parts: list[tuple[str, ShardServicer]], request):
+    """(collections, owned buckets (shards x buckets), queries) of ``request`` over ``parts``: each collection's
+    read lock taken on ``held``, each live and at the request's epoch, the request's k, parameters and queries
+    checked. None when a bucket is on two of them (a move between them: its items would come twice).
+
+    Raises:
+        LookalikeError: what a shard's own search would fail with.
+    """
+    scs = []
+    for _sid, sv in parts:
+        sc = sv.collection_of(request.collection)
+        held.enter_context(sc._rw.read())
+        sc._check_live()
+        sc._check_epoch(request.epoch)
+        scs.append(sc)
+    owned = np.stack([sc._owned for sc in scs])
+    if (owned.sum(axis=0) > 1).any():
+        return None
+    check_k(request.k)
+    check_search_params(request.params.nprobe, request.params.ef_search)
+    xq = vectors_from_proto(request.queries, scs[0].coll, "queries")
+    check_answer_size(len(xq), request.k, request.include_payloads)
+    return scs, owned, xq
 
 
 def _answer(scs, D: np.ndarray, L: np.ndarray, of: np.ndarray, include_payloads: bool, lib: bool) -> Answer:

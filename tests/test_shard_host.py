@@ -14,6 +14,8 @@ from control.local import LocalCluster
 from control.placer import process_of
 from lookalike.config import CollectionConfig, MovePolicy
 from lookalike.errors import InvalidArgument, StaleShardMap, Unavailable
+from lookalike.filters import parse_filter
+from lookalike.payloads import payload_to_dict, payload_to_proto
 from protos import shard_pb2
 from router.shard_client import GrpcShardClient
 from router.shards import _answered
@@ -179,18 +181,65 @@ def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one
         cl.close()
 
 
+@pytest.mark.parametrize("spec", ["IVF32,Flat", "HNSW16"])
+def test_shards_of_a_process_answered_once_answer_as_each_shard_answering_alone(tmp_path, monkeypatch, spec):
+    import shard.host
+
+    ways = []
+    real = shard.host.search_one_by_one
+
+    def counting(parts, request):
+        got = real(parts, request)
+        ways.append(got is not None)
+        return got
+
+    monkeypatch.setattr(shard.host, "search_one_by_one", counting)
+    cl = _cluster(tmp_path, shards=4, per_process=4)
+    try:
+        cfg = CollectionConfig("o", 32, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
+        cl.router.create_collection(cfg)
+        xb, xq = _data(6000, seed=11)
+        xb[100:110] = xb[50]  # ties: equal distances come in label order whichever way is taken
+        ids = [f"img-{i:06d}" for i in range(len(xb))]
+        for s in range(0, len(xb), 2000):
+            cl.router.upsert("o", ids[s:s + 2000], xb[s:s + 2000],
+                             [payload_to_proto({"g": i % 3}) for i in range(s, s + 2000)])
+        assert cl.controller._wait_trained("o", 30), cl.router.training_status("o")
+        trained = cl.controller.shard_map("o").collection
+        cl.router.search("o", xq, k=10)
+        if "IVF" in spec:  # the router's lists, once it has the centroids (asked in the background)
+            assert wait_for(lambda: cl.router._coarse.ready(trained) is not None, 10)
+        queries = np.concatenate([xq, xb[50:51]])
+        ways.clear()
+        once = cl.router.search("o", queries, k=10, include_payloads=True)
+        assert ways == [True]  # one process: its four shards answered once
+        monkeypatch.setattr(shard.host, "search_one_by_one", lambda parts, request: None)
+        alone = cl.router.search("o", queries, k=10, include_payloads=True)
+        assert alone.ids == once.ids and (alone.D == once.D).all() and alone.payloads == once.payloads
+        assert once.coverage == 1.0 and all(len(row) == 10 for row in once.ids)
+        # a filter: each shard plans its own search and answers alone
+        monkeypatch.setattr(shard.host, "search_one_by_one", counting)
+        ways.clear()
+        schema = cl.router.shard_map("o").collection.schema
+        got = cl.router.search("o", xq[:5], k=5, filt=parse_filter("g=1", schema), include_payloads=True)
+        assert ways == [False] and all(payload_to_dict(p)["g"] == 1 for row in got.payloads for p in row)
+    finally:
+        cl.close()
+
+
 def test_a_bug_in_one_shards_search_fails_that_shard_alone(tmp_path, monkeypatch):
     cl = _cluster(tmp_path)
     try:
         cl.router.create_collection(CollectionConfig("b", 32, buckets=16))
         xb, xq = _data(1000, seed=4)
         _load(cl, "b", xb)
-        sv = cl.placer.servers["shard-3"][2]
+        index = cl.placer.shards["shard-3"].collection("b").index
 
-        def broken(request, context):
+        def broken(*args, **kwargs):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(sv, "search_parts", broken)
+        # searched once with shard-1 of its process first, then alone: each way meets the bug
+        monkeypatch.setattr(index, "search", broken)
         with pytest.raises(Unavailable, match="shard-3: internal error: RuntimeError: boom"):
             cl.router.search("b", xq, k=5)
         res = cl.router.search("b", xq, k=5, min_coverage=0.5)
