@@ -42,20 +42,14 @@ from shard.server import Answer, ShardServicer, pick_slots
 def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
     """The merged top k of ``parts`` (shard id, servicer) for a ShardSearchRequest, their IVF-PQ lists searched as
     one index; None when they cannot be (see the module docstring)."""
-    if len(parts) < 2 or request.HasField("filter") or not request.HasField("coarse"):
-        return None
-    c = request.coarse
-    if len(c.lists) % 8 or len(c.distances) % 4:
+    coarse = _coarse_of(request)
+    if len(parts) < 2 or request.HasField("filter") or not coarse:
         return None
     with contextlib.ExitStack() as held:
         try:
-            got = _checked(held, parts, request)
-            if got is None:
-                return None
-            scs, owned, xq = got
-            found = search_stacked([sc.index for sc in scs], xq, request.k, c.version, c.nprobe,
-                                   np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4"))
-        except LookalikeError:  # each shard's own search says what is wrong, as its own failure
+            scs, owned, xq = _checked(held, parts, request)
+            found = search_stacked([sc.index for sc in scs], xq, request.k, *coarse)
+        except (LookalikeError, _Declined):  # each shard's own search says what is wrong, as its own failure
             return None
         if found is None:
             return None
@@ -74,27 +68,19 @@ def search_one_by_one(parts: list[tuple[str, ShardServicer]], request) -> Answer
     checked once, not once a shard, and the ids packed for the merged slots only, not for every shard's k of every
     query. None when a shard cannot be searched so (the caller then searches them one by one, each failure that
     shard's own)."""
-    if len(parts) < 2 or request.HasField("filter"):
+    coarse = _coarse_of(request)
+    if len(parts) < 2 or request.HasField("filter") or coarse is False:
         return None
-    coarse = None
-    if request.HasField("coarse"):
-        c = request.coarse
-        if len(c.lists) % 8 or len(c.distances) % 4:
-            return None
-        coarse = (c.version, c.nprobe, np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4"))
     with contextlib.ExitStack() as held:
         try:
-            got = _checked(held, parts, request)
-            if got is None:
-                return None
-            scs, _owned, xq = got
+            scs, _owned, xq = _checked(held, parts, request)
             Ds, Ls = [], []
             for sc in scs:
                 lists = None if coarse is None else sc.index.check_coarse(coarse[0], len(xq), *coarse[1:])
                 D, L = sc.index.search(xq, request.k, request.params.nprobe, request.params.ef_search, lists)
                 Ds.append(D)
                 Ls.append(L)
-        except LookalikeError:
+        except (LookalikeError, _Declined):
             return None
         lib = scs[0].coll.larger_is_better
         Ls = np.stack(Ls)
@@ -105,13 +91,29 @@ def search_one_by_one(parts: list[tuple[str, ShardServicer]], request) -> Answer
         return _answer(scs, D, L, of, request.include_payloads, lib)
 
 
+class _Declined(Exception):
+    """Shards that one answer cannot serve (a bucket on two of them): the caller asks each on its own."""
+
+
+def _coarse_of(request):
+    """(trained version, nprobe, lists, distances) of the router's lists in ``request``; None without them; False
+    when their bytes are not whole int64s and float32s (each shard's own search says so)."""
+    if not request.HasField("coarse"):
+        return None
+    c = request.coarse
+    if len(c.lists) % 8 or len(c.distances) % 4:
+        return False
+    return c.version, c.nprobe, np.frombuffer(c.lists, dtype="<i8"), np.frombuffer(c.distances, dtype="<f4")
+
+
 def _checked(held: contextlib.ExitStack, parts: list[tuple[str, ShardServicer]], request):
     """(collections, owned buckets (shards x buckets), queries) of ``request`` over ``parts``: each collection's
     read lock taken on ``held``, each live and at the request's epoch, the request's k, parameters and queries
-    checked. None when a bucket is on two of them (a move between them: its items would come twice).
+    checked.
 
     Raises:
         LookalikeError: what a shard's own search would fail with.
+        _Declined: a bucket is on two of them (a move between them: its items would come twice).
     """
     scs = []
     for _sid, sv in parts:
@@ -122,7 +124,7 @@ def _checked(held: contextlib.ExitStack, parts: list[tuple[str, ShardServicer]],
         scs.append(sc)
     owned = np.stack([sc._owned for sc in scs])
     if (owned.sum(axis=0) > 1).any():
-        return None
+        raise _Declined
     check_k(request.k)
     check_search_params(request.params.nprobe, request.params.ef_search)
     xq = vectors_from_proto(request.queries, scs[0].coll, "queries")

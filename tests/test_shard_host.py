@@ -27,6 +27,23 @@ def _cluster(tmp_path, shards: int = 4, per_process: int = 2):
                         policy=MovePolicy(grace_s=0.3, train_check_s=0.05))
 
 
+def _counting(monkeypatch, way: str):
+    """Puts a counting wrapper around ``shard.host.<way>`` (a way of answering several shards at once). Returns
+    (whether each call answered, the wrapper: to put back after patching it away)."""
+    import shard.host
+
+    answered = []
+    real = getattr(shard.host, way)
+
+    def counting(parts, request):
+        got = real(parts, request)
+        answered.append(got is not None)
+        return got
+
+    monkeypatch.setattr(shard.host, way, counting)
+    return answered, counting
+
+
 def _ids_held(cl, shard_id: str, name: str) -> set[str]:
     table = cl.placer.shards[shard_id].collection(name).table
     return set(table.uids_at(np.arange(len(table))))
@@ -136,15 +153,7 @@ def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one
 
     # without precomputed tables, as shards keep IVF-PQ past 16 MiB of them (IVF4096,PQ32: 128 MiB)
     monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
-    stacked = []
-    real = shard.host.search_as_one
-
-    def counting(parts, request):
-        got = real(parts, request)
-        stacked.append(got is not None)
-        return got
-
-    monkeypatch.setattr(shard.host, "search_as_one", counting)
+    stacked, counting = _counting(monkeypatch, "search_as_one")
     cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cfg = CollectionConfig("p", 32, index="IVF16,PQ8x4", nprobe=4, buckets=64, metric="cosine").validated()
@@ -185,15 +194,7 @@ def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one
 def test_shards_of_a_process_answered_once_answer_as_each_shard_answering_alone(tmp_path, monkeypatch, spec):
     import shard.host
 
-    ways = []
-    real = shard.host.search_one_by_one
-
-    def counting(parts, request):
-        got = real(parts, request)
-        ways.append(got is not None)
-        return got
-
-    monkeypatch.setattr(shard.host, "search_one_by_one", counting)
+    ways, counting = _counting(monkeypatch, "search_one_by_one")
     cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cfg = CollectionConfig("o", 32, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
