@@ -5,9 +5,9 @@ and the kernel switching between the processes. At 1M x 128, IVF1024, 8 shards o
 about 3 ms of CPU a shard a batch beyond FAISS's work (docs/BENCHMARKS.md, "Shards sharing one process"). Shards
 that share a process answer one Search for all of them (shard.stacked): the queries are decoded once, each shard's
 index is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer
-goes back, its ids packed for the merged slots only. Shards whose IVF-PQ lists can be searched as one index are:
-each probed list's distance table is then built once for all of them. Where that cannot be (a filter, a move
-between two of them, a shard that fails), each shard answers on its own and the answers are merged.
+goes back, its ids packed for the merged slots only. IVF-PQ shards whose lists can be searched as one index are
+searched so: each probed list's distance table is then built once for all of them. Where neither can be (a filter,
+a move between two of them, a shard that fails), each shard answers on its own and the answers are merged.
 
 Everything else stays each shard's own: its storage, log, checkpoints, buckets, epoch, load, training and memory
 capacity. Calls other than a Search of several shards name their shard in the metadata key ``lookalike-shard``
