@@ -211,14 +211,14 @@ def _turns(spec: str, storage: pathlib.Path, name: str, xb: np.ndarray, xq: np.n
     if args.same_training and version:
         fres, kept = faiss_with_cluster_training(spec, storage, name, version, xb, xq, gt, args, keep=True)
         res["faiss_same_training"] = fres
-        fres, idx, against = fres, kept, "FAISS filled from the cluster's trained index"
+        idx, against = kept, "FAISS filled from the cluster's trained index"
     elif own is not None and own[1] is not None:
         (fres, idx), against = own, "FAISS's own index"
     else:
         return None
     try:
         setting = fastest(fres["qps"][str(batch)])
-        threads, callers = faiss_setting(idx, setting)
+        threads, callers = faiss_setting(idx, fres["qps"][str(batch)][setting])
         fp, search = fres["sweep"]["value"], searcher(idx, spec, args.k)
         conc = res["qps"][str(batch)]["concurrency"]
         log(f"  cluster {spec}: in turns with {against} ({setting}, {res['param'] or 'no parameter'} {fp}), "

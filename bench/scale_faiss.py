@@ -97,6 +97,7 @@ def _measure(idx, spec: str, xq: np.ndarray, gt: np.ndarray, args, res: dict, la
                 faiss.omp_set_num_threads(nthreads)
                 r = measure(lambda q: search(q, p), xq, batch, args.seconds, args.max_requests, concurrency=conc,
                             thread_setup=lambda n=nthreads: faiss.omp_set_num_threads(n))
+                r.update(faiss_threads=nthreads, precomputed_table=mode)  # how to search so again (bench.scale_turns)
                 res["qps"].setdefault(str(batch), {})[setting + suffix] = r
                 log(f"  {label} {spec} batch {batch} {setting}{suffix}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms")
             faiss.omp_set_num_threads(threads)

@@ -13,7 +13,6 @@ May use: bench.timing and FAISS (the in-process side).
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import numpy as np
@@ -26,28 +25,18 @@ def fastest(qps_by_setting: dict) -> str:
     return max(qps_by_setting, key=lambda s: qps_by_setting[s]["qps"])
 
 
-def faiss_setting(idx, setting: str) -> tuple[int, int]:
-    """Puts ``idx`` in the state a setting of bench.scale_faiss names ("all cores", "1 thread", "N callers x 1
-    thread", each maybe with ", no tables": IVF-PQ without its precomputed tables). Returns (FAISS threads a
-    caller, callers)."""
+def faiss_setting(idx, measured: dict) -> tuple[int, int]:
+    """Puts ``idx`` in the state one of bench.scale_faiss's measurements ran in (IVF-PQ with or without its
+    precomputed tables: ``precomputed_table``). Returns that measurement's (FAISS threads a caller, callers)."""
     import faiss  # deferred: the scale benchmark imports FAISS only where it builds indexes
 
-    base, _, tables = setting.partition(", ")
-    ivf = faiss.try_extract_index_ivf(idx)
-    ivf = faiss.downcast_index(ivf) if ivf is not None else None
-    if isinstance(ivf, faiss.IndexIVFPQ):
-        mode = -1 if tables == "no tables" else 1
+    mode = measured.get("precomputed_table")
+    if mode is not None:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
         if ivf.use_precomputed_table != mode:
             ivf.use_precomputed_table = mode
             ivf.precompute_table()
-    if base == "all cores":
-        return os.cpu_count() or 1, 1
-    if base == "1 thread":
-        return 1, 1
-    callers, _, rest = base.partition(" callers x ")
-    if rest != "1 thread" or not callers.isdigit():
-        raise ValueError(f"not a setting of bench.scale_faiss: {setting!r}")
-    return 1, int(callers)
+    return measured["faiss_threads"], measured["concurrency"]
 
 
 def in_turns(cluster_search, cluster_callers: int, faiss_search, faiss_threads: int, faiss_callers: int,

@@ -33,13 +33,12 @@ from lookalike.errors import InvalidArgument, LookalikeError, Unavailable
 from lookalike.health import HealthChecker, Report
 from lookalike.metrics import ServerMetrics
 from lookalike.net import abort_on_error, create_server
-from lookalike.topk import merge_topk
 from lookalike.wire import SHARD_KEY
 from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
 from shard.health import storage_problem
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto, pick_slots
-from shard.stacked import search_as_one, search_one_by_one
+from shard.stacked import merge_parts, search_as_one, search_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +211,9 @@ def merge_answers(parts: list[tuple[str, Answer]]) -> Answer:
         return Answer(a.D, a.L, a.id_bytes, a.id_lengths, a.payloads, plan, a.larger_is_better)
     answers = [a for _, a in parts]
     lib = answers[0].larger_is_better
-    L = np.stack([a.L for a in answers])
-    D, I = merge_topk(np.stack([a.D for a in answers]), L, lib)
-    src = I.ravel()
-    labels = np.where(src >= 0, L.reshape(-1)[np.maximum(src, 0)], -1)
+    D, labels, src = merge_parts(np.stack([a.D for a in answers]), np.stack([a.L for a in answers]), lib)
     id_bytes, id_lengths, payloads = pick_slots(answers, src)
-    return Answer(D, labels.reshape(I.shape), id_bytes, id_lengths, payloads, plan, lib)
+    return Answer(D, labels, id_bytes, id_lengths, payloads, plan, lib)
 
 
 def host_probe(host: HostServicer):

@@ -83,12 +83,17 @@ def search_one_by_one(parts: list[tuple[str, ShardServicer]], request) -> Answer
         except (LookalikeError, _Declined):
             return None
         lib = scs[0].coll.larger_is_better
-        Ls = np.stack(Ls)
-        D, I = merge_topk(np.stack(Ds), Ls, lib)  # as shard.host.merge_answers and the router merge
-        src = I.ravel()
-        L = np.where(src >= 0, Ls.reshape(-1)[np.maximum(src, 0)], -1).reshape(I.shape)
-        of = np.where(src >= 0, src // Ls[0].size, -1).reshape(I.shape)
+        D, L, src = merge_parts(np.stack(Ds), np.stack(Ls), lib)
+        of = np.where(src >= 0, src // L.size, -1).reshape(L.shape)
         return _answer(scs, D, L, of, request.include_payloads, lib)
+
+
+def merge_parts(D: np.ndarray, L: np.ndarray, larger_is_better: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One top k of S shards' (D, L), shapes (S, nq, k), merged as the router merges (lookalike.topk): (D, labels)
+    shape (nq, k), and each merged slot's place in the flattened (S, nq, k) inputs (-1: none), flat."""
+    D, I = merge_topk(D, L, larger_is_better)
+    src = I.ravel()
+    return D, np.where(src >= 0, L.reshape(-1)[np.maximum(src, 0)], -1).reshape(I.shape), src
 
 
 class _Declined(Exception):
@@ -116,7 +121,9 @@ def _checked(held: contextlib.ExitStack, parts: list[tuple[str, ShardServicer]],
         _Declined: a bucket is on two of them (a move between them: its items would come twice).
     """
     scs = []
-    for _sid, sv in parts:
+    # in shard order, whatever the request's: a waiting writer holds back new readers (shard.locks.RWLock), so two
+    # searches taking two shards' locks in opposite orders, each behind a writer of the other's, would wait forever
+    for _sid, sv in sorted(parts, key=lambda part: part[0]):
         sc = sv.collection_of(request.collection)
         held.enter_context(sc._rw.read())
         sc._check_live()

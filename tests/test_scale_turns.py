@@ -40,17 +40,17 @@ def test_fastest_is_the_setting_of_the_highest_qps():
         == "1 thread"
 
 
-def test_faiss_settings_set_threads_callers_and_ivfpq_tables():
+def test_a_measurements_setting_is_put_back_threads_callers_and_ivfpq_tables():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2000, 16)).astype(np.float32)
     idx = faiss.index_factory(16, "IVF8,PQ4")
     idx.train(x)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(idx))
-    assert faiss_setting(idx, "1 thread, no tables") == (1, 1)
+    ivf.use_precomputed_table = 1
+    ivf.precompute_table()
+    assert faiss_setting(idx, {"faiss_threads": 1, "concurrency": 1, "precomputed_table": -1}) == (1, 1)
     assert ivf.use_precomputed_table == -1
-    assert faiss_setting(idx, "3 callers x 1 thread") == (1, 3)
+    assert faiss_setting(idx, {"faiss_threads": 1, "concurrency": 3, "precomputed_table": 1}) == (1, 3)
     assert ivf.use_precomputed_table == 1
-    threads, callers = faiss_setting(faiss.IndexFlatL2(16), "all cores")
-    assert callers == 1 and threads >= 1
-    with pytest.raises(ValueError):
-        faiss_setting(idx, "3 callers x 2 threads")
+    assert faiss_setting(faiss.IndexFlatL2(16), {"faiss_threads": 2, "concurrency": 1, "precomputed_table": None}) \
+        == (2, 1)

@@ -139,6 +139,33 @@ def test_a_process_of_several_shards_needs_each_call_to_name_one_it_holds(tmp_pa
         cl.close()
 
 
+def test_shards_answered_at_once_are_locked_in_shard_order_whatever_the_requests_order():
+    """A waiting writer holds back new readers, so two searches locking two shards in opposite orders, each behind
+    a writer of the other's shard, would wait forever: every search locks in one order."""
+    import contextlib
+    import types
+
+    from shard import stacked
+
+    taken = []
+
+    def servicer(sid):
+        @contextlib.contextmanager
+        def read():
+            taken.append(sid)
+            yield
+
+        sc = types.SimpleNamespace(_rw=types.SimpleNamespace(read=read), _check_live=lambda: None,
+                                   _check_epoch=lambda epoch: None, _owned=np.array([sid == "shard-0", True]))
+        return types.SimpleNamespace(collection_of=lambda name: sc)
+
+    request = shard_pb2.ShardSearchRequest(collection="c", k=3)
+    parts = [(sid, servicer(sid)) for sid in ("shard-3", "shard-1", "shard-0")]
+    with contextlib.ExitStack() as held, pytest.raises(stacked._Declined):  # the fakes share a bucket: declined
+        stacked._checked(held, parts, request)
+    assert taken == ["shard-0", "shard-1", "shard-3"]
+
+
 def test_a_stale_map_reported_for_one_shard_of_a_process_is_that_shards_stale_map():
     resp = shard_pb2.ShardSearchResponse(failures=[shard_pb2.ShardFailure(shard="shard-2", code=9, message="old"),
                                                    shard_pb2.ShardFailure(shard="shard-9", code=14, message="?")])
