@@ -126,19 +126,24 @@ def scan_frames(f, size: int, parse: Callable[[bytes], object], gaps: list[Gap],
 
 def _torn_tail(f, pos: int, size: int) -> bool:
     """Whether what follows ``pos`` (where no valid frame follows) can be one append a crash cut: a frame that
-    reaches the end of the file, then at most zeros (a filesystem may extend a file before writing its data)."""
+    reaches the end of the file, then at most zeros (a filesystem may extend a file before writing its data).
+
+    Reads nothing past ``size``: a reader of a segment its owner is appending to took the size mid-append, and
+    what the file holds past it now (the rest of that frame, and more) was written after."""
     f.seek(pos)
-    header = f.read(HEADER.size)
+    header = f.read(min(HEADER.size, size - pos))
     if len(header) < HEADER.size:
         return True
     length, crc = HEADER.unpack(header)
-    if length != size - pos - HEADER.size and zlib.crc32(f.read()) == crc:
+    if length != size - pos - HEADER.size and zlib.crc32(f.read(size - pos - HEADER.size)) == crc:
         return False  # the whole frame is there, its length field is what is damaged
     end = pos + HEADER.size + length
     if end >= size:
         return True
     f.seek(end)
-    while chunk := f.read(_SCAN_CHUNK):
+    left = size - end
+    while left > 0 and (chunk := f.read(min(_SCAN_CHUNK, left))):
+        left -= len(chunk)
         if chunk.count(0) != len(chunk):
             return False
     return True

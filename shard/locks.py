@@ -1,4 +1,5 @@
-"""A read-write lock: the one a collection's searches share and its writes take alone (see shard.collection).
+"""A read-write lock: the one a collection's searches share and its writes take alone (see shard.collection); and
+a lock per name (a shard's opening and dropping of a collection, see shard.shard).
 
 Uses only the standard library.
 """
@@ -57,3 +58,15 @@ class RWLock:
 
     def write(self):
         return self._Ctx(self.acquire_write, self.release_write)
+
+
+class NamedLocks:
+    """One lock per name, made when first asked for (names are few: a shard's collections)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def of(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._locks.setdefault(name, threading.Lock())

@@ -21,6 +21,7 @@ from lookalike.config import CollectionConfig
 from lookalike.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lookalike.indexspec import check_spec
 from shard.collection import ShardCollection
+from shard.locks import NamedLocks
 from shard.metrics import SHARDS
 from shard.quarantine import ReplayGuard
 from shard.osutil import release_memory
@@ -53,11 +54,11 @@ class Shard:
         self.memory_capacity_bytes = int(capacity_bytes)  # resident memory
         caps = [b for b in ((gpu.total_bytes() or 0) if gpu is not None else 0, int(capacity_bytes)) if b]
         self.gpu_capacity_bytes = min(caps) if gpu is not None and caps else 0
-        # What the shard reports as its capacity (and the controller grows against).
-        self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)
+        self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)  # it reports
         self._collections: dict[str, ShardCollection] = {}
         self.quarantined: dict[str, str] = {}  # collection -> why it is not loaded (see open_collection)
         self._reloading: set[str] = set()
+        self._name_locks = NamedLocks()  # see open_collection
         self.trained = TrainedIndexes(shard_id, self.storage_root, gpu, self.store_path)
         self._lock = threading.Lock()
         self.serving = False
@@ -117,47 +118,46 @@ class Shard:
         A collection already open (or quarantined) stays as it is (its buckets change through join /
         drop_buckets). A collection whose replay fails, or kept killing the process (see :class:`ReplayGuard`), is
         quarantined instead of loaded: reported in stats, refused with FAILED_PRECONDITION, while the shard serves
-        its other collections.
+        its other collections. Opening and dropping a collection wait for each other: a second store on its
+        directory would check the files under the first one's appends, and could cut one off (shard.store_check).
         """
-        with self._lock:
-            current = self._collections.get(coll.name)
-            if current is not None:
-                return len(current.table)
-            if coll.name in self.quarantined:
-                return 0
-        guard = ReplayGuard(self.root / coll.name)
-        reason = guard.quarantine_reason()
-        if reason is None:
+        with self._name_locks.of(coll.name):
+            with self._lock:
+                current = self._collections.get(coll.name)
+                if current is not None:
+                    return len(current.table)
+                if coll.name in self.quarantined:
+                    return 0
+            guard = ReplayGuard(self.root / coll.name)
+            reason = guard.quarantine_reason()
+            if reason is None:
+                try:
+                    check_spec(coll.index, coll.dim, coll.binary)
+                except InvalidArgument as err:
+                    reason = guard.quarantine(f"its index spec is not supported ({err})")
+            if reason is not None:
+                return self._quarantine(coll.name, reason)
+            guard.start()  # a process killed during the replay leaves this behind for the next start to count
+            store = None
             try:
-                check_spec(coll.index, coll.dim, coll.binary)
-            except InvalidArgument as err:
-                reason = guard.quarantine(f"its index spec is not supported ({err})")
-        if reason is not None:
-            return self._quarantine(coll.name, reason)
-        guard.start()  # a process killed during the replay leaves this behind for the next start to count
-        store = None
-        try:
-            template = self.trained.for_load(coll)
-            store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-            sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload,
-                                 template=template)
-            # A load that killed the process may have been reading the checkpoint (FAISS aborts on some files).
-            n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the collection, "
-                        "kept aside in case reading it was the cause" if guard.died else "")
-        except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
-            log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
-            if store is not None:
-                store.close()
-            return self._quarantine(coll.name, guard.quarantine(f"its replay failed: {type(err).__name__}: {err}"))
-        guard.done()
-        release_memory()
-        with self._lock:
-            if coll.name in self._collections:  # opened concurrently: keep that one
-                store.close()
-                return len(self._collections[coll.name].table)
-            self._collections[coll.name] = sc
-        log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
-        return n
+                template = self.trained.for_load(coll)
+                store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
+                sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload,
+                                     template=template)
+                # A load that killed the process may have been reading the checkpoint (FAISS aborts on some files).
+                n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the collection, "
+                            "kept aside in case reading it was the cause" if guard.died else "")
+            except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
+                log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
+                if store is not None:
+                    store.close()
+                return self._quarantine(coll.name, guard.quarantine(f"its replay failed: {type(err).__name__}: {err}"))
+            guard.done()
+            release_memory()
+            with self._lock:
+                self._collections[coll.name] = sc
+            log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
+            return n
 
     def train_collection(self, coll: CollectionConfig, version: int, sources: list[tuple[str, list[int]]],
                          sample: int) -> dict:
@@ -204,21 +204,22 @@ class Shard:
 
     def drop_collection(self, name: str) -> None:
         """Forgets a collection and deletes its storage on this shard (no error if absent)."""
-        with self._lock:
-            sc = self._collections.pop(name, None)
-            self.quarantined.pop(name, None)
-        if sc is not None:
-            with sc._write_order:
-                sc.dropped = True
-                sc.upkeep.stop()
-                sc.store.destroy()
-            with sc._rw.write():  # searches in flight finish first
-                sc.index = None
-                sc.table = None
-            release_memory()
-        else:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        self.trained.forget(name)
+        with self._name_locks.of(name):  # see open_collection
+            with self._lock:
+                sc = self._collections.pop(name, None)
+                self.quarantined.pop(name, None)
+            if sc is not None:
+                with sc._write_order:
+                    sc.dropped = True
+                    sc.upkeep.stop()
+                    sc.store.destroy()
+                with sc._rw.write():  # searches in flight finish first
+                    sc.index = None
+                    sc.table = None
+                release_memory()
+            else:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+            self.trained.forget(name)
 
     def collection(self, name: str) -> ShardCollection:
         sc = self._collections.get(name)

@@ -155,6 +155,9 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         with sc._rw.write():
             old, sc.index = sc.index, new
             sc.coll = coll
+            # No log record marks the new version: the newest checkpoint, the old version's, no longer matches
+            # memory, and one must be written though nothing was logged since (or every start replays it all).
+            sc._checkpoint_at = None
         sc.checkpointer.soon()  # the next start loads the new version's index, not the old one's
         sc.upkeep.index_replaced()
         log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -156,3 +157,56 @@ def test_a_collection_whose_replay_kills_the_process_is_quarantined_while_the_ot
     assert "died 2 times in a row while replaying it" in lines[1] and "drop the collection" in lines[1]
     fourth = run("replay")  # stays quarantined, without trying the replay again
     assert fourth.returncode == 0 and fourth.stdout.splitlines()[0] == "good 50 quarantined ['bad']"
+
+
+def test_a_collection_opened_twice_at_once_opens_one_store_and_a_drop_waits_for_the_open(tmp_path, monkeypatch):
+    """Two opens of one collection at once (a create and a bucket move, say) open its directory once: a second
+    store would check the files under the first one's appends and could cut off one in flight (store_check). A
+    drop meanwhile waits for the open, then deletes what it opened."""
+    import shard.shard as shard_mod
+    from shard.collection import ShardCollection
+
+    shard = Shard("s", tmp_path)
+    cfg = _cfg("c")
+    shard.open_collection(cfg, range(4))
+    shard.collection("c").upsert([f"i{i}" for i in range(50)], _xb(50), [None] * 50)
+    shard.close()
+    stores, real_store, real_load = [], shard_mod.CollectionStore, ShardCollection.load
+
+    def counted_store(*args, **kwargs):
+        stores.append(args[0])
+        return real_store(*args, **kwargs)
+
+    def slow_load(self, *args):
+        time.sleep(0.3)
+        return real_load(self, *args)
+
+    monkeypatch.setattr(shard_mod, "CollectionStore", counted_store)
+    monkeypatch.setattr(ShardCollection, "load", slow_load)
+    got, errors = [], []
+
+    def opening(shard):
+        try:
+            got.append(shard.open_collection(cfg, range(4)))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    shard = Shard("s", tmp_path)
+    threads = [threading.Thread(target=opening, args=(shard,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [50, 50] and len(stores) == 1
+    shard.close()
+
+    shard = Shard("s", tmp_path)
+    t = threading.Thread(target=opening, args=(shard,))
+    t.start()
+    time.sleep(0.1)
+    shard.drop_collection("c")
+    t.join()
+    assert not errors and got == [50, 50, 50]
+    assert not (tmp_path / "shards" / "s" / "c").exists()
+    with pytest.raises(Exception, match="does not exist"):
+        shard.collection("c")

@@ -325,6 +325,33 @@ def test_read_buckets_skips_damage_and_moves_nothing(tmp_path, caplog):
     store.close()
 
 
+def test_a_frame_being_appended_as_another_shard_reads_the_store_is_not_damage(tmp_path, caplog, monkeypatch):
+    """A reader takes the active segment's size while the owner is halfway through an append (the file grows page by
+    page), and the append ends before the reader looks at what lies past that size: the frame the size cuts is a
+    torn tail, not damage (it once read on to the file's end and, finding the frame whole there, logged a "damaged
+    log segment" for a store nothing was wrong with)."""
+    ids, xb = _data(60)
+    store = CollectionStore(tmp_path, N_BUCKETS, segment_bytes=1 << 30)
+    starts = _write(store, ids, xb, 0, 60, 20)
+    seg = max(tmp_path.glob("wal-*.log"))
+    cut = (starts[2] + seg.stat().st_size) // 2  # the last frame as far as its middle
+    real = os.fstat
+
+    def seen_mid_append(fd):
+        st = real(fd)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(seg.resolve()):
+            return os.stat_result((*st[:6], cut, *st[7:]))
+        return st
+
+    monkeypatch.setattr(os, "fstat", seen_mid_append)
+    with caplog.at_level(logging.ERROR):
+        got = _state(read_buckets(tmp_path, N_BUCKETS, range(N_BUCKETS)))
+    monkeypatch.undo()
+    assert set(got) == set(ids[:40])  # what was written before it began: the append is "during the call"
+    assert not _error_lines(caplog, seg.name)
+    store.close()
+
+
 def test_resync_ignores_a_frame_hidden_in_damaged_data(tmp_path):
     """Scanning on after damage does not stop at a valid-looking frame alone: the header after it must fit too."""
     ids, xb = _data(20)
