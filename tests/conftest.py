@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
@@ -61,7 +62,24 @@ def assert_same_as_exact(metric, ids, D, xb, xq, k):
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a server that cannot be told to bind port 0 (a `lookalike serve`)."""
+    """A TCP port free on 127.0.0.1 now, for a server that cannot be told to bind port 0 (a `lookalike serve`).
+
+    Drawn below the kernel's ephemeral range (ip_local_port_range) and above Ray's worker ports (10002-19999): a
+    port of the ephemeral range, free now, could be taken by any socket bound to port 0 before the server binds it
+    (the serve's own shards and Ray's processes bind many), and the server then fails to start."""
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
