@@ -8,6 +8,7 @@ shard.idtable, the storage modules and the base package.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import threading
@@ -89,10 +90,14 @@ class Loader:
         (what follows is to be replayed), or None (replay everything).
 
         A checkpoint written for something else than the collection as it is now (another spec, dimension, metric,
-        bucket count, trained version, index layout, or fewer buckets than this shard owns now) is deleted with an
-        INFO line. One that does not check out (its JSON unreadable, a file missing, cut short or with another
-        CRC-32, a file FAISS or numpy refuses or that does not fit the collection, its log position gone from the
-        log) is damage: its files are moved to ``damaged/`` and reported like damaged storage files.
+        bucket count, a later trained version, index layout, or fewer buckets than this shard owns now) is deleted
+        with an INFO line. One of an older trained version (the collection was trained again, or for the first
+        time, and the shard stopped before it moved into that version) is loaded as that version: the shard
+        answers from it at once and moves into the collection's version after (shard.shard ``open_collection``),
+        as a running shard does, instead of replaying its whole storage into the new version first. One that does
+        not check out (its JSON unreadable, a file missing, cut short or with another CRC-32, a file FAISS or numpy
+        refuses or that does not fit the collection, its log position gone from the log) is damage: its files are
+        moved to ``damaged/`` and reported like damaged storage files.
         """
         sc = self.sc
         path = sc.store.path
@@ -123,12 +128,13 @@ class Loader:
         gone = sc.store.check_position(position)
         if gone:
             return damaged(CheckpointDamaged(files[2], f"its log position is no longer in the log: {gone}"))
+        coll = dataclasses.replace(sc.coll, trained_version=int(meta["trained_version"]))  # maybe an older one
         try:
             checkpoint.verify(path, name, meta)
             index, arrays = checkpoint.read(path, name, sc.coll.binary)
             try:
-                vindex = VectorIndex.from_state(sc.coll, index, {k[len("index_"):]: v for k, v in arrays.items()
-                                                                 if k.startswith("index_")},
+                vindex = VectorIndex.from_state(coll, index, {k[len("index_"):]: v for k, v in arrays.items()
+                                                              if k.startswith("index_")},
                                                 bool(meta["trained"]), sc._gpu)
             except ValueError as err:
                 raise CheckpointDamaged(files[0], f"not this collection's index: {err}") from None
@@ -141,7 +147,7 @@ class Loader:
                                                   f"({meta['items']} items when written)")
         except CheckpointDamaged as err:
             return damaged(err)
-        sc.index, sc.table = vindex, table
+        sc.index, sc.table, sc.coll = vindex, table, coll
         sc.payloads.rebuild(*table.payload_items())  # derived from the table's payloads (shard.payload_index)
         sc.store.checkpointed(position)  # compaction keeps the log from its position on
         sc._checkpoint_at = position
@@ -155,9 +161,12 @@ class Loader:
         return None
 
     def _mismatch(self, meta: dict) -> str:
-        """Why a checkpoint (its JSON) was written for something else than the collection as it is now; ""."""
+        """Why a checkpoint (its JSON) was written for something else than the collection as it is now; "". One of
+        an older trained version (or of the untrained buffer) is used (see :meth:`_resume`)."""
         sc = self.sc
         for key, want in sc.checkpointer.meta().items():
+            if key == "trained_version" and 0 <= int(meta.get(key, -1)) < want:
+                continue
             if key != "collection" and meta.get(key) != want:
                 return f"it was written for {key} {meta.get(key)!r}, the collection's is {want!r}"
         layout = sc.index.layout(bool(meta["trained"]))

@@ -26,7 +26,7 @@ from shard.metrics import SHARDS
 from shard.quarantine import ReplayGuard
 from shard.osutil import release_memory
 from shard.store import CollectionStore
-from shard.training import TrainedIndexes, adopt_trained
+from shard.training import TrainedIndexes, adopt_later, adopt_trained
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ class Shard:
         A collection already open (or quarantined) stays as it is (its buckets change through join /
         drop_buckets). A collection whose replay fails, or kept killing the process (see :class:`ReplayGuard`), is
         quarantined instead of loaded: reported in stats, refused with FAILED_PRECONDITION, while the shard serves
-        its other collections. Opening and dropping a collection wait for each other: a second store on its
-        directory would check the files under the first one's appends, and could cut one off (shard.store_check).
+        its other collections. Opening and dropping a collection wait for each other (a second store on its
+        directory could cut off the first one's appends: shard.store_check).
         """
         with self._name_locks.of(coll.name):
             with self._lock:
@@ -156,6 +156,7 @@ class Shard:
             release_memory()
             with self._lock:
                 self._collections[coll.name] = sc
+            adopt_later(sc, coll, self.trained)  # when it loaded a checkpoint of an older trained version
             log.info("%s: collection %s loaded, %d items in %d buckets", self.shard_id, coll.name, n, len(sc.buckets))
             return n
 
@@ -165,9 +166,8 @@ class Shard:
         return self.trained.train(coll, version, sources, sample)
 
     def use_trained(self, coll: CollectionConfig) -> bool:
-        """Moves the collection's items on this shard into trained index ``coll.trained_version`` (see
-        :func:`shard.training.adopt_trained`). Returns False if it was already there; raises NotFound if the
-        collection is not open here, FailedPrecondition if the trained index cannot be read."""
+        """Moves the collection's items here into trained index ``coll.trained_version`` (shard.training's
+        adopt_trained); False if already there. Raises NotFound (not open here), FailedPrecondition (unreadable)."""
         sc = self.collection(coll.name)
         if sc.index.trained_version == coll.trained_version:
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import threading
 import time
 from typing import Callable
 
@@ -165,3 +166,20 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
     del old
     release_memory()
     return True
+
+
+def adopt_later(sc, coll: CollectionConfig, trained: TrainedIndexes) -> None:
+    """Moves a collection just loaded from a checkpoint of an older trained version (shard.checkpointing) into
+    ``coll.trained_version``, in the background (:func:`adopt_trained`: it answers from the older one meanwhile);
+    nothing when it loaded that version. A failure is logged; the controller asks again (control.training)."""
+    if sc.coll.trained_version == coll.trained_version:
+        return
+
+    def run():
+        try:
+            adopt_trained(sc, coll, trained.read(coll))
+        except Exception as err:  # noqa: BLE001: background work; the controller's next check asks again
+            log.warning("%s: moving into trained index v%d after the load failed: %s", coll.name,
+                        coll.trained_version, err)
+
+    threading.Thread(target=run, name=f"adopt-{coll.name}", daemon=True).start()

@@ -349,9 +349,11 @@ def test_a_background_checkpoint_hands_the_memory_it_freed_back(tmp_path, monkey
 
 
 # --- (e) a checkpoint written for something else ----------------------------------------------------------------------
-@pytest.mark.parametrize("change", [{"trained_version": 1}, {"index": "HNSW16"}])
-def test_a_checkpoint_of_another_spec_or_trained_version_is_not_used(tmp_path, change):
-    cfg = CollectionConfig("c", 16, "l2", "HNSW32", buckets=N_BUCKETS).validated()
+# (a checkpoint of an older trained version is used: tests/test_trained_index.py)
+@pytest.mark.parametrize("written, change", [({"trained_version": 2}, {"trained_version": 1}),
+                                             ({}, {"index": "HNSW16"})], ids=["a later trained version", "spec"])
+def test_a_checkpoint_of_another_spec_or_a_later_trained_version_is_not_used(tmp_path, written, change):
+    cfg = dataclasses.replace(CollectionConfig("c", 16, "l2", "HNSW32", buckets=N_BUCKETS).validated(), **written)
     xb, xq = make_data("l2", 800, 16)
     root = tmp_path / "data"
     shard, sc = _open(root, cfg)

@@ -262,6 +262,43 @@ def test_a_restart_after_training_again_loads_the_new_versions_checkpoint_not_th
         cl.close()
 
 
+@pytest.mark.parametrize("again", [False, True], ids=["first training", "trained again"])
+def test_a_restart_behind_the_collections_trained_version_loads_its_checkpoint_and_moves_on(tmp_path, monkeypatch,
+                                                                                          again):
+    # Stopped after the collection was trained (again) but before the shards moved into the new version: each
+    # starts from its checkpoint of the version it held and moves on after, as a live shard does; it does not
+    # replay its whole storage into the new version before it answers.
+    cl = _cluster(tmp_path, 2)
+    xb, xq = _data(6000, seed=8)
+    try:
+        cl.router.create_collection(CollectionConfig("b", DIM, index="IVF32,Flat", nprobe=4, buckets=32))
+        ids = _load(cl, "b", xb)
+        if again:
+            assert cl.controller._wait_trained("b", 30)
+        with monkeypatch.context() as m:
+            m.setattr(Shard, "use_trained", lambda self, coll: (_ for _ in ()).throw(RuntimeError("stopped first")))
+            if again:
+                assert cl.router.train("b") == 2
+            want = 2 if again else 1
+            assert wait_for(lambda: cl.router.training_status("b")["version"] == want, 30)
+            cl.close()
+    finally:
+        cl.close()
+    cl = _cluster(tmp_path, 2)
+    try:
+        stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
+        assert all(c.loaded_from_checkpoint and c.replayed_records == 0 for c in stats), stats
+        assert cl.controller._wait_trained("b", 30)
+        stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
+        assert {c.trained_version for c in stats} == {want}
+        cfg = cl.controller.shard_map("b").collection
+        index, names = _one_faiss_index(cl, cfg, ids, xb)
+        _, L = _top_k_by_distance_then_label(index, xq, 10, 4)
+        assert cl.router.search("b", xq, k=10, nprobe=4).ids == [[names[x] for x in row] for row in L.tolist()]
+    finally:
+        cl.close()
+
+
 def test_a_shard_opening_a_trained_collection_starts_from_the_template(tmp_path):
     cl = _cluster(tmp_path, 1)
     xb, _ = _data(3000, seed=5)
