@@ -5,12 +5,17 @@ Uses the standard library and shard.osutil's directory fsync.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pathlib
+import threading
 
 from lookalike.files import fsync_dir as _fsync_dir
+
+# One replay at a time in a process (see ReplayGuard.replaying).
+_REPLAYS = threading.Lock()
 
 
 class ReplayGuard:
@@ -77,6 +82,16 @@ class ReplayGuard:
     def died(self) -> int:
         """Loads of the collection that the process died in, in a row (known after :meth:`quarantine_reason`)."""
         return self._attempts
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Marks the replay (:meth:`start`; the caller calls :meth:`done` or :meth:`quarantine` before it ends),
+        and holds the process's turn meanwhile: one replay at a time in a process. The shards of a process
+        (shard.host) loaded at once, and a death during their loads left every one of them marked, so every one
+        distrusted its checkpoint at the next start, and two deaths quarantined them all, whichever killed it."""
+        with _REPLAYS:
+            self.start()
+            yield
 
     def start(self) -> None:
         self._write(self.REPLAYING, {"attempts": self._attempts + 1})

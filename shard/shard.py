@@ -137,22 +137,22 @@ class Shard:
                     reason = guard.quarantine(f"its index spec is not supported ({err})")
             if reason is not None:
                 return self._quarantine(coll.name, reason)
-            guard.start()  # a process killed during the replay leaves this behind for the next start to count
-            store = None
-            try:
-                template = self.trained.for_load(coll)
-                store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
-                sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu, on_broken=self._reload,
-                                     template=template)
-                # A load that killed the process may have been reading the checkpoint (FAISS aborts on some files).
-                n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the collection, "
-                            "kept aside in case reading it was the cause" if guard.died else "")
-            except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
-                log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
-                if store is not None:
-                    store.close()
-                return self._quarantine(coll.name, guard.quarantine(f"its replay failed: {type(err).__name__}: {err}"))
-            guard.done()
+            with guard.replaying():  # one at a time in a process: a death blames the one it killed
+                store = None
+                try:
+                    template = self.trained.for_load(coll)
+                    store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
+                    sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu,
+                                         on_broken=self._reload, template=template)
+                    n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the "
+                                "collection, kept aside in case reading it was the cause" if guard.died else "")
+                except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it
+                    log.exception("%s: replaying collection %s failed", self.shard_id, coll.name)
+                    if store is not None:
+                        store.close()
+                    return self._quarantine(coll.name, guard.quarantine(
+                        f"its replay failed: {type(err).__name__}: {err}"))
+                guard.done()
             release_memory()
             with self._lock:
                 self._collections[coll.name] = sc

@@ -210,3 +210,35 @@ def test_a_collection_opened_twice_at_once_opens_one_store_and_a_drop_waits_for_
     assert not (tmp_path / "shards" / "s" / "c").exists()
     with pytest.raises(Exception, match="does not exist"):
         shard.collection("c")
+
+
+def test_shards_of_one_process_replay_one_at_a_time_so_a_death_marks_only_the_collection_it_killed(tmp_path,
+                                                                                                   monkeypatch):
+    """Shards sharing a process (shard.host) load at once. Were their replays marked REPLAYING together, a process
+    death during them would count against every one: each would distrust its checkpoint at the next start, and two
+    deaths would quarantine them all. One replay runs at a time in a process."""
+    from shard.collection import ShardCollection
+
+    shards = [Shard(f"s{i}", tmp_path) for i in range(3)]
+    for i, shard in enumerate(shards):
+        shard.open_collection(_cfg("c"), range(4))
+        shard.collection("c").upsert([f"i{i}-{j}" for j in range(20)], _xb(20, i), [None] * 20)
+        shard.close()
+    shards = [Shard(f"s{i}", tmp_path) for i in range(3)]
+    seen, real_load = [], ShardCollection.load
+
+    def watched_load(self, *args):
+        for _ in range(5):
+            seen.append(len(list(tmp_path.glob("shards/*/c/REPLAYING"))))
+            time.sleep(0.05)
+        return real_load(self, *args)
+
+    monkeypatch.setattr(ShardCollection, "load", watched_load)
+    threads = [threading.Thread(target=shard.open_collection, args=(_cfg("c"), range(4))) for shard in shards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen and max(seen) == 1, seen
+    assert [len(s.collection("c").table) for s in shards] == [20, 20, 20]
+    assert not list(tmp_path.glob("shards/*/c/REPLAYING"))
