@@ -18,6 +18,7 @@ import threading
 import time
 
 import ray
+from ray._private import auto_init_hook
 
 import lookalike
 from control.link import Connection
@@ -36,6 +37,15 @@ def _lookalike_location() -> str:
     return os.path.dirname(lookalike.__file__)
 
 
+def no_implicit_connect() -> None:
+    """Keeps Ray from connecting this process to a cluster by itself. A Ray call made while the process is not
+    connected runs ``ray.init()`` with no address (Ray's auto-init), which starts a local Ray or joins whichever
+    instance it finds on the machine. Called after the process's own ``ray.init``: when a stop signal had taken the
+    embedded GCS down, a call in serve's shutdown joined another instance on the machine and aborted. A call made
+    while not connected now fails instead (the callers handle a control plane that does not answer)."""
+    auto_init_hook.enable_auto_connect = False
+
+
 def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout: float = 120.0) -> None:
     """Connects this process to the Ray cluster at ``address`` (``host:port`` of the GCS, or ``ray://host:port``
     for Ray Client), retrying until ``timeout``: in Kubernetes the router pod often starts before the head, and
@@ -52,6 +62,7 @@ def join_ray(address: str, namespace: str, log_to_driver: bool = False, timeout:
     for _attempt in retry:
         try:
             ray.init(address=address, namespace=namespace, log_to_driver=log_to_driver)
+            no_implicit_connect()
             break
         except (ConnectionError, RuntimeError) as err:
             ray.shutdown()

@@ -54,7 +54,7 @@ class Shard:
         self.memory_capacity_bytes = int(capacity_bytes)  # resident memory
         caps = [b for b in ((gpu.total_bytes() or 0) if gpu is not None else 0, int(capacity_bytes)) if b]
         self.gpu_capacity_bytes = min(caps) if gpu is not None and caps else 0
-        self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)  # it reports
+        self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)  # what it reports
         self._collections: dict[str, ShardCollection] = {}
         self.quarantined: dict[str, str] = {}  # collection -> why it is not loaded (see open_collection)
         self._reloading: set[str] = set()

@@ -233,3 +233,16 @@ def test_data_dir_lock_and_ray_token_files(tmp_path):
     path.chmod(0o600)
     with pytest.raises(InvalidArgument, match="empty"):
         embedded_ray_env(tmp_path / "d")
+
+
+def test_once_connected_by_its_own_ray_init_no_ray_call_connects_the_process_again_by_itself():
+    """Ray's auto-init runs ``ray.init()`` with no address on a Ray call made while not connected: it starts a
+    local Ray or joins whatever instance the machine has. Serve's shutdown, after a stop signal to its process group
+    took its GCS down, so joined another serve's Ray and aborted. After serve's (and a router's) own ``ray.init``,
+    such a call fails instead."""
+    code = ("import ray\nfrom control.ray_cluster import no_implicit_connect\nno_implicit_connect()\n"
+            "try:\n    ray.put(1)\nexcept Exception as err:\n    print('refused:', type(err).__name__, err)\n"
+            "else:\n    print('connected to', ray.get_runtime_context().gcs_address)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("refused:") and "not been started" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -24,7 +24,8 @@ import psutil
 import ray
 
 from control.link import ControlPlaneLink
-from control.ray_cluster import connect_router, shards_phrase, start_cluster, start_jobs, stop_cluster, stop_jobs
+from control.ray_cluster import (connect_router, no_implicit_connect, shards_phrase, start_cluster, start_jobs,
+                                 stop_cluster, stop_jobs)
 from control.ray_encoders import RayEncoderPool
 from control.state import stored_shards
 from lookalike import logs, tracing
@@ -165,6 +166,7 @@ def cmd_serve(args) -> int:
         _refresh_ray_auth_mode()
         ray.init(address="local", namespace=cfg.namespace, include_dashboard=False, log_to_driver=args.verbose,
                  num_cpus=_embedded_num_cpus(args, data_dir))
+        no_implicit_connect()
         embedded_ray = _EmbeddedRay(ray.get_runtime_context().gcs_address)
         link = None
         try:  # start_cluster logs how many shards start (on a restart: those the storage holds, whatever --shards says)
