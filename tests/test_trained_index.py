@@ -40,6 +40,15 @@ def _load(cl, name: str, xb: np.ndarray) -> list[str]:
     return ids
 
 
+def _load_trained(cl, name: str, xb: np.ndarray, wait: bool = True) -> list[str]:
+    """Collection ``name`` (IVF32,Flat, nprobe 4, 32 buckets) holding ``xb``, trained once ``wait``."""
+    cl.router.create_collection(CollectionConfig(name, DIM, index="IVF32,Flat", nprobe=4, buckets=32))
+    ids = _load(cl, name, xb)
+    if wait:
+        assert cl.controller._wait_trained(name, 30)
+    return ids
+
+
 def _one_faiss_index(cl, cfg: CollectionConfig, ids: list[str], xb: np.ndarray):
     """The collection's trained index as one in-process FAISS index holding every vector, labelled as the shards
     label them."""
@@ -241,9 +250,7 @@ def test_a_restart_after_training_again_loads_the_new_versions_checkpoint_not_th
     cl = _cluster(tmp_path, 2)
     xb, xq = _data(6000, seed=7)
     try:
-        cl.router.create_collection(CollectionConfig("r", DIM, index="IVF32,Flat", nprobe=4, buckets=32))
-        _load(cl, "r", xb)
-        assert cl.controller._wait_trained("r", 30)
+        _load_trained(cl, "r", xb)
         assert cl.router.train("r") == 2  # nothing is written after this
         assert wait_for(lambda: cl.router.training_status("r")["version"] == 2, 30)
         assert cl.controller._wait_trained("r", 30)
@@ -271,10 +278,7 @@ def test_a_restart_behind_the_collections_trained_version_loads_its_checkpoint_a
     cl = _cluster(tmp_path, 2)
     xb, xq = _data(6000, seed=8)
     try:
-        cl.router.create_collection(CollectionConfig("b", DIM, index="IVF32,Flat", nprobe=4, buckets=32))
-        ids = _load(cl, "b", xb)
-        if again:
-            assert cl.controller._wait_trained("b", 30)
+        ids = _load_trained(cl, "b", xb, wait=again)
         with monkeypatch.context() as m:
             m.setattr(Shard, "use_trained", lambda self, coll: (_ for _ in ()).throw(RuntimeError("stopped first")))
             if again:
