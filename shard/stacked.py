@@ -74,9 +74,14 @@ def search_one_by_one(parts: list[tuple[str, ShardServicer]], request) -> Answer
     with contextlib.ExitStack() as held:
         try:
             scs, _owned, xq = _checked(held, parts, request)
-            Ds, Ls = [], []
+            Ds, Ls, checked = [], [], {}
             for sc in scs:
-                lists = None if coarse is None else sc.index.check_coarse(coarse[0], len(xq), *coarse[1:])
+                lists = None
+                if coarse is not None:  # checked once a trained version: its shards share its lists and nlist
+                    v = sc.index.trained_version
+                    if v not in checked:
+                        checked[v] = sc.index.check_coarse(coarse[0], len(xq), *coarse[1:])
+                    lists = checked[v]
                 D, L = sc.index.search(xq, request.k, request.params.nprobe, request.params.ef_search, lists)
                 Ds.append(D)
                 Ls.append(L)
