@@ -8,6 +8,7 @@ shard.idtable, the storage modules and the base package.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -21,6 +22,7 @@ from shard import checkpoint
 from shard.checkpoint import CheckpointDamaged
 from shard.idtable import IdTable
 from shard.cpu_index import VectorIndex
+from shard.list_groups import CHECKPOINT_TURN
 from shard.manifest import LogPosition
 from shard.osutil import release_memory
 from shard.records import RESET, UPSERT
@@ -76,6 +78,8 @@ class Loader:
                 with sc._rw.write():
                     sc._remove_buckets(gone)
         sc.upkeep.refresh_gpu()
+        with sc._rw.write():  # its process's shards' IVF lists, shared (shard.list_groups)
+            sc.index.share_lists(sc.list_groups)
         took = time.monotonic() - t0
         if after is not None:
             log.info("%s: loaded checkpoint %s (%d items) + %d records in %.2fs", sc.coll.name,
@@ -221,12 +225,14 @@ class Checkpointer:
             return None
         t0 = time.monotonic()
         try:
-            index, extra = sc.index.state()
-            arrays = {f"index_{k}": v for k, v in extra.items()} | sc.table.to_arrays()
-            meta = dict(self.meta(), trained=sc.index.trained,
-                        index_type=type(index).__name__, items=len(sc.table),
-                        owned=np.flatnonzero(sc._owned).tolist())
-            name = checkpoint.write(sc.store.path, index, sc.coll.binary, arrays, meta, position)
+            with CHECKPOINT_TURN if sc.index._member is not None else contextlib.nullcontext():
+                index, extra = sc.index.state()  # in shared lists: a copy of its entries (shard.list_groups)
+                arrays = {f"index_{k}": v for k, v in extra.items()} | sc.table.to_arrays()
+                meta = dict(self.meta(), trained=sc.index.trained,
+                            index_type=type(index).__name__, items=len(sc.table),
+                            owned=np.flatnonzero(sc._owned).tolist())
+                name = checkpoint.write(sc.store.path, index, sc.coll.binary, arrays, meta, position)
+                del index
         except Exception:  # noqa: BLE001: a checkpoint is an optimisation; the log holds everything
             sc.store.unpin()
             log.exception("%s: writing an index checkpoint failed; the next start loads the previous one or replays "

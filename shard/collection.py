@@ -62,8 +62,9 @@ class ShardCollection:
 
     def __init__(self, coll: CollectionConfig, buckets, store: CollectionStore,
                  check_room: Callable[..., None] = lambda n, gpu_bytes=0: None, min_epoch: int = 0, gpu=None,
-                 on_broken: Callable[[str], None] | None = None, template=None):
+                 on_broken: Callable[[str], None] | None = None, template=None, list_groups=None):
         self.coll = coll
+        self.list_groups = list_groups  # its process's shared IVF lists (shard.list_groups), if it shares them
         self._owned = np.zeros(coll.buckets, dtype=bool)
         self._owned[[int(b) for b in buckets]] = True
         self.joining: dict[int, set[str]] = {}  # bucket being copied in -> ids written to it since it was joined

@@ -31,6 +31,7 @@ training, checkpoint state), shard.gpu_keeper.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import faiss
@@ -42,6 +43,7 @@ from shard.gpu_keeper import MirrorKeeper
 from shard.graph_labels import GraphLabels
 from shard.index_lifecycle import IndexLifecycle
 from shard.index_reads import reconstruct_keys, search_tie_ordered
+from shard.list_groups import eligible
 from shard.specs import FLAT_TYPES, build_index, gpu_kind
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,22 @@ class VectorIndex(IndexLifecycle):
         self._gpu = gpu if gpu_kind(coll.index, coll.metric, self._main) else None
         self._keeper = MirrorKeeper(coll, self._gpu)
 
+    # --- shared lists (shard.list_groups) -------------------------------------------------------------------
+    def share_lists(self, groups) -> bool:
+        """Moves a trained CPU IVF index's entries into its process's shared lists (``groups``); True if it did.
+        The caller holds the write lock."""
+        if groups is None or self._member is not None or self._gpu is not None or not self._router_may_choose_lists \
+                or not eligible(self._ivf):
+            return False
+        self._member = groups.join(self, self._ivf, self.coll.name, self.trained_version)
+        return self._member is not None
+
+    def release(self) -> None:
+        """Takes its entries out of its process's shared lists, if they are there (the index is let go)."""
+        if self._member is not None:
+            member, self._member = self._member, None
+            member.release(self._ivf)
+
     # --- writes -------------------------------------------------------------------------------------------
     def add(self, labels: np.ndarray, x: np.ndarray) -> None:
         """Adds vectors (shape (n, d) float32 or (n, d/8) uint8) under labels (shape (n,) int64, not present)."""
@@ -81,6 +99,8 @@ class VectorIndex(IndexLifecycle):
         if self._graph:
             self._labels.add(self._main, labels, x)
             return
+        if self._member is not None:  # its entries tagged in its process's shared lists (shard.list_groups)
+            return self._member.add(self._main, labels, x)
         self._main.add_with_ids(x, labels)
         self._keeper.apply("add", labels, x)
 
@@ -94,10 +114,12 @@ class VectorIndex(IndexLifecycle):
         if self._graph:
             removed, rebuild = self._labels.remove(labels, self._main.ntotal)
             if rebuild:
-                self._rebuild_graph()
+                _rebuild_graph(self)
             return removed
         # IVF without a direct map scans every list's ids against the selector (a hash set): 8-10 ms for 10k
         # labels of 1M (IVF1024,Flat, one thread; docs/BENCHMARKS.md, "Shard memory per vector")
+        if self._member is not None:
+            return self._member.remove(self._main, labels)
         removed = self._main.remove_ids(faiss.IDSelectorBatch(labels))
         if removed:
             self._keeper.apply("remove", labels)
@@ -137,18 +159,6 @@ class VectorIndex(IndexLifecycle):
         self = cls(coll, gpu)
         self._restore(index, arrays, trained)
         return self
-
-    def _rebuild_graph(self) -> None:
-        live, labels = self._labels.live()
-        x = reconstruct_keys(self._main, live, self._cols, self._binary) if len(live) else None
-        log.info("rebuilding %s %r without %d removed vectors", self.coll.name, self.coll.index, self._labels.dead)
-        self._main = (faiss.clone_index(self._template) if self._template is not None
-                      else build_index(self.coll.dim, self.coll.metric, self.coll.index))
-        self._labels = GraphLabels()
-        if x is not None:
-            if not self._main.is_trained:  # a graph over compressed codes (HNSW32_PQ16): retrain on what is live
-                self._main.train(x)
-            self._add_main(labels, x)
 
     # --- GPU mirror (shard.gpu_keeper) ------------------------------------------------------------------------
     @property
@@ -248,16 +258,8 @@ class VectorIndex(IndexLifecycle):
             L = self._labels.labels_at(pos)
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
-            if coarse is not None:  # the lists the router chose with this very quantizer (see coarse_quantizer)
-                lists, dis = coarse
-                D = np.empty((len(xq), k), dtype=np.float32)
-                L = np.empty((len(xq), k), dtype=np.int64)
-                # FAISS's search() splits a batch over its threads; search_preassigned only in mode 3 (the same
-                # answer: each query is answered alone). search() runs the same in either mode.
-                self._main.parallel_mode = PREASSIGNED_PARALLEL_MODE
-                self._main.search_preassigned_c(
-                    len(xq), faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(dis), faiss.swig_ptr(D),
-                    faiss.swig_ptr(L), False, faiss.SearchParametersIVF(nprobe=lists.shape[1]))
+            if coarse is not None or self._member is not None:
+                D, L = search_ivf(self._main, self._ivf, xq, k, nprobe, coarse, self._member)
             elif self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
                 D, L = self._main.search(xq, k)
@@ -302,6 +304,65 @@ class VectorIndex(IndexLifecycle):
                 np.ascontiguousarray(dis.reshape(nq, nprobe), dtype=np.float32))
 
 
+def _rebuild_graph(self) -> None:
+    """Builds a graph index again without its removed vectors (VectorIndex.remove, once a third of it is dead)."""
+    live, labels = self._labels.live()
+    x = reconstruct_keys(self._main, live, self._cols, self._binary) if len(live) else None
+    log.info("rebuilding %s %r without %d removed vectors", self.coll.name, self.coll.index, self._labels.dead)
+    self._main = (faiss.clone_index(self._template) if self._template is not None
+                  else build_index(self.coll.dim, self.coll.metric, self.coll.index))
+    self._labels = GraphLabels()
+    if x is not None:
+        if not self._main.is_trained:  # a graph over compressed codes (HNSW32_PQ16): retrain on what is live
+            self._main.train(x)
+        self._add_main(labels, x)
+
+
+def search_ivf(main, ivf, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False):
+    """The top k of an IVF index (``ivf`` inside ``main``): in the lists ``coarse`` names (lists, distances) when
+    given (the router chose them with this very quantizer: see VectorIndex.coarse_quantizer), else in the nprobe
+    nearest. An index in shared lists (``member``, shard.list_groups) sees its own entries only, untagged, under
+    the group's read lock; with ``whole``, every entry of the group (the caller holds that lock and checked that
+    they are those of the shards searched)."""
+    params = faiss.SearchParametersIVF(nprobe=coarse[0].shape[1] if coarse is not None else nprobe)
+    if member is not None and not whole:
+        params.sel = member.selector()
+    D = np.empty((len(xq), k), dtype=np.float32)
+    L = np.empty((len(xq), k), dtype=np.int64)
+    with member.group.lock.read() if member is not None and not whole else contextlib.nullcontext():
+        if coarse is not None:
+            # FAISS's search() splits a batch over its threads; search_preassigned only in mode 3 (the same
+            # answer: each query is answered alone). search() runs the same in either mode.
+            main.parallel_mode = PREASSIGNED_PARALLEL_MODE
+            main.search_preassigned_c(len(xq), faiss.swig_ptr(xq), k, faiss.swig_ptr(coarse[0]),
+                                      faiss.swig_ptr(coarse[1]), faiss.swig_ptr(D), faiss.swig_ptr(L), False, params)
+        else:
+            main.search_c(len(xq), faiss.swig_ptr(xq), k, faiss.swig_ptr(D), faiss.swig_ptr(L), params)
+    return D, (member.untag(L) if member is not None else L)
+
+
+def search_shared(indexes: list[VectorIndex], xq: np.ndarray, k: int, nprobe: int,
+                  coarse: tuple | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The top k over several shards' indexes whose entries are all the entries of one group of shared lists
+    (shard.list_groups): one FAISS search of the lists, the work of one index. ``coarse``: the router's (trained
+    version, nprobe, lists, distances), or None. Ties in label order, as :meth:`VectorIndex.search`. The caller
+    holds every index's read lock. None when they are not exactly a group's holders."""
+    first = indexes[0]
+    member = first._member
+    if member is None or any(i._member is None or i._member.group is not member.group for i in indexes):
+        return None
+    with member.group.lock.read():  # no member joins or leaves while it is searched
+        if member.group.holders() != {id(i) for i in indexes}:
+            return None
+        cs = first.check_coarse(coarse[0], len(xq), *coarse[1:]) if coarse is not None else None
+
+        def search(x, kk, c):
+            return search_ivf(first._main, first._ivf, x, kk, nprobe or first.coll.nprobe, c, member, whole=True)
+
+        return search_tie_ordered(search, first._prepare(xq), k, sum(i.ntotal for i in indexes),
+                                  first.coll.larger_is_better, cs)
+
+
 def search_stacked(indexes: list[VectorIndex], xq: np.ndarray, k: int, version: int, nprobe: int,
                    lists: np.ndarray, dis: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The top k over several shards' IVF-PQ indexes of one trained version, their lists searched as one index
@@ -311,7 +372,8 @@ def search_stacked(indexes: list[VectorIndex], xq: np.ndarray, k: int, version: 
     lists the router chose, or one that keeps precomputed tables (their sums round differently)."""
     ivfs = []
     for index in indexes:
-        if index._gpu is not None or index.trained_version != version or not index._router_may_choose_lists:
+        if index._gpu is not None or index.trained_version != version or not index._router_may_choose_lists \
+                or index._member is not None:  # shared lists: each stacked would be all of them (search_shared)
             return None
         ivf = faiss.downcast_index(index._main)
         if type(ivf) is not faiss.IndexIVFPQ or (ivf.by_residual and ivf.use_precomputed_table != -1):

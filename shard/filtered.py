@@ -23,6 +23,7 @@ Uses faiss, numpy and the shard's index modules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import OrderedDict
@@ -176,11 +177,14 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: in
     if ivf is not None:
         base = nprobe or coll.nprobe
         probe = int(ivf.nlist) if few else min(int(ivf.nlist), max(base, math.ceil(base / frac)))
-        params = faiss.SearchParametersIVF(nprobe=probe, sel=matches.batch())
+        member = vindex._member  # in its process's shared lists (shard.list_groups): its entries are tagged
+        sel = matches.batch() if member is None else faiss.IDSelectorBatch(member.tagged(labels))
+        params = faiss.SearchParametersIVF(nprobe=probe, sel=sel)
 
         def search(q, kk, _coarse):
-            D, L = vindex._main.search(q, kk, params=params)
-            return D.astype(np.float32, copy=False), L
+            with member.group.lock.read() if member is not None else contextlib.nullcontext():
+                D, L = vindex._main.search(q, kk, params=params)
+            return D.astype(np.float32, copy=False), (L if member is None else member.untag(L))
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
         return D, L, f"selector-ivf nprobe={probe}{' (all lists)' if probe == ivf.nlist else ''} ({note})"
     if graph:

@@ -5,9 +5,11 @@ and the kernel switching between the processes. At 1M x 128, IVF1024, 8 shards o
 about 3 ms of CPU a shard a batch beyond FAISS's work (docs/BENCHMARKS.md, "Shards sharing one process"). Shards
 that share a process answer one Search for all of them (shard.stacked): the queries are decoded once, each shard's
 index is searched in this thread, their top k are merged here (lookalike.topk, as the router merges) and one answer
-goes back, its ids packed for the merged slots only. IVF-PQ shards whose lists can be searched as one index are
-searched so: each probed list's distance table is then built once for all of them. Where neither can be (a filter,
-a move between two of them, a shard that fails), each shard answers on its own and the answers are merged.
+goes back, its ids packed for the merged slots only. The IVF shards of a process keep one set of lists for their
+trained index (shard.list_groups, :attr:`HostServicer.groups`): a search of all of them is one search of those lists,
+the work of one FAISS index. IVF-PQ shards with lists of their own are searched as one view of their lists: each
+probed list's distance table is then built once for all of them. Where none of these can be (a filter, a move
+between two of them, a shard that fails), each shard answers on its own and the answers are merged.
 
 Everything else stays each shard's own: its storage, log, checkpoints, buckets, epoch, load, training and memory
 capacity. Calls other than a Search of several shards name their shard in the metadata key ``lookalike-shard``
@@ -37,8 +39,9 @@ from lookalike.wire import SHARD_KEY
 from protos import shard_pb2, shard_pb2_grpc
 from shard.admission import WriteGate
 from shard.health import storage_problem
+from shard.list_groups import ListGroups
 from shard.server import SERVICE_NAME, Answer, ShardServicer, answer_proto, pick_slots
-from shard.stacked import merge_parts, search_as_one, search_one_by_one
+from shard.stacked import merge_parts, search_as_one, search_lists_shared, search_one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         self._shards: dict[str, ShardServicer] = {}
         self._lock = threading.Lock()
         self.writes: WriteGate | None = None  # the writes of all its shards (create_host_server)
+        self.groups = ListGroups()  # its shards' IVF lists, shared (shard.list_groups)
 
     def add(self, servicer: ShardServicer) -> None:
         with self._lock:
@@ -173,7 +177,7 @@ class HostServicer(shard_pb2_grpc.ShardServicer):
         sids = list(dict.fromkeys(request.shards))
         servicers = self._shards
         if all(sid in servicers for sid in sids):  # answered once (shard.stacked), when that is the same answer
-            for way in (search_as_one, search_one_by_one):
+            for way in (search_lists_shared, search_as_one, search_one_by_one):
                 try:
                     one = way([(sid, servicers[sid]) for sid in sids], request)
                 except Exception:  # a bug: searched one by one below, each shard failing alone if it fails
@@ -262,6 +266,12 @@ def host_shard(host: HostServicer, shard) -> ShardServicer:
     then its part of the process's (:func:`memory_share`)."""
     sv = ShardServicer(shard, host.writes)
     shard.process_share = lambda: memory_share(host, shard.shard_id)
+    shard.list_groups = host.groups  # its IVF lists shared with the process's other shards (shard.list_groups)
+    for sc in list(shard._collections.values()):  # those it loaded before it joined the process's server
+        sc.list_groups = host.groups
+        with sc._rw.write():
+            if sc.index is not None:
+                sc.index.share_lists(host.groups)
     host.add(sv)
     return sv
 

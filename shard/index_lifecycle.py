@@ -73,6 +73,7 @@ class IndexLifecycle:
         if self.trained:
             self._main = self._prepare_trained(self._main)
         self._labels = GraphLabels()  # append-only (graph) indexes: position <-> label
+        self._member = None  # its place in its process's shared IVF lists (shard.list_groups), if it has one
 
     # --- construction helpers -------------------------------------------------------------------------------
     def _flat(self):
@@ -104,22 +105,19 @@ class IndexLifecycle:
         return x
 
     @property
-    def _cols(self) -> int:
-        """Columns of a vector as added: dim floats, or dim/8 bytes for hamming."""
+    def _cols(self) -> int:  # columns of a vector as added: dim floats, or dim/8 bytes for hamming
         return self.coll.dim // 8 if self._binary else self.coll.dim
 
     # --- what it holds ---------------------------------------------------------------------------------------
     @property
-    def ntotal(self) -> int:
-        """Live vectors."""
+    def ntotal(self) -> int:  # live vectors
         if self._buffer is not None:
             return self._buffer.ntotal
         return self._main.ntotal - self._labels.dead
 
     @property
     def nbytes(self) -> int:
-        """Approximate bytes held: codes, ids and index structures (what FAISS would serialize, plus the graph's
-        position arrays). Cheap: checked before every write."""
+        """Approximate bytes held: codes, ids, index structures (what FAISS serializes), a graph's position arrays."""
         if self._buffer is not None:
             return self._buffer.ntotal * (self.coll.code_size + 8)
         n = self._main.ntotal
@@ -163,6 +161,8 @@ class IndexLifecycle:
             assert len(pos) == len(labels), "reconstruct of labels not in the index"
             return reconstruct_keys(self._main, pos, self._cols, self._binary)
         if self._ivf is not None and self._buffer is None:
+            if self._member is not None:  # its entries in its process's shared lists (shard.list_groups)
+                return self._member.reconstruct(self._main, self._ivf, labels, self.coll.dim)
             return reconstruct_ivf(self._main, self._ivf, labels, self.coll.dim, self._binary)
         return reconstruct_idmap(self._buffer if self._buffer is not None else self._main, labels, self._cols,
                                  self._binary)
@@ -174,17 +174,13 @@ class IndexLifecycle:
         return self._buffer is not None and self._buffer.ntotal >= self.train_size and not self.train_error
 
     def train_failed(self, err: Exception) -> None:
-        """Records that training failed: the index stays an exact flat buffer (searches stay right, only slower)
-        and training is not tried again until the shard restarts."""
+        """Records that training failed: it stays an exact flat buffer (right, slower) until the shard restarts."""
         self.train_error = f"training {self.coll.index!r} on {self._buffer.ntotal} vectors failed: {faiss_reason(err)}"
         log.error("%s: %s; searching the exact buffer instead", self.coll.name, self.train_error)
 
     def build_trained(self):
-        """Trains a new main index on the buffer's vectors and fills it with them.
-
-        Only reads the buffer, so searches may run meanwhile; the caller keeps writes out until
-        :meth:`install_trained`. Returns what install_trained takes.
-        """
+        """Trains a new main index on the buffer's vectors and fills it with them: what :meth:`install_trained`
+        takes. Only reads the buffer, so searches may run meanwhile; the caller keeps writes out until then."""
         buf = self._buffer
         labels = faiss.vector_to_array(buf.id_map)
         x = buf.index.reconstruct_n(0, buf.ntotal)
@@ -230,6 +226,8 @@ class IndexLifecycle:
         """The main index's lists packed (:func:`packed_lists`); other lists (fast-scan blocks, lists the index does
         not own): a copy of the whole index through FAISS's serialization, which reads each list back into a buffer
         of its length. Only reads, so searches go on; writes wait until :meth:`install_repacked`."""
+        if self._member is not None:  # lists shared by its process's shards (shard.list_groups): packed in place
+            return self._member.group.pack()
         lists = faiss.downcast_InvertedLists(self._ivf.invlists) if self._ivf.own_invlists else None
         if not isinstance(lists, faiss.ArrayInvertedLists):
             return faiss.deserialize_index(faiss.serialize_index(self._main))
@@ -254,6 +252,8 @@ class IndexLifecycle:
         positions). Only reads, so searches go on; the caller keeps writes out until it is written."""
         if self._buffer is not None:
             return self._buffer, {}
+        if self._member is not None:  # a copy of its own entries, out of its process's shared lists
+            return self._member.private_index(self._main.ntotal), {}
         return self._main, ({"pos_label": self._labels.pos_label} if self._graph else {})
 
     def layout(self, trained: bool) -> str:

@@ -56,6 +56,7 @@ class Shard:
         self.gpu_capacity_bytes = min(caps) if gpu is not None and caps else 0
         self.capacity_bytes = self.gpu_capacity_bytes if gpu is not None else int(capacity_bytes)  # what it reports
         self._collections: dict[str, ShardCollection] = {}
+        self.list_groups = None  # its process's shared IVF lists (shard.list_groups; set by shard.host)
         self.quarantined: dict[str, str] = {}  # collection -> why it is not loaded (see open_collection)
         self._reloading: set[str] = set()
         self._name_locks = NamedLocks()  # see open_collection
@@ -75,8 +76,7 @@ class Shard:
 
     def gpu_memory_bytes(self) -> int:
         """GPU memory in use: what the device reports (a whole GPU), else the bytes of this shard's mirrors."""
-        used = self.gpu.used_bytes() if self.gpu is not None else None
-        if used is not None:
+        if (used := self.gpu.used_bytes() if self.gpu is not None else None) is not None:
             return int(used)
         return sum(sc.index.gpu_nbytes for sc in list(self._collections.values()) if sc.index is not None)
 
@@ -143,7 +143,7 @@ class Shard:
                     template = self.trained.for_load(coll)
                     store = CollectionStore(self.root / coll.name, coll.buckets, segment_bytes=self.segment_bytes)
                     sc = ShardCollection(coll, buckets, store, self.check_room, epoch, gpu=self.gpu,
-                                         on_broken=self._reload, template=template)
+                                         on_broken=self._reload, template=template, list_groups=self.list_groups)
                     n = sc.load(f"not used: the shard process died during the last {guard.died} load(s) of the "
                                 "collection, kept aside in case reading it was the cause" if guard.died else "")
                 except Exception as err:  # noqa: BLE001: any failure of one collection's replay stays with it

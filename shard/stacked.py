@@ -1,5 +1,6 @@
-"""A search of several shards of one process answered once: their IVF-PQ lists searched as one index
-(:func:`search_as_one`), or each shard's index in turn (:func:`search_one_by_one`).
+"""A search of several shards of one process answered once: the lists they share searched once
+(:func:`search_lists_shared`: shard.list_groups), their IVF-PQ lists searched as one index (:func:`search_as_one`),
+or each shard's index in turn (:func:`search_one_by_one`).
 
 Shards of a collection hold one trained index (shard.trained), so their list ``l`` is the same list, split over
 them. Searched one by one, each shard builds the distance table of every list a query probes (nlist x M x 256
@@ -35,20 +36,37 @@ from lookalike.errors import LookalikeError
 from lookalike.ids import bucket_of_labels
 from lookalike.topk import merge_topk
 from lookalike.wire import check_k, vectors_from_proto
-from shard.cpu_index import search_stacked
+from shard.cpu_index import search_shared, search_stacked
 from shard.server import Answer, ShardServicer, pick_slots
+
+
+def search_lists_shared(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
+    """The merged top k of ``parts`` (shard id, servicer) for a ShardSearchRequest, when their indexes' entries
+    are all those of one group of shared lists (shard.list_groups): one search of the lists; None otherwise."""
+    coarse = _coarse_of(request)
+    if coarse is False:
+        return None
+    return _as_one(parts, request, lambda indexes, xq: search_shared(indexes, xq, request.k, request.params.nprobe,
+                                                                      coarse))
 
 
 def search_as_one(parts: list[tuple[str, ShardServicer]], request) -> Answer | None:
     """The merged top k of ``parts`` (shard id, servicer) for a ShardSearchRequest, their IVF-PQ lists searched as
     one index; None when they cannot be (see the module docstring)."""
     coarse = _coarse_of(request)
-    if len(parts) < 2 or request.HasField("filter") or not coarse:
+    if not coarse:
+        return None
+    return _as_one(parts, request, lambda indexes, xq: search_stacked(indexes, xq, request.k, *coarse))
+
+
+def _as_one(parts: list[tuple[str, ShardServicer]], request, search) -> Answer | None:
+    """The answer of ``search`` (indexes, queries -> (D, L) of them all, or None) over ``parts``."""
+    if len(parts) < 2 or request.HasField("filter"):
         return None
     with contextlib.ExitStack() as held:
         try:
             scs, owned, xq = _checked(held, parts, request)
-            found = search_stacked([sc.index for sc in scs], xq, request.k, *coarse)
+            found = search([sc.index for sc in scs], xq)
         except (LookalikeError, _Declined):  # each shard's own search says what is wrong, as its own failure
             return None
         if found is None:

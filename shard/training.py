@@ -154,6 +154,7 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         if mirror is not None:
             new.install_gpu(mirror)
         with sc._rw.write():
+            new.share_lists(sc.list_groups)  # its process's shards' IVF lists, shared (shard.list_groups)
             old, sc.index = sc.index, new
             sc.coll = coll
             # No log record marks the new version: the newest checkpoint, the old version's, no longer matches
@@ -163,6 +164,7 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         sc.upkeep.index_replaced()
         log.info("%s: %d vectors moved into trained index v%d in %.1fs", coll.name, new.ntotal,
                  coll.trained_version, time.monotonic() - t0)
+    old.release()
     del old
     release_memory()
     return True

@@ -184,7 +184,7 @@ class Upkeep:
         t0 = time.monotonic()
         new = index.repacked()
         with sc._rw.write():
-            old = index.install_repacked(new)
+            old = None if new is None else index.install_repacked(new)  # None: packed in place (shared lists)
         self.packed_at = n
         del old
         self._packed_t = time.monotonic()

@@ -16,6 +16,7 @@ from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_of
 from protos.common_pb2 import Payload
 import shard.checkpointing as checkpointing
+import shard.cpu_index
 from shard.shard import Shard
 from shard.cpu_index import VectorIndex
 
@@ -69,7 +70,7 @@ def _no_rebuild(monkeypatch):
         raise AssertionError("the index was rebuilt instead of loaded")
     monkeypatch.setattr(VectorIndex, "add", refuse)
     monkeypatch.setattr(VectorIndex, "build_trained", refuse)
-    monkeypatch.setattr(VectorIndex, "_rebuild_graph", refuse)
+    monkeypatch.setattr(shard.cpu_index, "_rebuild_graph", refuse)
 
 
 def _full_replay(root, tmp_path, cfg, name="replay"):

@@ -173,14 +173,18 @@ def test_a_stale_map_reported_for_one_shard_of_a_process_is_that_shards_stale_ma
     assert got is resp and list(failed) == ["shard-2"] and isinstance(failed["shard-2"], StaleShardMap)
 
 
-def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one_by_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("way", ["search_lists_shared", "search_as_one"])
+def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one_by_one(tmp_path, monkeypatch, way):
     import shard.host
     import shard.specs
+    from shard.cpu_index import VectorIndex
     from shard.specs import drop_precomputed_tables
 
     # without precomputed tables, as shards keep IVF-PQ past 16 MiB of them (IVF4096,PQ32: 128 MiB)
     monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)
-    stacked, counting = _counting(monkeypatch, "search_as_one")
+    if way == "search_as_one":  # shards with lists of their own, stacked as one view (HStackInvertedLists)
+        monkeypatch.setattr(VectorIndex, "share_lists", lambda self, groups: False)
+    stacked, counting = _counting(monkeypatch, way)
     cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cfg = CollectionConfig("p", 32, index="IVF16,PQ8x4", nprobe=4, buckets=64, metric="cosine").validated()
@@ -200,11 +204,11 @@ def test_ivf_pq_shards_of_a_process_searched_as_one_index_answer_as_searched_one
         assert res.ids == [[by_label[lab] for lab in row] for row in L1.tolist()]
         np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-5)
         # the same answer, bit for bit, as the shards searched one by one
-        monkeypatch.setattr(shard.host, "search_as_one", lambda parts, request: None)
+        monkeypatch.setattr(shard.host, way, lambda parts, request: None)
         alone = cl.router.search("p", xq, k=10, nprobe=5, include_payloads=True)
         assert alone.ids == res.ids and (alone.D == res.D).all() and alone.payloads == res.payloads
         # a move between two shards of the process (a bucket on both) is searched one by one
-        monkeypatch.setattr(shard.host, "search_as_one", counting)
+        monkeypatch.setattr(shard.host, way, counting)
         stacked.clear()
         sc0, sc1 = (cl.placer.shards[s].collection("p") for s in ("shard-0", "shard-1"))
         b = int(np.flatnonzero(sc0._owned)[0])
@@ -222,6 +226,8 @@ def test_shards_of_a_process_answered_once_answer_as_each_shard_answering_alone(
     import shard.host
 
     ways, counting = _counting(monkeypatch, "search_one_by_one")
+    # IVF shards in shared lists: each searched alone within them (its selector), as a search naming some of them is
+    monkeypatch.setattr(shard.host, "search_lists_shared", lambda parts, request: None)
     cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cfg = CollectionConfig("o", 32, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
@@ -251,6 +257,7 @@ def test_shards_of_a_process_answered_once_answer_as_each_shard_answering_alone(
         schema = cl.router.shard_map("o").collection.schema
         got = cl.router.search("o", xq[:5], k=5, filt=parse_filter("g=1", schema), include_payloads=True)
         assert ways == [False] and all(payload_to_dict(p)["g"] == 1 for row in got.payloads for p in row)
+        assert all(len(row) == 5 for row in got.ids)
     finally:
         cl.close()
 

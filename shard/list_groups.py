@@ -1,0 +1,319 @@
+"""IVF lists shared by the shards of one process: one set of lists for a collection's trained index, not one a
+shard.
+
+The shards of a collection hold one trained index (shard.trained), so a list ``l`` of one is the same list as ``l``
+of another, split over them. Searched as S indexes, a batch costs FAISS more than one index does: each part sets
+up a scanner and keeps a heap for every probed list, and IVF-PQ builds each probed list's distance table once a
+part. Measured in-process at 5M x 128, batch 100 (docs/BENCHMARKS.md, "The machine's time at 8 shards"):
+IVF4096,Flat at nprobe 8, 8 parts 1.16x one index's CPU; IVF4096,PQ32 at nprobe 12, 1.99x (1.27x through FAISS's
+``HStackInvertedLists``, which copies each probed list out of the parts). And each part's list buffers cost the
+allocator about a page each (jemalloc; "Where IVF-Flat's RAM goes in a process of 8 shards"): 10-11 bytes a vector
+at 10M on 8 shards.
+
+So the shards of one process (shard.host) put the lists of a trained version into one
+``faiss.ArrayInvertedLists``, a :class:`ListGroup`. Each shard's index (shard.cpu_index.VectorIndex) keeps its own
+FAISS ``IndexIVF`` (its count, quantizer and codes' parameters), whose lists are the group's. Its entries are told
+apart by a tag in the ids' high bits: ``slot << TAG_SHIFT | label`` (labels use the low 56 bits: a bucket of at most
+16 bits above lookalike.ids' 40). A shard searching alone passes FAISS an ``IDSelectorRange`` of its tag (the
+others' entries cost only their id's test); removal by label removes its own entries only; two replicas of one
+slice in one process, or a bucket moving between two of its shards, keep two entries of one label, one under each
+tag. A search of all a group's shards at once (shard.stacked) is one FAISS search over the lists with no selector:
+the work of one index. A group is used for that only when the shards named are exactly its members (a member
+being filled or dropped makes it fall back to the shards one by one, each with its selector).
+
+The group's read-write lock guards its lists: every read or write of them holds it, taken inside a shard's own
+locks, never the other way round, and never held while another lock is taken. A shard's write holds it for its
+own add or removal: writes of the other shards of the group, and their searches, wait that long.
+
+A member's entries leave the group when its index is let go (:meth:`Membership.release`), or, for one dropped
+without it (a dropped collection, a reload), when it is finalized: its slot is then marked dead and a thread of
+its own removes its entries (a finalizer may run in a thread holding the group's lock). A checkpoint of a member
+copies its entries out of the group (:meth:`Membership.private_index`): one at a time in a process
+(:data:`CHECKPOINT_TURN`, held while it is written), so that the copies hold at most one shard's part at once.
+
+Uses faiss, numpy, shard.locks and shard.index_reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+
+import faiss
+import numpy as np
+
+from shard.index_reads import reconstruct_ivf
+from shard.locks import RWLock
+
+TAG_SHIFT = 56
+LABEL_BITS = (1 << TAG_SHIFT) - 1
+MAX_MEMBERS = 127  # slots 1..127: the tag keeps the ids positive
+CHECKPOINT_TURN = threading.Lock()  # a checkpoint of a member, copied out and written, one at a time
+
+
+def eligible(ivf) -> bool:
+    """An IVF index whose lists can join a group: FAISS's array lists (not fast-scan blocks), owned by it."""
+    return ivf is not None and bool(ivf.own_invlists) and isinstance(
+        faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+
+
+def _own_empty_lists(ivf, nlist: int, code_size: int) -> None:
+    """Gives ``ivf`` new empty array lists, owned by it."""
+    lists = faiss.ArrayInvertedLists(nlist, code_size)
+    lists.this.disown()  # FAISS frees them with the index
+    ivf.replace_invlists(lists, True)
+
+
+def _list_arrays(lists, no: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Views of list ``no``'s ids and codes (valid while it is not written)."""
+    ids = faiss.rev_swig_ptr(lists.get_ids(no), n)
+    codes = faiss.rev_swig_ptr(lists.get_codes(no), n * lists.code_size)
+    return ids, codes
+
+
+def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
+    """Adds to ``dst`` the entries of ``src`` (both ArrayInvertedLists) whose tag is ``tag_in`` (0: every entry;
+    with ``tag_out`` None, the entries of ``src`` are all taken and tagged ``tag_in``), their ids retagged
+    ``tag_out`` (0: untagged). ``lock``: a context-manager factory held list by list while ``src`` is read (a
+    group's lists, written by other shards between lists). Returns the entries copied."""
+    total = 0
+    for no in range(src.nlist):
+        with lock() if lock is not None else _NO_LOCK:
+            n = src.list_size(no)
+            if not n:
+                continue
+            ids, codes = _list_arrays(src, no, n)
+            if tag_out is None:  # all of them, tagged
+                keep_ids, keep_codes = ids | tag_in, codes
+            else:
+                mask = (ids >> TAG_SHIFT) == (tag_in >> TAG_SHIFT)
+                if not mask.any():
+                    continue
+                keep_ids = (ids[mask] & LABEL_BITS) | tag_out
+                keep_codes = codes.reshape(n, -1)[mask]
+            keep_ids = np.ascontiguousarray(keep_ids, dtype=np.int64)
+            keep_codes = np.ascontiguousarray(keep_codes)
+        dst.add_entries(no, len(keep_ids), faiss.swig_ptr(keep_ids), faiss.swig_ptr(keep_codes))
+        total += len(keep_ids)
+    return total
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+def remove_tag(lists, tag: int) -> int:
+    """Removes the entries tagged ``tag`` from ``lists`` (the caller holds the group's write lock)."""
+    removed = 0
+    for no in range(lists.nlist):
+        n = lists.list_size(no)
+        if not n:
+            continue
+        ids, codes = _list_arrays(lists, no, n)
+        mask = (ids >> TAG_SHIFT) != (tag >> TAG_SHIFT)
+        keep = int(mask.sum())
+        if keep == n:
+            continue
+        kept_ids = np.ascontiguousarray(ids[mask])
+        kept_codes = np.ascontiguousarray(codes.reshape(n, -1)[mask])
+        if keep:
+            lists.update_entries(no, 0, keep, faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept_codes))
+        lists.resize(no, keep)
+        removed += n - keep
+    return removed
+
+
+class ListGroup:
+    """The lists one trained index's shards share in one process, and who holds which tag in them."""
+
+    def __init__(self, key: tuple, nlist: int, code_size: int):
+        self.key = key
+        self.lists = faiss.ArrayInvertedLists(nlist, code_size)
+        self.lock = RWLock()
+        self._members: dict[int, weakref.ref] = {}  # slot -> its VectorIndex
+        self._grown = 0  # entries appended since the lists were last packed (see pack)
+        self._dead: list[int] = []  # slots of members finalized without a release: their entries go at the next
+        self._slots = threading.Lock()
+
+    def holders(self) -> set:
+        """``id()`` of each index whose entries the lists hold; None in it for entries of one let go and not
+        yet removed."""
+        with self._slots:
+            held = {id(m) if m is not None else None for m in (ref() for ref in self._members.values())}
+            return held | ({None} if self._dead else set())
+
+    def empty(self) -> bool:
+        with self._slots:
+            return not self._members and not self._dead
+
+    def _take_slot(self, vindex) -> int:
+        with self._slots:
+            free = next((s for s in range(1, MAX_MEMBERS + 1) if s not in self._members), 0)
+            if free:
+                self._members[free] = weakref.ref(vindex)
+            return free
+
+    def _abandoned(self, slot: int) -> None:
+        """A member let go without a release: its entries are removed in another thread (a finalizer may run in a
+        thread holding the lock)."""
+        self._dead.append(slot)  # list.append is atomic: a finalizer takes no lock
+        threading.Thread(target=self._purge_now, daemon=True, name="list-group-purge").start()
+
+    def _purge_now(self) -> None:
+        with self.lock.write():
+            self._purge()
+
+    def _purge(self) -> None:
+        """Removes the entries of finalized members (the caller holds the write lock)."""
+        while self._dead:
+            slot = self._dead.pop()
+            remove_tag(self.lists, slot << TAG_SHIFT)
+            with self._slots:
+                self._members.pop(slot, None)
+
+    def pack(self) -> None:
+        """Copies each list's codes into a buffer of exactly their size (after growth by doubling, the buffers'
+        tails and the heap's holes hold up to about as much again: shard.upkeep's ``repack_if_due``), one list at
+        a time under the write lock: the copy needs one list's bytes more, not the group's. Nothing when no entry
+        was added since the last pack (each member's upkeep asks). The ids' buffers stay as they grew (FAISS's
+        Python interface cannot swap them): 8 bytes an entry at most."""
+        with self.lock.write():
+            grown, self._grown = self._grown, 0
+        if not grown:
+            return None
+        lists, cs = self.lists, self.lists.code_size
+        for no in range(lists.nlist):
+            exact = faiss.UInt8Vector()
+            with self.lock.write():
+                n = lists.list_size(no)
+                codes = lists.codes.at(no)
+                if not n or not codes.is_owned:
+                    continue
+                exact.resize(n * cs)
+                faiss.rev_swig_ptr(exact.data(), n * cs)[:] = faiss.rev_swig_ptr(lists.get_codes(no), n * cs)
+                codes.owned_data.swap(exact)
+                codes.resize(n * cs)  # the same size: FAISS's pointer to the codes follows the new buffer
+            del exact  # the outgrown buffer, freed outside the lock
+        return None
+
+    def _free(self, slot: int) -> None:
+        with self._slots:
+            self._members.pop(slot, None)
+
+
+class Membership:
+    """One index's place in a :class:`ListGroup`: its tag, and the operations on its own entries."""
+
+    def __init__(self, group: ListGroup, slot: int, shell):
+        self.group = group
+        self.slot = slot
+        self.tag = slot << TAG_SHIFT
+        self.shell = shell  # the index with empty lists: what a checkpoint of its entries is written into
+        self._finalizer = None
+
+    def tagged(self, labels: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(labels, dtype=np.int64) | self.tag
+
+    def selector(self):
+        """FAISS's selector of this member's entries."""
+        return faiss.IDSelectorRange(self.tag, self.tag + (1 << TAG_SHIFT))
+
+    @staticmethod
+    def untag(L: np.ndarray) -> np.ndarray:
+        return np.where(L >= 0, L & LABEL_BITS, -1)
+
+    def add(self, main, labels: np.ndarray, x: np.ndarray) -> None:
+        """Adds vectors under ``labels`` (not present) to the group's lists, tagged, through ``main``: their lists
+        and codes found first, outside the lock (the coarse quantization and encoding are most of an add), then
+        appended under it (the same entries as ``add_with_ids``)."""
+        codes = main.sa_encode(x)
+        with self.group.lock.write():
+            main.add_sa_codes(codes, self.tagged(labels))
+            self.group._grown += len(labels)
+
+    def remove(self, main, labels: np.ndarray) -> int:
+        """Removes its entries of ``labels`` through ``main``; returns how many were removed."""
+        with self.group.lock.write():
+            return main.remove_ids(faiss.IDSelectorBatch(self.tagged(labels)))
+
+    def reconstruct(self, main, ivf, labels: np.ndarray, dim: int) -> np.ndarray:
+        """Its stored vectors for ``labels`` (shard.index_reads.reconstruct_ivf over the group's lists)."""
+        with self.group.lock.read():
+            return reconstruct_ivf(main, ivf, self.tagged(labels), dim, False)
+
+    def private_index(self, ntotal: int):
+        """A new index of this member's entries alone, untagged, with lists of its own (for a checkpoint): the
+        group's lists are read list by list under its read lock, so the others' writes go on between lists."""
+        own = faiss.clone_index(self.shell)
+        ivf = faiss.extract_index_ivf(own)
+        lists = faiss.downcast_InvertedLists(ivf.invlists)
+        n = copy_entries(self.group.lists, lists, self.tag, 0, self.group.lock.read)
+        assert n == ntotal, f"{n} entries in the group under this tag, for {ntotal} vectors"
+        ivf.ntotal = n
+        return own
+
+    def release(self, ivf) -> None:
+        """Removes this member's entries from the group and gives ``ivf`` empty lists of its own again."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        g = self.group
+        with g.lock.write():
+            remove_tag(g.lists, self.tag)
+            g._free(self.slot)
+            g._purge()
+        _own_empty_lists(ivf, g.lists.nlist, g.lists.code_size)
+        ivf.ntotal = 0
+
+
+class ListGroups:
+    """The list groups of one process's shards (shard.host.HostServicer holds one for its shards)."""
+
+    def __init__(self):
+        self._groups: dict[tuple, ListGroup] = {}
+        self._lock = threading.Lock()
+
+    def join(self, vindex, ivf, name: str, version: int) -> Membership | None:
+        """Moves the entries of ``ivf`` (the IVF index of ``vindex``, trained version ``version`` of collection
+        ``name``, with array lists of its own: :func:`eligible`) into the group of its trained index, tagged, and
+        makes the group's lists its lists. The caller keeps its writes and searches out meanwhile (its write
+        lock). Returns its membership; None when the group has no slot left (it keeps its own lists)."""
+        own = faiss.downcast_InvertedLists(ivf.invlists)
+        ivf.own_invlists = False  # the shell below gets empty lists; ``own`` is freed here, after the copy
+        own.this.acquire()
+        _own_empty_lists(ivf, ivf.nlist, ivf.code_size)
+        shell = faiss.clone_index(vindex._main)  # trained, empty: what checkpoints are written into
+        faiss.extract_index_ivf(shell).ntotal = 0
+        digest = hashlib.blake2b(faiss.serialize_index(shell).tobytes(), digest_size=16).hexdigest()
+        key = (name, int(version), digest)
+        with self._lock:
+            for k in [k for k, g in self._groups.items() if k != key and g.empty()]:
+                del self._groups[k]
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = ListGroup(key, int(ivf.nlist), int(ivf.code_size))
+        slot = group._take_slot(vindex)
+        if not slot:
+            ivf.replace_invlists(own, True)
+            own.this.disown()
+            return None
+        member = Membership(group, slot, shell)
+        with group.lock.write():
+            group._purge()
+            group._grown += copy_entries(own, group.lists, member.tag, None)
+            ivf.replace_invlists(group.lists, False)
+        del own  # its lists freed
+        member._finalizer = weakref.finalize(vindex, group._abandoned, slot)
+        member._finalizer.atexit = False  # no thread started at the interpreter's exit
+        return member
+
+    def groups(self) -> list[ListGroup]:
+        with self._lock:
+            return list(self._groups.values())

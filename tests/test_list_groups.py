@@ -1,0 +1,161 @@
+"""IVF lists shared by the shards of one process (shard.list_groups): one set of lists for a trained index, each
+shard's entries under its tag, a search of them all the work of one index and the answer of one FAISS index,
+each shard alone seeing its own entries, checkpoints and restarts, training again and drops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import faiss
+import numpy as np
+import pytest
+from conftest import wait_for
+from test_shard_host import _cluster, _counting
+from test_trained_index import DIM, _data, _one_faiss_index, _top_k_by_distance_then_label
+
+from lookalike.config import CollectionConfig
+from lookalike.filters import parse_filter
+from lookalike.payloads import payload_to_dict, payload_to_proto
+from shard.cpu_index import VectorIndex, search_shared
+from shard.list_groups import LABEL_BITS, ListGroups
+
+
+def _group_entries(group) -> np.ndarray:
+    lists = group.lists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
+             for no in range(lists.nlist) if lists.list_size(no)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def _indexes(cl, name: str) -> list[VectorIndex]:
+    return [cl.placer.shards[sid].collection(name).index for sid in sorted(cl.placer.shards)]
+
+
+def _trained_pair(spec: str = "IVF16,Flat"):
+    coll = CollectionConfig("u", DIM, index=spec, nprobe=4, buckets=64).validated()
+    xb, xq = _data(3000, seed=3)
+    template = VectorIndex(coll).train_template(xb)
+    coll = dataclasses.replace(coll, trained_version=1)
+    return coll, template, xb, xq
+
+
+def test_a_label_on_two_indexes_of_a_group_is_two_entries_each_seen_and_removed_by_its_own_index():
+    coll, template, xb, xq = _trained_pair()
+    groups = ListGroups()
+    a, b = (VectorIndex(coll, None, faiss.clone_index(template)) for _ in range(2))
+    labels = np.arange(len(xb), dtype=np.int64) + (5 << 40)
+    a.add(labels[:2000], xb[:2000])  # filled before it joins: its entries move into the group
+    assert a.share_lists(groups) and b.share_lists(groups)
+    b.add(labels[1000:], xb[1000:])  # 1000-1999 on both (a bucket moving between two shards of the process)
+    group = a._member.group
+    assert b._member.group is group and len(_group_entries(group)) == 4000 and a.ntotal == b.ntotal == 2000
+    one = faiss.clone_index(template)
+    one.add_with_ids(xb[:2000], labels[:2000])
+    Da, La = a.search(xq, 10, nprobe=16)
+    D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=16)
+    np.testing.assert_array_equal(La, L1)  # its own entries only, untagged
+    np.testing.assert_allclose(Da, D1, rtol=1e-6)
+    # packed in place, list by list: the same entries, the same answers
+    entries = _group_entries(group)
+    group.pack()
+    np.testing.assert_array_equal(_group_entries(group), entries)
+    assert group._grown == 0 and (a.search(xq, 10, nprobe=16)[1] == La).all()
+    assert (b.reconstruct(labels[1000:1010]) == xb[1000:1010]).all()
+    # removal by label removes its own entry of the label, not the other's
+    assert a.remove(labels[1000:1500]) == 500 and a.ntotal == 1500 and b.ntotal == 2000
+    assert (b.reconstruct(labels[1000:1010]) == xb[1000:1010]).all()
+    # a checkpoint's copy holds its entries alone, untagged, in lists of its own
+    own, _ = b.state()
+    assert own.ntotal == 2000 and sorted(_ids_of(own)) == labels[1000:].tolist()
+    # both at once: one search of the group, as one index of their entries (here a label twice)
+    both = faiss.clone_index(template)
+    both.add_with_ids(np.concatenate([xb[:1000], xb[1500:2000], xb[1000:]]),
+                      np.concatenate([labels[:1000], labels[1500:2000], labels[1000:]]))
+    D, L = search_shared([a, b], xq, 10, 16, None)
+    Db, Lb = _top_k_by_distance_then_label(both, xq, 10, nprobe=16)
+    np.testing.assert_array_equal(L, Lb)
+    np.testing.assert_allclose(D, Db, rtol=1e-6)
+    assert search_shared([a], xq, 10, 16, None) is None  # not all the group's entries: searched apart
+    # let go: its entries leave the group, released or finalized
+    a.release()
+    assert a._member is None and a.ntotal == 0 and len(_group_entries(group)) == 2000
+    del b, own
+    assert wait_for(lambda: len(_group_entries(group)) == 0 and group.empty(), 10)
+
+
+def _ids_of(index) -> list[int]:
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    return [int(i) for no in range(ivf.nlist) if lists.list_size(no)
+            for i in faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no))]
+
+
+@pytest.mark.parametrize("spec", ["IVF32,Flat", "IVF16,PQ8x4"])
+def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_and_drops(tmp_path, monkeypatch, spec):
+    import shard.specs
+
+    monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)  # as shards keep IVF4096,PQ32
+    shared, _ = _counting(monkeypatch, "search_lists_shared")
+    cfg = CollectionConfig("s", DIM, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
+    xb, xq = _data(6000, seed=21)
+    cl = _cluster(tmp_path, shards=4, per_process=4)
+    try:
+        cl.router.create_collection(cfg)
+        ids = [f"img-{i:06d}" for i in range(len(xb))]
+        for s in range(0, len(xb), 2000):
+            cl.router.upsert("s", ids[s:s + 2000], xb[s:s + 2000],
+                             [payload_to_proto({"g": i % 3}) for i in range(s, s + 2000)])
+        assert cl.controller._wait_trained("s", 30), cl.router.training_status("s")
+        indexes = _indexes(cl, "s")
+        group = indexes[0]._member.group
+        assert all(i._member is not None and i._member.group is group for i in indexes)
+        entries = _group_entries(group)
+        assert len(entries) == len(xb) and len({int(e) >> 56 for e in entries}) == 4
+        assert all(faiss.downcast_InvertedLists(i._ivf.invlists).this == group.lists.this for i in indexes)
+        one, by_label = _one_faiss_index(cl, cfg, ids, xb)
+        D1, L1 = _top_k_by_distance_then_label(one, xq, 10, nprobe=4)
+        cl.router.search("s", xq, k=10)  # the router's lists, once it has the centroids
+        shared.clear()
+        res = cl.router.search("s", xq, k=10, nprobe=4)
+        assert shared[-1:] == [True]
+        assert res.ids == [[by_label[lab] for lab in row if lab >= 0] for row in L1.tolist()]
+        np.testing.assert_allclose(res.D, D1, rtol=1e-5, atol=1e-4)
+        # a filter: each shard searches its own entries among the group's, those the filter matched
+        schema = cl.router.shard_map("s").collection.schema
+        got = cl.router.search("s", xq, k=5, nprobe=32, filt=parse_filter("g=1", schema), include_payloads=True)
+        assert all(len(row) == 5 for row in got.ids)
+        assert all(payload_to_dict(p)["g"] == 1 for row in got.payloads for p in row)
+        if spec.endswith("Flat"):  # all lists probed: exact among the matches
+            match = np.arange(len(xb))[np.arange(len(xb)) % 3 == 1]
+            exact = faiss.knn(xq, xb[match], 5)[1]
+            assert got.ids == [[ids[match[i]] for i in row] for row in exact.tolist()]
+        # writes: a delete and a replaced vector reach their shard's entries only
+        cl.router.delete("s", ids[:10])
+        cl.router.upsert("s", [ids[10]], xb[11:12])
+        got = cl.router.search("s", xb[:12], k=20, nprobe=32)
+        assert not set(ids[:10]) & {i for row in got.ids for i in row} and {ids[10], ids[11]} <= set(got.ids[11])
+        assert len(_group_entries(group)) == len(xb) - 10
+        before = cl.router.search("s", xq, k=10, nprobe=4)
+    finally:
+        cl.close()
+    cl = _cluster(tmp_path, shards=4, per_process=4)  # a restart: checkpoints loaded, the lists shared again
+    try:
+        stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
+        assert all(c.loaded_from_checkpoint and c.replayed_records == 0 for c in stats), stats
+        indexes = _indexes(cl, "s")
+        group = indexes[0]._member.group
+        assert all(i._member.group is group for i in indexes) and len(_group_entries(group)) == len(xb) - 10
+        after = cl.router.search("s", xq, k=10, nprobe=4)
+        assert after.ids == before.ids
+        np.testing.assert_array_equal(after.D, before.D)
+        # trained again: the new version's lists hold everything, the old one's let go
+        version = cl.router.train("s")
+        assert wait_for(lambda: all(i.trained_version == version for i in _indexes(cl, "s")), 30)
+        new = _indexes(cl, "s")[0]._member.group
+        assert new is not group and wait_for(lambda: len(_group_entries(group)) == 0, 10)
+        assert len(_group_entries(new)) == len(xb) - 10
+        cl.router.drop_collection("s")
+        assert wait_for(lambda: len(_group_entries(new)) == 0, 10)
+        assert (_group_entries(new) & ~LABEL_BITS).size == 0
+    finally:
+        cl.close()
