@@ -304,18 +304,18 @@ class VectorIndex(IndexLifecycle):
                 np.ascontiguousarray(dis.reshape(nq, nprobe), dtype=np.float32))
 
 
-def _rebuild_graph(self) -> None:
+def _rebuild_graph(vindex) -> None:
     """Builds a graph index again without its removed vectors (VectorIndex.remove, once a third of it is dead)."""
-    live, labels = self._labels.live()
-    x = reconstruct_keys(self._main, live, self._cols, self._binary) if len(live) else None
-    log.info("rebuilding %s %r without %d removed vectors", self.coll.name, self.coll.index, self._labels.dead)
-    self._main = (faiss.clone_index(self._template) if self._template is not None
-                  else build_index(self.coll.dim, self.coll.metric, self.coll.index))
-    self._labels = GraphLabels()
+    live, labels = vindex._labels.live()
+    x = reconstruct_keys(vindex._main, live, vindex._cols, vindex._binary) if len(live) else None
+    log.info("rebuilding %s %r without %d removed vectors", vindex.coll.name, vindex.coll.index, vindex._labels.dead)
+    vindex._main = (faiss.clone_index(vindex._template) if vindex._template is not None
+                    else build_index(vindex.coll.dim, vindex.coll.metric, vindex.coll.index))
+    vindex._labels = GraphLabels()
     if x is not None:
-        if not self._main.is_trained:  # a graph over compressed codes (HNSW32_PQ16): retrain on what is live
-            self._main.train(x)
-        self._add_main(labels, x)
+        if not vindex._main.is_trained:  # a graph over compressed codes (HNSW32_PQ16): retrain on what is live
+            vindex._main.train(x)
+        vindex._add_main(labels, x)
 
 
 def search_ivf(main, ivf, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False):

@@ -134,12 +134,13 @@ def remove_tag(lists, tag: int) -> int:
 class ListGroup:
     """The lists one trained index's shards share in one process, and who holds which tag in them."""
 
-    def __init__(self, key: tuple, nlist: int, code_size: int):
+    def __init__(self, key: tuple, nlist: int, code_size: int, on_empty=None):
         self.key = key
+        self._on_empty = on_empty  # called once it holds no member: its registry lets it go (and its lists)
         self.lists = faiss.ArrayInvertedLists(nlist, code_size)
         self.lock = RWLock()
         self._members: dict[int, weakref.ref] = {}  # slot -> its VectorIndex
-        self._grown = 0  # entries appended since the lists were last packed (see pack)
+        self._changed = 0  # entries appended or removed since the lists were last packed (see pack)
         self._dead: list[int] = []  # slots of members finalized without a release: their entries go at the next
         self._slots = threading.Lock()
 
@@ -170,12 +171,18 @@ class ListGroup:
     def _purge_now(self) -> None:
         with self.lock.write():
             self._purge()
+        self._left()
+
+    def _left(self) -> None:
+        """After a member left: a group left empty is let go by its registry (its lists' memory with it)."""
+        if self._on_empty is not None and self.empty():
+            self._on_empty(self)
 
     def _purge(self) -> None:
         """Removes the entries of finalized members (the caller holds the write lock)."""
         while self._dead:
             slot = self._dead.pop()
-            remove_tag(self.lists, slot << TAG_SHIFT)
+            self._changed += remove_tag(self.lists, slot << TAG_SHIFT)
             with self._slots:
                 self._members.pop(slot, None)
 
@@ -183,11 +190,11 @@ class ListGroup:
         """Copies each list's codes into a buffer of exactly their size (after growth by doubling, the buffers'
         tails and the heap's holes hold up to about as much again: shard.upkeep's ``repack_if_due``), one list at
         a time under the write lock: the copy needs one list's bytes more, not the group's. Nothing when no entry
-        was added since the last pack (each member's upkeep asks). The ids' buffers stay as they grew (FAISS's
+        was added or removed since the last pack (each member's upkeep asks). The ids' buffers stay as they grew (FAISS's
         Python interface cannot swap them): 8 bytes an entry at most."""
         with self.lock.write():
-            grown, self._grown = self._grown, 0
-        if not grown:
+            changed, self._changed = self._changed, 0
+        if not changed:
             return None
         lists, cs = self.lists, self.lists.code_size
         for no in range(lists.nlist):
@@ -237,12 +244,14 @@ class Membership:
         codes = main.sa_encode(x)
         with self.group.lock.write():
             main.add_sa_codes(codes, self.tagged(labels))
-            self.group._grown += len(labels)
+            self.group._changed += len(labels)
 
     def remove(self, main, labels: np.ndarray) -> int:
         """Removes its entries of ``labels`` through ``main``; returns how many were removed."""
         with self.group.lock.write():
-            return main.remove_ids(faiss.IDSelectorBatch(self.tagged(labels)))
+            removed = main.remove_ids(faiss.IDSelectorBatch(self.tagged(labels)))
+            self.group._changed += removed
+        return removed
 
     def reconstruct(self, main, ivf, labels: np.ndarray, dim: int) -> np.ndarray:
         """Its stored vectors for ``labels`` (shard.index_reads.reconstruct_ivf over the group's lists)."""
@@ -266,11 +275,12 @@ class Membership:
             self._finalizer.detach()
         g = self.group
         with g.lock.write():
-            remove_tag(g.lists, self.tag)
+            g._changed += remove_tag(g.lists, self.tag)
             g._free(self.slot)
             g._purge()
         _own_empty_lists(ivf, g.lists.nlist, g.lists.code_size)
         ivf.ntotal = 0
+        g._left()
 
 
 class ListGroups:
@@ -293,13 +303,11 @@ class ListGroups:
         faiss.extract_index_ivf(shell).ntotal = 0
         digest = hashlib.blake2b(faiss.serialize_index(shell).tobytes(), digest_size=16).hexdigest()
         key = (name, int(version), digest)
-        with self._lock:
-            for k in [k for k, g in self._groups.items() if k != key and g.empty()]:
-                del self._groups[k]
+        with self._lock:  # the slot taken under it: a group is let go only while it has no member
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = ListGroup(key, int(ivf.nlist), int(ivf.code_size))
-        slot = group._take_slot(vindex)
+                group = self._groups[key] = ListGroup(key, int(ivf.nlist), int(ivf.code_size), self._forget)
+            slot = group._take_slot(vindex)
         if not slot:
             ivf.replace_invlists(own, True)
             own.this.disown()
@@ -307,12 +315,17 @@ class ListGroups:
         member = Membership(group, slot, shell)
         with group.lock.write():
             group._purge()
-            group._grown += copy_entries(own, group.lists, member.tag, None)
+            group._changed += copy_entries(own, group.lists, member.tag, None)
             ivf.replace_invlists(group.lists, False)
         del own  # its lists freed
         member._finalizer = weakref.finalize(vindex, group._abandoned, slot)
         member._finalizer.atexit = False  # no thread started at the interpreter's exit
         return member
+
+    def _forget(self, group: ListGroup) -> None:
+        with self._lock:
+            if self._groups.get(group.key) is group and group.empty():
+                del self._groups[group.key]
 
     def groups(self) -> list[ListGroup]:
         with self._lock:

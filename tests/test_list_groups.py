@@ -59,7 +59,7 @@ def test_a_label_on_two_indexes_of_a_group_is_two_entries_each_seen_and_removed_
     entries = _group_entries(group)
     group.pack()
     np.testing.assert_array_equal(_group_entries(group), entries)
-    assert group._grown == 0 and (a.search(xq, 10, nprobe=16)[1] == La).all()
+    assert group._changed == 0 and (a.search(xq, 10, nprobe=16)[1] == La).all()
     assert (b.reconstruct(labels[1000:1010]) == xb[1000:1010]).all()
     # removal by label removes its own entry of the label, not the other's
     assert a.remove(labels[1000:1500]) == 500 and a.ntotal == 1500 and b.ntotal == 2000
@@ -81,6 +81,7 @@ def test_a_label_on_two_indexes_of_a_group_is_two_entries_each_seen_and_removed_
     assert a._member is None and a.ntotal == 0 and len(_group_entries(group)) == 2000
     del b, own
     assert wait_for(lambda: len(_group_entries(group)) == 0 and group.empty(), 10)
+    assert wait_for(lambda: groups.groups() == [], 10)  # an empty group is let go
 
 
 def _ids_of(index) -> list[int]:
@@ -153,9 +154,11 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
         assert wait_for(lambda: all(i.trained_version == version for i in _indexes(cl, "s")), 30)
         new = _indexes(cl, "s")[0]._member.group
         assert new is not group and wait_for(lambda: len(_group_entries(group)) == 0, 10)
+        registry = cl.placer.hosts[0][0].groups  # the process's groups: the old version's let go, with its lists
+        assert wait_for(lambda: registry.groups() == [new], 10)
         assert len(_group_entries(new)) == len(xb) - 10
         cl.router.drop_collection("s")
-        assert wait_for(lambda: len(_group_entries(new)) == 0, 10)
+        assert wait_for(lambda: len(_group_entries(new)) == 0 and registry.groups() == [], 10)
         assert (_group_entries(new) & ~LABEL_BITS).size == 0
     finally:
         cl.close()
