@@ -162,3 +162,32 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
         assert (_group_entries(new) & ~LABEL_BITS).size == 0
     finally:
         cl.close()
+
+
+def test_packing_a_group_gives_its_lists_buffers_of_their_size():
+    from shard.osutil import allocator_stats
+
+    stats = allocator_stats()
+    if "heap_in_use" not in stats:
+        pytest.skip("needs glibc's mallinfo2")
+    coll, template, xb, _ = _trained_pair()
+    groups = ListGroups()
+    a = VectorIndex(coll, None, faiss.clone_index(template))
+    assert a.share_lists(groups)
+    rng = np.random.default_rng(0)
+    x = np.repeat(xb, 8, axis=0) + rng.normal(scale=0.01, size=(8 * len(xb), DIM)).astype(np.float32)
+    for s in range(0, len(x), 97):  # appended a little at a time: the lists' buffers grow by doubling
+        a.add(np.arange(s, min(s + 97, len(x)), dtype=np.int64), x[s:s + 97])
+    group = a._member.group
+    entries = _group_entries(group)
+
+    def in_use():
+        st = allocator_stats()
+        return st["heap_in_use"] + st["mapped"]
+
+    before = in_use()
+    group.pack()
+    codes = len(x) * DIM * 4
+    assert before - in_use() > 0.1 * codes  # the outgrown tails handed back
+    np.testing.assert_array_equal(_group_entries(group), entries)
+    np.testing.assert_array_equal(a.reconstruct(np.arange(50, dtype=np.int64)), x[:50])
