@@ -225,14 +225,13 @@ class Checkpointer:
             return None
         t0 = time.monotonic()
         try:
-            with CHECKPOINT_TURN if sc.index._member is not None else contextlib.nullcontext():
-                index, extra = sc.index.state()  # in shared lists: a copy of its entries (shard.list_groups)
-                arrays = {f"index_{k}": v for k, v in extra.items()} | sc.table.to_arrays()
-                meta = dict(self.meta(), trained=sc.index.trained,
-                            index_type=type(index).__name__, items=len(sc.table),
-                            owned=np.flatnonzero(sc._owned).tolist())
-                name = checkpoint.write(sc.store.path, index, sc.coll.binary, arrays, meta, position)
-                del index
+            index, extra = sc.index.state()  # in shared lists: a copy of its entries (shard.list_groups)
+            arrays = {f"index_{k}": v for k, v in extra.items()} | sc.table.to_arrays()
+            meta = dict(self.meta(), trained=sc.index.trained,
+                        index_type=type(index).__name__, items=len(sc.table),
+                        owned=np.flatnonzero(sc._owned).tolist())
+            name = checkpoint.write(sc.store.path, index, sc.coll.binary, arrays, meta, position)
+            del index
         except Exception:  # noqa: BLE001: a checkpoint is an optimisation; the log holds everything
             sc.store.unpin()
             log.exception("%s: writing an index checkpoint failed; the next start loads the previous one or replays "
@@ -263,10 +262,17 @@ class Checkpointer:
             threading.Thread(target=self._in_background, name=f"checkpoint-{sc.coll.name}",
                              daemon=True).start()
 
+    def turn(self):
+        """What a checkpoint of this collection waits for before it holds the write order: in shared lists
+        (shard.list_groups), its process's other checkpoints of such indexes, each a copy of a shard's entries
+        (:data:`shard.list_groups.CHECKPOINT_TURN`): at most one copy at once. Taken first, so that the writes of
+        a shard whose checkpoint waits go on meanwhile."""
+        return CHECKPOINT_TURN if getattr(self.sc.index, "_member", None) is not None else contextlib.nullcontext()
+
     def _in_background(self) -> None:
         sc = self.sc
         try:
-            with sc._write_order:
+            with self.turn(), sc._write_order:
                 name = self.write()
             if name is not None:
                 sc.store.trim_log()  # the log segments it covers, kept since compaction folded them

@@ -242,7 +242,7 @@ class ShardCollection:
     def close(self) -> None:
         """A graceful stop: writes a checkpoint (so that the next start loads it), then closes the storage. Its
         upkeep ends: a closed collection's lists are not packed, nor its memory trimmed, any more."""
-        with self._write_order:
+        with self.checkpointer.turn(), self._write_order:
             self.checkpointer.write()
             self.store.close()
             self.upkeep.stop()

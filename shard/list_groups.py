@@ -49,7 +49,7 @@ from shard.locks import RWLock
 TAG_SHIFT = 56
 LABEL_BITS = (1 << TAG_SHIFT) - 1
 MAX_MEMBERS = 127  # slots 1..127: the tag keeps the ids positive
-CHECKPOINT_TURN = threading.Lock()  # a checkpoint of a member, copied out and written, one at a time
+CHECKPOINT_TURN = threading.Lock()  # a checkpoint of a member, copied out and written, one at a time (taken first)
 
 
 def eligible(ivf) -> bool:

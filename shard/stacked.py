@@ -44,7 +44,12 @@ def search_lists_shared(parts: list[tuple[str, ShardServicer]], request) -> Answ
     """The merged top k of ``parts`` (shard id, servicer) for a ShardSearchRequest, when their indexes' entries
     are all those of one group of shared lists (shard.list_groups): one search of the lists; None otherwise."""
     coarse = _coarse_of(request)
-    if coarse is False:
+    if coarse is False or not parts:
+        return None
+    try:  # a look at the first, before the queries are decoded: most searches of other indexes end here
+        if getattr(parts[0][1].collection_of(request.collection).index, "_member", None) is None:
+            return None
+    except LookalikeError:
         return None
     return _as_one(parts, request, lambda indexes, xq: search_shared(indexes, xq, request.k, request.params.nprobe,
                                                                       coarse))

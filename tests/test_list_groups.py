@@ -165,11 +165,13 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
 
 
 def test_packing_a_group_gives_its_lists_buffers_of_their_size():
-    from shard.osutil import allocator_stats
+    import ctypes
 
-    stats = allocator_stats()
-    if "heap_in_use" not in stats:
-        pytest.skip("needs glibc's mallinfo2")
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_usable_size"):
+        pytest.skip("needs glibc's malloc_usable_size")
+    usable = libc.malloc_usable_size
+    usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
     coll, template, xb, _ = _trained_pair()
     groups = ListGroups()
     a = VectorIndex(coll, None, faiss.clone_index(template))
@@ -179,15 +181,15 @@ def test_packing_a_group_gives_its_lists_buffers_of_their_size():
     for s in range(0, len(x), 97):  # appended a little at a time: the lists' buffers grow by doubling
         a.add(np.arange(s, min(s + 97, len(x)), dtype=np.int64), x[s:s + 97])
     group = a._member.group
+    lists = group.lists
     entries = _group_entries(group)
 
-    def in_use():
-        st = allocator_stats()
-        return st["heap_in_use"] + st["mapped"]
+    def held() -> int:  # the bytes of the lists' code buffers, as the allocator gave them
+        return sum(usable(int(lists.get_codes(no))) for no in range(lists.nlist) if lists.list_size(no))
 
-    before = in_use()
-    group.pack()
     codes = len(x) * DIM * 4
-    assert before - in_use() > 0.1 * codes  # the outgrown tails handed back
+    assert held() > 1.2 * codes
+    group.pack()
+    assert held() < 1.01 * codes + 4096 * lists.nlist  # their size, to the allocator's rounding
     np.testing.assert_array_equal(_group_entries(group), entries)
     np.testing.assert_array_equal(a.reconstruct(np.arange(50, dtype=np.int64)), x[:50])
