@@ -21,9 +21,15 @@ tag. A search of all a group's shards at once (shard.stacked) is one FAISS searc
 the work of one index. A group is used for that only when the shards named are exactly its members (a member
 being filled or dropped makes it fall back to the shards one by one, each with its selector).
 
+Measured (docs/BENCHMARKS.md, "One set of IVF lists for the shards of a process"): at 2M, IVF4096,Flat, 8 shards
+in one process, the process's CPU a batch of 100 0.70x what it was; at 10M in turns with FAISS, IVF-PQ32 0.77x
+FAISS against 0.62x, IVF-Flat 0.76x against 0.75x (at 10M a shard's part of a list is long, and the per-part costs
+small). The ids' buffers keep their growth's slack (see :meth:`ListGroup.pack`): 6-7 bytes a vector at 10M.
+
 The group's read-write lock guards its lists: every read or write of them holds it, taken inside a shard's own
-locks, never the other way round, and never held while another lock is taken. A shard's write holds it for its
-own add or removal: writes of the other shards of the group, and their searches, wait that long.
+locks, never the other way round, and never held while another lock is taken. A shard's write holds it for the
+append (its vectors are encoded before) or the removal: writes of the other shards of the group, and their
+searches, wait that long.
 
 A member's entries leave the group when its index is let go (:meth:`Membership.release`), or, for one dropped
 without it (a dropped collection, a reload), when it is finalized: its slot is then marked dead and a thread of
@@ -31,7 +37,7 @@ its own removes its entries (a finalizer may run in a thread holding the group's
 copies its entries out of the group (:meth:`Membership.private_index`): one at a time in a process
 (:data:`CHECKPOINT_TURN`, held while it is written), so that the copies hold at most one shard's part at once.
 
-Uses faiss, numpy, shard.locks and shard.index_reads.
+Uses faiss, numpy, the base package (the labels' bits), shard.locks and shard.index_reads.
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ import weakref
 import faiss
 import numpy as np
 
+from lookalike.config import LIMITS
+from lookalike.ids import LABEL_SHIFT
 from shard.index_reads import reconstruct_ivf
 from shard.locks import RWLock
 
 TAG_SHIFT = 56
 LABEL_BITS = (1 << TAG_SHIFT) - 1
+assert (LIMITS.max_buckets << LABEL_SHIFT) - 1 <= LABEL_BITS, "labels must leave the tag's bits free"
 MAX_MEMBERS = 127  # slots 1..127: the tag keeps the ids positive
 CHECKPOINT_TURN = threading.Lock()  # a checkpoint of a member, copied out and written, one at a time (taken first)
 
