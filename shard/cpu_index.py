@@ -72,7 +72,7 @@ class VectorIndex(IndexLifecycle):
     # --- shared lists (shard.list_groups) -------------------------------------------------------------------
     def share_lists(self, groups) -> bool:
         """Moves a trained CPU IVF index's entries into its process's shared lists (``groups``); True if it did.
-        The caller holds the write lock."""
+        The caller holds the write lock (or no one searches or writes the index yet)."""
         if groups is None or self._member is not None or self._gpu is not None or not self._router_may_choose_lists \
                 or not eligible(self._ivf):
             return False

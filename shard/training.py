@@ -153,8 +153,10 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         mirror = new.build_gpu()
         if mirror is not None:
             new.install_gpu(mirror)
+        # into its process's shards' shared IVF lists (shard.list_groups) before the swap: the copy does not hold up
+        # this shard's searches (the index is not searched yet), and no write comes meanwhile (the write order)
+        new.share_lists(sc.list_groups)
         with sc._rw.write():
-            new.share_lists(sc.list_groups)  # its process's shards' IVF lists, shared (shard.list_groups)
             old, sc.index = sc.index, new
             sc.coll = coll
             # No log record marks the new version: the newest checkpoint, the old version's, no longer matches

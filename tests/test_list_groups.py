@@ -94,8 +94,11 @@ def _ids_of(index) -> list[int]:
 @pytest.mark.parametrize("spec", ["IVF32,Flat", "IVF16,PQ8x4"])
 def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_and_drops(tmp_path, monkeypatch, spec):
     import shard.specs
+    import shard.upkeep
 
     monkeypatch.setattr(shard.specs, "PRECOMPUTED_TABLE_MAX_BYTES", 0)  # as shards keep IVF4096,PQ32
+    monkeypatch.setattr(shard.upkeep, "_REPACK_MIN", 0)  # lists packed at this size too, soon after the writes stop
+    monkeypatch.setattr(shard.upkeep, "_REPACK_IDLE_S", 0.3)
     shared, _ = _counting(monkeypatch, "search_lists_shared")
     cfg = CollectionConfig("s", DIM, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
     xb, xq = _data(6000, seed=21)
@@ -146,6 +149,7 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
         indexes = _indexes(cl, "s")
         group = indexes[0]._member.group
         assert all(i._member.group is group for i in indexes) and len(_group_entries(group)) == len(xb) - 10
+        assert wait_for(lambda: group._changed == 0, 20)  # grown by the joins, packed with no write to wait for
         after = cl.router.search("s", xq, k=10, nprobe=4)
         assert after.ids == before.ids
         np.testing.assert_array_equal(after.D, before.D)
