@@ -259,7 +259,7 @@ class VectorIndex(IndexLifecycle):
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
             if coarse is not None or self._member is not None:
-                D, L = search_ivf(self._main, self._ivf, xq, k, nprobe, coarse, self._member)
+                D, L = search_ivf(self._main, xq, k, nprobe, coarse, self._member)
             elif self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
                 D, L = self._main.search(xq, k)
@@ -318,8 +318,8 @@ def _rebuild_graph(vindex) -> None:
         vindex._add_main(labels, x)
 
 
-def search_ivf(main, ivf, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False):
-    """The top k of an IVF index (``ivf`` inside ``main``): in the lists ``coarse`` names (lists, distances) when
+def search_ivf(main, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False):
+    """The top k of an IVF index ``main``: in the lists ``coarse`` names (lists, distances) when
     given (the router chose them with this very quantizer: see VectorIndex.coarse_quantizer), else in the nprobe
     nearest. An index in shared lists (``member``, shard.list_groups) sees its own entries only, untagged, under
     the group's read lock; with ``whole``, every entry of the group (the caller holds that lock and checked that
@@ -357,7 +357,7 @@ def search_shared(indexes: list[VectorIndex], xq: np.ndarray, k: int, nprobe: in
         cs = first.check_coarse(coarse[0], len(xq), *coarse[1:]) if coarse is not None else None
 
         def search(x, kk, c):
-            return search_ivf(first._main, first._ivf, x, kk, nprobe or first.coll.nprobe, c, member, whole=True)
+            return search_ivf(first._main, x, kk, nprobe or first.coll.nprobe, c, member, whole=True)
 
         return search_tie_ordered(search, first._prepare(xq), k, sum(i.ntotal for i in indexes),
                                   first.coll.larger_is_better, cs)

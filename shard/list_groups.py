@@ -42,6 +42,7 @@ Uses faiss, numpy, the base package (the labels' bits), shard.locks and shard.in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import weakref
@@ -88,7 +89,7 @@ def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
     group's lists, written by other shards between lists). Returns the entries copied."""
     total = 0
     for no in range(src.nlist):
-        with lock() if lock is not None else _NO_LOCK:
+        with lock() if lock is not None else contextlib.nullcontext():
             n = src.list_size(no)
             if not n:
                 continue
@@ -106,17 +107,6 @@ def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
         dst.add_entries(no, len(keep_ids), faiss.swig_ptr(keep_ids), faiss.swig_ptr(keep_codes))
         total += len(keep_ids)
     return total
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
 
 
 def remove_tag(lists, tag: int) -> int:
