@@ -17,6 +17,7 @@ import numpy as np
 from lookalike.config import CollectionConfig
 from shard.graph_labels import GraphLabels
 from shard.index_reads import reconstruct_idmap, reconstruct_ivf, reconstruct_keys
+from shard.list_groups import release_list_slack
 from shard.specs import (FAISS_METRIC, FLAT_TYPES, build_index, drop_precomputed_tables, extract_ivf, faiss_reason,
                          is_graph, train_threshold)
 
@@ -307,4 +308,5 @@ def packed_lists(lists):
         n = lists.list_size(no)
         if n:
             packed.add_entries(no, n, lists.get_ids(no), lists.get_codes(no))
+    release_list_slack(packed)  # the allocator's size classes past each buffer
     return packed

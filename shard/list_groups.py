@@ -24,7 +24,9 @@ being filled or dropped makes it fall back to the shards one by one, each with i
 Measured (docs/BENCHMARKS.md, "One set of IVF lists for the shards of a process"): at 2M, IVF4096,Flat, 8 shards
 in one process, the process's CPU a batch of 100 0.70x what it was; at 10M in turns with FAISS, IVF-PQ32 0.77x
 FAISS against 0.62x, IVF-Flat 0.76x against 0.75x (at 10M a shard's part of a list is long, and the per-part costs
-small). The ids' buffers keep their growth's slack (see :meth:`ListGroup.pack`): 6-7 bytes a vector at 10M.
+small). A pack hands back the pages past each list's entries (:func:`release_list_slack`): the allocator's size
+classes left 50 bytes a vector resident in IVF-Flat's code buffers at 10M, and the ids' buffers (out of reach of
+FAISS's Python interface, so not copied) their growth's slack.
 
 The group's read-write lock guards its lists: every read or write of them holds it, taken inside a shard's own
 locks, never the other way round, and never held while another lock is taken. A shard's write holds it for the
@@ -54,6 +56,7 @@ from lookalike.config import LIMITS
 from lookalike.ids import LABEL_SHIFT
 from shard.index_reads import reconstruct_ivf
 from shard.locks import RWLock
+from shard.osutil import release_slack
 
 TAG_SHIFT = 56
 LABEL_BITS = (1 << TAG_SHIFT) - 1
@@ -107,6 +110,19 @@ def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
         dst.add_entries(no, len(keep_ids), faiss.swig_ptr(keep_ids), faiss.swig_ptr(keep_codes))
         total += len(keep_ids)
     return total
+
+
+def release_list_slack(lists) -> int:
+    """Hands back the whole pages past each list's entries in its codes' and ids' buffers (shard.osutil
+    ``release_slack``: the allocator's size-class rounding, a vector's growth): ``lists``, FAISS array lists whose
+    buffers are their own (not views). Returns the bytes handed back."""
+    freed = 0
+    for no in range(lists.nlist):
+        n = lists.list_size(no)
+        if n:
+            freed += release_slack(int(lists.get_codes(no)), n * lists.code_size)
+            freed += release_slack(int(lists.get_ids(no)), n * 8)
+    return freed
 
 
 def remove_tag(lists, tag: int) -> int:
@@ -195,7 +211,8 @@ class ListGroup:
         are moved out at once (a swap of the vector of lists) and copied back list by list from the last, each old
         buffer freed as soon as it is copied: the copy needs a few lists' bytes more, not the group's. The write
         lock is held throughout: searches and writes of the group's shards wait for the copy (about a memcpy of
-        the codes). The ids' buffers stay as they grew: 8 bytes an entry at most."""
+        the codes). The ids' buffers are not copied (FAISS's Python interface cannot move them); the pages past their
+        entries, and past the codes in the codes' buffers, are handed back (:func:`release_list_slack`)."""
         with self.lock.write():
             changed, self._changed = self._changed, 0
             if not changed:
@@ -213,6 +230,7 @@ class ListGroup:
                     lists.update_entries(no, 0, n, faiss.swig_ptr(ids), codes.data())
                     del codes
                 old.resize(no)  # list no's old buffer freed
+            release_list_slack(lists)  # the allocator's size classes, and the ids' growth
         return None
 
     def _free(self, slot: int) -> None:

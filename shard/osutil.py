@@ -94,6 +94,44 @@ def release_memory() -> str:
     return "glibc"
 
 
+def _usable_size():
+    """The allocator's ``malloc_usable_size`` (jemalloc's where it is preloaded: the first global symbol), with
+    libc's ``madvise``; None where either is missing. Looked up once."""
+    try:
+        usable, madvise = ctypes.CDLL(None).malloc_usable_size, ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    madvise.restype, madvise.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return usable, madvise
+
+
+_USABLE = _usable_size()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux's
+
+
+def release_slack(address: int, used: int) -> int:
+    """Hands back to the OS the whole pages of a heap block past its first ``used`` bytes, up to the end of what
+    the allocator gave it (``malloc_usable_size``); returns the bytes handed back. ``address``: the start of a
+    block of this process's allocator (a ``std::vector``'s data, not a view into another buffer).
+
+    An allocator gives a block of its size class, not of the size asked: jemalloc's large classes step by a quarter
+    of a power of two, so a buffer of 1.25-2 MiB (an IVF-Flat list of a process's shards at 10M) is given up to 25%
+    more, and a block reused from freed ones has those pages resident. Nothing reads past ``used`` (a vector's
+    data past its size); a page handed back reads as zeros when next written, so a vector may still grow into it.
+    Measured in-process (4096-list IVF lists of 1.25 MiB average, packed under jemalloc): 42 bytes a vector less
+    resident (docs/BENCHMARKS.md, "The allocator's size classes in the lists' buffers")."""
+    if _USABLE is None or not address:
+        return 0
+    usable, madvise = _USABLE
+    start = (address + used + _PAGE - 1) // _PAGE * _PAGE
+    end = (address + usable(address)) // _PAGE * _PAGE
+    if end <= start or madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0
+    return end - start
+
+
 # jemalloc's process-wide statistics (bytes; "stats.<name>" after an "epoch" refresh): what live allocations hold
 # (allocated), the pages of their extents (active), what is resident, mapped, kept for reuse without pages (retained)
 # and jemalloc's own bookkeeping (metadata)
