@@ -201,3 +201,109 @@ def test_packing_a_group_gives_its_lists_buffers_of_their_size():
     assert held() < 1.01 * codes + 4096 * lists.nlist  # their size, to the allocator's rounding
     np.testing.assert_array_equal(_group_entries(group), entries)
     np.testing.assert_array_equal(a.reconstruct(np.arange(50, dtype=np.int64)), x[:50])
+
+
+_SLACK_SCRIPT = r"""
+import ctypes, json, mmap
+import faiss, numpy as np
+from shard.list_groups import ListGroup
+from shard.osutil import allocator_stats
+
+libc = ctypes.CDLL(None)
+usable = libc.malloc_usable_size
+usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+PAGE = mmap.PAGESIZE
+
+def resident_past(address, used):  # resident pages wholly past ``used`` bytes, up to the block's usable end
+    start = (address + used + PAGE - 1) // PAGE * PAGE
+    end = (address + usable(address)) // PAGE * PAGE
+    if end <= start:
+        return 0
+    vec = ctypes.create_string_buffer((end - start) // PAGE)
+    assert libc.mincore(start, end - start, vec) == 0
+    return sum(b & 1 for b in vec.raw)
+
+nlist, cs = 48, 512
+group = ListGroup(("t", 1, "x"), nlist, cs)
+rng = np.random.default_rng(0)
+sizes = rng.integers(2100, 3300, nlist)  # lists of 1-1.6 MiB: jemalloc's classes step by a quarter there
+added = {no: [] for no in range(nlist)}
+for step in range(0, int(sizes.max()), 50):  # a little at a time: the buffers grow by doubling
+    for no in range(nlist):
+        k = int(min(50, sizes[no] - step))
+        if k > 0:
+            ids = np.arange(step, step + k, dtype=np.int64) + no * 10**6
+            codes = np.full((k, cs), no % 251, dtype=np.uint8)
+            group.lists.add_entries(no, k, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            added[no].append(ids)
+group._changed = 1
+group.pack()
+lists, past, same = group.lists, 0, True
+for no in range(nlist):
+    n = lists.list_size(no)
+    past += resident_past(int(lists.get_codes(no)), n * cs) + resident_past(int(lists.get_ids(no)), n * 8)
+    same &= bool(np.array_equal(faiss.rev_swig_ptr(lists.get_ids(no), n), np.concatenate(added[no])))
+    same &= bool((faiss.rev_swig_ptr(lists.get_codes(no), n * cs) == no % 251).all())
+print(json.dumps({"resident_pages_past": int(past), "same": same, "jemalloc": bool(allocator_stats().get("resident"))}))
+"""
+
+
+def test_a_pack_under_jemalloc_leaves_no_page_resident_past_a_lists_entries():
+    """jemalloc gives a block of its size class (1.25, 1.5, 1.75 MiB ...), and a block reused from freed ones has
+    those pages resident: 50 bytes a vector of IVF-Flat lists at 10M. The pack hands them back, and the ids'
+    buffers' growth past their entries too; the entries stay."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from shard.osutil import host_process_env
+
+    env = host_process_env()
+    if "libjemalloc" not in env.get("LD_PRELOAD", ""):
+        pytest.skip("needs the jemalloc Ray ships")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _SLACK_SCRIPT], env={**os.environ, **env}, cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["jemalloc"] and got["same"]
+    assert got["resident_pages_past"] == 0
+
+
+def test_release_slack_hands_back_the_whole_pages_past_what_is_used_and_keeps_the_rest():
+    import ctypes
+    import mmap
+
+    from shard.osutil import release_slack
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_usable_size") or not hasattr(libc, "mincore"):
+        pytest.skip("needs malloc_usable_size and mincore")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page, size, used = mmap.PAGESIZE, 64 * mmap.PAGESIZE, 10 * mmap.PAGESIZE + 100
+    address = libc.malloc(size)
+    try:
+        ctypes.memset(address, 7, size)
+        first = (address + page - 1) // page * page
+
+        def resident() -> list[int]:
+            n = (address + size) // page * page - first
+            vec = ctypes.create_string_buffer(n // page)
+            assert libc.mincore(first, n, vec) == 0
+            return [b & 1 for b in vec.raw]
+
+        assert all(resident())
+        freed = release_slack(address, used)
+        start = (address + used + page - 1) // page * page
+        assert freed >= (address + size) // page * page - start > 0
+        after = resident()
+        kept = (start - first) // page
+        assert all(after[:kept]) and not any(after[kept:])
+        assert ctypes.string_at(address, used) == b"\x07" * used  # what is used stays
+    finally:
+        libc.free(address)
