@@ -120,8 +120,10 @@ def release_slack(address: int, used: int) -> int:
     of a power of two, so a buffer of 1.25-2 MiB (an IVF-Flat list of a process's shards at 10M) is given up to 25%
     more, and a block reused from freed ones has those pages resident. Nothing reads past ``used`` (a vector's
     data past its size); a page handed back reads as zeros when next written, so a vector may still grow into it.
-    Measured in-process (4096-list IVF lists of 1.25 MiB average, packed under jemalloc): 42 bytes a vector less
-    resident (docs/BENCHMARKS.md, "The allocator's size classes in the lists' buffers")."""
+    Measured (bench/slack_bench.py, lists of 1.19 MiB on average packed under jemalloc): 48.2 bytes an entry
+    resident past the codes and ids, 9.2 with the pages handed back; at 10M x 128, IVF4096,Flat, 8 shards in one
+    process, 571 bytes a vector against 616 (docs/BENCHMARKS.md, "The allocator's size classes in the lists'
+    buffers")."""
     if _USABLE is None or not address:
         return 0
     usable, madvise = _USABLE
