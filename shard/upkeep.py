@@ -15,6 +15,7 @@ import time
 import psutil
 
 from lookalike.errors import ResourceExhausted
+from shard.list_groups import lists_changed_at
 from shard.osutil import release_memory
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class Upkeep:
     def _trim_when_idle(self) -> None:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
-        than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Not while buckets are
+        than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Lists shared with other
+        shards of the process wait for theirs too (shard.list_groups ``lists_changed_at``). Not while buckets are
         copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
         sc = self.sc
         wait = _TRIM_IDLE_S
@@ -123,7 +125,8 @@ class Upkeep:
                 if self._stop.is_set():  # closed or dropped meanwhile (both stop the upkeep)
                     self._trim_pending = False
                     return
-                idle = time.monotonic() - self._last_write
+                # its own writes, and those of the other shards whose lists it shares (shard.list_groups)
+                idle = time.monotonic() - max(self._last_write, lists_changed_at(sc.index))
                 if sc.joining or idle < _TRIM_IDLE_S:
                     wait = _TRIM_IDLE_S if sc.joining else _TRIM_IDLE_S - idle
                     continue

@@ -307,3 +307,54 @@ def test_release_slack_hands_back_the_whole_pages_past_what_is_used_and_keeps_th
         assert ctypes.string_at(address, used) == b"\x07" * used  # what is used stays
     finally:
         libc.free(address)
+
+
+def test_a_shards_upkeep_packs_shared_lists_only_once_no_member_has_written_for_a_while(monkeypatch):
+    """After a restart the shards of a process join their group one after the other (at 10M x 128, IVF-Flat, 8
+    shards: a second or more apart), and each join armed its shard's pack of the whole group once *its own* writes
+    had stopped: 7 packs of 6-13 s, searches waiting on the group's lock. A shard's upkeep now waits until no member
+    has changed the lists for as long."""
+    import threading
+    import time
+    import types
+
+    import shard.list_groups as lg
+    import shard.upkeep as up
+    from shard.locks import RWLock
+
+    monkeypatch.setattr(up, "_TRIM_IDLE_S", 0.2)
+    monkeypatch.setattr(up, "_REPACK_IDLE_S", 1.0)
+    monkeypatch.setattr(up, "_REPACK_MIN", 0)
+    coll, template, xb, _ = _trained_pair()
+    groups = ListGroups()
+    a, b = (VectorIndex(coll, None, faiss.clone_index(template)) for _ in range(2))
+    assert a.share_lists(groups) and b.share_lists(groups)
+    a.add(np.arange(1000, dtype=np.int64), xb[:1000])
+    packs = []
+    real_pack = lg.ListGroup.pack
+
+    def pack(group):
+        if group._changed:
+            packs.append(time.monotonic())
+        return real_pack(group)
+
+    monkeypatch.setattr(lg.ListGroup, "pack", pack)
+    sc = types.SimpleNamespace(index=a, coll=coll, joining=False, _write_order=threading.Lock(), _rw=RWLock(),
+                               _check_room=lambda *args: None)
+    upkeep = up.Upkeep(sc)
+    try:
+        with sc._write_order:
+            upkeep.index_replaced()  # a's lists replaced (a join), its pack armed
+        t_end = time.monotonic() + 3.0
+        label = 1000
+        while time.monotonic() < t_end:  # the other member writes on, every 0.2 s
+            b.add(np.array([label], dtype=np.int64), xb[label % len(xb)][None])
+            last = time.monotonic()  # after the group's change
+            label += 1
+            time.sleep(0.2)
+        assert packs == [], "packed while another member of the group was writing"
+        assert wait_for(lambda: len(packs) == 1, 10)
+        assert packs[0] >= last + 0.9
+        assert len(_group_entries(a._member.group)) == 1000 + (label - 1000)
+    finally:
+        upkeep.stop()
