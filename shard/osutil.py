@@ -22,8 +22,12 @@ import os
 SHARD_PROCESS_ENV = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 # jemalloc's settings in a process of several shards (host_process_env): freed pages go back to the OS after a
-# second (a background thread purges them), none are kept half-freed.
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+# second (a background thread purges them), none are kept half-freed, and the address space they held is unmapped
+# rather than kept (retain:false). Kept, a 10M load left 34 GB of it, and jemalloc's metadata, which covers the
+# address space it has used and is never freed, at 129 MB; unmapped, 83 MB, and the process's RSS growth 563 bytes
+# a vector against 571, the load and the searches no slower (docs/BENCHMARKS.md, "The allocator's size classes in
+# the lists' buffers"; one run each).
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,retain:false"
 
 
 def bundled_jemalloc() -> str | None:
