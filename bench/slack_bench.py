@@ -43,7 +43,7 @@ def _fill(group, n: int, nlist: int, code_size: int, seed: int) -> None:
             ids = np.arange(start + a, start + b, dtype=np.int64) | (1 << lg.TAG_SHIFT)
             part = np.ascontiguousarray(codes[a:b])
             group.lists.add_entries(int(no), b - a, faiss.swig_ptr(ids), faiss.swig_ptr(part))
-        group._changed += len(lists_of)
+        group._touch(len(lists_of))  # as a member's write counts its entries (the pack packs only after changes)
 
 
 def main() -> None:

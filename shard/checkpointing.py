@@ -78,9 +78,7 @@ class Loader:
                 with sc._rw.write():
                     sc._remove_buckets(gone)
         sc.upkeep.refresh_gpu()
-        with sc._write_order, sc._rw.write():  # its process's shards' IVF lists, shared (shard.list_groups)
-            if sc.index.share_lists(sc.list_groups):
-                sc.upkeep.index_replaced()  # the shared lists grew by its entries: packed once writes stop
+        sc.upkeep.share_lists()  # its process's shards' IVF lists, shared (shard.list_groups)
         took = time.monotonic() - t0
         if after is not None:
             log.info("%s: loaded checkpoint %s (%d items) + %d records in %.2fs", sc.coll.name,

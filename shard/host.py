@@ -269,9 +269,7 @@ def host_shard(host: HostServicer, shard) -> ShardServicer:
     shard.list_groups = host.groups  # its IVF lists shared with the process's other shards (shard.list_groups)
     for sc in list(shard._collections.values()):  # those it loaded before it joined the process's server
         sc.list_groups = host.groups
-        with sc._write_order, sc._rw.write():
-            if sc.index is not None and sc.index.share_lists(host.groups):
-                sc.upkeep.index_replaced()  # the shared lists grew by its entries: packed once writes stop
+        sc.upkeep.share_lists()
     host.add(sv)
     return sv
 

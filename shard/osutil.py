@@ -102,7 +102,8 @@ def _usable_size():
     """The allocator's ``malloc_usable_size`` (jemalloc's where it is preloaded: the first global symbol), with
     libc's ``madvise``; None where either is missing. Looked up once."""
     try:
-        usable, madvise = ctypes.CDLL(None).malloc_usable_size, ctypes.CDLL(None).madvise
+        this = ctypes.CDLL(None)
+        usable, madvise = this.malloc_usable_size, this.madvise
     except (OSError, AttributeError):
         return None
     usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]

@@ -102,6 +102,14 @@ class Upkeep:
         if not self._trim_pending:
             self._trim_later()
 
+    def share_lists(self) -> None:
+        """Moves the collection's index into its process's shared IVF lists (``sc.list_groups``, shard.list_groups)
+        when it can join them, and arms their pack: they grew by its entries. Takes the write order and lock."""
+        sc = self.sc
+        with sc._write_order, sc._rw.write():
+            if sc.index is not None and sc.index.share_lists(sc.list_groups):
+                self.index_replaced()
+
     def _trim_later(self) -> None:
         """Starts the thread that waits for the writes to stop, then trims and packs (:meth:`_trim_when_idle`)."""
         if self._stop.is_set():
