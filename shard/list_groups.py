@@ -24,9 +24,10 @@ being filled or dropped makes it fall back to the shards one by one, each with i
 Measured (docs/BENCHMARKS.md, "One set of IVF lists for the shards of a process"): at 2M, IVF4096,Flat, 8 shards
 in one process, the process's CPU a batch of 100 0.70x what it was; at 10M in turns with FAISS, IVF-PQ32 0.77x
 FAISS against 0.62x, IVF-Flat 0.76x against 0.75x (at 10M a shard's part of a list is long, and the per-part costs
-small). A pack hands back the pages past each list's entries (:func:`release_list_slack`): the allocator's size
-classes left 50 bytes a vector resident in IVF-Flat's code buffers at 10M, and the ids' buffers (out of reach of
-FAISS's Python interface, so not copied) their growth's slack.
+small). A pack (:meth:`ListGroup.pack`) copies the lists into buffers of their size a few at a time, the group's
+searches and writes going on between them, and hands back the pages past each list's entries
+(:func:`release_list_slack`): the allocator's size classes left 50 bytes a vector resident in IVF-Flat's code
+buffers at 10M.
 
 The group's read-write lock guards its lists: every read or write of them holds it, taken inside a shard's own
 locks, never the other way round, and never held while another lock is taken. A shard's write holds it for the
@@ -113,17 +114,24 @@ def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
     return total
 
 
-def release_list_slack(lists) -> int:
+def release_list_slack(lists, nos=None) -> int:
     """Hands back the whole pages past each list's entries in its codes' and ids' buffers (shard.osutil
     ``release_slack``: the allocator's size-class rounding, a vector's growth): ``lists``, FAISS array lists whose
-    buffers are their own (not views). Returns the bytes handed back."""
+    buffers are their own (not views); ``nos``: the lists' numbers (all of them by default). Returns the bytes
+    handed back."""
     freed = 0
-    for no in range(lists.nlist):
+    for no in range(lists.nlist) if nos is None else nos:
         n = lists.list_size(no)
         if n:
             freed += release_slack(int(lists.get_codes(no)), n * lists.code_size)
             freed += release_slack(int(lists.get_ids(no)), n * 8)
     return freed
+
+
+def shared_lists(vindex):
+    """The :class:`ListGroup` whose lists ``vindex`` (a shard.cpu_index.VectorIndex) shares, or None."""
+    member = getattr(vindex, "_member", None)
+    return None if member is None else member.group
 
 
 def lists_changed_at(vindex) -> float:
@@ -132,8 +140,8 @@ def lists_changed_at(vindex) -> float:
     to be quiet, not only its own writes, before it packs them (shard.upkeep): after a restart the shards of a
     process join one after the other, and each join armed a pack of the whole group (at 10M x 128, IVF-Flat, 8
     shards: 7 packs of 6-13 s each, searches waiting on the group's lock meanwhile)."""
-    member = getattr(vindex, "_member", None)
-    return 0.0 if member is None else member.group.changed_at
+    group = shared_lists(vindex)
+    return 0.0 if group is None else group.changed_at
 
 
 def remove_tag(lists, tag: int) -> int:
@@ -155,6 +163,44 @@ def remove_tag(lists, tag: int) -> int:
         lists.resize(no, keep)
         removed += n - keep
     return removed
+
+
+PACK_CHUNK_BYTES = 16 << 20  # entries a pack copies under one hold of a group's lock (ListGroup.pack)
+
+
+def _pause() -> None:
+    """Between two holds of a pack: the searches and writes that waited for the lock take it (the lock holds back
+    new readers only while a writer waits, and the pack asks again at once)."""
+    time.sleep(0.001)
+
+
+def _pack_lists(lists, chunk: list[int]) -> None:
+    """Gives the lists numbered ``chunk`` of ``lists`` (FAISS array lists, not empty) buffers of exactly their
+    entries, and hands back the pages past them (:func:`release_list_slack`); the caller holds the write lock.
+
+    FAISS's Python interface hands out copies of a list's buffers, not the buffers, and cannot resize the vector of
+    the ids' buffers. ``permute_invlists`` (the same code since FAISS 1.8) moves buffers without copying: it builds
+    vectors of ``lists.nlist`` places, each taking the buffers its map names (an emptied place's when named twice).
+    So the lists are given ``len(chunk)`` places more, each list of the chunk is copied into one (a buffer resized
+    from empty gets exactly what it asks), the copies swapped with the lists, and the places dropped again with the
+    old buffers in them."""
+    nlist, m = lists.nlist, len(chunk)
+    if not m:
+        return
+    lists.nlist = nlist + m
+    try:
+        grow = np.zeros(nlist + m, dtype=np.int64)  # the new places take an empty buffer (list 0's, once moved)
+        grow[:nlist] = np.arange(nlist)
+        lists.permute_invlists(faiss.swig_ptr(grow))
+        for j, no in enumerate(chunk):
+            lists.add_entries(nlist + j, lists.list_size(no), lists.get_ids(no), lists.get_codes(no))
+        swap = np.arange(nlist + m, dtype=np.int64)
+        swap[chunk], swap[nlist:] = nlist + np.arange(m), chunk
+        lists.permute_invlists(faiss.swig_ptr(swap))
+    finally:
+        lists.nlist = nlist
+        lists.permute_invlists(faiss.swig_ptr(np.arange(nlist, dtype=np.int64)))  # the old buffers go
+    release_list_slack(lists, chunk)
 
 
 class ListGroup:
@@ -220,36 +266,36 @@ class ListGroup:
             self.changed_at = time.monotonic()
 
     def pack(self) -> None:
-        """Copies each list's codes into a buffer of exactly their size: after growth by doubling, the buffers'
-        tails and the heap's holes hold up to about as much again (shard.upkeep's ``repack_if_due``; 1M x 128
+        """Copies each list's codes and ids into buffers of exactly their size: after growth by doubling, the
+        buffers' tails and the heap's holes hold up to about as much again (shard.upkeep's ``repack_if_due``; 1M x 128
         IVF1024,Flat in 8 members, under jemalloc: 732 MiB allocated before, 566 after, 495 of codes and ids). Nothing
         when no entry was added or removed since the last pack (each member's upkeep asks).
 
-        FAISS's Python interface hands out copies of a list's buffer, not the buffer, so the codes of every list
-        are moved out at once (a swap of the vector of lists) and copied back list by list from the last, each old
-        buffer freed as soon as it is copied: the copy needs a few lists' bytes more, not the group's. The write
-        lock is held throughout: searches and writes of the group's shards wait for the copy (about a memcpy of
-        the codes). The ids' buffers are not copied (FAISS's Python interface cannot move them); the pages past their
-        entries, and past the codes in the codes' buffers, are handed back (:func:`release_list_slack`)."""
+        The lists are packed a few at a time (:func:`_pack_lists`, about PACK_CHUNK_BYTES of entries), each few under
+        the write lock, which is handed back between them (:func:`_pause`): the group's searches and writes wait for
+        a few lists' copy, not the whole group's (at 10M x 128, IVF-Flat, 8 shards, that was 6-13 s). The copy needs
+        a few lists' bytes more, not the group's. A list written between them grows again, and counts as a change for
+        the next pack. The pages past each packed list's entries are handed back (:func:`release_list_slack`: the
+        allocator's size classes)."""
         with self.lock.write():
             changed, self._changed = self._changed, 0
-            if not changed:
-                return None
-            lists, cs = self.lists, self.lists.code_size
-            old = faiss.MaybeOwnedVectorUInt8Vector()
-            lists.codes.swap(old)  # every list's codes, moved out (not copied)
-            lists.codes.resize(lists.nlist)  # empty buffers: resized from empty, each gets exactly what it asks
-            for no in reversed(range(lists.nlist)):
-                n = lists.list_size(no)  # its ids, not moved
-                if n:
-                    ids = faiss.rev_swig_ptr(lists.get_ids(no), n).copy()
-                    codes = old.at(no)  # a copy of the list's buffer (FAISS's interface copies elements)
-                    lists.resize(no, n)  # its codes' buffer, resized from empty: exactly n codes
-                    lists.update_entries(no, 0, n, faiss.swig_ptr(ids), codes.data())
-                    del codes
-                old.resize(no)  # list no's old buffer freed
-            release_list_slack(lists)  # the allocator's size classes, and the ids' growth
-        return None
+        if not changed:
+            return None
+        no = 0
+        while True:
+            with self.lock.write():
+                lists = self.lists
+                if no >= lists.nlist:
+                    return None
+                chunk, size = [], 0
+                while no < lists.nlist and size < PACK_CHUNK_BYTES:
+                    n = lists.list_size(no)
+                    if n:
+                        chunk.append(no)
+                        size += n * (lists.code_size + 8)
+                    no += 1
+                _pack_lists(lists, chunk)
+            _pause()
 
     def _free(self, slot: int) -> None:
         with self._slots:

@@ -15,7 +15,7 @@ import time
 import psutil
 
 from lookalike.errors import ResourceExhausted
-from shard.list_groups import lists_changed_at
+from shard.list_groups import lists_changed_at, shared_lists
 from shard.osutil import release_memory
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ class Upkeep:
         """Waits until no write has come for _TRIM_IDLE_S, then releases freed memory once; IVF lists grown since
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
         than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Lists shared with other
-        shards of the process wait for theirs too (shard.list_groups ``lists_changed_at``). Not while buckets are
+        shards of the process wait for theirs too (shard.list_groups ``lists_changed_at``), and are packed without the
+        write order (:meth:`_pack_shared`). Not while buckets are
         copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
         sc = self.sc
         wait = _TRIM_IDLE_S
@@ -140,11 +141,21 @@ class Upkeep:
                     continue
                 pack_in = self.repack_in()
                 pack_later = pack_in is not None and (idle < _REPACK_IDLE_S or pack_in > 0)
-                packed = False if pack_later else self.repack_if_due()
+                shared = None if pack_in is None or pack_later else shared_lists(sc.index)
+                packed = False if pack_later or shared is not None else self.repack_if_due()
                 release = bool(self._written_since_trim) or packed  # what was trimmed on the way stays trimmed
                 self._written_since_trim = 0
-                if not pack_later:
+                if not pack_later and shared is None:
                     self._trim_pending = False
+                index, n = sc.index, sc.index.ntotal
+            if shared is not None:
+                # Lists shared with other shards are packed in place a few at a time (ListGroup.pack), without
+                # the write order: this shard's writes go on between them as the others' do. The loop then looks
+                # again at what came meanwhile.
+                self._pack_shared(shared, index, n)
+                release_memory()
+                wait = _TRIM_IDLE_S
+                continue
             if release:
                 release_memory()
             if not pack_later:
@@ -153,6 +164,17 @@ class Upkeep:
             # come meanwhile may make it due now, and the thread sleeping until the deferred time let the end of a
             # 10M load wait unpacked for a minute or more (up to 30 x a pack's time) after its last write.
             wait = max(_REPACK_IDLE_S - idle, min(pack_in, _REPACK_IDLE_S))
+
+    def _pack_shared(self, group, index, n: int) -> None:
+        """Packs the lists ``index`` shares with the other shards of its process (``group``, shard.list_groups),
+        which held ``n`` vectors of it when the pack was decided, outside the write order."""
+        t0 = time.monotonic()
+        group.pack()
+        t1 = time.monotonic()
+        with self.sc._write_order:
+            if self.sc.index is index:  # not replaced meanwhile (index_replaced arms a pack of its own)
+                self.packed_at, self._packed_t, self._pack_s = n, t1, t1 - t0
+        log.info("%s: shared IVF lists packed to their size in %.2fs", self.sc.coll.name, t1 - t0)
 
     def repack_in(self) -> float | None:
         """Seconds until the IVF lists are due to be packed again (0: now; see :meth:`repack_if_due`); None when

@@ -203,6 +203,66 @@ def test_packing_a_group_gives_its_lists_buffers_of_their_size():
     np.testing.assert_array_equal(a.reconstruct(np.arange(50, dtype=np.int64)), x[:50])
 
 
+def test_a_pack_hands_the_lock_back_between_a_few_lists_to_the_groups_searches_and_writes(monkeypatch):
+    """A pack of a group's lists held its lock for the whole copy (at 10M x 128, IVF-Flat, 8 shards: 6-13 s of
+    searches and writes waiting). It now copies a few lists under each hold: between two, another member searches
+    and writes, and the lists end as the same writes without a pack leave them, in buffers of their size."""
+    import ctypes
+    import threading
+
+    import shard.list_groups as lg
+
+    coll, template, xb, xq = _trained_pair("IVF16,Flat")
+    labels = np.arange(len(xb), dtype=np.int64)
+    groups, alone = ListGroups(), ListGroups()  # the same writes, packed and not
+    a, b, a1, b1 = (VectorIndex(coll, None, faiss.clone_index(template)) for _ in range(4))
+    assert a.share_lists(groups) and b.share_lists(groups) and a1.share_lists(alone) and b1.share_lists(alone)
+    for s in range(0, 2000, 50):  # a little at a time: the lists grow by doubling
+        for one, other in ((a, a1), (b, b1)):
+            one.add(labels[s:s + 50] + 10_000 * (one is b), xb[s:s + 50])
+            other.add(labels[s:s + 50] + 10_000 * (other is b1), xb[s:s + 50])
+    group = a._member.group
+    monkeypatch.setattr(lg, "PACK_CHUNK_BYTES", 1)  # one list a hold
+    seen, extra = [], iter(range(2000, 3000, 100))
+
+    def between():  # the lock is free: another member's search and write go through, not after the pack
+        done = threading.Event()
+
+        def member():
+            seen.append(b.search(xq[:5], 10, nprobe=16)[1])
+            s = next(extra, None)
+            if s is not None:
+                for one in (b, b1):
+                    one.add(labels[s:s + 100] + 10_000, xb[s:s + 100])
+            done.set()
+
+        threading.Thread(target=member, daemon=True).start()
+        assert done.wait(10), "the pack held the lock between its lists"
+
+    monkeypatch.setattr(lg, "_pause", between)
+    group.pack()
+    assert len(seen) >= 15  # a hold for each of the 16 lists
+    assert b.ntotal == b1.ntotal == 3000 and a.ntotal == 2000
+    for one, other in ((a, a1), (b, b1)):
+        D, L = one.search(xq, 10, nprobe=16)
+        D1, L1 = other.search(xq, 10, nprobe=16)
+        np.testing.assert_array_equal(L, L1)
+        np.testing.assert_array_equal(D, D1)
+    np.testing.assert_array_equal(np.sort(_group_entries(group)), np.sort(_group_entries(b1._member.group)))
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_usable_size"):  # the lists written after their pack have grown again
+        usable = libc.malloc_usable_size
+        usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+        monkeypatch.setattr(lg, "_pause", lambda: None)
+        group._changed = 1
+        group.pack()
+        lists = group.lists
+        for no in range(lists.nlist):
+            n = lists.list_size(no)
+            assert usable(int(lists.get_codes(no))) < n * lists.code_size + 4096
+            assert usable(int(lists.get_ids(no))) < n * 8 + 4096
+
+
 _SLACK_SCRIPT = r"""
 import ctypes, json, mmap
 import faiss, numpy as np
@@ -356,5 +416,46 @@ def test_a_shards_upkeep_packs_shared_lists_only_once_no_member_has_written_for_
         assert wait_for(lambda: len(packs) == 1, 10)
         assert packs[0] >= last + 0.9
         assert len(_group_entries(a._member.group)) == 1000 + (label - 1000)
+    finally:
+        upkeep.stop()
+
+
+def test_a_shards_upkeep_packs_shared_lists_without_holding_back_its_own_writes(monkeypatch):
+    """The pack of a group's lists hands their lock back between a few lists; the shard whose upkeep packs them
+    held its write order throughout, so its own writes waited for the whole pack (others' went on). Now it packs
+    without it, notes the pack, and its upkeep then ends."""
+    import threading
+    import types
+
+    import shard.list_groups as lg
+    import shard.upkeep as up
+    from shard.locks import RWLock
+
+    monkeypatch.setattr(up, "_TRIM_IDLE_S", 0.1)
+    monkeypatch.setattr(up, "_REPACK_IDLE_S", 0.2)
+    monkeypatch.setattr(up, "_REPACK_MIN", 0)
+    coll, template, xb, _ = _trained_pair()
+    a = VectorIndex(coll, None, faiss.clone_index(template))
+    assert a.share_lists(ListGroups())
+    a.add(np.arange(1000, dtype=np.int64), xb[:1000])
+    sc = types.SimpleNamespace(index=a, coll=coll, joining=False, _write_order=threading.Lock(), _rw=RWLock(),
+                               _check_room=lambda *args: None)
+    held = []
+    real_pack = lg.ListGroup.pack
+
+    def pack(group):
+        if group._changed:
+            held.append(sc._write_order.locked())
+        return real_pack(group)
+
+    monkeypatch.setattr(lg.ListGroup, "pack", pack)
+    upkeep = up.Upkeep(sc)
+    try:
+        with sc._write_order:
+            upkeep.index_replaced()
+        assert wait_for(lambda: held, 10)
+        assert held == [False], "the shard's writes waited for the whole pack"
+        assert wait_for(lambda: not upkeep._trim_pending, 10)
+        assert upkeep.packed_at == 1000 and upkeep.repack_in() is None
     finally:
         upkeep.stop()
