@@ -88,10 +88,24 @@ class ReplayGuard:
         """Marks the replay (:meth:`start`; the caller calls :meth:`done` or :meth:`quarantine` before it ends),
         and holds the process's turn meanwhile: one replay at a time in a process. The shards of a process
         (shard.host) loaded at once, and a death during their loads left every one of them marked, so every one
-        distrusted its checkpoint at the next start, and two deaths quarantined them all, whichever killed it."""
+        distrusted its checkpoint at the next start, and two deaths quarantined them all, whichever killed it.
+
+        A collection with nothing stored here (a shard given its first bucket of it, by a bucket move or a new
+        collection) has nothing to replay and nothing to blame: it neither waits for the turn nor is marked (a
+        move's join waited behind another collection's whole replay)."""
+        if not self._stored():
+            yield
+            return
         with _REPLAYS:
             self.start()
             yield
+
+    def _stored(self) -> bool:
+        """Whether the collection's directory holds anything (its log, snapshots, checkpoints, notes)."""
+        try:
+            return any(self.path.iterdir())
+        except FileNotFoundError:
+            return False
 
     def start(self) -> None:
         self._write(self.REPLAYING, {"attempts": self._attempts + 1})

@@ -242,3 +242,37 @@ def test_shards_of_one_process_replay_one_at_a_time_so_a_death_marks_only_the_co
     assert seen and max(seen) == 1, seen
     assert [len(s.collection("c").table) for s in shards] == [20, 20, 20]
     assert not list(tmp_path.glob("shards/*/c/REPLAYING"))
+
+
+def test_a_collection_with_nothing_stored_opens_without_waiting_for_another_replay(tmp_path, monkeypatch):
+    """One replay at a time in a process: a shard given its first bucket of a collection (a bucket move's join, a
+    new collection) waited behind another collection's whole replay, though it has nothing to replay."""
+    from shard.collection import ShardCollection
+
+    old = Shard("s0", tmp_path)
+    old.open_collection(_cfg("c"), range(4))
+    old.collection("c").upsert([f"i{j}" for j in range(20)], _xb(20, 0), [None] * 20)
+    old.close()
+    old, new = Shard("s0", tmp_path), Shard("s1", tmp_path)
+    replaying, release, real_load = threading.Event(), threading.Event(), ShardCollection.load
+
+    def slow_load(self, *args):
+        if self.coll.name == "c" and len(self.buckets) == 4:
+            replaying.set()
+            release.wait(30)
+        return real_load(self, *args)
+
+    monkeypatch.setattr(ShardCollection, "load", slow_load)
+    t = threading.Thread(target=old.open_collection, args=(_cfg("c"), range(4)))
+    t.start()
+    try:
+        assert replaying.wait(10)
+        opened = threading.Thread(target=new.open_collection, args=(_cfg("c"), range(2)))
+        opened.start()
+        opened.join(10)
+        assert not opened.is_alive(), "waited for the other shard's replay"
+        assert len(new.collection("c").table) == 0 and not (tmp_path / "shards/s1/c/REPLAYING").exists()
+    finally:
+        release.set()
+        t.join()
+    assert len(old.collection("c").table) == 20
