@@ -227,8 +227,7 @@ class IndexLifecycle:
         """The main index's lists packed (:func:`packed_lists`); other lists (fast-scan blocks, lists the index does
         not own): a copy of the whole index through FAISS's serialization, which reads each list back into a buffer
         of its length. Only reads, so searches go on; writes wait until :meth:`install_repacked`."""
-        if self._member is not None:  # lists shared by its process's shards (shard.list_groups): packed in place
-            return self._member.group.pack()
+        assert self._member is None, "lists shared by its process's shards are packed in place (ListGroup.pack)"
         lists = faiss.downcast_InvertedLists(self._ivf.invlists) if self._ivf.own_invlists else None
         if not isinstance(lists, faiss.ArrayInvertedLists):
             return faiss.deserialize_index(faiss.serialize_index(self._main))

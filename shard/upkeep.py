@@ -169,12 +169,13 @@ class Upkeep:
         """Packs the lists ``index`` shares with the other shards of its process (``group``, shard.list_groups),
         which held ``n`` vectors of it when the pack was decided, outside the write order."""
         t0 = time.monotonic()
-        group.pack()
+        packed = group.pack()  # 0: another member's upkeep packed them first
         t1 = time.monotonic()
         with self.sc._write_order:
             if self.sc.index is index:  # not replaced meanwhile (index_replaced arms a pack of its own)
                 self.packed_at, self._packed_t, self._pack_s = n, t1, t1 - t0
-        log.info("%s: shared IVF lists packed to their size in %.2fs", self.sc.coll.name, t1 - t0)
+        if packed:
+            log.info("%s: %d shared IVF lists packed to their size in %.2fs", self.sc.coll.name, packed, t1 - t0)
 
     def repack_in(self) -> float | None:
         """Seconds until the IVF lists are due to be packed again (0: now; see :meth:`repack_if_due`); None when
@@ -215,11 +216,15 @@ class Upkeep:
         if psutil.virtual_memory().available < 2 * index.nbytes:
             return False
         t0 = time.monotonic()
-        new = index.repacked()
-        with sc._rw.write():
-            old = None if new is None else index.install_repacked(new)  # None: packed in place (shared lists)
+        shared = shared_lists(index)
+        if shared is not None:  # lists shared with its process's shards: packed in place (shard.list_groups)
+            shared.pack()
+        else:
+            new = index.repacked()
+            with sc._rw.write():
+                old = index.install_repacked(new)
+            del old
         self.packed_at = n
-        del old
         self._packed_t = time.monotonic()
         self._pack_s = self._packed_t - t0
         log.info("%s: IVF lists packed to their size (%d vectors) in %.2fs", sc.coll.name, n, self._pack_s)
