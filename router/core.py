@@ -72,8 +72,7 @@ class Router:
         connect: address -> ShardClient (default: gRPC).
         refresh_interval: seconds between checks of the control plane's epoch.
         write_retry_s: how long a write waits for its owners when the caller set no deadline: a restarting shard,
-            or one training its index (writes to a collection wait while its IVF/PQ index trains: about two
-            minutes for IVF1024 on 102,400 vectors of 512 dimensions on one core).
+            or a collection reloading on one.
         encoders: where images are encoded (router.encoding.EncoderPool; default: in this process).
     """
 

@@ -83,6 +83,7 @@ class ShardCollection:
         self._check_room = check_room
         self._rw = RWLock()
         self._write_order = threading.Lock()  # log order == apply order
+        self.adopting = None  # a trained index filled while writes go on: each write goes to it too (shard.training)
         self.dropped = False
         self.broken = ""  # why requests are refused until the shard reloads the collection (see _apply_failed)
         self._on_broken = on_broken
@@ -176,6 +177,8 @@ class ShardCollection:
         labels, existing = self.table.assign(home, ids)
         table = self.table.with_put(labels, ids, payloads, existing)
         fields = self.payloads.decode(payloads)  # outside the lock, as the table
+        if self.adopting is not None:  # first: if it fails, nothing of the write was applied
+            self.adopting.upsert(labels, existing, x)
         with self._rw.write():
             if existing.any():
                 self.index.remove(labels[existing])
@@ -204,6 +207,8 @@ class ShardCollection:
     def _apply_delete(self, ids, home) -> int:
         labels = self.table.find(home, ids)
         labels = labels[labels >= 0]
+        if self.adopting is not None:
+            self.adopting.remove(labels)
         self.index.remove(labels)
         self.table.remove(np.sort(labels))
         self.payloads.remove(labels)
@@ -218,6 +223,8 @@ class ShardCollection:
         """Removes every item of some buckets from memory (caller holds the write lock)."""
         labels = self._labels_of(buckets)
         if len(labels):
+            if self.adopting is not None:
+                self.adopting.remove(labels)
             self.index.remove(labels)
             self.table.remove(labels)
             self.payloads.remove(labels)
@@ -227,17 +234,6 @@ class ShardCollection:
         """Items per bucket, shape (buckets,) int64."""
         with self._rw.read():
             return np.bincount(bucket_of_labels(self.table.labels), minlength=self.coll.buckets)
-
-    def stats(self) -> dict:
-        counts = self.bucket_counts().astype("<u4")
-        damaged = self.store.damaged()  # files of its storage found damaged and kept aside (shard.proto)
-        with self._rw.read():
-            return {"name": self.coll.name, "buckets": int(self._owned.sum()), "vectors": self.index.ntotal,
-                    "index_bytes": self.index.nbytes, "trained": self.index.trained,
-                    "trained_version": self.index.trained_version,
-                    "bucket_counts": counts.tobytes(), "joining": len(self.joining), "damaged": damaged,
-                    "loaded_from_checkpoint": bool(self.loaded_from_checkpoint),
-                    "replayed_records": self.replayed_records}
 
     def close(self) -> None:
         """A graceful stop: writes a checkpoint (so that the next start loads it), then closes the storage. Its
@@ -253,6 +249,9 @@ class ShardCollection:
 
     def checkpoint(self) -> str | None:
         return self.checkpointer.write()
+
+    def stats(self) -> dict:
+        return self.reads.stats()
 
     def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
         return self.reads.get(ids, include_vectors, epoch)

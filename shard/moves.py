@@ -147,6 +147,8 @@ class BucketMoves:
                     except ResourceExhausted:
                         mirror = None  # rebuilt after the swap, once the old mirror is gone
                 table = sc.table.without(labels)
+            if sc.adopting is not None and len(labels):
+                sc.adopting.remove(labels)
             with sc._rw.write():
                 sc.min_epoch = max(sc.min_epoch, int(epoch))
                 if main is not None:

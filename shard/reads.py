@@ -41,6 +41,19 @@ class Reads:
         self.sc = sc
         self._matches = MatchCache()  # the labels (and selectors) of recent filters, until the next write
 
+    def stats(self) -> dict:
+        """What the shard reports of the collection (shard.proto's CollectionStats)."""
+        sc = self.sc
+        counts = sc.bucket_counts().astype("<u4")
+        damaged = sc.store.damaged()  # files of its storage found damaged and kept aside (shard.proto)
+        with sc._rw.read():
+            return {"name": sc.coll.name, "buckets": len(sc.buckets), "vectors": sc.index.ntotal,
+                    "index_bytes": sc.index.nbytes, "trained": sc.index.trained,
+                    "trained_version": sc.index.trained_version,
+                    "bucket_counts": counts.tobytes(), "joining": len(sc.joining), "damaged": damaged,
+                    "loaded_from_checkpoint": bool(sc.loaded_from_checkpoint),
+                    "replayed_records": sc.replayed_records}
+
     def get(self, ids: list[str], include_vectors: bool, epoch: int = 0):
         """(found ids, vectors or None, payloads) for the ids stored here, in request order.
 
