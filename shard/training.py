@@ -150,7 +150,7 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         new = VectorIndex(coll, sc.index._gpu, template)
         following = sc.adopting = Following(new)
         buckets = sorted(sc.buckets)
-    t0 = time.monotonic()
+    t0, old = time.monotonic(), None
     try:
         for part in range(0, len(buckets), _READ_BUCKETS):  # a reader holds its buckets' items at once
             for batch in read_buckets(sc.store.path, sc.coll.buckets, buckets[part:part + _READ_BUCKETS],
@@ -185,7 +185,8 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
         with sc._write_order:
             if sc.adopting is following:
                 sc.adopting = None
-        new.release()
+        if old is None:  # not swapped in: let go of it (its entries leave the shared lists it may have joined)
+            new.release()
         raise
     old.release()
     del old

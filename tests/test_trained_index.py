@@ -570,3 +570,43 @@ def test_a_move_into_a_new_trained_version_lets_writes_go_on_and_keeps_every_one
     np.testing.assert_array_equal(L, L1)
     np.testing.assert_allclose(D, D1, rtol=1e-5)
     shard_.close()
+
+
+def test_a_move_that_fails_midway_leaves_the_old_index_serving_and_can_be_done_again(tmp_path, monkeypatch):
+    """A move whose read of storage fails after a part (a compaction kept changing the files) stops: the old index
+    keeps serving, writes no longer go to the half-filled one, and the next move starts over."""
+    import dataclasses
+
+    import shard.training as tr
+    from conftest import trained_config
+    from shard.bucket_reader import StoreChanged
+
+    xb, xq = _data(3000, seed=6)
+    shard_ = Shard("s0", tmp_path)
+    cfg = CollectionConfig("m", DIM, index="IVF16,Flat", nprobe=16, buckets=8).validated()
+    shard_.open_collection(trained_config(tmp_path, cfg, xb[:2000]), range(8))
+    sc = shard_.collection("m")
+    ids = [f"i{j}" for j in range(2000)]
+    sc.upsert(ids, xb[:2000], [None] * 2000)
+    template = VectorIndex(sc.coll).train_template(xb[1000:3000])
+    moved = dataclasses.replace(sc.coll, trained_version=sc.coll.trained_version + 1)
+    monkeypatch.setattr(tr, "_ENCODE_BATCH", 500)
+    real_read = tr.read_buckets
+
+    def failing(*args):
+        for i, batch in enumerate(real_read(*args)):
+            if i == 1:
+                raise StoreChanged("kept being compacted")
+            yield batch
+
+    monkeypatch.setattr(tr, "read_buckets", failing)
+    with pytest.raises(StoreChanged):
+        tr.adopt_trained(sc, moved, faiss.clone_index(template))
+    assert sc.adopting is None and sc.index.trained_version == moved.trained_version - 1
+    sc.upsert(["late"], xb[2000:2001], [None])
+    monkeypatch.setattr(tr, "read_buckets", real_read)
+    assert tr.adopt_trained(sc, moved, faiss.clone_index(template))
+    assert sc.index.trained_version == moved.trained_version and sc.index.ntotal == len(sc.table) == 2001
+    D, _ = sc.index.search(xb[2000:2001], 1, nprobe=16)
+    assert D[0, 0] < 1e-4
+    shard_.close()
