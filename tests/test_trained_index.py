@@ -509,25 +509,33 @@ def test_the_router_quantizes_on_one_openmp_thread_and_gives_the_thread_its_sett
         faiss.omp_set_num_threads(before)
 
 
+def _shard_and_a_new_version(tmp_path, n: int, seed: int):
+    """A shard holding collection "m" (IVF16,Flat, 8 buckets) trained on the first half of ``n + n // 2`` vectors
+    and holding the first ``n`` as ``i0``...; a second trained index of it, and its config at the next version.
+    Returns (shard, its collection, the vectors, queries, ids, the second template, the moved config)."""
+    import dataclasses
+
+    from conftest import trained_config
+
+    xb, xq = _data(n + n // 2, seed=seed)
+    shard_ = Shard("s0", tmp_path)
+    cfg = CollectionConfig("m", DIM, index="IVF16,Flat", nprobe=16, buckets=8).validated()
+    shard_.open_collection(trained_config(tmp_path, cfg, xb[:n // 2 + n // 4]), range(8))
+    sc = shard_.collection("m")
+    ids = [f"i{j}" for j in range(n)]
+    sc.upsert(ids, xb[:n], [None] * n)
+    template = VectorIndex(sc.coll).train_template(xb[n // 2:n + n // 4])
+    return shard_, sc, xb, xq, ids, template, dataclasses.replace(sc.coll, trained_version=sc.coll.trained_version + 1)
+
+
 def test_a_move_into_a_new_trained_version_lets_writes_go_on_and_keeps_every_one(tmp_path, monkeypatch):
     """Moving a shard's items into a new trained version held its writes for the whole move (at 10M x 128 on 8
     shards: 163-185 s for 630k vectors a shard). The move now fills the new index a part at a time while writes
     go on and apply to both indexes; it ends holding what the table holds, each item's last vector, without the
     buckets given away meanwhile."""
-    import dataclasses
-
     import shard.training as tr
-    from conftest import trained_config
 
-    xb, xq = _data(6000, seed=5)
-    shard_ = Shard("s0", tmp_path)
-    cfg = CollectionConfig("m", DIM, index="IVF16,Flat", nprobe=16, buckets=8).validated()
-    shard_.open_collection(trained_config(tmp_path, cfg, xb[:3000]), range(8))
-    sc = shard_.collection("m")
-    ids = [f"i{j}" for j in range(4000)]
-    sc.upsert(ids, xb[:4000], [None] * 4000)
-    template = VectorIndex(sc.coll).train_template(xb[2000:5000])
-    moved = dataclasses.replace(sc.coll, trained_version=sc.coll.trained_version + 1)
+    shard_, sc, xb, xq, ids, template, moved = _shard_and_a_new_version(tmp_path, 4000, seed=5)
     monkeypatch.setattr(tr, "_ENCODE_BATCH", 1000)
     monkeypatch.setattr(tr, "_ADD_BATCH", 300)
     first, resume, real_read = threading.Event(), threading.Event(), tr.read_buckets
@@ -575,21 +583,10 @@ def test_a_move_into_a_new_trained_version_lets_writes_go_on_and_keeps_every_one
 def test_a_move_that_fails_midway_leaves_the_old_index_serving_and_can_be_done_again(tmp_path, monkeypatch):
     """A move whose read of storage fails after a part (a compaction kept changing the files) stops: the old index
     keeps serving, writes no longer go to the half-filled one, and the next move starts over."""
-    import dataclasses
-
     import shard.training as tr
-    from conftest import trained_config
     from shard.bucket_reader import StoreChanged
 
-    xb, xq = _data(3000, seed=6)
-    shard_ = Shard("s0", tmp_path)
-    cfg = CollectionConfig("m", DIM, index="IVF16,Flat", nprobe=16, buckets=8).validated()
-    shard_.open_collection(trained_config(tmp_path, cfg, xb[:2000]), range(8))
-    sc = shard_.collection("m")
-    ids = [f"i{j}" for j in range(2000)]
-    sc.upsert(ids, xb[:2000], [None] * 2000)
-    template = VectorIndex(sc.coll).train_template(xb[1000:3000])
-    moved = dataclasses.replace(sc.coll, trained_version=sc.coll.trained_version + 1)
+    shard_, sc, xb, _, _, template, moved = _shard_and_a_new_version(tmp_path, 2000, seed=6)
     monkeypatch.setattr(tr, "_ENCODE_BATCH", 500)
     real_read = tr.read_buckets
 
