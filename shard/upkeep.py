@@ -123,8 +123,8 @@ class Upkeep:
         they were last packed are packed once no write has come for _REPACK_IDLE_S (a bulk load pauses for shorter
         than that, and every pack copies the lists) and they are due (:meth:`repack_in`). Lists shared with other
         shards of the process wait for theirs too (shard.list_groups ``lists_changed_at``), and are packed without the
-        write order (:meth:`_pack_shared`). Not while buckets are
-        copied in: a move must not stall searches, and a trim holds the allocator's locks (copy_in never trims)."""
+        write order (:meth:`_pack_shared`). Not while buckets are copied in: a move must not stall searches, and a
+        trim holds the allocator's locks (copy_in never trims)."""
         sc = self.sc
         wait = _TRIM_IDLE_S
         while True:
