@@ -57,7 +57,7 @@ import numpy as np
 from lookalike.config import LIMITS
 from lookalike.ids import LABEL_SHIFT
 from shard.index_reads import reconstruct_ivf
-from shard.locks import RWLock
+from shard.locks import RWLock, let_waiters_in
 from shard.osutil import release_slack
 
 TAG_SHIFT = 56
@@ -168,12 +168,6 @@ def remove_tag(lists, tag: int) -> int:
 PACK_CHUNK_BYTES = 16 << 20  # entries a pack copies under one hold of a group's lock (ListGroup.pack)
 
 
-def _pause() -> None:
-    """Between two holds of a pack: the searches and writes that waited for the lock take it (the lock holds back
-    new readers only while a writer waits, and the pack asks again at once)."""
-    time.sleep(0.001)
-
-
 def _pack_lists(lists, chunk: list[int]) -> None:
     """Gives the lists numbered ``chunk`` of ``lists`` (FAISS array lists, not empty) buffers of exactly their
     entries, and hands back the pages past them (:func:`release_list_slack`); the caller holds the write lock.
@@ -272,7 +266,7 @@ class ListGroup:
         when no entry was added or removed since the last pack (each member's upkeep asks).
 
         The lists are packed a few at a time (:func:`_pack_lists`, about PACK_CHUNK_BYTES of entries), each few under
-        the write lock, which is handed back between them (:func:`_pause`): the group's searches and writes wait for
+        the write lock, which is handed back between them (shard.locks ``let_waiters_in``): the group's searches and writes wait for
         a few lists' copy, not the whole group's (at 10M x 128, IVF-Flat, 8 shards, that was 6-13 s). The copy needs
         a few lists' bytes more, not the group's. A list written between them grows again, and counts as a change for
         the next pack. The pages past each packed list's entries are handed back (:func:`release_list_slack`: the
@@ -296,7 +290,7 @@ class ListGroup:
                     no += 1
                 _pack_lists(lists, chunk)
                 packed += len(chunk)
-            _pause()
+            let_waiters_in()  # the searches and writes that waited
 
     def _free(self, slot: int) -> None:
         with self._slots:

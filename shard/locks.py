@@ -1,5 +1,6 @@
 """A read-write lock: the one a collection's searches share and its writes take alone (see shard.collection); and
-a lock per name (a shard's opening and dropping of a collection, see shard.shard).
+a lock per name (a shard's opening and dropping of a collection, see shard.shard); and the pause that lets a lock's
+waiters in between the parts of a long task.
 
 Uses only the standard library.
 """
@@ -7,6 +8,14 @@ Uses only the standard library.
 from __future__ import annotations
 
 import threading
+import time
+
+
+def let_waiters_in() -> None:
+    """Called between two holds of a lock by a long task done in parts (a pack of shared IVF lists, a move into a
+    trained index): the threads that waited for the lock take it. Released, neither ``threading.Lock`` nor
+    :class:`RWLock` is handed to a waiter: the releasing thread, running, would take it again at once."""
+    time.sleep(0.001)
 
 
 class RWLock:

@@ -2,7 +2,7 @@
 loads with (:class:`TrainedIndexes`), and moving a collection's items into a new one (:func:`adopt_trained`). The
 files are shard.trained's.
 
-Uses shard.cpu_index, the storage modules, shard.trained and the base package; works on a
+Uses shard.cpu_index, shard.locks, the storage modules, shard.trained and the base package; works on a
 :class:`shard.collection.ShardCollection`'s state under its locks.
 """
 
@@ -23,6 +23,7 @@ from lookalike.errors import FailedPrecondition
 from lookalike.ids import buckets_and_labels
 from lookalike.indexspec import training_points
 from shard.cpu_index import VectorIndex
+from shard.locks import let_waiters_in
 from shard.bucket_reader import read_buckets
 from shard.osutil import release_memory
 from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
@@ -139,7 +140,9 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
     instant, so there is no gap in searches.
 
     Raises:
-        FailedPrecondition: another move of the collection into a trained index is under way here.
+        FailedPrecondition: another move of the collection into a trained index is under way here; or storage
+            gave fewer items than the shard holds (damaged parts, which the reader skips): the old index stays,
+            and nothing is lost without a word.
     """
     with sc._write_order:
         sc._check_live()
@@ -161,9 +164,14 @@ def adopt_trained(sc, coll: CollectionConfig, template) -> bool:
                         sc._check_live()
                         following.fill(sc.table.find(home[s:s + _ADD_BATCH], batch.ids[s:s + _ADD_BATCH]),
                                        batch.vectors[s:s + _ADD_BATCH])
-                    time.sleep(0.001)  # a write waiting for the lock takes it (else this thread takes it again)
+                    let_waiters_in()  # the writes that waited
         with sc._write_order:
             sc._check_live()
+            if new.ntotal != len(sc.table):  # a part of storage the reader could not read (it logs which)
+                raise FailedPrecondition(
+                    f"moving collection {coll.name!r} into trained index v{coll.trained_version}: its storage gave "
+                    f"{new.ntotal} of the {len(sc.table)} items this shard holds; it stays on "
+                    f"v{sc.index.trained_version} (the shard's log names the damaged files)")
             mirror = new.build_gpu()
             if mirror is not None:
                 new.install_gpu(mirror)

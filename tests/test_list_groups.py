@@ -239,7 +239,7 @@ def test_a_pack_hands_the_lock_back_between_a_few_lists_to_the_groups_searches_a
         threading.Thread(target=member, daemon=True).start()
         assert done.wait(10), "the pack held the lock between its lists"
 
-    monkeypatch.setattr(lg, "_pause", between)
+    monkeypatch.setattr(lg, "let_waiters_in", between)
     group.pack()
     assert len(seen) >= 15  # a hold for each of the 16 lists
     assert b.ntotal == b1.ntotal == 3000 and a.ntotal == 2000
@@ -253,7 +253,7 @@ def test_a_pack_hands_the_lock_back_between_a_few_lists_to_the_groups_searches_a
     if hasattr(libc, "malloc_usable_size"):  # the lists written after their pack have grown again
         usable = libc.malloc_usable_size
         usable.restype, usable.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
-        monkeypatch.setattr(lg, "_pause", lambda: None)
+        monkeypatch.setattr(lg, "let_waiters_in", lambda: None)
         group._changed = 1
         group.pack()
         lists = group.lists

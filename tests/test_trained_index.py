@@ -3,6 +3,7 @@ storage and loaded at restart; sharded answers equal one FAISS index with that t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import faiss
@@ -513,8 +514,6 @@ def _shard_and_a_new_version(tmp_path, n: int, seed: int):
     """A shard holding collection "m" (IVF16,Flat, 8 buckets) trained on the first half of ``n + n // 2`` vectors
     and holding the first ``n`` as ``i0``...; a second trained index of it, and its config at the next version.
     Returns (shard, its collection, the vectors, queries, ids, the second template, the moved config)."""
-    import dataclasses
-
     from conftest import trained_config
 
     xb, xq = _data(n + n // 2, seed=seed)
@@ -606,4 +605,29 @@ def test_a_move_that_fails_midway_leaves_the_old_index_serving_and_can_be_done_a
     assert sc.index.trained_version == moved.trained_version and sc.index.ntotal == len(sc.table) == 2001
     D, _ = sc.index.search(xb[2000:2001], 1, nprobe=16)
     assert D[0, 0] < 1e-4
+    shard_.close()
+
+
+def test_a_move_whose_storage_gives_fewer_items_than_the_shard_holds_is_refused(tmp_path, monkeypatch):
+    """The reader of storage skips parts it cannot read (a damaged snapshot, damaged log frames). A move filled from
+    it would swap in an index without those items, which the shard still lists: they would never be found again.
+    The move is refused instead, with a sentence, and the old index keeps serving every item."""
+    import shard.training as tr
+    from lookalike.errors import FailedPrecondition
+
+    shard_, sc, xb, _, ids, template, moved = _shard_and_a_new_version(tmp_path, 2000, seed=7)
+    real_read = tr.read_buckets
+
+    def skipping(*args):  # the first item of the first part unreadable
+        for i, batch in enumerate(real_read(*args)):
+            if i == 0:
+                batch = dataclasses.replace(batch, ids=batch.ids[1:], vectors=batch.vectors[1:],
+                                            payloads=batch.payloads[1:])
+            yield batch
+
+    monkeypatch.setattr(tr, "read_buckets", skipping)
+    with pytest.raises(FailedPrecondition, match="gave 1999 of the 2000 items"):
+        tr.adopt_trained(sc, moved, faiss.clone_index(template))
+    assert sc.adopting is None and sc.index.trained_version == moved.trained_version - 1
+    assert sc.index.ntotal == len(sc.table) == 2000
     shard_.close()
