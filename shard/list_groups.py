@@ -359,7 +359,7 @@ class Membership:
             g._touch(remove_tag(g.lists, self.tag))
             g._free(self.slot)
             g._purge()
-        _own_empty_lists(ivf, g.lists.nlist, g.lists.code_size)
+        _own_empty_lists(ivf, ivf.nlist, ivf.code_size)  # not the group's: a pack may be changing them
         ivf.ntotal = 0
         g._left()
 

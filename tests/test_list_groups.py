@@ -21,9 +21,11 @@ from shard.list_groups import LABEL_BITS, ListGroups
 
 
 def _group_entries(group) -> np.ndarray:
+    """Every entry's id, read under the group's lock (as its shards read it: a pack may be under way)."""
     lists = group.lists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
-             for no in range(lists.nlist) if lists.list_size(no)]
+    with group.lock.read():
+        parts = [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
+                 for no in range(lists.nlist) if lists.list_size(no)]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
