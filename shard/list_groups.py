@@ -181,6 +181,9 @@ def _pack_lists(lists, chunk: list[int]) -> None:
     nlist, m = lists.nlist, len(chunk)
     if not m:
         return
+    # Each map is held in a name while FAISS reads it: swig_ptr keeps no reference to its array, and a temporary's
+    # buffer was freed (and written over by the allocator) before permute_invlists read it ('o < nlist' failed).
+    keep = np.arange(nlist, dtype=np.int64)
     lists.nlist = nlist + m
     try:
         grow = np.zeros(nlist + m, dtype=np.int64)  # the new places take an empty buffer (list 0's, once moved)
@@ -193,7 +196,7 @@ def _pack_lists(lists, chunk: list[int]) -> None:
         lists.permute_invlists(faiss.swig_ptr(swap))
     finally:
         lists.nlist = nlist
-        lists.permute_invlists(faiss.swig_ptr(np.arange(nlist, dtype=np.int64)))  # the old buffers go
+        lists.permute_invlists(faiss.swig_ptr(keep))  # the old buffers go
     release_list_slack(lists, chunk)
 
 

@@ -169,7 +169,12 @@ class Upkeep:
         """Packs the lists ``index`` shares with the other shards of its process (``group``, shard.list_groups),
         which held ``n`` vectors of it when the pack was decided, outside the write order."""
         t0 = time.monotonic()
-        packed = group.pack()  # 0: another member's upkeep packed them first
+        try:
+            packed = group.pack()  # 0: another member's upkeep packed them first
+        except Exception:  # noqa: BLE001: the upkeep goes on (its thread ended here); the lists stay as they were
+            log.exception("%s: packing the shared IVF lists failed; they keep their buffers, and the pack is tried "
+                          "again after the next writes", self.sc.coll.name)
+            return
         t1 = time.monotonic()
         with self.sc._write_order:
             if self.sc.index is index:  # not replaced meanwhile (index_replaced arms a pack of its own)

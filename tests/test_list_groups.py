@@ -461,3 +461,81 @@ def test_a_shards_upkeep_packs_shared_lists_without_holding_back_its_own_writes(
         assert upkeep.packed_at == 1000 and upkeep.repack_in() is None
     finally:
         upkeep.stop()
+
+
+def test_a_pack_of_many_lists_keeps_every_entry_while_other_threads_allocate():
+    """Each map FAISS reads while the lists' buffers are moved must outlive the call: the map of the last step was a
+    temporary whose buffer the allocator freed (and wrote over) before FAISS read it. At nlist 4096 (the 10M runs')
+    every pack failed with "'o < nlist' failed", the old buffers held past the lists, and the upkeep thread died;
+    a map of other values below nlist would have swapped lists."""
+    import threading
+
+    from shard.list_groups import ListGroup
+
+    nlist, cs = 4096, 8
+    group = ListGroup(("t", 1, "x"), nlist, cs)
+    for no in range(nlist):
+        for k in (3, 2) if no % 3 == 0 else (3,):  # some lists grown in two appends
+            ids = np.arange(k, dtype=np.int64) + 10 * no + (3 if k == 2 else 0)
+            group.lists.add_entries(no, k, faiss.swig_ptr(ids), faiss.swig_ptr(np.full((k, cs), no % 251, np.uint8)))
+    stop = threading.Event()
+
+    def churn():  # frees and reuses blocks the size of a map, as a busy shard process does
+        while not stop.is_set():
+            [np.full(nlist, 10 ** 12, dtype=np.int64) for _ in range(4)]
+
+    other = threading.Thread(target=churn, daemon=True)
+    other.start()
+    try:
+        for _ in range(3):
+            group._touch(1)
+            assert group.pack() == nlist
+    finally:
+        stop.set()
+        other.join()
+    lists = group.lists
+    for no in range(nlist):
+        n = lists.list_size(no)
+        assert list(faiss.rev_swig_ptr(lists.get_ids(no), n)) == list(range(10 * no, 10 * no + n))
+        assert (faiss.rev_swig_ptr(lists.get_codes(no), n * cs) == no % 251).all()
+
+
+def test_a_failed_pack_of_shared_lists_is_logged_and_the_shards_upkeep_goes_on(monkeypatch, caplog):
+    """A pack that raised ended the shard's upkeep thread: its memory was never trimmed or its lists packed again."""
+    import threading
+    import types
+
+    import shard.list_groups as lg
+    import shard.upkeep as up
+    from shard.locks import RWLock
+
+    monkeypatch.setattr(up, "_TRIM_IDLE_S", 0.1)
+    monkeypatch.setattr(up, "_REPACK_IDLE_S", 0.2)
+    monkeypatch.setattr(up, "_REPACK_MIN", 0)
+    coll, template, xb, _ = _trained_pair()
+    a = VectorIndex(coll, None, faiss.clone_index(template))
+    assert a.share_lists(ListGroups())
+    a.add(np.arange(1000, dtype=np.int64), xb[:1000])
+    sc = types.SimpleNamespace(index=a, coll=coll, joining=False, _write_order=threading.Lock(), _rw=RWLock(),
+                               _check_room=lambda *args: None)
+    real_pack, calls = lg.ListGroup.pack, []
+
+    def pack(group):
+        calls.append(group._changed)
+        if len(calls) == 1:
+            group._changed = 0
+            raise RuntimeError("Error in permute_invlists: 'o < nlist' failed")
+        return real_pack(group)
+
+    monkeypatch.setattr(lg.ListGroup, "pack", pack)
+    upkeep = up.Upkeep(sc)
+    try:
+        with sc._write_order:
+            upkeep.index_replaced()
+        assert wait_for(lambda: calls, 10)
+        a.add(np.arange(1000, 1100, dtype=np.int64), xb[1000:1100])  # a write after the failure: packed again
+        assert wait_for(lambda: upkeep.packed_at == 1100, 10), calls
+        assert "packing the shared IVF lists failed" in caplog.text
+        assert a._member.group._changed == 0
+    finally:
+        upkeep.stop()
