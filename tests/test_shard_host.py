@@ -262,6 +262,26 @@ def test_shards_of_a_process_answered_once_answer_as_each_shard_answering_alone(
         cl.close()
 
 
+def test_shards_answered_once_with_fewer_items_than_k_leave_the_slots_past_them_empty(tmp_path, monkeypatch):
+    """Each shard packs the ids of its own slots only; slots no shard fills, and shards that fill none, stay empty."""
+    import shard.host
+
+    ways, _counting_once = _counting(monkeypatch, "search_one_by_one")
+    cl = _cluster(tmp_path, shards=4, per_process=4)
+    try:
+        cl.router.create_collection(CollectionConfig("e", 32, index="HNSW16", buckets=64).validated())
+        xb, xq = _data(3, seed=5)
+        cl.router.upsert("e", ["a", "bb", "ccc"], xb, [payload_to_proto({"n": i}) for i in range(3)])
+        once = cl.router.search("e", xq[:4], k=10, include_payloads=True)
+        assert ways == [True]
+        monkeypatch.setattr(shard.host, "search_one_by_one", lambda parts, request: None)
+        alone = cl.router.search("e", xq[:4], k=10, include_payloads=True)
+        assert once.ids == alone.ids and once.payloads == alone.payloads
+        assert all(sorted(row) == ["a", "bb", "ccc"] for row in once.ids)
+    finally:
+        cl.close()
+
+
 def test_a_bug_in_one_shards_search_fails_that_shard_alone(tmp_path, monkeypatch):
     cl = _cluster(tmp_path)
     try:
