@@ -93,7 +93,9 @@ def copy_entries(src, dst, tag_in: int, tag_out: int | None, lock=None) -> int:
     ``tag_out`` (0: untagged). ``lock``: a context-manager factory held list by list while ``src`` is read (a
     group's lists, written by other shards between lists). Returns the entries copied."""
     total = 0
-    for no in range(src.nlist):
+    # dst's count of lists: a group's (``src`` under ``lock``) has places added while a pack moves its buffers
+    # (_pack_lists), and read outside the lock it named lists past the last (a size of 10^16 entries read back)
+    for no in range(dst.nlist):
         with lock() if lock is not None else contextlib.nullcontext():
             n = src.list_size(no)
             if not n:
