@@ -422,10 +422,10 @@ def test_a_shards_upkeep_packs_shared_lists_only_once_no_member_has_written_for_
         upkeep.stop()
 
 
-def test_a_shards_upkeep_packs_shared_lists_without_holding_back_its_own_writes(monkeypatch):
-    """The pack of a group's lists hands their lock back between a few lists; the shard whose upkeep packs them
-    held its write order throughout, so its own writes waited for the whole pack (others' went on). Now it packs
-    without it, notes the pack, and its upkeep then ends."""
+def _one_member_packing(monkeypatch, pack):
+    """(an index of 1,000 items in shared lists, a stand-in of its shard, the data, the shard's upkeep, started by
+    a new index and so about to pack), the upkeep's waits shortened and ``ListGroup.pack`` replaced by
+    ``pack(group, real_pack, shard)``. Stop the upkeep at the end."""
     import threading
     import types
 
@@ -442,19 +442,27 @@ def test_a_shards_upkeep_packs_shared_lists_without_holding_back_its_own_writes(
     a.add(np.arange(1000, dtype=np.int64), xb[:1000])
     sc = types.SimpleNamespace(index=a, coll=coll, joining=False, _write_order=threading.Lock(), _rw=RWLock(),
                                _check_room=lambda *args: None)
-    held = []
     real_pack = lg.ListGroup.pack
+    monkeypatch.setattr(lg.ListGroup, "pack", lambda group: pack(group, real_pack, sc))
+    upkeep = up.Upkeep(sc)
+    with sc._write_order:
+        upkeep.index_replaced()
+    return a, sc, xb, upkeep
 
-    def pack(group):
+
+def test_a_shards_upkeep_packs_shared_lists_without_holding_back_its_own_writes(monkeypatch):
+    """The pack of a group's lists hands their lock back between a few lists; the shard whose upkeep packs them
+    held its write order throughout, so its own writes waited for the whole pack (others' went on). Now it packs
+    without it, notes the pack, and its upkeep then ends."""
+    held = []
+
+    def pack(group, real_pack, sc):
         if group._changed:
             held.append(sc._write_order.locked())
         return real_pack(group)
 
-    monkeypatch.setattr(lg.ListGroup, "pack", pack)
-    upkeep = up.Upkeep(sc)
+    _, sc, _, upkeep = _one_member_packing(monkeypatch, pack)
     try:
-        with sc._write_order:
-            upkeep.index_replaced()
         assert wait_for(lambda: held, 10)
         assert held == [False], "the shard's writes waited for the whole pack"
         assert wait_for(lambda: not upkeep._trim_pending, 10)
@@ -502,36 +510,17 @@ def test_a_pack_of_many_lists_keeps_every_entry_while_other_threads_allocate():
 
 def test_a_failed_pack_of_shared_lists_is_logged_and_the_shards_upkeep_goes_on(monkeypatch, caplog):
     """A pack that raised ended the shard's upkeep thread: its memory was never trimmed or its lists packed again."""
-    import threading
-    import types
+    calls = []
 
-    import shard.list_groups as lg
-    import shard.upkeep as up
-    from shard.locks import RWLock
-
-    monkeypatch.setattr(up, "_TRIM_IDLE_S", 0.1)
-    monkeypatch.setattr(up, "_REPACK_IDLE_S", 0.2)
-    monkeypatch.setattr(up, "_REPACK_MIN", 0)
-    coll, template, xb, _ = _trained_pair()
-    a = VectorIndex(coll, None, faiss.clone_index(template))
-    assert a.share_lists(ListGroups())
-    a.add(np.arange(1000, dtype=np.int64), xb[:1000])
-    sc = types.SimpleNamespace(index=a, coll=coll, joining=False, _write_order=threading.Lock(), _rw=RWLock(),
-                               _check_room=lambda *args: None)
-    real_pack, calls = lg.ListGroup.pack, []
-
-    def pack(group):
+    def pack(group, real_pack, _shard):
         calls.append(group._changed)
         if len(calls) == 1:
             group._changed = 0
             raise RuntimeError("Error in permute_invlists: 'o < nlist' failed")
         return real_pack(group)
 
-    monkeypatch.setattr(lg.ListGroup, "pack", pack)
-    upkeep = up.Upkeep(sc)
+    a, _, xb, upkeep = _one_member_packing(monkeypatch, pack)
     try:
-        with sc._write_order:
-            upkeep.index_replaced()
         assert wait_for(lambda: calls, 10)
         a.add(np.arange(1000, 1100, dtype=np.int64), xb[1000:1100])  # a write after the failure: packed again
         assert wait_for(lambda: upkeep.packed_at == 1100, 10), calls
@@ -539,6 +528,33 @@ def test_a_failed_pack_of_shared_lists_is_logged_and_the_shards_upkeep_goes_on(m
         assert a._member.group._changed == 0
     finally:
         upkeep.stop()
+
+
+def _run_at_once(works: list, seconds: float) -> list[str]:
+    """Runs each of ``works`` (callables looping until the event they are given is set) in its own thread for
+    ``seconds``; returns the errors raised (the first one stops them all)."""
+    import threading
+    import time
+
+    stop, errors = threading.Event(), []
+
+    def guarded(work):
+        def run():
+            try:
+                work(stop)
+            except Exception as err:  # noqa: BLE001: returned, with the others stopped
+                errors.append(repr(err))
+                stop.set()
+        return run
+
+    threads = [threading.Thread(target=guarded(work)) for work in works]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    return errors
 
 
 def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(monkeypatch):
@@ -550,7 +566,6 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
     count of lists from its own, a copy during a pack read lists past the last (sizes of 10^16 entries, a vector
     resized past its maximum) in 2 of 4 runs."""
     import threading
-    import time
 
     import shard.list_groups as lg
 
@@ -567,10 +582,9 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
     group = members[0]._member.group
     expected = [{} for _ in members]  # label -> row of xb
     locks = [threading.Lock() for _ in members]
-    stop, errors = threading.Event(), []
     xq = rng.normal(size=(20, dim)).astype(np.float32)
 
-    def writer(j):
+    def writer(j, stop):
         r, label = np.random.default_rng(j), j << 30
         while not stop.is_set():
             with locks[j]:
@@ -587,12 +601,12 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
                     for g in gone.tolist():
                         del expected[j][g]
 
-    def packer():
+    def packer(stop):
         while not stop.is_set():
             group._touch(1)
             group.pack()
 
-    def searcher():
+    def searcher(stop):
         while not stop.is_set():
             for j in range(len(members)):
                 with locks[j]:
@@ -607,14 +621,14 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
                 for lock in locks:
                     lock.release()
 
-    def copier():
+    def copier(stop):
         while not stop.is_set():
             for j in range(len(members)):
                 with locks[j]:
                     m = members[j]
                     assert m._member.private_index(m.ntotal).ntotal == len(expected[j])
 
-    def replacer():
+    def replacer(stop):
         r = np.random.default_rng(9)
         while not stop.wait(0.2):
             j = int(r.integers(0, len(members)))
@@ -628,23 +642,8 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
                     old.release()
                 del old  # or let go: its finalizer has its entries purged in a thread
 
-    def guarded(work):
-        def run():
-            try:
-                work()
-            except Exception as err:  # noqa: BLE001: reported below, with the others stopped
-                errors.append(repr(err))
-                stop.set()
-        return run
-
-    threads = [threading.Thread(target=guarded(lambda j=j: writer(j))) for j in range(len(members))]
-    threads += [threading.Thread(target=guarded(work)) for work in (packer, searcher, copier, replacer)]
-    for t in threads:
-        t.start()
-    time.sleep(4)
-    stop.set()
-    for t in threads:
-        t.join(30)
+    works = [lambda stop, j=j: writer(j, stop) for j in range(len(members))]
+    errors = _run_at_once(works + [packer, searcher, copier, replacer], 4)
     assert not errors, errors[:3]
     assert wait_for(lambda: group.holders() == {id(m) for m in members}, 10)  # the members let go are purged
     entries = _group_entries(group)
@@ -667,7 +666,6 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
     writers left. On the code before the copy's fix a checkpoint failed in 1 of 3 runs (a copy during a pack)."""
     import logging
     import threading
-    import time
 
     import shard.list_groups as lg
     import shard.upkeep as up
@@ -681,7 +679,7 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
     dim, nlist = 16, 64
     rng = np.random.default_rng(0)
     xb = rng.normal(size=(100_000, dim)).astype(np.float32)
-    expected, lock, stop, errors = {}, threading.Lock(), threading.Event(), []
+    expected, lock = {}, threading.Lock()
     cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cl.router.create_collection(CollectionConfig("s", dim, index=f"IVF{nlist},Flat", nprobe=nlist,
@@ -690,7 +688,7 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
         expected.update({f"i{r}": r for r in range(6000)})
         assert cl.controller._wait_trained("s", 60), cl.router.training_status("s")
 
-        def writer(w):
+        def writer(w, stop):
             r, nxt = np.random.default_rng(w), 10_000 + w * 10 ** 6
             while not stop.is_set():
                 with lock:
@@ -708,34 +706,18 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
                         for g in gone:
                             del expected[g]
 
-        def trainer():
+        def trainer(stop):
             while not stop.wait(1.5):
                 cl.router.train("s")
 
-        def checkpointer():
+        def checkpointer(stop):
             while not stop.wait(0.5):
                 for sh in list(cl.placer.shards.values()):
                     sc = sh.collection("s")
                     with sc.checkpointer.turn(), sc._write_order:
                         sc.checkpoint()
 
-        def guarded(work, *args):
-            def run():
-                try:
-                    work(*args)
-                except Exception as err:  # noqa: BLE001: reported below, with the others stopped
-                    errors.append(repr(err))
-                    stop.set()
-            return run
-
-        threads = [threading.Thread(target=guarded(writer, w)) for w in range(2)]
-        threads += [threading.Thread(target=guarded(work)) for work in (trainer, checkpointer)]
-        for t in threads:
-            t.start()
-        time.sleep(8)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        errors = _run_at_once([lambda stop, w=w: writer(w, stop) for w in range(2)] + [trainer, checkpointer], 8)
         assert not errors, errors[:3]
         last = cl.router.train("s")
         assert wait_for(lambda: cl.router.training_status("s")["version"] == last and
