@@ -14,6 +14,7 @@ from test_shard_host import _cluster, _counting
 from test_trained_index import DIM, _data, _one_faiss_index, _top_k_by_distance_then_label
 
 from lookalike.config import CollectionConfig
+from lookalike.errors import NotFound
 from lookalike.filters import parse_filter
 from lookalike.payloads import payload_to_dict, payload_to_proto
 from shard.cpu_index import VectorIndex, search_shared
@@ -104,7 +105,7 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
     shared, _ = _counting(monkeypatch, "search_lists_shared")
     cfg = CollectionConfig("s", DIM, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
     xb, xq = _data(6000, seed=21)
-    cl = _cluster(tmp_path, shards=4, per_process=4)
+    cl = _cluster(tmp_path, shards=3, per_process=4)
     try:
         cl.router.create_collection(cfg)
         ids = [f"img-{i:06d}" for i in range(len(xb))]
@@ -148,7 +149,7 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
         before = cl.router.search("s", xq, k=10, nprobe=4)
     finally:
         cl.close()
-    cl = _cluster(tmp_path, shards=4, per_process=4)  # a restart: checkpoints loaded, the lists shared again
+    cl = _cluster(tmp_path, shards=3, per_process=4)  # a restart: checkpoints loaded, the lists shared again
     try:
         stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
         assert all(c.loaded_from_checkpoint and c.replayed_records == 0 for c in stats), stats
@@ -659,11 +660,12 @@ def test_shared_lists_stay_exact_under_writes_packs_searches_and_copies_at_once(
 
 def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_packs_run_at_once(tmp_path, monkeypatch,
                                                                                              caplog):
-    """Four shards of one process sharing their lists: two callers upsert (new items and new vectors of old ones)
-    and delete through the router while the collection is trained again and again (each shard moving into each new
-    version as writes go on), checkpoints are written and the upkeep packs. No error is logged, no thread dies, and
-    at the end every shard uses the last version and an exhaustive search answers as brute force over what the
-    writers left. On the code before the copy's fix a checkpoint failed in 1 of 3 runs (a copy during a pack)."""
+    """Three shards of one process sharing their lists: two callers upsert (new items and new vectors of old
+    ones) and delete through the router while the collection is trained again and again (each shard moving into
+    each new version as writes go on), a fourth shard is added (buckets move out of the shared lists), checkpoints
+    are written and the upkeep packs. No error is logged, no thread dies, no bucket move fails, and at the end
+    every shard uses the last version and an exhaustive search answers as brute force over what the writers left.
+    On the code before the copy's fix a checkpoint failed in 1 of 3 runs (a copy during a pack)."""
     import logging
     import threading
 
@@ -680,7 +682,7 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
     rng = np.random.default_rng(0)
     xb = rng.normal(size=(100_000, dim)).astype(np.float32)
     expected, lock = {}, threading.Lock()
-    cl = _cluster(tmp_path, shards=4, per_process=4)
+    cl = _cluster(tmp_path, shards=3, per_process=4)
     try:
         cl.router.create_collection(CollectionConfig("s", dim, index=f"IVF{nlist},Flat", nprobe=nlist,
                                                      buckets=64).validated())
@@ -713,12 +715,22 @@ def test_a_process_of_shards_stays_exact_while_writes_moves_checkpoints_and_pack
         def checkpointer(stop):
             while not stop.wait(0.5):
                 for sh in list(cl.placer.shards.values()):
-                    sc = sh.collection("s")
+                    try:
+                        sc = sh.collection("s")
+                    except NotFound:  # the added shard, before its first bucket
+                        continue
                     with sc.checkpointer.turn(), sc._write_order:
                         sc.checkpoint()
 
-        errors = _run_at_once([lambda stop, w=w: writer(w, stop) for w in range(2)] + [trainer, checkpointer], 8)
+        def grower(stop):
+            if not stop.wait(2):
+                assert cl.controller.rebalance("s", add_shards=1) > 0
+
+        works = [lambda stop, w=w: writer(w, stop) for w in range(2)] + [trainer, checkpointer, grower]
+        errors = _run_at_once(works, 8)
         assert not errors, errors[:3]
+        assert cl.controller.wait_moves(timeout=120)
+        assert cl.controller.move_counts()[1] == 0 and len(cl.placer.shards) == 4
         last = cl.router.train("s")
         assert wait_for(lambda: cl.router.training_status("s")["version"] == last and
                         cl.router.training_status("s")["shards_ready"] == 4, 60), cl.router.training_status("s")
