@@ -105,7 +105,7 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
     shared, _ = _counting(monkeypatch, "search_lists_shared")
     cfg = CollectionConfig("s", DIM, index=spec, nprobe=4, buckets=64, filterable="g:int").validated()
     xb, xq = _data(6000, seed=21)
-    cl = _cluster(tmp_path, shards=3, per_process=4)
+    cl = _cluster(tmp_path, shards=4, per_process=4)
     try:
         cl.router.create_collection(cfg)
         ids = [f"img-{i:06d}" for i in range(len(xb))]
@@ -149,7 +149,7 @@ def test_shards_of_a_process_share_one_set_of_lists_through_restarts_training_an
         before = cl.router.search("s", xq, k=10, nprobe=4)
     finally:
         cl.close()
-    cl = _cluster(tmp_path, shards=3, per_process=4)  # a restart: checkpoints loaded, the lists shared again
+    cl = _cluster(tmp_path, shards=4, per_process=4)  # a restart: checkpoints loaded, the lists shared again
     try:
         stats = [c for _, s in cl.router.shard_stats() for c in s.collections]
         assert all(c.loaded_from_checkpoint and c.replayed_records == 0 for c in stats), stats
