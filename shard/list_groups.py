@@ -271,11 +271,12 @@ class ListGroup:
         when no entry was added or removed since the last pack (each member's upkeep asks).
 
         The lists are packed a few at a time (:func:`_pack_lists`, about PACK_CHUNK_BYTES of entries), each few under
-        the write lock, which is handed back between them (shard.locks ``let_waiters_in``): the group's searches and writes wait for
-        a few lists' copy, not the whole group's (at 10M x 128, IVF-Flat, 8 shards, that was 6-13 s). The copy needs
-        a few lists' bytes more, not the group's. A list written between them grows again, and counts as a change for
-        the next pack. The pages past each packed list's entries are handed back (:func:`release_list_slack`: the
-        allocator's size classes). Returns the lists packed (0: nothing changed since the last pack)."""
+        the write lock, which is handed back between them (shard.locks ``let_waiters_in``): the group's searches and
+        writes wait for a few lists' copy, not the whole group's (at 10M x 128, IVF-Flat, 8 shards, that was 6-13 s).
+        The copy needs a few lists' bytes more, not the group's. A list written between them grows again, and counts
+        as a change for the next pack. The pages past each packed list's entries are handed back
+        (:func:`release_list_slack`: the allocator's size classes). Returns the lists packed (0: nothing changed since
+        the last pack)."""
         with self.lock.write():
             changed, self._changed = self._changed, 0
         if not changed:

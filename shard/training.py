@@ -15,16 +15,15 @@ import threading
 import time
 from typing import Callable
 
-import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.errors import FailedPrecondition
 from lookalike.ids import buckets_and_labels
 from lookalike.indexspec import training_points
+from shard.bucket_reader import read_buckets
 from shard.cpu_index import VectorIndex
 from shard.locks import let_waiters_in
-from shard.bucket_reader import read_buckets
 from shard.osutil import release_memory
 from shard.trained import TemplateDamaged, read_template, remove_templates, write_template
 
