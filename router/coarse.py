@@ -10,7 +10,8 @@ Only for indexes a router can quantize for exactly as a shard would: float vecto
 coarse quantizer and no transform before it (the spec text says so). The centroids are fetched from a shard (RPC
 ``Quantizer``) in a background thread once per trained version; until they arrive, or when the trained version
 changed, searches go out without an assignment and shards quantize themselves. A shard whose index runs another
-version ignores the assignment, so an assignment can never make an answer wrong, only cheaper.
+version ignores the assignment, so an assignment can never make an answer wrong, only cheaper. Router and shards
+choose a query's lists with lookalike.nearest, which gives the same lists and distances whatever the batch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import faiss
 import numpy as np
 
 from lookalike.config import CollectionConfig
+from lookalike.nearest import max_norm, nearest
 from protos import shard_pb2
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class _Quantizer:
     def __init__(self, version: int, index):
         self.version = version
         self.index = index  # a flat index over the centroids
+        # inner products: a bound on the centroids' norms (lookalike.nearest); None for L2
+        self.norm_bound = max_norm(index) if index.metric_type == faiss.METRIC_INNER_PRODUCT else None
 
 
 class CoarseQuantizers:
@@ -105,21 +109,22 @@ class CoarseQuantizers:
         if cfg.metric == "cosine":
             x = x.copy()
             faiss.normalize_L2(x)
-        D, I = _search_on_one_thread(q.index, x, nprobe)
+        D, I = _search_on_one_thread(q, x, nprobe)
         return shard_pb2.CoarseAssignment(version=q.version, nprobe=nprobe, lists=I.astype("<i8").tobytes(),
                                           distances=D.astype("<f4").tobytes())
 
 
-def _search_on_one_thread(index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``index.search(x, k)`` on one OpenMP thread; the calling thread's setting (OpenMP's is per thread) is given
-    back after. On all cores, OpenMP's idle workers spin for a while after each parallel search, and where the
-    router shares the cores with shards (the embedded cluster, a small node) that spin is the shards' CPU: measured
-    with bench/cpu_split_bench.py (500k x 128, IVF1024, 8 shards on 2 cores, batch 100), the router's process 13.0-13.5
+def _search_on_one_thread(q: _Quantizer, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest centroids of each query as each shard finds them (lookalike.nearest: the same whatever the
+    batch), on one OpenMP thread; the calling thread's setting (OpenMP's is per thread) is given back after. On all
+    cores, OpenMP's idle workers spin for a while after each parallel search, and where the router shares the cores
+    with shards (the embedded cluster, a small node) that spin is the shards' CPU: measured with
+    bench/cpu_split_bench.py (500k x 128, IVF1024, 8 shards on 2 cores, batch 100), the router's process 13.0-13.5
     -> 9.4-10.0 ms of CPU a batch (docs/BENCHMARKS.md, "Where a batch of searches spends its CPU"). On one core a
     batch of 100 at IVF4096 x 128 takes 7 ms (4.3 on two): the same work FAISS's own search does."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        return index.search(x, k)
+        return nearest(q.index, x, k, q.norm_bound)
     finally:
         faiss.omp_set_num_threads(threads)

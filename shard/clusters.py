@@ -13,6 +13,7 @@ import numpy as np
 from jobs import cluster_space, set_payload_field
 from lookalike.errors import InvalidArgument
 from lookalike.ids import buckets_and_labels
+from lookalike.nearest import nearest
 from shard.bucket_reader import read_buckets
 from shard.records import UPSERT
 
@@ -50,7 +51,8 @@ def assign_clusters(sc, centroids: np.ndarray, field: str, buckets, count_bucket
             sc._check_owned(np.asarray(chunk, dtype=np.int64))
             for batch in read_buckets(sc.store.path, sc.coll.buckets, chunk):
                 ids, x = batch.ids, batch.vectors
-                _, assign = quantizer.search(cluster_space(x, sc.coll.metric), 1)
+                # the nearest centroid whatever the batch (lookalike.nearest)
+                _, assign = nearest(quantizer, np.ascontiguousarray(cluster_space(x, sc.coll.metric)), 1)
                 assign = assign[:, 0]
                 payloads = [set_payload_field(p, field, str(a)) for p, a in zip(batch.payloads, assign.tolist())]
                 buckets, home = buckets_and_labels(ids, sc.coll.buckets)

@@ -22,6 +22,10 @@ Only some indexes hold their vectors exactly (:attr:`VectorIndex.exact_vectors`:
 storage); the others (IVF, PQ, SQ, transforms) reconstruct approximations, or none cheaply, so a shard reads the
 original vectors of Get and Scan from its storage instead (``shard.reads``).
 
+A query's answer does not depend on the batch it comes in, nor on the threads free: a flat index's search, the IVF
+lists a query probes when the router did not choose them, and the list an added vector goes to are found with
+lookalike.nearest, not with FAISS's kernels of the batch's shape (docs/ARCHITECTURE.md, "Deterministic answers").
+
 Not thread-safe: ``shard.collection`` guards writes against searches with a read-write lock.
 
 Uses faiss, numpy, the base package, and the shard modules it is made of: shard.specs (what a spec builds),
@@ -39,6 +43,7 @@ import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
+from lookalike.nearest import ivf_add, ivf_lists, max_norm, nearest
 from shard.gpu_keeper import MirrorKeeper
 from shard.graph_labels import GraphLabels
 from shard.index_lifecycle import IndexLifecycle
@@ -68,6 +73,7 @@ class VectorIndex(IndexLifecycle):
         # GPU: the backend (None: CPU only) and the mirror searches use (see shard.gpu_keeper).
         self._gpu = gpu if gpu_kind(coll.index, coll.metric, self._main) else None
         self._keeper = MirrorKeeper(coll, self._gpu)
+        self._norm_bound: float | None = None  # metric "ip": the norms' bound of a flat search (flat_search)
 
     # --- shared lists (shard.list_groups) -------------------------------------------------------------------
     def share_lists(self, groups) -> bool:
@@ -90,9 +96,8 @@ class VectorIndex(IndexLifecycle):
         """Adds vectors (shape (n, d) float32 or (n, d/8) uint8) under labels (shape (n,) int64, not present)."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         x = self._prepare(x)
-        if self._buffer is not None:
-            self._buffer.add_with_ids(x, labels)  # training happens apart: see needs_training
-            return
+        if self._buffer is not None:  # training happens apart: see needs_training
+            return _add_plain(self, self._buffer, labels, x)
         self._add_main(labels, x)
 
     def _add_main(self, labels: np.ndarray, x: np.ndarray) -> None:
@@ -101,7 +106,7 @@ class VectorIndex(IndexLifecycle):
             return
         if self._member is not None:  # its entries tagged in its process's shared lists (shard.list_groups)
             return self._member.add(self._main, labels, x)
-        self._main.add_with_ids(x, labels)
+        _add_plain(self, self._main, labels, x)
         self._keeper.apply("add", labels, x)
 
     def remove(self, labels: np.ndarray) -> int:
@@ -252,13 +257,13 @@ class VectorIndex(IndexLifecycle):
 
     def _search_cpu(self, xq: np.ndarray, k: int, nprobe: int, ef_search: int, coarse=None):
         if self._buffer is not None:
-            D, L = self._buffer.search(xq, k)
+            D, L = flat_search(self, self._buffer, xq, k)
         elif self._graph:
             D, pos = self._labels.search(self._main, xq, k, ef_search or self.coll.ef_search, self._binary)
             L = self._labels.labels_at(pos)
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
-            if coarse is not None or self._member is not None:
+            if isinstance(self._main, faiss.IndexIVF) and not self._binary:  # router's lists, shared ones: only so
                 D, L = search_ivf(self._main, xq, k, nprobe, coarse, self._member)
             elif self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
@@ -266,7 +271,7 @@ class VectorIndex(IndexLifecycle):
             else:
                 D, L = self._main.search(xq, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
         else:
-            D, L = self._main.search(xq, k)
+            D, L = flat_search(self, self._main, xq, k)
         return D.astype(np.float32, copy=False), L
 
     @property
@@ -304,6 +309,51 @@ class VectorIndex(IndexLifecycle):
                 np.ascontiguousarray(dis.reshape(nq, nprobe), dtype=np.float32))
 
 
+def flat_search(vindex: VectorIndex, index, xq: np.ndarray, k: int, matches=None):
+    """``index.search(xq, k)`` (only the labels of ``matches``, a shard.filtered.Matches, when given); over a float
+    flat index (an ``IndexIDMap`` of an ``IndexFlat``: a Flat spec, or the buffer before training), with distances
+    that do not depend on the batch (lookalike.nearest)."""
+    inner = None if vindex._binary else faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlat):
+        return index.search(xq, k, params=None if matches is None else faiss.SearchParameters(sel=matches.batch()))
+    metric = vindex.coll.metric
+    if metric == "ip" and vindex._norm_bound is None:
+        vindex._norm_bound = max_norm(inner)  # then kept up by _bound_norms
+    ids = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size()) if index.ntotal else None
+    search = among = None
+    if matches is not None:  # FAISS's search through a selector of their positions; those positions if scanned
+        params = faiss.SearchParameters(sel=faiss.IDSelectorTranslated(index.id_map, matches.batch()))
+        search = lambda x, kk: inner.search(x, kk, params=params)  # noqa: E731
+        among = (len(matches.labels), lambda: _positions_of(ids, matches.labels))
+    D, P = nearest(inner, xq, k, 1.001 if metric == "cosine" else vindex._norm_bound, search, among)
+    if ids is None:
+        return D, P
+    return D, np.where(P >= 0, ids[np.maximum(P, 0)], -1)
+
+
+def _positions_of(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The positions of ``labels`` (all present) in an id map ``ids``, sorted."""
+    order = np.argsort(ids, kind="stable")
+    return np.sort(order[np.searchsorted(ids, labels, sorter=order)])
+
+
+def _add_plain(vindex: VectorIndex, index, labels: np.ndarray, x: np.ndarray) -> None:
+    """Adds to ``index``, its buffer or a main index that is neither a graph nor in shared lists."""
+    if isinstance(index, faiss.IndexIVF) and not vindex._binary:
+        ivf_add(index, x, labels)  # in the lists a search finds them in, whatever the batch
+    else:
+        index.add_with_ids(x, labels)
+        _bound_norms(vindex, x)
+
+
+def _bound_norms(vindex: VectorIndex, x: np.ndarray) -> None:
+    """Keeps ``vindex._norm_bound`` (metric "ip": a bound on the norms of the vectors of its flat index, for
+    lookalike.nearest) above the norms of ``x``, vectors it adds. Removals leave it a bound."""
+    if vindex.coll.metric == "ip" and vindex._norm_bound is not None and len(x):
+        vindex._norm_bound = max(vindex._norm_bound, float(np.sqrt(np.einsum("ij,ij->i", x, x,
+                                                                                dtype=np.float64).max())))
+
+
 def _rebuild_graph(vindex) -> None:
     """Builds a graph index again without its removed vectors (VectorIndex.remove, once a third of it is dead)."""
     live, labels = vindex._labels.live()
@@ -324,6 +374,8 @@ def search_ivf(main, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=No
     nearest. An index in shared lists (``member``, shard.list_groups) sees its own entries only, untagged, under
     the group's read lock; with ``whole``, every entry of the group (the caller holds that lock and checked that
     they are those of the shards searched)."""
+    if coarse is None and isinstance(main, faiss.IndexIVF):  # the lists a router chooses: the same whatever the batch
+        coarse = ivf_lists(main, xq, nprobe)
     params = faiss.SearchParametersIVF(nprobe=coarse[0].shape[1] if coarse is not None else nprobe)
     if member is not None and not whole:
         params.sel = member.selector()

@@ -15,10 +15,11 @@ planner"):
   matches a shard answered 32 QPS as selector-hnsw ef=4096 and 88 QPS exact; 25,000 matches 81 QPS as
   selector-hnsw ef=636 and 18 QPS exact).
 
-Answers are tie-ordered by label as unfiltered ones are (shard.index_reads.search_tie_ordered). Searches run on the
+Answers are tie-ordered by label as unfiltered ones are (shard.index_reads.search_tie_ordered), and their float
+distances and IVF lists do not depend on the batch (lookalike.nearest), as unfiltered ones. Searches run on the
 CPU index (a GPU mirror takes no selector here).
 
-Uses faiss, numpy and the shard's index modules.
+Uses faiss, numpy, lookalike.nearest and the shard's index modules.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections import OrderedDict
 import faiss
 import numpy as np
 
+from lookalike.nearest import ivf_lists, nearest
+from shard.cpu_index import PREASSIGNED_PARALLEL_MODE, flat_search
 from shard.index_reads import reconstruct_idmap, search_tie_ordered
 from shard.specs import FAISS_METRIC, FLAT_TYPES
 
@@ -140,8 +143,8 @@ def _exact(vindex, xq: np.ndarray, k: int, labels: np.ndarray):
     flat = faiss.IndexBinaryFlat(coll.dim) if vindex._binary else faiss.IndexFlat(coll.dim, FAISS_METRIC[coll.metric])
     flat.add(np.ascontiguousarray(x))
 
-    def search(q, kk, _coarse):
-        D, pos = flat.search(q, kk)
+    def search(q, kk, _coarse):  # float distances whatever the batch, as unfiltered ones (lookalike.nearest)
+        D, pos = flat.search(q, kk) if vindex._binary else nearest(flat, q, kk)
         return D.astype(np.float32, copy=False), np.where(pos >= 0, labels[np.maximum(pos, 0)], -1)
     return search_tie_ordered(search, xq, k, len(labels), coll.larger_is_better)
 
@@ -182,8 +185,18 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: in
         params = faiss.SearchParametersIVF(nprobe=probe, sel=sel)
 
         def search(q, kk, _coarse):
+            main = vindex._main
+            # the lists of the queries as an unfiltered search chooses them, whatever the batch (lookalike.nearest)
+            lists = ivf_lists(main, q, probe) if isinstance(main, faiss.IndexIVF) and not vindex._binary else None
             with member.group.lock.read() if member is not None else contextlib.nullcontext():
-                D, L = vindex._main.search(q, kk, params=params)
+                if lists is None:
+                    D, L = main.search(q, kk, params=params)
+                else:
+                    D, L = np.empty((len(q), kk), dtype=np.float32), np.empty((len(q), kk), dtype=np.int64)
+                    main.parallel_mode = PREASSIGNED_PARALLEL_MODE
+                    main.search_preassigned_c(len(q), faiss.swig_ptr(q), kk, faiss.swig_ptr(lists[0]),
+                                              faiss.swig_ptr(lists[1]), faiss.swig_ptr(D), faiss.swig_ptr(L),
+                                              False, params)
             return D.astype(np.float32, copy=False), (L if member is None else member.untag(L))
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
         return D, L, f"selector-ivf nprobe={probe}{' (all lists)' if probe == ivf.nlist else ''} ({note})"
@@ -197,10 +210,9 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: in
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
         return D, L, f"selector-hnsw ef={ef} ({note})"
     main = vindex._buffer if vindex._buffer is not None else vindex._main
-    params = faiss.SearchParameters(sel=matches.batch())
 
     def search(q, kk, _coarse):
-        D, L = main.search(q, kk, params=params)
+        D, L = flat_search(vindex, main, q, kk, matches)
         return D.astype(np.float32, copy=False), L
     D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
     return D, L, f"selector ({note})"

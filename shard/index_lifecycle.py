@@ -99,11 +99,11 @@ class IndexLifecycle:
     def _prepare(self, x: np.ndarray) -> np.ndarray:
         if self._binary:
             return np.ascontiguousarray(x, dtype=np.uint8)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.coll.metric == "cosine":
-            x = x.copy() if not x.flags.writeable else x
+        if self.coll.metric == "cosine":  # normalized in a copy: the caller's array (a test's, a job's) stays as is
+            x = np.array(x, dtype=np.float32, order="C", copy=True)
             faiss.normalize_L2(x)
-        return x
+            return x
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     @property
     def _cols(self) -> int:  # columns of a vector as added: dim floats, or dim/8 bytes for hamming

@@ -56,6 +56,7 @@ import numpy as np
 
 from lookalike.config import LIMITS
 from lookalike.ids import LABEL_SHIFT
+from lookalike.nearest import ivf_encode
 from shard.index_reads import reconstruct_ivf
 from shard.locks import RWLock, let_waiters_in
 from shard.osutil import release_slack
@@ -328,7 +329,7 @@ class Membership:
         """Adds vectors under ``labels`` (not present) to the group's lists, tagged, through ``main``: their lists
         and codes found first, outside the lock (the coarse quantization and encoding are most of an add), then
         appended under it (the same entries as ``add_with_ids``)."""
-        codes = main.sa_encode(x)
+        codes = ivf_encode(main, x)  # in the lists a search finds them in, whatever the batch
         with self.group.lock.write():
             main.add_sa_codes(codes, self.tagged(labels))
             self.group._touch(len(labels))

@@ -1,13 +1,19 @@
 """Deterministic answers: ties are broken by label, so the same query on the same data returns the same ids in the
 same order whichever shards or replicas answer, and however the vectors were inserted."""
 
+import faiss
 import numpy as np
+import pytest
 
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_and_labels
 from control.local import LocalCluster
+from lookalike.nearest import ivf_lists, max_norm, nearest, pair_distances
 from lookalike.topk import merge_topk
+from router.coarse import CoarseQuantizers, _Quantizer
 from shard.cpu_index import VectorIndex
+from shard.filtered import Matches, plan_and_search
+from shard.index_lifecycle import train_template
 
 
 def test_merge_breaks_ties_by_label_whatever_the_shard_order():
@@ -121,3 +127,129 @@ def test_the_router_decodes_the_ids_it_keeps_from_packed_shard_answers_and_reads
     bad.id_bytes = bad.id_bytes[:-1]  # lengths past the bytes
     with pytest.raises(Unavailable):
         _merge_responses([bad, _shard_answer(D1, L1, ids1)], 2, 3, False, False)
+
+
+# --- distances that do not depend on the batch (lookalike.nearest) ---------------------------------------------
+
+def _far_from_origin(rng, n, d=128):
+    """Vectors like image embeddings of one kind: far from the origin, close to each other (FAISS's kernels round
+    their distances differently the most there)."""
+    return rng.standard_normal((n, d), dtype=np.float32) * 10 + 50
+
+
+@pytest.mark.parametrize("spec,metric", [("Flat", "l2"), ("Flat", "cosine"), ("Flat", "ip"), ("IVF64,PQ16", "l2")])
+def test_a_query_gets_the_same_answer_alone_in_a_batch_and_on_fewer_threads(spec, metric):
+    # FAISS picks its kernel by the batch: BLAS from about 1,000 queries at d=128, a database-parallel one for
+    # fewer queries than threads. Each rounds otherwise: on the old code every one of these differed somewhere.
+    rng = np.random.default_rng(3)
+    coll = CollectionConfig(name="c", dim=128, metric=metric, index=spec, nprobe=4).validated()
+    index = VectorIndex(coll)
+    xb = _far_from_origin(rng, 30_000)
+    if metric == "ip":
+        xb[::7] *= 3  # norms of several sizes
+    index.add(np.arange(30_000, dtype=np.int64), xb)
+    index.train_if_ready()
+    xq = _far_from_origin(rng, 1200)
+    threads = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        D0, L0 = index.search(xq[:1], 10)
+        for n_threads in (1, 2):
+            faiss.omp_set_num_threads(n_threads)
+            for nq in (1, 2, 100, 1200):
+                D, L = index.search(xq[:nq], 10)
+                assert L[0].tolist() == L0[0].tolist(), (n_threads, nq)
+                assert D[0].tobytes() == D0[0].tobytes(), (n_threads, nq)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def test_a_vector_goes_to_the_same_ivf_list_whatever_the_batch_it_is_added_in():
+    # On the old code 6 of 256 lists differed between one add of 20,000 and adds of 500 (BLAS for the large one).
+    rng = np.random.default_rng(1)
+    coll = CollectionConfig(name="c", dim=128, metric="l2", index="IVF256,Flat", trained_version=1).validated()
+    x = _far_from_origin(rng, 20_000)
+    template = train_template(coll, x[:10_000])
+
+    def lists_of(index):
+        ivf = faiss.extract_index_ivf(index._main)
+        return [sorted(faiss.rev_swig_ptr(ivf.invlists.get_ids(no), ivf.invlists.list_size(no)).tolist())
+                if ivf.invlists.list_size(no) else [] for no in range(ivf.nlist)]
+
+    whole = VectorIndex(coll, template=faiss.clone_index(template))
+    whole.add(np.arange(20_000, dtype=np.int64), x)
+    parts = VectorIndex(coll, template=faiss.clone_index(template))
+    for s in range(0, 20_000, 500):
+        parts.add(np.arange(s, s + 500, dtype=np.int64), x[s:s + 500])
+    assert lists_of(whole) == lists_of(parts)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_the_router_chooses_a_querys_lists_alone_as_in_a_batch_and_as_its_shards_do(metric):
+    rng = np.random.default_rng(2)
+    coll = CollectionConfig(name="c", dim=128, metric=metric, index="IVF1024,Flat", nprobe=12,
+                            trained_version=1).validated()
+    template = train_template(coll, _far_from_origin(rng, 40_000))
+    shard_index = VectorIndex(coll, template=template)
+    version, centroids = 1, faiss.downcast_index(shard_index._main.quantizer).reconstruct_n(0, 1024)
+    flat = (faiss.IndexFlatIP if coll.larger_is_better else faiss.IndexFlatL2)(128)
+    flat.add(centroids)
+    q = _Quantizer(version, flat)
+    xq = _far_from_origin(rng, 1200)  # 1200 x 128: FAISS's BLAS path on the old code
+    alone = CoarseQuantizers.assign(q, coll, xq[:1], 12)
+    batch = CoarseQuantizers.assign(q, coll, xq, 12)
+    assert batch.lists[:len(alone.lists)] == alone.lists
+    assert batch.distances[:len(alone.distances)] == alone.distances
+    own = ivf_lists(shard_index._main, shard_index._prepare(xq), 12)  # a shard choosing its lists itself
+    assert own[0].astype("<i8").tobytes() == batch.lists and own[1].astype("<f4").tobytes() == batch.distances
+
+
+def test_nearest_answers_as_every_pair_compared_alone_with_ties_in_position_order():
+    rng = np.random.default_rng(4)
+    xb = _far_from_origin(rng, 3000, 16)
+    xb[1000:1100] = xb[5]  # 101 copies: a tie group far larger than the candidates FAISS is asked for
+    for ip in (False, True):
+        index = (faiss.IndexFlatIP if ip else faiss.IndexFlatL2)(16)
+        index.add(xb)
+        xq = np.concatenate([xb[5:6] + 0.01, _far_from_origin(rng, 20, 16)])
+        ref = np.stack([pair_distances(index, xq[i:i + 1], np.arange(3000)[None])[0] for i in range(len(xq))])
+        for k in (1, 10, 3000, 3005):
+            D, I = nearest(index, xq, k, max_norm(index) if ip else None)
+            for i in range(len(xq)):
+                order = np.lexsort((np.arange(3000), -ref[i] if ip else ref[i]))[:k]
+                assert I[i, :len(order)].tolist() == order.tolist()
+                assert D[i, :len(order)].tobytes() == ref[i][order].tobytes()
+                assert (I[i, len(order):] == -1).all()
+        if not ip:  # the query's nearest are the copies, smallest positions first (a scan of every pair)
+            assert nearest(index, xq[:1], 10)[1][0].tolist() == [5] + list(range(1000, 1009))
+
+
+@pytest.mark.parametrize("spec,every,plan", [("Flat", 3, "selector"), ("Flat", 300, "exact"),
+                                             ("IVF64,Flat", 3, "selector-ivf")])
+def test_a_filtered_query_gets_the_same_answer_alone_and_in_a_batch(spec, every, plan):
+    rng = np.random.default_rng(5)
+    coll = CollectionConfig(name="c", dim=128, metric="l2", index=spec, nprobe=4).validated()
+    index = VectorIndex(coll)
+    index.add(np.arange(30_000, dtype=np.int64), _far_from_origin(rng, 30_000))
+    index.train_if_ready()
+    matches = Matches(np.arange(0, 30_000, every, dtype=np.int64))
+    xq = _far_from_origin(rng, 1200)
+    D0, L0, used = plan_and_search(index, xq[:1], 10, matches)
+    assert used.startswith(plan)
+    assert set(L0[0].tolist()) <= set(matches.labels.tolist())
+    for nq in (2, 100, 1200):
+        D, L, _ = plan_and_search(index, xq[:nq], 10, matches)
+        assert L[0].tolist() == L0[0].tolist() and D[0].tobytes() == D0[0].tobytes(), nq
+
+
+def test_a_cosine_collection_leaves_the_callers_vectors_as_they_were():
+    # The old code normalized them in place: a caller searching the same array twice searched other queries.
+    rng = np.random.default_rng(6)
+    index = VectorIndex(CollectionConfig(name="c", dim=16, metric="cosine", index="Flat").validated())
+    xb, xq = _far_from_origin(rng, 100, 16), _far_from_origin(rng, 3, 16)
+    before_b, before_q = xb.copy(), xq.copy()
+    index.add(np.arange(100, dtype=np.int64), xb)
+    first = index.search(xq, 5)
+    assert xb.tobytes() == before_b.tobytes() and xq.tobytes() == before_q.tobytes()
+    again = index.search(xq, 5)
+    assert first[0].tobytes() == again[0].tobytes() and first[1].tolist() == again[1].tolist()
