@@ -4,7 +4,8 @@
     python -m bench.nearest_bench --flat-n 100000 --nlists 1024 --reps 3
 
 For each case, ``lookalike.nearest.nearest`` and ``index.search`` of the same flat index (the centroids of an IVF
-index: the router's and shards' choice of lists; a Flat collection's vectors) on one thread, at batch 1 and 100
+index: a shard's choice of lists, and the router's, which finds its candidates by one BLAS product from batches of
+8; a Flat collection's vectors) on one thread, at batch 1 and 100
 (1200 for the lists: FAISS's BLAS path), in turns, best of ``--reps``: milliseconds a batch and their ratio. Also
 how many queries of the batch were scanned pair by pair (their candidates did not settle the k-th place). Data:
 bench.timing.make_data (clustered, d=128). Prints a table; writes JSON.
@@ -21,6 +22,7 @@ import numpy as np
 
 from bench.timing import make_data, write_results
 from lookalike import nearest as near
+from router.coarse import _Quantizer, _search_on_one_thread
 
 
 def _best(fn, reps: int, min_s: float = 0.2) -> float:
@@ -49,12 +51,14 @@ def _scanned(index, xq: np.ndarray, k: int) -> int:
     return len(calls)
 
 
-def case(name: str, index, xq: np.ndarray, k: int, batches, reps: int) -> list[dict]:
+def case(name: str, index, xq: np.ndarray, k: int, batches, reps: int, ours=None) -> list[dict]:
+    """Rows of FAISS's ``index.search`` against ``ours(q, k)`` (default: lookalike.nearest) at each batch."""
+    ours = ours or (lambda q, kk: near.nearest(index, q, kk))
     rows = []
     for b in batches:
         q = np.ascontiguousarray(xq[:b])
         faiss_ms = _best(lambda: index.search(q, k), reps)
-        ours_ms = _best(lambda: near.nearest(index, q, k), reps)
+        ours_ms = _best(lambda: ours(q, k), reps)
         rows.append({"case": name, "batch": b, "k": k, "faiss_ms": faiss_ms, "nearest_ms": ours_ms,
                      "ratio": faiss_ms / ours_ms, "scanned": _scanned(index, q, k)})
         print(f"  {name} batch {b}: FAISS {faiss_ms:.3f} ms, nearest {ours_ms:.3f} ms ({faiss_ms / ours_ms:.2f}x), "
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         index = faiss.IndexFlatL2(128)
         index.add(kmeans.centroids)
         rows += case(f"IVF{nlist} lists", index, xq, args.nprobe, (1, 100, 1200), args.reps)
+        q = _Quantizer(1, index)
+        rows += case(f"IVF{nlist} lists, router", index, xq, args.nprobe, (1, 100, 1200), args.reps,
+                     lambda x, kk: _search_on_one_thread(q, x, kk))
     for n in [int(v) for v in args.flat_n.split(",") if v]:
         index = faiss.IndexFlatL2(128)
         index.add(np.ascontiguousarray(xb_all[:n]))

@@ -30,8 +30,9 @@ FLT_MAX = float(np.finfo(np.float32).max)  # FAISS's padding where fewer than k 
 
 
 def margin(k: int) -> int:
-    """Candidates FAISS is asked for beyond ``k``."""
-    return 8 + k // 4
+    """Candidates FAISS is asked for beyond ``k``: a few, as a larger heap costs FAISS more (k 12 + 11 of 4096
+    lists: 0.36 ms more a batch of 100 than k 12) and a query whose candidates fall short is only scanned."""
+    return 2 + k // 8
 
 
 def nearest(index, x: np.ndarray, k: int, norm_bound: float | None = None, search=None,

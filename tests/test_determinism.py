@@ -253,3 +253,22 @@ def test_a_cosine_collection_leaves_the_callers_vectors_as_they_were():
     assert xb.tobytes() == before_b.tobytes() and xq.tobytes() == before_q.tobytes()
     again = index.search(xq, 5)
     assert first[0].tobytes() == again[0].tobytes() and first[1].tolist() == again[1].tolist()
+
+
+@pytest.mark.parametrize("ip", [False, True])
+def test_the_routers_matrix_product_finds_the_lists_a_faiss_search_finds(ip):
+    # Batches of 8 queries and more take their candidate lists from one BLAS product (router.coarse); with copies
+    # of a centroid around the queries (ties past the candidates: scanned pair by pair) and without.
+    rng = np.random.default_rng(7)
+    centroids = _far_from_origin(rng, 2048, 32)
+    centroids[100:160] = centroids[3]
+    flat = (faiss.IndexFlatIP if ip else faiss.IndexFlatL2)(32)
+    flat.add(centroids)
+    q = _Quantizer(1, flat)
+    xq = np.concatenate([centroids[3:4] + 0.01, _far_from_origin(rng, 40, 32)])
+    for nprobe in (1, 12, 2048):
+        by_blas = nearest(flat, xq, nprobe, q.norm_bound, q.candidates)
+        by_faiss = nearest(flat, xq, nprobe, q.norm_bound)
+        assert by_blas[1].tolist() == by_faiss[1].tolist() and by_blas[0].tobytes() == by_faiss[0].tobytes()
+    if not ip:
+        assert nearest(flat, xq[:1], 12, None, q.candidates)[1][0].tolist() == [3] + list(range(100, 111))
