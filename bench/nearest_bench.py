@@ -4,8 +4,8 @@
     python -m bench.nearest_bench --flat-n 100000 --nlists 1024 --reps 3
 
 For each case, ``lookalike.nearest.nearest`` and ``index.search`` of the same flat index (the centroids of an IVF
-index: a shard's choice of lists, and the router's, which finds its candidates by one BLAS product from batches of
-8; a Flat collection's vectors) on one thread, at batch 1 and 100
+index: a shard's choice of lists, and the router's, which finds its candidates by BLAS products from batches of
+8; a Flat collection's vectors, which a shard searches so too) on one thread, at batch 1 and 100
 (1200 for the lists: FAISS's BLAS path), in turns, best of ``--reps``: milliseconds a batch and their ratio. Also
 how many queries of the batch were scanned pair by pair (their candidates did not settle the k-th place). Data:
 bench.timing.make_data (clustered, d=128). Prints a table; writes JSON.
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(v) for v in args.flat_n.split(",") if v]:
         index = faiss.IndexFlatL2(128)
         index.add(np.ascontiguousarray(xb_all[:n]))
-        rows += case(f"Flat {n}", index, xq, 10, (1, 100), args.reps)
+        xb = np.ascontiguousarray(xb_all[:n])
+        rows += case(f"Flat {n}", index, xq, 10, (1, 8, 100), args.reps, lambda x, kk: near.nearest(
+            index, x, kk, None, (lambda q, c: near.product_candidates(xb, q, c, False)) if near.product_pays(*x.shape)
+            else None))
     print("\n| case | batch | FAISS ms | nearest ms | FAISS / nearest | queries scanned |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

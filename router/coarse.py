@@ -24,10 +24,9 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from lookalike.config import CollectionConfig
-from lookalike.nearest import max_norm, nearest
+from lookalike.nearest import max_norm, nearest, product_candidates, product_pays
 from protos import shard_pb2
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,6 @@ _RETRY_S = 1.0  # a fetch that found no shard on the collection's trained versio
 # Quantizations of up to this many multiply-adds (queries x nlist x dim) run on the router's event loop; larger ones
 # go to a thread (a millisecond or more).
 QUANTIZE_ON_LOOP = 2_000_000
-# Batches of at least this many queries find their candidate lists by one matrix product (_Quantizer.candidates)
-BLAS_FROM = 8
-_ONE_BLAS_THREAD = ThreadpoolController()  # numpy's BLAS on one thread for it: its idle threads spin as OpenMP's
 
 
 def router_may_quantize(cfg: CollectionConfig) -> bool:
@@ -54,23 +50,14 @@ class _Quantizer:
         self.ip = index.metric_type == faiss.METRIC_INNER_PRODUCT
         # inner products: a bound on the centroids' norms (lookalike.nearest); None for L2
         self.norm_bound = max_norm(index) if self.ip else None
-        self.centroids = index.reconstruct_n(0, index.ntotal)  # for the matrix product (_candidates)
+        self.centroids = index.reconstruct_n(0, index.ntotal)  # for the products of candidates
         self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids).astype(np.float32)
 
     def candidates(self, x: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``kk`` nearest centroids of each query by one matrix product (BLAS, one thread), best first:
-        (distances, positions), the distances within float rounding of FAISS's (lookalike.nearest computes the
-        kept ones again pair by pair and checks the rest cannot come closer). Measured at batch 100, d=128, one
-        core (python -m bench.nearest_bench): see docs/BENCHMARKS.md, "Distances whatever the batch"."""
-        with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
-            ip = x @ self.centroids.T
-        d = ip if self.ip else (np.einsum("ij,ij->i", x, x)[:, None] + self.norms[None, :]) - 2 * ip
-        key = -d if self.ip else d
-        part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < d.shape[1] else np.tile(
-            np.arange(d.shape[1]), (len(d), 1))
-        order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1)
-        part = np.take_along_axis(part, order, axis=1)
-        return np.take_along_axis(d, part, axis=1), part
+        """The ``kk`` nearest centroids of each query by BLAS products on one thread (lookalike.nearest
+        ``product_candidates``), for ``nearest`` to settle: batch 100 over 4096 lists 2.5 ms against FAISS's 4.6
+        (docs/BENCHMARKS.md, "Distances whatever the batch")."""
+        return product_candidates(self.centroids, x, kk, self.ip, self.norms)
 
 
 class CoarseQuantizers:
@@ -147,9 +134,6 @@ def _search_on_one_thread(q: _Quantizer, x: np.ndarray, k: int) -> tuple[np.ndar
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        # FAISS's own search takes BLAS itself from nq x d of its threshold (1,000 queries at d=128), and blocks it
-        # better than one product: 15 against 29-43 ms at 1,200 queries over 4096 lists (bench/nearest_bench.py)
-        blas = BLAS_FROM <= len(x) and len(x) * x.shape[1] < faiss.cvar.distance_compute_blas_threshold
-        return nearest(q.index, x, k, q.norm_bound, q.candidates if blas else None)
+        return nearest(q.index, x, k, q.norm_bound, q.candidates if product_pays(*x.shape) else None)
     finally:
         faiss.omp_set_num_threads(threads)

@@ -43,7 +43,7 @@ import numpy as np
 
 from lookalike.config import CollectionConfig
 from lookalike.errors import InvalidArgument
-from lookalike.nearest import ivf_add, ivf_lists, max_norm, nearest
+from lookalike.nearest import ivf_add, ivf_lists, max_norm, nearest, product_candidates, product_pays
 from shard.gpu_keeper import MirrorKeeper
 from shard.graph_labels import GraphLabels
 from shard.index_lifecycle import IndexLifecycle
@@ -325,6 +325,10 @@ def flat_search(vindex: VectorIndex, index, xq: np.ndarray, k: int, matches=None
         params = faiss.SearchParameters(sel=faiss.IDSelectorTranslated(index.id_map, matches.batch()))
         search = lambda x, kk: inner.search(x, kk, params=params)  # noqa: E731
         among = (len(matches.labels), lambda: _positions_of(ids, matches.labels))
+    elif ids is not None and product_pays(*xq.shape):  # BLAS products: 7x FAISS's per-query scan at batch 100
+        xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(-1, inner.d)
+        threads = faiss.omp_get_max_threads()  # the search's share of the process's threads (shard.host)
+        search = lambda x, kk: product_candidates(xb, x, kk, metric != "l2", threads=threads)  # noqa: E731
     D, P = nearest(inner, xq, k, 1.001 if metric == "cosine" else vindex._norm_bound, search, among)
     if ids is None:
         return D, P

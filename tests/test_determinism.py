@@ -1,14 +1,17 @@
 """Deterministic answers: ties are broken by label, so the same query on the same data returns the same ids in the
 same order whichever shards or replicas answer, and however the vectors were inserted."""
 
+import itertools
+
 import faiss
 import numpy as np
 import pytest
 
+import lookalike.nearest
 from lookalike.config import CollectionConfig
 from lookalike.ids import buckets_and_labels
 from control.local import LocalCluster
-from lookalike.nearest import ivf_lists, max_norm, nearest, pair_distances
+from lookalike.nearest import ivf_lists, max_norm, nearest, pair_distances, product_candidates
 from lookalike.topk import merge_topk
 from router.coarse import CoarseQuantizers, _Quantizer
 from shard.cpu_index import VectorIndex
@@ -204,7 +207,8 @@ def test_the_router_chooses_a_querys_lists_alone_as_in_a_batch_and_as_its_shards
     assert own[0].astype("<i8").tobytes() == batch.lists and own[1].astype("<f4").tobytes() == batch.distances
 
 
-def test_nearest_answers_as_every_pair_compared_alone_with_ties_in_position_order():
+def test_nearest_answers_as_every_pair_compared_alone_with_ties_in_position_order(monkeypatch):
+    monkeypatch.setattr(lookalike.nearest, "_PRODUCT_ROWS", 700)  # the products' candidates merged over blocks
     rng = np.random.default_rng(4)
     xb = _far_from_origin(rng, 3000, 16)
     xb[1000:1100] = xb[5]  # 101 copies: a tie group far larger than the candidates FAISS is asked for
@@ -213,8 +217,9 @@ def test_nearest_answers_as_every_pair_compared_alone_with_ties_in_position_orde
         index.add(xb)
         xq = np.concatenate([xb[5:6] + 0.01, _far_from_origin(rng, 20, 16)])
         ref = np.stack([pair_distances(index, xq[i:i + 1], np.arange(3000)[None])[0] for i in range(len(xq))])
-        for k in (1, 10, 3000, 3005):
-            D, I = nearest(index, xq, k, max_norm(index) if ip else None)
+        by_product = lambda q, kk: product_candidates(xb, q, kk, ip)  # noqa: E731
+        for k, search in itertools.product((1, 10, 3000, 3005), (None, by_product)):
+            D, I = nearest(index, xq, k, max_norm(index) if ip else None, search)
             for i in range(len(xq)):
                 order = np.lexsort((np.arange(3000), -ref[i] if ip else ref[i]))[:k]
                 assert I[i, :len(order)].tolist() == order.tolist()
@@ -222,6 +227,7 @@ def test_nearest_answers_as_every_pair_compared_alone_with_ties_in_position_orde
                 assert (I[i, len(order):] == -1).all()
         if not ip:  # the query's nearest are the copies, smallest positions first (a scan of every pair)
             assert nearest(index, xq[:1], 10)[1][0].tolist() == [5] + list(range(1000, 1009))
+            assert nearest(index, xq[:1], 10, None, by_product)[1][0].tolist() == [5] + list(range(1000, 1009))
 
 
 @pytest.mark.parametrize("spec,every,plan", [("Flat", 3, "selector"), ("Flat", 300, "exact"),
