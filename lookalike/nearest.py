@@ -14,9 +14,12 @@ kernels' (``fvec_L2sqr``, ``fvec_inner_product``, through ``compute_distance_sub
 in position order. It costs about FAISS's own search: FAISS searches k + a margin with whatever kernel it picks,
 the candidates' distances are computed again pair by pair, and a query whose candidates might not hold its k
 nearest by those distances is scanned pair by pair (rare: see :func:`_complete`). Used for the IVF lists a
-query probes (router.coarse, shard.cpu_index), those a vector is added to, and Flat indexes' searches.
+query probes (router.coarse, shard.cpu_index), those a vector is added to, and Flat indexes' searches. As the
+candidates' rounding does not matter, a batch of 8 to 999 queries finds them by BLAS products
+(:func:`product_candidates`, where FAISS would scan query by query): docs/BENCHMARKS.md, "Distances whatever the
+batch".
 
-Uses faiss and numpy only.
+Uses faiss, numpy and threadpoolctl only.
 """
 
 from __future__ import annotations
@@ -237,7 +240,7 @@ def ivf_add(ivf, x: np.ndarray, ids: np.ndarray) -> None:
     """``ivf.add_with_ids(x, ids)``, each vector put in the list :func:`ivf_lists` gives it (for the IVF kinds of
     ``_PRESET_LISTS``)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    found = ivf_lists(ivf, x, 1) if isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
+    found = ivf_lists(ivf, x, 1) if len(x) and isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
     if found is None:
         return ivf.add_with_ids(x, ids)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -249,7 +252,7 @@ def ivf_encode(ivf, x: np.ndarray) -> np.ndarray:
     """``ivf.sa_encode(x)``: each vector's list number and code, its list the one :func:`ivf_lists` gives it (for
     the IVF kinds of ``_PRESET_LISTS``)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    found = ivf_lists(ivf, x, 1) if isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
+    found = ivf_lists(ivf, x, 1) if len(x) and isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
     if found is None:
         return ivf.sa_encode(x)
     lists = np.ascontiguousarray(found[0][:, 0])

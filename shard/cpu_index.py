@@ -263,7 +263,7 @@ class VectorIndex(IndexLifecycle):
             L = self._labels.labels_at(pos)
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
-            if isinstance(self._main, faiss.IndexIVF) and not self._binary:  # router's lists, shared ones: only so
+            if isinstance(self._main, faiss.IndexIVF) and not self._binary:  # lists by the router or search_ivf
                 D, L = search_ivf(self._main, xq, k, nprobe, coarse, self._member)
             elif self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
@@ -312,7 +312,8 @@ class VectorIndex(IndexLifecycle):
 def flat_search(vindex: VectorIndex, index, xq: np.ndarray, k: int, matches=None):
     """``index.search(xq, k)`` (only the labels of ``matches``, a shard.filtered.Matches, when given); over a float
     flat index (an ``IndexIDMap`` of an ``IndexFlat``: a Flat spec, or the buffer before training), with distances
-    that do not depend on the batch (lookalike.nearest)."""
+    that do not depend on the batch (lookalike.nearest), the candidates of a batch of 8 to 999 unfiltered queries
+    found by BLAS products (docs/BENCHMARKS.md, "Distances whatever the batch")."""
     inner = None if vindex._binary else faiss.downcast_index(index.index)
     if not isinstance(inner, faiss.IndexFlat):
         return index.search(xq, k, params=None if matches is None else faiss.SearchParameters(sel=matches.batch()))
@@ -325,7 +326,7 @@ def flat_search(vindex: VectorIndex, index, xq: np.ndarray, k: int, matches=None
         params = faiss.SearchParameters(sel=faiss.IDSelectorTranslated(index.id_map, matches.batch()))
         search = lambda x, kk: inner.search(x, kk, params=params)  # noqa: E731
         among = (len(matches.labels), lambda: _positions_of(ids, matches.labels))
-    elif ids is not None and product_pays(*xq.shape):  # BLAS products: 7x FAISS's per-query scan at batch 100
+    elif ids is not None and product_pays(*xq.shape):  # BLAS products: 3.8-8.3x FAISS's scan at batch 100
         xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(-1, inner.d)
         threads = faiss.omp_get_max_threads()  # the search's share of the process's threads (shard.host)
         search = lambda x, kk: product_candidates(xb, x, kk, metric != "l2", threads=threads)  # noqa: E731
