@@ -236,26 +236,31 @@ def ivf_lists(ivf, x: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray] 
 _PRESET_LISTS = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 
 
+def _list_of_each(ivf, x: np.ndarray) -> np.ndarray | None:
+    """The list :func:`ivf_lists` gives each vector of ``x`` (float32, C-contiguous), for the IVF kinds of
+    ``_PRESET_LISTS``; None for others, or no vectors (FAISS then chooses)."""
+    if not len(x) or not isinstance(faiss.downcast_index(ivf), _PRESET_LISTS):
+        return None
+    found = ivf_lists(ivf, x, 1)
+    return None if found is None else np.ascontiguousarray(found[0][:, 0])
+
+
 def ivf_add(ivf, x: np.ndarray, ids: np.ndarray) -> None:
-    """``ivf.add_with_ids(x, ids)``, each vector put in the list :func:`ivf_lists` gives it (for the IVF kinds of
-    ``_PRESET_LISTS``)."""
+    """``ivf.add_with_ids(x, ids)``, each vector put in the list :func:`ivf_lists` gives it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    found = ivf_lists(ivf, x, 1) if len(x) and isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
-    if found is None:
+    lists = _list_of_each(ivf, x)
+    if lists is None:
         return ivf.add_with_ids(x, ids)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    lists = np.ascontiguousarray(found[0][:, 0])
     ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
 
 def ivf_encode(ivf, x: np.ndarray) -> np.ndarray:
-    """``ivf.sa_encode(x)``: each vector's list number and code, its list the one :func:`ivf_lists` gives it (for
-    the IVF kinds of ``_PRESET_LISTS``)."""
+    """``ivf.sa_encode(x)``: each vector's list number and code, its list the one :func:`ivf_lists` gives it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    found = ivf_lists(ivf, x, 1) if len(x) and isinstance(faiss.downcast_index(ivf), _PRESET_LISTS) else None
-    if found is None:
+    lists = _list_of_each(ivf, x)
+    if lists is None:
         return ivf.sa_encode(x)
-    lists = np.ascontiguousarray(found[0][:, 0])
     codes = np.empty((len(x), ivf.sa_code_size()), dtype=np.uint8)
     ivf.encode_vectors(len(x), faiss.swig_ptr(x), faiss.swig_ptr(lists), faiss.swig_ptr(codes), True)
     return codes

@@ -50,8 +50,9 @@ class _Quantizer:
         self.ip = index.metric_type == faiss.METRIC_INNER_PRODUCT
         # inner products: a bound on the centroids' norms (lookalike.nearest); None for L2
         self.norm_bound = max_norm(index) if self.ip else None
-        self.centroids = index.reconstruct_n(0, index.ntotal)  # for the products of candidates
-        self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids).astype(np.float32)
+        # the index's own centroids (a view: no second copy) and their squared norms, for the products (candidates)
+        self.centroids = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
 
     def candidates(self, x: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``kk`` nearest centroids of each query by BLAS products on one thread (lookalike.nearest

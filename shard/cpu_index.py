@@ -263,13 +263,11 @@ class VectorIndex(IndexLifecycle):
             L = self._labels.labels_at(pos)
         elif self._ivf is not None:
             nprobe = nprobe or self.coll.nprobe
-            if isinstance(self._main, faiss.IndexIVF) and not self._binary:  # lists by the router or search_ivf
-                D, L = search_ivf(self._main, xq, k, nprobe, coarse, self._member)
-            elif self._binary:
+            if self._binary:
                 self._ivf.nprobe = nprobe  # binary IVF takes no per-call parameters
                 D, L = self._main.search(xq, k)
-            else:
-                D, L = self._main.search(xq, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+            else:  # lists chosen by the router, or by search_ivf (lookalike.nearest)
+                D, L = search_ivf(self._main, xq, k, nprobe, coarse, self._member)
         else:
             D, L = flat_search(self, self._main, xq, k)
         return D.astype(np.float32, copy=False), L
@@ -373,17 +371,18 @@ def _rebuild_graph(vindex) -> None:
         vindex._add_main(labels, x)
 
 
-def search_ivf(main, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False):
+def search_ivf(main, xq: np.ndarray, k: int, nprobe: int, coarse=None, member=None, whole: bool = False, sel=None):
     """The top k of an IVF index ``main``: in the lists ``coarse`` names (lists, distances) when
     given (the router chose them with this very quantizer: see VectorIndex.coarse_quantizer), else in the nprobe
     nearest. An index in shared lists (``member``, shard.list_groups) sees its own entries only, untagged, under
     the group's read lock; with ``whole``, every entry of the group (the caller holds that lock and checked that
-    they are those of the shards searched)."""
+    they are those of the shards searched). ``sel``: a FAISS selector of the entries searched instead of the
+    member's own (a filter's: shard.filtered; tagged ids for a member)."""
     if coarse is None and isinstance(main, faiss.IndexIVF):  # the lists a router chooses: the same whatever the batch
         coarse = ivf_lists(main, xq, nprobe)
     params = faiss.SearchParametersIVF(nprobe=coarse[0].shape[1] if coarse is not None else nprobe)
-    if member is not None and not whole:
-        params.sel = member.selector()
+    if sel is not None or (member is not None and not whole):
+        params.sel = sel if sel is not None else member.selector()
     D = np.empty((len(xq), k), dtype=np.float32)
     L = np.empty((len(xq), k), dtype=np.int64)
     with member.group.lock.read() if member is not None and not whole else contextlib.nullcontext():

@@ -24,7 +24,6 @@ Uses faiss, numpy, lookalike.nearest and the shard's index modules.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections import OrderedDict
@@ -32,8 +31,8 @@ from collections import OrderedDict
 import faiss
 import numpy as np
 
-from lookalike.nearest import ivf_lists, nearest
-from shard.cpu_index import PREASSIGNED_PARALLEL_MODE, flat_search
+from lookalike.nearest import nearest
+from shard.cpu_index import flat_search, search_ivf
 from shard.index_reads import reconstruct_idmap, search_tie_ordered
 from shard.specs import FAISS_METRIC, FLAT_TYPES
 
@@ -182,22 +181,9 @@ def plan_and_search(vindex, xq: np.ndarray, k: int, matches: Matches, nprobe: in
         probe = int(ivf.nlist) if few else min(int(ivf.nlist), max(base, math.ceil(base / frac)))
         member = vindex._member  # in its process's shared lists (shard.list_groups): its entries are tagged
         sel = matches.batch() if member is None else faiss.IDSelectorBatch(member.tagged(labels))
-        params = faiss.SearchParametersIVF(nprobe=probe, sel=sel)
 
-        def search(q, kk, _coarse):
-            main = vindex._main
-            # the lists of the queries as an unfiltered search chooses them, whatever the batch (lookalike.nearest)
-            lists = ivf_lists(main, q, probe) if isinstance(main, faiss.IndexIVF) and not vindex._binary else None
-            with member.group.lock.read() if member is not None else contextlib.nullcontext():
-                if lists is None:
-                    D, L = main.search(q, kk, params=params)
-                else:
-                    D, L = np.empty((len(q), kk), dtype=np.float32), np.empty((len(q), kk), dtype=np.int64)
-                    main.parallel_mode = PREASSIGNED_PARALLEL_MODE
-                    main.search_preassigned_c(len(q), faiss.swig_ptr(q), kk, faiss.swig_ptr(lists[0]),
-                                              faiss.swig_ptr(lists[1]), faiss.swig_ptr(D), faiss.swig_ptr(L),
-                                              False, params)
-            return D.astype(np.float32, copy=False), (L if member is None else member.untag(L))
+        def search(q, kk, _coarse):  # the queries' lists as unfiltered searches choose them (lookalike.nearest)
+            return search_ivf(vindex._main, q, kk, probe, None, member, sel=sel)
         D, L = search_tie_ordered(search, xq, k, m, coll.larger_is_better)
         return D, L, f"selector-ivf nprobe={probe}{' (all lists)' if probe == ivf.nlist else ''} ({note})"
     if graph:
